@@ -1,0 +1,140 @@
+"""Plain-PyTorch references for every kernel.
+
+They run on CPU (and on GPU as a fallback) and are the oracle the CUDA kernels
+are tested against. Layouts:
+  key_cache / value_cache: [num_blocks, num_kv_heads, block_size, head_size]
+  (one block of one head is contiguous, which is what the decode kernel reads).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                      value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write K/V of new tokens [T, Hkv, D] into their cache slots; slot -1 is skipped."""
+    block_size = key_cache.shape[2]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    blocks = torch.div(slots, block_size, rounding_mode="floor")
+    offsets = slots % block_size
+    key_cache[blocks, :, offsets, :] = key[keep].to(key_cache.dtype)
+    value_cache[blocks, :, offsets, :] = value[keep].to(value_cache.dtype)
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first `seq_len` cached positions of one sequence: [seq_len, Hkv, D]."""
+    block_size = cache.shape[2]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = cache[block_table[:num_blocks].long()]  # [nb, Hkv, bs, D]
+    return blocks.transpose(1, 2).reshape(-1, cache.shape[1], cache.shape[3])[:seq_len]
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+           sliding_window: int | None = None, alibi_slopes: torch.Tensor | None = None,
+           logits_soft_cap: float | None = None) -> torch.Tensor:
+    """Causal attention of the last q_len positions of a sequence over all its keys.
+
+    query [q, H, D]; key/value [k, Hkv, D] with k >= q; the queries sit at
+    positions k-q .. k-1. Returns [q, H, D] in query's dtype (math in float32).
+    """
+    q_len, num_heads, _ = query.shape
+    k_len, num_kv_heads, _ = key.shape
+    group = num_heads // num_kv_heads
+    q = query.float().transpose(0, 1)  # [H, q, D]
+    k = key.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [H, k, D]
+    v = value.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [H, q, k]
+    if logits_soft_cap:
+        scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
+    q_pos = torch.arange(k_len - q_len, k_len, device=query.device)[:, None]
+    k_pos = torch.arange(k_len, device=query.device)[None, :]
+    if alibi_slopes is not None:
+        scores = scores + alibi_slopes.float()[:, None, None] * (k_pos - q_pos)[None]
+    mask = k_pos > q_pos
+    if sliding_window is not None:
+        mask |= k_pos <= q_pos - sliding_window
+    scores.masked_fill_(mask[None], float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [H, q, D]
+    return out.transpose(0, 1).to(query.dtype)
+
+
+def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: list[int], query_lens: list[int],
+                    scale: float, sliding_window: int | None = None,
+                    alibi_slopes: torch.Tensor | None = None,
+                    logits_soft_cap: float | None = None) -> torch.Tensor:
+    """Attention of flat queries [T, H, D] over each sequence's paged context.
+
+    Sequence i owns the next query_lens[i] rows of `query`; its context is the
+    first seq_lens[i] slots of its block table (the new tokens already written).
+    Covers decode, prefill, chunked prefill and prefix-cache hits alike.
+    """
+    out = torch.empty_like(query)
+    start = 0
+    for i, (seq_len, q_len) in enumerate(zip(seq_lens, query_lens)):
+        keys = _gather_context(key_cache, block_tables[i], seq_len)
+        values = _gather_context(value_cache, block_tables[i], seq_len)
+        out[start:start + q_len] = attend(query[start:start + q_len], keys, values, scale,
+                                          sliding_window, alibi_slopes, logits_soft_cap)
+        start += q_len
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * weight.float()).to(x.dtype)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual += x; return (rms_norm(residual), residual)."""
+    residual = (x.float() + residual.float()).to(x.dtype)
+    return rms_norm(residual, weight, eps), residual
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate the first rotary_dim channels of each head.
+
+    query [T, H, D], key [T, Hkv, D]; cos_sin_cache [max_pos, rotary_dim] holding
+    cos in the first half of the last dim and sin in the second.
+    NeoX layout rotates (x[:half], x[half:]); GPT-J layout rotates even/odd pairs.
+    """
+    rotary_dim = cos_sin_cache.shape[-1]
+    cos, sin = cos_sin_cache[positions.long()].float().chunk(2, dim=-1)  # [T, rd/2]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        rot, rest = x[..., :rotary_dim].float(), x[..., rotary_dim:]
+        if is_neox:
+            x1, x2 = rot.chunk(2, dim=-1)
+            rot = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        else:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            rot = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+        return torch.cat([rot.to(x.dtype), rest], dim=-1)
+
+    return rotate(query), rotate(key)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return (F.silu(gate.float()) * up.float()).to(x.dtype)
+
+
+def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return (F.gelu(gate.float(), approximate=approximate) * up.float()).to(x.dtype)
+
+
+def copy_blocks(kv_caches: list[torch.Tensor], src_to_dst: list[tuple[int, int]]) -> None:
+    """Copy whole blocks (copy-on-write) in every layer's [2, NB, Hkv, BS, D] cache."""
+    if not src_to_dst:
+        return
+    src = torch.tensor([s for s, _ in src_to_dst], device=kv_caches[0].device)
+    dst = torch.tensor([d for _, d in src_to_dst], device=kv_caches[0].device)
+    for cache in kv_caches:
+        cache[:, dst] = cache[:, src]
