@@ -1,0 +1,18 @@
+"""Driver side: the offline API, engines, scheduler, executors, server, CLI."""
+from pagedray.workers.sampling_params import SamplingParams
+
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput"]
+
+
+def __getattr__(name: str):
+    # Lazy: importing the scheduler or the config must not pull in torch.
+    if name == "LLM":
+        from pagedray.cluster.llm import LLM
+        return LLM
+    if name == "LLMEngine":
+        from pagedray.cluster.engine import LLMEngine
+        return LLMEngine
+    if name in ("RequestOutput", "CompletionOutput"):
+        from pagedray.cluster import outputs
+        return getattr(outputs, name)
+    raise AttributeError(name)

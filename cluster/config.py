@@ -36,3 +36,22 @@ class EngineConfig:
     parallel: ParallelConfig
     scheduler: SchedulerConfig
     device: DeviceConfig
+
+
+def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str = "auto",
+                        device: str = "auto", tensor_parallel_size: int = 1, executor: str = "local",
+                        block_size: int = 16, num_kv_blocks: int | None = None,
+                        gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
+                        max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                        enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
+                        load_format: str = "auto", seed: int = 0) -> EngineConfig:
+    """The LLM(...) keywords, split into the per-concern configs."""
+    model_config = ModelConfig(model, tokenizer, dtype, max_model_len, load_format, seed)
+    return EngineConfig(
+        model=model_config,
+        cache=CacheConfig(block_size, gpu_memory_utilization, num_kv_blocks, enable_prefix_caching),
+        parallel=ParallelConfig(tensor_parallel_size, executor),
+        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, model_config.max_model_len,
+                                  enable_chunked_prefill),
+        device=DeviceConfig(device),
+    )

@@ -1,0 +1,276 @@
+"""The synchronous engine: tokenize, schedule, execute, detokenize, stop.
+
+`LLM` (offline) and `AsyncEngine` (serving) both drive this class. A request
+with n > 1 runs as n child requests sharing the prompt's KV blocks.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from pagedray.cluster.config import EngineConfig, build_engine_config
+from pagedray.cluster.detokenizer import IncrementalDetokenizer
+from pagedray.cluster.executors import make_executor
+from pagedray.cluster.outputs import CompletionOutput, RequestOutput
+from pagedray.cluster.request import Request, RequestStatus
+from pagedray.cluster.scheduler import Scheduler
+from pagedray.workers.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The executor failed; every in-flight request of this engine is lost."""
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    num_used_blocks: int
+    prefix_cache_hit_rate: float
+    prefix_cache_hit_tokens: int
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+@dataclass
+class _Child:
+    """One of a request's n samples."""
+    index: int
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    logprobs: list[dict[int, float]] | None
+
+
+@dataclass
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[_Child]
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.request.is_finished for c in self.children)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer=None) -> None:
+        self.config = config
+        self.model_config = config.model
+        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(config.model)
+        self.eos_token_ids = _eos_token_ids(config.model, self.tokenizer)
+        self.executor = make_executor(config)
+        self.num_kv_blocks = self.executor.num_kv_blocks
+        self.scheduler = Scheduler(config.scheduler, config.cache.block_size, self.num_kv_blocks,
+                                   config.cache.enable_prefix_caching)
+        self.parents: dict[str, _Parent] = {}
+        self.child_to_parent: dict[str, str] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.dead: BaseException | None = None
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> "LLMEngine":
+        return cls(build_engine_config(model, **kwargs))
+
+    # -- requests ------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | dict, params: SamplingParams | None = None) -> None:
+        """Validate and queue a request; raises ValueError naming the bad field."""
+        self._check_alive()
+        if request_id in self.parents:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = (params or SamplingParams()).clone()
+        prompt_text, token_ids = self._tokenize(prompt)
+        self._validate(token_ids, params)
+        children = []
+        for i in range(params.n):
+            child_params = params if params.n == 1 else _child_params(params, i)
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens, params.stop)
+            children.append(_Child(i, Request(child_id, token_ids, child_params), detok,
+                                   [] if params.logprobs is not None else None))
+        self.parents[request_id] = _Parent(request_id, prompt_text, token_ids, children)
+        for child in children:
+            self.child_to_parent[child.request.request_id] = request_id
+            self.scheduler.add_request(child.request)
+        self.prompt_tokens_total += len(token_ids)
+
+    def _tokenize(self, prompt: str | dict) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            if self.tokenizer is None:
+                raise ValueError("prompt is text but this model has no tokenizer: pass prompt_token_ids")
+            return prompt, list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
+                raise ValueError("prompt_token_ids must be a list of integers")
+            return prompt.get("prompt"), list(ids)
+        raise ValueError(f"prompt must be a str or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        max_len = self.model_config.max_model_len
+        if not token_ids:
+            raise ValueError("prompt must not be empty (0 tokens)")
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids holds token id {bad[0]} outside the vocabulary [0, {vocab})")
+        if len(token_ids) >= max_len:
+            raise ValueError(f"prompt has {len(token_ids)} tokens: it must be shorter than "
+                             f"max_model_len={max_len} to leave room for output")
+        if params.max_tokens is None:
+            params.max_tokens = max_len - len(token_ids)
+        elif len(token_ids) + params.max_tokens > max_len:
+            raise ValueError(f"max_tokens={params.max_tokens} cannot fit: prompt has {len(token_ids)} tokens "
+                             f"and max_model_len is {max_len} (at most {max_len - len(token_ids)})")
+        capacity = self.num_kv_blocks * self.config.cache.block_size
+        if len(token_ids) + params.max_tokens > capacity:
+            raise ValueError(f"max_tokens={params.max_tokens} cannot fit: prompt ({len(token_ids)} tokens) plus "
+                             f"max_tokens exceeds the KV cache capacity of {capacity} tokens "
+                             f"({self.num_kv_blocks} blocks of {self.config.cache.block_size})")
+        if self.eos_token_ids:
+            params.eos_token_id = self.eos_token_ids[0]
+            if not params.ignore_eos:
+                extra = [t for t in self.eos_token_ids[1:] if t not in params.stop_token_ids]
+                params.stop_token_ids = params.stop_token_ids + extra
+
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            parent = self.parents.pop(rid, None)
+            if parent is None:
+                continue
+            child_ids = [c.request.request_id for c in parent.children]
+            self.scheduler.abort_requests(child_ids)
+            for cid in child_ids:
+                self.child_to_parent.pop(cid, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.parents)
+
+    # -- the loop ------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; return cumulative outputs of requests that advanced."""
+        self._check_alive()
+        sched = self.scheduler.schedule()
+        if sched.is_empty and not sched.finished_req_ids:
+            return []
+        try:
+            runner_out = self.executor.execute_model(sched)
+        except Exception as exc:  # a dead worker, OOM, collective failure
+            self.dead = exc
+            raise EngineDeadError(f"the executor failed: {exc}") from exc
+        advanced: dict[str, _Parent] = {}
+        for request, new_tokens in self.scheduler.update_from_output(sched, runner_out):
+            parent_id = self.child_to_parent.get(request.request_id)
+            if parent_id is None:
+                continue
+            parent = self.parents[parent_id]
+            self._process_tokens(parent, request, new_tokens, runner_out)
+            advanced[parent_id] = parent
+        return [self._finish_output(p) for p in advanced.values()]
+
+    def _process_tokens(self, parent: _Parent, request: Request, new_tokens: list[int], runner_out) -> None:
+        child = next(c for c in parent.children if c.request is request)
+        self.generation_tokens_total += len(new_tokens)
+        if parent.first_token_time is None:
+            parent.first_token_time = time.monotonic()
+        if child.logprobs is not None:
+            entry = runner_out.logprobs.get(request.request_id) or []
+            child.logprobs.append({tok: lp for tok, lp, _ in entry})
+        child.detokenizer.add_tokens(new_tokens)
+        if child.detokenizer.stopped_on is not None and not request.is_finished:
+            self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
+
+    def _finish_output(self, parent: _Parent) -> RequestOutput:
+        out = self.make_output(parent)
+        if out.finished:
+            self.parents.pop(parent.request_id, None)
+            for c in parent.children:
+                self.child_to_parent.pop(c.request.request_id, None)
+        return out
+
+    @staticmethod
+    def make_output(parent: _Parent) -> RequestOutput:
+        completions = []
+        for c in parent.children:
+            req = c.request
+            completions.append(CompletionOutput(
+                index=c.index, text=c.detokenizer.visible_text(req.is_finished),
+                token_ids=list(req.output_token_ids),
+                logprobs=list(c.logprobs) if c.logprobs is not None else None,
+                finish_reason=req.status.finish_reason if req.is_finished else None))
+        metrics = {"arrival_time": parent.arrival_time}
+        if parent.first_token_time is not None:
+            metrics["first_token_time"] = parent.first_token_time
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, completions,
+                             finished=parent.finished,
+                             num_cached_tokens=parent.children[0].request.num_cached_tokens,
+                             metrics=metrics)
+
+    # -- health and stats ----------------------------------------------------
+    def _check_alive(self) -> None:
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine has failed: {self.dead}")
+
+    def get_stats(self) -> EngineStats:
+        bm = self.scheduler.block_manager
+        return EngineStats(
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            num_free_blocks=bm.num_free_blocks, num_total_blocks=self.num_kv_blocks,
+            num_used_blocks=bm.num_used_blocks, prefix_cache_hit_rate=bm.hit_rate,
+            prefix_cache_hit_tokens=bm.prefix_cache_hit_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _child_params(params: SamplingParams, index: int) -> SamplingParams:
+    child = params.clone()
+    child.n = 1
+    if params.seed is not None:
+        # Distinct but reproducible streams for each of the n samples.
+        child.seed = params.seed * 1_000_003 + index
+    return child
+
+
+def _load_tokenizer(model_config):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model_config.tokenizer)
+    except Exception as exc:  # a weights-only folder: token-id prompts still work
+        if model_config.tokenizer != model_config.model:
+            raise ValueError(f"cannot load tokenizer {model_config.tokenizer!r}: {exc}") from exc
+        logger.warning("no tokenizer in %s; only prompt_token_ids prompts will work", model_config.model)
+        return None
+
+
+def _eos_token_ids(model_config, tokenizer) -> list[int]:
+    """eos ids as HF generate would use them: generation_config, then config, then tokenizer."""
+    eos = None
+    try:
+        from transformers import GenerationConfig
+        eos = GenerationConfig.from_pretrained(model_config.model).eos_token_id
+    except Exception:
+        pass
+    if eos is None:
+        eos = getattr(model_config.hf_config, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)

@@ -1,0 +1,32 @@
+"""The embedded executor: one Worker in this process (CPU or one GPU)."""
+from __future__ import annotations
+
+from pagedray.cluster.config import EngineConfig
+from pagedray.cluster.executors.base import Executor
+from pagedray.workers.messages import ModelRunnerOutput, SchedulerOutput
+from pagedray.workers.worker import Worker
+
+
+class LocalExecutor(Executor):
+    def __init__(self, config: EngineConfig) -> None:
+        self.worker = Worker(config.model, config.cache, config.parallel, config.device,
+                             config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs)
+        self.worker.init_device()
+        self.worker.load_model()
+        if config.cache.num_kv_blocks is not None:
+            num_blocks = config.cache.num_kv_blocks
+        else:
+            num_blocks = self.worker.determine_num_available_blocks()
+        if num_blocks < 1:
+            raise ValueError(
+                f"no memory left for the KV cache at gpu_memory_utilization="
+                f"{config.cache.gpu_memory_utilization}: raise it or lower max_num_batched_tokens")
+        self.num_kv_blocks = num_blocks
+        self.worker.initialize_cache(num_blocks)
+        self.worker.capture_graphs()
+
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.worker.execute_model(sched)
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()

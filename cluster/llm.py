@@ -1,0 +1,82 @@
+"""The offline API, shaped like vLLM's so users can switch."""
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+from pagedray.cluster.engine import LLMEngine
+from pagedray.cluster.outputs import RequestOutput
+from pagedray.workers.sampling_params import SamplingParams
+
+Prompt = str | dict
+
+
+class LLM:
+    def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
+                 device: str = "auto", tensor_parallel_size: int = 1, executor: str = "local",
+                 block_size: int = 16, num_kv_blocks: int | None = None,
+                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
+                 load_format: str = "auto", seed: int = 0) -> None:
+        if model is None:
+            from pagedray.cluster.default_model import default_model_path
+            model = default_model_path()
+        self.llm_engine = LLMEngine.from_kwargs(
+            model, tokenizer=tokenizer, dtype=dtype, device=device,
+            tensor_parallel_size=tensor_parallel_size, executor=executor, block_size=block_size,
+            num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+            enable_chunked_prefill=enable_chunked_prefill, load_format=load_format, seed=seed)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in input order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts")
+        engine = self.llm_engine
+        request_ids = [f"llm-{next(self._ids)}" for _ in prompts]
+        added: list[str] = []
+        try:
+            for rid, prompt, params in zip(request_ids, prompts, params_list):
+                engine.add_request(rid, prompt, params)
+                added.append(rid)
+            return self._run(request_ids, use_tqdm)
+        finally:
+            # On a bad prompt (or Ctrl-C) nothing may stay queued or hold KV blocks.
+            engine.abort_request([rid for rid in added if rid in engine.parents])
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(request_ids), desc="Generating", unit="req", dynamic_ncols=True)
+        try:
+            while len(done) < len(request_ids):
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return [done[rid] for rid in request_ids]
+
+    def shutdown(self) -> None:
+        self.llm_engine.shutdown()

@@ -1,0 +1,108 @@
+"""What runs on each device. Start-up order is fixed:
+init distributed → load the model shard → profile memory → allocate KV → capture graphs.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pagedray.workers.cache_engine import CacheEngine, KVCacheSpec
+from pagedray.workers.config import CacheConfig, DeviceConfig, ModelConfig, ParallelConfig
+from pagedray.workers.messages import ModelRunnerOutput, SchedulerOutput
+from pagedray.workers.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Worker:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
+                 parallel_config: ParallelConfig, device_config: DeviceConfig,
+                 max_num_batched_tokens: int, max_num_seqs: int, rank: int = 0,
+                 distributed_init_method: str | None = None, local_device: str | None = None) -> None:
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.parallel_config = parallel_config
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.rank = rank
+        self.distributed_init_method = distributed_init_method
+        self.device = torch.device(local_device or device_config.device)
+        self.dtype = DTYPES[model_config.resolve_dtype(self.device.type)]
+        self.runner: ModelRunner | None = None
+        self.cache: CacheEngine | None = None
+        self.kv_spec: KVCacheSpec | None = None
+
+    # 1. distributed
+    def init_device(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        world = self.parallel_config.tensor_parallel_size
+        if world > 1:
+            import torch.distributed as dist
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, init_method=self.distributed_init_method,
+                                    rank=self.rank, world_size=world)
+        torch.manual_seed(self.model_config.seed)
+
+    # 2. load
+    def load_model(self) -> None:
+        from pagedray.models import get_kv_cache_spec, get_model
+        mc = self.model_config
+        model = get_model(mc.hf_config, mc.model, self.dtype, self.device, mc.load_format, mc.seed)
+        num_layers, kv_heads, head_size = get_kv_cache_spec(
+            mc.hf_config, self.parallel_config.tensor_parallel_size)
+        self.kv_spec = KVCacheSpec(num_layers, kv_heads, head_size, self.cache_config.block_size, self.dtype)
+        self.runner = ModelRunner(model, self.cache_config.block_size, self.device, mc.seed,
+                                  sample=self.rank == 0)
+
+    # 3. profile
+    def determine_num_available_blocks(self) -> int:
+        """KV blocks this rank can afford after a worst-case forward."""
+        spec = self.kv_spec
+        needed = self.max_num_seqs * -(-self.model_config.max_model_len // spec.block_size)
+        if self.device.type != "cuda":
+            affordable = self.cache_config.cpu_kv_cache_bytes // spec.bytes_per_block
+            return max(1, min(affordable, needed + 1))
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        free_before, total = torch.cuda.mem_get_info(self.device)
+        self.runner.profile_run(self.max_num_batched_tokens, self.max_num_seqs,
+                                CacheEngine.empty_caches(spec, self.device))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free_after, _ = torch.cuda.mem_get_info(self.device)
+        # Memory used outside PyTorch's allocator (NCCL buffers, CUDA context growth).
+        non_torch = max(0, (total - free_after) - torch.cuda.memory_reserved(self.device)
+                        - (total - free_before - torch.cuda.memory_reserved(self.device)))
+        budget = total * self.cache_config.gpu_memory_utilization - peak - non_torch
+        budget -= self.graph_memory_reserve()
+        num_blocks = int(budget // spec.bytes_per_block)
+        logger.info("rank %d: peak %.2f GiB, KV budget %.2f GiB -> %d blocks", self.rank,
+                    peak / 2**30, budget / 2**30, num_blocks)
+        torch.cuda.empty_cache()
+        return max(0, num_blocks)
+
+    def graph_memory_reserve(self) -> int:
+        """Bytes kept back for CUDA graphs (captured after the KV cache exists)."""
+        return 0
+
+    # 4. allocate
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.cache = CacheEngine(self.kv_spec, num_blocks, self.device)
+        self.runner.kv_caches = self.cache.kv_caches
+
+    # 5. graphs
+    def capture_graphs(self) -> None:
+        """CUDA graphs for decode (a later step of the roadmap; eager until then)."""
+
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
+        out = self.runner.execute_model(sched)
+        return out if self.rank == 0 else None
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
