@@ -64,7 +64,8 @@ class AsyncEngine:
         self.max_pending_requests = max_pending_requests
         self.metrics = metrics if metrics is not None else ServingMetrics()
         self.metrics.bind(lambda: self.stats_snapshot)
-        self.stats_snapshot: EngineStats | None = None
+        # Read by metrics scrapes; refreshed by the engine thread after every step.
+        self.stats_snapshot: EngineStats | None = engine.get_stats()
         self.dead_error: BaseException | None = None
         self._streams: dict[str, _Stream] = {}
         self._inbox: list[tuple] = []

@@ -1,0 +1,268 @@
+"""The gRPC generate endpoint (`pagedray.v1.Generation`) on grpc.aio.
+
+Also serves grpc.health.v1.Health (SERVING only while the engine is healthy and the
+server is not draining) and server reflection; optional TLS and bearer-token auth;
+Prometheus metrics on a separate HTTP port.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+import uuid
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pagedray.cluster.async_engine import AsyncEngine, DeltaTracker, EngineDeadError, QueueFullError
+from pagedray.cluster.outputs import RequestOutput
+from pagedray.protos import generate_pb2 as pb
+from pagedray.protos import generate_pb2_grpc as pb_grpc
+from pagedray.workers.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+MAX_N = 256                 # children per request: bounds the work one call can queue
+MAX_LOGPROBS = 20           # vLLM's default max_logprobs
+MAX_REQUEST_ID_CHARS = 256
+
+_FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,
+           "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+_OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "n", "logprobs",
+             "repetition_penalty", "seed")
+_FLOATS = {"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"}
+
+
+class UnknownModelError(LookupError):
+    pass
+
+
+# -- proto <-> engine ----------------------------------------------------------------
+def _f32(value: float) -> float:
+    """Proto floats are float32: 0.7 arrives as 0.699999988. Take the shortest decimal
+    that rounds to the same float32, so the server samples exactly what the client asked."""
+    return float(str(np.float32(value)))
+
+
+def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
+    """Unset optional fields keep SamplingParams' (vLLM's) defaults; bad values raise ValueError."""
+    kwargs = {name: getattr(s, name) for name in _OPTIONAL if s.HasField(name)}
+    kwargs.update(min_tokens=s.min_tokens, stop=list(s.stop), stop_token_ids=list(s.stop_token_ids),
+                  ignore_eos=s.ignore_eos, presence_penalty=s.presence_penalty,
+                  frequency_penalty=s.frequency_penalty)
+    kwargs = {k: _f32(v) if k in _FLOATS else v for k, v in kwargs.items()}
+    if kwargs.get("n", 1) > MAX_N:
+        raise ValueError(f"n must be <= {MAX_N}, got {kwargs['n']}")
+    if kwargs.get("logprobs") is not None and kwargs["logprobs"] > MAX_LOGPROBS:
+        raise ValueError(f"logprobs must be <= {MAX_LOGPROBS}, got {kwargs['logprobs']}")
+    return SamplingParams(**kwargs)
+
+
+def parse_request(request: pb.GenerateRequest, served_model: str) -> tuple[str | dict, SamplingParams, str]:
+    if request.model and request.model != served_model:
+        raise UnknownModelError(f"model {request.model!r} is not served here (serving {served_model!r})")
+    which = request.WhichOneof("input")
+    if which is None:
+        raise ValueError("prompt: set one of prompt or prompt_token_ids")
+    prompt = request.prompt if which == "prompt" else {"prompt_token_ids": list(request.prompt_token_ids.ids)}
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+        raise ValueError(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters, "
+                         f"got {len(request.request_id)}")
+    request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
+    return prompt, sampling_from_proto(request.sampling), request_id
+
+
+class _TokenTexts:
+    """Decoded text of single tokens, for top logprobs (cached: the vocabulary is bounded)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return ""
+        text = self.cache.get(token_id)
+        if text is None:
+            text = self.cache[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+
+def to_response(out: RequestOutput, num_logprobs: int | None, texts: _TokenTexts,
+                usage: pb.Usage | None = None) -> pb.GenerateResponse:
+    response = pb.GenerateResponse(request_id=out.request_id)
+    for c in out.outputs:
+        completion = response.completions.add(index=c.index, text=c.text, token_ids=c.token_ids,
+                                              finish_reason=_FINISH[c.finish_reason])
+        for token_id, entry in zip(c.token_ids, c.logprobs or []):
+            item = completion.logprobs.add(token_id=token_id, logprob=entry.get(token_id, float("nan")))
+            top = sorted(entry.items(), key=lambda kv: -kv[1])[:num_logprobs or 0]
+            for tid, lp in top:
+                item.top.add(token_id=tid, logprob=lp, text=texts(tid))
+    if usage is not None:
+        response.usage.CopyFrom(usage)
+    return response
+
+
+def usage_of(out: RequestOutput) -> pb.Usage:
+    return pb.Usage(prompt_tokens=len(out.prompt_token_ids),
+                    completion_tokens=sum(len(c.token_ids) for c in out.outputs),
+                    cached_prompt_tokens=out.num_cached_tokens)
+
+
+def _status_of(exc: BaseException) -> grpc.StatusCode | None:
+    if isinstance(exc, UnknownModelError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, QueueFullError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, EngineDeadError):
+        return grpc.StatusCode.UNAVAILABLE
+    return None
+
+
+# -- the service -------------------------------------------------------------------------
+class GenerationService(pb_grpc.GenerationServicer):
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.draining = False
+        self.texts = _TokenTexts(engine.tokenizer)
+
+    async def Generate(self, request, context):
+        async with self._outputs(request, context) as (outputs, params):
+            last = None
+            async for out in outputs:
+                last = out
+        return to_response(last, params.logprobs, self.texts, usage_of(last))
+
+    async def GenerateStream(self, request, context):
+        tracker = DeltaTracker()
+        async with self._outputs(request, context) as (outputs, params):
+            async for out in outputs:
+                delta = tracker.delta(out)
+                if delta.outputs or out.finished:
+                    usage = usage_of(out) if out.finished else None  # counted on the whole output
+                    yield to_response(delta, params.logprobs, self.texts, usage)
+
+    async def ListModels(self, request, context):
+        config = self.engine.model_config
+        info = pb.ModelInfo(name=self.model_name, architecture=config.architecture,
+                            max_model_len=config.max_model_len,
+                            tensor_parallel_size=self.engine.tensor_parallel_size, replicas=1)
+        return pb.ListModelsResponse(models=[info])
+
+    @contextlib.asynccontextmanager
+    async def _outputs(self, request, context):
+        """The engine's output stream for one call; errors become gRPC statuses.
+
+        `aclosing` makes a cancelled call (client gone, deadline passed) close the
+        generator at once, which aborts the request and frees its KV blocks.
+        """
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is draining")
+        try:
+            prompt, params, request_id = parse_request(request, self.model_name)
+            async with contextlib.aclosing(self.engine.generate(prompt, params, request_id)) as outputs:
+                yield outputs, params
+        except Exception as exc:
+            code = _status_of(exc)
+            if code is None:
+                raise
+            await context.abort(code, str(exc))
+
+
+class _BearerAuth(grpc.aio.ServerInterceptor):
+    """Every method but health checks needs `authorization: Bearer <token>`."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(f"/{health.SERVICE_NAME}/"):
+            return handler
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), self._token):
+            return handler
+        return _deny(handler)
+
+
+def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    async def abort(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else \
+        grpc.unary_unary_rpc_method_handler
+    return make(abort, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+class GenerateServer:
+    """The engine behind a grpc.aio server. `start()`, then `stop()` drains and shuts down."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str, *, host: str = "127.0.0.1", port: int = 50051,
+                 auth_token: str | None = None, tls_cert: bytes | None = None, tls_key: bytes | None = None,
+                 metrics_port: int | None = None) -> None:
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if auth_token is not None and not auth_token.strip():
+            raise ValueError("auth_token must not be empty")
+        self.engine = engine
+        self.host, self.requested_port = host, port
+        self.service = GenerationService(engine, model_name)
+        self.health = health.aio.HealthServicer()
+        interceptors = [_BearerAuth(auth_token.strip())] if auth_token else []
+        self.server = grpc.aio.server(interceptors=interceptors)
+        self._credentials = grpc.ssl_server_credentials([(tls_key, tls_cert)]) if tls_cert else None
+        self.requested_metrics_port = metrics_port
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+
+    async def start(self) -> None:
+        pb_grpc.add_GenerationServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self.server)
+        address = f"{self.host}:{self.requested_port}"
+        self.port = (self.server.add_secure_port(address, self._credentials) if self._credentials
+                     else self.server.add_insecure_port(address))
+        if self.requested_metrics_port is not None:
+            self.metrics_port = self.engine.metrics.serve_http(self.requested_metrics_port, self.host)
+        self.engine.on_dead(self._on_engine_dead)
+        await self.server.start()
+        await self._set_health(self.engine.is_healthy)
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    def _on_engine_dead(self, error: BaseException) -> None:
+        logger.error("engine failed (%s): health is NOT_SERVING", error)
+        # Called on the event loop from a plain callback: schedule the async update.
+        asyncio.get_running_loop().create_task(self._set_health(False))
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Drain, then shut down. While draining the port stays open: health says NOT_SERVING
+        and new calls get UNAVAILABLE, so probes and clients see why; in-flight requests get
+        up to `grace` seconds to finish, then the rest are cancelled (which aborts them)."""
+        self.service.draining = True
+        await self._set_health(False)
+        deadline = time.monotonic() + grace
+        while self.engine.num_pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        # Lets responses already produced reach their clients; cancels what is left.
+        await self.server.stop(max(0.5, deadline - time.monotonic()) if self.engine.num_pending == 0 else 0)
+        await self.engine.shutdown()
+        self.engine.metrics.close()
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
