@@ -1,0 +1,109 @@
+"""`pagedray serve` in a subprocess (port 0, logged when ready) and `pagedray client` against it."""
+from __future__ import annotations
+
+import json
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tiny_tokenizer import make_tiny_tokenizer
+
+from pagedray.cluster import LLM, SamplingParams
+from pagedray.cluster.cli import build_parser, main
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    path = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 initializer_range=0.3, bos_token_id=1, eos_token_id=2)
+                     ).save_pretrained(path, safe_serialization=True)
+    make_tiny_tokenizer(path, 320)
+    return str(path)
+
+
+class _Server:
+    """The serve subprocess, its stderr lines collected by a thread."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "pagedray.cluster.cli", "serve", *args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.put(line)
+
+    def wait_for(self, pattern: str, timeout: float = 120.0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.5)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            self.log.append(line)
+            if match := re.search(pattern, line):
+                return match
+        raise AssertionError(f"no line matching {pattern!r}; server said:\n{''.join(self.log)}")
+
+
+def test_serve_then_client(ckpt, tmp_path, capsys):
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    server = _Server(["--model", ckpt, "--served-model-name", "tiny", "--port", "0", "--device", "cpu",
+                      "--block-size", "4", "--num-kv-blocks", "256", "--auth-token-file", str(token),
+                      "--metrics-port", "0"])
+    try:
+        ready = server.wait_for(r"ready: serving model 'tiny' on 127\.0\.0\.1:(\d+)")
+        address = f"127.0.0.1:{ready.group(1)}"
+        base = ["client", "--address", address, "--auth-token-file", str(token)]
+        prompt = ["--prompt", "Once upon a time", "--max-tokens", "6", "--temperature", "0", "--ignore-eos"]
+
+        assert main(base + prompt) == 0
+        unary = capsys.readouterr().out
+        assert main(base + prompt + ["--stream"]) == 0
+        streamed = capsys.readouterr().out
+        assert main(base + ["--list-models"]) == 0
+        models = json.loads(capsys.readouterr().out)
+        assert main(["client", "--address", address, "--health"]) == 0
+        health = capsys.readouterr().out
+        assert main(["client", "--address", address] + prompt) == 1
+        denied = capsys.readouterr().err
+    finally:
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(timeout=60)
+    server.wait_for("stopped", timeout=5)
+
+    want = LLM(ckpt, device="cpu").generate("Once upon a time", SamplingParams(temperature=0, max_tokens=6,
+                                                                              ignore_eos=True), use_tqdm=False)
+    assert unary == streamed == want[0].outputs[0].text + "\n"
+    assert models["models"][0]["name"] == "tiny" and models["models"][0]["maxModelLen"] == 128
+    assert health.strip() == "SERVING"
+    assert "UNAUTHENTICATED" in denied
+    assert code == 0
+
+
+def test_cli_is_built_from_subparsers(monkeypatch):
+    """Other subcommands plug in as one more subparser; serve needs a model."""
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--model", "m", "--port", "0", "--tls-cert", "c", "--tls-key", "k"])
+    assert (args.command, args.port, args.executor, args.host) == ("serve", 0, "local", "127.0.0.1")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--executor", "slurm"])
+    monkeypatch.delenv("PAGEDRAY_MODEL", raising=False)
+    with pytest.raises(SystemExit, match="--model"):
+        main(["serve"])
