@@ -1,0 +1,1 @@
+"""Shared layers: tensor-parallel linear/embedding, paged attention, rotary, norms, activations."""
