@@ -1,0 +1,91 @@
+"""The driver-side state of one sequence: its tokens, progress and status.
+
+Pure Python (no torch): the scheduler and block manager only read and update these.
+"""
+from __future__ import annotations
+
+import enum
+import time
+
+from pagedray.workers.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISH_REASONS
+
+    @property
+    def finish_reason(self) -> str | None:
+        """vLLM's finish_reason string: "stop", "length", "abort", or None while unfinished."""
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+class Request:
+    """One sequence: prompt tokens, sampled tokens, and how many tokens have K/V in the cache."""
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
+                 arrival_time: float | None = None) -> None:
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty str, got {request_id!r}")
+        if not prompt_token_ids:
+            raise ValueError("prompt_token_ids must not be empty (0 tokens)")
+        if any(not isinstance(t, int) or t < 0 for t in prompt_token_ids):
+            raise ValueError("prompt_token_ids must be a list of non-negative integers")
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.arrival_time = time.time() if arrival_time is None else arrival_time
+        self.output_token_ids: list[int] = []
+        # Tokens (prompt first, then outputs) whose K/V are in this request's cache blocks.
+        self.num_computed_tokens = 0
+        self.status = RequestStatus.WAITING
+        # Prefix-cache hit tokens at first admission (usage stats; a resume after preemption does not count).
+        self.num_cached_tokens = 0
+        self.num_preemptions = 0
+        # The stop token id that finished the request, when one did.
+        self.stop_reason: int | None = None
+        # prompt + outputs, kept as one list so slices for the workers are cheap.
+        self._all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """Prompt followed by outputs. Read-only view: append through append_output_token."""
+        return self._all_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self._all_token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, prompt={self.num_prompt_tokens}, "
+                f"outputs={self.num_output_tokens}, computed={self.num_computed_tokens}, {self.status.name})")

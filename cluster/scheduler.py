@@ -1,0 +1,266 @@
+"""Continuous batching: which requests run each step, and how many tokens each.
+
+Pure Python (no torch). One `schedule()` per engine step builds a `SchedulerOutput`; after the
+workers ran it, `update_from_output()` advances the requests and applies token-level stops.
+
+Policy (vLLM V1):
+- Running requests first, oldest first: a decode runs 1 token, a request in chunked prefill its next
+  chunk capped by the remaining token budget. If a running request cannot get blocks, the newest
+  running request is preempted (recompute: its blocks are freed, it keeps its outputs and goes to the
+  FRONT of the waiting queue); if the request being scheduled is itself the newest, it is preempted.
+- Then waiting requests, strictly first come first served: when the head of the queue cannot be
+  admitted (token budget without chunked prefill, blocks, `max_num_seqs`), admission stops. Nothing
+  is admitted in a step that preempted.
+- Workers keep per-request state: a request travels whole (`NewRequestData`) the first time, after a
+  preemption, or when copy-on-write replaced a block the workers already hold (it is then also listed
+  in `finished_req_ids`, which workers apply first); otherwise as a `CachedRequestData` delta.
+
+Call `abort_requests`/`finish_requests` between steps (after `update_from_output`), not between a
+`schedule()` and its `update_from_output()`: blocks registered in the prefix cache for a step must be
+written by that step before anyone else reuses them.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable
+
+from pagedray.cluster.block_manager import BlockManager
+from pagedray.cluster.config import SchedulerConfig
+from pagedray.cluster.request import Request, RequestStatus
+from pagedray.workers.messages import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
+
+
+class Scheduler:
+    def __init__(self, scheduler_config: SchedulerConfig, block_size: int, num_kv_blocks: int,
+                 enable_prefix_caching: bool) -> None:
+        self.config = scheduler_config
+        self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
+        self.requests: dict[str, Request] = {}      # every unfinished request, by id
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []            # admission order: the last one is the newest
+        self.num_preemptions = 0
+        # What the workers hold per request: (tokens sent, block table sent).
+        self._sent: dict[str, tuple[int, list[int]]] = {}
+        self._finished_ids: set[str] = set()
+
+    # -- queries -------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # -- request lifecycle ---------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        """Queue a request; ValueError when it could never run (too long for max_model_len or the cache)."""
+        rid = request.request_id
+        if rid in self.requests:
+            raise ValueError(f"request_id {rid!r} is already scheduled")
+        if request.status is not RequestStatus.WAITING or request.num_computed_tokens:
+            raise ValueError(f"request {rid!r} must be new (WAITING, nothing computed), got {request!r}")
+        max_len = self.config.max_model_len
+        if request.num_tokens > max_len:
+            raise ValueError(f"request {rid!r} has {request.num_tokens} tokens, above max_model_len={max_len}")
+        self._check_fits_cache(request)
+        self.requests[rid] = request
+        self.waiting.append(request)
+
+    def _check_fits_cache(self, request: Request) -> None:
+        # The most tokens it may ever have, minus the last sampled one (whose K/V is never computed).
+        max_tokens = request.sampling_params.max_tokens
+        final = self.config.max_model_len
+        if max_tokens is not None:
+            final = min(final, request.num_prompt_tokens + max_tokens)
+        needed = max(request.num_tokens, final - 1)
+        bm = self.block_manager
+        if needed > bm.num_blocks * bm.block_size:
+            raise ValueError(f"request {request.request_id!r} may need {needed} tokens of KV cache, above its "
+                             f"capacity of {bm.num_blocks * bm.block_size} ({bm.num_blocks} blocks of "
+                             f"{bm.block_size}): lower max_tokens")
+
+    def fork_request(self, parent_id: str, child: Request) -> None:
+        """Start `child` as a running copy-on-write fork of a running parent.
+
+        The child shares the parent's blocks for its first `child.num_computed_tokens` tokens, which
+        must equal the parent's and be already computed by it. The child joins the running requests
+        (as the newest; `max_num_seqs` is not checked here).
+        """
+        parent = self.requests.get(parent_id)
+        if parent is None or parent.status is not RequestStatus.RUNNING:
+            raise ValueError(f"fork_request: parent {parent_id!r} is not running")
+        k = child.num_computed_tokens
+        if child.request_id in self.requests:
+            raise ValueError(f"request_id {child.request_id!r} is already scheduled")
+        if not (k <= parent.num_computed_tokens and k < child.num_tokens
+                and child.all_token_ids[:k] == parent.all_token_ids[:k]):
+            raise ValueError(f"fork_request: the child's first num_computed_tokens={k} tokens must be computed "
+                             "tokens of the parent, and the child must have a token left to compute")
+        self._check_fits_cache(child)
+        self.block_manager.fork(parent_id, child.request_id, k)
+        # Copy the block the child writes next now, so the parent (already on the workers) never has
+        # to swap a block; if no block is free, allocate_slots copies it later.
+        self.block_manager.copy_on_write(child.request_id, k)
+        child.status = RequestStatus.RUNNING
+        self.requests[child.request_id] = child
+        self.running.append(child)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
+        """End requests (waiting or running) with a finished status; unknown or finished ids are ignored."""
+        if not status.is_finished:
+            raise ValueError(f"status must be a finished status, got {status}")
+        for rid in ([request_ids] if isinstance(request_ids, str) else request_ids):
+            request = self.requests.get(rid)
+            if request is not None:
+                self._finish(request, status)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.status = status
+        self.block_manager.free(request.request_id)
+        del self.requests[request.request_id]
+        self._forget(request.request_id)
+
+    def _forget(self, request_id: str) -> None:
+        """Tell the workers to drop the request (if they hold it)."""
+        if self._sent.pop(request_id, None) is not None:
+            self._finished_ids.add(request_id)
+
+    def _preempt(self, request: Request) -> None:
+        self.block_manager.free(request.request_id)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        self._forget(request.request_id)
+
+    # -- scheduling ----------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[str, int] = {}
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = self._num_new_tokens(request, request.num_computed_tokens, budget)
+            if num_new == 0:
+                i += 1
+                continue
+            ok, any_preempted = self._allocate_or_preempt(request, num_new)
+            preempted = preempted or any_preempted
+            if not ok:
+                break
+            scheduled[request.request_id] = num_new
+            budget -= num_new
+            i += 1
+        if not preempted:
+            self._admit_waiting(budget, scheduled)
+        return self._build_output(scheduled)
+
+    def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
+        """Tokens to run this step: all that are left, cut to the budget only with chunked prefill (else 0)."""
+        left = request.num_tokens - num_computed
+        if left <= budget:
+            return left
+        return budget if self.config.enable_chunked_prefill else 0
+
+    def _allocate_or_preempt(self, request: Request, num_new: int) -> tuple[bool, bool]:
+        """Allocate slots, preempting the newest running requests until it fits. -> (scheduled, preempted any)."""
+        preempted = False
+        while self.block_manager.allocate_slots(request, num_new) is None:
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted = True
+            if victim is request:
+                return False, True
+        return True, preempted
+
+    def _admit_waiting(self, budget: int, scheduled: dict[str, int]) -> None:
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            blocks, num_computed = bm.get_computed_blocks(request)
+            num_new = self._num_new_tokens(request, num_computed, budget)
+            if num_new == 0 or bm.allocate_slots(request, num_new, blocks) is None:
+                break   # strict FCFS: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_computed
+            request.num_computed_tokens = num_computed
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled[request.request_id] = num_new
+            budget -= num_new
+
+    def _build_output(self, scheduled: dict[str, int]) -> SchedulerOutput:
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        for rid in scheduled:
+            request = self.requests[rid]
+            table = self.block_manager.get_block_ids(rid)
+            sent = self._sent.get(rid)
+            if sent is not None and table[:len(sent[1])] != sent[1]:
+                # Copy-on-write swapped a block the workers hold: resend the request whole.
+                self._finished_ids.add(rid)
+                sent = None
+            if sent is None:
+                new_reqs.append(NewRequestData(rid, list(request.all_token_ids), request.num_prompt_tokens,
+                                               request.sampling_params, list(table),
+                                               request.num_computed_tokens))
+            else:
+                cached_reqs.append(CachedRequestData(rid, request.all_token_ids[sent[0]:],
+                                                     table[len(sent[1]):], request.num_computed_tokens))
+            self._sent[rid] = (request.num_tokens, table)
+        finished, self._finished_ids = self._finished_ids, set()
+        return SchedulerOutput(new_reqs, cached_reqs, scheduled, sum(scheduled.values()), finished,
+                               self.block_manager.take_pending_copies())
+
+    # -- results -------------------------------------------------------------
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: ModelRunnerOutput) -> list[tuple[Request, list[int]]]:
+        """Advance the scheduled requests; return (request, new token ids) for each that got a token."""
+        results: list[tuple[Request, list[int]]] = []
+        for rid, num in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests.get(rid)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue    # finished or aborted since the schedule
+            request.num_computed_tokens += num
+            if request.num_computed_tokens < request.num_tokens:
+                continue    # mid-prefill: no sample
+            token = runner_output.sampled_token_ids.get(rid)
+            if token is None:
+                raise ValueError(f"runner_output has no sampled token for request {rid!r}, which reached the "
+                                 f"end of its {request.num_tokens} tokens this step")
+            request.append_output_token(token)
+            status = self._stop_status(request)
+            if status is not None:
+                self._finish(request, status)
+            results.append((request, [token]))
+        return results
+
+    def _stop_status(self, request: Request) -> RequestStatus | None:
+        """Token-level stops after a new token (stop strings are the engine's job). Length first, as vLLM."""
+        params = request.sampling_params
+        if request.num_tokens >= self.config.max_model_len or (
+                params.max_tokens is not None and request.num_output_tokens >= params.max_tokens):
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_output_tokens < params.min_tokens:
+            return None
+        last = request.output_token_ids[-1]
+        if not params.ignore_eos and params.eos_token_id is not None and last == params.eos_token_id:
+            return RequestStatus.FINISHED_STOPPED
+        if last in params.stop_token_ids:
+            request.stop_reason = last
+            return RequestStatus.FINISHED_STOPPED
+        return None
