@@ -1,0 +1,76 @@
+"""Helpers of the conformance kit (test_conformance.py), in a plain module so spawned ranks can import it.
+
+`build_checkpoint` saves a random HF model of one table case; `run_rank` is
+what each process of the single TP=2 gloo group runs: every case's logits at
+TP=2 against the TP=1 logits computed by the parent. Results go to
+<out_dir>/rank<r>.json as {case id: "ok" | traceback}.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from pagedray.models.conformance import tiny_config
+
+ATOL = 1e-4
+
+
+def case_id(arch: str, case: str) -> str:
+    return f"{arch}-{case}"
+
+
+@torch.no_grad()
+def _randomise_vectors(model: torch.nn.Module, seed: int) -> None:
+    """HF initialises norm scales to 1 (or 0 for 1+w norms) and biases to 0; a weight loaded into the
+    wrong slot would go unnoticed, so give every 1-D parameter distinct values."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    for name, p in model.named_parameters():
+        if p.dim() != 1:
+            continue
+        noise = 0.2 * torch.randn(p.shape, generator=gen)
+        p.copy_(noise if name.endswith("bias") else 1.0 + noise)
+
+
+def build_checkpoint(arch: str, case: str, path: str, seed: int = 0) -> str:
+    """Save a float32 random-weight HF `arch` model of the table case into `path` (safetensors)."""
+    import transformers
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(tiny_config(arch, case)).float().eval()
+    _randomise_vectors(model, seed)
+    model.save_pretrained(str(path), safe_serialization=True)
+    return str(path)
+
+
+def _check_case(path: str, expected: torch.Tensor, world: int) -> None:
+    from tp_checks import model_logits
+    got = model_logits(path, world)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    if not torch.equal(got.argmax(-1), expected.argmax(-1)):
+        raise AssertionError(f"greedy tokens differ: {got.argmax(-1).tolist()} vs {expected.argmax(-1).tolist()}")
+
+
+def run_rank(rank: int, world: int, init_method: str, out_dir: str,
+             cases: dict[str, tuple[str, torch.Tensor]]) -> None:
+    """Run every case at TP=`world`; one failure is recorded and the others still run."""
+    torch.set_num_threads(1)
+    # A rank stuck in a collective its peer never reaches fails after 2 minutes instead of hanging CI.
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    results = {}
+    try:
+        for cid, (path, expected) in cases.items():
+            try:
+                _check_case(path, expected, world)
+                results[cid] = "ok"
+            except Exception:
+                results[cid] = traceback.format_exc()
+            dist.barrier()  # a rank that failed early must not leave its peer blocked in a collective
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()

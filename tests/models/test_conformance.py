@@ -1,0 +1,160 @@
+"""The conformance kit: every registered architecture against HF transformers.
+
+Each case of models/conformance.py CONFORMANCE gets a random safetensors
+checkpoint, then:
+- greedy tokens and logprobs through the real engine (`LLM`, TP=1, paged
+  cache with 4-token blocks, chunked prefill) equal HF `generate`'s (1e-4);
+- logits and greedy tokens at TP=2 (one gloo group of 2 processes runs every
+  case) equal those at TP=1;
+- `load_format="dummy"` builds the same parameters with finite outputs;
+- a checkpoint with a weight removed, an extra tensor, or a mis-shaped
+  tensor is refused with a ValueError naming the tensor.
+A registered architecture without a table row fails `test_table_covers_registry`
+and every test of its placeholder case.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
+
+sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import conformance_kit and tp_checks from here
+import conformance_kit  # noqa: E402
+from conformance_kit import build_checkpoint, case_id  # noqa: E402
+from hf_reference import hf_greedy, load_hf  # noqa: E402
+from tiny_models import allocate_block_tables, build_attn_metadata  # noqa: E402
+from tp_checks import model_logits  # noqa: E402
+
+from pagedray.cluster import LLM, SamplingParams  # noqa: E402
+from pagedray.models import ModelRegistry, get_kv_cache_spec, get_model  # noqa: E402
+from pagedray.models.conformance import CONFORMANCE, conformance_cases  # noqa: E402
+
+NO_ROW = "<no conformance row>"
+WORLD = 2
+MAX_TOKENS = 8
+
+REGISTERED = set(ModelRegistry.get_supported_archs())
+CASES = [(a, c) for a, c in conformance_cases() if a in REGISTERED]
+CASES += [(a, NO_ROW) for a in sorted(REGISTERED - set(CONFORMANCE))]
+IDS = [case_id(a, c) for a, c in CASES]
+
+
+def test_table_covers_registry():
+    missing = sorted(REGISTERED - set(CONFORMANCE))
+    stale = sorted(set(CONFORMANCE) - REGISTERED)
+    assert not missing, f"registered architectures without a row in models/conformance.py: {missing}"
+    assert not stale, f"rows in models/conformance.py for unregistered architectures: {stale}"
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    """case id -> checkpoint folder, for every table case of a registered architecture."""
+    return {case_id(a, c): build_checkpoint(a, c, str(tmp_path_factory.mktemp(case_id(a, c))))
+            for a, c in CASES if c != NO_ROW}
+
+
+@pytest.fixture(params=CASES, ids=IDS)
+def case(request, checkpoints) -> tuple[str, str, str]:
+    arch, name = request.param
+    if name == NO_ROW:
+        pytest.fail(f"{arch} is registered but has no row in models/conformance.py CONFORMANCE")
+    return arch, name, checkpoints[case_id(arch, name)]
+
+
+def _prompts(vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    lengths = (3, 14, 29)  # inside one block, several blocks, several prefill chunks
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+
+
+def test_engine_greedy_matches_hf(case):
+    arch, name, path = case
+    hf = load_hf(path)
+    prompts = _prompts(hf.config.vocab_size, seed=len(name))
+    llm = LLM(path, device="cpu", block_size=4, num_kv_blocks=64, max_num_batched_tokens=16)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        tokens, logprobs = hf_greedy(hf, prompt, MAX_TOKENS)
+        got = out.outputs[0]
+        assert got.token_ids == tokens, f"{arch}/{name} prompt {prompt}: {got.token_ids} vs HF {tokens}"
+        ours = [step[t] for step, t in zip(got.logprobs, got.token_ids)]
+        assert ours == pytest.approx(logprobs, abs=1e-4), f"{arch}/{name}: logprobs differ from HF"
+
+
+@pytest.fixture(scope="session")
+def tp2_results(checkpoints, tmp_path_factory) -> list[dict[str, str]]:
+    """One gloo group of 2 processes runs every case; the TP=1 references come from this process."""
+    out_dir = str(tmp_path_factory.mktemp("conformance_tp"))
+    cases = {cid: (path, model_logits(path, 1)) for cid, path in checkpoints.items()}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(conformance_kit.run_rank, args=(WORLD, f"tcp://127.0.0.1:{port}", out_dir, cases),
+             nprocs=WORLD, join=True)
+    results = []
+    for rank in range(WORLD):
+        with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+            results.append(json.load(f))
+    return results
+
+
+def test_tp2_matches_tp1(case, tp2_results):
+    arch, name, _ = case
+    for rank, res in enumerate(tp2_results):
+        assert res.get(case_id(arch, name)) == "ok", f"rank {rank}: {res.get(case_id(arch, name), 'not run')}"
+
+
+@torch.no_grad()
+def test_dummy_load(case):
+    arch, name, path = case
+    config = AutoConfig.from_pretrained(path)
+    real = get_model(config, path, torch.float32, "cpu")
+    dummy = get_model(config, path, torch.float32, "cpu", load_format="dummy", seed=3)
+    shapes = {n: p.shape for n, p in real.named_parameters()}
+    assert {n: p.shape for n, p in dummy.named_parameters()} == shapes
+    assert all(torch.isfinite(p).all() for p in dummy.parameters())
+    layers, kv_heads, head = get_kv_cache_spec(config, 1)
+    prompt = list(range(3, 12))
+    tables = allocate_block_tables([len(prompt)], 4)
+    caches = [torch.zeros(2, 1 + len(tables[0]), kv_heads, 4, head) for _ in range(layers)]
+    meta, positions = build_attn_metadata([len(prompt)], [len(prompt)], tables, 4)
+    logits = dummy.compute_logits(dummy(torch.tensor(prompt), positions, caches, meta))
+    assert logits.shape == (len(prompt), config.vocab_size) and torch.isfinite(logits).all()
+
+
+def _edited(src: str, dst, edit) -> str:
+    """A copy of checkpoint `src` whose tensors went through `edit(dict) -> dict`."""
+    os.makedirs(dst, exist_ok=True)
+    with open(os.path.join(src, "config.json")) as f, open(os.path.join(dst, "config.json"), "w") as g:
+        g.write(f.read())
+    save_file(edit(load_file(os.path.join(src, "model.safetensors"))), os.path.join(dst, "model.safetensors"),
+              metadata={"format": "pt"})
+    return str(dst)
+
+
+def test_strict_load_names_the_bad_tensor(case, tmp_path):
+    arch, name, path = case
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    matrices = sorted(n for n, t in tensors.items() if t.dim() == 2)
+    victim = matrices[len(matrices) // 2]  # a weight of a middle layer: never a recomputed buffer
+    bad = {
+        "missing": lambda t: {n: v for n, v in t.items() if n != victim},
+        "unexpected": lambda t: {**t, "model.not_a_layer.weight": torch.zeros(2, 2)},
+        "shape": lambda t: {**t, victim: t[victim][:-1]},
+    }
+    named = {"missing": victim, "unexpected": "model.not_a_layer.weight", "shape": victim}
+    config = AutoConfig.from_pretrained(path)
+    for kind, edit in bad.items():
+        ckpt = _edited(path, tmp_path / kind, edit)
+        with pytest.raises(ValueError) as err:
+            get_model(config, ckpt, torch.float32, "cpu")
+        assert named[kind] in str(err.value), f"{arch}/{name} {kind}: {err.value}"
