@@ -29,8 +29,8 @@ from transformers import AutoConfig
 sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import conformance_kit and tp_checks from here
 import conformance_kit  # noqa: E402
 from conformance_kit import build_checkpoint, case_id  # noqa: E402
-from hf_reference import hf_greedy, load_hf  # noqa: E402
-from tiny_models import allocate_block_tables, build_attn_metadata  # noqa: E402
+from hf_reference import hf_greedy  # noqa: E402
+from tiny_models import allocate_block_tables, build_attn_metadata, load_hf_model  # noqa: E402
 from tp_checks import model_logits  # noqa: E402
 
 from pagedray.cluster import LLM, SamplingParams  # noqa: E402
@@ -77,7 +77,7 @@ def _prompts(vocab: int, seed: int) -> list[list[int]]:
 
 def test_engine_greedy_matches_hf(case):
     arch, name, path = case
-    hf = load_hf(path)
+    hf = load_hf_model(path)
     prompts = _prompts(hf.config.vocab_size, seed=len(name))
     llm = LLM(path, device="cpu", block_size=4, num_kv_blocks=64, max_num_batched_tokens=16)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0)
