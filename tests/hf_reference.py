@@ -13,9 +13,3 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[i
     tokens = out.sequences[0, len(prompt_ids):].tolist()
     logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
     return tokens, logprobs
-
-
-def load_hf(path: str):
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
-    return model.eval()

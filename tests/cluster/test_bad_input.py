@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import pytest
 
+from tiny_models import make_tiny_llama
+
 from pagedray.cluster import LLM, SamplingParams
 
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    from test_llm_parity import _make_llama
-    path = _make_llama(tmp_path_factory.mktemp("bad"), max_position_embeddings=64)
+    path = make_tiny_llama(tmp_path_factory.mktemp("bad"), max_position_embeddings=64)
     return LLM(path, device="cpu", block_size=4, num_kv_blocks=40)
 
 
@@ -44,8 +45,7 @@ def test_bad_prompt_in_batch_leaves_nothing_queued(llm):
 
 
 def test_max_tokens_beyond_kv_capacity(tmp_path):
-    from test_llm_parity import _make_llama
-    llm = LLM(_make_llama(tmp_path), device="cpu", block_size=4, num_kv_blocks=8)  # 32 tokens
+    llm = LLM(make_tiny_llama(tmp_path), device="cpu", block_size=4, num_kv_blocks=8)  # 32 tokens
     with pytest.raises(ValueError, match="max_tokens"):
         llm.generate([{"prompt_token_ids": [5] * 20}], SamplingParams(max_tokens=20), use_tqdm=False)
 
@@ -67,7 +67,6 @@ def test_sampling_params_validation(kwargs, field):
     ({"dtype": "int3"}, "dtype"), ({"load_format": "pickle"}, "load_format"),
 ])
 def test_engine_config_validation(tmp_path, kwargs, field):
-    from test_llm_parity import _make_llama
-    path = _make_llama(tmp_path)
+    path = make_tiny_llama(tmp_path)
     with pytest.raises(ValueError, match=field):
         LLM(path, device="cpu", **kwargs)
