@@ -94,9 +94,10 @@ class BlockManager:
         """The cached blocks of the request's longest cached prefix, and the tokens they hold.
 
         No side effect on blocks or stats; pass the block ids to `allocate_slots` to claim them.
-        Capped so that at least the request's last token is left to compute.
+        Capped so that at least the request's last token is left to compute. A request that asks
+        for prompt_logprobs gets no hits (as in vLLM): skipped positions would have no logits.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
         keys = self._block_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size

@@ -1,8 +1,10 @@
 """Incremental detokenization and stop-string matching on the text.
 
 Decodes a sliding window of tokens (prefix/read offsets) so that each step costs
-O(window), holds back text that ends in an incomplete UTF-8 sequence ("\ufffd"),
-and keeps the word-boundary spacing that depends on the previous token.
+O(window), holds back text that ends in an incomplete UTF-8 sequence ("\ufffd")
+until the bytes complete it or the request ends, and keeps the word-boundary
+spacing that depends on the previous token. Stop strings are matched on the
+text, across token boundaries; the text is cut before the first one found.
 """
 from __future__ import annotations
 
@@ -15,19 +17,23 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.stop = stop or []
+        # Longest stop string - 1: the most chars at the end that could still begin a stop string.
+        self._hold = max((len(s) for s in self.stop), default=1) - 1
         self.tokens: list[int] = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
         self.text = ""
         self.stopped_on: str | None = None
+        self._shown = 0   # chars already returned by add_tokens
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
                                      clean_up_tokenization_spaces=False)
 
-    def add_tokens(self, token_ids: list[int]) -> str:
-        """Append generated tokens; return the new text (empty while bytes are incomplete).
+    def add_tokens(self, token_ids: list[int], final: bool = False) -> str:
+        """Append generated tokens; return the text that became safe to show (see `visible_text`).
 
+        `final`: the request ends with these tokens, so held-back bytes are flushed as they are.
         After a stop string appears, `stopped_on` is set and the text is cut before it.
         """
         if self.tokenizer is None or self.stopped_on is not None:
@@ -35,30 +41,28 @@ class IncrementalDetokenizer:
         self.tokens.extend(token_ids)
         prefix_text = self._decode(self.tokens[self.prefix_offset:self.read_offset])
         new_text = self._decode(self.tokens[self.prefix_offset:])
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
-            return ""
-        delta = new_text[len(prefix_text):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
-        return self._append_checking_stop(delta)
+        if len(new_text) > len(prefix_text) and (final or not new_text.endswith("\ufffd")):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+            self._append_checking_stop(new_text[len(prefix_text):])
+        visible = self.visible_text(final or self.stopped_on is not None)
+        delta, self._shown = visible[self._shown:], len(visible)
+        return delta
 
     def visible_text(self, finished: bool) -> str:
-        """Text safe to show: while running, the last chars that could begin a stop
-        string are held back, so streamed text never has to be taken back."""
-        if finished or not self.stop:
+        """Text safe to show: while running, the last chars that could begin a stop string are
+        held back, so streamed text never has to be taken back. Never shrinks."""
+        if finished or not self.stop or self.stopped_on is not None:
             return self.text
-        hold = max(len(s) for s in self.stop) - 1
-        return self.text[:max(0, len(self.text) - hold)]
+        return self.text[:max(0, len(self.text) - self._hold)]
 
-    def _append_checking_stop(self, delta: str) -> str:
+    def _append_checking_stop(self, delta: str) -> None:
         before = len(self.text)
         self.text += delta
-        if self.stop:
-            longest = max(len(s) for s in self.stop)
-            search_from = max(0, before - longest + 1)
-            hits = [(self.text.find(s, search_from), s) for s in self.stop]
-            hits = [(i, s) for i, s in hits if i >= 0]
-            if hits:
-                cut, self.stopped_on = min(hits)
-                self.text = self.text[:cut]
-                return self.text[before:] if cut > before else ""
-        return delta
+        if not self.stop:
+            return
+        # A stop string not found before can only end inside the new text.
+        search_from = max(0, before - self._hold)
+        hits = [(i, s) for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
+        if hits:
+            cut, self.stopped_on = min(hits)
+            self.text = self.text[:cut]

@@ -1,7 +1,11 @@
 """The synchronous engine: tokenize, schedule, execute, detokenize, stop.
 
 `LLM` (offline) and `AsyncEngine` (serving) both drive this class. A request
-with n > 1 runs as n child requests sharing the prompt's KV blocks.
+with n > 1 runs as n child requests sharing the prompt's KV blocks: child 0
+prefills the prompt; when it has its first token, children 1..n-1 are forked
+from it (`Scheduler.fork_request`) at prompt length - 1, sharing every block of
+the prompt and copying only the block of the last prompt token, which each child
+recomputes to draw its own first token.
 """
 from __future__ import annotations
 
@@ -54,6 +58,10 @@ class _Parent:
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[_Child]
+    # Children 1..n-1 until child 0 has prefilled the prompt and they can be forked from it.
+    pending: list[_Child] = field(default_factory=list)
+    # [None, {token: logprob} per prompt position from the 2nd] when prompt_logprobs was asked.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
 
@@ -98,10 +106,13 @@ class LLMEngine:
             detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens, params.stop)
             children.append(_Child(i, Request(child_id, token_ids, child_params), detok,
                                    [] if params.logprobs is not None else None))
-        self.parents[request_id] = _Parent(request_id, prompt_text, token_ids, children)
+        parent = _Parent(request_id, prompt_text, token_ids, children, pending=children[1:])
+        if params.prompt_logprobs is not None:
+            parent.prompt_logprobs = [None] * len(token_ids)
+        self.scheduler.add_request(children[0].request)
+        self.parents[request_id] = parent
         for child in children:
             self.child_to_parent[child.request.request_id] = request_id
-            self.scheduler.add_request(child.request)
         self.prompt_tokens_total += len(token_ids)
 
     def _tokenize(self, prompt: str | dict) -> tuple[str | None, list[int]]:
@@ -139,6 +150,9 @@ class LLMEngine:
             raise ValueError(f"max_tokens={params.max_tokens} cannot fit: prompt ({len(token_ids)} tokens) plus "
                              f"max_tokens exceeds the KV cache capacity of {capacity} tokens "
                              f"({self.num_kv_blocks} blocks of {self.config.cache.block_size})")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, name) or 0) > vocab:
+                raise ValueError(f"{name} must be <= the vocabulary size {vocab}, got {getattr(params, name)}")
         if self.eos_token_ids:
             params.eos_token_id = self.eos_token_ids[0]
             if not params.ignore_eos:
@@ -171,15 +185,46 @@ class LLMEngine:
         except Exception as exc:  # a dead worker, OOM, collective failure
             self.dead = exc
             raise EngineDeadError(f"the executor failed: {exc}") from exc
+        self._record_prompt_logprobs(runner_out)
         advanced: dict[str, _Parent] = {}
         for request, new_tokens in self.scheduler.update_from_output(sched, runner_out):
             parent_id = self.child_to_parent.get(request.request_id)
             if parent_id is None:
                 continue
             parent = self.parents[parent_id]
+            if parent.pending and request is parent.children[0].request:
+                self._start_pending(parent)
             self._process_tokens(parent, request, new_tokens, runner_out)
             advanced[parent_id] = parent
         return [self._finish_output(p) for p in advanced.values()]
+
+    def _record_prompt_logprobs(self, runner_out) -> None:
+        """Place each chunk's prompt logprobs; called before the scheduler advances the requests,
+        so a request's computed tokens still tell where its chunk starts (a recompute after
+        preemption rewrites the same positions)."""
+        for rid, entries in runner_out.prompt_logprobs.items():
+            parent = self.parents.get(self.child_to_parent.get(rid, ""))
+            request = self.scheduler.requests.get(rid)
+            if parent is None or request is None or parent.prompt_logprobs is None:
+                continue
+            start = request.num_computed_tokens + 1   # position p's hidden state predicts token p + 1
+            for offset, entry in enumerate(entries):
+                parent.prompt_logprobs[start + offset] = {tok: lp for tok, lp, _ in entry}
+
+    def _start_pending(self, parent: _Parent) -> None:
+        """Child 0 just got its first token: fork the other children from its prompt blocks.
+
+        When child 0 already finished (a stop at its first token freed its blocks), they start as
+        ordinary requests instead (prefix caching still shares the prompt's full blocks).
+        """
+        first = parent.children[0].request
+        for child in parent.pending:
+            if first.is_finished:
+                self.scheduler.add_request(child.request)
+            else:
+                child.request.num_computed_tokens = len(parent.prompt_token_ids) - 1
+                self.scheduler.fork_request(first.request_id, child.request)
+        parent.pending = []
 
     def _process_tokens(self, parent: _Parent, request: Request, new_tokens: list[int], runner_out) -> None:
         child = next(c for c in parent.children if c.request is request)
@@ -189,9 +234,15 @@ class LLMEngine:
         if child.logprobs is not None:
             entry = runner_out.logprobs.get(request.request_id) or []
             child.logprobs.append({tok: lp for tok, lp, _ in entry})
-        child.detokenizer.add_tokens(new_tokens)
-        if child.detokenizer.stopped_on is not None and not request.is_finished:
-            self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
+        if request.status is RequestStatus.FINISHED_STOPPED:
+            # Ended by eos or a stop token id: as vLLM, that token's text is not part of the output.
+            new_tokens = new_tokens[:-1]
+        child.detokenizer.add_tokens(new_tokens, final=request.is_finished)
+        if child.detokenizer.stopped_on is not None:
+            if not request.is_finished:
+                self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
+            elif request.status is RequestStatus.FINISHED_LENGTH:
+                request.status = RequestStatus.FINISHED_STOPPED   # as vLLM: a stop string wins
 
     def _finish_output(self, parent: _Parent) -> RequestOutput:
         out = self.make_output(parent)
@@ -214,10 +265,11 @@ class LLMEngine:
         metrics = {"arrival_time": parent.arrival_time}
         if parent.first_token_time is not None:
             metrics["first_token_time"] = parent.first_token_time
+        prompt_logprobs = list(parent.prompt_logprobs) if parent.prompt_logprobs is not None else None
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, completions,
                              finished=parent.finished,
                              num_cached_tokens=parent.children[0].request.num_cached_tokens,
-                             metrics=metrics)
+                             prompt_logprobs=prompt_logprobs, metrics=metrics)
 
     # -- health and stats ----------------------------------------------------
     def _check_alive(self) -> None:
@@ -242,6 +294,8 @@ class LLMEngine:
 def _child_params(params: SamplingParams, index: int) -> SamplingParams:
     child = params.clone()
     child.n = 1
+    if index > 0:
+        child.prompt_logprobs = None   # computed once, by child 0
     if params.seed is not None:
         # Distinct but reproducible streams for each of the n samples.
         child.seed = params.seed * 1_000_003 + index

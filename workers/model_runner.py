@@ -11,8 +11,8 @@ import torch
 
 from pagedray.models.layers.attention import AttentionMetadata
 from pagedray.kernels import ops
-from pagedray.workers.messages import ModelRunnerOutput, SchedulerOutput
-from pagedray.workers.sampler import Sampler, SamplingRow
+from pagedray.workers.messages import Logprobs, ModelRunnerOutput, SchedulerOutput
+from pagedray.workers.sampler import Sampler, SamplingRow, logprob_entries
 from pagedray.workers.sampling_params import SamplingParams
 
 
@@ -36,6 +36,9 @@ class StepInputs:
     attn_metadata: AttentionMetadata
     sample_req_ids: list[str]       # requests that reach the end of their known tokens
     sample_rows: torch.Tensor       # their last-token row in the flat batch
+    # Requests that asked for prompt_logprobs, with prompt positions in this chunk that predict a
+    # prompt token: (req_id, flat row of the first such position, its position, how many).
+    prompt_spans: list[tuple[str, int, int, int]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -75,10 +78,15 @@ class ModelRunner:
         tables: list[list[int]] = []
         sample_ids: list[str] = []
         sample_rows: list[int] = []
+        prompt_spans: list[tuple[str, int, int, int]] = []
         for req_id, n in sched.num_scheduled_tokens.items():
             state = self.requests[req_id]
             start = state.num_computed_tokens
             end = start + n
+            # The hidden state at position p predicts token p + 1: prompt logprobs need p < P - 1.
+            num_prompt_lp = min(end, state.num_prompt_tokens - 1) - start
+            if state.sampling_params.prompt_logprobs is not None and num_prompt_lp > 0:
+                prompt_spans.append((req_id, len(input_ids), start, num_prompt_lp))
             input_ids.extend(state.token_ids[start:end])
             pos = range(start, end)
             positions.extend(pos)
@@ -104,7 +112,8 @@ class ModelRunner:
             max_query_len=max(query_lens), max_seq_len=max(seq_lens))
         return StepInputs(torch.tensor(input_ids, dtype=torch.long, device=dev),
                           torch.tensor(positions, dtype=torch.long, device=dev), meta,
-                          sample_ids, torch.tensor(sample_rows, dtype=torch.long, device=dev))
+                          sample_ids, torch.tensor(sample_rows, dtype=torch.long, device=dev),
+                          prompt_spans)
 
     # -- step ----------------------------------------------------------------
     @torch.inference_mode()
@@ -116,8 +125,9 @@ class ModelRunner:
             return ModelRunnerOutput({})
         inputs = self.prepare_inputs(sched)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_metadata)
+        prompt_logprobs = self._prompt_logprobs(hidden, inputs.prompt_spans)
         if not inputs.sample_req_ids:
-            return ModelRunnerOutput({})
+            return ModelRunnerOutput({}, prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden[inputs.sample_rows])
         if not self.sample:
             return ModelRunnerOutput({})
@@ -125,7 +135,35 @@ class ModelRunner:
         out = self.sampler(logits, rows)
         return ModelRunnerOutput(
             sampled_token_ids=dict(zip(inputs.sample_req_ids, out.token_ids)),
-            logprobs={r: lp for r, lp in zip(inputs.sample_req_ids, out.logprobs) if lp is not None})
+            logprobs={r: lp for r, lp in zip(inputs.sample_req_ids, out.logprobs) if lp is not None},
+            prompt_logprobs=prompt_logprobs)
+
+    # Rows of vocabulary-wide logits held at once for prompt logprobs (bounds the memory).
+    _PROMPT_LOGPROBS_ROWS = 512
+
+    def _prompt_logprobs(self, hidden: torch.Tensor,
+                         spans: list[tuple[str, int, int, int]]) -> dict[str, list[Logprobs]]:
+        """Logprobs of this chunk's prompt tokens (from the 2nd) for requests that asked.
+
+        The engine places a chunk by the request's computed tokens before the step. Every rank
+        computes logits (a collective under tensor parallelism); only a sampling rank keeps them.
+        """
+        out: dict[str, list[Logprobs]] = {}
+        for req_id, row, pos, count in spans:
+            state = self.requests[req_id]
+            entries: list[Logprobs] = []
+            for off in range(0, count, self._PROMPT_LOGPROBS_ROWS):
+                num = min(self._PROMPT_LOGPROBS_ROWS, count - off)
+                logits = self.model.compute_logits(hidden[row + off:row + off + num])
+                if not self.sample:
+                    continue
+                targets = state.token_ids[pos + off + 1:pos + off + 1 + num]
+                lp = torch.log_softmax(logits.float(), dim=-1)
+                target_t = torch.tensor(targets, dtype=torch.long, device=lp.device)
+                entries += logprob_entries(lp, target_t, [state.sampling_params.prompt_logprobs] * num)
+            if self.sample:
+                out[req_id] = entries
+        return out
 
     def _sampling_row(self, req_id: str) -> SamplingRow:
         state = self.requests[req_id]

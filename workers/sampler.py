@@ -1,10 +1,15 @@
 """Batched sampling on the device: one pass over the step's logits.
 
-Order (vLLM's): logprobs are taken from the raw logits; then penalties,
-min_tokens masking, temperature, top-k / top-p / min-p, and a draw. Greedy rows
-take the argmax. A seeded request draws from a generator seeded by
-(seed, its output position), so its tokens do not depend on the rest of the
-batch, on batch order, or on a preemption that recomputes it.
+Order (vLLM V1's): logprobs come from the raw logits (before any penalty or
+temperature); then penalties, min_tokens masking, and, for random rows,
+temperature, min-p, top-k, top-p and a draw. Greedy rows take the argmax.
+
+Draws use the exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) i.i.d. is
+distributed as p. A row with a `seed` takes its E from a counter-based hash of
+(seed, output position, token id), so its tokens depend on nothing else: not
+on the rest of the batch, not on batch order, not on a preemption that
+recomputes it, and not on the device (integer hashing is exact everywhere).
+Unseeded rows share one generator seeded at start-up.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from pagedray.workers.messages import Logprobs
 from pagedray.workers.sampling_params import SamplingParams
 
 _MASK = float("-inf")
+_M32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
 
 
 @dataclass
@@ -39,127 +46,194 @@ class Sampler:
 
     def _global_generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
-            self._generators[device] = gen
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         logits = logits.float()
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = apply_penalties(logits, rows)
+        want_logprobs = [r.params.logprobs for r in rows]
+        raw_logprobs = None
+        if any(w is not None for w in want_logprobs):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = apply_penalties(logits.clone(), rows)
         logits = mask_min_tokens(logits, rows)
-        greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
         token_ids = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
+        greedy = [r.params.greedy for r in rows]
+        if not all(greedy):
             probs = filtered_probs(logits, rows)
-            drawn = self._draw(probs, rows)
-            token_ids = torch.where(greedy, token_ids, drawn)
-        token_list = token_ids.tolist()
-        logprobs = gather_logprobs(raw_logprobs, token_ids, rows)
-        return SamplerOutput(token_list, logprobs)
+            drawn = (probs / self._noise(probs, rows)).argmax(dim=-1)
+            token_ids = torch.where(torch.tensor(greedy, device=logits.device), token_ids, drawn)
+        logprobs = ([None] * len(rows) if raw_logprobs is None
+                    else logprob_entries(raw_logprobs, token_ids, want_logprobs))
+        return SamplerOutput(token_ids.tolist(), logprobs)
 
-    def _draw(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """Exponential-race sampling: argmax(p / E) with E ~ Exp(1) is a draw from p."""
-        noise = torch.empty_like(probs)
-        noise.exponential_(generator=self._global_generator(probs.device))
-        for i, row in enumerate(rows):
-            if row.params.seed is not None and not row.params.greedy:
-                gen = torch.Generator(device=probs.device)
-                gen.manual_seed(_row_seed(row.params.seed, len(row.output_token_ids)))
-                noise[i].exponential_(generator=gen)
-        return (probs / noise).argmax(dim=-1)
+    def _noise(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Exp(1) noise per (row, token): seeded rows from the hash, the others from the generator."""
+        noise = torch.empty_like(probs).exponential_(generator=self._global_generator(probs.device))
+        seeded = [i for i, r in enumerate(rows) if r.params.seed is not None and not r.params.greedy]
+        if seeded:
+            keys = [_row_keys(rows[i].params.seed, len(rows[i].output_token_ids)) for i in seeded]
+            uniform = seeded_uniform(torch.tensor(keys, dtype=torch.int64, device=probs.device),
+                                     probs.shape[-1])
+            index = torch.tensor(seeded, device=probs.device)
+            noise[index] = (-torch.log(uniform)).to(noise.dtype)
+        # exponential_ may return exactly 0, and p / 0 would win even where p == 0.
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
 
-def _row_seed(seed: int, position: int) -> int:
-    # Python's hash of a tuple of ints is stable across processes (no salting for ints).
-    return hash((seed, position)) & ((1 << 63) - 1)
+# -- counter-based random numbers ------------------------------------------------------------------
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def _row_keys(seed: int, position: int) -> list[int]:
+    """Four 32-bit keys for one (seed, output position): two hash rounds for each of two words."""
+    state = _splitmix64(_splitmix64(seed & _M64) ^ position)
+    return [_splitmix64(state + i) & _M32 for i in range(4)]
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for x in [0, 2**32) in int64, split so no product overflows."""
+    low = (x & 0xFFFF) * c
+    high = (((x >> 16) * c) & 0xFFFF) << 16
+    return (low + high) & _M32
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer: a bijection on [0, 2**32) with full avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def seeded_uniform(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Uniforms in (0, 1), float64 with 53 random bits, for keys [R, 4] (int64) and tokens 0..vocab-1."""
+    tokens = torch.arange(vocab, dtype=torch.int64, device=keys.device)[None, :]
+    k = keys[:, :, None]
+    high = _fmix32(_fmix32(tokens ^ k[:, 0]) ^ k[:, 1])
+    low = _fmix32(_fmix32(tokens ^ k[:, 2]) ^ k[:, 3]) >> 11
+    return ((high << 21) + low).double().add_(0.5).mul_(2.0 ** -53)
+
+
+# -- logits processing -----------------------------------------------------------------------------
+def _padded(lists: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    width = max(1, max(len(x) for x in lists))
+    return torch.tensor([x + [pad] * (width - len(x)) for x in lists], dtype=torch.long, device=device)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """vLLM's definitions: repetition divides positive / multiplies negative logits of
-    tokens seen in prompt or output; presence and frequency subtract on output tokens."""
-    for i, row in enumerate(rows):
-        p = row.params
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)),
-                                dtype=torch.long, device=logits.device)
-            if seen.numel():
-                vals = logits[i, seen]
-                logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty,
-                                              vals * p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and row.output_token_ids:
-            out = torch.tensor(row.output_token_ids, dtype=torch.long, device=logits.device)
-            counts = torch.bincount(out, minlength=logits.shape[-1])[: logits.shape[-1]].float()
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    """vLLM's definitions, in place: repetition divides positive and multiplies negative logits
+    of tokens seen in the prompt or the output; frequency subtracts penalty * count and presence
+    subtracts penalty once, for tokens of the output only."""
+    rep = [r.params.repetition_penalty for r in rows]
+    freq = [r.params.frequency_penalty for r in rows]
+    pres = [r.params.presence_penalty for r in rows]
+    has_rep = any(p != 1.0 for p in rep)
+    if not has_rep and not any(freq) and not any(pres):
+        return logits
+    batch, vocab = logits.shape
+    dev = logits.device
+    # Column `vocab` of the scratch tensors absorbs the padding and is dropped.
+    outputs = _padded([r.output_token_ids for r in rows], vocab, dev)
+    counts = torch.zeros(batch, vocab + 1, device=dev).scatter_add_(
+        1, outputs, torch.ones_like(outputs, dtype=torch.float32))[:, :vocab]
+    if has_rep:
+        prompts = _padded([r.prompt_token_ids for r in rows], vocab, dev)
+        seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=dev).scatter_(1, prompts, True)
+        seen = seen[:, :vocab] | (counts > 0)
+        penalty = torch.where(seen, torch.tensor(rep, device=dev)[:, None], 1.0)
+        logits = torch.where(logits > 0, logits / penalty, logits * penalty)
+    logits -= torch.tensor(freq, device=dev)[:, None] * counts
+    logits -= torch.tensor(pres, device=dev)[:, None] * (counts > 0).float()
     return logits
 
 
 def mask_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Until a row has min_tokens outputs, its eos and stop token ids cannot be sampled."""
+    row_idx: list[int] = []
+    tok_idx: list[int] = []
     for i, row in enumerate(rows):
         p = row.params
-        if len(row.output_token_ids) < p.min_tokens:
-            banned = list(p.stop_token_ids)
-            if p.eos_token_id is not None and not p.ignore_eos:
-                banned.append(p.eos_token_id)
-            if banned:
-                logits[i, banned] = _MASK
+        if len(row.output_token_ids) >= p.min_tokens:
+            continue
+        banned = list(p.stop_token_ids)
+        if p.eos_token_id is not None and not p.ignore_eos:
+            banned.append(p.eos_token_id)
+        banned = [t for t in banned if t < logits.shape[-1]]
+        row_idx += [i] * len(banned)
+        tok_idx += banned
+    if row_idx:
+        logits[torch.tensor(row_idx, device=logits.device), torch.tensor(tok_idx, device=logits.device)] = _MASK
     return logits
 
 
 def filtered_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p, as probabilities per row."""
-    device = logits.device
-    temps = torch.tensor([r.params.temperature if not r.params.greedy else 1.0 for r in rows],
-                         device=device)
+    """Temperature, then min-p, top-k and top-p (vLLM V1's order), as probabilities per row.
+
+    Greedy rows get temperature 1 here; their draw is discarded.
+    """
+    dev = logits.device
+    temps = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in rows], device=dev)
     logits = logits / temps[:, None]
+    min_p = [r.params.min_p for r in rows]
+    if any(m > 0 for m in min_p):
+        probs = torch.softmax(logits, dim=-1)
+        # Keep tokens at least min_p times as likely as the most likely one.
+        threshold = probs.max(dim=-1, keepdim=True).values * torch.tensor(min_p, device=dev)[:, None]
+        logits = logits.masked_fill(probs < threshold, _MASK)
     top_k = [r.params.top_k for r in rows]
     top_p = [r.params.top_p for r in rows]
-    min_p = [r.params.min_p for r in rows]
     if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
         logits = _top_k_top_p(logits, top_k, top_p)
-    probs = torch.softmax(logits, dim=-1)
-    if any(m > 0 for m in min_p):
-        min_p_t = torch.tensor(min_p, device=device)
-        threshold = probs.max(dim=-1, keepdim=True).values * min_p_t[:, None]
-        probs = torch.where(probs < threshold, torch.zeros_like(probs), probs)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
+    return torch.softmax(logits, dim=-1)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     vocab = logits.shape[-1]
+    dev = logits.device
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=logits.device)
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=dev)
+    ranks = torch.arange(vocab, device=dev)[None, :]
     sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], _MASK)
     probs = torch.softmax(sorted_logits, dim=-1)
-    # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass
-    # before it already reaches p (the top token is always kept).
+    # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before
+    # it already reaches p (so the top token always stays).
     mass_before = probs.cumsum(dim=-1) - probs
-    p = torch.tensor(top_p, device=logits.device)
+    p = torch.tensor(top_p, device=dev)
     sorted_logits = sorted_logits.masked_fill(mass_before >= p[:, None], _MASK)
     return torch.full_like(logits, _MASK).scatter(-1, order, sorted_logits)
 
 
-def gather_logprobs(raw_logprobs: torch.Tensor, token_ids: torch.Tensor,
-                    rows: list[SamplingRow]) -> list[Logprobs | None]:
-    want = [r.params.logprobs for r in rows]
-    if all(w is None for w in want):
-        return [None] * len(rows)
-    chosen = raw_logprobs.gather(-1, token_ids[:, None]).squeeze(-1)
-    ranks = (raw_logprobs > chosen[:, None]).sum(-1) + 1
-    max_n = max((w or 0) for w in want)
-    top_vals, top_ids = raw_logprobs.topk(max_n, dim=-1) if max_n else (None, None)
+# -- logprobs --------------------------------------------------------------------------------------
+def logprob_entries(logprobs: torch.Tensor, chosen_ids: torch.Tensor,
+                    nums: list[int | None]) -> list[Logprobs | None]:
+    """Per row: [(chosen id, logprob, rank), then the top-N as (id, logprob, rank)], or None.
+
+    `logprobs` [R, V] are log-softmaxed; rank is 1 + the number of tokens strictly more likely.
+    """
+    if all(n is None for n in nums):
+        return [None] * len(nums)
+    vocab = logprobs.shape[-1]
+    chosen = logprobs.gather(-1, chosen_ids[:, None]).squeeze(-1)
+    ranks = (logprobs > chosen[:, None]).sum(-1) + 1
+    max_n = min(vocab, max(n or 0 for n in nums))
+    top_vals, top_ids = logprobs.topk(max_n, dim=-1) if max_n else (None, None)
+    chosen_l, ranks_l, ids_l = chosen.tolist(), ranks.tolist(), chosen_ids.tolist()
+    top_vals_l = top_vals.tolist() if max_n else None
+    top_ids_l = top_ids.tolist() if max_n else None
     out: list[Logprobs | None] = []
-    chosen_l, ranks_l, ids_l = chosen.tolist(), ranks.tolist(), token_ids.tolist()
-    for i, n in enumerate(want):
+    for i, n in enumerate(nums):
         if n is None:
             out.append(None)
             continue
         entry = [(ids_l[i], chosen_l[i], ranks_l[i])]
+        n = min(n, vocab)
         if n:
-            entry += [(t, v, r + 1) for r, (t, v) in
-                      enumerate(zip(top_ids[i, :n].tolist(), top_vals[i, :n].tolist()))]
+            entry += [(t, v, r + 1) for r, (t, v) in enumerate(zip(top_ids_l[i][:n], top_vals_l[i][:n]))]
         out.append(entry)
     return out

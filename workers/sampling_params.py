@@ -1,10 +1,25 @@
-"""Per-request sampling parameters, with vLLM's names and defaults.
+"""Per-request sampling parameters, with vLLM's names, defaults and ranges.
 
-Pure Python: the scheduler and engine read these without importing torch.
+Pure Python: the scheduler and engine read these without importing torch. The
+constructor validates every field and raises ValueError naming the field, the
+allowed range and the value it got.
 """
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass, field
+
+# vLLM treats a temperature below this as greedy (argmax).
+_GREEDY_EPS = 1e-5
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 @dataclass
@@ -23,8 +38,8 @@ class SamplingParams:
     ignore_eos: bool = False
     max_tokens: int | None = 16
     min_tokens: int = 0
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
+    logprobs: int | None = None          # top-N per generated token, plus the sampled one
+    prompt_logprobs: int | None = None   # top-N per prompt token (from the 2nd), plus the actual one
     skip_special_tokens: bool = True
     # Filled by the engine: the tokenizer's eos id (None when unknown).
     eos_token_id: int | None = field(default=None, repr=False)
@@ -34,58 +49,62 @@ class SamplingParams:
             self.stop = []
         elif isinstance(self.stop, str):
             self.stop = [self.stop]
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif isinstance(self.stop_token_ids, (list, tuple)):
+            self.stop_token_ids = list(self.stop_token_ids)
+        self._validate()
         if self.top_k == -1:
             self.top_k = 0
-        self._validate()
 
     def _validate(self) -> None:
         def bad(name: str, rule: str) -> None:
             raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
 
-        if not isinstance(self.n, int) or self.n < 1:
-            bad("n", "an integer >= 1")
-        if self.temperature < 0.0:
-            bad("temperature", "non-negative")
-        if not 0.0 < self.top_p <= 1.0:
-            bad("top_p", "in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            bad("top_k", "0 or -1 (disabled) or a positive integer")
-        if not 0.0 <= self.min_p <= 1.0:
-            bad("min_p", "in [0, 1]")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            bad("presence_penalty", "in [-2, 2]")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            bad("frequency_penalty", "in [-2, 2]")
-        if not 0.0 < self.repetition_penalty <= 2.0:
-            bad("repetition_penalty", "in (0, 2]")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            bad("max_tokens", "an integer >= 1")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            bad("min_tokens", "an integer >= 0")
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens} "
-                f"and max_tokens={self.max_tokens}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            bad("logprobs", "None or an integer >= 0")
-        if self.prompt_logprobs is not None and (
-                not isinstance(self.prompt_logprobs, int) or self.prompt_logprobs < 0):
-            bad("prompt_logprobs", "None or an integer >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
+        def real_in(name: str, lo: float, hi: float, rule: str, lo_open: bool = False) -> None:
+            v = getattr(self, name)
+            if not _is_real(v) or v < lo or v > hi or (lo_open and v == lo):
+                bad(name, rule)
+
+        def int_at_least(name: str, lo: int, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            if not _is_int(v) or v < lo:
+                bad(name, ("None or " if optional else "") + f"an integer >= {lo}")
+
+        int_at_least("n", 1)
+        real_in("temperature", 0.0, math.inf, "a finite number >= 0 (0 means greedy)")
+        real_in("top_p", 0.0, 1.0, "in (0, 1]", lo_open=True)
+        if not _is_int(self.top_k) or self.top_k < -1:
+            bad("top_k", "0 or -1 (disabled) or an integer >= 1")
+        real_in("min_p", 0.0, 1.0, "in [0, 1]")
+        real_in("presence_penalty", -2.0, 2.0, "in [-2, 2]")
+        real_in("frequency_penalty", -2.0, 2.0, "in [-2, 2]")
+        real_in("repetition_penalty", 0.0, math.inf, "a finite number > 0 (1 disables)", lo_open=True)
+        if self.seed is not None and not _is_int(self.seed):
             bad("seed", "None or an integer")
-        if any(not isinstance(s, str) or s == "" for s in self.stop):
-            bad("stop", "a list of non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        int_at_least("max_tokens", 1, optional=True)
+        int_at_least("min_tokens", 0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens} "
+                             f"and max_tokens={self.max_tokens}")
+        int_at_least("logprobs", 0, optional=True)
+        int_at_least("prompt_logprobs", 0, optional=True)
+        if not isinstance(self.stop, list) or any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", "a string or a list of non-empty strings")
+        if not isinstance(self.stop_token_ids, list) or any(
+                not _is_int(t) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "a list of non-negative integers")
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "a bool")
 
     @property
     def greedy(self) -> bool:
-        # vLLM treats temperature below this as greedy.
-        return self.temperature < 1e-5
+        return self.temperature < _GREEDY_EPS
 
     def clone(self) -> "SamplingParams":
-        import copy
         return copy.deepcopy(self)
