@@ -14,7 +14,12 @@ from torch import nn
 # arch -> "pagedray.models.<module>:<Class>"
 _IN_TREE: dict[str, str] = {
     "LlamaForCausalLM": "pagedray.models.llama:LlamaForCausalLM",
-    "MistralForCausalLM": "pagedray.models.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "pagedray.models.mistral:MistralForCausalLM",
+    "Qwen2ForCausalLM": "pagedray.models.qwen2:Qwen2ForCausalLM",
+    "Qwen3ForCausalLM": "pagedray.models.qwen3:Qwen3ForCausalLM",
+    "GemmaForCausalLM": "pagedray.models.gemma:GemmaForCausalLM",
+    "Phi3ForCausalLM": "pagedray.models.phi3:Phi3ForCausalLM",
+    "MixtralForCausalLM": "pagedray.models.mixtral:MixtralForCausalLM",
 }
 
 
