@@ -180,8 +180,10 @@ class AsyncEngine:
             self._wakeup.notify()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+        error = EngineDeadError("the engine was shut down")
+        self._fail_inbox(error)
         for stream in list(self._streams.values()):
-            stream.fail(EngineDeadError("the engine was shut down"))
+            stream.fail(error)
         shutdown = getattr(self.engine, "shutdown", None)
         if shutdown is not None:
             await asyncio.to_thread(shutdown)
@@ -210,13 +212,16 @@ class AsyncEngine:
                     return
                 commands, self._inbox = self._inbox, []
             try:
-                for command in commands:
-                    self._apply(command)
+                while commands:
+                    self._apply(commands[0])
+                    commands.pop(0)
                 outputs = engine.step() if engine.has_unfinished_requests() else []
                 busy = engine.has_unfinished_requests()
                 self.stats_snapshot = engine.get_stats()
             except BaseException as exc:  # noqa: BLE001 - any failure kills the engine
                 logger.exception("engine step failed; the engine is dead")
+                with self._wakeup:  # unread commands (the failing one too) are answered by _die
+                    self._inbox = commands + self._inbox
                 self._call_soon(self._die, exc)
                 return
             if outputs:
@@ -274,10 +279,21 @@ class AsyncEngine:
     def _die(self, exc: BaseException) -> None:
         self.dead_error = exc
         error = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"the engine has failed: {exc}")
+        self._fail_inbox(error)
         for stream in list(self._streams.values()):
             stream.fail(error)
         for callback in self._dead_callbacks:
             callback(error)
+
+
+    def _fail_inbox(self, error: BaseException) -> None:
+        """The engine thread is gone: answer the commands it will never read."""
+        with self._wakeup:
+            commands, self._inbox = self._inbox, []
+        for command in commands:
+            future = command[4] if command[0] == "add" else command[1] if command[0] == "stats" else None
+            if future is not None:
+                _settle(future, error)
 
 
 def _settle(future: asyncio.Future, error: BaseException | None, result: Any = None) -> None:

@@ -14,6 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
+from pagedray.cluster.cli_generate import add_generate_parser
+
 logger = logging.getLogger("pagedray.serve")
 
 
@@ -34,6 +36,10 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-pending-requests", type=int, default=1024,
                    help="requests admitted at once; beyond it calls get RESOURCE_EXHAUSTED")
     p.add_argument("--auth-token-file", type=Path, help="file holding the bearer token clients must send")
@@ -58,7 +64,9 @@ def _serve(args: argparse.Namespace) -> int:
         tensor_parallel_size=args.tensor_parallel_size, executor=args.executor, dtype=args.dtype,
         load_format=args.load_format, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-        gpu_memory_utilization=args.gpu_memory_utilization)
+        gpu_memory_utilization=args.gpu_memory_utilization, max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
+        seed=args.seed)
     name = args.served_model_name or Path(model).name
     return asyncio.run(_run_server(engine, name, args))
 
@@ -180,7 +188,7 @@ def _client_request(args: argparse.Namespace, pb):
 
 
 # -- entry point -----------------------------------------------------------------------------
-_SUBCOMMANDS = [add_serve_parser, add_client_parser]
+_SUBCOMMANDS = [add_serve_parser, add_client_parser, add_generate_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hmac
 import logging
 import time
@@ -78,17 +79,24 @@ def parse_request(request: pb.GenerateRequest, served_model: str) -> tuple[str |
 
 
 class _TokenTexts:
-    """Decoded text of single tokens, for top logprobs (cached: the vocabulary is bounded)."""
+    """Decoded text of single tokens, for top logprobs (cached: the vocabulary is bounded).
+
+    Decodes with a private copy of the tokenizer: the engine thread uses the original,
+    and a Rust-backed tokenizer shared across threads can fail with "Already borrowed".
+    """
 
     def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
+        self.source = tokenizer
+        self.tokenizer = None
         self.cache: dict[int, str] = {}
 
     def __call__(self, token_id: int) -> str:
-        if self.tokenizer is None:
+        if self.source is None:
             return ""
         text = self.cache.get(token_id)
         if text is None:
+            if self.tokenizer is None:
+                self.tokenizer = copy.deepcopy(self.source)
             text = self.cache[token_id] = self.tokenizer.decode([token_id])
         return text
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 
 import pytest
 
@@ -233,3 +234,27 @@ def test_failed_step_kills_engine_and_fails_every_request(ckpt):
     errors, deaths, healthy = asyncio.run(scenario())
     assert len(errors) == 2 and all("device lost" in e for e in errors)
     assert len(deaths) == 1 and not healthy
+
+
+def test_commands_queued_behind_a_death_are_answered(ckpt):
+    """A request (or stats call) waiting in the inbox when the engine dies fails; it never hangs."""
+    async def scenario():
+        engine = _async_engine(ckpt)
+        gate = threading.Event()
+
+        def dying_add(*args):
+            gate.wait(10)  # hold the engine thread so the next commands queue up behind this one
+            raise EngineDeadError("worker died")
+
+        engine.engine.add_request = dying_add
+        first = asyncio.ensure_future(engine.generate("Hello", _long(), "a").__anext__())
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(engine.generate("Hello", _long(), "b").__anext__())
+        stats = asyncio.ensure_future(engine.get_stats())
+        await asyncio.sleep(0.05)
+        gate.set()
+        results = await asyncio.wait_for(asyncio.gather(first, second, stats, return_exceptions=True), 10)
+        await engine.shutdown()
+        return results
+
+    assert all(isinstance(r, EngineDeadError) for r in asyncio.run(scenario()))

@@ -1,0 +1,237 @@
+"""Serving benchmark: Poisson arrivals over gRPC; TTFT, TPOT, throughput, and the gRPC
+overhead against the offline API on the same requests.
+
+    python benchmarks/serving.py --tiny --device cpu                  # builds a tiny random Llama
+    python benchmarks/serving.py --model PATH --num-prompts 500 --request-rate 20
+
+Runs, in order, on the same prompts (random token ids, greedy, ignore_eos so every
+request produces exactly --output-len tokens):
+  1. offline: `LLM.generate(all prompts)` in this process;
+  2. grpc burst: a `pagedray serve` subprocess, every request sent at once: the same work
+     as (1), so the time ratio is the cost of the gRPC path (serialization, streaming,
+     the asyncio engine loop, the client);
+  3. grpc poisson: requests arriving at --request-rate per second; client-side TTFT
+     (send to first token), TPOT ((last - first) / (tokens - 1)), end-to-end latency.
+Prefix caching is off so that runs 2 and 3 do not reuse run 1's KV blocks.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+# Spinning OpenMP workers make CPU runs on a loaded machine up to 100x slower in the main
+# thread (where the offline API steps) than in a side thread (where the server's engine
+# steps); passive waiting puts both on an equal footing. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@dataclass
+class RequestResult:
+    ttft: float
+    tpot: float | None
+    e2e: float
+    tokens: list[int]
+
+
+def make_tiny_checkpoint(path: str, vocab: int = 512, max_len: int = 1024) -> str:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    from tiny_tokenizer import make_tiny_tokenizer
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_len,
+                                 bos_token_id=1, eos_token_id=2)).save_pretrained(path, safe_serialization=True)
+    make_tiny_tokenizer(path, vocab)
+    return path
+
+
+# Llama shapes for --synthetic: a config.json and no weights (load_format=dummy) or tokenizer
+# (token-id prompts; the text side of the stream is then empty).
+SYNTHETIC = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=32000),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+}
+
+
+def make_synthetic_config(path: str, preset: str) -> str:
+    from transformers import LlamaConfig
+    LlamaConfig(**SYNTHETIC[preset], max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+                architectures=["LlamaForCausalLM"], torch_dtype="bfloat16").save_pretrained(path)
+    return path
+
+
+def engine_kwargs(args) -> dict:
+    kwargs = dict(device=args.device, enable_prefix_caching=False, max_num_seqs=args.max_num_seqs,
+                  load_format=args.load_format, dtype=args.dtype)
+    if args.num_kv_blocks:
+        kwargs["num_kv_blocks"] = args.num_kv_blocks
+    return kwargs
+
+
+def make_prompts(args, vocab: int) -> list[list[int]]:
+    rng = random.Random(args.seed)
+    return [[rng.randrange(3, vocab) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+
+
+def run_offline(args, prompts) -> tuple[float, list[list[int]]]:
+    from pagedray.cluster import LLM, SamplingParams
+    llm = LLM(args.model, **engine_kwargs(args))
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    llm.llm_engine.shutdown()
+    del llm
+    if args.device.startswith("cuda"):
+        import torch
+        torch.cuda.empty_cache()
+    return elapsed, [o.outputs[0].token_ids for o in outs]
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "pagedray.cluster.cli", "serve", "--model", args.model, "--port", "0",
+           "--device", args.device, "--max-num-seqs", str(args.max_num_seqs), "--load-format", args.load_format,
+           "--dtype", args.dtype, "--max-pending-requests", str(max(1024, args.num_prompts)),
+           "--no-enable-prefix-caching"]
+    if args.num_kv_blocks:
+        cmd += ["--num-kv-blocks", str(args.num_kv_blocks)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        match = re.search(r"ready: serving model .* on (\S+:\d+)", line)
+        if match:
+            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+            return proc, match.group(1)
+    raise RuntimeError(f"server exited with {proc.wait()} before it was ready")
+
+
+async def one_request(stub, pb, prompt: list[int], output_len: int) -> RequestResult:
+    request = pb.GenerateRequest(sampling=pb.SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))
+    request.prompt_token_ids.ids.extend(prompt)
+    start = time.perf_counter()
+    first = last = None
+    tokens: list[int] = []
+    async for message in stub.GenerateStream(request, timeout=3600):
+        now = time.perf_counter()
+        for completion in message.completions:
+            if completion.token_ids:
+                first = first if first is not None else now
+                last = now
+                tokens.extend(completion.token_ids)
+    tpot = (last - first) / (len(tokens) - 1) if len(tokens) > 1 else None
+    return RequestResult(first - start, tpot, last - start, tokens)
+
+
+async def run_grpc(address: str, prompts, output_len: int, rate: float, seed: int):
+    import grpc
+    from pagedray.protos import generate_pb2 as pb
+    from pagedray.protos import generate_pb2_grpc as pb_grpc
+    rng = random.Random(seed)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        await one_request(stub, pb, prompts[0], 2)  # connect and warm up
+        tasks = []
+        start = time.perf_counter()
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(one_request(stub, pb, prompt, output_len)))
+            if rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        return time.perf_counter() - start, results
+
+
+def summarize(name: str, elapsed: float, results: list[RequestResult] | None, num_tokens: int) -> dict:
+    row = {"run": name, "seconds": round(elapsed, 3), "output_tok_per_s": round(num_tokens / elapsed, 1)}
+    if results:
+        ms = lambda xs, q: round(1000 * _quantile(xs, q), 2)  # noqa: E731
+        ttft = [r.ttft for r in results]
+        tpot = [r.tpot for r in results if r.tpot is not None]
+        e2e = [r.e2e for r in results]
+        row.update(ttft_ms_mean=round(1000 * statistics.mean(ttft), 2), ttft_ms_p50=ms(ttft, 0.5),
+                   ttft_ms_p99=ms(ttft, 0.99), tpot_ms_mean=round(1000 * statistics.mean(tpot), 2),
+                   tpot_ms_p50=ms(tpot, 0.5), tpot_ms_p99=ms(tpot, 0.99), e2e_s_p50=round(_quantile(e2e, 0.5), 3))
+    return row
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model")
+    p.add_argument("--tiny", action="store_true", help="build a tiny random Llama in a temp dir")
+    p.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="a Llama config of this size, dummy weights")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--request-rate", type=float, default=20.0, help="Poisson arrivals per second")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--num-kv-blocks", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    if args.device == "auto":
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    tmp = None
+    if args.tiny or args.synthetic:
+        tmp = tempfile.TemporaryDirectory()
+        if args.tiny:
+            args.model = make_tiny_checkpoint(tmp.name)
+        else:
+            args.model = make_synthetic_config(tmp.name, args.synthetic)
+            args.load_format = "dummy"
+    if not args.model:
+        p.error("give --model PATH or --tiny")
+    from transformers import AutoConfig
+    vocab = AutoConfig.from_pretrained(args.model).vocab_size
+    prompts = make_prompts(args, vocab)
+    total_tokens = args.num_prompts * args.output_len
+
+    offline_s, offline_tokens = run_offline(args, prompts)
+    proc, address = start_server(args)
+    try:
+        burst_s, burst = asyncio.run(run_grpc(address, prompts, args.output_len, float("inf"), args.seed))
+        poisson_s, poisson = asyncio.run(run_grpc(address, prompts, args.output_len, args.request_rate, args.seed))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    mismatched = sum(r.tokens != want for r, want in zip(burst, offline_tokens))
+    rows = [summarize("offline LLM.generate", offline_s, None, total_tokens),
+            summarize("grpc burst (all at t=0)", burst_s, burst, total_tokens),
+            summarize(f"grpc poisson {args.request_rate}/s", poisson_s, poisson, total_tokens)]
+    import platform
+    import torch
+    hardware = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    report = {"hardware": hardware, "config": {k: v for k, v in vars(args).items() if k not in ("json", "model")},
+              "rows": rows, "grpc_overhead_pct": round(100 * (burst_s / offline_s - 1), 1),
+              "burst_outputs_differing_from_offline": mismatched}
+    print(json.dumps(report, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
