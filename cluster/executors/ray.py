@@ -1,0 +1,218 @@
+"""The Ray executor: one replica sharded over `tensor_parallel_size` Ray actors on one node.
+
+Start-up: a STRICT_PACK placement group of one bundle per rank ({"GPU": 1}, or {"CPU": 1}
+with device="cpu"); one `WorkerActor` per bundle; torch.distributed over NCCL (gloo on
+CPU) at a `tcp://` address on rank 0's node that the executor picks; every rank loads
+its shard and profiles; the KV cache gets the minimum block count over ranks.
+
+Per step the driver sends one `SchedulerOutput` (new requests whole, running ones as
+deltas) to every rank and reads the sampled tokens from rank 0. Two transports:
+"calls" (one actor call per rank) and "dag" (a Ray compiled graph: the step is
+serialized once into shared-memory channels that the actors poll). Which is the default
+is decided by `benchmarks/ray_step_overhead.py`; see benchmarks/RESULTS.md.
+
+Failure: any rank that dies or raises makes `execute_model` raise `ExecutorError` (within
+the time Ray needs to notice a dead process, about a second), never a hang: results are
+awaited with `ray.wait` so that one failed rank is seen even while the others block in a
+collective, and every wait has a deadline. The executor is then dead; `shutdown()`
+kills its actors and frees the placement group, and a new executor can be built.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from pagedray.cluster.config import EngineConfig
+from pagedray.cluster.executors.base import Executor, ExecutorError
+from pagedray.cluster.executors.ray_utils import WorkerActor, check_fits, forwarded_env, init_ray
+from pagedray.workers.messages import ModelRunnerOutput, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+TRANSPORTS = ("calls", "dag")
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def default_transport(device_type: str) -> str:
+    """Compiled graphs on GPU (lower per-step overhead, measured); plain calls on CPU, where the
+    compiled graph's polling actors would take cores from the ranks' own compute."""
+    choice = os.environ.get("PAGEDRAY_RAY_TRANSPORT") or ("dag" if device_type == "cuda" else "calls")
+    if choice not in TRANSPORTS:
+        raise ValueError(f"PAGEDRAY_RAY_TRANSPORT must be one of {TRANSPORTS}, got {choice!r}")
+    return choice
+
+
+class RayExecutor(Executor):
+    def __init__(self, config: EngineConfig, transport: str | None = None,
+                 step_timeout_s: float | None = None) -> None:
+        self.config = config
+        self.tp = config.parallel.tensor_parallel_size
+        device_type = config.device.device_type
+        self.transport = transport or default_transport(device_type)
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        # A step longer than this is a hang (e.g. a collective whose peer is wedged, not dead).
+        self.step_timeout_s = step_timeout_s or _env_float("PAGEDRAY_RAY_STEP_TIMEOUT_S", 300.0)
+        self.startup_timeout_s = _env_float("PAGEDRAY_RAY_STARTUP_TIMEOUT_S", 900.0)
+        self.workers: list[Any] = []
+        self.placement_group = None
+        self._dag = None
+        self._failure: str | None = None
+        self._closed = False
+        self._started = False
+        try:
+            self._start(device_type)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # -- start-up ------------------------------------------------------------
+    def _start(self, device_type: str) -> None:
+        resource = "GPU" if device_type == "cuda" else "CPU"
+        init_ray()
+        check_fits(self.tp, resource)
+        self.placement_group = placement_group([{resource: 1}] * self.tp, strategy="STRICT_PACK")
+        pg_timeout = _env_float("PAGEDRAY_RAY_PLACEMENT_TIMEOUT_S", 120.0)
+        ready, _ = ray.wait([self.placement_group.ready()], timeout=pg_timeout)
+        if not ready:
+            raise ExecutorError(
+                f"no node could reserve {self.tp} x {{'{resource}': 1}} within {pg_timeout:g} s; "
+                f"available now: {ray.available_resources()} (other replicas may hold them)")
+        actor_cls = ray.remote(WorkerActor)
+        per_rank = {"num_gpus": 1} if resource == "GPU" else {"num_cpus": 1}
+        env = forwarded_env()
+        self.workers = [
+            actor_cls.options(**per_rank, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.placement_group, placement_group_bundle_index=rank)).remote(rank, env)
+            for rank in range(self.tp)]
+        ip, port = self._wait([self.workers[0].rendezvous_address.remote()], self.startup_timeout_s,
+                              "finding a rendezvous port")[0]
+        init_method = f"tcp://{ip}:{port}"
+        blocks = self._wait([w.start.remote(self.config, init_method) for w in self.workers],
+                            self.startup_timeout_s, "loading the model")
+        num_blocks = min(blocks)
+        if num_blocks < 1:
+            raise ValueError(
+                f"no memory left for the KV cache at gpu_memory_utilization="
+                f"{self.config.cache.gpu_memory_utilization} (blocks per rank: {blocks}): raise it or lower "
+                f"max_num_batched_tokens")
+        self.num_kv_blocks = num_blocks
+        self._wait([w.initialize_cache.remote(num_blocks) for w in self.workers], self.startup_timeout_s,
+                   "allocating the KV cache")
+        if self.transport == "dag":
+            self._dag = self._compile_dag()
+        self._started = True
+        logger.info("ray executor: tp=%d on %s, %d KV blocks per rank, transport=%s",
+                    self.tp, init_method, num_blocks, self.transport)
+
+    def _compile_dag(self):
+        from ray.dag import InputNode, MultiOutputNode
+        with InputNode() as sched:
+            dag = MultiOutputNode([w.execute_model.bind(sched) for w in self.workers])
+        return dag.experimental_compile()
+
+    # -- one step ------------------------------------------------------------
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        if self._failure is not None:
+            raise ExecutorError(f"the executor has failed before: {self._failure}")
+        if self._closed:
+            raise ExecutorError("the executor is shut down")
+        if self._dag is None:
+            outs = self._wait([w.execute_model.remote(sched) for w in self.workers], self.step_timeout_s, "a step")
+            return outs[0]
+        try:
+            return ray.get(self._dag.execute(sched), timeout=self.step_timeout_s)[0]
+        except Exception as exc:
+            raise self._fail("a step", exc) from exc
+
+    def _wait(self, refs: list, timeout: float, what: str) -> list:
+        """All results in order; the first failure of any rank raises at once, even while others block."""
+        index = {ref: i for i, ref in enumerate(refs)}
+        results: list = [None] * len(refs)
+        pending = list(refs)
+        deadline = time.monotonic() + timeout
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise self._fail(what, TimeoutError(f"no result after {timeout:g} s"))
+            try:
+                results[index[ready[0]]] = ray.get(ready[0])
+            except Exception as exc:
+                raise self._fail(what, exc) from exc
+        return results
+
+    def _fail(self, what: str, exc: BaseException) -> Exception:
+        """Mark the executor dead and build the error: a worker's ValueError stays a ValueError."""
+        cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+        if isinstance(cause, ValueError) and not self._started:  # bad configuration, e.g. heads % tp
+            return ValueError(str(cause))
+        dead = self._dead_ranks()
+        who = f"rank(s) {dead} of {self.tp} died" if dead else "a rank failed"
+        first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        self._failure = f"{who} during {what}: {type(cause).__name__}: {first_line}"
+        return ExecutorError(f"tensor-parallel worker failure: {self._failure}; the replica cannot continue "
+                             f"(shut this executor down and build a new one)")
+
+    def _dead_ranks(self, timeout: float = 2.0) -> list[int]:
+        """Ranks whose actor does not answer a ping (dead ones answer with an error at once)."""
+        refs = {w.ping.remote(): rank for rank, w in enumerate(self.workers)}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        dead = []
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception:
+                dead.append(refs[ref])
+        return sorted(dead)
+
+    # -- health and teardown -------------------------------------------------
+    def check_health(self) -> None:
+        if self._failure is not None:
+            raise ExecutorError(f"the executor has failed: {self._failure}")
+        self._wait([w.ping.remote() for w in self.workers], 30.0, "a health check")
+
+    def shutdown(self) -> None:
+        """Kill the actors (a rank stuck in a collective cannot be asked to leave) and free the bundles."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._dag is not None and self._failure is None:
+            self._teardown_dag()   # healthy: stop the graph's loops first, then the actors
+        for w in self.workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:  # already dead
+                pass
+        if self._dag is not None:
+            # Failed: a rank may sit in a collective and never answer the graph's cancel; kill first.
+            self._teardown_dag()
+        if self.placement_group is not None:
+            try:
+                remove_placement_group(self.placement_group)
+            except Exception as exc:
+                logger.debug("placement group removal: %s", exc)
+        self.workers = []
+
+    def _teardown_dag(self) -> None:
+        # Ray logs every dead actor's failed cancel with a traceback; after a failure that is expected.
+        dag_logger = logging.getLogger("ray.dag.compiled_dag_node")
+        level = dag_logger.level
+        if self._failure is not None:
+            dag_logger.setLevel(logging.CRITICAL)
+        try:
+            self._dag.teardown()
+        except Exception as exc:
+            logger.debug("compiled graph teardown: %s", exc)
+        finally:
+            dag_logger.setLevel(level)
+            self._dag = None

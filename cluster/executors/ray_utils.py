@@ -1,0 +1,105 @@
+"""Ray plumbing for the Ray executor: connecting to Ray, fit checks, the worker actor.
+
+Kept apart from `ray.py` so that the executor reads as the protocol (start-up
+order, one step, failure) and this file holds the mechanics.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import time
+from typing import Any
+
+import ray
+
+# Settings a driver sets for its collectives that must also hold on every rank, even on another node.
+FORWARDED_ENV_PREFIXES = ("NCCL_", "GLOO_", "NVSHMEM_", "TORCH_SYMM_MEM_", "TORCH_NCCL_", "PAGEDRAY_")
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the running cluster (RAY_ADDRESS, or one started by `ray start` here), else start a local one."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        return
+    try:
+        ray.init(address="auto", log_to_driver=False)
+    except ConnectionError:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def check_fits(tensor_parallel_size: int, resource: str) -> None:
+    """ValueError unless one alive node has `tensor_parallel_size` of `resource` in total.
+
+    A replica's ranks talk over NCCL every layer, so they must share a node (STRICT_PACK).
+    """
+    totals = [node["Resources"].get(resource, 0) for node in ray.nodes() if node.get("Alive")]
+    biggest = max(totals, default=0)
+    if biggest < tensor_parallel_size:
+        raise ValueError(
+            f"tensor_parallel_size={tensor_parallel_size} cannot fit: every rank needs one {resource} on the "
+            f"same node, and the largest node of this Ray cluster has {biggest:g} {resource} "
+            f"({len(totals)} alive node(s))")
+
+
+def forwarded_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+
+
+class WorkerActor:
+    """One tensor-parallel rank: a thin shell around `Worker`, made a Ray actor by the executor.
+
+    The Worker is built in `start`, not in `__init__`, because its rendezvous address
+    (rank 0's node and a free port there) is only known once rank 0's actor exists.
+    """
+
+    def __init__(self, rank: int, env: dict[str, str]) -> None:
+        os.environ.update(env)
+        self.rank = rank
+        self.worker = None
+        # Seconds each step spent inside Worker.execute_model (benchmarks read the driver's overhead from it).
+        self.step_seconds: collections.deque[float] = collections.deque(maxlen=100_000)
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's IP and a port free on it now (the TCP store binds it moments later)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def start(self, config: Any, init_method: str) -> int:
+        """Init distributed, load this rank's shard, profile: returns the KV blocks this rank can afford."""
+        from pagedray.workers.worker import Worker
+        local_device = "cuda:0" if config.device.device_type == "cuda" else "cpu"  # Ray masks to our GPU
+        self.worker = Worker(config.model, config.cache, config.parallel, config.device,
+                             config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs,
+                             rank=self.rank, distributed_init_method=init_method, local_device=local_device)
+        self.worker.init_device()
+        self.worker.load_model()
+        if config.cache.num_kv_blocks is not None:
+            return config.cache.num_kv_blocks
+        return self.worker.determine_num_available_blocks()
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.worker.initialize_cache(num_blocks)
+        self.worker.capture_graphs()
+
+    def execute_model(self, sched):
+        t0 = time.perf_counter()
+        out = self.worker.execute_model(sched)
+        self.step_seconds.append(time.perf_counter() - t0)
+        return out
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def take_step_seconds(self) -> list[float]:
+        out = list(self.step_seconds)
+        self.step_seconds.clear()
+        return out
