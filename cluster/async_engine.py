@@ -168,6 +168,8 @@ class AsyncEngine:
 
     async def get_stats(self) -> EngineStats:
         """Stats taken after every command sent before this call (aborts included)."""
+        if self.dead_error is not None or self._stopping:
+            raise EngineDeadError("the engine is not running")
         self._ensure_started()
         future = self._loop.create_future()
         self._submit(("stats", future))
