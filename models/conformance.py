@@ -42,6 +42,31 @@ CONFORMANCE: dict[str, dict[str, dict[str, Any]]] = {
     "MistralForCausalLM": {
         "sliding_window": dict(_LLAMA_BASE, sliding_window=5, tie_word_embeddings=False),
     },
+    # Sliding window on layer 1 only (layers >= max_window_layers slide), smaller than the prompts.
+    "Qwen2ForCausalLM": {
+        "tied_sliding_top_layer": dict(_LLAMA_BASE, tie_word_embeddings=True, use_sliding_window=True,
+                                       sliding_window=5, max_window_layers=1),
+    },
+    # heads * head_dim (128) != hidden (64); one KV head, replicated over 2 ranks; bias on q/k/v and o.
+    "Qwen3ForCausalLM": {
+        "head_dim_mqa_bias": dict(_LLAMA_BASE, head_dim=32, num_key_value_heads=1, attention_bias=True,
+                                  tie_word_embeddings=False),
+    },
+    # initializer 0.2: sqrt(hidden)-scaled embeddings and (1+w) norms make 0.3 logits large for 1e-4.
+    "GemmaForCausalLM": {
+        "mqa_head_dim_tied": dict(_LLAMA_BASE, head_dim=32, num_key_value_heads=1, initializer_range=0.2,
+                                  hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True, pad_token_id=0),
+    },
+    # Half of each head rotated (Phi-4-mini style), a sliding window smaller than the prompts.
+    "Phi3ForCausalLM": {
+        "partial_rotary_sliding": dict(_LLAMA_BASE, sliding_window=6, pad_token_id=None, tie_word_embeddings=False,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                        "partial_rotary_factor": 0.5}),
+    },
+    "MixtralForCausalLM": {
+        "top2_of_4_sliding": dict(_LLAMA_BASE, num_local_experts=4, num_experts_per_tok=2, sliding_window=7,
+                                  tie_word_embeddings=False),
+    },
 }
 
 
