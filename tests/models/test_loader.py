@@ -122,7 +122,7 @@ def test_register_out_of_tree_model():
     ModelRegistry.register_model("ToyForCausalLM", Toy)
     assert "ToyForCausalLM" in ModelRegistry.get_supported_archs()
     assert ModelRegistry.resolve(["Unknown", "ToyForCausalLM"]) is Toy
-    assert ModelRegistry.resolve(["MistralForCausalLM"]).__name__ == "LlamaForCausalLM"
+    assert ModelRegistry.resolve(["MistralForCausalLM"]).__name__ == "MistralForCausalLM"
 
 
 def test_dummy_load_is_seeded_and_finite(ckpt):
