@@ -18,20 +18,18 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 import ray  # noqa: E402
 
 from hf_reference import hf_greedy  # noqa: E402
-from tiny_models import load_hf_model, make_tiny_llama  # noqa: E402
+from tiny_models import load_hf_model  # noqa: E402
+from tiny_tokenizer import make_tiny_tokenizer  # noqa: E402
 
 from pagedray.cluster import LLM, SamplingParams  # noqa: E402
 from pagedray.cluster.engine import EngineDeadError  # noqa: E402
+from pagedray.models.conformance import tiny_config  # noqa: E402
 
 NUM_CPUS = 4
 
-# Architectures of the registry, each with a KV layout that shards differently over 2 ranks.
-ARCHS = {
-    # 2 KV heads: one per rank.
-    "llama": dict(arch="llama", num_key_value_heads=2),
-    # 1 KV head: replicated on both ranks; tied embeddings; sliding window.
-    "mistral": dict(arch="mistral", num_key_value_heads=1, tie_word_embeddings=True, sliding_window=8),
-}
+# Two architectures of the registry, each from models/conformance.py: a dense GQA Llama (2 KV
+# heads: one per rank) and a Mixtral (4 experts sliced over the 2 ranks, top-2 routing, sliding window).
+ARCHS = {"llama": ("LlamaForCausalLM", "gqa_untied"), "mixtral": ("MixtralForCausalLM", "top2_of_4_sliding")}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,9 +39,18 @@ def ray_local():
     ray.shutdown()
 
 
+def _save_checkpoint(arch: str, case: str, path) -> str:
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    getattr(transformers, arch)(tiny_config(arch, case)).float().save_pretrained(path, safe_serialization=True)
+    make_tiny_tokenizer(path, 320)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    return {name: make_tiny_llama(tmp_path_factory.mktemp(name), **cfg) for name, cfg in ARCHS.items()}
+    return {name: _save_checkpoint(*row, tmp_path_factory.mktemp(name)) for name, row in ARCHS.items()}
 
 
 def _prompts(n: int, seed: int) -> list[list[int]]:
@@ -88,7 +95,7 @@ def _assert_released() -> None:
                          f"available {ray.available_resources()}")
 
 
-@pytest.mark.parametrize("arch,transport", [("llama", "calls"), ("mistral", "dag")])
+@pytest.mark.parametrize("arch,transport", [("llama", "calls"), ("mixtral", "dag")])
 def test_tp2_matches_tp1_and_hf(checkpoints, arch, transport, monkeypatch):
     path = checkpoints[arch]
     prompts = _prompts(6, seed=len(arch))
@@ -100,11 +107,10 @@ def test_tp2_matches_tp1_and_hf(checkpoints, arch, transport, monkeypatch):
         assert executor.transport == transport
         distributed = _generate(llm, prompts)
         assert llm.llm_engine.get_stats().num_preemptions > 0
-        # Each rank holds all 24 blocks of its own KV heads: half of 2 heads, or the single head replicated.
+        # Each rank holds all 24 blocks of its own KV heads: one of the 2.
         shapes = ray.get([w.__ray_call__.remote(lambda self: tuple(self.worker.cache.kv_caches[0].shape))
                           for w in executor.workers])
-        kv_heads = 1
-        assert shapes == [(2, 24, kv_heads, 4, 16)] * 2
+        assert shapes == [(2, 24, 1, 4, 16)] * 2
     finally:
         llm.shutdown()
     _assert_released()

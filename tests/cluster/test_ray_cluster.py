@@ -1,0 +1,74 @@
+"""The Ray executor on a simulated two-node cluster (`ray.cluster_utils.Cluster`).
+
+The head has 1 CPU and the second node 2: the cluster holds 3 CPUs in all, but a
+replica's ranks must share one node. The driver joins the running cluster through
+RAY_ADDRESS, as `ray submit` would, rather than starting its own Ray.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import pytest
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from tiny_models import make_tiny_llama  # noqa: E402
+
+from pagedray.cluster import LLM, SamplingParams  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    worker_node = cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    os.environ["RAY_ADDRESS"] = cluster.address
+    yield cluster, worker_node.node_id
+    ray.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
+def test_tp_larger_than_any_node_is_a_value_error(cluster, checkpoint):
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 cannot fit.*largest node .* has 2 CPU"):
+        LLM(checkpoint, device="cpu", executor="ray", tensor_parallel_size=3)
+    assert ray.available_resources().get("CPU") == 3   # nothing was reserved
+
+
+def test_replica_packs_onto_the_node_that_fits(cluster, checkpoint):
+    _, worker_node_id = cluster
+    rng = random.Random(0)
+    prompts = [{"prompt_token_ids": [rng.randrange(3, 320) for _ in range(n)]} for n in (7, 19, 30)]
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    want = [o.outputs[0].token_ids for o in LLM(checkpoint, device="cpu").generate(prompts, params, use_tqdm=False)]
+    llm = LLM(checkpoint, device="cpu", executor="ray", tensor_parallel_size=2)
+    try:
+        # The driver joined the running cluster instead of starting its own Ray.
+        assert ray.get_runtime_context().gcs_address == cluster[0].address
+        nodes = ray.get([w.node_id.remote() for w in llm.llm_engine.executor.workers])
+        assert nodes == [worker_node_id, worker_node_id]
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert got == want
+    finally:
+        llm.shutdown()
+    _wait_all_cpus_free()
+
+
+def _wait_all_cpus_free(timeout: float = 15.0) -> None:
+    """shutdown() returns once the kills and the removal are sent; Ray frees the bundles moments later."""
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU") != 3:
+        assert time.monotonic() < deadline, f"bundles still held: {ray.available_resources()}"
+        time.sleep(0.2)
