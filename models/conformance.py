@@ -33,6 +33,15 @@ _LLAMA_BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hi
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                    initializer_range=0.3, bos_token_id=1, eos_token_id=2)
 
+_OPT_BASE = dict(vocab_size=320, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=128, init_std=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_GPT2_BASE = dict(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=128, initializer_range=0.3,
+                  bos_token_id=1, eos_token_id=2)
+# rotary_pct 0.25 of a 16-wide head: 4 rotated channels, 12 passed through.
+_NEOX_BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=128, initializer_range=0.3,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
 CONFORMANCE: dict[str, dict[str, dict[str, Any]]] = {
     "LlamaForCausalLM": {
         "gqa_untied": dict(_LLAMA_BASE, tie_word_embeddings=False),
@@ -66,6 +75,23 @@ CONFORMANCE: dict[str, dict[str, dict[str, Any]]] = {
     "MixtralForCausalLM": {
         "top2_of_4_sliding": dict(_LLAMA_BASE, num_local_experts=4, num_experts_per_tok=2, sliding_window=7,
                                   tie_word_embeddings=False),
+    },
+    "OPTForCausalLM": {
+        "pre_norm_tied": dict(_OPT_BASE),
+        # OPT-350m: 32-wide embeddings projected in/out of the 64-wide decoder, post-norm layers.
+        "350m_shape": dict(_OPT_BASE, word_embed_proj_dim=32, do_layer_norm_before=False),
+        "untied_no_bias": dict(_OPT_BASE, tie_word_embeddings=False, enable_bias=False),
+    },
+    "GPT2LMHeadModel": {
+        "tied": dict(_GPT2_BASE),
+        "untied_layer_scaled": dict(_GPT2_BASE, tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True,
+                                    n_inner=96, activation_function="gelu"),
+    },
+    "GPTNeoXForCausalLM": {
+        "parallel_residual": dict(_NEOX_BASE, use_parallel_residual=True),
+        "serial_residual_tied": dict(_NEOX_BASE, use_parallel_residual=False, tie_word_embeddings=True,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 1000.0,
+                                                      "partial_rotary_factor": 0.5}),
     },
 }
 

@@ -20,6 +20,9 @@ _IN_TREE: dict[str, str] = {
     "GemmaForCausalLM": "pagedray.models.gemma:GemmaForCausalLM",
     "Phi3ForCausalLM": "pagedray.models.phi3:Phi3ForCausalLM",
     "MixtralForCausalLM": "pagedray.models.mixtral:MixtralForCausalLM",
+    "OPTForCausalLM": "pagedray.models.opt:OPTForCausalLM",
+    "GPT2LMHeadModel": "pagedray.models.gpt2:GPT2LMHeadModel",
+    "GPTNeoXForCausalLM": "pagedray.models.gpt_neox:GPTNeoXForCausalLM",
 }
 
 

@@ -149,3 +149,20 @@ def rope_config(hf_config: Any) -> tuple[float, dict | None]:
         return float(params["rope_theta"]), params
     base = getattr(hf_config, "rope_theta", None) or 10000.0
     return float(base), getattr(hf_config, "rope_scaling", None)
+
+
+def partial_rotary_dim(hf_config: Any, head_size: int) -> int:
+    """Channels of each head that rotate: head_size * the config's partial rotary factor.
+
+    transformers >= 5 keeps the factor in `rope_parameters["partial_rotary_factor"]`;
+    older configs state `partial_rotary_factor` or (GPT-NeoX) `rotary_pct`. No factor: all.
+    """
+    params = getattr(hf_config, "rope_parameters", None)
+    factor = params.get("partial_rotary_factor") if isinstance(params, dict) else None
+    for name in ("partial_rotary_factor", "rotary_pct"):
+        if factor is None:
+            factor = getattr(hf_config, name, None)
+    factor = 1.0 if factor is None else float(factor)
+    if not 0.0 < factor <= 1.0:
+        raise ValueError(f"partial_rotary_factor must be in (0, 1], got {factor}")
+    return int(head_size * factor)

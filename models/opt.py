@@ -1,0 +1,140 @@
+"""OPT decoders: HF's modeling_opt over flat tokens.
+
+Same module tree and parameter names as HF (q/k/v fused on load). Covers
+the OPT-350m shape: embeddings narrower than the hidden size
+(`word_embed_proj_dim`, with `project_in`/`project_out`) and post-norm layers
+(`do_layer_norm_before=False`, and then no final LayerNorm).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+from torch import nn
+
+from pagedray.models.layers.activation import get_act_fn
+from pagedray.models.layers.attention import Attention, AttentionMetadata
+from pagedray.models.layers.layernorm import LayerNorm
+from pagedray.models.layers.linear import (ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear,
+                                           RowParallelLinear)
+from pagedray.models.layers.logits import LogitsProcessor
+from pagedray.models.layers.position_embedding import LearnedPositionalEmbedding
+from pagedray.models.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+from pagedray.models.utils import load_packed_weights
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        embed_dim, total_heads = config.hidden_size, config.num_attention_heads
+        head_dim = embed_dim // total_heads
+        self.qkv_proj = QKVParallelLinear(embed_dim, head_dim, total_heads, total_heads, config.enable_bias)
+        self.out_proj = RowParallelLinear(embed_dim, embed_dim, config.enable_bias)
+        self.attn = Attention(self.qkv_proj.num_heads, head_dim, head_dim ** -0.5)
+
+    def forward(self, hidden_states: torch.Tensor, kv_cache: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden_states).chunk(3, dim=-1)
+        return self.out_proj(self.attn(q, k, v, kv_cache, attn_metadata))
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        affine = config.layer_norm_elementwise_affine
+        self.do_layer_norm_before = config.do_layer_norm_before
+        self.self_attn = OPTAttention(config)
+        self.self_attn_layer_norm = LayerNorm(config.hidden_size, elementwise_affine=affine)
+        self.fc1 = ColumnParallelLinear(config.hidden_size, config.ffn_dim, config.enable_bias)
+        self.activation_fn = get_act_fn(config.activation_function)
+        self.fc2 = RowParallelLinear(config.ffn_dim, config.hidden_size, config.enable_bias)
+        self.final_layer_norm = LayerNorm(config.hidden_size, elementwise_affine=affine)
+
+    def forward(self, hidden_states: torch.Tensor, kv_cache: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        # Pre-norm (most OPTs) normalises each block's input; post-norm (350m) its residual sum.
+        pre = self.do_layer_norm_before
+        residual = hidden_states
+        if pre:
+            hidden_states = self.self_attn_layer_norm(hidden_states)
+        hidden_states = residual + self.self_attn(hidden_states, kv_cache, attn_metadata)
+        if not pre:
+            hidden_states = self.self_attn_layer_norm(hidden_states)
+        residual = hidden_states
+        if pre:
+            hidden_states = self.final_layer_norm(hidden_states)
+        hidden_states = residual + self.fc2(self.activation_fn(self.fc1(hidden_states)))
+        if not pre:
+            hidden_states = self.final_layer_norm(hidden_states)
+        return hidden_states
+
+
+class OPTDecoder(nn.Module):
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        hidden, proj_dim = config.hidden_size, config.word_embed_proj_dim
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, proj_dim)
+        self.embed_positions = LearnedPositionalEmbedding(config.max_position_embeddings, hidden, offset=2)
+        # Replicated: two small bias-free projections, only present when the widths differ.
+        self.project_in = ReplicatedLinear(proj_dim, hidden, bias=False) if proj_dim != hidden else None
+        self.project_out = ReplicatedLinear(hidden, proj_dim, bias=False) if proj_dim != hidden else None
+        if config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False):
+            self.final_layer_norm = LayerNorm(hidden, elementwise_affine=config.layer_norm_elementwise_affine)
+        else:
+            self.final_layer_norm = None
+        self.layers = nn.ModuleList(OPTDecoderLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        hidden_states = self.embed_tokens(input_ids)
+        if self.project_in is not None:
+            hidden_states = self.project_in(hidden_states)
+        hidden_states = hidden_states + self.embed_positions(positions)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden_states = layer(hidden_states, kv_cache, attn_metadata)
+        if self.final_layer_norm is not None:
+            hidden_states = self.final_layer_norm(hidden_states)
+        if self.project_out is not None:
+            hidden_states = self.project_out(hidden_states)
+        return hidden_states
+
+
+class OPTModel(nn.Module):
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.decoder = OPTDecoder(config)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        return self.decoder(input_ids, positions, kv_caches, attn_metadata)
+
+
+class OPTForCausalLM(nn.Module):
+    packed_modules_mapping = {"qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")]}
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = OPTModel(config)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
+        if self.tie_word_embeddings:
+            self.lm_head = self.model.decoder.embed_tokens
+        else:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.word_embed_proj_dim)
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
+        # facebook/opt-* checkpoints name the decoder "decoder.*"; save_pretrained writes "model.decoder.*".
+        renamed = ((f"model.{n}" if n.startswith("decoder.") else n, w) for n, w in weights)
+        skip = {"lm_head.weight"} if self.tie_word_embeddings else set()
+        return load_packed_weights(self, renamed, self.packed_modules_mapping, skip)
