@@ -1,0 +1,64 @@
+"""Mixtral's expert loading (the kit covers its outputs vs HF and TP=2 vs TP=1): per-expert
+checkpoint tensors are stacked, and a missing or out-of-range expert tensor is named."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
+
+sys.path.insert(0, os.path.dirname(__file__))  # the kit's checkpoint builder lives beside this file
+from conformance_kit import build_checkpoint  # noqa: E402
+
+from pagedray.models import get_model  # noqa: E402
+from pagedray.models.layers.moe import DOWN, GATE, UP, FusedMoE, load_weights_with_experts  # noqa: E402
+
+PREFIX = "model.layers.1.block_sparse_moe.experts"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    return build_checkpoint("MixtralForCausalLM", "top2_of_4_sliding", str(tmp_path_factory.mktemp("mixtral")))
+
+
+def _rewrite(src: str, dst, edit) -> str:
+    os.makedirs(dst, exist_ok=True)
+    with open(os.path.join(src, "config.json")) as f, open(os.path.join(dst, "config.json"), "w") as g:
+        g.write(f.read())
+    save_file(edit(load_file(os.path.join(src, "model.safetensors"))), os.path.join(dst, "model.safetensors"),
+              metadata={"format": "pt"})
+    return str(dst)
+
+
+@torch.no_grad()
+def test_experts_are_stacked_gate_then_up(ckpt):
+    tensors = load_file(os.path.join(ckpt, "model.safetensors"))
+    model = get_model(AutoConfig.from_pretrained(ckpt), ckpt, torch.float32, "cpu")
+    moe = model.model.layers[1].block_sparse_moe.experts
+    assert isinstance(moe, FusedMoE) and moe.w13_weight.shape == (4, 2 * 128, 64)
+    torch.testing.assert_close(moe.w13_weight[2], torch.cat([tensors[f"{PREFIX}.2.w1.weight"],
+                                                             tensors[f"{PREFIX}.2.w3.weight"]]))
+    torch.testing.assert_close(moe.w2_weight[3], tensors[f"{PREFIX}.3.w2.weight"])
+
+
+@pytest.mark.parametrize("kind", ["missing", "out_of_range"])
+def test_bad_expert_tensor_is_named(ckpt, tmp_path, kind):
+    name = f"{PREFIX}.2.w3.weight" if kind == "missing" else f"{PREFIX}.4.w1.weight"
+    if kind == "missing":
+        edit = lambda t: {n: v for n, v in t.items() if n != name}  # noqa: E731
+    else:
+        edit = lambda t: {**t, name: t[f"{PREFIX}.0.w1.weight"].clone()}  # noqa: E731
+    bad = _rewrite(ckpt, tmp_path / kind, edit)
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        get_model(AutoConfig.from_pretrained(bad), bad, torch.float32, "cpu")
+
+
+def test_expert_names_must_cover_every_part():
+    with pytest.raises(ValueError, match="expert_names"):
+        load_weights_with_experts(torch.nn.Module(), [], {}, {"w1": GATE, "w2": DOWN, "w4": DOWN})
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        FusedMoE(num_experts=4, top_k=5, hidden_size=8, intermediate_size=8)
+    assert {GATE, UP, DOWN} == {"gate", "up", "down"}
