@@ -80,7 +80,11 @@ def test_concurrent_results_equal_offline_api(ckpt):
         assert len(got.outputs) == len(want.outputs)
         for g, w in zip(got.outputs, want.outputs):
             assert (g.index, g.text, g.token_ids, g.finish_reason) == (w.index, w.text, w.token_ids, w.finish_reason)
-            assert g.logprobs == w.logprobs
+            # Batches differ between the two runs, so float32 sums differ in the last bits.
+            assert (g.logprobs is None) == (w.logprobs is None)
+            for got_step, want_step in zip(g.logprobs or [], w.logprobs or []):
+                assert got_step.keys() == want_step.keys()
+                assert [got_step[k] for k in want_step] == pytest.approx(list(want_step.values()), abs=1e-4)
             assert rebuilt[g.index] == g.text  # the deltas add up to the whole text
 
 

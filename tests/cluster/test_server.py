@@ -126,11 +126,12 @@ def _check_completion(got_text, got_ids, got_reason, got_logprobs, want, num_log
         assert not got_logprobs
         return
     assert [lp.token_id for lp in got_logprobs] == want.token_ids
+    # Batches differ between the two runs, so float32 sums differ in the last bits.
     for lp, entry, token in zip(got_logprobs, want.logprobs, want.token_ids):
-        assert lp.logprob == pytest.approx(entry[token], abs=1e-5)
+        assert lp.logprob == pytest.approx(entry[token], abs=1e-4)
         top = sorted(entry.items(), key=lambda kv: -kv[1])[:num_logprobs]
         assert [t.token_id for t in lp.top] == [t for t, _ in top]
-        assert [t.logprob for t in lp.top] == pytest.approx([v for _, v in top], abs=1e-5)
+        assert [t.logprob for t in lp.top] == pytest.approx([v for _, v in top], abs=1e-4)
         assert all(t.text for t in lp.top)
 
 
