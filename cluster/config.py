@@ -44,9 +44,10 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
                         gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
                         max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                         enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                        load_format: str = "auto", seed: int = 0) -> EngineConfig:
+                        load_format: str = "auto", seed: int = 0,
+                        enforce_eager: bool = False) -> EngineConfig:
     """The LLM(...) keywords, split into the per-concern configs."""
-    model_config = ModelConfig(model, tokenizer, dtype, max_model_len, load_format, seed)
+    model_config = ModelConfig(model, tokenizer, dtype, max_model_len, load_format, seed, enforce_eager)
     return EngineConfig(
         model=model_config,
         cache=CacheConfig(block_size, gpu_memory_utilization, num_kv_blocks, enable_prefix_caching),

@@ -19,6 +19,7 @@ class ModelConfig:
     max_model_len: int | None = None
     load_format: str = "auto"      # "auto" (safetensors) or "dummy" (random weights)
     seed: int = 0
+    enforce_eager: bool = False    # True: no CUDA graphs
     hf_config: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

@@ -52,6 +52,7 @@ class ModelRunner:
         self.sampler = Sampler(seed)
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
+        self.graphs = None  # DecodeGraphs once captured
 
     # -- state ---------------------------------------------------------------
     def update_states(self, sched: SchedulerOutput) -> None:
@@ -124,7 +125,7 @@ class ModelRunner:
         if sched.is_empty:
             return ModelRunnerOutput({})
         inputs = self.prepare_inputs(sched)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_metadata)
+        hidden = self._forward(inputs)
         prompt_logprobs = self._prompt_logprobs(hidden, inputs.prompt_spans)
         if not inputs.sample_req_ids:
             return ModelRunnerOutput({}, prompt_logprobs=prompt_logprobs)
@@ -137,6 +138,20 @@ class ModelRunner:
             sampled_token_ids=dict(zip(inputs.sample_req_ids, out.token_ids)),
             logprobs={r: lp for r, lp in zip(inputs.sample_req_ids, out.logprobs) if lp is not None},
             prompt_logprobs=prompt_logprobs)
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        meta = inputs.attn_metadata
+        if self.graphs is not None and self.graphs.can_run(meta):
+            return self.graphs.run(inputs.input_ids, inputs.positions, meta)
+        return self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
+
+    def capture_graphs(self, batch_sizes: list[int], max_seq_len: int) -> None:
+        """Capture decode graphs over the allocated KV cache (CUDA only)."""
+        from pagedray.workers.cuda_graphs import DecodeGraphs
+        graphs = DecodeGraphs(self.model, self.kv_caches, batch_sizes, max_seq_len, self.block_size,
+                              self.device)
+        graphs.capture()
+        self.graphs = graphs
 
     # Rows of vocabulary-wide logits held at once for prompt logprobs (bounds the memory).
     _PROMPT_LOGPROBS_ROWS = 512

@@ -30,6 +30,8 @@ class Worker:
         self.rank = rank
         self.distributed_init_method = distributed_init_method
         self.device = torch.device(local_device or device_config.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", 0)  # a Ray actor sees its one GPU as device 0
         self.dtype = DTYPES[model_config.resolve_dtype(self.device.type)]
         self.runner: ModelRunner | None = None
         self.cache: CacheEngine | None = None
@@ -86,8 +88,21 @@ class Worker:
         return max(0, num_blocks)
 
     def graph_memory_reserve(self) -> int:
-        """Bytes kept back for CUDA graphs (captured after the KV cache exists)."""
-        return 0
+        """Bytes kept back for the decode graphs, captured after the KV cache exists.
+
+        Their private pool holds the activations of the largest bucket's forward:
+        measured here by a decode-sized profile forward, plus slack for graph objects.
+        """
+        if not self.graphs_enabled():
+            return 0
+        from pagedray.workers.cuda_graphs import graph_batch_sizes
+        largest = graph_batch_sizes(self.max_num_seqs)[-1]
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.runner.profile_run(largest, largest, CacheEngine.empty_caches(self.kv_spec, self.device))
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - base + (64 << 20)
 
     # 4. allocate
     def initialize_cache(self, num_blocks: int) -> None:
@@ -95,8 +110,17 @@ class Worker:
         self.runner.kv_caches = self.cache.kv_caches
 
     # 5. graphs
+    def graphs_enabled(self) -> bool:
+        from pagedray.kernels import cuda_available
+        return (self.device.type == "cuda" and not self.model_config.enforce_eager
+                and cuda_available())
+
     def capture_graphs(self) -> None:
-        """CUDA graphs for decode (a later step of the roadmap; eager until then)."""
+        """Decode graphs per batch bucket, now that the KV cache exists."""
+        if not self.graphs_enabled():
+            return
+        from pagedray.workers.cuda_graphs import graph_batch_sizes
+        self.runner.capture_graphs(graph_batch_sizes(self.max_num_seqs), self.model_config.max_model_len)
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         out = self.runner.execute_model(sched)
