@@ -56,6 +56,21 @@ def moe_experts_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     return out.to(x.dtype)
 
 
+def moe_experts_dense(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                      topk_ids: torch.Tensor, act_and_mul: nn.Module) -> torch.Tensor:
+    """The same sum with every expert run on every token (weight 0 where not picked).
+
+    No shape depends on the routing and nothing syncs with the host, so a CUDA
+    graph can capture it; it costs num_experts / top_k times the expert work.
+    """
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for expert in range(w13.shape[0]):
+        weight = (topk_weights * (topk_ids == expert)).sum(dim=-1, keepdim=True)  # [T, 1], 0 if not picked
+        h = torch.nn.functional.linear(act_and_mul(torch.nn.functional.linear(x, w13[expert])), w2[expert])
+        out += h.float() * weight
+    return out.to(x.dtype)
+
+
 class FusedMoE(nn.Module):
     """num_experts gated MLPs; w13_weight [E, 2*I/tp, H] (this rank's gate rows then up rows), w2_weight [E, H, I/tp].
 
@@ -99,7 +114,10 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize)
-        out = moe_experts_reference(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.act_fn)
+        # The routed loop syncs with the host (which experts were picked); decode CUDA graphs need the dense form.
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        experts = moe_experts_dense if capturing else moe_experts_reference
+        out = experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.act_fn)
         return tp_all_reduce(out) if self.reduce_results else out
 
     def extra_repr(self) -> str:

@@ -62,3 +62,20 @@ def test_expert_names_must_cover_every_part():
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         FusedMoE(num_experts=4, top_k=5, hidden_size=8, intermediate_size=8)
     assert {GATE, UP, DOWN} == {"gate", "up", "down"}
+
+
+@torch.no_grad()
+def test_dense_experts_equal_routed_experts():
+    """The graph-capturable dense form gives the routed loop's sum."""
+    from pagedray.models.layers.activation import get_act_and_mul_fn
+    from pagedray.models.layers.moe import moe_experts_dense, moe_experts_reference, select_experts
+    gen = torch.Generator().manual_seed(0)
+    x, w13, w2 = (torch.randn(*s, generator=gen) for s in ((7, 16), (4, 2 * 24, 16), (4, 16, 24)))
+    weights, ids = select_experts(torch.randn(7, 4, generator=gen), top_k=2)
+    act = get_act_and_mul_fn("silu")
+    routed = moe_experts_reference(x, w13, w2, weights, ids, act)
+    torch.testing.assert_close(moe_experts_dense(x, w13, w2, weights, ids, act), routed, atol=1e-5, rtol=1e-5)
+    # Oracle for the routed loop itself: token by token.
+    for t in range(7):
+        want = sum(weights[t, k] * (act(x[t] @ w13[ids[t, k]].T) @ w2[ids[t, k]].T) for k in range(2))
+        torch.testing.assert_close(routed[t], want, atol=1e-5, rtol=1e-5)
