@@ -1,20 +1,136 @@
 """The kernel entry points the model layers call.
 
-Each op runs the CUDA kernel when the tensors live on a CUDA device and CuPy
-is importable, and the PyTorch reference otherwise (CPU, or no CuPy). Models
-never import `reference` or the CUDA launchers directly.
+Each op runs the CUDA kernel when the tensors live on a CUDA device and
+`pagedray.kernels.cuda_available()` (CuPy importable, a GPU present), and the
+PyTorch reference otherwise (CPU, no CuPy, or a configuration the kernels do
+not cover, e.g. float64 or a block size outside 8/16/32). Models never import
+`reference` or the CUDA launchers directly.
 """
 from __future__ import annotations
 
-from pagedray.kernels import reference
+import functools
+
+import torch
+
+from pagedray.kernels import cuda_available, reference
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Prefill and mixed steps on GPU: "triton" (kernels/prefill_triton.py) or "reference".
+# Triton: 341 us against 6.4 ms for the reference (H200, 8 prompts of 1024 tokens, 32/8x128 bf16).
+PREFILL_BACKEND = "triton"
 
 
+def _cuda(t: torch.Tensor) -> bool:
+    return t.is_cuda and t.dtype in _DTYPES and cuda_available()
 
-reshape_and_cache = reference.reshape_and_cache
-paged_attention = reference.paged_attention
-rms_norm = reference.rms_norm
-fused_add_rms_norm = reference.fused_add_rms_norm
-rotary_embedding = reference.rotary_embedding
-silu_and_mul = reference.silu_and_mul
-gelu_and_mul = reference.gelu_and_mul
-copy_blocks = reference.copy_blocks
+
+@functools.cache
+def _triton_prefill():
+    """The Triton prefill module, or None where Triton is not installed."""
+    try:
+        from pagedray.kernels import prefill_triton
+    except ImportError:
+        return None
+    return prefill_triton
+
+
+def _decode_supported(query: torch.Tensor, key_cache: torch.Tensor, query_lens: list[int]) -> bool:
+    from pagedray.kernels import attention_cuda
+    head_size = query.shape[-1]
+    return (query.dim() == 3 and len(query_lens) == query.shape[0] and all(q == 1 for q in query_lens)
+            and key_cache.dim() == 4 and key_cache.shape[2] in attention_cuda.BLOCK_SIZES
+            and head_size <= attention_cuda.MAX_HEAD_SIZE
+            and head_size % (16 // query.element_size()) == 0 and query.stride(-1) == 1
+            and query.data_ptr() % 16 == 0 and (query.stride(0) * query.element_size()) % 16 == 0)
+
+
+def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: list[int], query_lens: list[int],
+                    scale: float, sliding_window: int | None = None,
+                    alibi_slopes: torch.Tensor | None = None,
+                    logits_soft_cap: float | None = None, *,
+                    seq_lens_tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """`reference.paged_attention`; seq_lens_tensor is the same lengths on the device (int32),
+    which the CUDA decode kernel reads (built from `seq_lens` when not given)."""
+    if _cuda(query) and key_cache.dtype == query.dtype:
+        if alibi_slopes is not None and alibi_slopes.dtype != torch.float32:
+            alibi_slopes = alibi_slopes.float()
+        if block_tables.dtype != torch.int32 or not block_tables.is_contiguous():
+            block_tables = block_tables.to(torch.int32).contiguous()
+        if _decode_supported(query, key_cache, query_lens):
+            from pagedray.kernels import attention_cuda
+            if seq_lens_tensor is None:
+                seq_lens_tensor = torch.tensor(seq_lens, dtype=torch.int32, device=query.device)
+            elif seq_lens_tensor.dtype != torch.int32:
+                seq_lens_tensor = seq_lens_tensor.to(torch.int32)
+            return attention_cuda.paged_attention_decode(
+                query, key_cache, value_cache, block_tables, seq_lens_tensor, scale,
+                max_seq_len=max(seq_lens, default=0), sliding_window=sliding_window,
+                alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap)
+        triton_mod = _triton_prefill() if PREFILL_BACKEND == "triton" else None
+        if triton_mod is not None:
+            return triton_mod.paged_prefill(query, key_cache, value_cache, block_tables, seq_lens,
+                                            query_lens, scale, sliding_window, alibi_slopes,
+                                            logits_soft_cap)
+    return reference.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_lens,
+                                     scale, sliding_window, alibi_slopes, logits_soft_cap)
+
+
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                      value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    if _cuda(key) and key_cache.dtype == key.dtype:
+        from pagedray.kernels import cache_ops
+        if slot_mapping.dtype != torch.int64:
+            slot_mapping = slot_mapping.long()
+        return cache_ops.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping.contiguous())
+    return reference.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if _cuda(x) and weight.dtype in (x.dtype, torch.float32):
+        from pagedray.kernels import elementwise
+        return elementwise.rms_norm(x, weight.contiguous(), eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual); inputs are left unchanged."""
+    if _cuda(x) and residual.dtype == x.dtype and weight.dtype in (x.dtype, torch.float32):
+        from pagedray.kernels import elementwise
+        return elementwise.fused_add_rms_norm(x, residual, weight.contiguous(), eps)
+    return reference.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns new rotated (query, key), like the reference; the inputs are left unchanged."""
+    if _cuda(query) and key.dtype == query.dtype and cos_sin_cache.dtype in (torch.float32, query.dtype):
+        from pagedray.kernels import elementwise
+        if positions.dtype != torch.int64:
+            positions = positions.long()
+        return elementwise.rotary_embedding(positions.contiguous(), query, key, cos_sin_cache.contiguous(),
+                                            is_neox)
+    return reference.rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if _cuda(x):
+        from pagedray.kernels import elementwise
+        return elementwise.silu_and_mul(x)
+    return reference.silu_and_mul(x)
+
+
+def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    if _cuda(x):
+        from pagedray.kernels import elementwise
+        return elementwise.gelu_and_mul(x, approximate)
+    return reference.gelu_and_mul(x, approximate)
+
+
+def copy_blocks(kv_caches: list[torch.Tensor], src_to_dst: list[tuple[int, int]]) -> None:
+    if kv_caches and _cuda(kv_caches[0]):
+        from pagedray.kernels import cache_ops
+        return cache_ops.copy_blocks(kv_caches, src_to_dst)
+    return reference.copy_blocks(kv_caches, src_to_dst)

@@ -138,3 +138,49 @@ def copy_blocks(kv_caches: list[torch.Tensor], src_to_dst: list[tuple[int, int]]
     dst = torch.tensor([d for _, d in src_to_dst], device=kv_caches[0].device)
     for cache in kv_caches:
         cache[:, dst] = cache[:, src]
+
+
+def paged_decode_split(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                       block_tables: torch.Tensor, seq_lens: list[int], scale: float, partition_size: int,
+                       sliding_window: int | None = None, alibi_slopes: torch.Tensor | None = None,
+                       logits_soft_cap: float | None = None) -> torch.Tensor:
+    """Decode attention (query [S, H, D], one token per sequence) the two-pass way.
+
+    Each partition of `partition_size` context tokens yields a max m_p, a sum
+    l_p and a normalised output o_p; they combine as
+    sum_p exp(m_p - M) l_p o_p / sum_p exp(m_p - M) l_p, with M = max_p m_p.
+    Equal to `paged_attention` up to rounding: the oracle of the CUDA kernel's
+    split variant. A sequence of length 0 yields zeros.
+    """
+    num_heads = query.shape[1]
+    out = torch.zeros_like(query)
+    for i, seq_len in enumerate(seq_lens):
+        if seq_len == 0:
+            continue
+        keys = _gather_context(key_cache, block_tables[i], seq_len).float()
+        values = _gather_context(value_cache, block_tables[i], seq_len).float()
+        group = num_heads // keys.shape[1]
+        k = keys.repeat_interleave(group, dim=1)  # [k, H, D]
+        v = values.repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,khd->hk", query[i].float(), k) * scale  # [H, k]
+        if logits_soft_cap:
+            scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
+        pos = torch.arange(seq_len, device=query.device)
+        if alibi_slopes is not None:
+            scores = scores + alibi_slopes.float()[:, None] * (pos - (seq_len - 1))[None]
+        if sliding_window is not None:
+            scores = scores.masked_fill((pos <= seq_len - 1 - sliding_window)[None], float("-inf"))
+        ms, ls, os_ = [], [], []
+        for start in range(0, seq_len, partition_size):
+            s = scores[:, start:start + partition_size]
+            m = s.max(dim=-1).values
+            p = torch.exp(s - torch.where(torch.isinf(m), torch.zeros_like(m), m)[:, None])
+            l = p.sum(dim=-1)
+            o = torch.einsum("hk,khd->hd", p, v[start:start + partition_size])
+            ms.append(m)
+            ls.append(l)
+            os_.append(o / torch.where(l > 0, l, torch.ones_like(l))[:, None])
+        m, l, o = torch.stack(ms), torch.stack(ls), torch.stack(os_)  # [P, H], [P, H], [P, H, D]
+        w = torch.where(l > 0, torch.exp(m - m.max(dim=0).values) * l, torch.zeros_like(l))
+        out[i] = ((w[:, :, None] * o).sum(0) / w.sum(0)[:, None]).to(query.dtype)
+    return out

@@ -72,7 +72,7 @@ class Attention(nn.Module):
             out = ops.paged_attention(q, kv_cache[0], kv_cache[1], attn_metadata.block_tables,
                                       attn_metadata.seq_lens_list, attn_metadata.query_lens_list,
                                       self.scale, self.sliding_window, self.alibi_slopes,
-                                      self.logits_soft_cap)
+                                      self.logits_soft_cap, seq_lens_tensor=attn_metadata.seq_lens)
         return out.reshape(num_tokens, self.num_heads * self.head_size)
 
     def _attend_fresh(self, q, k, v, attn_metadata: AttentionMetadata) -> torch.Tensor:
