@@ -48,6 +48,7 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
+        self.num_replays = 0  # decode steps served by a graph (tests and benchmarks read it)
 
     def _metadata(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -90,4 +91,5 @@ class DecodeGraphs:
         width = meta.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(meta.block_tables)
         self.graphs[bs].replay()
+        self.num_replays += 1
         return self.outputs[bs][:n]

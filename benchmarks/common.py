@@ -1,0 +1,161 @@
+"""Shared pieces of the GPU benchmarks: model shapes, roofline ceilings, FLOP/byte counts, results.
+
+Shapes are written as config.json files (no weights: the engine loads them with
+load_format="dummy"; HF initialises its own random weights) and no tokenizer
+(prompts are token ids). The ceilings are measured in the same run as the
+numbers they divide, never taken from a datasheet.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import pathlib
+import random
+import statistics
+import subprocess
+import sys
+
+import torch
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
+
+# name -> (transformers config class, its keywords). Sizes are the published models'.
+SHAPES: dict[str, tuple[str, dict]] = {
+    "llama3-8b": ("LlamaConfig", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
+        architectures=["LlamaForCausalLM"])),
+    "qwen2.5-0.5b": ("Qwen2Config", dict(
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False, max_window_layers=21,
+        bos_token_id=151643, eos_token_id=151645, architectures=["Qwen2ForCausalLM"])),
+    # For checking the scripts on a CPU.
+    "tiny": ("LlamaConfig", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024,
+        bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"])),
+}
+
+
+def write_config(shape: str, path: str | os.PathLike) -> str:
+    """config.json of `shape` in `path` (a folder); returns the folder."""
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {list(SHAPES)}, got {shape!r}")
+    import transformers
+    cls_name, kwargs = SHAPES[shape]
+    getattr(transformers, cls_name)(**kwargs, torch_dtype="bfloat16").save_pretrained(str(path))
+    return str(path)
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Random token ids (the same for a given seed in every script, so peers run the same work)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
+
+
+# -- ceilings --------------------------------------------------------------------------------------
+def _median_ms(fn, reps: int = 10, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def matmul_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    """bf16 rate of an n^3 product on random data (zeros run faster), TFLOP/s."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    ms = _median_ms(lambda: a @ b)
+    del a, b
+    return 2 * n ** 3 / ms / 1e9
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second (GB/s)."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * nbytes / ms / 1e6
+
+
+# -- model counts ----------------------------------------------------------------------------------
+def param_counts(shape: str) -> dict[str, int]:
+    """Parameters by role, from the shape alone (the engine's fused layers hold the same numbers).
+
+    layers: every weight a token's hidden state is multiplied by (attention, MLP, norms);
+    lm_head: vocab x hidden (read once per sampled token); embed: the input table (gathered).
+    """
+    c = SHAPES[shape][1]
+    h, inter, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    head = h // c["num_attention_heads"]
+    kv = c["num_key_value_heads"] * head
+    bias = (h + 2 * kv) if c["architectures"][0].startswith("Qwen2") else 0
+    per_layer = h * (h + 2 * kv) + bias + h * h + 3 * h * inter + 2 * h
+    return {"layers": layers * per_layer + h, "lm_head": vocab * h,
+            "embed": 0 if c.get("tie_word_embeddings") else vocab * h}
+
+
+def kv_bytes_per_token(shape: str, elem: int = 2) -> int:
+    c = SHAPES[shape][1]
+    head = c["hidden_size"] // c["num_attention_heads"]
+    return 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head * elem
+
+
+def workload_flops(shape: str, num_requests: int, input_len: int, output_len: int) -> float:
+    """Fewest FLOPs of the workload: 2 x layer params per token processed (prompt and generated,
+    the last generated one excepted), 2 x lm_head params per sampled token, and attention
+    (QK^T and PV: 4 x layers x heads x head_dim per (token, context position))."""
+    c = SHAPES[shape][1]
+    p = param_counts(shape)
+    tokens = num_requests * (input_len + output_len - 1)
+    ctx_sum = num_requests * sum(range(1, input_len + output_len))   # each token attends to <= itself
+    attn = 4 * c["num_hidden_layers"] * c["hidden_size"] * ctx_sum
+    return 2 * p["layers"] * tokens + 2 * p["lm_head"] * num_requests * output_len + attn
+
+
+# -- results ---------------------------------------------------------------------------------------
+def card() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=RESULTS.parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def command() -> str:
+    return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
+def stamp() -> str:
+    return (f"{card()}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+            f"commit {commit()}, torch {torch.__version__}")
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def append_results(title: str, body: str, path: pathlib.Path | None = None) -> None:
+    """Append one section: title, card/date/commit, command, body."""
+    path = path or RESULTS
+    text = f"\n### {title}\n\n{stamp()}\n\n`{command()}`\n\n{body.rstrip()}\n"
+    with open(path, "a") as f:
+        f.write(text)

@@ -1,0 +1,177 @@
+"""Decode latency: time per decode step at batch 1, 8, 32, CUDA graphs vs eager, against the
+bandwidth floor.
+
+    python benchmarks/latency.py --shape llama3-8b --hf-baseline
+    python benchmarks/latency.py --shape tiny --device cpu --batch-sizes 1,2 --output-len 8   # CPU check
+
+Per batch size: `LLM.generate` of B random prompts of --input-len tokens, timed for
+--output-len tokens and for 1 token (prefill); (T(N) - T(1)) / (N - 1) is the time of
+one decode step as a user sees it (scheduler, inputs, forward, logits, sampling). The
+same engine then runs with its graphs detached (eager). "replay" is the GPU time of the
+captured forward alone (CUDA events around the graph replay).
+Floor: weight bytes (every layer and the lm_head read once per step) plus the KV bytes
+read at the mean context, over the device copy bandwidth measured in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from common import (SHAPES, append_results, copy_bandwidth, kv_bytes_per_token, markdown_table, param_counts,
+                    random_prompts, write_config)
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def run_hf(args) -> dict | None:
+    cmd = [sys.executable, str(HERE / "hf_baseline.py"), "latency", "--shape", args.shape,
+           "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--input-len", str(args.input_len),
+           "--output-len", str(args.hf_output_len), "--temperature", "0", "--device", args.device]
+    print("HF baseline:", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def timed_generate(llm, prompts, max_tokens: int, iters: int) -> float:
+    from pagedray.cluster import SamplingParams
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def step_ms(llm, prompts, args, iters: int) -> float:
+    full = timed_generate(llm, prompts, args.output_len, iters)
+    prefill = timed_generate(llm, prompts, 1, iters)
+    return (full - prefill) / (args.output_len - 1) * 1e3
+
+
+def replay_ms(graphs, bs: int) -> float | None:
+    """GPU time of one captured forward (median of 20 replays)."""
+    if graphs is None or bs not in graphs.graphs:
+        return None
+    graph = graphs.graphs[bs]
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def floor_ms(args, bs: int, bandwidth_gbs: float) -> float:
+    p = param_counts(args.shape)
+    elem = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    mean_ctx = args.input_len + args.output_len / 2
+    nbytes = (p["layers"] + p["lm_head"]) * elem + bs * mean_ctx * kv_bytes_per_token(args.shape, elem)
+    return nbytes / (bandwidth_gbs * 1e9) * 1e3
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from pagedray.cluster import LLM
+    cuda = args.device.startswith("cuda")
+    bandwidth = copy_bandwidth() if cuda else None
+    hf = run_hf(args) if args.hf_baseline else None
+    vocab = SHAPES[args.shape][1]["vocab_size"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        llm = LLM(write_config(args.shape, tmp), load_format="dummy", dtype=args.dtype, device=args.device,
+                  max_model_len=args.input_len + args.output_len, max_num_seqs=max(args.batch_sizes),
+                  enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization)
+        startup = time.perf_counter() - start
+        runner = llm.llm_engine.executor.worker.runner
+        graphs = runner.graphs
+        for bs in args.batch_sizes:
+            prompts = random_prompts(bs, args.input_len, vocab, args.seed + bs)
+            timed_generate(llm, prompts, 4, 1)  # warm-up
+            with_graphs = step_ms(llm, prompts, args, args.iters)
+            runner.graphs = None
+            eager = step_ms(llm, prompts, args, args.eager_iters)
+            runner.graphs = graphs
+            replay = replay_ms(graphs, bs) if cuda else None
+            rows.append((bs, with_graphs if graphs is not None else None, eager, replay))
+        llm.shutdown()
+    report(args, rows, bandwidth, hf, startup, graphs is not None)
+    return 0
+
+
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def report(args, rows, bandwidth, hf, startup: float, captured: bool) -> None:
+    header = ["batch", "graphs (ms/step)", "eager (ms/step)", "graph replay, GPU (ms)",
+              "HF generate (ms/step)", "bandwidth floor (ms)", "graphs / floor"]
+    table_rows = []
+    for bs, g, e, r in rows:
+        floor = floor_ms(args, bs, bandwidth) if bandwidth else None
+        hf_ms = hf["ms_per_token"].get(str(bs)) if hf else None
+        table_rows.append([bs, _fmt(g), _fmt(e), _fmt(r), _fmt(hf_ms), _fmt(floor),
+                           f"{g / floor:.2f}x" if g and floor else "-"])
+    notes = [f"Shape {args.shape}, dummy weights, {args.dtype}, prompts of {args.input_len} tokens, "
+             f"{args.output_len} greedy tokens (ignore_eos); medians of {args.iters} runs with graphs, "
+             f"{args.eager_iters} eager.",
+             f"Engine start-up {startup:.1f} s; graphs captured: {captured}."]
+    if bandwidth:
+        notes.append(f"Device copy bandwidth measured in this run: {bandwidth:.0f} GB/s (read + write). "
+                     "Floor bytes: all layer weights and the lm_head once, plus KV at the mean context "
+                     f"({args.input_len + args.output_len / 2:.0f} tokens).")
+    if hf:
+        notes.append(f"HF transformers {hf['transformers']}: greedy `generate`, per-step time from "
+                     f"{hf['output_len']} and 1 new tokens.")
+    body = markdown_table(header, table_rows) + "\n\n" + "\n".join(f"- {x}" for x in notes)
+    print(body, flush=True)
+    if args.results:
+        append_results(f"Decode latency, {args.shape}", body, pathlib.Path(args.results))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
+    p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--eager-iters", type=int, default=1)
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hf-baseline", action="store_true")
+    p.add_argument("--hf-output-len", type=int, default=32)
+    p.add_argument("--results", default=None, help="append the table to this file (e.g. benchmarks/RESULTS.md)")
+    args = p.parse_args(argv)
+    if min(args.batch_sizes) < 1:
+        raise ValueError(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
+    for name in ("output_len", "hf_output_len"):
+        if getattr(args, name) < 2:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 2, got {getattr(args, name)}")
+    for name in ("input_len", "iters", "eager_iters"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Where a step's time goes: a timer around each stage of an engine step, and a short profile.
+
+StageTimer wraps (on the instances, undone by `restore`) the scheduler, the
+runner's input preparation, forward, logits and sampler, the executor call and
+the whole engine step. With sync=True it synchronises the device after each
+GPU stage, so the forward's time is its GPU time and the host stages are pure
+host time; that slows the run, so it is used only on a separate run.
+count_only=True just counts steps (decode-only or with prefill tokens).
+Local executor only (one process).
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+
+STAGES = ("schedule", "prepare_inputs", "forward", "logits", "sampler", "runner_rest", "engine_rest")
+
+
+class StageTimer:
+    def __init__(self, llm, sync: bool = True, count_only: bool = False) -> None:
+        self.engine = llm.llm_engine
+        self.runner = self.engine.executor.worker.runner
+        self.sync = sync
+        self.steps = 0
+        self.decode_steps = 0
+        self.totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.counts: dict[str, int] = defaultdict(int)
+        self._undo: list = []
+        self._current: dict[str, float] = {}
+        self._kind = "idle"
+        self._in_step = False
+        self._wrap(self.engine.executor, "execute_model", "execute")
+        if not count_only:
+            self._wrap(self.engine, "step", "step")
+            self._wrap(self.engine.scheduler, "schedule", "schedule")
+            self._wrap(self.runner, "prepare_inputs", "prepare_inputs")
+            self._wrap(self.runner, "_forward", "forward", gpu=True)
+            self._wrap(self.runner.model, "compute_logits", "logits", gpu=True)
+            self._wrap(self.runner, "sampler", "sampler", gpu=True)
+
+    def _wrap(self, obj, name: str, stage: str, gpu: bool = False) -> None:
+        original = getattr(obj, name)
+        own = name in vars(obj)
+        sync = self.sync and gpu and torch.cuda.is_available()
+
+        def timed(*args, **kwargs):
+            if stage == "execute":
+                self._classify(args[0])
+            elif stage == "step":
+                self._in_step = True
+            start = time.perf_counter()
+            try:
+                result = original(*args, **kwargs)
+                if sync:
+                    torch.cuda.synchronize()
+            finally:
+                self._current[stage] = self._current.get(stage, 0.0) + time.perf_counter() - start
+                if stage == "step":
+                    self._in_step = False
+                if not self._in_step:   # the step (or, counting only, the executor call) is over
+                    self._close()
+            return result
+
+        object.__setattr__(obj, name, timed) if isinstance(obj, torch.nn.Module) else setattr(obj, name, timed)
+        self._undo.append((obj, name, original, own))
+
+    def _classify(self, sched) -> None:
+        counts = list(sched.num_scheduled_tokens.values())
+        self._kind = "idle" if not counts else ("decode-only" if max(counts) == 1 else "with prefill")
+        if counts:
+            self.steps += 1
+            self.decode_steps += self._kind == "decode-only"
+
+    def _close(self) -> None:
+        cur, self._current = self._current, {}
+        if self._kind == "idle":
+            return
+        step = cur.get("step", cur.get("execute", 0.0))
+        execute = cur.get("execute", 0.0)
+        inner = sum(cur.get(s, 0.0) for s in ("prepare_inputs", "forward", "logits", "sampler"))
+        parts = {s: cur.get(s, 0.0) for s in ("schedule", "prepare_inputs", "forward", "logits", "sampler")}
+        parts["runner_rest"] = max(0.0, execute - inner)
+        parts["engine_rest"] = max(0.0, step - execute - parts["schedule"])
+        parts["step"] = step
+        for k, v in parts.items():
+            self.totals[self._kind][k] += v
+        self.counts[self._kind] += 1
+        self._kind = "idle"
+
+    def restore(self) -> None:
+        for obj, name, original, own in reversed(self._undo):
+            if own:
+                object.__setattr__(obj, name, original)
+            else:
+                object.__delattr__(obj, name)
+        self._undo = []
+
+    def table(self) -> str:
+        header = ["step kind", "steps", "ms/step"] + [f"{s} (ms)" for s in STAGES]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for kind, totals in self.totals.items():
+            n = self.counts[kind]
+            cells = [kind, str(n), f"{totals['step'] / n * 1e3:.2f}"]
+            cells += [f"{totals[s] / n * 1e3:.2f}" for s in STAGES]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+
+def profile_steps(llm, prompts: list[list[int]], args, decode_steps: int = 3, mixed_steps: int = 2) -> str:
+    """torch.profiler tables of a few steady-state steps: decode-only ones, then steps with prefill."""
+    from torch.profiler import ProfilerActivity, profile
+    from pagedray.cluster import SamplingParams
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=args.output_len)
+    ids = [f"prof-{i}" for i in range(len(prompts))]
+    late = max(1, min(8, len(prompts) // 8))
+    for rid, p in zip(ids[:-late], prompts[:-late]):
+        engine.add_request(rid, {"prompt_token_ids": p}, params)
+    out = []
+    try:
+        while engine.scheduler.num_waiting or _prefilling(engine):
+            engine.step()
+        for _ in range(2):
+            engine.step()
+        out.append(_profile(engine, decode_steps, f"{decode_steps} decode-only steps"))
+        for rid, p in zip(ids[-late:], prompts[-late:]):
+            engine.add_request(rid, {"prompt_token_ids": p}, params)
+        out.append(_profile(engine, mixed_steps, f"{mixed_steps} steps with {late} new prompts"))
+    finally:
+        engine.abort_request(ids)
+    return "\n\n".join(out)
+
+
+def _prefilling(engine) -> bool:
+    return any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running)
+
+
+def _profile(engine, steps: int, title: str) -> str:
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    avg = prof.key_averages()
+    tables = []
+    for key in ("self_cuda_time_total", "self_cpu_time_total"):
+        try:
+            tables.append(f"sorted by {key}:\n" + avg.table(sort_by=key, row_limit=15))
+        except Exception as exc:  # the key's name differs between torch versions
+            tables.append(f"sorted by {key}: unavailable ({exc})")
+    return f"== {title} ==\n" + "\n".join(tables)

@@ -1,0 +1,184 @@
+"""Offline throughput: N requests of fixed input/output length through `LLM.generate`.
+
+    python benchmarks/throughput.py --shape llama3-8b --hf-baseline
+    python benchmarks/throughput.py --shape qwen2.5-0.5b --num-requests 1000 --hf-baseline
+    python benchmarks/throughput.py --shape tiny --device cpu --num-requests 8   # a CPU check
+
+Dummy (random) weights in the named shape, random prompt token ids, `ignore_eos`
+so every request yields exactly --output-len tokens, prefix caching off. Reports
+requests/s, output and total tokens/s, and the time over the compute floor
+(common.workload_flops over the bf16 matmul rate measured in this run).
+--hf-baseline runs the same prompts through HF `generate` first, in a subprocess
+(hf_baseline.py), with --hf-num-requests requests (its rate is per batch, so it
+does not depend on N beyond that). --breakdown reruns a smaller set with a
+synchronising timer around each stage of a step (host vs GPU) and a short
+torch.profiler trace; the main figure never runs with those.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from common import (SHAPES, append_results, copy_bandwidth, markdown_table, matmul_tflops, random_prompts,
+                    workload_flops, write_config)
+from stage_timer import StageTimer, profile_steps
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def run_hf(args) -> dict | None:
+    cmd = [sys.executable, str(HERE / "hf_baseline.py"), "throughput", "--shape", args.shape,
+           "--num-requests", str(args.hf_num_requests), "--batch-size", str(args.hf_batch_size),
+           "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+           "--temperature", str(args.temperature), "--device", args.device, "--seed", str(args.seed)]
+    print("HF baseline:", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def build_llm(args, path: str):
+    from pagedray.cluster import LLM
+    kwargs = dict(load_format="dummy", dtype=args.dtype, device=args.device,
+                  max_model_len=args.input_len + args.output_len, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
+                  gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+                  seed=args.seed)
+    if args.num_kv_blocks:
+        kwargs["num_kv_blocks"] = args.num_kv_blocks
+    return LLM(path, **kwargs)
+
+
+def generate(llm, prompts: list[list[int]], args) -> float:
+    from pagedray.cluster import SamplingParams
+    params = SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=args.output_len)
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    short = [o.request_id for o in outs if len(o.outputs[0].token_ids) != args.output_len]
+    if short:
+        raise RuntimeError(f"{len(short)} requests did not produce {args.output_len} tokens")
+    return elapsed
+
+
+def graph_replays(llm) -> int:
+    graphs = getattr(llm.llm_engine.executor.worker.runner, "graphs", None)
+    return graphs.num_replays if graphs is not None else 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    tflops = matmul_tflops() if cuda else None
+    bandwidth = copy_bandwidth() if cuda else None
+    hf = run_hf(args) if args.hf_baseline else None
+    vocab = SHAPES[args.shape][1]["vocab_size"]
+    prompts = random_prompts(args.num_requests, args.input_len, vocab, args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        llm = build_llm(args, write_config(args.shape, tmp))
+        startup = time.perf_counter() - start
+        generate(llm, prompts[:args.warmup_requests], args)   # compiles the prefill kernels' shapes
+        replays0 = graph_replays(llm)
+        counter = StageTimer(llm, sync=False, count_only=True)
+        elapsed = generate(llm, prompts, args)
+        counter.restore()
+        replays = graph_replays(llm) - replays0
+        breakdown = run_breakdown(llm, prompts, args) if args.breakdown else None
+        llm.shutdown()
+    report(args, startup, elapsed, counter, replays, tflops, bandwidth, hf, breakdown)
+    return 0
+
+
+def run_breakdown(llm, prompts, args) -> tuple[StageTimer, str]:
+    timer = StageTimer(llm, sync=args.device.startswith("cuda"))
+    generate(llm, prompts[:args.breakdown_requests], args)
+    timer.restore()
+    trace = profile_steps(llm, prompts[:args.breakdown_requests], args) if args.device.startswith("cuda") else ""
+    return timer, trace
+
+
+def report(args, startup, elapsed, counter, replays, tflops, bandwidth, hf, breakdown) -> None:
+    n, inp, out = args.num_requests, args.input_len, args.output_len
+    floor_s = workload_flops(args.shape, n, inp, out) / (tflops * 1e12) if tflops else None
+    header = ["engine", "requests", "time (s)", "req/s", "output tok/s", "total tok/s", "time / compute floor"]
+    rows = [["pagedray" + (" (eager)" if args.enforce_eager else ""), n, f"{elapsed:.2f}", f"{n / elapsed:.2f}",
+             f"{n * out / elapsed:.0f}", f"{n * (inp + out) / elapsed:.0f}",
+             f"{elapsed / floor_s:.2f}x" if floor_s else "-"]]
+    if hf:
+        hf_floor = workload_flops(args.shape, hf["num_requests"], inp, out) / (tflops * 1e12) if tflops else None
+        rows.append([f"HF transformers {hf['transformers']} generate (batch {hf['batch_size']})",
+                     hf["num_requests"], f"{hf['elapsed_s']:.2f}", f"{hf['requests_per_s']:.2f}",
+                     f"{hf['output_tok_per_s']:.0f}", f"{hf['total_tok_per_s']:.0f}",
+                     f"{hf['elapsed_s'] / hf_floor:.2f}x" if hf_floor else "-"])
+    table = markdown_table(header, rows)
+    notes = [f"Shape {args.shape}, dummy weights, {args.dtype}, {n} x {inp}/{out} tokens, ignore_eos, "
+             f"temperature {args.temperature}, max_num_seqs {args.max_num_seqs}, "
+             f"max_num_batched_tokens {args.max_num_batched_tokens or 'default'}, prefix caching off.",
+             f"Engine start-up (dummy load, profiling, KV allocation, graph capture): {startup:.1f} s "
+             "(not in the time).",
+             f"Steps: {counter.steps} ({counter.decode_steps} decode-only, {replays} served by CUDA graphs, "
+             f"{counter.steps - counter.decode_steps} with prefill tokens)."]
+    if tflops:
+        notes.append(f"Ceilings measured in this run: bf16 8192^3 matmul {tflops:.0f} TFLOP/s, "
+                     f"device copy {bandwidth:.0f} GB/s. Compute floor: {floor_s:.2f} s for "
+                     f"{workload_flops(args.shape, n, inp, out) / 1e15:.2f} PFLOP.")
+    if hf:
+        notes.append(f"HF ran {hf['num_requests']} requests (batches of {hf['batch_size']}, "
+                     f"model init {hf['load_s']:.0f} s not counted).")
+    body = table + "\n\n" + "\n".join(f"- {x}" for x in notes)
+    if breakdown:
+        timer, trace = breakdown
+        body += ("\n\nStage breakdown (synchronising timer, separate run of "
+                 f"{args.breakdown_requests} requests):\n\n" + timer.table())
+        if trace and args.trace_file:
+            pathlib.Path(args.trace_file).write_text(trace)
+    print(body, flush=True)
+    if args.results:
+        append_results(f"Throughput, {args.shape} ({args.num_requests} x {inp}/{out})", body,
+                       pathlib.Path(args.results))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
+    p.add_argument("--num-requests", type=int, default=1000)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="vLLM's benchmark samples at 1.0")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--warmup-requests", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hf-baseline", action="store_true")
+    p.add_argument("--hf-num-requests", type=int, default=256)
+    p.add_argument("--hf-batch-size", type=int, default=256)
+    p.add_argument("--breakdown", action="store_true")
+    p.add_argument("--breakdown-requests", type=int, default=256)
+    p.add_argument("--trace-file", default=os.path.join(os.environ.get("OUT", "."), "throughput_profile.txt"))
+    p.add_argument("--results", default=None, help="append the table to this file (e.g. benchmarks/RESULTS.md)")
+    args = p.parse_args(argv)
+    for name in ("num_requests", "input_len", "output_len", "max_num_seqs", "warmup_requests",
+                 "hf_num_requests", "hf_batch_size", "breakdown_requests"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(main())
