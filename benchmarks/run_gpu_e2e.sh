@@ -16,11 +16,11 @@ step() {
 }
 run() {
   case $1 in
-    e2e) step e2e 150 python3 -m pytest tests/workers/test_gpu_end_to_end.py -q --tb=short -p no:cacheprovider ;;
-    latency) step latency 120 python3 benchmarks/latency.py --shape llama3-8b --hf-baseline --results "$R" ;;
-    tput8b) step tput8b 200 python3 benchmarks/throughput.py --shape llama3-8b --hf-baseline --breakdown \
+    e2e) step e2e 110 python3 -m pytest tests/workers/test_gpu_end_to_end.py -q --tb=short -p no:cacheprovider ;;
+    latency) step latency 100 python3 benchmarks/latency.py --shape llama3-8b --hf-baseline --iters 2 --hf-output-len 16 --results "$R" ;;
+    tput8b) step tput8b 170 python3 benchmarks/throughput.py --shape llama3-8b --hf-baseline --breakdown \
               --breakdown-requests 128 --results "$R" --trace-file "$OUT/profile_8b.txt" ;;
-    tputqwen) step tputqwen 90 python3 benchmarks/throughput.py --shape qwen2.5-0.5b --hf-baseline --results "$R" ;;
+    tputqwen) step tputqwen 70 python3 benchmarks/throughput.py --shape qwen2.5-0.5b --hf-baseline --results "$R" ;;
   esac
 }
 for s in ${@:-e2e latency tput8b tputqwen}; do run "$s"; done
