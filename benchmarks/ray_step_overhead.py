@@ -106,12 +106,16 @@ class DecodeDriver:
         return SchedulerOutput([], cached, counts, len(counts))
 
 
-def build_executor(kind: str, model_dir: str, tp: int, device: str, dtype: str, load_format: str,
-                   num_kv_blocks: int | None, block_size: int):
-    config = build_engine_config(model_dir, device=device, dtype=dtype, load_format=load_format,
+def build_executor(kind: str, model_dir: str, tp: int, args, dtype: str, load_format: str,
+                   num_kv_blocks: int | None):
+    # max_num_seqs and max_model_len bound the decode-graph buckets captured at start-up.
+    config = build_engine_config(model_dir, device=args.device, dtype=dtype, load_format=load_format,
                                  tensor_parallel_size=tp, executor="local" if kind == "local" else "ray",
-                                 block_size=block_size, num_kv_blocks=num_kv_blocks, max_num_seqs=256,
-                                 max_num_batched_tokens=2048, gpu_memory_utilization=0.5)
+                                 block_size=args.block_size, num_kv_blocks=num_kv_blocks,
+                                 max_num_seqs=max(args.batches + [args.check_batch]), max_model_len=1024,
+                                 max_num_batched_tokens=max(2048, max(args.batches) * args.prompt_len),
+                                 gpu_memory_utilization=0.5,
+                                 enforce_eager=args.enforce_eager)
     if kind == "local":
         from pagedray.cluster.executors.local import LocalExecutor
         return LocalExecutor(config)
@@ -145,8 +149,13 @@ def _stats(seconds: list[float]) -> dict:
 
 
 def release(executor) -> None:
-    executor.shutdown()
+    import gc
+
     import torch
+    executor.shutdown()
+    if hasattr(executor, "worker"):   # embedded: drop this process's model and KV cache now
+        executor.worker = None
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     time.sleep(1.0)   # Ray frees the bundles a moment after shutdown returns
@@ -159,11 +168,12 @@ def check_tp(args, tmp: str) -> dict:
     runs = {}
     for kind, size in (("local", 1), ("ray-dag", tp)):
         t0 = time.perf_counter()
-        ex = build_executor(kind, model_dir, size, args.device, "float32", "auto", None, args.block_size)
+        ex = build_executor(kind, model_dir, size, args, "float32", "auto", None)
         started = time.perf_counter() - t0
         res = decode(ex, args.check_batch, 24, args.check_steps, 0, args.block_size)
         runs[kind] = dict(res, start_s=round(started, 2), num_kv_blocks=ex.num_kv_blocks)
         release(ex)
+        del ex   # the embedded executor's weights and KV cache sit on GPU 0, which rank 0 profiles next
     a, b = runs["local"], runs["ray-dag"]
     diff = max(abs(x - y) for rid in a["logprobs"] for x, y in zip(a["logprobs"][rid], b["logprobs"][rid]))
     same = a["tokens"] == b["tokens"]
@@ -181,12 +191,13 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny", choices=list(PRESETS))
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--kinds", nargs="+", default=["local", "ray-calls", "ray-dag"])
+    ap.add_argument("--kinds", nargs="*", default=["local", "ray-calls", "ray-dag"], help="none: --check only")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
     ap.add_argument("--check", action="store_true", help="TP=max(--tp) equals TP=1 first (fp32, saved weights)")
     ap.add_argument("--check-batch", type=int, default=8)
     ap.add_argument("--check-steps", type=int, default=32)
@@ -197,7 +208,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.check:
             _guarded(report, "check", lambda: report.__setitem__("check", check_tp(args, tmp)), args.out)
-        model_dir = make_model_dir(os.path.join(tmp, "bench"), args.preset, weights=False)
+        model_dir = make_model_dir(os.path.join(tmp, "bench"), args.preset, weights=False) if args.kinds else ""
         blocks = DecodeDriver(max(args.batches), args.prompt_len, args.block_size).blocks_needed(
             args.warmup + args.steps + 1)
         for kind in args.kinds:
@@ -208,7 +219,7 @@ def main() -> None:
 
 def _time_executor(args, report: dict, kind: str, tp: int, model_dir: str, dtype: str, blocks: int) -> None:
     t0 = time.perf_counter()
-    ex = build_executor(kind, model_dir, tp, args.device, dtype, "dummy", blocks, args.block_size)
+    ex = build_executor(kind, model_dir, tp, args, dtype, "dummy", blocks)
     start_s = time.perf_counter() - t0
     try:
         for batch in args.batches:

@@ -89,7 +89,8 @@ class RayExecutor(Executor):
                 f"no node could reserve {self.tp} x {{'{resource}': 1}} within {pg_timeout:g} s; "
                 f"available now: {ray.available_resources()} (other replicas may hold them)")
         actor_cls = ray.remote(WorkerActor)
-        per_rank = {"num_gpus": 1} if resource == "GPU" else {"num_cpus": 1}
+        # An actor asks for one CPU by default, which a {"GPU": 1} bundle does not hold: GPU ranks ask for none.
+        per_rank = {"num_gpus": 1, "num_cpus": 0} if resource == "GPU" else {"num_cpus": 1}
         env = forwarded_env()
         self.workers = [
             actor_cls.options(**per_rank, scheduling_strategy=PlacementGroupSchedulingStrategy(

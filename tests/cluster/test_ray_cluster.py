@@ -1,8 +1,9 @@
 """The Ray executor on a simulated two-node cluster (`ray.cluster_utils.Cluster`).
 
 The head has 1 CPU and the second node 2: the cluster holds 3 CPUs in all, but a
-replica's ranks must share one node. The driver joins the running cluster through
-RAY_ADDRESS, as `ray submit` would, rather than starting its own Ray.
+replica's ranks must share one node. A third node declares 2 GPUs that do not exist,
+which is enough to check how GPU ranks are placed. The driver joins the running
+cluster through RAY_ADDRESS, as `ray submit` would, rather than starting its own Ray.
 """
 from __future__ import annotations
 
@@ -22,12 +23,16 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from tiny_models import make_tiny_llama  # noqa: E402
 
 from pagedray.cluster import LLM, SamplingParams  # noqa: E402
+from pagedray.cluster.config import build_engine_config  # noqa: E402
+from pagedray.cluster.executors import ExecutorError  # noqa: E402
+from pagedray.cluster.executors.ray import RayExecutor  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def cluster():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     worker_node = cluster.add_node(num_cpus=2)
+    cluster.add_node(num_cpus=0, num_gpus=2)
     cluster.wait_for_nodes()
     os.environ["RAY_ADDRESS"] = cluster.address
     yield cluster, worker_node.node_id
@@ -47,6 +52,16 @@ def test_tp_larger_than_any_node_is_a_value_error(cluster, checkpoint):
     assert ray.available_resources().get("CPU") == 3   # nothing was reserved
 
 
+def test_gpu_ranks_fit_gpu_bundles(cluster, checkpoint):
+    """GPU ranks go into {"GPU": 1} bundles (they must not also ask for a CPU the bundle lacks): here
+    they get as far as starting on the node's fake GPUs, which this CPU-only torch cannot open."""
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 cannot fit.*largest node .* has 2 GPU"):
+        RayExecutor(build_engine_config(checkpoint, device="cuda", executor="ray", tensor_parallel_size=3))
+    with pytest.raises(ExecutorError, match=r"(?i)during loading the model: .*cuda"):
+        RayExecutor(build_engine_config(checkpoint, device="cuda", executor="ray", tensor_parallel_size=2))
+    _wait_all_free()
+
+
 def test_replica_packs_onto_the_node_that_fits(cluster, checkpoint):
     _, worker_node_id = cluster
     rng = random.Random(0)
@@ -63,13 +78,13 @@ def test_replica_packs_onto_the_node_that_fits(cluster, checkpoint):
         assert got == want
     finally:
         llm.shutdown()
-    _wait_all_cpus_free()
+    _wait_all_free()
 
 
-def _wait_all_cpus_free(timeout: float = 15.0) -> None:
+def _wait_all_free(timeout: float = 15.0) -> None:
     """shutdown() returns once the kills and the removal are sent; Ray frees the bundles moments later."""
     deadline = time.monotonic() + timeout
-    while ray.available_resources().get("CPU") != 3:
+    while (ray.available_resources().get("CPU"), ray.available_resources().get("GPU")) != (3, 2):
         assert time.monotonic() < deadline, f"bundles still held: {ray.available_resources()}"
         time.sleep(0.2)
 
