@@ -15,13 +15,12 @@ from torch import nn
 
 from pagedray.models.layers.activation import get_act_fn
 from pagedray.models.layers.attention import Attention, AttentionMetadata
+from pagedray.models.layers.causal_lm import CausalLM
 from pagedray.models.layers.layernorm import LayerNorm
 from pagedray.models.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from pagedray.models.layers.logits import LogitsProcessor
 from pagedray.models.layers.position_embedding import LearnedPositionalEmbedding
-from pagedray.models.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+from pagedray.models.layers.vocab_embedding import VocabParallelEmbedding
 from pagedray.models.layers.weights import materialize
-from pagedray.models.utils import load_packed_weights
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -92,40 +91,21 @@ class GPT2Model(nn.Module):
         return self.ln_f(hidden_states)
 
 
-class GPT2LMHeadModel(nn.Module):
-    packed_modules_mapping: dict = {}
+class GPT2LMHeadModel(CausalLM):
+    model_name = "transformer"
 
     def __init__(self, config: PretrainedConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.transformer = GPT2Model(config)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        if self.tie_word_embeddings:
-            self.lm_head = self.transformer.wte
-        else:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
-        self.logits_processor = LogitsProcessor(config.vocab_size)
+        model = GPT2Model(config)
+        super().__init__(config, model, model.wte, tie_default=True)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        return self.transformer(input_ids, positions, kv_caches, attn_metadata)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.logits_processor(self.lm_head, hidden_states)
-
-    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
-        skip = {"lm_head.weight"} if self.tie_word_embeddings else set()
-        return load_packed_weights(self, _hf_layout(weights), self.packed_modules_mapping, skip)
-
-
-def _hf_layout(weights: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
-    """Checkpoint tensors renamed and transposed into nn.Linear's layout."""
-    for name, weight in weights:
-        if name.endswith(_MASK_BUFFERS):
-            continue
-        if not name.startswith(("transformer.", "lm_head.")):
-            name = f"transformer.{name}"  # the original openai-community/gpt2 files have no prefix
-        if name.endswith(_CONV1D_WEIGHTS):
-            # Materialised whole (each rank reads the full matrix): Conv1D stores [in, out].
-            weight = materialize(weight).t()
-        yield name, weight
+    def hf_layout(self, weights: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+        """Checkpoint tensors renamed and transposed into nn.Linear's layout."""
+        for name, weight in weights:
+            if name.endswith(_MASK_BUFFERS):
+                continue
+            if not name.startswith(("transformer.", "lm_head.")):
+                name = f"transformer.{name}"  # the original openai-community/gpt2 files have no prefix
+            if name.endswith(_CONV1D_WEIGHTS):
+                # Materialised whole (each rank reads the full matrix): Conv1D stores [in, out].
+                weight = materialize(weight).t()
+            yield name, weight

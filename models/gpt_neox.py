@@ -6,20 +6,19 @@ attention and MLP either in parallel (`use_parallel_residual`) or in series.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from pagedray.models.layers.activation import get_act_fn
 from pagedray.models.layers.attention import Attention, AttentionMetadata
+from pagedray.models.layers.causal_lm import CausalLM
 from pagedray.models.layers.distributed import divide, get_tp_world_size
 from pagedray.models.layers.layernorm import LayerNorm
 from pagedray.models.layers.linear import ColumnParallelLinear, RowParallelLinear
-from pagedray.models.layers.logits import LogitsProcessor
 from pagedray.models.layers.rotary import get_rope, partial_rotary_dim, rope_config
-from pagedray.models.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
-from pagedray.models.utils import load_packed_weights
+from pagedray.models.layers.vocab_embedding import VocabParallelEmbedding
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -98,28 +97,12 @@ class GPTNeoXModel(nn.Module):
         return self.final_layer_norm(hidden_states)
 
 
-class GPTNeoXForCausalLM(nn.Module):
-    packed_modules_mapping: dict = {}
+class GPTNeoXForCausalLM(CausalLM):
+    model_name, lm_head_name = "gpt_neox", "embed_out"
 
     def __init__(self, config: PretrainedConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.gpt_neox = GPTNeoXModel(config)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if self.tie_word_embeddings:
-            self.embed_out = self.gpt_neox.embed_in
-        else:
-            self.embed_out = ParallelLMHead(config.vocab_size, config.hidden_size)
-        self.logits_processor = LogitsProcessor(config.vocab_size)
+        model = GPTNeoXModel(config)
+        super().__init__(config, model, model.embed_in)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        return self.gpt_neox(input_ids, positions, kv_caches, attn_metadata)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.logits_processor(self.embed_out, hidden_states)
-
-    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
-        kept = ((n, w) for n, w in weights if not n.endswith(_MASK_BUFFERS))
-        skip = {"embed_out.weight"} if self.tie_word_embeddings else set()
-        return load_packed_weights(self, kept, self.packed_modules_mapping, skip)
+    def hf_layout(self, weights: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+        return ((n, w) for n, w in weights if not n.endswith(_MASK_BUFFERS))

@@ -2,23 +2,24 @@
 
 Same module tree and parameter names as HF (q/k/v and gate/up fused on load),
 with the tensor-parallel layers and the paged `Attention` in place of
-nn.Linear/nn.Embedding and HF's attention functions.
+nn.Linear/nn.Embedding and HF's attention functions. The Llama-shaped models
+(Qwen2/3, Phi-3, Gemma, Mixtral) reuse these classes: their differences are
+the flags of `LlamaAttention` and the attention, MLP and norm a layer is given.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from pagedray.models.layers.activation import get_act_and_mul_fn
 from pagedray.models.layers.attention import Attention, AttentionMetadata
+from pagedray.models.layers.causal_lm import CausalLM
 from pagedray.models.layers.layernorm import RMSNorm
 from pagedray.models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from pagedray.models.layers.logits import LogitsProcessor
-from pagedray.models.layers.rotary import get_rope, rope_config
-from pagedray.models.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
-from pagedray.models.utils import load_packed_weights
+from pagedray.models.layers.rotary import get_rope, partial_rotary_dim, rope_config
+from pagedray.models.layers.vocab_embedding import VocabParallelEmbedding
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -36,39 +37,68 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig) -> None:
+    """Rotary attention with grouped KV heads; `head_dim` from the config when it sets one.
+
+    The flags are where Llama-shaped models differ: biases on q/k/v and on o,
+    this layer's sliding window (None: full attention), rotary over only the
+    config's partial rotary factor of each head (Phi-3), and an RMSNorm over
+    each query and key head before rotary (Qwen3).
+    """
+
+    def __init__(self, config: PretrainedConfig, qkv_bias: bool = False, o_bias: bool = False,
+                 sliding_window: int | None = None, partial_rotary: bool = False, qk_norm: bool = False) -> None:
         super().__init__()
         hidden = config.hidden_size
         total_heads = config.num_attention_heads
         total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
         self.head_dim = getattr(config, "head_dim", None) or hidden // total_heads
-        bias = getattr(config, "attention_bias", False)
-        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, total_heads, total_kv_heads, bias)
-        self.o_proj = RowParallelLinear(total_heads * self.head_dim, hidden, bias)
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, total_heads, total_kv_heads, qkv_bias)
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, hidden, o_bias)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         base, scaling = rope_config(config)
-        self.rotary_emb = get_rope(self.head_dim, self.head_dim, config.max_position_embeddings, base,
+        rotary_dim = partial_rotary_dim(config, self.head_dim) if partial_rotary else self.head_dim
+        self.rotary_emb = get_rope(self.head_dim, rotary_dim, config.max_position_embeddings, base,
                                    is_neox_style=True, rope_scaling=scaling)
-        # Mistral's configs carry sliding_window (None = full attention); Llama's have none.
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads,
-                              sliding_window=getattr(config, "sliding_window", None))
+                              sliding_window=sliding_window)
+        # One weight of size head_dim, shared by all heads: replicated on every rank.
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig) -> None:
+    """Pre-norm layer: h = x + attn(norm(x)), out = h + mlp(norm(h)).
+
+    Built from the config as Llama's; a Llama-shaped model passes its own
+    attention, MLP and norm class. `mlp_name` is HF's name of the feed-forward
+    (Mixtral: "block_sparse_moe"), which the checkpoint's names follow.
+    """
+    mlp_name = "mlp"
+
+    def __init__(self, config: PretrainedConfig, layer_idx: int, self_attn: nn.Module | None = None,
+                 mlp: nn.Module | None = None, norm_cls: type[RMSNorm] = RMSNorm) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
-                            getattr(config, "mlp_bias", False))
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if self_attn is None:
+            bias = getattr(config, "attention_bias", False)
+            # Mistral's configs carry sliding_window (None = full attention); Llama's have none.
+            self_attn = LlamaAttention(config, bias, bias, sliding_window=getattr(config, "sliding_window", None))
+        if mlp is None:
+            mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                           getattr(config, "mlp_bias", False))
+        self.self_attn = self_attn
+        setattr(self, self.mlp_name, mlp)
+        self.input_layernorm = norm_cls(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = norm_cls(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: AttentionMetadata,
@@ -80,49 +110,39 @@ class LlamaDecoderLayer(nn.Module):
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states, kv_cache, attn_metadata)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        return getattr(self, self.mlp_name)(hidden_states), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: PretrainedConfig) -> None:
+    """Token embedding, `layer_cls(config, i)` for each layer, final norm."""
+
+    def __init__(self, config: PretrainedConfig, layer_cls: type[nn.Module] = LlamaDecoderLayer,
+                 norm_cls: type[RMSNorm] = RMSNorm) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(layer_cls(config, i) for i in range(config.num_hidden_layers))
+        self.norm = norm_cls(config.hidden_size, config.rms_norm_eps)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
-        hidden_states, residual = self.embed_tokens(input_ids), None
+        hidden_states, residual = self.embed(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden_states, residual = layer(positions, hidden_states, kv_cache, attn_metadata, residual)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     packed_modules_mapping = {
         "qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")],
         "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
     }
+    # A Llama-shaped model (Qwen2, Phi-3, Mixtral, ...) subclasses this with its own layer.
+    layer_cls: type[nn.Module] = LlamaDecoderLayer
 
     def __init__(self, config: PretrainedConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.model = LlamaModel(config)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if self.tie_word_embeddings:
-            self.lm_head = self.model.embed_tokens
-        else:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
-        self.logits_processor = LogitsProcessor(config.vocab_size)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, attn_metadata)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.logits_processor(self.lm_head, hidden_states)
-
-    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
-        skip = {"lm_head.weight"} if self.tie_word_embeddings else set()
-        return load_packed_weights(self, weights, self.packed_modules_mapping, skip)
+        model = LlamaModel(config, self.layer_cls)
+        super().__init__(config, model, model.embed_tokens)

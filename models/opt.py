@@ -7,20 +7,19 @@ the OPT-350m shape: embeddings narrower than the hidden size
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from pagedray.models.layers.activation import get_act_fn
 from pagedray.models.layers.attention import Attention, AttentionMetadata
+from pagedray.models.layers.causal_lm import CausalLM
 from pagedray.models.layers.layernorm import LayerNorm
 from pagedray.models.layers.linear import (ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear,
                                            RowParallelLinear)
-from pagedray.models.layers.logits import LogitsProcessor
 from pagedray.models.layers.position_embedding import LearnedPositionalEmbedding
-from pagedray.models.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
-from pagedray.models.utils import load_packed_weights
+from pagedray.models.layers.vocab_embedding import VocabParallelEmbedding
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -112,29 +111,14 @@ class OPTModel(nn.Module):
         return self.decoder(input_ids, positions, kv_caches, attn_metadata)
 
 
-class OPTForCausalLM(nn.Module):
+class OPTForCausalLM(CausalLM):
     packed_modules_mapping = {"qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")]}
 
     def __init__(self, config: PretrainedConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.model = OPTModel(config)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        if self.tie_word_embeddings:
-            self.lm_head = self.model.decoder.embed_tokens
-        else:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.word_embed_proj_dim)
-        self.logits_processor = LogitsProcessor(config.vocab_size)
+        model = OPTModel(config)
+        super().__init__(config, model, model.decoder.embed_tokens, tie_default=True,
+                         head_width=config.word_embed_proj_dim)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, attn_metadata)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.logits_processor(self.lm_head, hidden_states)
-
-    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
+    def hf_layout(self, weights: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
         # facebook/opt-* checkpoints name the decoder "decoder.*"; save_pretrained writes "model.decoder.*".
-        renamed = ((f"model.{n}" if n.startswith("decoder.") else n, w) for n, w in weights)
-        skip = {"lm_head.weight"} if self.tie_word_embeddings else set()
-        return load_packed_weights(self, renamed, self.packed_modules_mapping, skip)
+        return ((f"model.{n}" if n.startswith("decoder.") else n, w) for n, w in weights)

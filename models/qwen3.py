@@ -8,36 +8,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
-from pagedray.models.layers.attention import AttentionMetadata
-from pagedray.models.layers.layernorm import RMSNorm
-from pagedray.models.qwen2 import Qwen2Attention, Qwen2DecoderLayer, Qwen2ForCausalLM
+from pagedray.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
+from pagedray.models.qwen2 import layer_sliding_window
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 
-class Qwen3Attention(Qwen2Attention):
+class Qwen3DecoderLayer(LlamaDecoderLayer):
     def __init__(self, config: PretrainedConfig, layer_idx: int) -> None:
         bias = bool(getattr(config, "attention_bias", False))
-        super().__init__(config, layer_idx, qkv_bias=bias, o_bias=bias)
-        # One weight of size head_dim, shared by all heads: replicated on every rank.
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, kv_cache: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
-        k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata))
+        attn = LlamaAttention(config, qkv_bias=bias, o_bias=bias, qk_norm=True,
+                              sliding_window=layer_sliding_window(config, layer_idx))
+        mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act, bias=False)
+        super().__init__(config, layer_idx, attn, mlp)
 
 
-class Qwen3DecoderLayer(Qwen2DecoderLayer):
-    attention_cls = Qwen3Attention
-
-
-class Qwen3ForCausalLM(Qwen2ForCausalLM):
+class Qwen3ForCausalLM(LlamaForCausalLM):
     layer_cls = Qwen3DecoderLayer

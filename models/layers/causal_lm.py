@@ -1,0 +1,69 @@
+"""`CausalLM`: the `*ForCausalLM` wrapper every model file shares.
+
+It holds the decoder stack and the LM head (or, when tied, the token
+embedding itself), and provides the three entry points of DESIGN.md:
+`forward`, `compute_logits` and `load_weights` through
+`packed_modules_mapping`. A model file only builds its stack and says how
+its checkpoint differs from its module tree.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+from torch import nn
+
+from pagedray.models.layers.attention import AttentionMetadata
+from pagedray.models.layers.logits import LogitsProcessor
+from pagedray.models.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+from pagedray.models.utils import PackedMapping, load_packed_weights
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+Weights = Iterable[tuple[str, Any]]
+
+
+class CausalLM(nn.Module):
+    """A decoder stack plus its LM head. Subclasses set the class attributes and call
+    `super().__init__(config, stack, stack's token embedding)`.
+
+    `model_name` and `lm_head_name` are HF's attribute names (GPT-2: "transformer",
+    GPT-NeoX: "gpt_neox" and "embed_out"), so checkpoint names are parameter names.
+    `tie_default` is HF's default for a config without `tie_word_embeddings`;
+    `head_width` the LM head's input width when it is not `hidden_size` (OPT-350m).
+    """
+    packed_modules_mapping: PackedMapping = {}
+    model_name = "model"
+    lm_head_name = "lm_head"
+
+    def __init__(self, config: PretrainedConfig, model: nn.Module, embed_tokens: VocabParallelEmbedding,
+                 tie_default: bool = False, head_width: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        setattr(self, self.model_name, model)  # registered before the head: a tied weight keeps the stack's name
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", tie_default))
+        if self.tie_word_embeddings:
+            setattr(self, self.lm_head_name, embed_tokens)
+        else:
+            setattr(self, self.lm_head_name, ParallelLMHead(config.vocab_size, head_width or config.hidden_size))
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        return getattr(self, self.model_name)(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.logits_processor(getattr(self, self.lm_head_name), hidden_states)
+
+    def skipped_weights(self) -> set[str]:
+        """Checkpoint tensors that have no parameter of their own: a tied head is the embedding."""
+        return {f"{self.lm_head_name}.weight"} if self.tie_word_embeddings else set()
+
+    def hf_layout(self, weights: Weights) -> Weights:
+        """Checkpoint (name, tensor) pairs renamed/transformed into this module tree; override where they differ."""
+        return weights
+
+    def load_weights(self, weights: Weights) -> set[str]:
+        return load_packed_weights(self, self.hf_layout(weights), self.packed_modules_mapping,
+                                   self.skipped_weights())
