@@ -36,7 +36,11 @@ def run_hf(args) -> dict | None:
            "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--input-len", str(args.input_len),
            "--output-len", str(args.hf_output_len), "--temperature", "0", "--device", args.device]
     print("HF baseline:", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.hf_timeout)
+    except subprocess.TimeoutExpired:
+        print(f"HF baseline did not finish in {args.hf_timeout} s; no peer column", file=sys.stderr)
+        return None
     if proc.returncode != 0:
         print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
         return None
@@ -159,6 +163,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf-baseline", action="store_true")
+    p.add_argument("--hf-timeout", type=float, default=600.0, help="seconds before the HF run is given up")
     p.add_argument("--hf-output-len", type=int, default=32)
     p.add_argument("--results", default=None, help="append the table to this file (e.g. benchmarks/RESULTS.md)")
     args = p.parse_args(argv)

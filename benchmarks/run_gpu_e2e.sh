@@ -20,7 +20,7 @@ run() {
     latency) step latency 100 python3 benchmarks/latency.py --shape llama3-8b --hf-baseline --iters 2 --hf-output-len 16 --results "$R" ;;
     tput8b) step tput8b 170 python3 benchmarks/throughput.py --shape llama3-8b --hf-baseline --breakdown \
               --breakdown-requests 128 --results "$R" --trace-file "$OUT/profile_8b.txt" ;;
-    tputqwen) step tputqwen 70 python3 benchmarks/throughput.py --shape qwen2.5-0.5b --hf-baseline --results "$R" ;;
+    tputqwen) step tputqwen 100 python3 benchmarks/throughput.py --shape qwen2.5-0.5b --hf-baseline --hf-timeout 45 --results "$R" ;;
   esac
 }
 for s in ${@:-e2e latency tput8b tputqwen}; do run "$s"; done

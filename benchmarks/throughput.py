@@ -40,7 +40,11 @@ def run_hf(args) -> dict | None:
            "--input-len", str(args.input_len), "--output-len", str(args.output_len),
            "--temperature", str(args.temperature), "--device", args.device, "--seed", str(args.seed)]
     print("HF baseline:", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.hf_timeout)
+    except subprocess.TimeoutExpired:
+        print(f"HF baseline did not finish in {args.hf_timeout} s; no peer column", file=sys.stderr)
+        return None
     if proc.returncode != 0:
         print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
         return None
@@ -166,6 +170,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-requests", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf-baseline", action="store_true")
+    p.add_argument("--hf-timeout", type=float, default=600.0, help="seconds before the HF run is given up")
     p.add_argument("--hf-num-requests", type=int, default=256)
     p.add_argument("--hf-batch-size", type=int, default=256)
     p.add_argument("--breakdown", action="store_true")
