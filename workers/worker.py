@@ -70,16 +70,15 @@ class Worker:
             return max(1, min(affordable, needed + 1))
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        free_before, total = torch.cuda.mem_get_info(self.device)
         self.runner.profile_run(self.max_num_batched_tokens, self.max_num_seqs,
                                 CacheEngine.empty_caches(spec, self.device))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
-        free_after, _ = torch.cuda.mem_get_info(self.device)
-        # Memory used outside PyTorch's allocator (NCCL buffers, CUDA context growth).
-        non_torch = max(0, (total - free_after) - torch.cuda.memory_reserved(self.device)
-                        - (total - free_before - torch.cuda.memory_reserved(self.device)))
-        budget = total * self.cache_config.gpu_memory_utilization - peak - non_torch
+        free, total = torch.cuda.mem_get_info(self.device)
+        # Everything outside this process's allocator: the CUDA context, NCCL buffers, and
+        # other processes on the same GPU (they are not ours to take).
+        outside = total - free - torch.cuda.memory_reserved(self.device)
+        budget = total * self.cache_config.gpu_memory_utilization - peak - outside
         budget -= self.graph_memory_reserve()
         num_blocks = int(budget // spec.bytes_per_block)
         logger.info("rank %d: peak %.2f GiB, KV budget %.2f GiB -> %d blocks", self.rank,
