@@ -1,0 +1,309 @@
+"""Host cost of one engine step, with the model's forward replaced by a near-free stub (CPU).
+
+    python benchmarks/host_overhead.py                      # batch 1, 64, 256 x greedy/temperature x tokenizer
+    python benchmarks/host_overhead.py --batch-sizes 256 --modes greedy --profile   # cProfile of one case
+
+On the GPU a decode step is graph replay (GPU) plus host work during which the GPU idles
+(RESULTS.md: 5.0 ms of 12.3 ms at batch 128 for the 8B shape). This script measures only that
+host work: the runner's `_forward` returns a preallocated hidden-state slice and the model's
+`compute_logits` a preallocated [rows, vocab] slice (vocab 128256, the Llama-3 shape), so what
+is left is the scheduler, the input tensors, the sampler, the scheduler's update and the
+engine's output building (and, with a tokenizer, incremental detokenization).
+
+Each case: B requests of --input-len random prompt token ids (ignore_eos, long max_tokens) are
+prefilled, --warmup decode steps run, then --steps decode-only steps are timed per stage by
+wrapping the stage methods on the instances. Stages:
+  schedule           Scheduler.schedule
+  prepare_inputs     ModelRunner.prepare_inputs (flat tensors, attention metadata)
+  forward_stub       ModelRunner._forward + compute_logits (the stubs: ~0)
+  sampler            the runner's sampler call (vocab-wide math runs on the CPU here: on a GPU
+                     that part is device time, so read the greedy column as the host-side figure)
+  runner_rest        the rest of ModelRunner.execute_model (state update, sampling rows, output)
+  update             Scheduler.update_from_output (append tokens, stop checks)
+  engine_output      the rest of LLMEngine.step (detokenize, RequestOutput objects)
+The "LLM.generate" column times whole steps as LLM.generate drives them (it may ask the engine
+for less than AsyncEngine needs); the stage columns are measured on `engine.step()`.
+The tokenizer is a synthetic byte-level BPE with the same vocabulary size (decode cost, not
+quality). Torch runs with --threads threads (default 1) so that shared cores disturb less.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import inspect
+import io
+import json
+import os
+import pathlib
+import pstats
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from common import append_results, markdown_table
+
+HIDDEN = 64
+STAGES = ("schedule", "prepare_inputs", "forward_stub", "sampler", "runner_rest", "update", "engine_output")
+
+
+# -- setup ---------------------------------------------------------------------------------------
+def write_model(path: pathlib.Path, vocab: int, max_len: int) -> str:
+    """A Llama config with a tiny body and the full vocabulary (dummy weights, no checkpoint)."""
+    import transformers
+    cfg = transformers.LlamaConfig(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                   max_position_embeddings=max_len, bos_token_id=1, eos_token_id=2,
+                                   architectures=["LlamaForCausalLM"])
+    cfg.save_pretrained(str(path))
+    return str(path)
+
+
+def write_tokenizer(path: pathlib.Path, vocab: int, seed: int = 0) -> str:
+    """A byte-level BPE tokenizer of `vocab` entries: the 256 byte symbols, then random words,
+    some ending in half of a two-byte character (so the partial-UTF-8 hold-back runs as on text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    symbols = _byte_symbols()
+    entries = [symbols[b] for b in range(256)]
+    seen = set(entries)
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    while len(entries) < vocab:
+        word = ("\u0120" if rng.random() < 0.6 else "") + "".join(
+            rng.choice(letters) for _ in range(rng.randint(2, 8)))
+        if rng.random() < 0.05:
+            word += symbols[0xC3]   # the lead byte of é, ü, ...: the next token completes it
+        if word not in seen:
+            seen.add(word)
+            entries.append(word)
+    tok = Tokenizer(models.BPE(vocab={w: i for i, w in enumerate(entries)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(str(path))
+    return str(path)
+
+
+def _byte_symbols() -> dict[int, str]:
+    """GPT-2's byte -> printable symbol map (what ByteLevel decodes back to bytes)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    table, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+def build_llm(model: str, tokenizer: str | None, args, max_len: int):
+    from pagedray.cluster import LLM
+    blocks = args.max_batch * -(-max_len // 16) + 16
+    return LLM(model, tokenizer=tokenizer, load_format="dummy", dtype="float32", device="cpu",
+               max_model_len=max_len, max_num_seqs=args.max_batch, num_kv_blocks=blocks,
+               enable_prefix_caching=False, seed=args.seed)
+
+
+def stub_model(llm, vocab: int, max_rows: int, seed: int) -> None:
+    """Replace the forward and the logits by slices of preallocated tensors (on the instances)."""
+    runner = llm.llm_engine.executor.worker.runner
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.zeros(max(max_rows, 4096), HIDDEN)
+    logits = torch.randn(max_rows, vocab, generator=gen)
+
+    def forward(inputs):
+        return hidden[:inputs.input_ids.shape[0]]
+
+    def compute_logits(h):
+        return logits[:h.shape[0]]
+
+    runner._forward = forward
+    object.__setattr__(runner.model, "compute_logits", compute_logits)
+
+
+# -- timing --------------------------------------------------------------------------------------
+class Stages:
+    """Wraps the stage methods on the instances (undone by `restore`); seconds per stage per step."""
+
+    def __init__(self, llm) -> None:
+        engine = llm.llm_engine
+        runner = engine.executor.worker.runner
+        self.cur: dict[str, float] = {}
+        self.steps: list[dict[str, float]] = []
+        self._undo: list[tuple[object, str, object, bool]] = []
+        self._wrap(engine, "step", "step", close=True)
+        self._wrap(engine.scheduler, "schedule", "schedule")
+        self._wrap(engine.scheduler, "update_from_output", "update")
+        self._wrap(engine.executor, "execute_model", "execute")
+        self._wrap(runner, "prepare_inputs", "prepare_inputs")
+        self._wrap(runner, "_forward", "forward_stub")
+        self._wrap(runner.model, "compute_logits", "forward_stub")
+        self._wrap(runner, "sampler", "sampler")
+
+    def _wrap(self, obj, name: str, stage: str, close: bool = False) -> None:
+        original = getattr(obj, name)
+        own = name in vars(obj)
+        cur, clock = self.cur, time.perf_counter
+
+        def timed(*a, **kw):
+            start = clock()
+            try:
+                return original(*a, **kw)
+            finally:
+                cur[stage] = cur.get(stage, 0.0) + clock() - start
+                if close:
+                    self._close()
+        object.__setattr__(obj, name, timed)
+        self._undo.append((obj, name, original, own))
+
+    def _close(self) -> None:
+        c = dict(self.cur)
+        self.cur.clear()
+        inner = sum(c.get(s, 0.0) for s in ("prepare_inputs", "forward_stub", "sampler"))
+        c["runner_rest"] = max(0.0, c.get("execute", 0.0) - inner)
+        c["engine_output"] = max(0.0, c["step"] - c.get("schedule", 0.0) - c.get("execute", 0.0)
+                                 - c.get("update", 0.0))
+        self.steps.append(c)
+
+    def restore(self) -> None:
+        for obj, name, original, own in reversed(self._undo):
+            if own:
+                object.__setattr__(obj, name, original)
+            else:
+                object.__delattr__(obj, name)
+        self._undo = []
+
+    def summary(self) -> dict[str, float]:
+        n = len(self.steps)
+        out = {s: sum(st.get(s, 0.0) for st in self.steps) / n * 1e3 for s in STAGES}
+        out["step"] = sum(st["step"] for st in self.steps) / n * 1e3
+        out["step_median"] = statistics.median(st["step"] for st in self.steps) * 1e3
+        return out
+
+
+def generate_step_ms(engine, steps: int) -> float:
+    """Mean time of a step as LLM.generate drives it (it asks for finished outputs only when
+    the engine offers that)."""
+    kwargs = {"finished_only": True} if "finished_only" in inspect.signature(engine.step).parameters else {}
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step(**kwargs)
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def run_case(llm, batch: int, mode: str, args) -> dict:
+    from pagedray.cluster import SamplingParams
+    engine = llm.llm_engine
+    vocab = engine.model_config.vocab_size
+    rng = random.Random(args.seed + batch)
+    # Nobody may finish while timed: the first admitted decode through the others' prefill too.
+    params = SamplingParams(temperature=0.0 if mode == "greedy" else 1.0, ignore_eos=True,
+                            max_tokens=args.max_len - args.input_len)
+    ids = [f"b{batch}-{mode}-{i}" for i in range(batch)]
+    for rid in ids:
+        prompt = [rng.randrange(3, vocab) for _ in range(args.input_len)]
+        engine.add_request(rid, {"prompt_token_ids": prompt}, params)
+    while engine.scheduler.num_waiting or any(
+            r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
+        engine.step()
+    for _ in range(args.warmup):
+        engine.step()
+    stages = Stages(llm)
+    prof = cProfile.Profile() if args.profile else None
+    try:
+        if prof:
+            prof.enable()
+        for _ in range(args.steps):
+            engine.step()
+        if prof:
+            prof.disable()
+    finally:
+        stages.restore()
+    result = stages.summary()
+    result["generate_step"] = generate_step_ms(engine, args.steps)
+    running = engine.scheduler.num_running
+    if running != batch or any(r.is_finished for r in engine.scheduler.running):
+        raise RuntimeError(f"batch {batch}: {running} requests still running after the timed steps")
+    engine.abort_request(ids)
+    if prof:
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(35)
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+        result["profile"] = buf.getvalue()
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    max_len = args.max_len
+    rows, profiles = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = pathlib.Path(tmp)
+        model = write_model(root / "model", args.vocab, max_len)
+        tok = write_tokenizer(root / "tok", args.vocab) if "yes" in args.tokenizer else None
+        for use_tok in args.tokenizer:
+            llm = build_llm(model, tok if use_tok == "yes" else None, args, max_len)
+            stub_model(llm, args.vocab, args.max_batch, args.seed)
+            for batch in args.batch_sizes:
+                for mode in args.modes:
+                    r = run_case(llm, batch, mode, args)
+                    rows.append([batch, mode, use_tok] + [f"{r[s]:.3f}" for s in STAGES]
+                                + [f"{r['step']:.3f}", f"{r['step'] - r['sampler']:.3f}",
+                                   f"{r['generate_step']:.3f}"])
+                    print(json.dumps({"batch": batch, "mode": mode, "tokenizer": use_tok,
+                                      **{k: round(v, 4) for k, v in r.items() if k != "profile"}}), flush=True)
+                    if "profile" in r:
+                        profiles.append(f"== batch {batch} {mode} tokenizer={use_tok}\n{r['profile']}")
+            llm.shutdown()
+    header = (["batch", "sampling", "tokenizer"] + [f"{s} (ms)" for s in STAGES]
+              + ["step (ms)", "step - sampler (ms)", "LLM.generate step (ms)"])
+    notes = (f"- CPU ({os.cpu_count()} cores, shared), torch threads {args.threads}; prompts of {args.input_len} "
+             f"token ids; {args.warmup} warm-up decode steps, then means over {args.steps} decode-only steps; "
+             f"vocab {args.vocab}; forward and logits stubbed; temperature mode = temperature 1.0, no "
+             f"top-k/top-p.{' ' + args.label if args.label else ''}")
+    body = markdown_table(header, rows) + "\n\n" + notes
+    print(body)
+    for p in profiles:
+        print(p)
+    if args.results:
+        append_results(f"Host overhead per step{' (' + args.label + ')' if args.label else ''}", body,
+                       pathlib.Path(args.results))
+    return 0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
+    p.add_argument("--modes", nargs="+", choices=["greedy", "temperature"], default=["greedy", "temperature"])
+    p.add_argument("--tokenizer", nargs="+", choices=["no", "yes"], default=["no", "yes"])
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="print a cProfile of each case's timed steps")
+    p.add_argument("--label", default="")
+    p.add_argument("--results", default=None, help="append the table to this file (e.g. benchmarks/RESULTS.md)")
+    args = p.parse_args(argv)
+    for name in ("input_len", "steps", "vocab", "threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if min(args.batch_sizes) < 1:
+        raise ValueError(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
+    args.max_batch = max(args.batch_sizes)
+    # Chunked prefill admits ~2048 prompt tokens a step while the admitted ones decode.
+    prefill_steps = -(-args.max_batch * args.input_len // 2048) + 1
+    args.max_len = args.input_len + prefill_steps + args.warmup + 2 * args.steps + 16
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(main())
