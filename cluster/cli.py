@@ -48,7 +48,36 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
+    r = p.add_argument_group("replicas", "several engines behind one endpoint (needs --replica-backend ray)")
+    r.add_argument("--replica-backend", choices=("local", "ray"), default="local",
+                   help="local: one engine in this process; ray: each replica's engine in a Ray actor")
+    r.add_argument("--replicas", type=int, help="replicas to start with (default: --min-replicas, else 1)")
+    r.add_argument("--min-replicas", type=int, help="autoscaling floor (default: --replicas)")
+    r.add_argument("--max-replicas", type=int, help="autoscaling ceiling (default: --replicas)")
+    r.add_argument("--target-ongoing-requests", type=float, default=16.0,
+                   help="in-flight requests per replica the autoscaler aims for")
+    r.add_argument("--upscale-delay", type=float, default=30.0, help="seconds more replicas must be wanted first")
+    r.add_argument("--downscale-delay", type=float, default=300.0, help="seconds fewer must be wanted first")
     p.set_defaults(func=_serve)
+
+
+def _scaling_config(args: argparse.Namespace):
+    """--replicas/--min-replicas/--max-replicas as an AutoscalingConfig (fixed when min == max)."""
+    from pagedray.cluster.autoscaler import AutoscalingConfig
+    initial = args.replicas if args.replicas is not None else \
+        args.min_replicas if args.min_replicas is not None else 1
+    low = args.min_replicas if args.min_replicas is not None else initial
+    high = args.max_replicas if args.max_replicas is not None else max(initial, low)
+    try:
+        config = AutoscalingConfig(min_replicas=low, max_replicas=high, initial_replicas=initial,
+                                   target_ongoing_requests=args.target_ongoing_requests,
+                                   upscale_delay_s=args.upscale_delay, downscale_delay_s=args.downscale_delay)
+    except ValueError as exc:
+        raise SystemExit(f"pagedray serve: {exc}")
+    if args.replica_backend == "local" and config.max_replicas > 1:
+        raise SystemExit("pagedray serve: more than one replica (--replicas/--max-replicas) needs "
+                         "--replica-backend ray")
+    return config
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -58,20 +87,45 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit("pagedray serve: --model is required (or set PAGEDRAY_MODEL)")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SystemExit("pagedray serve: --tls-cert and --tls-key go together")
-    from pagedray.cluster.async_engine import AsyncEngine
-    engine = AsyncEngine.from_kwargs(
-        model, max_pending_requests=args.max_pending_requests, device=args.device,
-        tensor_parallel_size=args.tensor_parallel_size, executor=args.executor, dtype=args.dtype,
-        load_format=args.load_format, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-        gpu_memory_utilization=args.gpu_memory_utilization, max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
-        seed=args.seed)
+    scaling = _scaling_config(args)
+    kwargs = dict(device=args.device, tensor_parallel_size=args.tensor_parallel_size, executor=args.executor,
+                  dtype=args.dtype, load_format=args.load_format, max_model_len=args.max_model_len,
+                  max_num_seqs=args.max_num_seqs, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+                  gpu_memory_utilization=args.gpu_memory_utilization,
+                  max_num_batched_tokens=args.max_num_batched_tokens,
+                  enable_prefix_caching=args.enable_prefix_caching,
+                  enable_chunked_prefill=args.enable_chunked_prefill, seed=args.seed)
     name = args.served_model_name or Path(model).name
+    if args.replica_backend == "ray":
+        return asyncio.run(_run_ray_replicas(model, kwargs, name, args, scaling))
+    from pagedray.cluster.async_engine import AsyncEngine
+    engine = AsyncEngine.from_kwargs(model, max_pending_requests=args.max_pending_requests, **kwargs)
     return asyncio.run(_run_server(engine, name, args))
 
 
-async def _run_server(engine, name: str, args: argparse.Namespace) -> int:
+async def _run_ray_replicas(model: str, kwargs: dict, name: str, args: argparse.Namespace, scaling) -> int:
+    """Replicas in Ray actors, kept between --min-replicas and --max-replicas by the autoscaler."""
+    from pagedray.cluster.autoscaler import Autoscaler
+    from pagedray.cluster.replica import RayReplica
+    from pagedray.cluster.router import Router
+
+    def make_replica(replica_name: str) -> RayReplica:
+        return RayReplica(model, kwargs, name=replica_name, max_pending_requests=args.max_pending_requests)
+
+    router = Router()
+    autoscaler = Autoscaler(router, make_replica, scaling)
+    logger.info("starting %d replica(s) in Ray actors (min %d, max %d)", scaling.initial_replicas,
+                scaling.min_replicas, scaling.max_replicas)
+    from pagedray.cluster.async_engine import EngineDeadError
+    try:
+        await autoscaler.start()
+    except (ValueError, EngineDeadError) as exc:
+        await autoscaler.stop()
+        raise SystemExit(f"pagedray serve: no replica could start: {exc}")
+    return await _run_server(router, name, args, autoscaler)
+
+
+async def _run_server(engine, name: str, args: argparse.Namespace, autoscaler=None) -> int:
     from pagedray.cluster.server import GenerateServer
     server = GenerateServer(
         engine, name, host=args.host, port=args.port,
@@ -85,10 +139,12 @@ async def _run_server(engine, name: str, args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     metrics = f", metrics on http://{args.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
-    logger.info("ready: serving model %r on %s:%d (%s)%s", name, args.host, server.port,
-                "tls" if args.tls_cert else "plaintext", metrics)
+    logger.info("ready: serving model %r on %s:%d (%s)%s, %d replica(s) ready", name, args.host, server.port,
+                "tls" if args.tls_cert else "plaintext", metrics, server.router.num_ready)
     await stop.wait()
     logger.info("draining (up to %.0f s)", args.drain_timeout)
+    if autoscaler is not None:
+        await autoscaler.stop()
     await server.stop(args.drain_timeout)
     logger.info("stopped")
     return 0

@@ -63,12 +63,18 @@ class ServingMetrics:
                                 ["finish_reason"], registry=self.registry)
         self.throughput = _RateWindow()
         self._get_stats: Callable[[], Any] = lambda: None
+        # name -> (doc, read): gauges read at scrape time from outside the engine (e.g. replica counts).
+        self.extra_gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         self.registry.register(_EngineStatsCollector(self))
         self._http = None
 
     def bind(self, get_stats: Callable[[], Any]) -> None:
         """Where scrapes read engine state: a callable returning the latest EngineStats or None."""
         self._get_stats = get_stats
+
+    def add_gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        """A gauge whose value `read()` returns at each scrape (replaces one of the same name)."""
+        self.extra_gauges[name] = (doc, read)
 
     # Called from the engine thread and the event loop; prometheus_client is thread-safe.
     def on_step(self, stats: Any) -> None:
@@ -107,6 +113,8 @@ class _EngineStatsCollector:
         return []  # collected lazily; nothing to check at registration
 
     def collect(self):
+        for name, (doc, read) in list(self.metrics.extra_gauges.items()):
+            yield GaugeMetricFamily(name, doc, value=float(read()))
         stats = self.metrics._get_stats()
         if stats is None:
             return

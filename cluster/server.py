@@ -1,6 +1,7 @@
-"""The gRPC generate endpoint (`pagedray.v1.Generation`) on grpc.aio.
+"""The gRPC generate endpoint (`pagedray.v1.Generation`) on grpc.aio, in front of a Router
+(one or more replicas; a single AsyncEngine is wrapped in a one-replica Router).
 
-Also serves grpc.health.v1.Health (SERVING only while the engine is healthy and the
+Also serves grpc.health.v1.Health (SERVING while at least one replica is healthy and the
 server is not draining) and server reflection; optional TLS and bearer-token auth;
 Prometheus metrics on a separate HTTP port.
 """
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from pagedray.cluster.async_engine import AsyncEngine, DeltaTracker, EngineDeadError, QueueFullError
 from pagedray.cluster.outputs import RequestOutput
+from pagedray.cluster.router import Router
 from pagedray.protos import generate_pb2 as pb
 from pagedray.protos import generate_pb2_grpc as pb_grpc
 from pagedray.workers.sampling_params import SamplingParams
@@ -137,11 +139,11 @@ def _status_of(exc: BaseException) -> grpc.StatusCode | None:
 
 # -- the service -------------------------------------------------------------------------
 class GenerationService(pb_grpc.GenerationServicer):
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
-        self.engine = engine
+    def __init__(self, router: Router, model_name: str) -> None:
+        self.router = router
         self.model_name = model_name
         self.draining = False
-        self.texts = _TokenTexts(engine.tokenizer)
+        self.texts = _TokenTexts(router.tokenizer)
 
     async def Generate(self, request, context):
         async with self._outputs(request, context) as (outputs, params):
@@ -160,10 +162,10 @@ class GenerationService(pb_grpc.GenerationServicer):
                     yield to_response(delta, params.logprobs, self.texts, usage)
 
     async def ListModels(self, request, context):
-        config = self.engine.model_config
+        config = self.router.model_config
         info = pb.ModelInfo(name=self.model_name, architecture=config.architecture,
                             max_model_len=config.max_model_len,
-                            tensor_parallel_size=self.engine.tensor_parallel_size, replicas=1)
+                            tensor_parallel_size=self.router.tensor_parallel_size, replicas=self.router.num_ready)
         return pb.ListModelsResponse(models=[info])
 
     @contextlib.asynccontextmanager
@@ -177,7 +179,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is draining")
         try:
             prompt, params, request_id = parse_request(request, self.model_name)
-            async with contextlib.aclosing(self.engine.generate(prompt, params, request_id)) as outputs:
+            async with contextlib.aclosing(self.router.generate(prompt, params, request_id)) as outputs:
                 yield outputs, params
         except Exception as exc:
             code = _status_of(exc)
@@ -214,9 +216,10 @@ def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 class GenerateServer:
-    """The engine behind a grpc.aio server. `start()`, then `stop()` drains and shuts down."""
+    """A Router (or one AsyncEngine) behind a grpc.aio server. `start()`, then `stop()` drains and
+    shuts every replica down. `engine` keeps what was passed; `router` is what serves."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str, *, host: str = "127.0.0.1", port: int = 50051,
+    def __init__(self, engine: AsyncEngine | Router, model_name: str, *, host: str = "127.0.0.1", port: int = 50051,
                  auth_token: str | None = None, tls_cert: bytes | None = None, tls_key: bytes | None = None,
                  metrics_port: int | None = None) -> None:
         if (tls_cert is None) != (tls_key is None):
@@ -224,8 +227,9 @@ class GenerateServer:
         if auth_token is not None and not auth_token.strip():
             raise ValueError("auth_token must not be empty")
         self.engine = engine
+        self.router = engine if isinstance(engine, Router) else Router.wrap(engine)
         self.host, self.requested_port = host, port
-        self.service = GenerationService(engine, model_name)
+        self.service = GenerationService(self.router, model_name)
         self.health = health.aio.HealthServicer()
         interceptors = [_BearerAuth(auth_token.strip())] if auth_token else []
         self.server = grpc.aio.server(interceptors=interceptors)
@@ -243,20 +247,24 @@ class GenerateServer:
         self.port = (self.server.add_secure_port(address, self._credentials) if self._credentials
                      else self.server.add_insecure_port(address))
         if self.requested_metrics_port is not None:
-            self.metrics_port = self.engine.metrics.serve_http(self.requested_metrics_port, self.host)
-        self.engine.on_dead(self._on_engine_dead)
+            self.metrics_port = self.router.metrics.serve_http(self.requested_metrics_port, self.host)
+        self.router.on_change(self._on_replicas_changed)
         await self.server.start()
-        await self._set_health(self.engine.is_healthy)
+        await self._set_health(self.router.is_healthy)
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    def _on_engine_dead(self, error: BaseException) -> None:
-        logger.error("engine failed (%s): health is NOT_SERVING", error)
+    def _on_replicas_changed(self) -> None:
+        if self.service.draining:
+            return
+        serving = self.router.is_healthy
+        if not serving:
+            logger.error("no healthy replica left: health is NOT_SERVING")
         # Called on the event loop from a plain callback: schedule the async update.
-        asyncio.get_running_loop().create_task(self._set_health(False))
+        asyncio.get_running_loop().create_task(self._set_health(serving))
 
     async def stop(self, grace: float = 30.0) -> None:
         """Drain, then shut down. While draining the port stays open: health says NOT_SERVING
@@ -265,12 +273,12 @@ class GenerateServer:
         self.service.draining = True
         await self._set_health(False)
         deadline = time.monotonic() + grace
-        while self.engine.num_pending and time.monotonic() < deadline:
+        while self.router.num_pending and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         # Lets responses already produced reach their clients; cancels what is left.
-        await self.server.stop(max(0.5, deadline - time.monotonic()) if self.engine.num_pending == 0 else 0)
-        await self.engine.shutdown()
-        self.engine.metrics.close()
+        await self.server.stop(max(0.5, deadline - time.monotonic()) if self.router.num_pending == 0 else 0)
+        await self.router.shutdown()
+        self.router.metrics.close()
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()

@@ -29,10 +29,22 @@ _IN_TREE: dict[str, str] = {
 class _ModelRegistry:
     def __init__(self) -> None:
         self._models: dict[str, type[nn.Module] | str] = dict(_IN_TREE)
+        self._user: set[str] = set()   # archs registered by user code
 
     def register_model(self, arch: str, cls: type[nn.Module] | str) -> None:
         """Map an HF architecture name to a model class (or a lazy "module:Class" path)."""
         self._models[arch] = cls
+        self._user.add(arch)
+
+    def out_of_tree(self) -> dict[str, type[nn.Module] | str]:
+        """What user code registered in this process. Ray actors start with only the in-tree
+        entries, so executors hand them this (the classes travel by cloudpickle: by reference
+        when their module is importable on the node, by value when defined in `__main__`)."""
+        return {arch: self._models[arch] for arch in sorted(self._user)}
+
+    def register_all(self, entries: dict[str, type[nn.Module] | str]) -> None:
+        for arch, cls in entries.items():
+            self.register_model(arch, cls)
 
     def get_supported_archs(self) -> list[str]:
         return sorted(self._models)

@@ -32,6 +32,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from pagedray.cluster.config import EngineConfig
 from pagedray.cluster.executors.base import Executor, ExecutorError
 from pagedray.cluster.executors.ray_utils import WorkerActor, check_fits, forwarded_env, init_ray
+from pagedray.models.registry import ModelRegistry
 from pagedray.workers.messages import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,8 @@ class RayExecutor(Executor):
         ip, port = self._wait([self.workers[0].rendezvous_address.remote()], self.startup_timeout_s,
                               "finding a rendezvous port")[0]
         init_method = f"tcp://{ip}:{port}"
-        blocks = self._wait([w.start.remote(self.config, init_method) for w in self.workers],
+        registrations = ModelRegistry.out_of_tree()   # user-registered models: the ranks start without them
+        blocks = self._wait([w.start.remote(self.config, init_method, registrations) for w in self.workers],
                             self.startup_timeout_s, "loading the model")
         num_blocks = min(blocks)
         if num_blocks < 1:

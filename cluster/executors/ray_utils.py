@@ -70,9 +70,14 @@ class WorkerActor:
             port = sock.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def start(self, config: Any, init_method: str) -> int:
-        """Init distributed, load this rank's shard, profile: returns the KV blocks this rank can afford."""
+    def start(self, config: Any, init_method: str, registrations: dict[str, Any] | None = None) -> int:
+        """Init distributed, load this rank's shard, profile: returns the KV blocks this rank can afford.
+
+        `registrations`: the driver's out-of-tree `ModelRegistry` entries (this process has only the in-tree ones).
+        """
+        from pagedray.models.registry import ModelRegistry
         from pagedray.workers.worker import Worker
+        ModelRegistry.register_all(registrations or {})
         local_device = "cuda:0" if config.device.device_type == "cuda" else "cpu"  # Ray masks to our GPU
         self.worker = Worker(config.model, config.cache, config.parallel, config.device,
                              config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs,

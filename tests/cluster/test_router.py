@@ -1,0 +1,150 @@
+"""Router decisions against fake replicas (no model): least outstanding work, prefix affinity
+within a slack, unhealthy replicas skipped, drain on removal, latency metrics."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from router_fakes import BLOCK, FakeReplica, Held, drain, tokens
+
+from pagedray.cluster.async_engine import EngineDeadError
+from pagedray.cluster.router import Router, prefix_hashes
+from pagedray.workers.sampling_params import SamplingParams
+
+def test_prefix_hashes_are_per_full_block_depth():
+    a = prefix_hashes(list(range(10)), BLOCK, 8)
+    b = prefix_hashes(list(range(8)) + [99, 98, 97], BLOCK, 8)
+    assert len(a) == 2 and a == b                       # the partial third block does not count
+    assert prefix_hashes(list(range(3)), BLOCK, 8) == []
+    assert prefix_hashes([0, 1, 2, 3, 5, 5, 6, 7], BLOCK, 8)[1] != a[1]
+    assert len(prefix_hashes(list(range(100)), BLOCK, 3)) == 3
+
+
+def test_least_loaded_with_rotation_among_equals():
+    async def scenario():
+        replicas = [FakeReplica(f"r{i}") for i in range(3)]
+        router = Router(replicas)
+        held = Held(router)
+        # Idle replicas take turns (no prefix: 2-token prompts).
+        firsts = [(await held.start(f"a{i}", tokens([i, i], []))).name for i in range(3)]
+        assert sorted(firsts) == ["r0", "r1", "r2"]
+        # r0 and r1 busy with one more each: the next two go to whichever has less.
+        await held.finish(f"a{firsts.index('r2')}")
+        assert (await held.start("b", tokens([5, 5], []))).name == "r2"
+        # A request with n=4 weighs 4: afterwards the others are less loaded than its replica.
+        heavy = await held.start("heavy", tokens([6, 6], []), n=4)
+        assert router.load[heavy.name] >= 4
+        nxt = await held.start("c", tokens([7, 7], []))
+        assert nxt is not heavy
+        for rid in list(held.tasks):
+            await held.finish(rid)
+        assert router.num_pending == 0 and set(router.load.values()) == {0}
+
+    asyncio.run(scenario())
+
+
+def test_prefix_affinity_within_slack():
+    async def scenario():
+        replicas = [FakeReplica(f"r{i}") for i in range(2)]
+        router = Router(replicas, affinity_slack=2)
+        held = Held(router)
+        shared = list(range(10, 18))                     # two full blocks
+        home = await held.start("p0", tokens(shared, [1]))
+        # Same prefix: same replica while its load is within 2 of the least loaded (loads 1-0, 2-0).
+        assert (await held.start("p1", tokens(shared, [2, 3]))) is home
+        assert (await held.start("p2", tokens(shared, [4]))) is home
+        # Load 3 vs 0 is beyond the slack: the least loaded takes it (and becomes the prefix's home).
+        other = await held.start("p3", tokens(shared, [5]))
+        assert other is not home
+        # A different prefix that shares only the first block follows that block's latest home.
+        assert (await held.start("q", tokens(shared[:4] + [77, 78, 79, 80], []))) is other
+        # No full block: no affinity, least loaded.
+        loads = dict(router.load)
+        short = await held.start("s", tokens([1, 2], []))
+        assert loads[short.name] == min(loads.values())
+        for rid in list(held.tasks):
+            await held.finish(rid)
+
+    asyncio.run(scenario())
+
+
+def test_deepest_shared_prefix_wins():
+    async def scenario():
+        replicas = [FakeReplica(f"r{i}") for i in range(2)]
+        router = Router(replicas, affinity_slack=8)
+        held = Held(router)
+        a, b = list(range(20, 24)), list(range(30, 34))
+        first = await held.start("x", tokens(a + b, []))
+        await held.finish("x")
+        second = await held.start("y", tokens(a + [1, 1, 1, 1], []))   # shares one block: home is `first`
+        assert second is first
+        router._affinity[prefix_hashes(a, BLOCK, 8)[0]] = next(r for r in replicas if r is not first).name
+        await held.finish("y")
+        # The 1-block entry now points elsewhere, but the 2-block entry still names `first`.
+        assert (await held.start("z", tokens(a + b + [5], []))) is first
+        await held.finish("z")
+
+    asyncio.run(scenario())
+
+
+def test_unhealthy_replicas_are_skipped_and_none_left_is_engine_dead():
+    async def scenario():
+        replicas = [FakeReplica("r0"), FakeReplica("r1")]
+        router = Router(replicas)
+        changes = []
+        router.on_change(lambda: changes.append(router.num_ready))
+        held = Held(router)
+        replicas[0].healthy = False
+        for callback in replicas[0].callbacks:
+            callback(EngineDeadError("gone"))
+        assert changes == [1] and router.is_healthy
+        for i in range(3):
+            assert (await held.start(f"a{i}", tokens([i, i], []))).name == "r1"
+        replicas[1].healthy = False
+        assert not router.is_healthy
+        with pytest.raises(EngineDeadError, match="no healthy replica"):
+            await drain(router.generate("hi", SamplingParams(), "late"))
+        with pytest.raises(ValueError, match="already in flight"):
+            await drain(router.generate("hi", SamplingParams(), "a0"))
+        for rid in list(held.tasks):
+            await held.finish(rid)
+
+    asyncio.run(scenario())
+
+
+def test_remove_replica_drains_then_shuts_down():
+    async def scenario():
+        replicas = [FakeReplica("r0", finish_after=3), FakeReplica("r1", finish_after=3)]
+        router = Router(replicas)
+        held = Held(router)
+        victim = await held.start("a", tokens([1, 2, 3, 4], []))
+        removal = asyncio.get_running_loop().create_task(router.remove_replica(victim))
+        await asyncio.sleep(0.01)
+        assert not victim.shut and router.num_ready == 1
+        # While draining, new requests (even with the victim's prefix) go elsewhere.
+        assert (await held.start("b", tokens([1, 2, 3, 4], []))) is not victim
+        outs = await held.finish("a")
+        await removal
+        assert victim.shut and outs[-1].finished and len(outs) == 3
+        assert [r.name for r in router.replicas] == [r.name for r in replicas if r is not victim]
+        await held.finish("b")
+
+    asyncio.run(scenario())
+
+
+def test_router_observes_latencies_for_remote_replicas():
+    async def scenario():
+        router = Router([FakeReplica("r0", finish_after=3)])
+        held = Held(router)
+        await held.start("a", tokens([1], []))
+        await asyncio.sleep(0.01)
+        await held.finish("a")
+        return router.metrics
+
+    metrics = asyncio.run(scenario())
+    value = metrics.registry.get_sample_value
+    assert value("pagedray_time_to_first_token_seconds_count") == 1
+    assert value("pagedray_time_per_output_token_seconds_count") == 1
+    assert value("pagedray_completions_finished_total", {"finish_reason": "length"}) == 1
+    assert value("pagedray_replicas") == 1
