@@ -55,6 +55,9 @@ class BlockManager:
         self._hashes: dict[str, list[bytes]] = {}    # per request: keys of its full blocks so far
         self._num_keyed: dict[str, int] = {}         # per request: leading blocks already offered to the cache
         self._pending_copies: list[tuple[int, int]] = []
+        # Per request: the lowest table index copy-on-write replaced since `take_replaced` (the
+        # scheduler resends a request whose blocks already on the workers changed).
+        self._replaced: dict[str, int] = {}
         self.prefix_cache_hit_tokens = 0
         self.prefix_cache_query_tokens = 0
 
@@ -79,6 +82,14 @@ class BlockManager:
     def get_block_ids(self, request_id: str) -> list[int]:
         """A copy of the request's block table ([] when it holds none)."""
         return list(self._tables.get(request_id, ()))
+
+    def block_table(self, request_id: str) -> list[int]:
+        """The request's live block table, without a copy: read it, never change it."""
+        return self._tables[request_id]
+
+    def take_replaced(self, request_id: str) -> int | None:
+        """The lowest index of the request's table that copy-on-write replaced since the last call."""
+        return self._replaced.pop(request_id, None) if self._replaced else None
 
     # -- prefix cache --------------------------------------------------------
     def _block_hashes(self, request: Request) -> list[bytes]:
@@ -112,6 +123,8 @@ class BlockManager:
     def _offer_full_blocks(self, request: Request, num_tokens: int) -> None:
         """Register the request's blocks that are full once `num_tokens` tokens are computed."""
         rid = request.request_id
+        if num_tokens // self.block_size <= self._num_keyed[rid]:
+            return   # no block became full (most decode steps)
         keys, table = self._block_hashes(request), self._tables[rid]
         for j in range(self._num_keyed[rid], num_tokens // self.block_size):
             block, key = table[j], keys[j]
@@ -151,6 +164,7 @@ class BlockManager:
         self._release(src)
         table[index] = dst
         self._pending_copies.append((src, dst))
+        self._replaced[request_id] = min(index, self._replaced.get(request_id, index))
         # The private copy is offered to the cache again once it is full (a duplicate key is skipped).
         self._num_keyed[request_id] = min(self._num_keyed[request_id], index)
 
@@ -168,7 +182,13 @@ class BlockManager:
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         rid, bs = request.request_id, self.block_size
-        admitting = rid not in self._tables
+        table = self._tables.get(rid)
+        if table is not None and not computed_blocks and self._fits_private(request, table, num_new_tokens):
+            # The common decode step: the tokens go into blocks the request alone holds.
+            if self.enable_prefix_caching:
+                self._offer_full_blocks(request, request.num_computed_tokens + num_new_tokens)
+            return []
+        admitting = table is None
         if admitting:
             table = list(computed_blocks or [])
             self._check_computed(request, table)
@@ -202,6 +222,18 @@ class BlockManager:
             self._offer_full_blocks(request, end)
         return new_blocks
 
+    def _fits_private(self, request: Request, table: list[int], num_new_tokens: int) -> bool:
+        """Whether the next tokens need no new block and no copy (every block written has ref 1)."""
+        start = request.num_computed_tokens
+        end = start + num_new_tokens
+        if num_new_tokens == 0 or end > len(table) * self.block_size or end > request.num_tokens:
+            return False
+        ref, bs = self._ref, self.block_size
+        first, last = start // bs, (end - 1) // bs
+        if first == last:
+            return ref[table[first]] == 1
+        return all(ref[table[j]] == 1 for j in range(first, last + 1))
+
     def _check_computed(self, request: Request, blocks: list[int]) -> None:
         if not blocks:
             return
@@ -215,6 +247,7 @@ class BlockManager:
         """Release every block the request holds (tail first, for eviction order). Unknown id: no-op."""
         for block in reversed(self._tables.pop(request_id, [])):
             self._release(block)
+        self._replaced.pop(request_id, None)
         self._hashes.pop(request_id, None)
         self._num_keyed.pop(request_id, None)
 

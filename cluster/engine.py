@@ -67,6 +67,8 @@ class _Parent:
 
     @property
     def finished(self) -> bool:
+        if len(self.children) == 1:
+            return self.children[0].request.status.is_finished
         return all(c.request.is_finished for c in self.children)
 
 
@@ -174,8 +176,13 @@ class LLMEngine:
         return bool(self.parents)
 
     # -- the loop ------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; return cumulative outputs of requests that advanced."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one scheduler step; return cumulative outputs of requests that advanced.
+
+        finished_only: return only those that finished in this step (the bookkeeping is the
+        same); for callers such as `LLM.generate` that read nothing else, it saves building an
+        output object, with a copy of every token so far, per running request per step.
+        """
         self._check_alive()
         sched = self.scheduler.schedule()
         if sched.is_empty and not sched.finished_req_ids:
@@ -196,6 +203,8 @@ class LLMEngine:
                 self._start_pending(parent)
             self._process_tokens(parent, request, new_tokens, runner_out)
             advanced[parent_id] = parent
+        if finished_only:
+            return [self._finish_output(p) for p in advanced.values() if p.finished]
         return [self._finish_output(p) for p in advanced.values()]
 
     def _record_prompt_logprobs(self, runner_out) -> None:
@@ -227,7 +236,8 @@ class LLMEngine:
         parent.pending = []
 
     def _process_tokens(self, parent: _Parent, request: Request, new_tokens: list[int], runner_out) -> None:
-        child = next(c for c in parent.children if c.request is request)
+        children = parent.children
+        child = children[0] if len(children) == 1 else next(c for c in children if c.request is request)
         self.generation_tokens_total += len(new_tokens)
         if parent.first_token_time is None:
             parent.first_token_time = time.monotonic()

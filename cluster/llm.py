@@ -69,7 +69,7 @@ class LLM:
             bar = tqdm(total=len(request_ids), desc="Generating", unit="req", dynamic_ncols=True)
         try:
             while len(done) < len(request_ids):
-                for out in engine.step():
+                for out in engine.step(finished_only=True):
                     if out.finished:
                         done[out.request_id] = out
                         if bar is not None:

@@ -19,7 +19,7 @@ class RequestStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self in _FINISH_REASONS
+        return self._is_finished   # set below: asked per request per step, and enum hashing is slow
 
     @property
     def finish_reason(self) -> str | None:
@@ -32,6 +32,8 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
 }
+for _status in RequestStatus:
+    _status._is_finished = _status in _FINISH_REASONS
 
 
 class Request:

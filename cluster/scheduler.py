@@ -39,8 +39,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []            # admission order: the last one is the newest
         self.num_preemptions = 0
-        # What the workers hold per request: (tokens sent, block table sent).
-        self._sent: dict[str, tuple[int, list[int]]] = {}
+        # What the workers hold per request: (tokens sent, blocks sent).
+        self._sent: dict[str, tuple[int, int]] = {}
         self._finished_ids: set[str] = set()
 
     # -- queries -------------------------------------------------------------
@@ -150,17 +150,19 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}
         preempted = False
+        running, allocate = self.running, self.block_manager.allocate_slots
         i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
+        while i < len(running) and budget > 0:
+            request = running[i]
             num_new = self._num_new_tokens(request, request.num_computed_tokens, budget)
             if num_new == 0:
                 i += 1
                 continue
-            ok, any_preempted = self._allocate_or_preempt(request, num_new)
-            preempted = preempted or any_preempted
-            if not ok:
-                break
+            if allocate(request, num_new) is None:   # (a decode step almost never gets here)
+                ok, any_preempted = self._allocate_or_preempt(request, num_new)
+                preempted = preempted or any_preempted
+                if not ok:
+                    break
             scheduled[request.request_id] = num_new
             budget -= num_new
             i += 1
@@ -206,22 +208,25 @@ class Scheduler:
     def _build_output(self, scheduled: dict[str, int]) -> SchedulerOutput:
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
+        bm, requests, all_sent = self.block_manager, self.requests, self._sent
         for rid in scheduled:
-            request = self.requests[rid]
-            table = self.block_manager.get_block_ids(rid)
-            sent = self._sent.get(rid)
-            if sent is not None and table[:len(sent[1])] != sent[1]:
+            request = requests[rid]
+            table = bm.block_table(rid)
+            sent = all_sent.get(rid)
+            replaced = bm.take_replaced(rid)
+            if sent is not None and replaced is not None and replaced < sent[1]:
                 # Copy-on-write swapped a block the workers hold: resend the request whole.
                 self._finished_ids.add(rid)
                 sent = None
+            tokens = request.all_token_ids
             if sent is None:
-                new_reqs.append(NewRequestData(rid, list(request.all_token_ids), request.num_prompt_tokens,
+                new_reqs.append(NewRequestData(rid, list(tokens), request.num_prompt_tokens,
                                                request.sampling_params, list(table),
                                                request.num_computed_tokens))
             else:
-                cached_reqs.append(CachedRequestData(rid, request.all_token_ids[sent[0]:],
-                                                     table[len(sent[1]):], request.num_computed_tokens))
-            self._sent[rid] = (request.num_tokens, table)
+                cached_reqs.append(CachedRequestData(rid, tokens[sent[0]:], table[sent[1]:],
+                                                     request.num_computed_tokens))
+            all_sent[rid] = (len(tokens), len(table))
         finished, self._finished_ids = self._finished_ids, set()
         return SchedulerOutput(new_reqs, cached_reqs, scheduled, sum(scheduled.values()), finished,
                                self.block_manager.take_pending_copies())
@@ -231,14 +236,15 @@ class Scheduler:
                            runner_output: ModelRunnerOutput) -> list[tuple[Request, list[int]]]:
         """Advance the scheduled requests; return (request, new token ids) for each that got a token."""
         results: list[tuple[Request, list[int]]] = []
+        requests, sampled, running = self.requests, runner_output.sampled_token_ids, RequestStatus.RUNNING
         for rid, num in scheduler_output.num_scheduled_tokens.items():
-            request = self.requests.get(rid)
-            if request is None or request.status is not RequestStatus.RUNNING:
+            request = requests.get(rid)
+            if request is None or request.status is not running:
                 continue    # finished or aborted since the schedule
             request.num_computed_tokens += num
             if request.num_computed_tokens < request.num_tokens:
                 continue    # mid-prefill: no sample
-            token = runner_output.sampled_token_ids.get(rid)
+            token = sampled.get(rid)
             if token is None:
                 raise ValueError(f"runner_output has no sampled token for request {rid!r}, which reached the "
                                  f"end of its {request.num_tokens} tokens this step")

@@ -1,12 +1,17 @@
 """Turns one SchedulerOutput into flat tensors, runs the model, samples.
 
 Keeps per-request state between steps so that running requests arrive as
-deltas (new tokens, new blocks) rather than whole.
+deltas (new tokens, new blocks) rather than whole. The host work of a step is
+on the GPU's critical path (it idles meanwhile), so it stays small per request:
+block ids live in one persistent table updated by deltas, the flat inputs are
+computed with numpy and reach the device in two transfers, and each request
+keeps one sampling row (no per-step copies of its prompt or outputs).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pagedray.models.layers.attention import AttentionMetadata
@@ -24,9 +29,57 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     output_start: int = field(init=False)
+    table_row: int = -1   # this request's row in the runner's BlockTable
+    # The sampler's view, kept for the request's lifetime (outputs are appended as they arrive).
+    sampling_row: SamplingRow = field(init=False)
 
     def __post_init__(self) -> None:
         self.output_start = self.num_prompt_tokens
+        self.sampling_row = SamplingRow(self.sampling_params, self.token_ids[:self.num_prompt_tokens],
+                                        self.token_ids[self.num_prompt_tokens:])
+
+    def append_tokens(self, new_token_ids: list[int]) -> None:
+        skip = max(0, self.num_prompt_tokens - len(self.token_ids))   # (only outputs arrive as deltas)
+        self.token_ids.extend(new_token_ids)
+        self.sampling_row.output_token_ids.extend(new_token_ids[skip:])
+
+
+class BlockTable:
+    """Every running request's block ids in one int32 array [rows, blocks], updated by deltas.
+
+    A request keeps its row until it is dropped; entries past its blocks are 0 (the padding
+    the attention metadata has always carried). Rows and columns grow by doubling.
+    """
+
+    def __init__(self, rows: int = 16, cols: int = 16) -> None:
+        self.table = np.zeros((rows, cols), dtype=np.int32)
+        self._free_rows = list(range(rows - 1, -1, -1))
+
+    def add(self, block_ids: list[int]) -> int:
+        if not self._free_rows:
+            rows, cols = self.table.shape
+            self.table = np.concatenate([self.table, np.zeros((rows, cols), dtype=np.int32)])
+            self._free_rows = list(range(2 * rows - 1, rows - 1, -1))
+        row = self._free_rows.pop()
+        self.append(row, 0, block_ids)
+        return row
+
+    def append(self, row: int, start: int, block_ids: list[int]) -> None:
+        if not block_ids:
+            return
+        end = start + len(block_ids)
+        cols = self.table.shape[1]
+        if end > cols:
+            while cols < end:
+                cols *= 2
+            grown = np.zeros((self.table.shape[0], cols), dtype=np.int32)
+            grown[:, :self.table.shape[1]] = self.table
+            self.table = grown
+        self.table[row, start:end] = block_ids
+
+    def remove(self, row: int, num_blocks: int) -> None:
+        self.table[row, :num_blocks] = 0
+        self._free_rows.append(row)
 
 
 @dataclass
@@ -35,7 +88,8 @@ class StepInputs:
     positions: torch.Tensor
     attn_metadata: AttentionMetadata
     sample_req_ids: list[str]       # requests that reach the end of their known tokens
-    sample_rows: torch.Tensor       # their last-token row in the flat batch
+    # Their last-token row in the flat batch; None when every row samples, in order (decode steps).
+    sample_rows: torch.Tensor | None
     # Requests that asked for prompt_logprobs, with prompt positions in this chunk that predict a
     # prompt token: (req_id, flat row of the first such position, its position, how many).
     prompt_spans: list[tuple[str, int, int, int]] = field(default_factory=list)
@@ -51,70 +105,121 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler(seed)
         self.requests: dict[str, CachedRequestState] = {}
+        self.block_table = BlockTable()
         self.kv_caches: list[torch.Tensor] = []
         self.graphs = None  # DecodeGraphs once captured
 
     # -- state ---------------------------------------------------------------
     def update_states(self, sched: SchedulerOutput) -> None:
         for req_id in sched.finished_req_ids:
-            self.requests.pop(req_id, None)
+            self._drop(req_id)
         for new in sched.scheduled_new_reqs:
-            self.requests[new.req_id] = CachedRequestState(
-                list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
-                list(new.block_ids), new.num_computed_tokens)
+            self._drop(new.req_id)
+            state = CachedRequestState(list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
+                                       list(new.block_ids), new.num_computed_tokens)
+            state.table_row = self.block_table.add(state.block_ids)
+            self.requests[new.req_id] = state
         for delta in sched.scheduled_cached_reqs:
             state = self.requests[delta.req_id]
-            state.token_ids.extend(delta.new_token_ids)
-            state.block_ids.extend(delta.new_block_ids)
+            state.append_tokens(delta.new_token_ids)
+            if delta.new_block_ids:
+                self.block_table.append(state.table_row, len(state.block_ids), delta.new_block_ids)
+                state.block_ids.extend(delta.new_block_ids)
             state.num_computed_tokens = delta.num_computed_tokens
+
+    def _drop(self, req_id: str) -> None:
+        state = self.requests.pop(req_id, None)
+        if state is not None:
+            self.block_table.remove(state.table_row, len(state.block_ids))
 
     # -- inputs --------------------------------------------------------------
     def prepare_inputs(self, sched: SchedulerOutput) -> StepInputs:
         bs = self.block_size
         input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        query_lens: list[int] = []
-        tables: list[list[int]] = []
+        table_rows: list[int] = []
+        starts: list[int] = []
+        counts: list[int] = []
         sample_ids: list[str] = []
         sample_rows: list[int] = []
         prompt_spans: list[tuple[str, int, int, int]] = []
+        max_blocks = 0
+        requests = self.requests
         for req_id, n in sched.num_scheduled_tokens.items():
-            state = self.requests[req_id]
+            state = requests[req_id]
             start = state.num_computed_tokens
             end = start + n
-            # The hidden state at position p predicts token p + 1: prompt logprobs need p < P - 1.
-            num_prompt_lp = min(end, state.num_prompt_tokens - 1) - start
-            if state.sampling_params.prompt_logprobs is not None and num_prompt_lp > 0:
-                prompt_spans.append((req_id, len(input_ids), start, num_prompt_lp))
-            input_ids.extend(state.token_ids[start:end])
-            pos = range(start, end)
-            positions.extend(pos)
-            slots.extend(state.block_ids[p // bs] * bs + p % bs for p in pos)
-            seq_lens.append(end)
-            query_lens.append(n)
-            tables.append(state.block_ids)
-            if end == len(state.token_ids):
+            if state.sampling_params.prompt_logprobs is not None:
+                # The hidden state at position p predicts token p + 1: prompt logprobs need p < P - 1.
+                num_prompt_lp = min(end, state.num_prompt_tokens - 1) - start
+                if num_prompt_lp > 0:
+                    prompt_spans.append((req_id, len(input_ids), start, num_prompt_lp))
+            tokens = state.token_ids
+            if n == 1:
+                input_ids.append(tokens[start])
+            else:
+                input_ids.extend(tokens[start:end])
+            table_rows.append(state.table_row)
+            starts.append(start)
+            counts.append(n)
+            if len(state.block_ids) > max_blocks:
+                max_blocks = len(state.block_ids)
+            if end == len(tokens):
                 sample_ids.append(req_id)
                 sample_rows.append(len(input_ids) - 1)
-        max_blocks = max(len(t) for t in tables)
-        table = [t + [0] * (max_blocks - len(t)) for t in tables]
-        dev = self.device
-        qsl = [0]
-        for q in query_lens:
-            qsl.append(qsl[-1] + q)
+        num_seqs, num_tokens = len(counts), len(input_ids)
+        rows = np.array(table_rows, dtype=np.intp)
+        start_a = np.array(starts, dtype=np.int64)
+        if num_tokens == num_seqs:       # decode only: one token per sequence
+            positions, token_rows = start_a, rows
+            seq_lens = start_a + 1
+            qsl = np.arange(num_seqs + 1, dtype=np.int64)
+        else:
+            count_a = np.array(counts, dtype=np.int64)
+            qsl = np.zeros(num_seqs + 1, dtype=np.int64)
+            np.cumsum(count_a, out=qsl[1:])
+            seq_of_token = np.repeat(np.arange(num_seqs), count_a)
+            positions = np.arange(num_tokens) - qsl[seq_of_token] + start_a[seq_of_token]
+            token_rows = rows[seq_of_token]
+            seq_lens = start_a + count_a
+        table = self.block_table.table
+        slots = table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        all_rows_sample = len(sample_rows) == num_tokens   # then they are 0..T-1 in order
+        longs = [np.array(input_ids, dtype=np.int64), positions, slots]
+        if not all_rows_sample:
+            longs.append(np.array(sample_rows, dtype=np.int64))
+        longs_d = self._to_device(longs, torch.int64)
+        tables_d, seq_lens_d, qsl_d = self._to_device(
+            [table[rows, :max_blocks], seq_lens.astype(np.int32), qsl.astype(np.int32)], torch.int32)
+        seq_lens_list = seq_lens.tolist()
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(table, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens_list=seq_lens, query_lens_list=query_lens,
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens))
-        return StepInputs(torch.tensor(input_ids, dtype=torch.long, device=dev),
-                          torch.tensor(positions, dtype=torch.long, device=dev), meta,
-                          sample_ids, torch.tensor(sample_rows, dtype=torch.long, device=dev),
-                          prompt_spans)
+            slot_mapping=longs_d[2], block_tables=tables_d, seq_lens=seq_lens_d, query_start_loc=qsl_d,
+            seq_lens_list=seq_lens_list, query_lens_list=counts,
+            max_query_len=max(counts), max_seq_len=max(seq_lens_list))
+        return StepInputs(longs_d[0], longs_d[1], meta, sample_ids,
+                          None if all_rows_sample else longs_d[3], prompt_spans)
+
+    def _to_device(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
+        """Fresh host arrays of one dtype -> device tensors.
+
+        On the CPU they are shared as they are. On CUDA they travel in one asynchronous transfer
+        from pinned memory (instead of one synchronous pageable copy each): each becomes a
+        contiguous view of one device buffer, starting on a 16-byte boundary. The pinned buffer
+        comes from PyTorch's pinned-memory cache, which does not hand it out again before the
+        copy is done.
+        """
+        if self.device.type == "cpu":
+            return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+        align = 16 // torch.empty(0, dtype=dtype).element_size()
+        offsets, total = [], 0
+        for a in arrays:
+            offsets.append(total)
+            total += -(-a.size // align) * align
+        host = torch.empty(total, dtype=dtype, pin_memory=True)
+        flat = host.numpy()
+        for a, off in zip(arrays, offsets):
+            flat[off:off + a.size] = a.ravel()
+        buf = host.to(self.device, non_blocking=True)
+        return [buf[off:off + a.size].view(a.shape) for a, off in zip(arrays, offsets)]
 
     # -- step ----------------------------------------------------------------
     @torch.inference_mode()
@@ -129,15 +234,17 @@ class ModelRunner:
         prompt_logprobs = self._prompt_logprobs(hidden, inputs.prompt_spans)
         if not inputs.sample_req_ids:
             return ModelRunnerOutput({}, prompt_logprobs=prompt_logprobs)
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        sampled = hidden if inputs.sample_rows is None else hidden[inputs.sample_rows]
+        logits = self.model.compute_logits(sampled)
         if not self.sample:
             return ModelRunnerOutput({})
-        rows = [self._sampling_row(r) for r in inputs.sample_req_ids]
-        out = self.sampler(logits, rows)
-        return ModelRunnerOutput(
-            sampled_token_ids=dict(zip(inputs.sample_req_ids, out.token_ids)),
-            logprobs={r: lp for r, lp in zip(inputs.sample_req_ids, out.logprobs) if lp is not None},
-            prompt_logprobs=prompt_logprobs)
+        requests = self.requests
+        out = self.sampler(logits, [requests[r].sampling_row for r in inputs.sample_req_ids])
+        logprobs = {}
+        if any(lp is not None for lp in out.logprobs):
+            logprobs = {r: lp for r, lp in zip(inputs.sample_req_ids, out.logprobs) if lp is not None}
+        return ModelRunnerOutput(sampled_token_ids=dict(zip(inputs.sample_req_ids, out.token_ids)),
+                                 logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         meta = inputs.attn_metadata
@@ -179,11 +286,6 @@ class ModelRunner:
             if self.sample:
                 out[req_id] = entries
         return out
-
-    def _sampling_row(self, req_id: str) -> SamplingRow:
-        state = self.requests[req_id]
-        return SamplingRow(state.sampling_params, state.token_ids[:state.num_prompt_tokens],
-                           state.token_ids[state.num_prompt_tokens:])
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_seqs: int, empty_caches: list[torch.Tensor]) -> None:

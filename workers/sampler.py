@@ -13,7 +13,7 @@ Unseeded rows share one generator seeded at start-up.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,10 +27,35 @@ _M64 = (1 << 64) - 1
 
 @dataclass
 class SamplingRow:
-    """What the sampler needs of one request at this step."""
+    """What the sampler needs of one request at this step.
+
+    The runner keeps one row per request for its lifetime and appends to `output_token_ids`
+    (the params never change once a request runs), so the flags below are computed once.
+    """
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    has_penalty: bool = field(init=False)
+    # True when the row's token is the plain argmax of its logits once min_tokens is reached:
+    # greedy, no logprobs, no penalties.
+    argmax_only: bool = field(init=False)
+    # The token ids that min_tokens forbids until then (stop ids, and eos unless ignored).
+    min_tokens_banned: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        p = self.params
+        self.has_penalty = (p.repetition_penalty != 1.0 or bool(p.frequency_penalty)
+                            or bool(p.presence_penalty))
+        self.argmax_only = p.greedy and p.logprobs is None and not self.has_penalty
+        banned = list(p.stop_token_ids)
+        if p.eos_token_id is not None and not p.ignore_eos:
+            banned.append(p.eos_token_id)
+        self.min_tokens_banned = banned
+
+    @property
+    def masks_min_tokens(self) -> bool:
+        """Whether min_tokens still bans some tokens at this step."""
+        return bool(self.min_tokens_banned) and len(self.output_token_ids) < self.params.min_tokens
 
 
 @dataclass
@@ -50,19 +75,25 @@ class Sampler:
         return self._generators[device]
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        if all(r.argmax_only and not r.masks_min_tokens for r in rows):
+            # The common greedy batch: one vocab-wide pass and one small device-to-host copy.
+            # (argmax of bf16/fp16 logits equals that of their exact float32 conversion.)
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
         logits = logits.float()
         want_logprobs = [r.params.logprobs for r in rows]
         raw_logprobs = None
         if any(w is not None for w in want_logprobs):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = apply_penalties(logits.clone(), rows)
-        logits = mask_min_tokens(logits, rows)
-        token_ids = logits.argmax(dim=-1)
+        if any(r.has_penalty or r.masks_min_tokens for r in rows):
+            # Penalties and masks write in place: never into the caller's (or the log-softmax's) logits.
+            logits = mask_min_tokens(apply_penalties(logits.clone(), rows), rows)
         greedy = [r.params.greedy for r in rows]
+        token_ids = logits.argmax(dim=-1) if any(greedy) else None
         if not all(greedy):
             probs = filtered_probs(logits, rows)
             drawn = (probs / self._noise(probs, rows)).argmax(dim=-1)
-            token_ids = torch.where(torch.tensor(greedy, device=logits.device), token_ids, drawn)
+            token_ids = drawn if token_ids is None else torch.where(
+                torch.tensor(greedy, device=logits.device), token_ids, drawn)
         logprobs = ([None] * len(rows) if raw_logprobs is None
                     else logprob_entries(raw_logprobs, token_ids, want_logprobs))
         return SamplerOutput(token_ids.tolist(), logprobs)
@@ -158,13 +189,9 @@ def mask_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     row_idx: list[int] = []
     tok_idx: list[int] = []
     for i, row in enumerate(rows):
-        p = row.params
-        if len(row.output_token_ids) >= p.min_tokens:
+        if not row.masks_min_tokens:
             continue
-        banned = list(p.stop_token_ids)
-        if p.eos_token_id is not None and not p.ignore_eos:
-            banned.append(p.eos_token_id)
-        banned = [t for t in banned if t < logits.shape[-1]]
+        banned = [t for t in row.min_tokens_banned if t < logits.shape[-1]]
         row_idx += [i] * len(banned)
         tok_idx += banned
     if row_idx:
