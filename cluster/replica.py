@@ -144,13 +144,20 @@ class EngineActor:
                  registrations: dict, env: dict[str, str]) -> None:
         os.environ.update(env)
         from pagedray.models.registry import ModelRegistry
-        ModelRegistry.register_all(registrations)
-        self.engine = AsyncEngine.from_kwargs(model, max_pending_requests=max_pending_requests, **engine_kwargs)
         self.pumps: dict[str, asyncio.Task] = {}
         self.outbox: list[tuple] = []
         self.has_output = asyncio.Event()
+        self.startup_error: BaseException | None = None
+        try:
+            ModelRegistry.register_all(registrations)
+            self.engine = AsyncEngine.from_kwargs(model, max_pending_requests=max_pending_requests,
+                                                  **engine_kwargs)
+        except Exception as exc:  # kept for `ready`: a failed constructor reaches the driver only as text
+            self.startup_error = exc
 
     def ready(self) -> dict:
+        if self.startup_error is not None:
+            return {"error": _picklable(self.startup_error)}
         engine = self.engine.engine
         return {"model_config": engine.model_config, "tokenizer": engine.tokenizer,
                 "tensor_parallel_size": self.engine.tensor_parallel_size,
@@ -314,7 +321,13 @@ class RayReplica(Replica):
                                   f"(available: {ray.available_resources()})") from None
         except Exception as exc:
             await self.shutdown()
-            raise _startup_error(self.name, exc) from exc
+            raise EngineDeadError(f"replica {self.name} failed to start: {_first_line(exc)}") from exc
+        if "error" in self.info:
+            error, self.info = self.info["error"], None
+            await self.shutdown()
+            if isinstance(error, ValueError):   # a bad model or setting: the caller's to fix
+                raise ValueError(str(error)) from error
+            raise EngineDeadError(f"replica {self.name} failed to start: {_first_line(error)}") from error
         self._stats = self.info["stats"]
         self._poller = asyncio.get_running_loop().create_task(self._poll_loop())
 
@@ -451,13 +464,12 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def _startup_error(name: str, exc: BaseException) -> Exception:
-    """A ValueError raised while building the engine (bad model, bad setting) stays a ValueError."""
-    from ray.exceptions import RayError
-    cause = exc
-    while isinstance(cause, RayError) or (cause is not None and not isinstance(cause, ValueError)):
-        cause = getattr(cause, "cause", None) or cause.__cause__
-    if cause is not None:
-        return ValueError(str(cause))
-    return EngineDeadError(f"replica {name} failed to start: {_first_line(exc)}")
+def _picklable(exc: BaseException) -> BaseException:
+    """`exc` itself when it survives pickling (ValueError, OSError, ...), else a RuntimeError with its text."""
+    import pickle
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(_first_line(exc))
 

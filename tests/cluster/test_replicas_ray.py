@@ -1,0 +1,406 @@
+"""Replicas in Ray actors behind the gRPC server, on CPU with a tiny random Llama.
+
+One local Ray instance and one event loop serve the whole module (replica poll loops and
+the grpc.aio server live on that loop across tests). Two replicas are shared by the first
+tests; the replica-kill test comes last among those because it kills one of them.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+import grpc  # noqa: E402
+import ray  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+
+from tiny_models import make_tiny_llama  # noqa: E402
+
+from pagedray.cluster import LLM, SamplingParams  # noqa: E402
+from pagedray.cluster.async_engine import EngineDeadError  # noqa: E402
+from pagedray.cluster.autoscaler import Autoscaler, AutoscalingConfig  # noqa: E402
+from pagedray.cluster.replica import RayReplica  # noqa: E402
+from pagedray.cluster.router import Router  # noqa: E402
+from pagedray.cluster.server import GenerateServer  # noqa: E402
+from pagedray.models.llama import LlamaForCausalLM  # noqa: E402
+from pagedray.models.registry import ModelRegistry  # noqa: E402
+from pagedray.protos import generate_pb2 as pb  # noqa: E402
+from pagedray.protos import generate_pb2_grpc as pb_grpc  # noqa: E402
+
+NUM_CPUS = 6          # logical: 2 replicas x 1, up to 2 more for the autoscaler, 2 TP ranks
+VOCAB = 320
+ENGINE_KW = dict(device="cpu", block_size=4, num_kv_blocks=512)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+class MyLlamaForCausalLM(LlamaForCausalLM):
+    """Stands in for a model class in a user's own script: registered in the driver only."""
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
+    yield
+    try:
+        _assert_released()
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    return make_tiny_llama(tmp_path_factory.mktemp("replicas"))
+
+
+@pytest.fixture(scope="module")
+def served(loop, ray_local, ckpt):
+    """Two Ray replicas behind a GenerateServer on 127.0.0.1 (port 0)."""
+    async def up():
+        replicas = [RayReplica(ckpt, ENGINE_KW, name=f"r{i}") for i in range(2)]
+        await asyncio.gather(*[r.start() for r in replicas])
+        router = Router(replicas)
+        server = GenerateServer(router, "tiny", host="127.0.0.1", port=0)
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        return SimpleNamespace(server=server, router=router, replicas=replicas, channel=channel,
+                               stub=pb_grpc.GenerationStub(channel))
+
+    s = loop.run_until_complete(up())
+    yield s
+    loop.run_until_complete(s.channel.close())
+    loop.run_until_complete(s.server.stop(grace=2))
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _request(prompt, request_id: str = "", **sampling) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(sampling=pb.SamplingParams(**sampling), request_id=request_id)
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    else:
+        request.prompt_token_ids.ids.extend(prompt)
+    return request
+
+
+async def _read_stream(call) -> list[pb.GenerateResponse]:
+    messages = []
+    while (message := await call.read()) is not grpc.aio.EOF:
+        messages.append(message)
+    return messages
+
+
+def _live_actors(class_name: str) -> set[str]:
+    from ray._private.state import actors   # the GCS table; the public state API needs the dashboard
+    return {a["ActorID"] for a in actors().values() if a["ActorClassName"] == class_name and a["State"] != "DEAD"}
+
+
+def _assert_released(timeout: float = 20.0) -> None:
+    """No engine or worker actor left, no placement group held, every CPU free again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pgs = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+        left = _live_actors("EngineActor") | _live_actors("WorkerActor")
+        if not left and not pgs and ray.available_resources().get("CPU") == NUM_CPUS:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"leaked: actors {left}, placement groups {pgs}, available "
+                                 f"{ray.available_resources()}")
+        time.sleep(0.2)
+
+
+def _slow_steps(replica: RayReplica, seconds: float) -> None:
+    """Make the engine inside the actor sleep before every step (keeps requests in flight)."""
+    def patch(actor_self):
+        engine = actor_self.engine.engine
+        real = engine.step
+
+        def slow():
+            time.sleep(seconds)
+            return real()
+        engine.step = slow
+    ray.get(replica.actor.__ray_call__.remote(patch))
+
+
+async def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+# -- the shared two replicas ------------------------------------------------------------------
+CASES = [
+    (_request("The capital of France is", temperature=0.8, seed=1, max_tokens=12),
+     "The capital of France is", SamplingParams(temperature=0.8, seed=1, max_tokens=12)),
+    (_request([5, 17, 99, 250], temperature=0.0, max_tokens=10, logprobs=3),
+     {"prompt_token_ids": [5, 17, 99, 250]}, SamplingParams(temperature=0.0, max_tokens=10, logprobs=3)),
+    (_request("Hello, my name is", seed=7, n=2, max_tokens=9),
+     "Hello, my name is", SamplingParams(seed=7, n=2, max_tokens=9)),
+    (_request("Once upon a time", temperature=0.9, top_k=20, seed=3, max_tokens=16, stop=["e", "a"]),
+     "Once upon a time", SamplingParams(temperature=0.9, top_k=20, seed=3, max_tokens=16, stop=["e", "a"])),
+]
+
+
+def test_results_equal_offline_api_and_load_spreads(loop, served, ckpt):
+    rng = random.Random(0)
+    greedy = [[rng.randrange(3, VOCAB) for _ in range(rng.randrange(2, 12))] for _ in range(12)]
+    prompts = [p for _, p, _ in CASES] + [{"prompt_token_ids": p} for p in greedy]
+    params = [s for _, _, s in CASES] + [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)] * len(greedy)
+    offline = LLM(ckpt, **ENGINE_KW).generate(prompts, params, use_tqdm=False)
+    requests = [r for r, _, _ in CASES] + [_request(p, temperature=0, max_tokens=6, ignore_eos=True)
+                                           for p in greedy]
+
+    async def scenario():
+        unary = await asyncio.gather(*[served.stub.Generate(r) for r in requests])
+        streams = await asyncio.gather(*[_read_stream(served.stub.GenerateStream(r)) for r in CASES[3][:1]])
+        stats = await asyncio.gather(*[r.get_stats() for r in served.replicas])
+        models = await served.stub.ListModels(pb.ListModelsRequest())
+        return unary, streams, stats, models
+
+    unary, streams, stats, models = loop.run_until_complete(scenario())
+    for got, want in zip(unary, offline, strict=True):
+        assert [c.index for c in got.completions] == [c.index for c in want.outputs]
+        for c, w in zip(got.completions, want.outputs):
+            assert c.text == w.text and list(c.token_ids) == w.token_ids
+            if w.logprobs is not None:
+                assert [lp.logprob for lp in c.logprobs] == pytest.approx(
+                    [e[t] for e, t in zip(w.logprobs, w.token_ids)], abs=1e-4)
+    # The stream's deltas add up to the same text.
+    assert "".join(c.text for m in streams[0] for c in m.completions) == offline[3].outputs[0].text
+    # Both replicas served: the router sent each some, and each engine saw prompt tokens.
+    assert all(served.router.routed[r.name] >= 4 for r in served.replicas), served.router.routed
+    assert all(s.prompt_tokens_total > 0 for s in stats)
+    assert [(m.architecture, m.replicas) for m in models.models] == [("LlamaForCausalLM", 2)]
+
+
+def test_same_prefix_goes_to_the_same_replica(loop, served):
+    shared = list(range(40, 52))          # three full blocks of 4
+    before = dict(served.router.routed)
+
+    async def scenario():
+        hits = {r.name: (await r.get_stats()).prefix_cache_hit_tokens for r in served.replicas}
+        first = await served.stub.Generate(_request(shared + [7], max_tokens=2))
+        rest = await asyncio.gather(*[served.stub.Generate(_request(shared + [8 + i, 9], max_tokens=2))
+                                      for i in range(5)])
+        after = {r.name: (await r.get_stats()).prefix_cache_hit_tokens for r in served.replicas}
+        return [first, *rest], hits, after
+
+    outs, hits, after = loop.run_until_complete(scenario())
+    assert all(o.completions[0].token_ids for o in outs)
+    routed = {name: served.router.routed[name] - before.get(name, 0) for name in served.router.routed}
+    home = max(routed, key=routed.get)
+    assert routed[home] == 6 and sum(routed.values()) == 6, routed
+    # The shared blocks were reused on that replica: 5 requests x 12 cached tokens.
+    assert after[home] - hits[home] >= 5 * 12
+
+
+def test_killed_replica_fails_its_requests_and_the_other_keeps_serving(loop, served):
+    for replica in served.replicas:
+        _slow_steps(replica, 0.05)
+
+    async def scenario():
+        stub = served.stub
+        ids = [f"long-{i}" for i in range(4)]
+        calls = {rid: stub.GenerateStream(_request([3 + i, 4 + i], rid, max_tokens=60, ignore_eos=True))
+                 for i, rid in enumerate(ids)}
+        firsts = {rid: await call.read() for rid, call in calls.items()}   # every request is running
+        where = {rid: served.router._inflight[rid] for rid in ids}
+        victim = served.replicas[0]
+        doomed = [rid for rid in ids if where[rid] is victim]
+        assert doomed and len(doomed) < len(ids), {k: v.name for k, v in where.items()}
+        killed_at = time.monotonic()
+        ray.kill(victim.actor)
+
+        async def rest(rid):
+            try:
+                return "ok", [firsts[rid], *await _read_stream(calls[rid])], time.monotonic() - killed_at
+            except grpc.aio.AioRpcError as err:
+                return err.code(), err.details(), time.monotonic() - killed_at
+
+        results = dict(zip(ids, await asyncio.gather(*[rest(rid) for rid in ids])))
+        health = await health_pb2_grpc.HealthStub(served.channel).Check(health_pb2.HealthCheckRequest())
+        after = await asyncio.gather(*[stub.Generate(_request([9, i], max_tokens=3, ignore_eos=True))
+                                       for i in range(4)])
+        models = await stub.ListModels(pb.ListModelsRequest())
+        return victim, doomed, results, health, after, models
+
+    victim, doomed, results, health, after, models = loop.run_until_complete(scenario())
+    for rid, (code, detail, seconds) in results.items():
+        if rid in doomed:
+            assert code == grpc.StatusCode.UNAVAILABLE and victim.name in detail, (rid, code, detail)
+            assert seconds < 5
+        else:
+            assert code == "ok" and sum(len(c.token_ids) for m in detail for c in m.completions) == 60
+            assert seconds > 1   # still decoding well after the kill (60 steps of >= 50 ms)
+    assert health.status == SERVING
+    assert all(len(a.completions[0].token_ids) == 3 for a in after)
+    assert not victim.is_healthy and served.router.num_ready == 1
+    assert models.models[0].replicas == 1
+
+
+# -- replicas of their own ----------------------------------------------------------------------
+def test_autoscaler_scales_up_under_load_and_back_down(loop, ray_local, ckpt):
+    config = AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=0,
+                               downscale_delay_s=1.0, interval_s=0.2)
+
+    others = _live_actors("EngineActor")   # the shared replicas, still up
+
+    async def scenario():
+        router = Router()
+        scaler = Autoscaler(router, lambda name: RayReplica(ckpt, ENGINE_KW, name=name), config)
+        await scaler.start()
+        first = router.replicas[0]
+        assert router.num_ready == 1
+        _slow_steps(first, 0.1)
+        params = SamplingParams(max_tokens=200, ignore_eos=True)
+        load = [router.generate({"prompt_token_ids": [5, i]}, params) for i in range(4)]
+        for gen in load:
+            await gen.__anext__()                        # 4 in flight: 2 replicas wanted
+        await _wait_for(lambda: router.num_ready == 2, 60, "a second replica")
+        second = next(r for r in router.replicas if r is not first)
+        out = [o async for o in router.generate({"prompt_token_ids": [7, 8]}, SamplingParams(max_tokens=2))]
+        assert router.routed[second.name] == 1 and out[-1].finished   # the new one takes new work
+        actors_at_peak = _live_actors("EngineActor") - others
+        for gen in load:
+            await gen.aclose()                           # aborts them: now idle
+        await _wait_for(lambda: router.num_ready == 1 and not scaler.draining, 30, "the scale-down")
+        remaining = router.replicas
+        await scaler.stop()
+        await router.shutdown()
+        return actors_at_peak, remaining
+
+    actors_at_peak, remaining = loop.run_until_complete(scenario())
+    assert len(remaining) == 1
+    assert len(actors_at_peak) == 2
+    deadline = time.monotonic() + 10
+    while actors_at_peak & _live_actors("EngineActor") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not actors_at_peak & _live_actors("EngineActor")
+
+
+def test_out_of_tree_model_reaches_the_replica_and_its_tp_workers(loop, ray_local, ckpt, tmp_path):
+    """A class registered in the driver only runs in the replica actor and in both TP ranks."""
+    from ray import cloudpickle   # Ray's own copy: registering with the standalone package would not count
+    user_ckpt = str(tmp_path / "user")
+    shutil.copytree(ckpt, user_ckpt)
+    with open(os.path.join(user_ckpt, "config.json")) as f:
+        config = json.load(f)
+    config["architectures"] = ["MyLlamaForCausalLM"]
+    with open(os.path.join(user_ckpt, "config.json"), "w") as f:
+        json.dump(config, f)
+    prompts = [{"prompt_token_ids": [5, 9, 14, 33, 3]}, {"prompt_token_ids": list(range(40, 61))}]
+    greedy = SamplingParams(temperature=0.0, max_tokens=6)
+    want = [o.outputs[0].token_ids for o in LLM(ckpt, **ENGINE_KW).generate(prompts, greedy, use_tqdm=False)]
+    # A test module is not importable on Ray workers: ship it by value, as cloudpickle does for `__main__`.
+    module = sys.modules[MyLlamaForCausalLM.__module__]
+    cloudpickle.register_pickle_by_value(module)
+    ModelRegistry.register_model("MyLlamaForCausalLM", MyLlamaForCausalLM)
+
+    async def scenario():
+        replica = RayReplica(user_ckpt, dict(ENGINE_KW, executor="ray", tensor_parallel_size=2), name="tp2")
+        await replica.start()
+        try:
+            got = []
+            for i, prompt in enumerate(prompts):
+                got.append([o async for o in replica.generate(prompt, greedy, f"u{i}")][-1].outputs[0].token_ids)
+            with pytest.raises(ValueError, match="vocabulary"):
+                _ = [o async for o in replica.generate({"prompt_token_ids": [5, VOCAB]}, greedy, "bad")]
+            good_after = [o async for o in replica.generate(prompts[0], greedy, "again")][-1]
+            return got, good_after
+        finally:
+            await replica.shutdown()
+
+    try:
+        got, good_after = loop.run_until_complete(scenario())
+    finally:
+        ModelRegistry._models.pop("MyLlamaForCausalLM", None)
+        ModelRegistry._user.discard("MyLlamaForCausalLM")
+        cloudpickle.unregister_pickle_by_value(module)
+    assert got == want
+    assert good_after.outputs[0].token_ids == want[0]
+
+
+def test_startup_errors_keep_their_kind(loop, ray_local, ckpt, tmp_path):
+    """A bad setting is a ValueError naming it; a missing checkpoint an EngineDeadError naming the path."""
+    async def scenario():
+        bad = RayReplica(ckpt, dict(ENGINE_KW, max_model_len=100_000), name="bad")
+        with pytest.raises(ValueError, match="max_model_len") as bad_setting:
+            await bad.start()
+        missing = RayReplica(str(tmp_path / "missing"), ENGINE_KW, name="missing")
+        with pytest.raises(EngineDeadError, match="missing") as no_checkpoint:
+            await missing.start()
+        return bad_setting.value, no_checkpoint.value
+
+    bad_setting, no_checkpoint = loop.run_until_complete(scenario())
+    assert "max_position_embeddings" in str(bad_setting)
+    assert "failed to start" in str(no_checkpoint)
+
+
+def test_serve_cli_with_ray_replicas(ray_local, ckpt):
+    """`pagedray serve --replica-backend ray --replicas 2` joins the running Ray cluster (as under
+    `ray submit`), serves through both replicas and stops cleanly on SIGTERM."""
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pagedray.cluster.cli", "serve", "--model", ckpt, "--served-model-name", "tiny",
+         "--port", "0", "--device", "cpu", "--block-size", "4", "--num-kv-blocks", "256",
+         "--replica-backend", "ray", "--replicas", "2"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    try:
+        port = None
+        for line in proc.stderr:
+            log.append(line)
+            if match := re.search(r"ready: serving model 'tiny' on 127\.0\.0\.1:(\d+)", line):
+                port = int(match.group(1))
+                break
+        assert port is not None, "".join(log)
+
+        async def call():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.GenerationStub(channel)
+                deadline = time.monotonic() + 60
+                while (await stub.ListModels(pb.ListModelsRequest())).models[0].replicas < 2:
+                    assert time.monotonic() < deadline, "the second replica never became ready"
+                    await asyncio.sleep(0.2)
+                return await asyncio.gather(*[stub.Generate(_request([5, i], max_tokens=3, ignore_eos=True))
+                                              for i in range(4)])
+
+        outs = asyncio.run(call())
+        assert all(len(o.completions[0].token_ids) == 3 for o in outs)
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) == 0, rest
+        assert "stopped" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_more_than_one_replica_needs_the_ray_backend(capsys):
+    from pagedray.cluster.cli import main
+    with pytest.raises(SystemExit, match="needs --replica-backend ray"):
+        main(["serve", "--model", "/nonexistent", "--replicas", "2"])
+    with pytest.raises(SystemExit, match="max_replicas"):
+        main(["serve", "--model", "/nonexistent", "--replica-backend", "ray", "--min-replicas", "3",
+              "--max-replicas", "2"])
