@@ -108,6 +108,6 @@ def test_launcher_config_and_submit_script(monkeypatch):
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(deploy / "serve.py"), run_name="__main__")
     assert done.value.code == 0
-    assert calls == [["serve", "--executor", "ray", "--host", "0.0.0.0", "--model", "/m",
+    assert calls == [["serve", "--executor", "ray", "--host", "0.0.0.0", "--replica-backend", "ray", "--model", "/m",
                       "--tensor-parallel-size", "4"]]
     assert os.environ["RAY_ADDRESS"] == "auto"
