@@ -106,6 +106,9 @@ class ModelRunner:
         self.sampler = Sampler(seed)
         self.requests: dict[str, CachedRequestState] = {}
         self.block_table = BlockTable()
+        # One packed transfer per dtype instead of a tensor each (on by default only where a
+        # transfer costs something: a GPU).
+        self.pack_inputs = device.type != "cpu"
         self.kv_caches: list[torch.Tensor] = []
         self.graphs = None  # DecodeGraphs once captured
 
@@ -201,20 +204,20 @@ class ModelRunner:
     def _to_device(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
         """Fresh host arrays of one dtype -> device tensors.
 
-        On the CPU they are shared as they are. On CUDA they travel in one asynchronous transfer
+        On the CPU they are shared as they are. On a GPU they travel in one asynchronous transfer
         from pinned memory (instead of one synchronous pageable copy each): each becomes a
         contiguous view of one device buffer, starting on a 16-byte boundary. The pinned buffer
         comes from PyTorch's pinned-memory cache, which does not hand it out again before the
         copy is done.
         """
-        if self.device.type == "cpu":
+        if not self.pack_inputs:
             return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
         align = 16 // torch.empty(0, dtype=dtype).element_size()
         offsets, total = [], 0
         for a in arrays:
             offsets.append(total)
             total += -(-a.size // align) * align
-        host = torch.empty(total, dtype=dtype, pin_memory=True)
+        host = torch.empty(total, dtype=dtype, pin_memory=self.device.type == "cuda")
         flat = host.numpy()
         for a, off in zip(arrays, offsets):
             flat[off:off + a.size] = a.ravel()
