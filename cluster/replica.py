@@ -161,7 +161,9 @@ class EngineActor:
         engine = self.engine.engine
         return {"model_config": engine.model_config, "tokenizer": engine.tokenizer,
                 "tensor_parallel_size": self.engine.tensor_parallel_size,
-                "block_size": engine.config.cache.block_size, "stats": self.engine.stats_snapshot}
+                "block_size": engine.config.cache.block_size, "stats": self.engine.stats_snapshot,
+                # The TP ranks' placement group: it outlives a killed actor, so the driver frees it then.
+                "placement_group": getattr(engine.executor, "placement_group", None)}
 
     async def add(self, request_id: str, prompt: str | dict, params: SamplingParams) -> None:
         self.pumps[request_id] = asyncio.get_running_loop().create_task(self._pump(request_id, prompt, params))
@@ -457,6 +459,11 @@ class RayReplica(Replica):
                 await asyncio.wait_for(self.actor.shutdown.remote(), 30.0)
         with contextlib.suppress(Exception):
             ray.kill(self.actor, no_restart=True)
+        group = (self.info or {}).get("placement_group")
+        if group is not None:
+            from ray.util.placement_group import remove_placement_group
+            with contextlib.suppress(Exception):
+                remove_placement_group(group)
 
 
 def _first_line(exc: BaseException) -> str:

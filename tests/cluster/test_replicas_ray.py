@@ -114,11 +114,15 @@ def _live_actors(class_name: str) -> set[str]:
     return {a["ActorID"] for a in actors().values() if a["ActorClassName"] == class_name and a["State"] != "DEAD"}
 
 
+def _held_placement_groups() -> list[dict]:
+    return [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+
+
 def _assert_released(timeout: float = 20.0) -> None:
     """No engine or worker actor left, no placement group held, every CPU free again."""
     deadline = time.monotonic() + timeout
     while True:
-        pgs = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+        pgs = _held_placement_groups()
         left = _live_actors("EngineActor") | _live_actors("WorkerActor")
         if not left and not pgs and ray.available_resources().get("CPU") == NUM_CPUS:
             return
@@ -327,6 +331,7 @@ def test_out_of_tree_model_reaches_the_replica_and_its_tp_workers(loop, ray_loca
             with pytest.raises(ValueError, match="vocabulary"):
                 _ = [o async for o in replica.generate({"prompt_token_ids": [5, VOCAB]}, greedy, "bad")]
             good_after = [o async for o in replica.generate(prompts[0], greedy, "again")][-1]
+            ray.kill(replica.actor)   # its TP ranks die with it; their placement group must be freed too
             return got, good_after
         finally:
             await replica.shutdown()
@@ -339,6 +344,10 @@ def test_out_of_tree_model_reaches_the_replica_and_its_tp_workers(loop, ray_loca
         cloudpickle.unregister_pickle_by_value(module)
     assert got == want
     assert good_after.outputs[0].token_ids == want[0]
+    deadline = time.monotonic() + 20
+    while _live_actors("WorkerActor") or _held_placement_groups():
+        assert time.monotonic() < deadline, (_live_actors("WorkerActor"), _held_placement_groups())
+        time.sleep(0.2)
 
 
 def test_startup_errors_keep_their_kind(loop, ray_local, ckpt, tmp_path):
