@@ -12,7 +12,13 @@ produces one small token delta per running request per step, the size of what
 Reported: outputs delivered per second and driver CPU microseconds per output, at 1
 and at `--streams` concurrent requests.
 
+`--engine` instead runs the real engine (Llama shapes of `--preset`, dummy weights) as a
+`LocalReplica` in this process and then as a `RayReplica` (engine in a Ray actor, outputs
+through the batched poll), and reports output tokens per second and the driver's CPU
+time for the same greedy requests: the end-to-end price of the actor hop.
+
     python benchmarks/replica_transport.py --tokens 400 --streams 1 32
+    python benchmarks/replica_transport.py --engine --device cuda --preset 1b --tokens 128 --streams 1 32
 """
 from __future__ import annotations
 
@@ -118,13 +124,60 @@ def measure(mode: str, actor, streams: int, tokens: int) -> dict:
             "driver_cpu_us_per_output": round(cpu / n * 1e6, 1)}
 
 
+async def _engine_run(replica, streams: int, tokens: int) -> dict:
+    from pagedray.workers.sampling_params import SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    tag = time.perf_counter_ns()
+
+    async def one(i: int) -> int:
+        n = 0
+        async for _ in replica.generate({"prompt_token_ids": [5 + i, 7, 9, 11]}, params, f"{tag}-{i}"):
+            n += 1
+        return n
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    outputs = sum(await asyncio.gather(*[one(i) for i in range(streams)]))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {"streams": streams, "tokens_per_s": round(streams * tokens / wall, 1),
+            "ms_per_token_per_stream": round(wall / tokens * 1e3, 3), "outputs": outputs,
+            "driver_cpu_s": round(cpu, 3)}
+
+
+async def _engine_bench(args) -> None:
+    import tempfile
+
+    from ray_step_overhead import make_model_dir
+
+    from pagedray.cluster.async_engine import AsyncEngine
+    from pagedray.cluster.replica import LocalReplica, RayReplica
+    path = make_model_dir(tempfile.mkdtemp(), args.preset, weights=False)
+    kw = dict(device=args.device, load_format="dummy", max_model_len=2048, gpu_memory_utilization=0.5)
+    for kind in ("ray", "local"):   # the actor frees its GPU memory on exit; this process would not
+        if kind == "local":
+            replica = LocalReplica(AsyncEngine.from_kwargs(path, **kw))
+        else:
+            replica = RayReplica(path, kw, name="bench")
+            await replica.start()
+        for streams in args.streams:
+            await _engine_run(replica, streams, 8)   # warm-up (graphs, allocator)
+            print(json.dumps({"replica": kind, **await _engine_run(replica, streams, args.tokens)}), flush=True)
+        await replica.shutdown()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=400)
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--step-ms", type=float, default=0.0)
+    ap.add_argument("--engine", action="store_true", help="LocalReplica vs RayReplica on the real engine")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--preset", default="tiny")
     args = ap.parse_args()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(include_dashboard=False, log_to_driver=False)
+    if args.engine:
+        asyncio.run(_engine_bench(args))
+        ray.shutdown()
+        return
     actor = FakeEngine.remote(args.step_ms)
     for streams in args.streams:
         for mode in ("per-request", "batched"):
