@@ -217,7 +217,8 @@ def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 class GenerateServer:
     """A Router (or one AsyncEngine) behind a grpc.aio server. `start()`, then `stop()` drains and
-    shuts every replica down. `engine` keeps what was passed; `router` is what serves."""
+    shuts every replica down (stop an Autoscaler feeding the router first, or it keeps adding).
+    `engine` keeps what was passed; `router` is what serves."""
 
     def __init__(self, engine: AsyncEngine | Router, model_name: str, *, host: str = "127.0.0.1", port: int = 50051,
                  auth_token: str | None = None, tls_cert: bytes | None = None, tls_key: bytes | None = None,

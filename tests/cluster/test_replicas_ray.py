@@ -288,6 +288,10 @@ def test_autoscaler_scales_up_under_load_and_back_down(loop, ray_local, ckpt):
         actors_at_peak = _live_actors("EngineActor") - others
         for gen in load:
             await gen.aclose()                           # aborts them: now idle
+        deadline = time.monotonic() + 10
+        while (stats := await first.get_stats()).num_running or stats.num_used_blocks:
+            assert time.monotonic() < deadline, f"closed streams still hold the engine: {stats}"
+            await asyncio.sleep(0.05)
         await _wait_for(lambda: router.num_ready == 1 and not scaler.draining, 30, "the scale-down")
         remaining = router.replicas
         await scaler.stop()
