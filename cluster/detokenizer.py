@@ -27,6 +27,11 @@ class IncrementalDetokenizer:
         self._shown = 0   # chars already returned by add_tokens
 
     def _decode(self, ids: list[int]) -> str:
+        # A fast tokenizer's Rust backend decodes the same text as the transformers wrapper
+        # (with clean-up off) at about a third of the cost, twice per token per step.
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            return backend.decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
                                      clean_up_tokenization_spaces=False)
 
