@@ -61,6 +61,12 @@ class Worker:
                                   sample=self.rank == 0)
 
     # 3. profile
+    def num_kv_blocks(self) -> int:
+        """The KV blocks to allocate on this rank: CacheConfig.num_kv_blocks when set, else profiled."""
+        if self.cache_config.num_kv_blocks is not None:
+            return self.cache_config.num_kv_blocks
+        return self.determine_num_available_blocks()
+
     def determine_num_available_blocks(self) -> int:
         """KV blocks this rank can afford after a worst-case forward."""
         spec = self.kv_spec

@@ -2,7 +2,16 @@ from __future__ import annotations
 
 import abc
 
+from pagedray.workers.config import CacheConfig
 from pagedray.workers.messages import ModelRunnerOutput, SchedulerOutput
+
+
+def check_num_kv_blocks(num_blocks: int, cache_config: CacheConfig, detail: str = "") -> None:
+    """ValueError when profiling left no block for the KV cache (`detail` is added to the message)."""
+    if num_blocks < 1:
+        raise ValueError(f"no memory left for the KV cache at gpu_memory_utilization="
+                         f"{cache_config.gpu_memory_utilization}{detail}: raise it or lower "
+                         f"max_num_batched_tokens")
 
 
 class ExecutorError(RuntimeError):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pagedray.cluster.config import EngineConfig
-from pagedray.cluster.executors.base import Executor
+from pagedray.cluster.executors.base import Executor, check_num_kv_blocks
 from pagedray.workers.messages import ModelRunnerOutput, SchedulerOutput
 from pagedray.workers.worker import Worker
 
@@ -13,14 +13,8 @@ class LocalExecutor(Executor):
                              config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs)
         self.worker.init_device()
         self.worker.load_model()
-        if config.cache.num_kv_blocks is not None:
-            num_blocks = config.cache.num_kv_blocks
-        else:
-            num_blocks = self.worker.determine_num_available_blocks()
-        if num_blocks < 1:
-            raise ValueError(
-                f"no memory left for the KV cache at gpu_memory_utilization="
-                f"{config.cache.gpu_memory_utilization}: raise it or lower max_num_batched_tokens")
+        num_blocks = self.worker.num_kv_blocks()
+        check_num_kv_blocks(num_blocks, config.cache)
         self.num_kv_blocks = num_blocks
         self.worker.initialize_cache(num_blocks)
         self.worker.capture_graphs()

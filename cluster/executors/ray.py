@@ -30,7 +30,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pagedray.cluster.config import EngineConfig
-from pagedray.cluster.executors.base import Executor, ExecutorError
+from pagedray.cluster.executors.base import Executor, ExecutorError, check_num_kv_blocks
 from pagedray.cluster.executors.ray_utils import WorkerActor, check_fits, forwarded_env, init_ray
 from pagedray.models.registry import ModelRegistry
 from pagedray.workers.messages import ModelRunnerOutput, SchedulerOutput
@@ -105,11 +105,7 @@ class RayExecutor(Executor):
         blocks = self._wait([w.start.remote(self.config, init_method, registrations) for w in self.workers],
                             self.startup_timeout_s, "loading the model")
         num_blocks = min(blocks)
-        if num_blocks < 1:
-            raise ValueError(
-                f"no memory left for the KV cache at gpu_memory_utilization="
-                f"{self.config.cache.gpu_memory_utilization} (blocks per rank: {blocks}): raise it or lower "
-                f"max_num_batched_tokens")
+        check_num_kv_blocks(num_blocks, self.config.cache, f" (blocks per rank: {blocks})")
         self.num_kv_blocks = num_blocks
         self._wait([w.initialize_cache.remote(num_blocks) for w in self.workers], self.startup_timeout_s,
                    "allocating the KV cache")

@@ -84,9 +84,7 @@ class WorkerActor:
                              rank=self.rank, distributed_init_method=init_method, local_device=local_device)
         self.worker.init_device()
         self.worker.load_model()
-        if config.cache.num_kv_blocks is not None:
-            return config.cache.num_kv_blocks
-        return self.worker.determine_num_available_blocks()
+        return self.worker.num_kv_blocks()
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.worker.initialize_cache(num_blocks)
