@@ -28,13 +28,11 @@ class CachedRequestState:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
-    output_start: int = field(init=False)
     table_row: int = -1   # this request's row in the runner's BlockTable
     # The sampler's view, kept for the request's lifetime (outputs are appended as they arrive).
     sampling_row: SamplingRow = field(init=False)
 
     def __post_init__(self) -> None:
-        self.output_start = self.num_prompt_tokens
         self.sampling_row = SamplingRow(self.sampling_params, self.token_ids[:self.num_prompt_tokens],
                                         self.token_ids[self.num_prompt_tokens:])
 
