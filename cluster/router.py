@@ -17,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import copy
+import dataclasses
 import logging
 import time
 import uuid
@@ -150,7 +151,7 @@ class Router:
         return _sum_stats(await asyncio.gather(*[r.get_stats() for r in self.routable()]))
 
     # -- choosing ---------------------------------------------------------------------------------
-    def choose(self, prompt: str | dict, weight: int = 1) -> Replica:
+    def choose(self, prompt: str | dict) -> Replica:
         candidates = self.routable()
         if not candidates:
             raise EngineDeadError(f"no healthy replica to serve the request ({len(self.replicas)} known, "
@@ -196,7 +197,7 @@ class Router:
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         if request_id in self._inflight:
             raise ValueError(f"request_id {request_id!r} is already in flight")
-        replica = self.choose(prompt, params.n)
+        replica = self.choose(prompt)
         self._inflight[request_id] = replica
         self.load[replica.name] += params.n
         self.routed[replica.name] += 1
@@ -255,13 +256,9 @@ class _Observer:
 def _sum_stats(stats: list[EngineStats]) -> EngineStats:
     if len(stats) == 1:
         return stats[0]
-    total = EngineStats(*([0] * 10))
-    for s in stats:
-        for field in ("num_running", "num_waiting", "num_free_blocks", "num_total_blocks", "num_used_blocks",
-                      "prefix_cache_hit_tokens", "num_preemptions", "prompt_tokens_total",
-                      "generation_tokens_total"):
-            setattr(total, field, getattr(total, field) + getattr(s, field))
-    weights = sum(s.prompt_tokens_total for s in stats)
+    # Every field is a count to add up, except the hit rate, which is weighted by prompt tokens.
+    total = EngineStats(**{f.name: sum(getattr(s, f.name) for s in stats) for f in dataclasses.fields(EngineStats)})
+    weights = total.prompt_tokens_total
     total.prefix_cache_hit_rate = (sum(s.prefix_cache_hit_rate * s.prompt_tokens_total for s in stats) / weights
                                    if weights else 0.0)
     return total
