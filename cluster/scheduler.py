@@ -159,9 +159,8 @@ class Scheduler:
                 i += 1
                 continue
             if allocate(request, num_new) is None:   # (a decode step almost never gets here)
-                ok, any_preempted = self._allocate_or_preempt(request, num_new)
-                preempted = preempted or any_preempted
-                if not ok:
+                preempted = True
+                if not self._preempt_until_fits(request, num_new):
                     break
             scheduled[request.request_id] = num_new
             budget -= num_new
@@ -177,16 +176,16 @@ class Scheduler:
             return left
         return budget if self.config.enable_chunked_prefill else 0
 
-    def _allocate_or_preempt(self, request: Request, num_new: int) -> tuple[bool, bool]:
-        """Allocate slots, preempting the newest running requests until it fits. -> (scheduled, preempted any)."""
-        preempted = False
-        while self.block_manager.allocate_slots(request, num_new) is None:
+    def _preempt_until_fits(self, request: Request, num_new: int) -> bool:
+        """After allocate_slots failed: preempt the newest running requests until the request's slots
+        fit. False when the request itself was the newest, and so was preempted."""
+        while True:
             victim = self.running.pop()
             self._preempt(victim)
-            preempted = True
             if victim is request:
-                return False, True
-        return True, preempted
+                return False
+            if self.block_manager.allocate_slots(request, num_new) is not None:
+                return True
 
     def _admit_waiting(self, budget: int, scheduled: dict[str, int]) -> None:
         bm = self.block_manager
