@@ -213,17 +213,18 @@ class AsyncEngine:
                 if self._stopping:
                     return
                 commands, self._inbox = self._inbox, []
+            applied = 0
             try:
-                while commands:
-                    self._apply(commands[0])
-                    commands.pop(0)
+                for command in commands:
+                    self._apply(command)
+                    applied += 1
                 outputs = engine.step() if engine.has_unfinished_requests() else []
                 busy = engine.has_unfinished_requests()
                 self.stats_snapshot = engine.get_stats()
             except BaseException as exc:  # noqa: BLE001 - any failure kills the engine
                 logger.exception("engine step failed; the engine is dead")
                 with self._wakeup:  # unread commands (the failing one too) are answered by _die
-                    self._inbox = commands + self._inbox
+                    self._inbox = commands[applied:] + self._inbox
                 self._call_soon(self._die, exc)
                 return
             if outputs:
@@ -286,7 +287,6 @@ class AsyncEngine:
             stream.fail(error)
         for callback in self._dead_callbacks:
             callback(error)
-
 
     def _fail_inbox(self, error: BaseException) -> None:
         """The engine thread is gone: answer the commands it will never read."""
