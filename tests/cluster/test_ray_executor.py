@@ -34,7 +34,8 @@ ARCHS = {"llama": ("LlamaForCausalLM", "gqa_untied"), "mixtral": ("MixtralForCau
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
-    ray.init(num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
+    # address="local": always a fresh Ray of our own, even if another cluster runs on this machine.
+    ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

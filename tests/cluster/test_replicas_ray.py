@@ -60,7 +60,8 @@ def loop():
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
+    # address="local": always a fresh Ray of our own, even if another cluster runs on this machine.
+    ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
     yield
     try:
         _assert_released()
