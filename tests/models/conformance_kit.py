@@ -8,8 +8,6 @@ TP=2 against the TP=1 logits computed by the parent. Results go to
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import traceback
 
 import torch
@@ -71,6 +69,5 @@ def run_rank(rank: int, world: int, init_method: str, out_dir: str,
                 results[cid] = traceback.format_exc()
             dist.barrier()  # a rank that failed early must not leave its peer blocked in a collective
     finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
+        from tp_checks import finish_rank
+        finish_rank(out_dir, rank, results)
