@@ -76,7 +76,7 @@ class DecodeGraphs:
         logger.info("captured %d decode graphs (batch sizes %s)", len(self.graphs), self.batch_sizes)
 
     def can_run(self, meta: AttentionMetadata) -> bool:
-        return (bool(self.graphs) and meta.max_query_len == 1 and meta.num_seqs <= self.batch_sizes[-1]
+        return (bool(self.graphs) and meta.is_decode_only and meta.num_seqs <= self.batch_sizes[-1]
                 and meta.block_tables.shape[1] <= self.max_blocks and meta.max_seq_len <= self.max_seq_len)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
