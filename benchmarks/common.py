@@ -8,6 +8,7 @@ numbers they divide, never taken from a datasheet.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import pathlib
 import random
@@ -159,3 +160,19 @@ def append_results(title: str, body: str, path: pathlib.Path | None = None) -> N
     text = f"\n### {title}\n\n{stamp()}\n\n`{command()}`\n\n{body.rstrip()}\n"
     with open(path, "a") as f:
         f.write(text)
+
+
+def run_hf_baseline(mode_args: list[str], timeout: float) -> dict | None:
+    """Run `hf_baseline.py <mode_args>` in a subprocess (its memory is freed before the engine
+    sizes its KV cache) and return its JSON result, or None when it failed or timed out."""
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve().parent / "hf_baseline.py"), *mode_args]
+    print("HF baseline:", " ".join(cmd), flush=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"HF baseline did not finish in {timeout} s; no peer column", file=sys.stderr)
+        return None
+    if proc.returncode != 0:
+        print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -15,36 +15,24 @@ read at the mean context, over the device copy bandwidth measured in this run.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 
-from common import (SHAPES, append_results, copy_bandwidth, kv_bytes_per_token, markdown_table, param_counts,
+from common import (run_hf_baseline, SHAPES, append_results, copy_bandwidth, kv_bytes_per_token, markdown_table, param_counts,
                     random_prompts, write_config)
 
-HERE = pathlib.Path(__file__).resolve().parent
 
 
 def run_hf(args) -> dict | None:
-    cmd = [sys.executable, str(HERE / "hf_baseline.py"), "latency", "--shape", args.shape,
+    cmd = ["latency", "--shape", args.shape,
            "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--input-len", str(args.input_len),
            "--output-len", str(args.hf_output_len), "--temperature", "0", "--device", args.device]
-    print("HF baseline:", " ".join(cmd), flush=True)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.hf_timeout)
-    except subprocess.TimeoutExpired:
-        print(f"HF baseline did not finish in {args.hf_timeout} s; no peer column", file=sys.stderr)
-        return None
-    if proc.returncode != 0:
-        print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_hf_baseline(cmd, args.hf_timeout)
 
 
 def timed_generate(llm, prompts, max_tokens: int, iters: int) -> float:

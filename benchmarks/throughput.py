@@ -17,38 +17,26 @@ torch.profiler trace; the main figure never runs with those.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 
-from common import (SHAPES, append_results, copy_bandwidth, markdown_table, matmul_tflops, random_prompts,
+from common import (run_hf_baseline, SHAPES, append_results, copy_bandwidth, markdown_table, matmul_tflops, random_prompts,
                     workload_flops, write_config)
 from stage_timer import StageTimer, profile_steps
 
-HERE = pathlib.Path(__file__).resolve().parent
 
 
 def run_hf(args) -> dict | None:
-    cmd = [sys.executable, str(HERE / "hf_baseline.py"), "throughput", "--shape", args.shape,
+    cmd = ["throughput", "--shape", args.shape,
            "--num-requests", str(args.hf_num_requests), "--batch-size", str(args.hf_batch_size),
            "--input-len", str(args.input_len), "--output-len", str(args.output_len),
            "--temperature", str(args.temperature), "--device", args.device, "--seed", str(args.seed)]
-    print("HF baseline:", " ".join(cmd), flush=True)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.hf_timeout)
-    except subprocess.TimeoutExpired:
-        print(f"HF baseline did not finish in {args.hf_timeout} s; no peer column", file=sys.stderr)
-        return None
-    if proc.returncode != 0:
-        print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_hf_baseline(cmd, args.hf_timeout)
 
 
 def build_llm(args, path: str):
