@@ -45,6 +45,7 @@ import time
 import torch
 
 from common import append_results, markdown_table
+from stage_timer import InstancePatches
 
 HIDDEN = 64
 STAGES = ("schedule", "prepare_inputs", "forward_stub", "sampler", "runner_rest", "update", "engine_output")
@@ -126,15 +127,15 @@ def stub_model(llm, vocab: int, max_rows: int, seed: int) -> None:
 
 
 # -- timing --------------------------------------------------------------------------------------
-class Stages:
+class Stages(InstancePatches):
     """Wraps the stage methods on the instances (undone by `restore`); seconds per stage per step."""
 
     def __init__(self, llm) -> None:
+        super().__init__()
         engine = llm.llm_engine
         runner = engine.executor.worker.runner
         self.cur: dict[str, float] = {}
         self.steps: list[dict[str, float]] = []
-        self._undo: list[tuple[object, str, object, bool]] = []
         self._wrap(engine, "step", "step", close=True)
         self._wrap(engine.scheduler, "schedule", "schedule")
         self._wrap(engine.scheduler, "update_from_output", "update")
@@ -146,7 +147,6 @@ class Stages:
 
     def _wrap(self, obj, name: str, stage: str, close: bool = False) -> None:
         original = getattr(obj, name)
-        own = name in vars(obj)
         cur, clock = self.cur, time.perf_counter
 
         def timed(*a, **kw):
@@ -157,8 +157,7 @@ class Stages:
                 cur[stage] = cur.get(stage, 0.0) + clock() - start
                 if close:
                     self._close()
-        object.__setattr__(obj, name, timed)
-        self._undo.append((obj, name, original, own))
+        self.patch(obj, name, timed)
 
     def _close(self) -> None:
         c = dict(self.cur)
@@ -168,14 +167,6 @@ class Stages:
         c["engine_output"] = max(0.0, c["step"] - c.get("schedule", 0.0) - c.get("execute", 0.0)
                                  - c.get("update", 0.0))
         self.steps.append(c)
-
-    def restore(self) -> None:
-        for obj, name, original, own in reversed(self._undo):
-            if own:
-                object.__setattr__(obj, name, original)
-            else:
-                object.__delattr__(obj, name)
-        self._undo = []
 
     def summary(self) -> dict[str, float]:
         n = len(self.steps)

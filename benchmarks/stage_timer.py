@@ -18,8 +18,28 @@ import torch
 STAGES = ("schedule", "prepare_inputs", "forward", "logits", "sampler", "runner_rest", "engine_rest")
 
 
-class StageTimer:
+class InstancePatches:
+    """Replaces methods on instances (torch modules included) and puts the originals back."""
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[object, str, object, bool]] = []
+
+    def patch(self, obj, name: str, replacement) -> None:
+        self._undo.append((obj, name, getattr(obj, name), name in vars(obj)))
+        object.__setattr__(obj, name, replacement)   # bypasses nn.Module's attribute hooks
+
+    def restore(self) -> None:
+        for obj, name, original, own in reversed(self._undo):
+            if own:
+                object.__setattr__(obj, name, original)
+            else:
+                object.__delattr__(obj, name)
+        self._undo = []
+
+
+class StageTimer(InstancePatches):
     def __init__(self, llm, sync: bool = True, count_only: bool = False) -> None:
+        super().__init__()
         self.engine = llm.llm_engine
         self.runner = self.engine.executor.worker.runner
         self.sync = sync
@@ -27,7 +47,6 @@ class StageTimer:
         self.decode_steps = 0
         self.totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.counts: dict[str, int] = defaultdict(int)
-        self._undo: list = []
         self._current: dict[str, float] = {}
         self._kind = "idle"
         self._in_step = False
@@ -42,7 +61,6 @@ class StageTimer:
 
     def _wrap(self, obj, name: str, stage: str, gpu: bool = False) -> None:
         original = getattr(obj, name)
-        own = name in vars(obj)
         sync = self.sync and gpu and torch.cuda.is_available()
 
         def timed(*args, **kwargs):
@@ -63,8 +81,7 @@ class StageTimer:
                     self._close()
             return result
 
-        object.__setattr__(obj, name, timed) if isinstance(obj, torch.nn.Module) else setattr(obj, name, timed)
-        self._undo.append((obj, name, original, own))
+        self.patch(obj, name, timed)
 
     def _classify(self, sched) -> None:
         counts = list(sched.num_scheduled_tokens.values())
@@ -89,14 +106,6 @@ class StageTimer:
         self.counts[self._kind] += 1
         self._kind = "idle"
 
-    def restore(self) -> None:
-        for obj, name, original, own in reversed(self._undo):
-            if own:
-                object.__setattr__(obj, name, original)
-            else:
-                object.__delattr__(obj, name)
-        self._undo = []
-
     def table(self) -> str:
         header = ["step kind", "steps", "ms/step"] + [f"{s} (ms)" for s in STAGES]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -110,7 +119,6 @@ class StageTimer:
 
 def profile_steps(llm, prompts: list[list[int]], args, decode_steps: int = 3, mixed_steps: int = 2) -> str:
     """torch.profiler tables of a few steady-state steps: decode-only ones, then steps with prefill."""
-    from torch.profiler import ProfilerActivity, profile
     from pagedray.cluster import SamplingParams
     engine = llm.llm_engine
     params = SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=args.output_len)
