@@ -28,6 +28,9 @@ import grpc  # noqa: E402
 import ray  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
+from grpc_cases import CASES as ALL_CASES  # noqa: E402
+from grpc_cases import make_request as _request  # noqa: E402
+from grpc_cases import read_stream as _read_stream  # noqa: E402
 from tiny_models import make_tiny_llama  # noqa: E402
 
 from pagedray.cluster import LLM, SamplingParams  # noqa: E402
@@ -94,22 +97,6 @@ def served(loop, ray_local, ckpt):
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def _request(prompt, request_id: str = "", **sampling) -> pb.GenerateRequest:
-    request = pb.GenerateRequest(sampling=pb.SamplingParams(**sampling), request_id=request_id)
-    if isinstance(prompt, str):
-        request.prompt = prompt
-    else:
-        request.prompt_token_ids.ids.extend(prompt)
-    return request
-
-
-async def _read_stream(call) -> list[pb.GenerateResponse]:
-    messages = []
-    while (message := await call.read()) is not grpc.aio.EOF:
-        messages.append(message)
-    return messages
-
-
 def _live_actors(class_name: str) -> set[str]:
     from ray._private.state import actors   # the GCS table; the public state API needs the dashboard
     return {a["ActorID"] for a in actors().values() if a["ActorClassName"] == class_name and a["State"] != "DEAD"}
@@ -155,16 +142,8 @@ async def _wait_for(predicate, timeout: float, what: str) -> None:
 
 
 # -- the shared two replicas ------------------------------------------------------------------
-CASES = [
-    (_request("The capital of France is", temperature=0.8, seed=1, max_tokens=12),
-     "The capital of France is", SamplingParams(temperature=0.8, seed=1, max_tokens=12)),
-    (_request([5, 17, 99, 250], temperature=0.0, max_tokens=10, logprobs=3),
-     {"prompt_token_ids": [5, 17, 99, 250]}, SamplingParams(temperature=0.0, max_tokens=10, logprobs=3)),
-    (_request("Hello, my name is", seed=7, n=2, max_tokens=9),
-     "Hello, my name is", SamplingParams(seed=7, n=2, max_tokens=9)),
-    (_request("Once upon a time", temperature=0.9, top_k=20, seed=3, max_tokens=16, stop=["e", "a"]),
-     "Once upon a time", SamplingParams(temperature=0.9, top_k=20, seed=3, max_tokens=16, stop=["e", "a"])),
-]
+# The first four of the server tests' cases (text, token ids, n=2, stop strings).
+CASES = ALL_CASES[:4]
 
 
 def test_results_equal_offline_api_and_load_spreads(loop, served, ckpt):

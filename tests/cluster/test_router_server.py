@@ -8,6 +8,8 @@ import urllib.request
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from grpc_cases import make_request as _request
+
 from pagedray.cluster import LLM, SamplingParams
 from pagedray.cluster.async_engine import AsyncEngine
 from pagedray.cluster.engine import LLMEngine
@@ -24,12 +26,6 @@ def _scrape(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     return {name: float(value) for line in text.splitlines() if line and not line.startswith("#")
             for name, _, value in [line.rpartition(" ")]}
-
-
-def _request(ids: list[int], **sampling) -> pb.GenerateRequest:
-    request = pb.GenerateRequest(sampling=pb.SamplingParams(**sampling))
-    request.prompt_token_ids.ids.extend(ids)
-    return request
 
 
 def test_two_local_replicas_behind_the_server(tiny_llama):

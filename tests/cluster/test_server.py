@@ -15,6 +15,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from grpc_cases import CASES
+from grpc_cases import make_request as _request
+from grpc_cases import read_stream as _read_stream
 from tiny_tokenizer import make_tiny_tokenizer
 
 from pagedray.cluster import LLM, SamplingParams
@@ -83,37 +86,9 @@ async def wait_idle(server: GenerateServer, timeout: float = 10.0):
         await asyncio.sleep(0.02)
 
 
-def _request(prompt, **sampling) -> pb.GenerateRequest:
-    request = pb.GenerateRequest(sampling=pb.SamplingParams(**sampling))
-    if isinstance(prompt, str):
-        request.prompt = prompt
-    else:
-        request.prompt_token_ids.ids.extend(prompt)
-    return request
-
-
 def _long(prompt="Hello", max_tokens=100) -> pb.GenerateRequest:
     return _request(prompt, max_tokens=max_tokens, ignore_eos=True)
 
-
-# The same requests, written once for gRPC and once for the offline API.
-CASES = [
-    (_request("The capital of France is", temperature=0.8, seed=1, max_tokens=12),
-     "The capital of France is", SamplingParams(temperature=0.8, seed=1, max_tokens=12)),
-    (_request([5, 17, 99, 250], temperature=0.0, max_tokens=10, logprobs=3),
-     {"prompt_token_ids": [5, 17, 99, 250]}, SamplingParams(temperature=0.0, max_tokens=10, logprobs=3)),
-    (_request("Hello, my name is", seed=7, n=2, max_tokens=9),
-     "Hello, my name is", SamplingParams(seed=7, n=2, max_tokens=9)),
-    (_request("Once upon a time", temperature=0.9, top_k=20, seed=3, max_tokens=16, stop=["e", "a"]),
-     "Once upon a time", SamplingParams(temperature=0.9, top_k=20, seed=3, max_tokens=16, stop=["e", "a"])),
-    (_request("héllo wörld 日本語", temperature=0.7, top_p=0.9, min_p=0.05, seed=11, max_tokens=14, min_tokens=4,
-              repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.3, logprobs=0),
-     "héllo wörld 日本語", SamplingParams(temperature=0.7, top_p=0.9, min_p=0.05, seed=11, max_tokens=14,
-                                        min_tokens=4, repetition_penalty=1.2, presence_penalty=0.5,
-                                        frequency_penalty=0.3, logprobs=0)),
-    # Every optional unset but the seed: vLLM's defaults (temperature 1, max_tokens 16, ...).
-    (_request("Paris", seed=5), "Paris", SamplingParams(seed=5)),
-]
 
 _REASON = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
@@ -165,13 +140,6 @@ def test_unary_and_stream_equal_offline_api(ckpt):
             _check_completion("".join(c.text for c in parts), [t for c in parts for t in c.token_ids],
                               parts[-1].finish_reason, [lp for c in parts for lp in c.logprobs], w, n_logprobs)
         assert len({m.request_id for m in messages}) == 1
-
-
-async def _read_stream(call) -> list[pb.GenerateResponse]:
-    messages = []
-    while (message := await call.read()) is not grpc.aio.EOF:
-        messages.append(message)
-    return messages
 
 
 def test_200_concurrent_streams_each_get_their_own_text(ckpt):
@@ -283,12 +251,13 @@ def test_cancelled_stream_and_expired_deadline_free_all_blocks(ckpt):
             with pytest.raises(grpc.aio.AioRpcError) as stream_info:
                 await _read_stream(stub.GenerateStream(_long(), timeout=0.3))
             after_stream_deadline = await wait_idle(server)
-            return busy, after_cancel, unary_info.value, stream_info.value, after_stream_deadline
+            return (busy, after_cancel, unary_info.value, after_unary_deadline, stream_info.value,
+                    after_stream_deadline)
 
-    busy, after_cancel, unary_err, stream_err, after = asyncio.run(scenario())
+    busy, after_cancel, unary_err, after_unary, stream_err, after = asyncio.run(scenario())
     assert busy.num_used_blocks >= math.ceil(27 / 4) and busy.num_running == 1
     assert unary_err.code() == stream_err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert after_cancel.num_used_blocks == after.num_used_blocks == 0
+    assert after_cancel.num_used_blocks == after_unary.num_used_blocks == after.num_used_blocks == 0
 
 
 def test_auth_token_required_except_for_health(ckpt):
