@@ -1,0 +1,69 @@
+"""What crosses the boundary between the serving front and an engine core. Pure Python.
+
+Requests go down whole (`CoreRequest`), aborts as ids; every engine step comes back as one
+`CoreOutputs` batch of deltas for all of that core's requests. These are msgspec structs
+(`array_like`: encoded as arrays, not maps) so a batch of hundreds of deltas encodes in one call.
+"""
+from __future__ import annotations
+
+import msgspec
+
+from pagedray.workers.sampling_params import SamplingParams
+
+
+class CoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One request for the core: validated and tokenized by the front."""
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    # Tokens this request already produced elsewhere (a migrated request): the core continues
+    # from prompt + these, at output position len(output_token_ids), as after a preemption.
+    output_token_ids: list[int] = []
+    arrival_time: float = 0.0
+
+
+class CoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What one completion of one request gained in one step."""
+    request_id: str
+    index: int                                   # completion index (0..n-1)
+    new_token_ids: list[int]
+    # Per new token: [(token_id, logprob, rank), ...] sampled token first, then the top-N.
+    new_logprobs: list[list[tuple[int, float, int]]] | None = None
+    finish_reason: str | None = None             # "stop" | "length" | "abort"
+    stop_reason: int | None = None               # the stop token id that ended it, if one did
+    # Sent once, with the request's first output: prefix-cache hits and prompt logprobs.
+    num_cached_tokens: int = 0
+    prompt_logprobs: list[list[tuple[int, float, int]] | None] | None = None
+
+
+class EngineStats(msgspec.Struct, omit_defaults=True):
+    num_running: int = 0
+    num_waiting: int = 0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    num_used_blocks: int = 0
+    prefix_cache_hit_rate: float = 0.0
+    prefix_cache_hit_tokens: int = 0
+    num_preemptions: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+
+
+class CoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One engine step's deltas for every request that advanced or finished."""
+    outputs: list[CoreOutput] = []
+    stats: EngineStats | None = None
+    timestamp: float = 0.0
+
+
+class EngineInfo(msgspec.Struct, omit_defaults=True):
+    """What the front needs to know about a core once it is up."""
+    model: str                      # checkpoint folder (the front loads its tokenizer from it)
+    tokenizer: str
+    architecture: str
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    num_kv_blocks: int
+    tensor_parallel_size: int
+    eos_token_ids: list[int] = []
