@@ -31,6 +31,8 @@ class CoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     new_logprobs: list[list[tuple[int, float, int]]] | None = None
     finish_reason: str | None = None             # "stop" | "length" | "abort"
     stop_reason: int | None = None               # the stop token id that ended it, if one did
+    # Set (with finish_reason "abort") when the core refused the request: the front's ValueError text.
+    error: str | None = None
     # Sent once, with the request's first output: prefix-cache hits and prompt logprobs.
     num_cached_tokens: int = 0
     prompt_logprobs: list[list[tuple[int, float, int]] | None] | None = None
