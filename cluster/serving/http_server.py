@@ -34,12 +34,12 @@ def _error_response(error: OpenAIError) -> web.Response:
     return web.json_response(error.body(), status=error.status)
 
 
-def _engine_error(exc: BaseException, body: dict) -> OpenAIError | None:
+def _engine_error(exc: BaseException, body: dict, aliases: dict[str, str]) -> OpenAIError | None:
     """The frontend's errors as OpenAI errors (None: a bug, answered as a plain 500)."""
     if isinstance(exc, OpenAIError):
         return exc
     if isinstance(exc, ValueError):
-        return bad_request(exc, body)
+        return bad_request(exc, body, aliases)
     if isinstance(exc, QueueFullError):
         return OpenAIError(429, str(exc), type="rate_limit_error", code="queue_full")
     if isinstance(exc, EngineDeadError):
@@ -192,7 +192,7 @@ class HttpServer:
             try:
                 first = await anext(outputs)   # bad input, a full queue, no engine: a status, not a stream
             except Exception as exc:
-                raise _engine_error(exc, body) or exc
+                raise _engine_error(exc, body, builder.parsed.aliases) or exc
             if parsed.stream:
                 return await self._stream(request, body, builder, first, outputs)
             builder.add(*first)
@@ -200,7 +200,7 @@ class HttpServer:
                 async for p, out in outputs:
                     builder.add(p, out)
             except Exception as exc:
-                raise _engine_error(exc, body) or exc
+                raise _engine_error(exc, body, builder.parsed.aliases) or exc
         return web.json_response(builder.response())
 
     async def _stream(self, request: web.Request, body: dict, builder: ResponseBuilder, first,
@@ -222,7 +222,7 @@ class HttpServer:
             if (usage := builder.usage_chunk()) is not None:
                 await send(usage)
         except (ValueError, QueueFullError, EngineDeadError) as exc:   # mid-stream: the status is sent
-            await send(_engine_error(exc, body).body())
+            await send(_engine_error(exc, body, builder.parsed.aliases).body())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

@@ -56,6 +56,8 @@ class ParsedRequest:
     include_usage: bool
     num_logprobs: int | None   # top logprobs per token; None: no logprobs
     echo: bool = False
+    # The frontend's field names -> this request's, for naming `param` in a 400.
+    aliases: dict[str, str] = dataclasses.field(default_factory=lambda: {"prompt_token_ids": "prompt"})
 
 
 def check_model(body: dict, served_model: str) -> None:
@@ -135,7 +137,7 @@ def _check_choices(num_prompts: int, n: Any) -> None:
 
 def parse_chat(body: dict, served_model: str, chat: ChatRenderer) -> ParsedRequest:
     check_model(body, served_model)
-    aliases = {"logprobs": "top_logprobs"}
+    aliases = {"logprobs": "top_logprobs", "prompt": "messages", "prompt_token_ids": "messages"}
     kwargs, stream, include_usage = _common(body, aliases)
     tool_choice = body.get("tool_choice")
     if tool_choice not in (None, "none"):
@@ -155,7 +157,8 @@ def parse_chat(body: dict, served_model: str, chat: ChatRenderer) -> ParsedReque
         prompt = chat.prompt(body.get("messages"))
     except ValueError as exc:
         raise OpenAIError(400, str(exc), param="messages") from exc
-    return ParsedRequest([prompt], _sampling(kwargs, body, aliases), stream, include_usage, num_logprobs)
+    return ParsedRequest([prompt], _sampling(kwargs, body, aliases), stream, include_usage, num_logprobs,
+                         aliases=aliases)
 
 
 # -- responses ---------------------------------------------------------------------------------
@@ -282,8 +285,10 @@ class ResponseBuilder:
             if self.parsed.echo and not choice.started:
                 text = self.prompt_texts.get(p, "") + text
                 choice.offset = len(text) - len(c.text)
-            choice.started = True
             choice.token_ids += c.token_ids   # kept for usage
+            if not text and c.finish_reason is None and not c.logprobs:
+                continue   # tokens that end mid-character: their text comes with a later one
+            choice.started = True
             logprobs = self._logprobs(c.token_ids, c.logprobs or [], choice.offset)
             choice.offset += len(c.text)
             body = {"delta": {"content": text}} if self.chat else {"text": text}
