@@ -18,7 +18,7 @@ def fake_token(prompt: list[int], position: int, vocab_size: int) -> int:
 
 class FakeCore:
     def __init__(self, model: str = "fake", vocab_size: int = 320, step_delay_s: float = 0.0,
-                 crash_token: int = -1, num_kv_blocks: int = 64) -> None:
+                 crash_token: int = -1, num_kv_blocks: int = 64, device: str = "cpu") -> None:
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         self.info = EngineInfo(model=model, tokenizer=model, architecture="Fake", max_model_len=256,

@@ -76,17 +76,21 @@ class Wire:
         return self.encoder.encode(obj)
 
 
-def bind_sockets(context: zmq.Context, startup: CoreStartup) -> tuple[zmq.Socket, zmq.Socket]:
-    """The core's input (PULL) and output (PUSH) sockets, bound; no queue limits (liveness, not
-    a full queue, is what tells a stuck peer)."""
+def bind_sockets(context: zmq.Context, input_address: str, output_address: str) -> tuple[zmq.Socket, zmq.Socket]:
+    """The core's input (PULL) and output (PUSH) sockets, bound ("tcp://ip:*" picks a free port:
+    read it back with `endpoint`). No queue limits: liveness, not a full queue, tells a stuck peer."""
     inp = context.socket(zmq.PULL)
     out = context.socket(zmq.PUSH)
-    for sock, address in ((inp, startup.input_address), (out, startup.output_address)):
+    for sock, address in ((inp, input_address), (out, output_address)):
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.bind(address)
     return inp, out
+
+
+def endpoint(sock: zmq.Socket) -> str:
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
 def build_core(startup: CoreStartup, registrations: dict | None = None) -> Any:
@@ -109,12 +113,14 @@ def load_factory(path: str) -> Callable[..., Any]:
 
 
 def serve(startup: CoreStartup, inp: zmq.Socket, out: zmq.Socket, registrations: dict | None = None,
-          stop: threading.Event | None = None) -> int:
+          stop: threading.Event | None = None, on_built: Callable[[Any], None] | None = None) -> int:
     """Build the core, announce it, run its loop until SHUTDOWN (or `stop`): the exit code."""
     wire = Wire()
     try:
         core = build_core(startup, registrations)
         info = core.info
+        if on_built is not None:
+            on_built(core)
     except BaseException as exc:   # reported to the front, which raises it from start()
         logger.exception("engine core failed to start")
         out.send_multipart([Wire.FATAL, wire.encode(_failure(exc))])
@@ -264,7 +270,7 @@ def run_engine_core(startup_bytes: bytes, parent_pid: int, registrations: dict |
     logging.basicConfig(level=logging.INFO, format="%(asctime)s core %(levelname)s %(message)s")
     startup = msgspec.msgpack.decode(startup_bytes, type=CoreStartup)
     context = zmq.Context()
-    inp, out = bind_sockets(context, startup)
+    inp, out = bind_sockets(context, startup.input_address, startup.output_address)
     code = serve(startup, inp, out, registrations)
     inp.close()
     out.close()      # lingers up to a second so the last frames (FATAL) reach the front
