@@ -192,7 +192,7 @@ class LLMEngine:
         except Exception as exc:  # a dead worker, OOM, collective failure
             self.dead = exc
             raise EngineDeadError(f"the executor failed: {exc}") from exc
-        self._record_prompt_logprobs(runner_out)
+        self._record_prompt_logprobs(sched, runner_out)
         advanced: dict[str, _Parent] = {}
         for request, new_tokens in self.scheduler.update_from_output(sched, runner_out):
             parent_id = self.child_to_parent.get(request.request_id)
@@ -207,16 +207,18 @@ class LLMEngine:
             return [self._finish_output(p) for p in advanced.values() if p.finished]
         return [self._finish_output(p) for p in advanced.values()]
 
-    def _record_prompt_logprobs(self, runner_out) -> None:
-        """Place each chunk's prompt logprobs; called before the scheduler advances the requests,
-        so a request's computed tokens still tell where its chunk starts (a recompute after
-        preemption rewrites the same positions)."""
+    def _record_prompt_logprobs(self, sched, runner_out) -> None:
+        """Place each chunk's prompt logprobs at the chunk's start, which the step's message to the
+        workers carries (a recompute after preemption rewrites the same positions)."""
+        if not runner_out.prompt_logprobs:
+            return
+        starts = {r.req_id: r.num_computed_tokens for r in sched.scheduled_new_reqs}
+        starts.update((r.req_id, r.num_computed_tokens) for r in sched.scheduled_cached_reqs)
         for rid, entries in runner_out.prompt_logprobs.items():
             parent = self.parents.get(self.child_to_parent.get(rid, ""))
-            request = self.scheduler.requests.get(rid)
-            if parent is None or request is None or parent.prompt_logprobs is None:
+            if parent is None or parent.prompt_logprobs is None or rid not in self.scheduler.requests:
                 continue
-            start = request.num_computed_tokens + 1   # position p's hidden state predicts token p + 1
+            start = starts[rid] + 1   # position p's hidden state predicts token p + 1
             for offset, entry in enumerate(entries):
                 parent.prompt_logprobs[start + offset] = {tok: lp for tok, lp, _ in entry}
 
