@@ -20,7 +20,9 @@ from pagedray.cluster.executors import make_executor
 from pagedray.cluster.outputs import CompletionOutput, RequestOutput
 from pagedray.cluster.request import Request, RequestStatus
 from pagedray.cluster.scheduler import Scheduler
+from pagedray.workers.messages import SchedulerOutput
 from pagedray.workers.sampling_params import SamplingParams
+from pagedray.workers.step_output import StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,9 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.dead: BaseException | None = None
+        self.async_scheduling = bool(config.scheduler.async_scheduling)
+        # Overlapped steps: the step queued on the device whose output is not read yet.
+        self._in_flight: tuple[SchedulerOutput, StepOutput] | None = None
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "LLMEngine":
@@ -185,13 +190,16 @@ class LLMEngine:
         """
         self._check_alive()
         sched = self.scheduler.schedule()
-        if sched.is_empty and not sched.finished_req_ids:
+        launched = None
+        if not sched.is_empty or sched.finished_req_ids:
+            launched = (sched, self._run_executor(self.executor.execute_model_async, sched))
+        if self.async_scheduling:
+            # The step just queued runs on the device while the host reads the previous one.
+            launched, self._in_flight = self._in_flight, launched
+        if launched is None:
             return []
-        try:
-            runner_out = self.executor.execute_model(sched)
-        except Exception as exc:  # a dead worker, OOM, collective failure
-            self.dead = exc
-            raise EngineDeadError(f"the executor failed: {exc}") from exc
+        sched, step_out = launched
+        runner_out = self._run_executor(StepOutput.get, step_out)
         self._record_prompt_logprobs(sched, runner_out)
         advanced: dict[str, _Parent] = {}
         for request, new_tokens in self.scheduler.update_from_output(sched, runner_out):
@@ -206,6 +214,13 @@ class LLMEngine:
         if finished_only:
             return [self._finish_output(p) for p in advanced.values() if p.finished]
         return [self._finish_output(p) for p in advanced.values()]
+
+    def _run_executor(self, fn, arg):
+        try:
+            return fn(arg)
+        except Exception as exc:  # a dead worker, OOM, collective failure
+            self.dead = exc
+            raise EngineDeadError(f"the executor failed: {exc}") from exc
 
     def _record_prompt_logprobs(self, sched, runner_out) -> None:
         """Place each chunk's prompt logprobs at the chunk's start, which the step's message to the

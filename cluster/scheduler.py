@@ -29,7 +29,7 @@ order, so a step scheduled later reads or writes them only after the step in fli
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Iterable
 
 from pagedray.cluster.block_manager import BlockManager
@@ -50,6 +50,9 @@ class Scheduler:
         # What the workers hold per request: (tokens sent, blocks sent).
         self._sent: dict[str, tuple[int, int]] = {}
         self._finished_ids: set[str] = set()
+        # The requests each recent schedule() ran, by id(SchedulerOutput): an output arriving after
+        # its request was aborted and its id reused must not reach the new request.
+        self._step_requests: OrderedDict[int, dict[str, Request]] = OrderedDict()
 
     # -- queries -------------------------------------------------------------
     @property
@@ -177,6 +180,9 @@ class Scheduler:
             self._admit_waiting(budget, scheduled)
         output = self._build_output(scheduled)
         self._advance(scheduled)
+        self._step_requests[id(output)] = {rid: self.requests[rid] for rid in scheduled}
+        while len(self._step_requests) > 4:     # steps whose output was never read
+            self._step_requests.popitem(last=False)
         return output
 
     def _advance(self, scheduled: dict[str, int]) -> None:
@@ -264,12 +270,13 @@ class Scheduler:
         one preempted since (waiting, token in flight) keeps its token and resumes with it."""
         results: list[tuple[Request, list[int]]] = []
         requests, sampled = self.requests, runner_output.sampled_token_ids
+        scheduled = self._step_requests.pop(id(scheduler_output), requests)
         for rid in scheduler_output.num_scheduled_tokens:
             token = sampled.get(rid)
             if token is None:
                 continue    # mid-prefill: no sample
             request = requests.get(rid)
-            if request is None:
+            if request is None or request is not scheduled.get(rid):
                 continue    # finished or aborted since the schedule
             request.num_output_placeholders -= 1
             request.append_output_token(token)
