@@ -43,6 +43,7 @@ class LLMEngine:
     num_kv_blocks = property(lambda self: self.core.info.num_kv_blocks)
     eos_token_ids = property(lambda self: self.input_processor.eos_token_ids)
     dead = property(lambda self: self.core.dead)
+    async_scheduling = property(lambda self: self.core.async_scheduling)
 
     # -- requests ------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | dict, params: SamplingParams | None = None) -> None:

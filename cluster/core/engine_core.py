@@ -29,6 +29,8 @@ from pagedray.cluster.core.request import Request, RequestStatus
 from pagedray.cluster.core.scheduler import Scheduler
 from pagedray.cluster.core.validation import apply_defaults, check_request, child_params
 from pagedray.cluster.serving.engine_client import EngineDeadError
+from pagedray.workers.messages import SchedulerOutput
+from pagedray.workers.step_output import StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,9 @@ class EngineCore:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.dead: BaseException | None = None
+        self.async_scheduling = bool(config.scheduler.async_scheduling)
+        # Overlapped steps: the step queued on the device whose output is not read yet.
+        self._in_flight: tuple[SchedulerOutput, StepOutput] | None = None
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineCore":
@@ -138,20 +143,25 @@ class EngineCore:
     def step(self) -> CoreOutputs:
         """Run one scheduler step; the deltas of every completion that advanced or finished.
 
-        Raises EngineDeadError when the executor failed (the core cannot go on).
+        With async scheduling (one local CUDA worker) the step launched here runs on the device
+        while this call reads the previous one's samples. Raises EngineDeadError when the executor
+        failed (the core cannot go on).
         """
         if self.dead is not None:
             raise EngineDeadError(f"the engine core has failed: {self.dead}")
         outputs, self._refused = self._refused, []
         sched = self.scheduler.schedule()
-        if sched.is_empty and not sched.finished_req_ids:
+        launched = None
+        if not sched.is_empty or sched.finished_req_ids:
+            launched = (sched, self._run_executor(self.executor.execute_model_async, sched))
+        if self.async_scheduling:
+            # The step just queued runs on the device while the host reads the previous one.
+            launched, self._in_flight = self._in_flight, launched
+        if launched is None:
             return CoreOutputs(outputs, self.get_stats() if outputs else None, time.monotonic())
-        try:
-            runner_out = self.executor.execute_model(sched)
-        except Exception as exc:  # a dead worker, OOM, collective failure
-            self.dead = exc
-            raise EngineDeadError(f"the executor failed: {exc}") from exc
-        self._record_prompt_logprobs(runner_out)
+        sched, step_out = launched
+        runner_out = self._run_executor(StepOutput.get, step_out)
+        self._record_prompt_logprobs(sched, runner_out)
         logprobs = runner_out.logprobs
         for request, new_tokens in self.scheduler.update_from_output(sched, runner_out):
             entry = self._child_of.get(request.request_id)
@@ -175,20 +185,28 @@ class EngineCore:
             outputs.append(out)
         return CoreOutputs(outputs, self.get_stats(), time.monotonic())
 
-    def _record_prompt_logprobs(self, runner_out) -> None:
-        """Place each chunk's prompt logprobs; called before the scheduler advances the requests,
-        so a request's computed tokens still tell where its chunk starts (a recompute after
-        preemption rewrites the same positions)."""
+    def _run_executor(self, fn, arg):
+        try:
+            return fn(arg)
+        except Exception as exc:  # a dead worker, OOM, collective failure
+            self.dead = exc
+            raise EngineDeadError(f"the executor failed: {exc}") from exc
+
+    def _record_prompt_logprobs(self, sched: SchedulerOutput, runner_out) -> None:
+        """Place each chunk's prompt logprobs at the chunk's start, which the step's message to the
+        workers carries (a recompute after preemption rewrites the same positions)."""
+        if not runner_out.prompt_logprobs:
+            return
+        starts = {r.req_id: r.num_computed_tokens for r in sched.scheduled_new_reqs}
+        starts.update((r.req_id, r.num_computed_tokens) for r in sched.scheduled_cached_reqs)
         for rid, entries in runner_out.prompt_logprobs.items():
             entry = self._child_of.get(rid)
-            request = self.scheduler.requests.get(rid)
-            if entry is None or request is None or entry[0].prompt_logprobs is None:
+            if entry is None or entry[0].prompt_logprobs is None or rid not in self.scheduler.requests:
                 continue
             table = entry[0].prompt_logprobs
-            start = request.num_computed_tokens + 1   # position p's hidden state predicts token p + 1
+            start = starts[rid] + 1   # position p's hidden state predicts token p + 1
             for offset, logprob_entry in enumerate(entries):
-                if start + offset < len(table):
-                    table[start + offset] = list(logprob_entry)
+                table[start + offset] = list(logprob_entry)
 
     def _start_pending(self, parent: _Parent) -> None:
         """Completion 0 just got its first token: fork the others from its prompt blocks.

@@ -67,15 +67,16 @@ def test_a_failing_step_ends_the_outputs_with_engine_dead(model_path):
     def broken(sched):
         raise RuntimeError("worker lost")
 
-    core.executor.execute_model = broken
+    core.executor.execute_model = core.executor.execute_model_async = broken
 
     async def scenario():
         client = InprocClient(lambda: core)
         await client.start()
         await client.add([CoreRequest("x", PROMPTS[0], _params())])
         with pytest.raises(EngineDeadError, match="worker lost"):
-            async for _ in client.outputs():
-                pass
+            async with asyncio.timeout(60):   # a core that never fails would hang here
+                async for _ in client.outputs():
+                    pass
         assert client.dead_error is not None
         with pytest.raises(EngineDeadError):
             await client.add([CoreRequest("y", PROMPTS[0], _params())])
