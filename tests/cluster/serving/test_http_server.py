@@ -209,9 +209,9 @@ def test_chat_with_the_default_model_answers_paris():
 
 # -- a stand-in frontend, for failures on demand ---------------------------------------------------
 class _FailingFrontend:
-    """Yields `outputs`, then raises `error`."""
+    """Yields `outputs`, then raises `error` (if one)."""
 
-    def __init__(self, tokenizer, error: BaseException, outputs=()) -> None:
+    def __init__(self, tokenizer, error: BaseException | None, outputs=()) -> None:
         self.tokenizer, self.error, self.outputs = tokenizer, error, list(outputs)
         self.info = EngineInfo(model="m", tokenizer="m", architecture="x", max_model_len=64, vocab_size=320,
                                block_size=4, num_kv_blocks=8, tensor_parallel_size=1)
@@ -220,7 +220,8 @@ class _FailingFrontend:
     async def generate(self, prompt, params, request_id=None):
         for out in self.outputs:
             yield out
-        raise self.error
+        if self.error is not None:
+            raise self.error
 
 
 @pytest.fixture(scope="module")
@@ -234,8 +235,8 @@ def _call(frontend, fn):
         server = HttpServer(frontend, "m", port=0)
         await server.start()
         try:
-            client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
-            return await fn(client)
+            async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0) as client:
+                return await fn(client)
         finally:
             await server.stop()
     return asyncio.run(run())
@@ -268,4 +269,35 @@ def test_no_chat_template_is_a_400_and_mid_stream_failure_an_error_event(tokeniz
         response = await client.completions.with_raw_response.create(model="m", prompt="Hi", stream=True)
         return (await response.http_response.aread()).decode()
     text = _call(_FailingFrontend(tokenizer, EngineDeadError("replica died"), [partial]), stream)
-    assert '"text": "abc"' in text and '"message": "replica died"' in text and text.endswith("data: [DONE]\n\n")
+    assert '"text":"abc"' in text and '"message":"replica died"' in text and text.endswith("data: [DONE]\n\n")
+
+
+def test_tls_gives_https_with_the_same_token(tokenizer, tmp_path):
+    import ssl
+    import aiohttp
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    done = RequestOutput("r", "Hi", [5, 6], [CompletionOutput(0, "abc", [7], None, "stop")], finished=True)
+
+    async def run():
+        server = HttpServer(_FailingFrontend(tokenizer, None, [done]), "m", port=0,
+                            auth_token=TOKEN, tls_cert=cert, tls_key=key)
+        await server.start()
+        trusted = ssl.create_default_context(cafile=str(cert))
+        try:
+            assert server.url.startswith("https://")
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"{server.url}/health", ssl=trusted) as health:
+                    assert health.status == 200
+                body = {"model": "m", "prompt": "Hi"}
+                async with session.post(f"{server.url}/v1/completions", json=body, ssl=trusted) as denied:
+                    assert denied.status == 401
+                async with session.post(f"{server.url}/v1/completions", json=body, ssl=trusted,
+                                        headers={"Authorization": f"Bearer {TOKEN}"}) as ok:
+                    return ok.status, await ok.json()
+        finally:
+            await server.stop()
+    status, reply = asyncio.run(run())
+    assert status == 200 and reply["choices"][0]["text"] == "abc" and reply["usage"]["prompt_tokens"] == 2
