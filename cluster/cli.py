@@ -14,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+from pagedray.cluster.cli_chat import add_chat_parser
 from pagedray.cluster.cli_generate import add_generate_parser
 
 logger = logging.getLogger("pagedray.serve")
@@ -46,6 +47,10 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    p.add_argument("--http-port", type=int,
+                   help="also serve the OpenAI-compatible HTTP API on this port (0 picks one, logged when ready)")
+    p.add_argument("--chat-template", type=Path,
+                   help="Jinja chat template file, for models whose tokenizer has none (or to replace it)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
     r = p.add_argument_group("replicas", "several engines behind one endpoint (needs --replica-backend ray)")
@@ -127,27 +132,50 @@ async def _run_ray_replicas(model: str, kwargs: dict, name: str, args: argparse.
 
 async def _run_server(engine, name: str, args: argparse.Namespace, autoscaler=None) -> int:
     from pagedray.cluster.server import GenerateServer
+    from pagedray.cluster.serving.chat import load_chat_template
+    auth_token = args.auth_token_file.read_text() if args.auth_token_file else None
+    chat_template = load_chat_template(args.chat_template) if args.chat_template else None
     server = GenerateServer(
-        engine, name, host=args.host, port=args.port,
-        auth_token=args.auth_token_file.read_text() if args.auth_token_file else None,
+        engine, name, host=args.host, port=args.port, auth_token=auth_token,
         tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
         tls_key=args.tls_key.read_bytes() if args.tls_key else None,
-        metrics_port=args.metrics_port)
+        metrics_port=args.metrics_port, chat_template=chat_template)
     await server.start()
+    http = await _start_http(server, name, args, auth_token, chat_template)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     metrics = f", metrics on http://{args.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+    metrics += f", OpenAI HTTP API on {http.url}/v1" if http is not None else ""
     logger.info("ready: serving model %r on %s:%d (%s)%s, %d replica(s) ready", name, args.host, server.port,
                 "tls" if args.tls_cert else "plaintext", metrics, server.router.num_ready)
     await stop.wait()
     logger.info("draining (up to %.0f s)", args.drain_timeout)
     if autoscaler is not None:
         await autoscaler.stop()
+    if http is not None:
+        http.draining = True   # new HTTP calls get 503; in-flight ones drain with gRPC's below
     await server.stop(args.drain_timeout)
+    if http is not None:
+        await http.stop()
     logger.info("stopped")
     return 0
+
+
+async def _start_http(server, name: str, args: argparse.Namespace, auth_token, chat_template):
+    """The OpenAI HTTP API on the gRPC server's frontend (same engines, tokenizer and metrics)."""
+    if args.http_port is None:
+        return None
+    from pagedray.cluster.serving.http_server import HttpServer
+    frontend = getattr(server, "frontend", None)
+    if frontend is None:
+        from pagedray.cluster.serving.router_frontend import RouterFrontend
+        frontend = RouterFrontend(server.router)
+    http = HttpServer(frontend, name, host=args.host, port=args.http_port, auth_token=auth_token,
+                      tls_cert=args.tls_cert, tls_key=args.tls_key, chat_template=chat_template)
+    await http.start()
+    return http
 
 
 # -- client --------------------------------------------------------------------------------
@@ -244,7 +272,7 @@ def _client_request(args: argparse.Namespace, pb):
 
 
 # -- entry point -----------------------------------------------------------------------------
-_SUBCOMMANDS = [add_serve_parser, add_client_parser, add_generate_parser]
+_SUBCOMMANDS = [add_serve_parser, add_client_parser, add_generate_parser, add_chat_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from pagedray.cluster.async_engine import AsyncEngine, DeltaTracker, EngineDeadError, QueueFullError
 from pagedray.cluster.outputs import RequestOutput
 from pagedray.cluster.router import Router
+from pagedray.cluster.serving.chat import ChatRenderer
 from pagedray.protos import generate_pb2 as pb
 from pagedray.protos import generate_pb2_grpc as pb_grpc
 from pagedray.workers.sampling_params import SamplingParams
@@ -66,13 +67,19 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(**kwargs)
 
 
-def parse_request(request: pb.GenerateRequest, served_model: str) -> tuple[str | dict, SamplingParams, str]:
+def parse_request(request: pb.GenerateRequest, served_model: str,
+                  chat: ChatRenderer | None = None) -> tuple[str | dict, SamplingParams, str]:
     if request.model and request.model != served_model:
         raise UnknownModelError(f"model {request.model!r} is not served here (serving {served_model!r})")
     which = request.WhichOneof("input")
     if which is None:
-        raise ValueError("prompt: set one of prompt or prompt_token_ids")
-    prompt = request.prompt if which == "prompt" else {"prompt_token_ids": list(request.prompt_token_ids.ids)}
+        raise ValueError("prompt: set one of prompt, prompt_token_ids or chat")
+    if which == "chat":
+        if chat is None:
+            raise ValueError("chat: this server does not render chat messages")
+        prompt = chat.prompt([{"role": m.role, "content": m.content} for m in request.chat.messages])
+    else:
+        prompt = request.prompt if which == "prompt" else {"prompt_token_ids": list(request.prompt_token_ids.ids)}
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise ValueError(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters, "
                          f"got {len(request.request_id)}")
@@ -139,11 +146,12 @@ def _status_of(exc: BaseException) -> grpc.StatusCode | None:
 
 # -- the service -------------------------------------------------------------------------
 class GenerationService(pb_grpc.GenerationServicer):
-    def __init__(self, router: Router, model_name: str) -> None:
+    def __init__(self, router: Router, model_name: str, chat_template: str | None = None) -> None:
         self.router = router
         self.model_name = model_name
         self.draining = False
         self.texts = _TokenTexts(router.tokenizer)
+        self.chat = ChatRenderer(router.tokenizer, chat_template)
 
     async def Generate(self, request, context):
         async with self._outputs(request, context) as (outputs, params):
@@ -178,7 +186,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is draining")
         try:
-            prompt, params, request_id = parse_request(request, self.model_name)
+            prompt, params, request_id = parse_request(request, self.model_name, self.chat)
             async with contextlib.aclosing(self.router.generate(prompt, params, request_id)) as outputs:
                 yield outputs, params
         except Exception as exc:
@@ -222,7 +230,7 @@ class GenerateServer:
 
     def __init__(self, engine: AsyncEngine | Router, model_name: str, *, host: str = "127.0.0.1", port: int = 50051,
                  auth_token: str | None = None, tls_cert: bytes | None = None, tls_key: bytes | None = None,
-                 metrics_port: int | None = None) -> None:
+                 metrics_port: int | None = None, chat_template: str | None = None) -> None:
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         if auth_token is not None and not auth_token.strip():
@@ -230,7 +238,7 @@ class GenerateServer:
         self.engine = engine
         self.router = engine if isinstance(engine, Router) else Router.wrap(engine)
         self.host, self.requested_port = host, port
-        self.service = GenerationService(self.router, model_name)
+        self.service = GenerationService(self.router, model_name, chat_template)
         self.health = health.aio.HealthServicer()
         interceptors = [_BearerAuth(auth_token.strip())] if auth_token else []
         self.server = grpc.aio.server(interceptors=interceptors)

@@ -2,16 +2,11 @@
 from __future__ import annotations
 
 import json
-import queue
-import re
 import signal
-import subprocess
-import sys
-import threading
-import time
 
 import pytest
 
+from serve_process import ServeProcess as _Server
 from tiny_tokenizer import make_tiny_tokenizer
 
 from pagedray.cluster import LLM, SamplingParams
@@ -30,35 +25,6 @@ def ckpt(tmp_path_factory) -> str:
                      ).save_pretrained(path, safe_serialization=True)
     make_tiny_tokenizer(path, 320)
     return str(path)
-
-
-class _Server:
-    """The serve subprocess, its stderr lines collected by a thread."""
-
-    def __init__(self, args: list[str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "pagedray.cluster.cli", "serve", *args],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.put(line)
-
-    def wait_for(self, pattern: str, timeout: float = 120.0) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.5)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            self.log.append(line)
-            if match := re.search(pattern, line):
-                return match
-        raise AssertionError(f"no line matching {pattern!r}; server said:\n{''.join(self.log)}")
 
 
 def test_serve_then_client(ckpt, tmp_path, capsys):
