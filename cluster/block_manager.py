@@ -121,8 +121,13 @@ class BlockManager:
         return hits, len(hits) * self.block_size
 
     def _offer_full_blocks(self, request: Request, num_tokens: int) -> None:
-        """Register the request's blocks that are full once `num_tokens` tokens are computed."""
+        """Register the request's blocks that are full once `num_tokens` tokens are computed.
+
+        Only blocks of known tokens: one holding a token still in flight (a placeholder) has no key
+        yet and is offered by a later allocation.
+        """
         rid = request.request_id
+        num_tokens = min(num_tokens, request.num_tokens)
         if num_tokens // self.block_size <= self._num_keyed[rid]:
             return   # no block became full (most decode steps)
         keys, table = self._block_hashes(request), self._tables[rid]
@@ -198,9 +203,9 @@ class BlockManager:
                 raise ValueError(f"computed_blocks is only for the first allocation of request {rid!r}")
             table, start = self._tables[rid], request.num_computed_tokens
         end = start + num_new_tokens
-        if end > request.num_tokens:
-            raise ValueError(f"cannot allocate past the request's {request.num_tokens} known tokens "
-                             f"(asked for {start} + {num_new_tokens})")
+        if end > request.num_tokens + request.num_output_placeholders:
+            raise ValueError(f"cannot allocate past the request's {request.num_tokens} known tokens and "
+                             f"{request.num_output_placeholders} in flight (asked for {start} + {num_new_tokens})")
         num_new_blocks = max(0, _cdiv(end, bs) - len(table))
         written = range(start // bs, min(len(table), _cdiv(end, bs))) if num_new_tokens else range(0)
         cow = [j for j in written if self._ref[table[j]] > 1]
@@ -226,7 +231,8 @@ class BlockManager:
         """Whether the next tokens need no new block and no copy (every block written has ref 1)."""
         start = request.num_computed_tokens
         end = start + num_new_tokens
-        if num_new_tokens == 0 or end > len(table) * self.block_size or end > request.num_tokens:
+        if (num_new_tokens == 0 or end > len(table) * self.block_size
+                or end > request.num_tokens + request.num_output_placeholders):
             return False
         ref, bs = self._ref, self.block_size
         first, last = start // bs, (end - 1) // bs

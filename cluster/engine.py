@@ -20,7 +20,9 @@ from pagedray.cluster.executors import make_executor
 from pagedray.cluster.outputs import CompletionOutput, RequestOutput
 from pagedray.cluster.request import Request, RequestStatus
 from pagedray.cluster.scheduler import Scheduler
+from pagedray.workers.messages import SchedulerOutput
 from pagedray.workers.sampling_params import SamplingParams
+from pagedray.workers.step_output import StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,9 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.dead: BaseException | None = None
+        self.async_scheduling = bool(config.scheduler.async_scheduling)
+        # Overlapped steps: the step queued on the device whose output is not read yet.
+        self._in_flight: tuple[SchedulerOutput, StepOutput] | None = None
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "LLMEngine":
@@ -185,14 +190,17 @@ class LLMEngine:
         """
         self._check_alive()
         sched = self.scheduler.schedule()
-        if sched.is_empty and not sched.finished_req_ids:
+        launched = None
+        if not sched.is_empty or sched.finished_req_ids:
+            launched = (sched, self._run_executor(self.executor.execute_model_async, sched))
+        if self.async_scheduling:
+            # The step just queued runs on the device while the host reads the previous one.
+            launched, self._in_flight = self._in_flight, launched
+        if launched is None:
             return []
-        try:
-            runner_out = self.executor.execute_model(sched)
-        except Exception as exc:  # a dead worker, OOM, collective failure
-            self.dead = exc
-            raise EngineDeadError(f"the executor failed: {exc}") from exc
-        self._record_prompt_logprobs(runner_out)
+        sched, step_out = launched
+        runner_out = self._run_executor(StepOutput.get, step_out)
+        self._record_prompt_logprobs(sched, runner_out)
         advanced: dict[str, _Parent] = {}
         for request, new_tokens in self.scheduler.update_from_output(sched, runner_out):
             parent_id = self.child_to_parent.get(request.request_id)
@@ -207,16 +215,25 @@ class LLMEngine:
             return [self._finish_output(p) for p in advanced.values() if p.finished]
         return [self._finish_output(p) for p in advanced.values()]
 
-    def _record_prompt_logprobs(self, runner_out) -> None:
-        """Place each chunk's prompt logprobs; called before the scheduler advances the requests,
-        so a request's computed tokens still tell where its chunk starts (a recompute after
-        preemption rewrites the same positions)."""
+    def _run_executor(self, fn, arg):
+        try:
+            return fn(arg)
+        except Exception as exc:  # a dead worker, OOM, collective failure
+            self.dead = exc
+            raise EngineDeadError(f"the executor failed: {exc}") from exc
+
+    def _record_prompt_logprobs(self, sched, runner_out) -> None:
+        """Place each chunk's prompt logprobs at the chunk's start, which the step's message to the
+        workers carries (a recompute after preemption rewrites the same positions)."""
+        if not runner_out.prompt_logprobs:
+            return
+        starts = {r.req_id: r.num_computed_tokens for r in sched.scheduled_new_reqs}
+        starts.update((r.req_id, r.num_computed_tokens) for r in sched.scheduled_cached_reqs)
         for rid, entries in runner_out.prompt_logprobs.items():
             parent = self.parents.get(self.child_to_parent.get(rid, ""))
-            request = self.scheduler.requests.get(rid)
-            if parent is None or request is None or parent.prompt_logprobs is None:
+            if parent is None or parent.prompt_logprobs is None or rid not in self.scheduler.requests:
                 continue
-            start = request.num_computed_tokens + 1   # position p's hidden state predicts token p + 1
+            start = starts[rid] + 1   # position p's hidden state predicts token p + 1
             for offset, entry in enumerate(entries):
                 parent.prompt_logprobs[start + offset] = {tok: lp for tok, lp, _ in entry}
 
