@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -163,6 +164,10 @@ def test_bad_chat_and_auth(served):
     with pytest.raises(urllib.error.HTTPError) as no_token:
         urllib.request.urlopen(served.ready["http"] + "/models", timeout=10)
     assert no_token.value.code == 401
+    request = urllib.request.Request(served.ready["http"] + "/nothing", headers={"Authorization": f"Bearer {TOKEN}"})
+    with pytest.raises(urllib.error.HTTPError) as unknown:
+        urllib.request.urlopen(request, timeout=10)
+    assert unknown.value.code == 404 and "error" in json.loads(unknown.value.read())
     with pytest.raises(grpc.RpcError) as err:   # the gRPC chat input refuses the same bad message
         served.grpc_call("Generate", pb.GenerateRequest(chat=pb.ChatMessages(
             messages=[pb.ChatMessage(role="wizard", content="x")])))
@@ -183,7 +188,6 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(served):
 def test_unary_disconnect_aborts_too(served):
     """A client that gives up on a non-streamed call: the handler is cancelled, the request aborted."""
     import http.client
-    import json
     before = served.metrics()
     host, port = served.ready["http"].removeprefix("http://").removesuffix("/v1").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
