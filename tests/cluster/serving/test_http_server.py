@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -163,6 +164,10 @@ def test_bad_chat_and_auth(served):
     with pytest.raises(urllib.error.HTTPError) as no_token:
         urllib.request.urlopen(served.ready["http"] + "/models", timeout=10)
     assert no_token.value.code == 401
+    request = urllib.request.Request(served.ready["http"] + "/nothing", headers={"Authorization": f"Bearer {TOKEN}"})
+    with pytest.raises(urllib.error.HTTPError) as unknown:
+        urllib.request.urlopen(request, timeout=10)
+    assert unknown.value.code == 404 and "error" in json.loads(unknown.value.read())
     with pytest.raises(grpc.RpcError) as err:   # the gRPC chat input refuses the same bad message
         served.grpc_call("Generate", pb.GenerateRequest(chat=pb.ChatMessages(
             messages=[pb.ChatMessage(role="wizard", content="x")])))
@@ -183,7 +188,6 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(served):
 def test_unary_disconnect_aborts_too(served):
     """A client that gives up on a non-streamed call: the handler is cancelled, the request aborted."""
     import http.client
-    import json
     before = served.metrics()
     host, port = served.ready["http"].removeprefix("http://").removesuffix("/v1").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
@@ -329,3 +333,34 @@ def test_tls_gives_https_with_the_same_token(tokenizer, tmp_path):
             await server.stop()
     status, reply = asyncio.run(run())
     assert status == 200 and reply["choices"][0]["text"] == "abc" and reply["usage"]["prompt_tokens"] == 2
+
+
+def test_real_engine_queue_full_is_429_and_stopped_engine_503(tiny_llama):
+    """The same statuses from a real engine: one admission slot taken by a long stream, then the engine shut down."""
+    from pagedray.cluster.async_engine import AsyncEngine
+    from pagedray.cluster.router import Router
+    from pagedray.cluster.serving.router_frontend import RouterFrontend
+
+    async def run():
+        engine = AsyncEngine.from_kwargs(tiny_llama, device="cpu", block_size=4, num_kv_blocks=256,
+                                         max_pending_requests=1)
+        frontend = RouterFrontend(Router.wrap(engine))
+        server = HttpServer(frontend, "m", port=0)
+        await server.start()
+        try:
+            async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0) as client:
+                stream = await client.completions.create(model="m", prompt="Hi", max_tokens=200, stream=True,
+                                                         extra_body={"ignore_eos": True})
+                await anext(aiter(stream))   # admitted and running
+                with pytest.raises(openai.RateLimitError) as full:
+                    await client.completions.create(model="m", prompt="Hi", max_tokens=2)
+                await stream.close()
+                await frontend.shutdown()
+                with pytest.raises(openai.InternalServerError) as dead:
+                    await client.completions.create(model="m", prompt="Hi", max_tokens=2)
+                return full.value, dead.value
+        finally:
+            await server.stop()
+    full, dead = asyncio.run(run())
+    assert full.status_code == 429 and "max_pending_requests=1" in full.body["message"]
+    assert dead.status_code == 503 and dead.body["type"] == "service_unavailable"
