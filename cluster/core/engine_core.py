@@ -18,6 +18,7 @@ tokens already produced.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -250,11 +251,14 @@ def config_eos_token_ids(model_config) -> list[int]:
     """eos ids as HF generate would use them, from the checkpoint: generation_config, then config.
     (The front falls back to its tokenizer's eos when both are silent.)"""
     eos = None
-    try:
+    path = os.path.join(model_config.model, "generation_config.json")
+    if os.path.isfile(path):
         from transformers import GenerationConfig
-        eos = GenerationConfig.from_pretrained(model_config.model).eos_token_id
-    except Exception:
-        pass
+        try:
+            eos = GenerationConfig.from_pretrained(model_config.model).eos_token_id
+        except (OSError, ValueError) as exc:   # transformers reports bad JSON as OSError
+            logger.warning("ignoring %s, which transformers cannot read (%s): eos ids come from "
+                           "config.json or the tokenizer", path, exc)
     if eos is None:
         eos = getattr(model_config.hf_config, "eos_token_id", None)
     if eos is None:
