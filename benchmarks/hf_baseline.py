@@ -59,13 +59,13 @@ def generate(model, prompts: list[list[int]], new_tokens: int, temperature: floa
     return out.shape[0] * new_tokens
 
 
-@torch.inference_mode()
 def generate_batch(model, prompts: list[list[int]], new_tokens: int, temperature: float) -> int:
     """HF continuous batching over all prompts; returns the number of generated tokens.
 
     Each call builds a manager sized for its prompts and warms it up (captures its graphs) before
     the requests enter; `last_span` keeps the time from the first request's creation to the last
     one's end by HF's own clocks, which leaves that set-up out (None where the version records none).
+    Not under inference_mode: HF's generation thread updates tensors made here in place.
     """
     from transformers.generation import GenerationConfig
     sampling = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0

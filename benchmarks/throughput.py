@@ -84,16 +84,40 @@ def main(argv=None) -> int:
         generate(llm, prompts[:args.warmup_requests], args)   # compiles the prefill kernels' shapes
         replays0 = graph_replays(llm)
         counter = StageTimer(llm, sync=False, count_only=True)
-        elapsed = generate(llm, prompts, args)
+        with HostWait() as wait:
+            elapsed = generate(llm, prompts, args)
+        waits = [wait.seconds]
         counter.restore()
         replays = graph_replays(llm) - replays0
-        serial = None
+        serial = []
         if args.serial_too and llm.llm_engine.async_scheduling:
-            serial = _serial(llm, lambda: generate(llm, prompts, args))
+            # serial, overlapped again, serial again: an order effect shows as a spread within a mode
+            for overlapped in (False, True, False):
+                with HostWait() as wait:
+                    t = generate(llm, prompts, args) if overlapped else _serial(llm, lambda: generate(llm, prompts, args))
+                serial.append((overlapped, t, wait.seconds))
         breakdown = _serial(llm, lambda: run_breakdown(llm, prompts, args)) if args.breakdown else None
         llm.shutdown()
-    report(args, startup, elapsed, counter, replays, tflops, bandwidth, hf, breakdown, serial)
+    report(args, startup, (elapsed, waits[0]), counter, replays, tflops, bandwidth, hf, breakdown, serial)
     return 0
+
+
+class HostWait:
+    """Seconds the host spent blocked on CUDA events (the engine waiting for a step's samples)."""
+
+    def __enter__(self) -> "HostWait":
+        self.seconds, self._orig = 0.0, torch.cuda.Event.synchronize
+
+        def timed(event):
+            start = time.perf_counter()
+            self._orig(event)
+            self.seconds += time.perf_counter() - start
+
+        torch.cuda.Event.synchronize = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.cuda.Event.synchronize = self._orig
 
 
 def _serial(llm, fn):
@@ -115,19 +139,21 @@ def run_breakdown(llm, prompts, args) -> tuple[StageTimer, str]:
     return timer, trace
 
 
-def report(args, startup, elapsed, counter, replays, tflops, bandwidth, hf, breakdown, serial=None) -> None:
+def report(args, startup, timed, counter, replays, tflops, bandwidth, hf, breakdown, serial=()) -> None:
+    elapsed, wait = timed
     n, inp, out = args.num_requests, args.input_len, args.output_len
     floor_s = workload_flops(args.shape, n, inp, out) / (tflops * 1e12) if tflops else None
-    header = ["engine", "requests", "time (s)", "req/s", "output tok/s", "total tok/s", "time / compute floor"]
+    header = ["engine", "requests", "time (s)", "req/s", "output tok/s", "total tok/s", "time / compute floor",
+              "host blocked on the GPU (s)"]
     mode = " (eager)" if args.enforce_eager else ""
     mode += "" if args.no_async_scheduling or not args.device.startswith("cuda") else ", overlapped steps"
     rows = [["pagedray" + mode, n, f"{elapsed:.2f}", f"{n / elapsed:.2f}",
              f"{n * out / elapsed:.0f}", f"{n * (inp + out) / elapsed:.0f}",
-             f"{elapsed / floor_s:.2f}x" if floor_s else "-"]]
-    if serial:
-        rows.append(["pagedray, steps not overlapped (same engine)", n, f"{serial:.2f}", f"{n / serial:.2f}",
-                     f"{n * out / serial:.0f}", f"{n * (inp + out) / serial:.0f}",
-                     f"{serial / floor_s:.2f}x" if floor_s else "-"])
+             f"{elapsed / floor_s:.2f}x" if floor_s else "-", f"{wait:.2f}"]]
+    for overlapped, t, w in serial:
+        rows.append([f"pagedray, {'overlapped steps' if overlapped else 'steps not overlapped'} (same engine, "
+                     "next run)", n, f"{t:.2f}", f"{n / t:.2f}", f"{n * out / t:.0f}", f"{n * (inp + out) / t:.0f}",
+                     f"{t / floor_s:.2f}x" if floor_s else "-", f"{w:.2f}"])
     for run in (hf or {}).get("runs", []):
         hf_floor = workload_flops(args.shape, run["num_requests"], inp, out) / (tflops * 1e12) if tflops else None
         how = (f"generate (batch {run['batch_size']})" if run["engine"] == "generate"
@@ -135,7 +161,7 @@ def report(args, startup, elapsed, counter, replays, tflops, bandwidth, hf, brea
         rows.append([f"HF transformers {hf['transformers']} {how}",
                      run["num_requests"], f"{run['elapsed_s']:.2f}", f"{run['requests_per_s']:.2f}",
                      f"{run['output_tok_per_s']:.0f}", f"{run['total_tok_per_s']:.0f}",
-                     f"{run['elapsed_s'] / hf_floor:.2f}x" if hf_floor else "-"])
+                     f"{run['elapsed_s'] / hf_floor:.2f}x" if hf_floor else "-", "-"])
     table = markdown_table(header, rows)
     notes = [f"Shape {args.shape}, dummy weights, {args.dtype}, {n} x {inp}/{out} tokens, ignore_eos, "
              f"temperature {args.temperature}, max_num_seqs {args.max_num_seqs}, "
@@ -180,7 +206,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-async-scheduling", action="store_true", help="read each step before the next")
     p.add_argument("--serial-too", action="store_true",
-                   help="time the workload again with steps not overlapped, on the same engine")
+                   help="time the workload again: not overlapped, overlapped, not overlapped (same engine)")
     p.add_argument("--warmup-requests", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf-baseline", action="store_true")
