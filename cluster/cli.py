@@ -22,7 +22,7 @@ logger = logging.getLogger("pagedray.serve")
 
 # -- serve ---------------------------------------------------------------------------------
 def add_serve_parser(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="serve a model over gRPC")
+    p = subparsers.add_parser("serve", help="serve a model over gRPC (and the OpenAI HTTP API: --http-port)")
     p.add_argument("--model", help="HF checkpoint folder (default: $PAGEDRAY_MODEL)")
     p.add_argument("--served-model-name", help="name clients pass as `model` (default: the folder name)")
     p.add_argument("--host", default="127.0.0.1")
