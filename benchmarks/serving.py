@@ -70,7 +70,7 @@ SYNTHETIC = {
 def make_synthetic_config(path: str, preset: str) -> str:
     from transformers import LlamaConfig
     LlamaConfig(**SYNTHETIC[preset], max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
-                architectures=["LlamaForCausalLM"], torch_dtype="bfloat16").save_pretrained(path)
+                architectures=["LlamaForCausalLM"], dtype="bfloat16").save_pretrained(path)
     return path
 
 

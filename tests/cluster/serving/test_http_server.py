@@ -62,7 +62,7 @@ def served(tmp_path_factory):
     ckpt = make_tiny_llama(folder / "ckpt", max_position_embeddings=2048)
     (folder / "token").write_text(TOKEN + "\n")
     (folder / "template.jinja").write_text(TEMPLATE)
-    proc, ready = _serve(["--model", ckpt, "--served-model-name", "tiny", "--block-size", "4",
+    proc, ready = _serve(["--model", ckpt, "--served-model-name", "tiny", "--device", "cpu", "--block-size", "4",
                           "--num-kv-blocks", "1024", "--auth-token-file", str(folder / "token"),
                           "--chat-template", str(folder / "template.jinja")])
     yield Served(proc, ready, folder / "token")
