@@ -45,5 +45,10 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     def dead_error(self) -> BaseException | None: ...
 
+    @property
+    def is_healthy(self) -> bool:
+        """Alive as far as the front knows (routing skips a client that is not)."""
+        return self.dead_error is None
+
     @abc.abstractmethod
     async def shutdown(self) -> None: ...
