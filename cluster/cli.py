@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import signal
@@ -57,8 +58,12 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
     r = p.add_argument_group("replicas", "several engines behind one endpoint (needs --replica-backend ray)")
-    r.add_argument("--replica-backend", choices=("local", "ray"), default="local",
-                   help="local: one engine in this process; ray: each replica's engine in a Ray actor")
+    r.add_argument("--replica-backend", choices=("local", "ray", "inproc"), default="local",
+                   help="local: the engine in a subprocess of this one (restarted if it dies); ray: each "
+                        "replica's engine in a Ray actor; inproc: the engine on a thread of this process")
+    r.add_argument("--max-migrations", type=int, default=2,
+                   help="times a request may move to another replica when its replica fails; "
+                        "past it the call fails with UNAVAILABLE")
     r.add_argument("--replicas", type=int, help="replicas to start with (default: --min-replicas, else 1)")
     r.add_argument("--min-replicas", type=int, help="autoscaling floor (default: --replicas)")
     r.add_argument("--max-replicas", type=int, help="autoscaling ceiling (default: --replicas)")
@@ -71,7 +76,7 @@ def add_serve_parser(subparsers) -> None:
 
 def _scaling_config(args: argparse.Namespace):
     """--replicas/--min-replicas/--max-replicas as an AutoscalingConfig (fixed when min == max)."""
-    from pagedray.cluster.autoscaler import AutoscalingConfig
+    from pagedray.cluster.serving.autoscaler import AutoscalingConfig
     initial = args.replicas if args.replicas is not None else \
         args.min_replicas if args.min_replicas is not None else 1
     low = args.min_replicas if args.min_replicas is not None else initial
@@ -82,7 +87,7 @@ def _scaling_config(args: argparse.Namespace):
                                    upscale_delay_s=args.upscale_delay, downscale_delay_s=args.downscale_delay)
     except ValueError as exc:
         raise SystemExit(f"pagedray serve: {exc}")
-    if args.replica_backend == "local" and config.max_replicas > 1:
+    if args.replica_backend != "ray" and config.max_replicas > 1:
         raise SystemExit("pagedray serve: more than one replica (--replicas/--max-replicas) needs "
                          "--replica-backend ray")
     return config
@@ -106,42 +111,57 @@ def _serve(args: argparse.Namespace) -> int:
                   enable_prefix_caching=args.enable_prefix_caching,
                   enable_chunked_prefill=args.enable_chunked_prefill, seed=args.seed)
     name = args.served_model_name or Path(model).name
-    if args.replica_backend == "ray":
-        return asyncio.run(_run_ray_replicas(model, kwargs, name, args, scaling))
-    from pagedray.cluster.async_engine import AsyncEngine
-    engine = AsyncEngine.from_kwargs(model, max_pending_requests=args.max_pending_requests, **kwargs)
-    return asyncio.run(_run_server(engine, name, args))
+    if args.max_migrations < 0:
+        raise SystemExit(f"pagedray serve: --max-migrations must be >= 0, got {args.max_migrations}")
+    return asyncio.run(_run(model, kwargs, name, args, scaling))
 
 
-async def _run_ray_replicas(model: str, kwargs: dict, name: str, args: argparse.Namespace, scaling) -> int:
-    """Replicas in Ray actors, kept between --min-replicas and --max-replicas by the autoscaler."""
-    from pagedray.cluster.autoscaler import Autoscaler
-    from pagedray.cluster.replica import RayReplica
-    from pagedray.cluster.router import Router
+def _make_client(model: str, kwargs: dict, backend: str, name: str):
+    """One engine client of `backend` (not started)."""
+    if backend == "ray":
+        from pagedray.cluster.serving.ray_client import RayClient
+        return RayClient(model, kwargs, name=name)
+    if backend == "local":
+        from pagedray.cluster.serving.process_client import ProcessClient
+        return ProcessClient(model, kwargs, name=name)
+    from pagedray.cluster.serving.inproc_client import InprocClient
+    return InprocClient.for_model(model, name=name, **kwargs)
 
-    def make_replica(replica_name: str) -> RayReplica:
-        return RayReplica(model, kwargs, name=replica_name, max_pending_requests=args.max_pending_requests)
 
-    router = Router()
-    autoscaler = Autoscaler(router, make_replica, scaling)
-    logger.info("starting %d replica(s) in Ray actors (min %d, max %d)", scaling.initial_replicas,
-                scaling.min_replicas, scaling.max_replicas)
-    from pagedray.cluster.async_engine import EngineDeadError
+async def _run(model: str, kwargs: dict, name: str, args: argparse.Namespace, scaling) -> int:
+    """The frontend over its replicas: Ray actors kept between --min-replicas and --max-replicas by
+    the autoscaler (which also replaces dead ones), or one local engine restarted when it dies."""
+    from pagedray.cluster.serving.autoscaler import Autoscaler
+    from pagedray.cluster.serving.engine_client import EngineDeadError
+    from pagedray.cluster.serving.frontend import Frontend
+    backend, names = args.replica_backend, itertools.count()
+    frontend_kwargs = dict(max_migrations=args.max_migrations, max_pending_requests=args.max_pending_requests)
+    autoscaler = None
     try:
-        await autoscaler.start()
+        if backend == "ray":
+            frontend = Frontend(**frontend_kwargs)
+            autoscaler = Autoscaler(frontend.router, lambda n: _make_client(model, kwargs, backend, n), scaling)
+            logger.info("starting %d replica(s) in Ray actors (min %d, max %d)", scaling.initial_replicas,
+                        scaling.min_replicas, scaling.max_replicas)
+            await autoscaler.start()
+        else:
+            async def replacement():
+                return _make_client(model, kwargs, backend, f"{backend}-{next(names)}")
+            frontend = await Frontend.start_with([await replacement()], client_factory=replacement, **frontend_kwargs)
     except (ValueError, EngineDeadError) as exc:
-        await autoscaler.stop()
+        if autoscaler is not None:
+            await autoscaler.stop()
         raise SystemExit(f"pagedray serve: no replica could start: {exc}")
-    return await _run_server(router, name, args, autoscaler)
+    return await _run_server(frontend, name, args, autoscaler)
 
 
-async def _run_server(engine, name: str, args: argparse.Namespace, autoscaler=None) -> int:
-    from pagedray.cluster.server import GenerateServer
+async def _run_server(frontend, name: str, args: argparse.Namespace, autoscaler=None) -> int:
+    from pagedray.cluster.serving.server import GenerateServer
     from pagedray.cluster.serving.chat import load_chat_template
     auth_token = args.auth_token
     chat_template = load_chat_template(args.chat_template) if args.chat_template else None
     server = GenerateServer(
-        engine, name, host=args.host, port=args.port, auth_token=auth_token,
+        frontend, name, host=args.host, port=args.port, auth_token=auth_token,
         tls_cert=args.tls_cert_pem, tls_key=args.tls_key_pem,
         metrics_port=args.metrics_port, chat_template=chat_template)
     await server.start()
@@ -153,7 +173,7 @@ async def _run_server(engine, name: str, args: argparse.Namespace, autoscaler=No
     metrics = f", metrics on http://{args.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     metrics += f", OpenAI HTTP API on {http.url}/v1" if http is not None else ""
     logger.info("ready: serving model %r on %s:%d (%s)%s, %d replica(s) ready", name, args.host, server.port,
-                "tls" if args.tls_cert else "plaintext", metrics, server.router.num_ready)
+                "tls" if args.tls_cert else "plaintext", metrics, frontend.num_ready_replicas)
     await stop.wait()
     logger.info("draining (up to %.0f s)", args.drain_timeout)
     if autoscaler is not None:
@@ -172,10 +192,7 @@ async def _start_http(server, name: str, args: argparse.Namespace, auth_token, c
     if args.http_port is None:
         return None
     from pagedray.cluster.serving.http_server import HttpServer
-    frontend = getattr(server, "frontend", None)
-    if frontend is None:
-        from pagedray.cluster.serving.router_frontend import RouterFrontend
-        frontend = RouterFrontend(server.router)
+    frontend = server.frontend
     http = HttpServer(frontend, name, host=args.host, port=args.http_port, auth_token=auth_token,
                       tls_cert=args.tls_cert, tls_key=args.tls_key, chat_template=chat_template)
     await http.start()

@@ -51,7 +51,7 @@ async def _chat(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     if args.address:
         return await _loop(_remote_sender(args, params), args.system)
-    frontend = _local_frontend(args)
+    frontend = await _local_frontend(args)
     try:
         return await _loop(_local_sender(frontend, args, params), args.system)
     finally:
@@ -85,18 +85,17 @@ async def _loop(send: Send, system: str | None) -> int:
         history.append({"role": "assistant", "content": "".join(answer)})
 
 
-def _local_frontend(args: argparse.Namespace):
-    from pagedray.cluster.async_engine import AsyncEngine
-    from pagedray.cluster.router import Router
-    from pagedray.cluster.serving.router_frontend import RouterFrontend
+async def _local_frontend(args: argparse.Namespace):
+    from pagedray.cluster.serving.frontend import Frontend
+    from pagedray.cluster.serving.inproc_client import InprocClient
     model = args.model or os.environ.get("PAGEDRAY_MODEL")
     if model is None:
         from pagedray.cluster.default_model import default_model_path
         model = default_model_path()
     elif not os.path.isdir(model):
         raise ValueError(f"--model {model!r} is not a local folder (nothing is downloaded)")
-    engine = AsyncEngine.from_kwargs(model, device=args.device, max_model_len=args.max_model_len)
-    return RouterFrontend(Router.wrap(engine))
+    client = InprocClient.for_model(model, device=args.device, max_model_len=args.max_model_len)
+    return await Frontend.start_with([client])
 
 
 def _local_sender(frontend, args: argparse.Namespace, params) -> Send:

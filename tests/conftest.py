@@ -9,3 +9,15 @@ def tiny_llama(tmp_path_factory) -> str:
     """A tiny random Llama checkpoint with a tokenizer (see tiny_models.make_tiny_llama for variants)."""
     from tiny_models import make_tiny_llama
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Multithreaded CPU GEMMs round differently with the batch's shape, which can flip a near-tied
+    greedy choice of a random model when two runs batch differently. With one thread a row's
+    arithmetic does not depend on the batch, so any difference left is a logic difference."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

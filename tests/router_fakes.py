@@ -1,95 +1,69 @@
-"""Fake replicas (no model) and a helper that holds requests open, for router and autoscaler tests."""
+"""Fake engine clients (no core) and a helper that holds requests on the Router, for router and
+autoscaler tests: the Router only chooses and counts load, so nothing needs to stream."""
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from types import SimpleNamespace
-
-from pagedray.cluster.outputs import CompletionOutput, RequestOutput
-from pagedray.cluster.replica import Replica
-from pagedray.cluster.router import Router
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.cluster.core.messages import EngineInfo, EngineStats
+from pagedray.cluster.serving.engine_client import EngineClient, EngineDeadError
+from pagedray.cluster.serving.router import Router
 
 BLOCK = 4
 
 
-class FakeReplica(Replica):
-    """Each request streams one output per `release()`; `finish_after` outputs end it."""
-
-    def __init__(self, name: str, finish_after: int = 1) -> None:
+class FakeReplica(EngineClient):
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.healthy = True
-        self.finish_after = finish_after
-        self.received: list[str] = []
-        self.gates: dict[str, asyncio.Queue] = {}
+        self.info = EngineInfo(model="fake", tokenizer="fake", architecture="Fake", max_model_len=64,
+                               vocab_size=320, block_size=BLOCK, num_kv_blocks=64, tensor_parallel_size=1)
+        self.error: BaseException | None = None
         self.shut = False
-        self.callbacks = []
 
-    is_healthy = property(lambda self: self.healthy and not self.shut)
-    num_pending = property(lambda self: len(self.gates))
-    model_config = SimpleNamespace(architecture="Fake", max_model_len=64)
-    tokenizer = None
-    tensor_parallel_size = 1
-    block_size = BLOCK
-    stats_snapshot = None
-
-    def release(self, request_id: str) -> None:
-        self.gates[request_id].put_nowait(None)
-
-    async def generate(self, prompt, params, request_id):
-        self.received.append(request_id)
-        gate = self.gates[request_id] = asyncio.Queue()
-        try:
-            for i in range(1, self.finish_after + 1):
-                await gate.get()
-                done = i == self.finish_after
-                yield RequestOutput(request_id, None, [1], [CompletionOutput(0, "x" * i, [7] * i, None,
-                                                                             "length" if done else None)],
-                                    finished=done)
-        finally:
-            self.gates.pop(request_id, None)
-
-    async def abort(self, request_id):
+    async def start(self) -> None:
         pass
 
-    async def get_stats(self):
-        raise NotImplementedError
+    async def add(self, requests) -> None:
+        pass
 
-    def on_dead(self, callback):
-        self.callbacks.append(callback)
+    async def abort(self, request_ids) -> None:
+        pass
 
-    async def shutdown(self):
+    async def get_stats(self) -> EngineStats:
+        return EngineStats()
+
+    async def outputs(self):
+        raise EngineDeadError("a fake client streams nothing")
+        yield
+
+    @property
+    def dead_error(self):
+        return self.error
+
+    is_healthy = property(lambda self: self.error is None and not self.shut)
+
+    async def shutdown(self) -> None:
         self.shut = True
 
 
 class Held:
-    """Requests started through the router and held open until released."""
+    """Requests routed and held in flight until finished (what the Frontend does per request)."""
 
     def __init__(self, router: Router) -> None:
         self.router = router
-        self.tasks: dict[str, asyncio.Task] = {}
+        self.where: dict[str, FakeReplica] = {}
 
-    async def start(self, request_id: str, prompt, n: int = 1) -> Replica:
-        gen = self.router.generate(prompt, SamplingParams(n=n), request_id)
-        self.tasks[request_id] = asyncio.get_running_loop().create_task(drain(gen))
-        while request_id not in self.router._inflight:
-            await asyncio.sleep(0)
-        replica = self.router._inflight[request_id]
-        while request_id not in replica.gates:
-            await asyncio.sleep(0)
-        return replica
+    async def start(self, request_id: str, prompt_token_ids: list[int], n: int = 1) -> FakeReplica:
+        client = self.router.choose(prompt_token_ids)
+        self.router.assign(request_id, client, n)
+        self.where[request_id] = client
+        return client
 
-    async def finish(self, request_id: str) -> list[RequestOutput]:
-        replica = self.router._inflight[request_id]
-        for _ in range(replica.finish_after):
-            replica.release(request_id)
-        return await self.tasks.pop(request_id)
+    async def finish(self, request_id: str) -> None:
+        self.where.pop(request_id)
+        self.router.release(request_id)
+
+    async def finish_all(self) -> None:
+        for rid in list(self.where):
+            await self.finish(rid)
 
 
-async def drain(gen) -> list[RequestOutput]:
-    async with contextlib.aclosing(gen) as outputs:
-        return [out async for out in outputs]
-
-
-def tokens(prefix: list[int], tail: list[int]) -> dict:
-    return {"prompt_token_ids": prefix + tail}
+def tokens(prefix: list[int], tail: list[int]) -> list[int]:
+    return prefix + tail

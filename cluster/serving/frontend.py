@@ -28,7 +28,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from pagedray.cluster.core.messages import CoreOutputs, CoreRequest, EngineInfo, EngineStats, completion_id
 from pagedray.cluster.core.validation import child_params
-from pagedray.cluster.metrics import ServingMetrics
+from pagedray.cluster.serving.metrics import ServingMetrics
 from pagedray.cluster.outputs import RequestOutput
 from pagedray.cluster.serving.engine_client import EngineClient, EngineDeadError
 from pagedray.cluster.serving.input_processor import InputProcessor, load_tokenizer
@@ -108,7 +108,8 @@ class Frontend:
 
     @property
     def is_healthy(self) -> bool:
-        return not self._closed and self.router.is_healthy
+        """A replica is ready, or one replacing a dead one is starting (requests wait for it)."""
+        return not self._closed and (self.router.is_healthy or bool(self._replacing))
 
     @property
     def num_ready_replicas(self) -> int:
@@ -138,6 +139,7 @@ class Frontend:
                 self._set_info(client.info)
             if client.name not in self._pumps and client.is_healthy:
                 self._pumps[client.name] = asyncio.get_running_loop().create_task(self._pump(client))
+                self._spawn(self._first_stats(client))
         if self._parked and self.router.is_healthy:
             parked, self._parked = self._parked, []
             for req in parked:
@@ -149,6 +151,11 @@ class Frontend:
             self._tokenizer = load_tokenizer(info.model, info.tokenizer)
         self.input_processor = InputProcessor(self._tokenizer, info)
         self.output_processor = OutputProcessor(self._tokenizer)
+
+    async def _first_stats(self, client: EngineClient) -> None:
+        """Stats before the first step, for metrics scrapes."""
+        stats = await client.get_stats()
+        self._stats.setdefault(client.name, stats)
 
     async def _pump(self, client: EngineClient) -> None:
         try:
@@ -291,8 +298,8 @@ class Frontend:
         try:
             client = self.router.choose(req.core.prompt_token_ids)
         except EngineDeadError as exc:
-            if self._replacing and not raise_errors:
-                self._parked.append(req)    # a replacement is starting: resume there
+            if self._replacing:
+                self._parked.append(req)    # a replacement is starting: start or resume there
                 return
             error = exc if cause is None else EngineDeadError(f"{exc}; the request's replica failed: {cause}")
             if raise_errors:
@@ -337,12 +344,12 @@ class Frontend:
 
     def _on_client_dead(self, client: EngineClient, error: BaseException) -> None:
         logger.error("replica %s failed (%s): moving its requests", client.name, error)
-        self.router.drop(client)
         self._stats.pop(client.name, None)
         if self.client_factory is not None and not self._closed:
             task = asyncio.get_running_loop().create_task(self._replace(client.name))
             self._replacing.add(task)
-            task.add_done_callback(self._replacing.discard)
+            task.add_done_callback(self._replaced)
+        self.router.drop(client)
         for req in [r for r in self._requests.values() if r.client is client and not r.state.finished]:
             self._migrate(req, error)
         self._spawn(client.shutdown())
@@ -374,6 +381,11 @@ class Frontend:
             return
         self.add_client(client)
 
+    def _replaced(self, task: asyncio.Task) -> None:
+        self._replacing.discard(task)
+        if not self._closed:
+            self.router.notify()   # health follows: SERVING only while a replica is ready or starting
+
     def _fail(self, req: _Request, error: BaseException) -> None:
         req.error = error
         req.event.set()
@@ -384,11 +396,17 @@ class Frontend:
         if abort:
             self.output_processor.abort_requests([rid])
             if req.client is not None and req.client.is_healthy:
-                self._spawn(req.client.abort(list(req.core_ids)))
+                self._spawn(self._abort_on(req.client, list(req.core_ids)))
         if req in self._parked:
             self._parked.remove(req)
         self._unalias(req)
         self.router.release(rid)
+
+    async def _abort_on(self, client: EngineClient, core_ids: list[str]) -> None:
+        """Abort, then refresh the client's stats: an idle core sends no step to carry them."""
+        await client.abort(core_ids)
+        if client.is_healthy:
+            self._stats[client.name] = await client.get_stats()
 
     def _unalias(self, req: _Request) -> None:
         for cid in req.core_ids:

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 import msgspec
 from aiohttp import web
 
-from pagedray.cluster.async_engine import EngineDeadError, QueueFullError
+from pagedray.cluster.serving.frontend import EngineDeadError, QueueFullError
 from pagedray.cluster.serving.chat import ChatRenderer
 from pagedray.cluster.serving.openai_protocol import (OpenAIError, ParsedRequest, ResponseBuilder, TokenStrings,
                                                       bad_request, parse_chat, parse_completion)

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from typing import AsyncIterator, Callable
 
 from pagedray.cluster.core.messages import CoreOutputs, CoreRequest, EngineStats
@@ -35,6 +36,12 @@ class InprocClient(EngineClient):
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[CoreOutputs | None] | None = None
+
+    @classmethod
+    def for_model(cls, model: str, name: str | None = None, **engine_kwargs) -> "InprocClient":
+        """A client whose core is EngineCore.from_kwargs(model, **engine_kwargs) (LLM's keywords)."""
+        from pagedray.cluster.core.engine_core import EngineCore
+        return cls(lambda: EngineCore.from_kwargs(model, **engine_kwargs), name=name)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -100,14 +107,20 @@ class InprocClient(EngineClient):
                     inbox, self._inbox = self._inbox, []
                 for command in inbox:
                     self._apply(core, command)
+                if inbox and not core.has_unfinished_requests():
+                    # Idle now (an abort, say): the front's stats must not stay at the last step's.
+                    self._emit(CoreOutputs([], core.get_stats(), time.monotonic()))
                 if core.has_unfinished_requests():
                     batch = core.step()
-                    if batch.outputs:
-                        self._loop.call_soon_threadsafe(self._queue.put_nowait, batch)
+                    if batch.outputs or batch.stats is not None:
+                        self._emit(batch)
         except BaseException as exc:  # the executor failed: the requests in flight are not finished
             logger.exception("engine core %s failed", self.name)
             self._dead = exc
             self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
+
+    def _emit(self, batch: CoreOutputs) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, batch)
 
     def _apply(self, core, command: tuple) -> None:
         kind, arg = command

@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 from pagedray.cluster.outputs import RequestOutput
-from pagedray.cluster.server import MAX_LOGPROBS, MAX_N   # the same limits as over gRPC
+from pagedray.cluster.serving.server import MAX_LOGPROBS, MAX_N   # the same limits as over gRPC
 from pagedray.cluster.serving.chat import ChatRenderer
 from pagedray.workers.sampling_params import SamplingParams
 

@@ -21,7 +21,7 @@ import time
 from typing import Callable
 
 from pagedray.cluster.core.block_hash import block_hashes
-from pagedray.cluster.metrics import ServingMetrics
+from pagedray.cluster.serving.metrics import ServingMetrics
 from pagedray.cluster.serving.engine_client import EngineClient, EngineDeadError
 
 logger = logging.getLogger(__name__)
@@ -108,6 +108,10 @@ class Router:
     def on_change(self, callback: Callable[[], None]) -> None:
         """Call `callback()` when a client is added, removed, drained or dropped."""
         self._callbacks.append(callback)
+
+    def notify(self) -> None:
+        """Tell the listeners the client set (or what depends on it) changed."""
+        self._notify()
 
     def _notify(self) -> None:
         for callback in self._callbacks:

@@ -21,9 +21,9 @@ from grpc_cases import read_stream as _read_stream
 from tiny_tokenizer import make_tiny_tokenizer
 
 from pagedray.cluster import LLM, SamplingParams
-from pagedray.cluster.async_engine import AsyncEngine
-from pagedray.cluster.engine import LLMEngine
-from pagedray.cluster.server import GenerateServer
+from pagedray.cluster.serving.frontend import Frontend
+from pagedray.cluster.serving.inproc_client import InprocClient
+from pagedray.cluster.serving.server import GenerateServer
 from pagedray.protos import generate_pb2 as pb
 from pagedray.protos import generate_pb2_grpc as pb_grpc
 
@@ -55,16 +55,17 @@ def ckpt(tmp_path_factory) -> str:
 @contextlib.asynccontextmanager
 async def serving(ckpt: str, *, max_pending_requests: int = 1024, step_delay: float = 0.0, **server_kwargs):
     """Yields (server, stub, channel); `step_delay` slows each engine step (for deadlines, drains)."""
-    engine = AsyncEngine(LLMEngine.from_kwargs(ckpt, **ENGINE_KWARGS), max_pending_requests=max_pending_requests)
+    client = InprocClient.for_model(ckpt, name="inproc", **ENGINE_KWARGS)
+    frontend = await Frontend.start_with([client], max_pending_requests=max_pending_requests)
     if step_delay:
-        real_step = engine.engine.step
+        real_step = client.core.step
 
         def slow_step():
             time.sleep(step_delay)
             return real_step()
 
-        engine.engine.step = slow_step
-    server = GenerateServer(engine, "tiny", host="127.0.0.1", port=0, **server_kwargs)
+        client.core.step = slow_step
+    server = GenerateServer(frontend, "tiny", host="127.0.0.1", port=0, **server_kwargs)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
@@ -78,8 +79,8 @@ async def wait_idle(server: GenerateServer, timeout: float = 10.0):
     """Blocks are freed by the server after the client gives up: poll until none are held."""
     deadline = time.monotonic() + timeout
     while True:
-        stats = await server.engine.get_stats()
-        if (stats.num_used_blocks, stats.num_running, stats.num_waiting, server.engine.num_pending) == (0, 0, 0, 0):
+        stats = await server.frontend.get_stats()
+        if (stats.num_used_blocks, stats.num_running, stats.num_waiting, server.frontend.num_pending) == (0, 0, 0, 0):
             return stats
         if time.monotonic() > deadline:
             raise AssertionError(f"KV blocks still held {timeout}s after the call ended: {stats}")
@@ -240,7 +241,7 @@ def test_cancelled_stream_and_expired_deadline_free_all_blocks(ckpt):
             call = stub.GenerateStream(_long(list(range(3, 30))))
             await call.read()
             await call.read()
-            busy = await server.engine.get_stats()
+            busy = await server.frontend.get_stats()
             call.cancel()
             after_cancel = await wait_idle(server)
 
@@ -291,7 +292,7 @@ def test_health_not_serving_when_engine_fails(ckpt):
             def broken_step():
                 raise RuntimeError("CUDA error: an illegal memory access")
 
-            server.engine.engine.step = broken_step
+            server.frontend.router.replicas[0].core.step = broken_step
             with pytest.raises(grpc.aio.AioRpcError) as in_flight:
                 await stub.Generate(_request("Hi", max_tokens=5))
             await asyncio.sleep(0.05)  # the health update is scheduled on the loop
@@ -440,7 +441,7 @@ def test_malformed_body_is_invalid_argument_with_one_log_line(ckpt, caplog):
                 got.append(await _code_and_details(_read_stream(stream(body))))
             return got, await stub.Generate(_request("Hello", max_tokens=2, ignore_eos=True))
 
-    with caplog.at_level("WARNING", logger="pagedray.cluster.server"):
+    with caplog.at_level("WARNING", logger="pagedray.cluster.serving.server"):
         got, good = asyncio.run(scenario())
     for code, details in got:
         assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("malformed request body (")
@@ -456,7 +457,7 @@ def test_unauthenticated_call_is_refused_before_its_body_is_parsed(ckpt, caplog)
             body = _malformed_bodies()["truncated"]
             return [await _code_and_details(unary(body)), await _code_and_details(_read_stream(stream(body)))]
 
-    with caplog.at_level("WARNING", logger="pagedray.cluster.server"):
+    with caplog.at_level("WARNING", logger="pagedray.cluster.serving.server"):
         got = asyncio.run(scenario())
     assert got == [(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")] * 2
     assert not [r for r in caplog.records if "malformed" in r.getMessage()]   # never parsed
@@ -484,10 +485,10 @@ def test_unary_reply_over_the_limit_is_refused_up_front(ckpt, monkeypatch):
 
     async def scenario():
         async with serving(ckpt) as (server, stub, _):
-            real = server.router.generate
-            monkeypatch.setattr(server.router, "generate", lambda *a, **k: pytest.fail("the work started"))
+            real = server.frontend.generate
+            monkeypatch.setattr(server.frontend, "generate", lambda *a, **k: pytest.fail("the work started"))
             refused = await _code_and_details(stub.Generate(big))
-            monkeypatch.setattr(server.router, "generate", real)
+            monkeypatch.setattr(server.frontend, "generate", real)
             call = stub.GenerateStream(big)   # the stream has no such limit
             first = await call.read()
             call.cancel()
@@ -505,7 +506,7 @@ def test_port_in_use_is_an_error_for_grpc_and_metrics(ckpt):
         async with serving(ckpt, metrics_port=0) as (first, _, _):
             errors = []
             for kwargs in (dict(port=first.port), dict(port=0, metrics_port=first.metrics_port)):
-                second = GenerateServer(first.engine, "tiny", host="127.0.0.1", **kwargs)
+                second = GenerateServer(first.frontend, "tiny", host="127.0.0.1", **kwargs)
                 with pytest.raises(OSError) as info:
                     await second.start()
                 errors.append(str(info.value))
@@ -519,7 +520,7 @@ def test_port_in_use_is_an_error_for_grpc_and_metrics(ckpt):
 
 
 def test_unary_reply_size_estimate_is_close_to_the_real_reply(ckpt):
-    from pagedray.cluster.server import sampling_from_proto, unary_reply_bytes
+    from pagedray.cluster.serving.server import sampling_from_proto, unary_reply_bytes
     request = _request("Hello", n=4, logprobs=20, max_tokens=40, ignore_eos=True)
 
     async def scenario():

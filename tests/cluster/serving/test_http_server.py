@@ -21,7 +21,7 @@ from grpc_cases import make_request
 from serve_process import ServeProcess
 from tiny_models import make_tiny_llama
 
-from pagedray.cluster.async_engine import EngineDeadError, QueueFullError
+from pagedray.cluster.serving.frontend import EngineDeadError, QueueFullError
 from pagedray.cluster.core.messages import EngineInfo
 from pagedray.cluster.outputs import CompletionOutput, RequestOutput
 from pagedray.cluster.serving.http_server import HttpServer
@@ -337,14 +337,12 @@ def test_tls_gives_https_with_the_same_token(tokenizer, tmp_path):
 
 def test_real_engine_queue_full_is_429_and_stopped_engine_503(tiny_llama):
     """The same statuses from a real engine: one admission slot taken by a long stream, then the engine shut down."""
-    from pagedray.cluster.async_engine import AsyncEngine
-    from pagedray.cluster.router import Router
-    from pagedray.cluster.serving.router_frontend import RouterFrontend
+    from pagedray.cluster.serving.frontend import Frontend
+    from pagedray.cluster.serving.inproc_client import InprocClient
 
     async def run():
-        engine = AsyncEngine.from_kwargs(tiny_llama, device="cpu", block_size=4, num_kv_blocks=256,
-                                         max_pending_requests=1)
-        frontend = RouterFrontend(Router.wrap(engine))
+        client = InprocClient.for_model(tiny_llama, device="cpu", block_size=4, num_kv_blocks=256)
+        frontend = await Frontend.start_with([client], max_pending_requests=1)
         server = HttpServer(frontend, "m", port=0)
         await server.start()
         try:

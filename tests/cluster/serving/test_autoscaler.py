@@ -8,8 +8,8 @@ import pytest
 
 from router_fakes import FakeReplica, Held, tokens
 
-from pagedray.cluster.autoscaler import Autoscaler, AutoscalingConfig, ScalingPolicy
-from pagedray.cluster.router import Router
+from pagedray.cluster.serving.autoscaler import Autoscaler, AutoscalingConfig, ScalingPolicy
+from pagedray.cluster.serving.router import Router
 
 
 def _policy(**kw) -> ScalingPolicy:
@@ -103,13 +103,12 @@ def test_autoscaler_adds_in_background_drains_and_replaces_dead():
         await asyncio.sleep(0.01)
         assert router.num_ready == 3 and not scaler.starting
         # A dead replica is removed and, below the minimum... here still above it: just removed.
-        made[1].healthy = False
+        made[1].error = RuntimeError("gone")
         scaler.step()
         await asyncio.sleep(0.01)
         assert [r.name for r in router.replicas] == ["replica-0", "replica-2"]
         # Idle for the down delay: drain down to the minimum, the least loaded first.
-        for rid in list(held.tasks):
-            await held.finish(rid)
+        await held.finish_all()
         clock[0] = 2.0
         scaler.step()
         clock[0] = 12.0
@@ -117,7 +116,7 @@ def test_autoscaler_adds_in_background_drains_and_replaces_dead():
         await asyncio.sleep(0.01)
         assert router.num_ready == 1 and sum(r.shut for r in made) == 2
         # The last one dies: below the minimum, a new one starts at once.
-        router.replicas[0].healthy = False
+        router.replicas[0].error = RuntimeError("gone")
         scaler.step()
         await asyncio.sleep(0.01)
         assert router.num_ready == 1 and router.replicas[0].name == "replica-3"

@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from pagedray.cluster.replica import Replica
-from pagedray.cluster.router import Router
+from pagedray.cluster.serving.engine_client import EngineClient as Replica
+from pagedray.cluster.serving.router import Router
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
-"""The gRPC generate endpoint (`pagedray.v1.Generation`) on grpc.aio, in front of a Router
-(one or more replicas; a single AsyncEngine is wrapped in a one-replica Router).
+"""The gRPC generate endpoint (`pagedray.v1.Generation`) on grpc.aio, in front of the Frontend
+(which owns tokenization, detokenization, streams and migration over one or more engine clients).
 
-Also serves grpc.health.v1.Health (SERVING while at least one replica is healthy and the
+Also serves grpc.health.v1.Health (SERVING while at least one replica is ready and the
 server is not draining) and server reflection; optional TLS and bearer-token auth;
 Prometheus metrics on a separate HTTP port.
 """
@@ -20,10 +20,10 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pagedray.cluster.async_engine import AsyncEngine, DeltaTracker, EngineDeadError, QueueFullError
-from pagedray.cluster.outputs import RequestOutput
-from pagedray.cluster.router import Router
+from pagedray.cluster.outputs import CompletionOutput, RequestOutput
 from pagedray.cluster.serving.chat import ChatRenderer
+from pagedray.cluster.serving.engine_client import EngineDeadError
+from pagedray.cluster.serving.frontend import Frontend, QueueFullError
 from pagedray.protos import generate_pb2 as pb
 from pagedray.protos import generate_pb2_grpc as pb_grpc
 from pagedray.workers.quoting import clip, quote
@@ -93,7 +93,7 @@ def parse_request(request: pb.GenerateRequest, served_model: str,
 class _TokenTexts:
     """Decoded text of single tokens, for top logprobs (cached: the vocabulary is bounded).
 
-    Decodes with a private copy of the tokenizer: the engine thread uses the original,
+    Decodes with a private copy of the tokenizer: the frontend's tokenizing thread uses another,
     and a Rust-backed tokenizer shared across threads can fail with "Already borrowed".
     """
 
@@ -129,10 +129,39 @@ def to_response(out: RequestOutput, num_logprobs: int | None, texts: _TokenTexts
     return response
 
 
-def usage_of(out: RequestOutput) -> pb.Usage:
-    return pb.Usage(prompt_tokens=len(out.prompt_token_ids),
-                    completion_tokens=sum(len(c.token_ids) for c in out.outputs),
-                    cached_prompt_tokens=out.num_cached_tokens)
+class _Usage:
+    """Token counts of one call, added up from its delta outputs."""
+
+    def __init__(self) -> None:
+        self.completion_tokens = 0
+
+    def add(self, delta: RequestOutput) -> None:
+        self.completion_tokens += sum(len(c.token_ids) for c in delta.outputs)
+
+    def proto(self, out: RequestOutput) -> pb.Usage:
+        return pb.Usage(prompt_tokens=len(out.prompt_token_ids), completion_tokens=self.completion_tokens,
+                        cached_prompt_tokens=out.num_cached_tokens)
+
+
+def merge_delta(whole: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Fold one delta into the cumulative output (for a unary reply)."""
+    if whole is None:
+        whole = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids, [])
+    by_index = {c.index: c for c in whole.outputs}
+    for c in delta.outputs:
+        acc = by_index.get(c.index)
+        if acc is None:
+            acc = by_index[c.index] = CompletionOutput(c.index, "", [], [] if c.logprobs is not None else None)
+        acc.text += c.text
+        acc.token_ids.extend(c.token_ids)
+        if c.logprobs is not None:
+            acc.logprobs.extend(c.logprobs)
+        acc.finish_reason = c.finish_reason
+    whole.outputs = [by_index[i] for i in sorted(by_index)]
+    whole.finished, whole.num_cached_tokens = delta.finished, delta.num_cached_tokens
+    whole.prompt_logprobs = delta.prompt_logprobs if delta.prompt_logprobs is not None else whole.prompt_logprobs
+    whole.metrics = delta.metrics
+    return whole
 
 
 def unary_reply_bytes(params: SamplingParams, max_model_len: int) -> int:
@@ -171,39 +200,38 @@ def _status_of(exc: BaseException) -> grpc.StatusCode | None:
 
 # -- the service -------------------------------------------------------------------------
 class GenerationService(pb_grpc.GenerationServicer):
-    def __init__(self, router: Router, model_name: str, chat_template: str | None = None) -> None:
-        self.router = router
+    def __init__(self, frontend: Frontend, model_name: str, chat_template: str | None = None) -> None:
+        self.frontend = frontend
         self.model_name = model_name
         self.draining = False
-        self.texts = _TokenTexts(router.tokenizer)
-        self.chat = ChatRenderer(router.tokenizer, chat_template)
+        self.texts = _TokenTexts(frontend.tokenizer)
+        self.chat = ChatRenderer(frontend.tokenizer, chat_template)
 
     async def Generate(self, request, context):
         async with self._outputs(request, context, unary=True) as (outputs, params):
-            last = None
-            async for out in outputs:
-                last = out
-        return to_response(last, params.logprobs, self.texts, usage_of(last))
+            whole, usage = None, _Usage()
+            async for delta in outputs:
+                usage.add(delta)
+                whole = merge_delta(whole, delta)
+        return to_response(whole, params.logprobs, self.texts, usage.proto(whole))
 
     async def GenerateStream(self, request, context):
-        tracker = DeltaTracker()
         async with self._outputs(request, context) as (outputs, params):
-            async for out in outputs:
-                delta = tracker.delta(out)
-                if delta.outputs or out.finished:
-                    usage = usage_of(out) if out.finished else None  # counted on the whole output
-                    yield to_response(delta, params.logprobs, self.texts, usage)
+            usage = _Usage()
+            async for delta in outputs:   # the frontend sends at most one per engine step
+                usage.add(delta)
+                yield to_response(delta, params.logprobs, self.texts, usage.proto(delta) if delta.finished else None)
 
     async def ListModels(self, request, context):
-        config = self.router.model_config
-        info = pb.ModelInfo(name=self.model_name, architecture=config.architecture,
-                            max_model_len=config.max_model_len,
-                            tensor_parallel_size=self.router.tensor_parallel_size, replicas=self.router.num_ready)
-        return pb.ListModelsResponse(models=[info])
+        info = self.frontend.info
+        model = pb.ModelInfo(name=self.model_name, architecture=info.architecture, max_model_len=info.max_model_len,
+                             tensor_parallel_size=info.tensor_parallel_size,
+                             replicas=self.frontend.num_ready_replicas)
+        return pb.ListModelsResponse(models=[model])
 
     @contextlib.asynccontextmanager
     async def _outputs(self, request, context, unary: bool = False):
-        """The engine's output stream for one call; errors become gRPC statuses.
+        """The frontend's delta stream for one call; errors become gRPC statuses.
 
         `aclosing` makes a cancelled call (client gone, deadline passed) close the
         generator at once, which aborts the request and frees its KV blocks.
@@ -213,8 +241,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         try:
             prompt, params, request_id = parse_request(request, self.model_name, self.chat)
             if unary:
-                check_unary_reply(params, self.router.model_config.max_model_len)
-            async with contextlib.aclosing(self.router.generate(prompt, params, request_id)) as outputs:
+                check_unary_reply(params, self.frontend.info.max_model_len)
+            async with contextlib.aclosing(self.frontend.generate(prompt, params, request_id)) as outputs:
                 yield outputs, params
         except Exception as exc:
             code = _status_of(exc)
@@ -296,21 +324,19 @@ def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 class GenerateServer:
-    """A Router (or one AsyncEngine) behind a grpc.aio server. `start()`, then `stop()` drains and
-    shuts every replica down (stop an Autoscaler feeding the router first, or it keeps adding).
-    `engine` keeps what was passed; `router` is what serves."""
+    """The Frontend behind a grpc.aio server. `start()`, then `stop()` drains and shuts every
+    replica down (stop an Autoscaler feeding the frontend's router first, or it keeps adding)."""
 
-    def __init__(self, engine: AsyncEngine | Router, model_name: str, *, host: str = "127.0.0.1", port: int = 50051,
+    def __init__(self, frontend: Frontend, model_name: str, *, host: str = "127.0.0.1", port: int = 50051,
                  auth_token: str | None = None, tls_cert: bytes | None = None, tls_key: bytes | None = None,
                  metrics_port: int | None = None, chat_template: str | None = None) -> None:
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         if auth_token is not None and not auth_token.strip():
             raise ValueError("auth_token must not be empty")
-        self.engine = engine
-        self.router = engine if isinstance(engine, Router) else Router.wrap(engine)
+        self.frontend = frontend
         self.host, self.requested_port = host, port
-        self.service = GenerationService(self.router, model_name, chat_template)
+        self.service = GenerationService(frontend, model_name, chat_template)
         self.health = health.aio.HealthServicer()
         # Auth first: it wraps what _SafeBodies returns, so a refused call's body is never parsed.
         interceptors = ([_BearerAuth(auth_token.strip())] if auth_token else []) + [_SafeBodies()]
@@ -328,10 +354,10 @@ class GenerateServer:
                                             self.server)
         self.port = self._bind(f"{self.host}:{self.requested_port}")
         if self.requested_metrics_port is not None:
-            self.metrics_port = self.router.metrics.serve_http(self.requested_metrics_port, self.host)
-        self.router.on_change(self._on_replicas_changed)
+            self.metrics_port = self.frontend.metrics.serve_http(self.requested_metrics_port, self.host)
+        self.frontend.router.on_change(self._on_replicas_changed)
         await self.server.start()
-        await self._set_health(self.router.is_healthy)
+        await self._set_health(self.frontend.is_healthy)
 
     def _bind(self, address: str) -> int:
         try:
@@ -352,7 +378,7 @@ class GenerateServer:
     def _on_replicas_changed(self) -> None:
         if self.service.draining:
             return
-        serving = self.router.is_healthy
+        serving = self.frontend.is_healthy
         if not serving:
             logger.error("no healthy replica left: health is NOT_SERVING")
         # Called on the event loop from a plain callback: schedule the async update.
@@ -365,12 +391,12 @@ class GenerateServer:
         self.service.draining = True
         await self._set_health(False)
         deadline = time.monotonic() + grace
-        while self.router.num_pending and time.monotonic() < deadline:
+        while self.frontend.num_pending and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         # Lets responses already produced reach their clients; cancels what is left.
-        await self.server.stop(max(0.5, deadline - time.monotonic()) if self.router.num_pending == 0 else 0)
-        await self.router.shutdown()
-        self.router.metrics.close()
+        await self.server.stop(max(0.5, deadline - time.monotonic()) if self.frontend.num_pending == 0 else 0)
+        await self.frontend.shutdown()
+        self.frontend.metrics.close()
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
