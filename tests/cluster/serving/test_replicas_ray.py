@@ -37,7 +37,6 @@ from tiny_models import make_tiny_llama  # noqa: E402
 
 from pagedray.cluster import LLM, SamplingParams  # noqa: E402
 from pagedray.cluster.serving.autoscaler import Autoscaler, AutoscalingConfig  # noqa: E402
-from pagedray.cluster.serving.engine_client import EngineDeadError  # noqa: E402
 from pagedray.cluster.serving.frontend import Frontend  # noqa: E402
 from pagedray.cluster.serving.ray_client import RayClient  # noqa: E402
 from pagedray.cluster.serving.server import GenerateServer  # noqa: E402
@@ -350,20 +349,20 @@ def test_out_of_tree_model_reaches_the_replica_and_its_tp_workers(loop, ray_loca
         time.sleep(0.2)
 
 
-def test_startup_errors_keep_their_kind(loop, ray_local, ckpt, tmp_path):
-    """A bad setting is a ValueError naming it; a missing checkpoint an EngineDeadError naming the path."""
+def test_startup_errors_are_value_errors_naming_the_setting(loop, ray_local, ckpt, tmp_path):
+    """A bad setting, or a checkpoint folder that is not there, is a ValueError (the caller's to fix)."""
     async def scenario():
         bad = RayClient(ckpt, dict(ENGINE_KW, max_model_len=100_000), name="bad")
         with pytest.raises(ValueError, match="max_model_len") as bad_setting:
             await bad.start()
         missing = RayClient(str(tmp_path / "missing"), ENGINE_KW, name="missing")
-        with pytest.raises(EngineDeadError, match="missing") as no_checkpoint:
+        with pytest.raises(ValueError, match="missing") as no_checkpoint:
             await missing.start()
         return bad_setting.value, no_checkpoint.value
 
     bad_setting, no_checkpoint = loop.run_until_complete(scenario())
     assert "max_position_embeddings" in str(bad_setting)
-    assert "failed to start" in str(no_checkpoint)
+    assert "not a local folder" in str(no_checkpoint)
 
 
 def test_serve_cli_with_ray_replicas(ray_local, ckpt):
