@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
+import tempfile
 import threading
 import uuid
 from typing import Any
@@ -42,7 +44,14 @@ class CoreActor:
         ip = ray.util.get_node_ip_address()
         self.context = zmq.Context()
         inp, out = bind_sockets(self.context, f"tcp://{ip}:*", f"tcp://{ip}:*")
-        self.endpoints = (endpoint(inp), endpoint(out))
+        tcp = (endpoint(inp), endpoint(out))
+        # Also ipc:// for a driver on this node (a cheaper hop than loopback tcp).
+        self.ipc_dir = tempfile.mkdtemp(prefix="pagedray-actor-")
+        ipc = (f"ipc://{self.ipc_dir}/in", f"ipc://{self.ipc_dir}/out")
+        inp.bind(ipc[0])
+        out.bind(ipc[1])
+        self.endpoints = {"tcp": tcp, "ipc": ipc}
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.core: Any = None
         self.built = threading.Event()
         self.stop = threading.Event()
@@ -61,8 +70,9 @@ class CoreActor:
         self.core = core
         self.built.set()
 
-    def addresses(self) -> tuple[str, str, int]:
-        return (*self.endpoints, os.getpid())
+    def addresses(self, driver_node_id: str) -> tuple[str, str, int]:
+        """The sockets to connect to (ipc:// from this node, else tcp://), and this process's pid."""
+        return (*self.endpoints["ipc" if driver_node_id == self.node_id else "tcp"], os.getpid())
 
     def watch(self) -> None:
         """Pending for the actor's whole life: its failure tells the driver the actor died."""
@@ -77,6 +87,7 @@ class CoreActor:
     def shutdown(self) -> None:
         self.stop.set()
         self.thread.join(30)
+        shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
 
 class RayClient(ZmqCoreClient):
@@ -140,7 +151,8 @@ class RayClient(ZmqCoreClient):
         actor_cls = ray.remote(CoreActor).options(**self.actor_options(), max_concurrency=4)
         self.actor = actor_cls.remote(self._wire.encode(startup), ModelRegistry.out_of_tree())
         try:
-            inp, out, self.pid = await asyncio.wait_for(self.actor.addresses.remote(), self.startup_timeout_s)
+            node = ray.get_runtime_context().get_node_id()
+            inp, out, self.pid = await asyncio.wait_for(self.actor.addresses.remote(node), self.startup_timeout_s)
             self._watch = asyncio.ensure_future(self.actor.watch.remote())
             self._watch.add_done_callback(self._on_watch_done)
             self._connect(inp, out)
