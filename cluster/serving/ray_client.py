@@ -30,7 +30,7 @@ import zmq
 
 from pagedray.cluster.core.process import DEFAULT_CORE_FACTORY, CoreStartup, bind_sockets, endpoint, serve
 from pagedray.cluster.serving.engine_client import EngineDeadError
-from pagedray.cluster.serving.process_client import ZmqCoreClient
+from pagedray.cluster.serving.process_client import ZmqCoreClient, threads_override
 
 __all__ = ["RayClient", "CoreActor"]
 
@@ -125,8 +125,8 @@ class RayClient(ZmqCoreClient):
     def _threads(self) -> int | None:
         """Ray starts a zero-CPU (GPU) actor with OMP_NUM_THREADS=1: give its engine the threads an
         in-process engine here would have. A CPU actor keeps the CPUs it reserved."""
-        if os.environ.get("PAGEDRAY_ENGINE_THREADS"):
-            return int(os.environ["PAGEDRAY_ENGINE_THREADS"])
+        if threads_override():
+            return threads_override()
         if self.num_threads or not self._device().startswith("cuda"):
             return self.num_threads
         import torch

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import time
 
 import pytest
 
@@ -12,7 +14,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
-from client_checks import assert_same_outputs, run_client, run_core  # noqa: E402
+from client_checks import assert_same_outputs, run_client, run_core, time_to_death  # noqa: E402
 from tiny_models import make_tiny_llama  # noqa: E402
 
 from pagedray.cluster.core.engine_core import EngineCore  # noqa: E402
@@ -78,3 +80,37 @@ def test_ray_client_gives_the_in_process_outputs(ckpt, reference):
     finally:
         ray.shutdown()
     assert_same_outputs(got, reference)
+
+
+def test_ray_client_tp_group_is_freed_when_the_actor_is_killed(ckpt):
+    """executor="ray": the core's TP ranks sit in a placement group that outlives a killed core
+    actor unless the client removes it."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    from pagedray.cluster.serving.ray_client import RayClient
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    loop = asyncio.new_event_loop()
+    try:
+        client = RayClient(ckpt, {**ENGINE_KW, "executor": "ray", "tensor_parallel_size": 2}, name="tp",
+                           liveness_s=10)
+
+        async def body():
+            await client.start()
+            assert client.placement_group is not None
+            pgs.append(client.placement_group)
+            await client.add(batch()[:2])
+            os.kill(client.pid, signal.SIGKILL)
+            _, error = await time_to_death(client, 10)
+            assert "actor died" in str(error)
+            await client.shutdown()
+        pgs: list = []
+        loop.run_until_complete(body())
+        deadline = time.monotonic() + 30
+        while ray.available_resources().get("CPU") != 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert placement_group_table(pgs[0])["state"] == "REMOVED"
+        assert ray.available_resources().get("CPU") == 3, ray.available_resources()
+    finally:
+        loop.close()
+        ray.shutdown()
