@@ -46,7 +46,7 @@ def write_config(shape: str, path: str | os.PathLike) -> str:
         raise ValueError(f"shape must be one of {list(SHAPES)}, got {shape!r}")
     import transformers
     cls_name, kwargs = SHAPES[shape]
-    getattr(transformers, cls_name)(**kwargs, torch_dtype="bfloat16").save_pretrained(str(path))
+    getattr(transformers, cls_name)(**kwargs, dtype="bfloat16").save_pretrained(str(path))
     return str(path)
 
 

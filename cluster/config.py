@@ -53,14 +53,18 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
     model_config = ModelConfig(model, tokenizer, dtype, max_model_len, load_format, seed, enforce_eager)
     parallel, device_config = ParallelConfig(tensor_parallel_size, executor), DeviceConfig(device)
     local = parallel.executor == "local" and parallel.tensor_parallel_size == 1
+    if parallel.executor == "local":
+        device_config.check_present()   # Ray workers check their own node's devices
     if async_scheduling is None:
         async_scheduling = local and device_config.device_type == "cuda"
     elif async_scheduling and not local:
         raise ValueError(f"async_scheduling needs the local executor at tensor_parallel_size=1, got "
                          f"executor={executor!r}, tensor_parallel_size={tensor_parallel_size}")
+    cache = CacheConfig(block_size, gpu_memory_utilization, num_kv_blocks, enable_prefix_caching)
+    cache.check_device(device_config.device_type)
     return EngineConfig(
         model=model_config,
-        cache=CacheConfig(block_size, gpu_memory_utilization, num_kv_blocks, enable_prefix_caching),
+        cache=cache,
         parallel=parallel,
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, model_config.max_model_len,
                                   enable_chunked_prefill, async_scheduling),

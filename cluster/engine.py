@@ -10,6 +10,7 @@ recomputes to draw its own first token.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -343,11 +344,14 @@ def _load_tokenizer(model_config):
 def _eos_token_ids(model_config, tokenizer) -> list[int]:
     """eos ids as HF generate would use them: generation_config, then config, then tokenizer."""
     eos = None
-    try:
+    path = os.path.join(model_config.model, "generation_config.json")
+    if os.path.isfile(path):
         from transformers import GenerationConfig
-        eos = GenerationConfig.from_pretrained(model_config.model).eos_token_id
-    except Exception:
-        pass
+        try:
+            eos = GenerationConfig.from_pretrained(model_config.model).eos_token_id
+        except (OSError, ValueError) as exc:   # transformers reports bad JSON as OSError
+            logger.warning("ignoring %s, which transformers cannot read (%s): eos ids come from "
+                           "config.json or the tokenizer", path, exc)
     if eos is None:
         eos = getattr(model_config.hf_config, "eos_token_id", None)
     if eos is None and tokenizer is not None:

@@ -241,7 +241,8 @@ class GenerateServer:
         self.service = GenerationService(self.router, model_name, chat_template)
         self.health = health.aio.HealthServicer()
         interceptors = [_BearerAuth(auth_token.strip())] if auth_token else []
-        self.server = grpc.aio.server(interceptors=interceptors)
+        # SO_REUSEPORT off: a second server on a port in use must fail, not share its traffic.
+        self.server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         self._credentials = grpc.ssl_server_credentials([(tls_key, tls_cert)]) if tls_cert else None
         self.requested_metrics_port = metrics_port
         self.port: int | None = None
@@ -252,14 +253,23 @@ class GenerateServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self.server)
-        address = f"{self.host}:{self.requested_port}"
-        self.port = (self.server.add_secure_port(address, self._credentials) if self._credentials
-                     else self.server.add_insecure_port(address))
+        self.port = self._bind(f"{self.host}:{self.requested_port}")
         if self.requested_metrics_port is not None:
             self.metrics_port = self.router.metrics.serve_http(self.requested_metrics_port, self.host)
         self.router.on_change(self._on_replicas_changed)
         await self.server.start()
         await self._set_health(self.router.is_healthy)
+
+    def _bind(self, address: str) -> int:
+        try:
+            port = (self.server.add_secure_port(address, self._credentials) if self._credentials
+                    else self.server.add_insecure_port(address))
+        except RuntimeError:   # grpc's "Failed to bind to address ..."
+            port = 0
+        if not port:
+            raise OSError(f"cannot listen on {address}: the port is in use "
+                          f"(or the host is not an address of this machine)")
+        return port
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

