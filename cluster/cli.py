@@ -109,11 +109,21 @@ async def _run_ray_replicas(model: str, kwargs: dict, name: str, args: argparse.
     from pagedray.cluster.replica import RayReplica
     from pagedray.cluster.router import Router
 
+    from pagedray.cluster.autoscaler import RayResourceRequest
+    from pagedray.cluster.executors.ray_utils import can_have, init_ray
+    init_ray()
+    if kwargs["device"] == "auto":
+        # Decided by the nodes the cluster has or can launch: a CPU head with GPU nodes still at zero is a GPU cluster.
+        kwargs = {**kwargs, "device": "cuda" if can_have("GPU") else "cpu"}
+    resource = "GPU" if kwargs["device"].startswith("cuda") else "CPU"
+
     def make_replica(replica_name: str) -> RayReplica:
         return RayReplica(model, kwargs, name=replica_name, max_pending_requests=args.max_pending_requests)
 
     router = Router()
-    autoscaler = Autoscaler(router, make_replica, scaling)
+    # Each replica's ranks share one node: one {resource: tp} bundle asks for a node that holds them all.
+    autoscaler = Autoscaler(router, make_replica, scaling,
+                            resource_request=RayResourceRequest([{resource: kwargs["tensor_parallel_size"]}]))
     logger.info("starting %d replica(s) in Ray actors (min %d, max %d)", scaling.initial_replicas,
                 scaling.min_replicas, scaling.max_replicas)
     from pagedray.cluster.async_engine import EngineDeadError
