@@ -42,7 +42,8 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-pending-requests", type=int, default=1024,
                    help="requests admitted at once; beyond it calls get RESOURCE_EXHAUSTED")
-    p.add_argument("--auth-token-file", type=Path, help="file holding the bearer token clients must send")
+    p.add_argument("--auth-token-file", type=Path,
+                   help="file holding the bearer token clients must send (default: $PAGEDRAY_AUTH_TOKEN)")
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
@@ -139,7 +140,8 @@ async def _run_server(engine, name: str, args: argparse.Namespace, autoscaler=No
     from pagedray.cluster.server import GenerateServer
     server = GenerateServer(
         engine, name, host=args.host, port=args.port,
-        auth_token=args.auth_token_file.read_text() if args.auth_token_file else None,
+        auth_token=args.auth_token_file.read_text() if args.auth_token_file else
+        os.environ.get("PAGEDRAY_AUTH_TOKEN") or None,
         tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
         tls_key=args.tls_key.read_bytes() if args.tls_key else None,
         metrics_port=args.metrics_port)
