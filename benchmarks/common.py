@@ -46,7 +46,7 @@ def write_config(shape: str, path: str | os.PathLike) -> str:
         raise ValueError(f"shape must be one of {list(SHAPES)}, got {shape!r}")
     import transformers
     cls_name, kwargs = SHAPES[shape]
-    getattr(transformers, cls_name)(**kwargs, torch_dtype="bfloat16").save_pretrained(str(path))
+    getattr(transformers, cls_name)(**kwargs, dtype="bfloat16").save_pretrained(str(path))
     return str(path)
 
 
@@ -169,10 +169,21 @@ def run_hf_baseline(mode_args: list[str], timeout: float) -> dict | None:
     print("HF baseline:", " ".join(cmd), flush=True)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        print(f"HF baseline did not finish in {timeout} s; no peer column", file=sys.stderr)
-        return None
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        print(f"HF baseline did not finish in {timeout} s", file=sys.stderr)
+        return _partial_runs(out)
     if proc.returncode != 0:
         print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
-        return None
+        return _partial_runs(proc.stdout)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _partial_runs(stdout: str) -> dict | None:
+    """The peer runs an HF subprocess finished before it failed or was given up (throughput mode)."""
+    partial = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"partial"')]
+    print(f"{len(partial)} HF peer run(s) kept", file=sys.stderr)
+    if not partial:
+        return None
+    return {"runs": [p["partial"] for p in partial], "transformers": partial[0]["transformers"],
+            "load_s": float("nan")}

@@ -3,8 +3,10 @@
     python benchmarks/hf_baseline.py throughput --shape llama3-8b --num-requests 256
     python benchmarks/hf_baseline.py latency --shape llama3-8b --batch-sizes 1,8,32 --output-len 32
 
-throughput: requests in batches of --batch-size, left-padded, `ignore_eos` through
-min_new_tokens; the same random prompt ids as benchmarks/throughput.py for a seed.
+throughput: --hf-engine generate: requests in batches of --batch-size, left-padded, `ignore_eos`
+through min_new_tokens; --hf-engine generate_batch: HF's continuous batching (`model.generate_batch`,
+its paged cache and scheduler; eos disabled so every request runs --output-len tokens), all
+requests submitted at once. The same random prompt ids as benchmarks/throughput.py for a seed.
 latency: per-token decode time at each batch size, (T(N tokens) - T(1 token)) / (N - 1).
 The last line printed is a JSON object; throughput.py and latency.py run this script in a
 subprocess (so its memory is gone before the engine sizes its KV cache) and read that line.
@@ -57,25 +59,60 @@ def generate(model, prompts: list[list[int]], new_tokens: int, temperature: floa
     return out.shape[0] * new_tokens
 
 
+def generate_batch(model, prompts: list[list[int]], new_tokens: int, temperature: float) -> int:
+    """HF continuous batching over all prompts; returns the number of generated tokens.
+
+    Each call builds a manager sized for its prompts and warms it up (captures its graphs) before
+    the requests enter; `last_span` keeps the time from the first request's creation to the last
+    one's end by HF's own clocks, which leaves that set-up out (None where the version records none).
+    Not under inference_mode: HF's generation thread updates tensors made here in place.
+    """
+    from transformers.generation import GenerationConfig
+    sampling = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0
+                else dict(do_sample=False))
+    config = GenerationConfig(max_new_tokens=new_tokens, eos_token_id=-1, pad_token_id=0, **sampling)
+    outs = model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
+    counts = [len(o.generated_tokens) for o in outs.values()]
+    ends = [getattr(o, "lifespan", (-1, -1))[1] for o in outs.values()]
+    starts = [getattr(o, "created_time", -1) for o in outs.values()]
+    generate_batch.last_span = (max(ends) - min(starts)) if min(ends) > 0 and min(starts) > 0 else None
+    if len(counts) != len(prompts) or any(c != new_tokens for c in counts):
+        raise RuntimeError(f"HF generate_batch returned {len(counts)} of {len(prompts)} requests with "
+                           f"{sorted(set(counts))} tokens, expected {new_tokens} each")
+    return sum(counts)
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
 def run_throughput(model, args, vocab: int) -> dict:
-    prompts = random_prompts(args.num_requests, args.input_len, vocab, args.seed)
-    generate(model, prompts[:min(4, len(prompts))], 2, args.temperature)  # warm-up
-    _sync(args.device)
-    start = time.perf_counter()
-    generated = 0
-    for i in range(0, len(prompts), args.batch_size):
-        generated += generate(model, prompts[i:i + args.batch_size], args.output_len, args.temperature)
-    _sync(args.device)
-    elapsed = time.perf_counter() - start
-    n = len(prompts)
-    return {"mode": "throughput", "num_requests": n, "batch_size": args.batch_size, "elapsed_s": elapsed,
-            "requests_per_s": n / elapsed, "output_tok_per_s": generated / elapsed,
-            "total_tok_per_s": (generated + n * args.input_len) / elapsed}
+    """Each engine of --hf-engine in turn, on its own number of requests."""
+    runs = []
+    for engine in args.hf_engine:
+        n = args.num_requests if engine == "generate" else args.cb_num_requests
+        prompts = random_prompts(n, args.input_len, vocab, args.seed)
+        run = generate if engine == "generate" else generate_batch
+        batch = args.batch_size if engine == "generate" else n
+        run(model, prompts[:min(4, n)], 2, args.temperature)  # warm-up
+        _sync(args.device)
+        start = time.perf_counter()
+        generated = 0
+        for i in range(0, n, batch):
+            generated += run(model, prompts[i:i + batch], args.output_len, args.temperature)
+        _sync(args.device)
+        elapsed = wall = time.perf_counter() - start
+        if engine == "generate_batch" and getattr(generate_batch, "last_span", None):
+            elapsed = generate_batch.last_span     # without the manager's set-up and warm-up
+        runs.append({"engine": engine, "num_requests": n, "batch_size": batch, "elapsed_s": elapsed,
+                     "wall_s": wall,
+                     "requests_per_s": n / elapsed, "output_tok_per_s": generated / elapsed,
+                     "total_tok_per_s": (generated + n * args.input_len) / elapsed})
+        # One line per finished engine, so a caller that gives up on a slower one keeps this one.
+        print(json.dumps({"partial": runs[-1], "transformers": __import__("transformers").__version__}),
+              flush=True)
+    return {"mode": "throughput", "runs": runs}
 
 
 def run_latency(model, args, vocab: int) -> dict:
@@ -97,11 +134,22 @@ def run_latency(model, args, vocab: int) -> dict:
     return {"mode": "latency", "output_len": args.output_len, "ms_per_token": per_token}
 
 
+def _engines(text: str) -> list[str]:
+    engines = [e for e in text.split(",") if e]
+    bad = [e for e in engines if e not in ("generate", "generate_batch")]
+    if bad or not engines:
+        raise argparse.ArgumentTypeError(f"--hf-engine takes generate and/or generate_batch, got {text!r}")
+    return engines
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["throughput", "latency"])
     p.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
-    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--hf-engine", type=_engines, default=["generate"],
+                   help="comma list of generate (static batches), generate_batch (continuous batching)")
+    p.add_argument("--num-requests", type=int, default=256, help="requests through generate")
+    p.add_argument("--cb-num-requests", type=int, default=256, help="requests through generate_batch")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--input-len", type=int, default=256)
@@ -112,7 +160,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for name in ("num_requests", "batch_size", "input_len", "iters"):
+    for name in ("num_requests", "cb_num_requests", "batch_size", "input_len", "iters"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.output_len < 2:

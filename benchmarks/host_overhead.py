@@ -139,11 +139,11 @@ class Stages(InstancePatches):
         self._wrap(engine, "step", "step", close=True)
         self._wrap(engine.scheduler, "schedule", "schedule")
         self._wrap(engine.scheduler, "update_from_output", "update")
-        self._wrap(engine.executor, "execute_model", "execute")
+        self._wrap(engine.executor, "execute_model_async", "execute")
         self._wrap(runner, "prepare_inputs", "prepare_inputs")
         self._wrap(runner, "_forward", "forward_stub")
         self._wrap(runner.model, "compute_logits", "forward_stub")
-        self._wrap(runner, "sampler", "sampler")
+        self._wrap(runner.sampler, "sample", "sampler")
 
     def _wrap(self, obj, name: str, stage: str, close: bool = False) -> None:
         original = getattr(obj, name)

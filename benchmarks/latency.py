@@ -30,7 +30,8 @@ from common import (run_hf_baseline, SHAPES, append_results, copy_bandwidth, kv_
 
 def run_hf(args) -> dict | None:
     cmd = ["latency", "--shape", args.shape,
-           "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--input-len", str(args.input_len),
+           "--batch-sizes", ",".join(map(str, args.hf_batch_sizes or args.batch_sizes)),
+           "--input-len", str(args.input_len),
            "--output-len", str(args.hf_output_len), "--temperature", "0", "--device", args.device]
     return run_hf_baseline(cmd, args.hf_timeout)
 
@@ -103,8 +104,15 @@ def main(argv=None) -> int:
             runner.graphs = graphs
             replay = replay_ms(graphs, bs) if cuda else None
             rows.append((bs, with_graphs if graphs is not None else None, eager, replay))
+        profile = None
+        if args.profile_replays and graphs is not None:
+            import decode_profile
+            profile = decode_profile.report(args.shape, graphs, llm.llm_engine.num_kv_blocks, 16,
+                                            args.profile_replays,
+                                            args.profile_ctx or args.input_len + args.output_len // 2, 10,
+                                            getattr(torch, args.dtype), bandwidth)
         llm.shutdown()
-    report(args, rows, bandwidth, hf, startup, graphs is not None)
+    report(args, rows, bandwidth, hf, startup, graphs is not None, profile)
     return 0
 
 
@@ -112,7 +120,7 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def report(args, rows, bandwidth, hf, startup: float, captured: bool) -> None:
+def report(args, rows, bandwidth, hf, startup: float, captured: bool, profile: str | None = None) -> None:
     header = ["batch", "graphs (ms/step)", "eager (ms/step)", "graph replay, GPU (ms)",
               "HF generate (ms/step)", "bandwidth floor (ms)", "graphs / floor"]
     table_rows = []
@@ -133,6 +141,8 @@ def report(args, rows, bandwidth, hf, startup: float, captured: bool) -> None:
         notes.append(f"HF transformers {hf['transformers']}: greedy `generate`, per-step time from "
                      f"{hf['output_len']} and 1 new tokens.")
     body = markdown_table(header, table_rows) + "\n\n" + "\n".join(f"- {x}" for x in notes)
+    if profile:
+        body += "\n\n" + profile
     print(body, flush=True)
     if args.results:
         append_results(f"Decode latency, {args.shape}", body, pathlib.Path(args.results))
@@ -153,6 +163,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf-baseline", action="store_true")
     p.add_argument("--hf-timeout", type=float, default=600.0, help="seconds before the HF run is given up")
     p.add_argument("--hf-output-len", type=int, default=32)
+    p.add_argument("--hf-batch-sizes", type=lambda t: [int(x) for x in t.split(",")], default=None,
+                   help="batch sizes of the HF peer (default: --batch-sizes)")
+    p.add_argument("--profile-replays", type=lambda t: [int(x) for x in t.split(",")], default=[],
+                   help="batch sizes whose graph replays are profiled per kernel (decode_profile.py)")
+    p.add_argument("--profile-ctx", type=int, default=None,
+                   help="context per sequence in the profile (default: the mean context of the run)")
     p.add_argument("--results", default=None, help="append the table to this file (e.g. benchmarks/RESULTS.md)")
     args = p.parse_args(argv)
     if min(args.batch_sizes) < 1:

@@ -1,189 +1,248 @@
-"""Driver-side cost per streamed output of a replica actor, for the two ways to stream.
+"""What the hop between the serving front and an engine core costs, and what it is made of.
 
-A fake engine in a Ray async actor "steps" every `--step-ms` (0: as fast as it can) and
-produces one small token delta per running request per step, the size of what
-`RayReplica` sends (a few ints and a short string). The driver reads them:
+- `--engine`: the real engine core (Llama shapes of `--preset`, dummy weights) driven in this
+  process (a plain `step()` loop: the engine's own speed), through a `ProcessClient` (core in a
+  spawned subprocess, ZMQ ipc://) and through a `RayClient` (core in a Ray actor, ZMQ tcp://):
+  output tokens/s for `--streams` concurrent greedy requests of `--tokens` tokens, and the
+  driver's CPU seconds.
+- `--encoding`: encode + decode time and size of a 256-request add batch and a 256-output step
+  batch: msgspec msgpack structs (the wire) against pickle of the same structs, and against the
+  old wire (a pickled per-request RequestOutput dataclass each step).
+- `--transport`: a core-like sender process streams step batches (128 outputs) one way to an
+  asyncio reader here: ZMQ ipc:// (zmq.asyncio) against a multiprocessing Pipe (fd on the loop):
+  messages/s and reader CPU per message.
 
-- `per-request`: one Ray streaming generator per request (`num_returns="streaming"`),
-  one object per output, awaited by the driver.
-- `batched`: one long-poll call per replica returns every output produced since the
-  last call (all requests together); the driver demultiplexes.
-
-Reported: outputs delivered per second and driver CPU microseconds per output, at 1
-and at `--streams` concurrent requests.
-
-`--engine` instead runs the real engine (Llama shapes of `--preset`, dummy weights) as a
-`LocalReplica` in this process and then as a `RayReplica` (engine in a Ray actor, outputs
-through the batched poll), and reports output tokens per second and the driver's CPU
-time for the same greedy requests: the end-to-end price of the actor hop.
-
-    python benchmarks/replica_transport.py --tokens 400 --streams 1 32
-    python benchmarks/replica_transport.py --engine --device cuda --preset 1b --tokens 128 --streams 1 32
+    python benchmarks/replica_transport.py --encoding --transport
+    python benchmarks/replica_transport.py --engine --device cuda --preset 1b --tokens 128 --streams 1 32 128
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
+import pickle
+import sys
+import tempfile
 import time
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import ray  # noqa: E402
+import msgspec  # noqa: E402
+
+from pagedray.cluster.core.messages import CoreOutput, CoreOutputs, CoreRequest, EngineStats  # noqa: E402
+from pagedray.cluster.core.process import DEFAULT_CORE_FACTORY, load_factory  # noqa: E402
+from pagedray.workers.sampling_params import SamplingParams  # noqa: E402
+
+CLIENTS = ("ray", "process", "inproc")   # in-process last: the other two free their GPU memory on exit
 
 
-@ray.remote(num_cpus=0)
-class FakeEngine:
-    """Steps on a timer; each step every running request gets one delta."""
-
-    def __init__(self, step_ms: float) -> None:
-        self.step_s = step_ms / 1000
-        self.running: dict[str, int] = {}       # rid -> tokens left
-        self.streams: dict[str, asyncio.Queue] = {}
-        self.outbox: list[tuple] = []
-        self.has_output = asyncio.Event()
-        self.wakeup = asyncio.Event()
-        self.loop_task = None
-
-    async def _step_loop(self) -> None:
-        step = 0
-        while True:
-            if not self.running:
-                self.wakeup.clear()
-                await self.wakeup.wait()
-            await asyncio.sleep(self.step_s)
-            step += 1
-            for rid in list(self.running):
-                self.running[rid] -= 1
-                done = self.running[rid] == 0
-                delta = (rid, [step], " tok", done)
-                if rid in self.streams:
-                    self.streams[rid].put_nowait(delta)
-                else:
-                    self.outbox.append(delta)
-                if done:
-                    del self.running[rid]
-            self.has_output.set()
-
-    def _add(self, rid: str, tokens: int) -> None:
-        if self.loop_task is None:
-            self.loop_task = asyncio.get_running_loop().create_task(self._step_loop())
-        self.running[rid] = tokens
-        self.wakeup.set()
-
-    async def stream(self, rid: str, tokens: int):
-        self.streams[rid] = asyncio.Queue()
-        self._add(rid, tokens)
-        while True:
-            delta = await self.streams[rid].get()
-            yield delta
-            if delta[3]:
-                del self.streams[rid]
-                return
-
-    async def add(self, rid: str, tokens: int) -> None:
-        self._add(rid, tokens)
-
-    async def poll(self) -> list[tuple]:
-        while not self.outbox:
-            self.has_output.clear()
-            await self.has_output.wait()
-        out, self.outbox = self.outbox, []
-        return out
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
 
 
-async def per_request(actor, streams: int, tokens: int) -> int:
-    async def one(i: int) -> int:
-        n = 0
-        async for ref in actor.stream.options(num_returns="streaming").remote(f"r{i}", tokens):
-            await ref
-            n += 1
-        return n
-    return sum(await asyncio.gather(*[one(i) for i in range(streams)]))
+# -- encoding ---------------------------------------------------------------------------------
+def step_batch(n: int) -> CoreOutputs:
+    outs = [CoreOutput(f"req-{i:06d}", 0, [1000 + i]) for i in range(n)]
+    return CoreOutputs(outs, EngineStats(num_running=n), time.time())
 
 
-async def batched(actor, streams: int, tokens: int) -> int:
-    await asyncio.gather(*[actor.add.remote(f"r{i}", tokens) for i in range(streams)])
-    received, finished = 0, 0
-    while finished < streams:
-        batch = await actor.poll.remote()
-        received += len(batch)
-        finished += sum(1 for d in batch if d[3])
-    return received
+def add_batch(n: int, prompt_len: int = 256) -> list[CoreRequest]:
+    params = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=256, seed=1)
+    return [CoreRequest(f"req-{i:06d}", list(range(i, i + prompt_len)), params) for i in range(n)]
 
 
-def measure(mode: str, actor, streams: int, tokens: int) -> dict:
-    fn = per_request if mode == "per-request" else batched
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    n = asyncio.run(fn(actor, streams, tokens))
-    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    return {"mode": mode, "streams": streams, "outputs": n, "outputs_per_s": round(n / wall),
-            "driver_cpu_us_per_output": round(cpu / n * 1e6, 1)}
+def old_wire(n: int) -> list:
+    """What RayReplica's poll returned per step: (id, kind, RequestOutput delta, head) per request."""
+    from pagedray.cluster.outputs import CompletionOutput, RequestOutput
+    return [(f"req-{i:06d}", "out", RequestOutput(f"req-{i:06d}", None, [], [CompletionOutput(0, " tok", [1000 + i])],
+                                                 metrics={"arrival_time": 1.0}), False) for i in range(n)]
 
 
-async def _engine_run(replica, streams: int, tokens: int) -> dict:
-    from pagedray.workers.sampling_params import SamplingParams
+def _time(fn, repeat: int) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat * 1e6
+
+
+def bench_encoding(n: int = 256, repeat: int = 200) -> None:
+    enc = msgspec.msgpack.Encoder()
+    for what, obj, typ in (("add batch", add_batch(n), list[CoreRequest]), ("step batch", step_batch(n), CoreOutputs)):
+        dec = msgspec.msgpack.Decoder(typ)
+        blob, pblob = enc.encode(obj), pickle.dumps(obj, protocol=5)
+        emit({"encoding": what, "requests": n,
+              "msgspec_us": round(_time(lambda: dec.decode(enc.encode(obj)), repeat), 1),
+              "msgspec_bytes": len(blob),
+              "pickle_us": round(_time(lambda: pickle.loads(pickle.dumps(obj, protocol=5)), repeat), 1),
+              "pickle_bytes": len(pblob)})
+    old = old_wire(n)
+    emit({"encoding": "step batch, old wire (pickled RequestOutput per request)", "requests": n,
+          "pickle_us": round(_time(lambda: pickle.loads(pickle.dumps(old, protocol=5)), repeat), 1),
+          "pickle_bytes": len(pickle.dumps(old, protocol=5))})
+
+
+# -- transport --------------------------------------------------------------------------------
+def _sender(kind: str, target, count: int) -> None:
+    payload = msgspec.msgpack.encode(step_batch(128))
+    if kind == "zmq":
+        import zmq
+        sock = zmq.Context().socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.bind(target)
+        for _ in range(count):
+            sock.send_multipart([b"o", payload], copy=False)
+        sock.close(linger=-1)
+    else:
+        for _ in range(count):
+            target.send_bytes(payload)
+        target.close()
+
+
+async def _receive_zmq(address: str, count: int, dec) -> None:
+    import zmq
+    import zmq.asyncio
+    sock = zmq.asyncio.Context().socket(zmq.PULL)
+    sock.connect(address)
+    for _ in range(count):
+        frames = await asyncio.wait_for(sock.recv_multipart(copy=False), 10)
+        dec.decode(frames[1].buffer)
+    sock.close()
+
+
+async def _receive_pipe(conn, count: int, dec) -> None:
+    loop, done, got = asyncio.get_running_loop(), asyncio.Event(), [0]
+
+    def readable() -> None:
+        while got[0] < count and conn.poll():
+            dec.decode(conn.recv_bytes())
+            got[0] += 1
+        if got[0] == count:
+            done.set()
+
+    loop.add_reader(conn.fileno(), readable)
+    await done.wait()
+    loop.remove_reader(conn.fileno())
+
+
+def bench_transport(count: int = 20_000) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    dec = msgspec.msgpack.Decoder(CoreOutputs)
+    for kind in ("zmq", "pipe"):
+        if kind == "zmq":
+            target = f"ipc://{tempfile.mkdtemp()}/bench"
+            receive = _receive_zmq(target, count, dec)
+            child = ctx.Process(target=_sender, args=(kind, target, count))
+        else:
+            reader, writer = ctx.Pipe(duplex=False)
+            receive = _receive_pipe(reader, count, dec)
+            child = ctx.Process(target=_sender, args=(kind, writer, count))
+        child.start()
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        asyncio.run(receive)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        child.join()
+        emit({"transport": kind, "messages": count, "outputs_per_message": 128,
+              "messages_per_s": round(count / wall), "reader_cpu_us_per_message": round(cpu / count * 1e6, 1)})
+
+
+# -- the engine through each client -------------------------------------------------------------
+def _requests(streams: int, tokens: int, tag: str) -> list[CoreRequest]:
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    tag = time.perf_counter_ns()
+    return [CoreRequest(f"{tag}-{i}", [5 + i, 7, 9, 11], params) for i in range(streams)]
 
-    async def one(i: int) -> int:
-        n = 0
-        async for _ in replica.generate({"prompt_token_ids": [5 + i, 7, 9, 11]}, params, f"{tag}-{i}"):
-            n += 1
-        return n
 
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    outputs = sum(await asyncio.gather(*[one(i) for i in range(streams)]))
-    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    return {"streams": streams, "tokens_per_s": round(streams * tokens / wall, 1),
-            "ms_per_token_per_stream": round(wall / tokens * 1e3, 3), "outputs": outputs,
+def _result(kind: str, streams: int, tokens: int, produced: int, wall: float, cpu: float) -> dict:
+    return {"client": kind, "streams": streams, "tokens_per_s": round(produced / wall, 1),
+            "ms_per_token_per_stream": round(wall / tokens * 1e3, 3), "tokens": produced,
             "driver_cpu_s": round(cpu, 3)}
 
 
-async def _engine_bench(args) -> None:
-    import tempfile
+def run_inproc(core, streams: int, tokens: int) -> dict:
+    requests = _requests(streams, tokens, f"i{time.perf_counter_ns()}")
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    core.add(requests)
+    produced = 0
+    while core.has_unfinished_requests():
+        produced += sum(len(o.new_token_ids) for o in core.step().outputs)
+    return _result("inproc", streams, tokens, produced, time.perf_counter() - t0, time.process_time() - cpu0)
 
+
+async def run_client(kind: str, client, streams: int, tokens: int) -> dict:
+    requests = _requests(streams, tokens, f"c{time.perf_counter_ns()}")
+    want = {r.request_id for r in requests}
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    await client.add(requests)
+    produced, finished = 0, 0
+    async for batch in client.outputs():
+        for out in batch.outputs:
+            if out.request_id in want:
+                produced += len(out.new_token_ids)
+                finished += out.finish_reason is not None
+        if finished == streams:
+            break
+    return _result(kind, streams, tokens, produced, time.perf_counter() - t0, time.process_time() - cpu0)
+
+
+async def _bench_clients(args, path: str, kw: dict) -> None:
+    from pagedray.cluster.serving.process_client import ProcessClient
+    from pagedray.cluster.serving.ray_client import RayClient
+    for kind in [k for k in CLIENTS if k in args.clients and k != "inproc"]:
+        if kind == "ray":
+            client = RayClient(path, kw, name="bench", core_factory=args.core_factory,
+                               num_threads=args.ray_threads)
+        else:
+            client = ProcessClient(path, kw, name="bench", core_factory=args.core_factory)
+        await client.start()
+        for streams in args.streams:
+            await run_client(kind, client, streams, 8)   # warm-up (graphs, allocator)
+            emit({"device": args.device, "preset": args.preset, **await run_client(kind, client, streams, args.tokens)})
+        await client.shutdown()
+
+
+def bench_engine(args) -> None:
     from ray_step_overhead import make_model_dir
-
-    from pagedray.cluster.async_engine import AsyncEngine
-    from pagedray.cluster.replica import LocalReplica, RayReplica
     path = make_model_dir(tempfile.mkdtemp(), args.preset, weights=False)
     kw = dict(device=args.device, load_format="dummy", max_model_len=2048, gpu_memory_utilization=0.5)
-    for kind in ("ray", "local"):   # the actor frees its GPU memory on exit; this process would not
-        if kind == "local":
-            replica = LocalReplica(AsyncEngine.from_kwargs(path, **kw))
-        else:
-            replica = RayReplica(path, kw, name="bench")
-            await replica.start()
+    if "ray" in args.clients:
+        import ray
+        ray.init(include_dashboard=False, log_to_driver=False)
+    asyncio.run(_bench_clients(args, path, kw))
+    if "inproc" in args.clients:
+        core = load_factory(args.core_factory)(path, **kw)
         for streams in args.streams:
-            await _engine_run(replica, streams, 8)   # warm-up (graphs, allocator)
-            print(json.dumps({"replica": kind, **await _engine_run(replica, streams, args.tokens)}), flush=True)
-        await replica.shutdown()
+            run_inproc(core, streams, 8)
+            emit({"device": args.device, "preset": args.preset, **run_inproc(core, streams, args.tokens)})
+        core.shutdown()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=400)
-    ap.add_argument("--streams", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--step-ms", type=float, default=0.0)
-    ap.add_argument("--engine", action="store_true", help="LocalReplica vs RayReplica on the real engine")
+    ap.add_argument("--engine", action="store_true", help="in-process vs ProcessClient vs RayClient")
+    ap.add_argument("--encoding", action="store_true", help="msgspec vs pickle for a 256-request batch")
+    ap.add_argument("--transport", action="store_true", help="ZMQ ipc vs multiprocessing Pipe")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--clients", nargs="+", default=list(CLIENTS), choices=CLIENTS)
+    ap.add_argument("--core-factory", default=DEFAULT_CORE_FACTORY)
+    ap.add_argument("--ray-threads", type=int, default=None,
+                    help="torch threads of the Ray actor's engine (default: RayClient's choice)")
     args = ap.parse_args()
-    ray.init(include_dashboard=False, log_to_driver=False)
+    if not (args.engine or args.encoding or args.transport):
+        ap.error("pick at least one of --engine, --encoding, --transport")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    if args.encoding:
+        bench_encoding()
+    if args.transport:
+        bench_transport()
     if args.engine:
-        asyncio.run(_engine_bench(args))
-        ray.shutdown()
-        return
-    actor = FakeEngine.remote(args.step_ms)
-    for streams in args.streams:
-        for mode in ("per-request", "batched"):
-            measure(mode, actor, streams, 20)   # warm-up
-            print(json.dumps(measure(mode, actor, streams, args.tokens)), flush=True)
-    ray.shutdown()
+        bench_engine(args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/bin/bash
-# One device call for the end-to-end GPU work: the GPU correctness test, then the latency and
-# throughput benchmarks with their HF peers. Logs, results and the profile go to $OUT.
-#   bash benchmarks/run_gpu_e2e.sh [steps...]   (default: e2e latency tput8b tputqwen)
+# One device call for the end-to-end GPU work: the GPU correctness and kernel tests, then the
+# throughput, latency (with a per-kernel profile of decode replays), shared-prefix and Qwen-shape
+# benchmarks with their HF peers. Logs and results go to $OUT.
+#   bash benchmarks/run_gpu_e2e.sh [steps...]   (default: e2e tput8b latency shared tputqwen)
 set -u
 export PYTHONUNBUFFERED=1
 R=$OUT/results.md
@@ -12,15 +13,18 @@ step() {
   echo "== $name $(date +%T)"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "rc=$? $name $(date +%T)"
-  grep -v Warning "$OUT/$name.log" | tail -"${TAIL:-22}"
+  grep -v Warning "$OUT/$name.log" | tail -"${TAIL:-14}"
 }
 run() {
   case $1 in
-    e2e) step e2e 110 python3 -m pytest tests/workers/test_gpu_end_to_end.py -q --tb=short -p no:cacheprovider ;;
-    latency) step latency 100 python3 benchmarks/latency.py --shape llama3-8b --hf-baseline --iters 2 --hf-output-len 16 --results "$R" ;;
-    tput8b) step tput8b 170 python3 benchmarks/throughput.py --shape llama3-8b --hf-baseline --breakdown \
-              --breakdown-requests 128 --results "$R" --trace-file "$OUT/profile_8b.txt" ;;
-    tputqwen) step tputqwen 100 python3 benchmarks/throughput.py --shape qwen2.5-0.5b --hf-baseline --hf-timeout 45 --results "$R" ;;
+    e2e) step e2e 100 python3 -m pytest tests/workers/test_gpu_end_to_end.py tests/kernels -q --tb=short -p no:cacheprovider ;;
+    latency) step latency 95 python3 benchmarks/latency.py --shape llama3-8b --hf-baseline --iters 2 --hf-output-len 16 \
+               --batch-sizes 1,32,256 --hf-batch-sizes 1,32 --profile-replays 1,256 --results "$R" ;;
+    tput8b) step tput8b 180 python3 benchmarks/throughput.py --shape llama3-8b --hf-baseline --hf-cb-num-requests 128 --hf-timeout 110 \
+              --serial-too --breakdown --breakdown-requests 64 --results "$R" --trace-file "$OUT/profile_8b.txt" ;;
+    shared) step shared 80 python3 benchmarks/shared_prefix.py --shape llama3-8b --results "$R" ;;
+    tputqwen) step tputqwen 55 python3 benchmarks/throughput.py --shape qwen2.5-0.5b --hf-baseline --hf-engines generate \
+                --hf-timeout 25 --results "$R" ;;
   esac
 }
-for s in ${@:-e2e latency tput8b tputqwen}; do run "$s"; done
+for s in ${@:-e2e tput8b latency shared tputqwen}; do run "$s"; done

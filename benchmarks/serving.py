@@ -70,7 +70,7 @@ SYNTHETIC = {
 def make_synthetic_config(path: str, preset: str) -> str:
     from transformers import LlamaConfig
     LlamaConfig(**SYNTHETIC[preset], max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
-                architectures=["LlamaForCausalLM"], torch_dtype="bfloat16").save_pretrained(path)
+                architectures=["LlamaForCausalLM"], dtype="bfloat16").save_pretrained(path)
     return path
 
 
@@ -103,19 +103,20 @@ def run_offline(args, prompts) -> tuple[float, list[list[int]]]:
     return elapsed, [o.outputs[0].token_ids for o in outs]
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args, extra: list[str] = ()) -> tuple[subprocess.Popen, str, str]:
+    """A `pagedray serve` subprocess: (process, gRPC address, its ready line)."""
     cmd = [sys.executable, "-m", "pagedray.cluster.cli", "serve", "--model", args.model, "--port", "0",
            "--device", args.device, "--max-num-seqs", str(args.max_num_seqs), "--load-format", args.load_format,
            "--dtype", args.dtype, "--max-pending-requests", str(max(1024, args.num_prompts)),
-           "--no-enable-prefix-caching"]
+           "--no-enable-prefix-caching", *extra]
     if args.num_kv_blocks:
         cmd += ["--num-kv-blocks", str(args.num_kv_blocks)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
-        match = re.search(r"ready: serving model .* on (\S+:\d+)", line)
+        match = re.search(r"ready: serving model .*? on (\S+:\d+)", line)
         if match:
             threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-            return proc, match.group(1)
+            return proc, match.group(1), line
     raise RuntimeError(f"server exited with {proc.wait()} before it was ready")
 
 
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
     total_tokens = args.num_prompts * args.output_len
 
     offline_s, offline_tokens = run_offline(args, prompts)
-    proc, address = start_server(args)
+    proc, address, _ = start_server(args)
     try:
         burst_s, burst = asyncio.run(run_grpc(address, prompts, args.output_len, float("inf"), args.seed))
         poisson_s, poisson = asyncio.run(run_grpc(address, prompts, args.output_len, args.request_rate, args.seed))

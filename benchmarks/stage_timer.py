@@ -50,14 +50,14 @@ class StageTimer(InstancePatches):
         self._current: dict[str, float] = {}
         self._kind = "idle"
         self._in_step = False
-        self._wrap(self.engine.executor, "execute_model", "execute")
+        self._wrap(self.engine.executor, "execute_model_async", "execute")
         if not count_only:
             self._wrap(self.engine, "step", "step")
             self._wrap(self.engine.scheduler, "schedule", "schedule")
             self._wrap(self.runner, "prepare_inputs", "prepare_inputs")
             self._wrap(self.runner, "_forward", "forward", gpu=True)
             self._wrap(self.runner.model, "compute_logits", "logits", gpu=True)
-            self._wrap(self.runner, "sampler", "sampler", gpu=True)
+            self._wrap(self.runner.sampler, "sample", "sampler", gpu=True)
 
     def _wrap(self, obj, name: str, stage: str, gpu: bool = False) -> None:
         original = getattr(obj, name)

@@ -32,8 +32,9 @@ from stage_timer import StageTimer, profile_steps
 
 
 def run_hf(args) -> dict | None:
-    cmd = ["throughput", "--shape", args.shape,
+    cmd = ["throughput", "--shape", args.shape, "--hf-engine", ",".join(args.hf_engines),
            "--num-requests", str(args.hf_num_requests), "--batch-size", str(args.hf_batch_size),
+           "--cb-num-requests", str(args.hf_cb_num_requests),
            "--input-len", str(args.input_len), "--output-len", str(args.output_len),
            "--temperature", str(args.temperature), "--device", args.device, "--seed", str(args.seed)]
     return run_hf_baseline(cmd, args.hf_timeout)
@@ -45,7 +46,7 @@ def build_llm(args, path: str):
                   max_model_len=args.input_len + args.output_len, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
                   gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-                  seed=args.seed)
+                  seed=args.seed, async_scheduling=False if args.no_async_scheduling else None)
     if args.num_kv_blocks:
         kwargs["num_kv_blocks"] = args.num_kv_blocks
     return LLM(path, **kwargs)
@@ -83,13 +84,51 @@ def main(argv=None) -> int:
         generate(llm, prompts[:args.warmup_requests], args)   # compiles the prefill kernels' shapes
         replays0 = graph_replays(llm)
         counter = StageTimer(llm, sync=False, count_only=True)
-        elapsed = generate(llm, prompts, args)
+        with HostWait() as wait:
+            elapsed = generate(llm, prompts, args)
+        waits = [wait.seconds]
         counter.restore()
         replays = graph_replays(llm) - replays0
-        breakdown = run_breakdown(llm, prompts, args) if args.breakdown else None
+        serial = []
+        if args.serial_too and llm.llm_engine.async_scheduling:
+            # serial, overlapped again, serial again: an order effect shows as a spread within a mode
+            for overlapped in (False, True, False):
+                with HostWait() as wait:
+                    t = generate(llm, prompts, args) if overlapped else _serial(llm, lambda: generate(llm, prompts, args))
+                serial.append((overlapped, t, wait.seconds))
+        breakdown = _serial(llm, lambda: run_breakdown(llm, prompts, args)) if args.breakdown else None
         llm.shutdown()
-    report(args, startup, elapsed, counter, replays, tflops, bandwidth, hf, breakdown)
+    report(args, startup, (elapsed, waits[0]), counter, replays, tflops, bandwidth, hf, breakdown, serial)
     return 0
+
+
+class HostWait:
+    """Seconds the host spent blocked on CUDA events (the engine waiting for a step's samples)."""
+
+    def __enter__(self) -> "HostWait":
+        self.seconds, self._orig = 0.0, torch.cuda.Event.synchronize
+
+        def timed(event):
+            start = time.perf_counter()
+            self._orig(event)
+            self.seconds += time.perf_counter() - start
+
+        torch.cuda.Event.synchronize = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.cuda.Event.synchronize = self._orig
+
+
+def _serial(llm, fn):
+    """fn() with the engine's steps not overlapped (each step's output read before the next is
+    scheduled): the synchronising breakdown times stages in series, and --serial-too compares."""
+    engine = llm.llm_engine
+    overlapped, engine.async_scheduling = engine.async_scheduling, False
+    try:
+        return fn()
+    finally:
+        engine.async_scheduling = overlapped
 
 
 def run_breakdown(llm, prompts, args) -> tuple[StageTimer, str]:
@@ -100,19 +139,29 @@ def run_breakdown(llm, prompts, args) -> tuple[StageTimer, str]:
     return timer, trace
 
 
-def report(args, startup, elapsed, counter, replays, tflops, bandwidth, hf, breakdown) -> None:
+def report(args, startup, timed, counter, replays, tflops, bandwidth, hf, breakdown, serial=()) -> None:
+    elapsed, wait = timed
     n, inp, out = args.num_requests, args.input_len, args.output_len
     floor_s = workload_flops(args.shape, n, inp, out) / (tflops * 1e12) if tflops else None
-    header = ["engine", "requests", "time (s)", "req/s", "output tok/s", "total tok/s", "time / compute floor"]
-    rows = [["pagedray" + (" (eager)" if args.enforce_eager else ""), n, f"{elapsed:.2f}", f"{n / elapsed:.2f}",
+    header = ["engine", "requests", "time (s)", "req/s", "output tok/s", "total tok/s", "time / compute floor",
+              "host blocked on the GPU (s)"]
+    mode = " (eager)" if args.enforce_eager else ""
+    mode += "" if args.no_async_scheduling or not args.device.startswith("cuda") else ", overlapped steps"
+    rows = [["pagedray" + mode, n, f"{elapsed:.2f}", f"{n / elapsed:.2f}",
              f"{n * out / elapsed:.0f}", f"{n * (inp + out) / elapsed:.0f}",
-             f"{elapsed / floor_s:.2f}x" if floor_s else "-"]]
-    if hf:
-        hf_floor = workload_flops(args.shape, hf["num_requests"], inp, out) / (tflops * 1e12) if tflops else None
-        rows.append([f"HF transformers {hf['transformers']} generate (batch {hf['batch_size']})",
-                     hf["num_requests"], f"{hf['elapsed_s']:.2f}", f"{hf['requests_per_s']:.2f}",
-                     f"{hf['output_tok_per_s']:.0f}", f"{hf['total_tok_per_s']:.0f}",
-                     f"{hf['elapsed_s'] / hf_floor:.2f}x" if hf_floor else "-"])
+             f"{elapsed / floor_s:.2f}x" if floor_s else "-", f"{wait:.2f}"]]
+    for overlapped, t, w in serial:
+        rows.append([f"pagedray, {'overlapped steps' if overlapped else 'steps not overlapped'} (same engine, "
+                     "next run)", n, f"{t:.2f}", f"{n / t:.2f}", f"{n * out / t:.0f}", f"{n * (inp + out) / t:.0f}",
+                     f"{t / floor_s:.2f}x" if floor_s else "-", f"{w:.2f}"])
+    for run in (hf or {}).get("runs", []):
+        hf_floor = workload_flops(args.shape, run["num_requests"], inp, out) / (tflops * 1e12) if tflops else None
+        how = (f"generate (batch {run['batch_size']})" if run["engine"] == "generate"
+               else f"generate_batch (continuous batching; call {run.get('wall_s', 0):.1f} s with its set-up)")
+        rows.append([f"HF transformers {hf['transformers']} {how}",
+                     run["num_requests"], f"{run['elapsed_s']:.2f}", f"{run['requests_per_s']:.2f}",
+                     f"{run['output_tok_per_s']:.0f}", f"{run['total_tok_per_s']:.0f}",
+                     f"{run['elapsed_s'] / hf_floor:.2f}x" if hf_floor else "-", "-"])
     table = markdown_table(header, rows)
     notes = [f"Shape {args.shape}, dummy weights, {args.dtype}, {n} x {inp}/{out} tokens, ignore_eos, "
              f"temperature {args.temperature}, max_num_seqs {args.max_num_seqs}, "
@@ -126,8 +175,8 @@ def report(args, startup, elapsed, counter, replays, tflops, bandwidth, hf, brea
                      f"device copy {bandwidth:.0f} GB/s. Compute floor: {floor_s:.2f} s for "
                      f"{workload_flops(args.shape, n, inp, out) / 1e15:.2f} PFLOP.")
     if hf:
-        notes.append(f"HF ran {hf['num_requests']} requests (batches of {hf['batch_size']}, "
-                     f"model init {hf['load_s']:.0f} s not counted).")
+        notes.append("HF peers in a subprocess of this run, each on the request count of its row "
+                     f"(model init {hf['load_s']:.0f} s not counted).")
     body = table + "\n\n" + "\n".join(f"- {x}" for x in notes)
     if breakdown:
         timer, trace = breakdown
@@ -155,19 +204,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--no-async-scheduling", action="store_true", help="read each step before the next")
+    p.add_argument("--serial-too", action="store_true",
+                   help="time the workload again: not overlapped, overlapped, not overlapped (same engine)")
     p.add_argument("--warmup-requests", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf-baseline", action="store_true")
     p.add_argument("--hf-timeout", type=float, default=600.0, help="seconds before the HF run is given up")
     p.add_argument("--hf-num-requests", type=int, default=256)
     p.add_argument("--hf-batch-size", type=int, default=256)
+    p.add_argument("--hf-engines", type=lambda t: [e for e in t.split(",") if e],
+                   default=["generate", "generate_batch"], help="HF peers: generate, generate_batch")
+    p.add_argument("--hf-cb-num-requests", type=int, default=256, help="requests through generate_batch")
     p.add_argument("--breakdown", action="store_true")
     p.add_argument("--breakdown-requests", type=int, default=256)
     p.add_argument("--trace-file", default=os.path.join(os.environ.get("OUT", "."), "throughput_profile.txt"))
     p.add_argument("--results", default=None, help="append the table to this file (e.g. benchmarks/RESULTS.md)")
     args = p.parse_args(argv)
     for name in ("num_requests", "input_len", "output_len", "max_num_seqs", "warmup_requests",
-                 "hf_num_requests", "hf_batch_size", "breakdown_requests"):
+                 "hf_num_requests", "hf_batch_size", "hf_cb_num_requests", "breakdown_requests"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args

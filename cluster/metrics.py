@@ -95,7 +95,10 @@ class ServingMetrics:
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Expose /metrics over HTTP; returns the bound port (pass 0 to pick a free one)."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise OSError(f"metrics: cannot listen on {host}:{port}: {exc.strerror}") from exc
         return self._http.server_port
 
     def close(self) -> None:

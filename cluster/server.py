@@ -23,8 +23,10 @@ from grpc_reflection.v1alpha import reflection
 from pagedray.cluster.async_engine import AsyncEngine, DeltaTracker, EngineDeadError, QueueFullError
 from pagedray.cluster.outputs import RequestOutput
 from pagedray.cluster.router import Router
+from pagedray.cluster.serving.chat import ChatRenderer
 from pagedray.protos import generate_pb2 as pb
 from pagedray.protos import generate_pb2_grpc as pb_grpc
+from pagedray.workers.quoting import clip, quote
 from pagedray.workers.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 MAX_N = 256                 # children per request: bounds the work one call can queue
 MAX_LOGPROBS = 20           # vLLM's default max_logprobs
 MAX_REQUEST_ID_CHARS = 256
+# A unary reply must fit a client's default gRPC receive limit (4 MiB); larger ones need the stream.
+MAX_UNARY_REPLY_BYTES = 4 * 1024 * 1024
 
 _FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,
            "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
@@ -66,13 +70,19 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(**kwargs)
 
 
-def parse_request(request: pb.GenerateRequest, served_model: str) -> tuple[str | dict, SamplingParams, str]:
+def parse_request(request: pb.GenerateRequest, served_model: str,
+                  chat: ChatRenderer | None = None) -> tuple[str | dict, SamplingParams, str]:
     if request.model and request.model != served_model:
-        raise UnknownModelError(f"model {request.model!r} is not served here (serving {served_model!r})")
+        raise UnknownModelError(f"model {quote(request.model)} is not served here (serving {served_model!r})")
     which = request.WhichOneof("input")
     if which is None:
-        raise ValueError("prompt: set one of prompt or prompt_token_ids")
-    prompt = request.prompt if which == "prompt" else {"prompt_token_ids": list(request.prompt_token_ids.ids)}
+        raise ValueError("prompt: set one of prompt, prompt_token_ids or chat")
+    if which == "chat":
+        if chat is None:
+            raise ValueError("chat: this server does not render chat messages")
+        prompt = chat.prompt([{"role": m.role, "content": m.content} for m in request.chat.messages])
+    else:
+        prompt = request.prompt if which == "prompt" else {"prompt_token_ids": list(request.prompt_token_ids.ids)}
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise ValueError(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters, "
                          f"got {len(request.request_id)}")
@@ -125,6 +135,28 @@ def usage_of(out: RequestOutput) -> pb.Usage:
                     cached_prompt_tokens=out.num_cached_tokens)
 
 
+def unary_reply_bytes(params: SamplingParams, max_model_len: int) -> int:
+    """What a unary reply of `params` encodes to, about: per token its id and text (~8 bytes) and,
+    with logprobs, an entry (~12) plus ~14 per top alternative (measured: 290 bytes a token at 20)."""
+    per_token = 8 + (12 + 14 * params.logprobs if params.logprobs is not None else 0)
+    return params.n * _max_tokens(params, max_model_len) * per_token
+
+
+def _max_tokens(params: SamplingParams, max_model_len: int) -> int:
+    return min(params.max_tokens or max_model_len, max_model_len)
+
+
+def check_unary_reply(params: SamplingParams, max_model_len: int) -> None:
+    """Refuse, before any work, a unary call whose reply would not fit the message limit."""
+    size = unary_reply_bytes(params, max_model_len)
+    if size > MAX_UNARY_REPLY_BYTES:
+        raise ValueError(
+            f"the reply of n={params.n} x max_tokens={_max_tokens(params, max_model_len)} tokens with "
+            f"logprobs={params.logprobs} would be about {size / 2**20:.1f} MiB, over the "
+            f"{MAX_UNARY_REPLY_BYTES // 2**20} MiB limit of a unary reply: use GenerateStream "
+            f"(or lower n, max_tokens or logprobs)")
+
+
 def _status_of(exc: BaseException) -> grpc.StatusCode | None:
     if isinstance(exc, UnknownModelError):
         return grpc.StatusCode.NOT_FOUND
@@ -139,14 +171,15 @@ def _status_of(exc: BaseException) -> grpc.StatusCode | None:
 
 # -- the service -------------------------------------------------------------------------
 class GenerationService(pb_grpc.GenerationServicer):
-    def __init__(self, router: Router, model_name: str) -> None:
+    def __init__(self, router: Router, model_name: str, chat_template: str | None = None) -> None:
         self.router = router
         self.model_name = model_name
         self.draining = False
         self.texts = _TokenTexts(router.tokenizer)
+        self.chat = ChatRenderer(router.tokenizer, chat_template)
 
     async def Generate(self, request, context):
-        async with self._outputs(request, context) as (outputs, params):
+        async with self._outputs(request, context, unary=True) as (outputs, params):
             last = None
             async for out in outputs:
                 last = out
@@ -169,7 +202,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         return pb.ListModelsResponse(models=[info])
 
     @contextlib.asynccontextmanager
-    async def _outputs(self, request, context):
+    async def _outputs(self, request, context, unary: bool = False):
         """The engine's output stream for one call; errors become gRPC statuses.
 
         `aclosing` makes a cancelled call (client gone, deadline passed) close the
@@ -178,14 +211,60 @@ class GenerationService(pb_grpc.GenerationServicer):
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is draining")
         try:
-            prompt, params, request_id = parse_request(request, self.model_name)
+            prompt, params, request_id = parse_request(request, self.model_name, self.chat)
+            if unary:
+                check_unary_reply(params, self.router.model_config.max_model_len)
             async with contextlib.aclosing(self.router.generate(prompt, params, request_id)) as outputs:
                 yield outputs, params
         except Exception as exc:
             code = _status_of(exc)
             if code is None:
                 raise
-            await context.abort(code, str(exc))
+            await context.abort(code, clip(str(exc)))
+
+
+class _Malformed:
+    """What the request deserializer returns for a body that does not parse."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class _SafeBodies(grpc.aio.ServerInterceptor):
+    """A body that is not a valid message (truncated, invalid UTF-8 in a string) is INVALID_ARGUMENT
+    and one log line, not UNKNOWN and a traceback: the handler's deserializer never raises.
+    Wraps this service's methods (unary requests; async-generator streams) only."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        parse, method = handler.request_deserializer, details.method
+
+        def deserialize(body: bytes):
+            try:
+                return parse(body)
+            except Exception as exc:   # protobuf's DecodeError, or any parse failure
+                return _Malformed(f"{type(exc).__name__}: {clip(str(exc), 200)}")
+
+        async def refuse(request: _Malformed, context) -> None:
+            logger.warning("%s: malformed request body (%s)", method, request.reason)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request body ({request.reason})")
+
+        async def unary(request, context):
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+            return await handler.unary_unary(request, context)
+
+        async def stream(request, context):
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+            async for reply in handler.unary_stream(request, context):
+                yield reply
+
+        make, behavior = (grpc.unary_stream_rpc_method_handler, stream) if handler.response_streaming else \
+            (grpc.unary_unary_rpc_method_handler, unary)
+        return make(behavior, request_deserializer=deserialize, response_serializer=handler.response_serializer)
 
 
 class _BearerAuth(grpc.aio.ServerInterceptor):
@@ -206,13 +285,14 @@ class _BearerAuth(grpc.aio.ServerInterceptor):
 
 
 def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """Refuses the call; no request deserializer, so an unauthenticated body is never parsed."""
     async def abort(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
-    make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else \
-        grpc.unary_unary_rpc_method_handler
-    return make(abort, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    return kinds[handler.request_streaming, handler.response_streaming](
+        abort, response_serializer=handler.response_serializer)
 
 
 class GenerateServer:
@@ -222,7 +302,7 @@ class GenerateServer:
 
     def __init__(self, engine: AsyncEngine | Router, model_name: str, *, host: str = "127.0.0.1", port: int = 50051,
                  auth_token: str | None = None, tls_cert: bytes | None = None, tls_key: bytes | None = None,
-                 metrics_port: int | None = None) -> None:
+                 metrics_port: int | None = None, chat_template: str | None = None) -> None:
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         if auth_token is not None and not auth_token.strip():
@@ -230,10 +310,12 @@ class GenerateServer:
         self.engine = engine
         self.router = engine if isinstance(engine, Router) else Router.wrap(engine)
         self.host, self.requested_port = host, port
-        self.service = GenerationService(self.router, model_name)
+        self.service = GenerationService(self.router, model_name, chat_template)
         self.health = health.aio.HealthServicer()
-        interceptors = [_BearerAuth(auth_token.strip())] if auth_token else []
-        self.server = grpc.aio.server(interceptors=interceptors)
+        # Auth first: it wraps what _SafeBodies returns, so a refused call's body is never parsed.
+        interceptors = ([_BearerAuth(auth_token.strip())] if auth_token else []) + [_SafeBodies()]
+        # SO_REUSEPORT off: a second server on a port in use must fail, not share its traffic.
+        self.server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         self._credentials = grpc.ssl_server_credentials([(tls_key, tls_cert)]) if tls_cert else None
         self.requested_metrics_port = metrics_port
         self.port: int | None = None
@@ -244,14 +326,23 @@ class GenerateServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self.server)
-        address = f"{self.host}:{self.requested_port}"
-        self.port = (self.server.add_secure_port(address, self._credentials) if self._credentials
-                     else self.server.add_insecure_port(address))
+        self.port = self._bind(f"{self.host}:{self.requested_port}")
         if self.requested_metrics_port is not None:
             self.metrics_port = self.router.metrics.serve_http(self.requested_metrics_port, self.host)
         self.router.on_change(self._on_replicas_changed)
         await self.server.start()
         await self._set_health(self.router.is_healthy)
+
+    def _bind(self, address: str) -> int:
+        try:
+            port = (self.server.add_secure_port(address, self._credentials) if self._credentials
+                    else self.server.add_insecure_port(address))
+        except RuntimeError:   # grpc's "Failed to bind to address ..."
+            port = 0
+        if not port:
+            raise OSError(f"cannot listen on {address}: the port is in use "
+                          f"(or the host is not an address of this machine)")
+        return port
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

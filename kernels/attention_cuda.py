@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import torch
 
+from pagedray.kernels import CUDA_BLOCK_SIZES
 from pagedray.kernels import _compile as C
 
 PARTITION_SIZE = 512
 NUM_WARPS = 4
-BLOCK_SIZES = (8, 16, 32)
+BLOCK_SIZES = CUDA_BLOCK_SIZES
 MAX_HEAD_SIZE = 256
 MAX_HEADS_PER_CTA = 8
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -9,11 +9,13 @@ not cover, e.g. float64 or a block size outside 8/16/32). Models never import
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
 from pagedray.kernels import cuda_available, reference
 
+logger = logging.getLogger(__name__)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Prefill and mixed steps on GPU: "triton" (kernels/prefill_triton.py) or "reference".
@@ -26,11 +28,14 @@ def _cuda(t: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _triton_prefill():
-    """The Triton prefill module, or None where Triton is not installed."""
+def triton_prefill():
+    """The Triton prefill module, or None where Triton is not installed (warned once)."""
     try:
         from pagedray.kernels import prefill_triton
-    except ImportError:
+    except ImportError as exc:
+        logger.warning("Triton is not installed (%s): prefill and mixed steps on the GPU run the slower "
+                       "PyTorch reference attention; install it with `pip install triton` (the CUDA "
+                       "builds of torch bring it along)", exc)
         return None
     return prefill_triton
 
@@ -68,7 +73,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                 query, key_cache, value_cache, block_tables, seq_lens_tensor, scale,
                 max_seq_len=max(seq_lens, default=0), sliding_window=sliding_window,
                 alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap)
-        triton_mod = _triton_prefill() if PREFILL_BACKEND == "triton" else None
+        triton_mod = triton_prefill() if PREFILL_BACKEND == "triton" else None
         if triton_mod is not None:
             return triton_mod.paged_prefill(query, key_cache, value_cache, block_tables, seq_lens,
                                             query_lens, scale, sliding_window, alibi_slopes,

@@ -11,6 +11,16 @@ from typing import Any
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
+def check_checkpoint_folder(model: str) -> None:
+    """A model is a local HF checkpoint folder: nothing is fetched from a model hub."""
+    import os
+    if not os.path.isdir(model):
+        raise ValueError(f"model {model!r} is not a local folder (give an HF checkpoint folder; "
+                         f"nothing is downloaded from a model hub)")
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise ValueError(f"model {model!r} is not an HF checkpoint folder: it has no config.json")
+
+
 @dataclass
 class ModelConfig:
     model: str
@@ -30,6 +40,7 @@ class ModelConfig:
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}")
         if self.hf_config is None:
+            check_checkpoint_folder(self.model)
             from transformers import AutoConfig
             self.hf_config = AutoConfig.from_pretrained(self.model)
         limit = self.max_position_embeddings
@@ -67,7 +78,9 @@ class ModelConfig:
             return self.dtype
         if device_type == "cpu":
             return "float32"
-        name = str(getattr(self.hf_config, "torch_dtype", None) or getattr(self.hf_config, "dtype", None)
+        # Reading `torch_dtype` warns in transformers 5 (`dtype` replaced it); older versions have only it.
+        cfg = self.hf_config
+        name = str((cfg.dtype if hasattr(cfg, "dtype") else getattr(cfg, "torch_dtype", None))
                    or "float16").replace("torch.", "")
         return "float16" if name == "float32" else name
 
@@ -92,6 +105,13 @@ class CacheConfig:
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
 
+    def check_device(self, device_type: str) -> None:
+        """On CUDA only the block sizes the decode kernel and its graphs are built for."""
+        from pagedray.kernels import CUDA_BLOCK_SIZES
+        if device_type == "cuda" and self.block_size not in CUDA_BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {CUDA_BLOCK_SIZES} on CUDA (the decode kernel's), "
+                             f"got {self.block_size}")
+
 
 @dataclass
 class ParallelConfig:
@@ -108,13 +128,17 @@ class ParallelConfig:
                              f"got {self.tensor_parallel_size} (use executor='ray')")
 
 
+def _is_cuda_index(device: str) -> bool:
+    return device.startswith("cuda:") and device[5:].isdigit()
+
+
 @dataclass
 class DeviceConfig:
     device: str = "auto"   # "auto", "cpu", "cuda"
 
     def __post_init__(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not _is_cuda_index(self.device):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.device == "auto":
             import torch
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -122,3 +146,15 @@ class DeviceConfig:
     @property
     def device_type(self) -> str:
         return self.device.split(":")[0]
+
+    def check_present(self) -> None:
+        """The device exists on this machine (for an engine on this process's own device)."""
+        if self.device_type != "cuda":
+            return
+        import torch
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(self.device.split(":")[1]) if ":" in self.device else 0
+        if index >= count:
+            found = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(count)])
+            why = "" if count else f" (torch {torch.__version__} sees no CUDA device)"
+            raise ValueError(f"device {self.device!r} is not on this machine{why}; devices here: {found}")

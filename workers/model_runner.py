@@ -6,6 +6,12 @@ on the GPU's critical path (it idles meanwhile), so it stays small per request:
 block ids live in one persistent table updated by deltas, the flat inputs are
 computed with numpy and reach the device in two transfers, and each request
 keeps one sampling row (no per-step copies of its prompt or outputs).
+
+Overlapped steps: `execute_model_async` queues a step and returns before its sampled ids reach
+the host (see step_output.py). A decode scheduled while its input token is still in flight (the
+request sampled it in the previous step; the scheduler holds a placeholder) gets that token on
+the device, gathered from the previous step's sampled-id buffer; the id itself arrives with a
+later delta like any other.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from pagedray.models.layers.attention import AttentionMetadata
 from pagedray.kernels import ops
 from pagedray.workers.messages import Logprobs, ModelRunnerOutput, SchedulerOutput
 from pagedray.workers.sampler import Sampler, SamplingRow, logprob_entries
+from pagedray.workers.step_output import StepOutput
 from pagedray.workers.sampling_params import SamplingParams
 
 
@@ -91,6 +98,8 @@ class StepInputs:
     # Requests that asked for prompt_logprobs, with prompt positions in this chunk that predict a
     # prompt token: (req_id, flat row of the first such position, its position, how many).
     prompt_spans: list[tuple[str, int, int, int]] = field(default_factory=list)
+    # Requests whose input token is the previous step's sample, not yet on the host.
+    pending_req_ids: list[str] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -109,6 +118,7 @@ class ModelRunner:
         self.pack_inputs = device.type != "cpu"
         self.kv_caches: list[torch.Tensor] = []
         self.graphs = None  # DecodeGraphs once captured
+        self.last_output: StepOutput | None = None   # the latest step that sampled
 
     # -- state ---------------------------------------------------------------
     def update_states(self, sched: SchedulerOutput) -> None:
@@ -143,6 +153,9 @@ class ModelRunner:
         sample_ids: list[str] = []
         sample_rows: list[int] = []
         prompt_spans: list[tuple[str, int, int, int]] = []
+        fill_rows: list[int] = []       # flat rows whose input is gathered from the last step's samples
+        fill_src: list[int] = []
+        pending: list[str] = []
         max_blocks = 0
         requests = self.requests
         for req_id, n in sched.num_scheduled_tokens.items():
@@ -156,7 +169,13 @@ class ModelRunner:
                     prompt_spans.append((req_id, len(input_ids), start, num_prompt_lp))
             tokens = state.token_ids
             if n == 1:
-                input_ids.append(tokens[start])
+                if start < len(tokens):
+                    input_ids.append(tokens[start])
+                else:   # its token is in flight: gathered on the device below
+                    fill_rows.append(len(input_ids))
+                    fill_src.append(self._last_row(req_id, start, len(tokens)))
+                    pending.append(req_id)
+                    input_ids.append(0)
             else:
                 input_ids.extend(tokens[start:end])
             table_rows.append(state.table_row)
@@ -164,7 +183,7 @@ class ModelRunner:
             counts.append(n)
             if len(state.block_ids) > max_blocks:
                 max_blocks = len(state.block_ids)
-            if end == len(tokens):
+            if end >= len(tokens):
                 sample_ids.append(req_id)
                 sample_rows.append(len(input_ids) - 1)
         num_seqs, num_tokens = len(counts), len(input_ids)
@@ -186,9 +205,13 @@ class ModelRunner:
         slots = table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
         all_rows_sample = len(sample_rows) == num_tokens   # then they are 0..T-1 in order
         longs = [np.array(input_ids, dtype=np.int64), positions, slots]
+        if fill_rows:
+            longs += [np.array(fill_rows, dtype=np.int64), np.array(fill_src, dtype=np.int64)]
         if not all_rows_sample:
             longs.append(np.array(sample_rows, dtype=np.int64))
         longs_d = self._to_device(longs, torch.int64)
+        if fill_rows:
+            longs_d[0][longs_d[3]] = self.last_output.token_ids[longs_d[4]]
         tables_d, seq_lens_d, qsl_d = self._to_device(
             [table[rows, :max_blocks], seq_lens.astype(np.int32), qsl.astype(np.int32)], torch.int32)
         seq_lens_list = seq_lens.tolist()
@@ -197,7 +220,17 @@ class ModelRunner:
             seq_lens_list=seq_lens_list, query_lens_list=counts,
             max_query_len=max(counts), max_seq_len=max(seq_lens_list))
         return StepInputs(longs_d[0], longs_d[1], meta, sample_ids,
-                          None if all_rows_sample else longs_d[3], prompt_spans)
+                          None if all_rows_sample else longs_d[-1], prompt_spans, pending)
+
+    def _last_row(self, req_id: str, start: int, num_known: int) -> int:
+        """Row of the request's in-flight token in the previous step's samples."""
+        last = self.last_output
+        row = last.rows.get(req_id) if last is not None and start == num_known else None
+        if row is None:
+            raise RuntimeError(f"request {req_id!r} is scheduled at position {start} but the workers know "
+                               f"{num_known} of its tokens and the previous step did not sample it "
+                               "(an overlapped step needs the previous step's samples on this rank)")
+        return row
 
     def _to_device(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
         """Fresh host arrays of one dtype -> device tensors.
@@ -223,29 +256,47 @@ class ModelRunner:
         return [buf[off:off + a.size].view(a.shape) for a, off in zip(arrays, offsets)]
 
     # -- step ----------------------------------------------------------------
-    @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_model_async(sched).get()
+
+    @torch.inference_mode()
+    def execute_model_async(self, sched: SchedulerOutput) -> StepOutput:
+        """Queue the step; the result's `get()` waits for its sampled ids."""
         self.update_states(sched)
         if sched.blocks_to_copy:
             ops.copy_blocks(self.kv_caches, sched.blocks_to_copy)
         if sched.is_empty:
-            return ModelRunnerOutput({})
+            return StepOutput.done(ModelRunnerOutput({}))
         inputs = self.prepare_inputs(sched)
         hidden = self._forward(inputs)
         prompt_logprobs = self._prompt_logprobs(hidden, inputs.prompt_spans)
         if not inputs.sample_req_ids:
-            return ModelRunnerOutput({}, prompt_logprobs=prompt_logprobs)
+            return StepOutput.done(ModelRunnerOutput({}, prompt_logprobs=prompt_logprobs))
         sampled = hidden if inputs.sample_rows is None else hidden[inputs.sample_rows]
         logits = self.model.compute_logits(sampled)
         if not self.sample:
-            return ModelRunnerOutput({})
+            return StepOutput.done(ModelRunnerOutput({}))
+        rows = self._sampling_rows(inputs)
+        out = StepOutput(inputs.sample_req_ids, self.sampler.sample(logits, rows), prompt_logprobs)
+        for rid in inputs.pending_req_ids:
+            row = self.requests[rid].sampling_row
+            row.num_pending, row.pending_token_ids = 0, []
+        self.last_output = out
+        return out
+
+    def _sampling_rows(self, inputs: StepInputs) -> list[SamplingRow]:
+        """The rows of this step's samples; a row whose previous token is in flight counts it, and
+        when it has penalties the host waits for that token's id (penalties count the ids)."""
         requests = self.requests
-        out = self.sampler(logits, [requests[r].sampling_row for r in inputs.sample_req_ids])
-        logprobs = {}
-        if any(lp is not None for lp in out.logprobs):
-            logprobs = {r: lp for r, lp in zip(inputs.sample_req_ids, out.logprobs) if lp is not None}
-        return ModelRunnerOutput(sampled_token_ids=dict(zip(inputs.sample_req_ids, out.token_ids)),
-                                 logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        rows = [requests[r].sampling_row for r in inputs.sample_req_ids]
+        if inputs.pending_req_ids:
+            last = self.last_output
+            for rid in inputs.pending_req_ids:
+                row = requests[rid].sampling_row
+                row.num_pending = 1
+                if row.has_penalty:
+                    row.pending_token_ids = [last.token_list()[last.rows[rid]]]
+        return rows
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         meta = inputs.attn_metadata

@@ -10,6 +10,10 @@ distributed as p. A row with a `seed` takes its E from a counter-based hash of
 on the rest of the batch, not on batch order, not on a preemption that
 recomputes it, and not on the device (integer hashing is exact everywhere).
 Unseeded rows share one generator seeded at start-up.
+
+Nothing here waits for the device: the sampled ids stay on it (`DeviceSample`) until the caller
+reads them, and small host lists travel from pinned memory without a stream sync, so the host can
+go on to the next step while the GPU samples (overlapped steps).
 """
 from __future__ import annotations
 
@@ -41,6 +45,11 @@ class SamplingRow:
     argmax_only: bool = field(init=False)
     # The token ids that min_tokens forbids until then (stop ids, and eos unless ignored).
     min_tokens_banned: list[int] = field(init=False)
+    # Outputs sampled by the previous step whose ids the host has not received (overlapped
+    # steps): they count for positions and min_tokens; `pending_token_ids` holds their ids only
+    # when penalties need them (the runner then waits for them).
+    num_pending: int = 0
+    pending_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         p = self.params
@@ -53,15 +62,48 @@ class SamplingRow:
         self.min_tokens_banned = banned
 
     @property
+    def num_outputs(self) -> int:
+        """Outputs before this step's token (its position among the outputs)."""
+        return len(self.output_token_ids) + self.num_pending
+
+    @property
     def masks_min_tokens(self) -> bool:
         """Whether min_tokens still bans some tokens at this step."""
-        return bool(self.min_tokens_banned) and len(self.output_token_ids) < self.params.min_tokens
+        return bool(self.min_tokens_banned) and self.num_outputs < self.params.min_tokens
+
+    def outputs_for_penalties(self) -> list[int]:
+        return self.output_token_ids + self.pending_token_ids if self.pending_token_ids else self.output_token_ids
 
 
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[Logprobs | None]
+
+
+@dataclass
+class DeviceSample:
+    """One step's draws, still on the device; `to_host` waits for them."""
+    token_ids: torch.Tensor                  # [rows] int64
+    raw_logprobs: torch.Tensor | None        # [rows, vocab] when some row asked for logprobs
+    want_logprobs: list[int | None]
+
+    def logprobs(self) -> list[Logprobs | None]:
+        if self.raw_logprobs is None:
+            return [None] * len(self.want_logprobs)
+        return logprob_entries(self.raw_logprobs, self.token_ids, self.want_logprobs)
+
+    def to_host(self) -> SamplerOutput:
+        return SamplerOutput(self.token_ids.tolist(), self.logprobs())
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without synchronising the stream (a plain
+    `torch.tensor(..., device=cuda)` waits for every queued kernel)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 class Sampler:
@@ -75,12 +117,15 @@ class Sampler:
         return self._generators[device]
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        if all(r.argmax_only and not r.masks_min_tokens for r in rows):
-            # The common greedy batch: one vocab-wide pass and one small device-to-host copy.
-            # (argmax of bf16/fp16 logits equals that of their exact float32 conversion.)
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
-        logits = logits.float()
+        return self.sample(logits, rows).to_host()
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> DeviceSample:
         want_logprobs = [r.params.logprobs for r in rows]
+        if all(r.argmax_only and not r.masks_min_tokens for r in rows):
+            # The common greedy batch: one vocab-wide pass.
+            # (argmax of bf16/fp16 logits equals that of their exact float32 conversion.)
+            return DeviceSample(logits.argmax(dim=-1), None, want_logprobs)
+        logits = logits.float()
         raw_logprobs = None
         if any(w is not None for w in want_logprobs):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
@@ -93,20 +138,17 @@ class Sampler:
             probs = filtered_probs(logits, rows)
             drawn = (probs / self._noise(probs, rows)).argmax(dim=-1)
             token_ids = drawn if token_ids is None else torch.where(
-                torch.tensor(greedy, device=logits.device), token_ids, drawn)
-        logprobs = ([None] * len(rows) if raw_logprobs is None
-                    else logprob_entries(raw_logprobs, token_ids, want_logprobs))
-        return SamplerOutput(token_ids.tolist(), logprobs)
+                to_device(greedy, torch.bool, logits.device), token_ids, drawn)
+        return DeviceSample(token_ids, raw_logprobs, want_logprobs)
 
     def _noise(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Exp(1) noise per (row, token): seeded rows from the hash, the others from the generator."""
         noise = torch.empty_like(probs).exponential_(generator=self._global_generator(probs.device))
         seeded = [i for i, r in enumerate(rows) if r.params.seed is not None and not r.params.greedy]
         if seeded:
-            keys = [_row_keys(rows[i].params.seed, len(rows[i].output_token_ids)) for i in seeded]
-            uniform = seeded_uniform(torch.tensor(keys, dtype=torch.int64, device=probs.device),
-                                     probs.shape[-1])
-            index = torch.tensor(seeded, device=probs.device)
+            keys = [_row_keys(rows[i].params.seed, rows[i].num_outputs) for i in seeded]
+            uniform = seeded_uniform(to_device(keys, torch.int64, probs.device), probs.shape[-1])
+            index = to_device(seeded, torch.int64, probs.device)
             noise[index] = (-torch.log(uniform)).to(noise.dtype)
         # exponential_ may return exactly 0, and p / 0 would win even where p == 0.
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
@@ -154,7 +196,7 @@ def seeded_uniform(keys: torch.Tensor, vocab: int) -> torch.Tensor:
 # -- logits processing -----------------------------------------------------------------------------
 def _padded(lists: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
     width = max(1, max(len(x) for x in lists))
-    return torch.tensor([x + [pad] * (width - len(x)) for x in lists], dtype=torch.long, device=device)
+    return to_device([x + [pad] * (width - len(x)) for x in lists], torch.long, device)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -170,17 +212,17 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     batch, vocab = logits.shape
     dev = logits.device
     # Column `vocab` of the scratch tensors absorbs the padding and is dropped.
-    outputs = _padded([r.output_token_ids for r in rows], vocab, dev)
+    outputs = _padded([r.outputs_for_penalties() for r in rows], vocab, dev)
     counts = torch.zeros(batch, vocab + 1, device=dev).scatter_add_(
         1, outputs, torch.ones_like(outputs, dtype=torch.float32))[:, :vocab]
     if has_rep:
         prompts = _padded([r.prompt_token_ids for r in rows], vocab, dev)
         seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=dev).scatter_(1, prompts, True)
         seen = seen[:, :vocab] | (counts > 0)
-        penalty = torch.where(seen, torch.tensor(rep, device=dev)[:, None], 1.0)
+        penalty = torch.where(seen, to_device(rep, torch.float32, dev)[:, None], 1.0)
         logits = torch.where(logits > 0, logits / penalty, logits * penalty)
-    logits -= torch.tensor(freq, device=dev)[:, None] * counts
-    logits -= torch.tensor(pres, device=dev)[:, None] * (counts > 0).float()
+    logits -= to_device(freq, torch.float32, dev)[:, None] * counts
+    logits -= to_device(pres, torch.float32, dev)[:, None] * (counts > 0).float()
     return logits
 
 
@@ -195,7 +237,7 @@ def mask_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
         row_idx += [i] * len(banned)
         tok_idx += banned
     if row_idx:
-        logits[torch.tensor(row_idx, device=logits.device), torch.tensor(tok_idx, device=logits.device)] = _MASK
+        logits[to_device(row_idx, torch.long, logits.device), to_device(tok_idx, torch.long, logits.device)] = _MASK
     return logits
 
 
@@ -205,13 +247,13 @@ def filtered_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
     Greedy rows get temperature 1 here; their draw is discarded.
     """
     dev = logits.device
-    temps = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in rows], device=dev)
+    temps = to_device([1.0 if r.params.greedy else r.params.temperature for r in rows], torch.float32, dev)
     logits = logits / temps[:, None]
     min_p = [r.params.min_p for r in rows]
     if any(m > 0 for m in min_p):
         probs = torch.softmax(logits, dim=-1)
         # Keep tokens at least min_p times as likely as the most likely one.
-        threshold = probs.max(dim=-1, keepdim=True).values * torch.tensor(min_p, device=dev)[:, None]
+        threshold = probs.max(dim=-1, keepdim=True).values * to_device(min_p, torch.float32, dev)[:, None]
         logits = logits.masked_fill(probs < threshold, _MASK)
     top_k = [r.params.top_k for r in rows]
     top_p = [r.params.top_p for r in rows]
@@ -224,14 +266,14 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     vocab = logits.shape[-1]
     dev = logits.device
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=dev)
+    k = to_device([kk if kk > 0 else vocab for kk in top_k], torch.long, dev)
     ranks = torch.arange(vocab, device=dev)[None, :]
     sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], _MASK)
     probs = torch.softmax(sorted_logits, dim=-1)
     # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before
     # it already reaches p (so the top token always stays).
     mass_before = probs.cumsum(dim=-1) - probs
-    p = torch.tensor(top_p, device=dev)
+    p = to_device(top_p, torch.float32, dev)
     sorted_logits = sorted_logits.masked_fill(mass_before >= p[:, None], _MASK)
     return torch.full_like(logits, _MASK).scatter(-1, order, sorted_logits)
 

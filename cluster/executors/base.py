@@ -4,6 +4,7 @@ import abc
 
 from pagedray.workers.config import CacheConfig
 from pagedray.workers.messages import ModelRunnerOutput, SchedulerOutput
+from pagedray.workers.step_output import StepOutput
 
 
 def check_num_kv_blocks(num_blocks: int, cache_config: CacheConfig, detail: str = "") -> None:
@@ -25,6 +26,11 @@ class Executor(abc.ABC):
 
     @abc.abstractmethod
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput: ...
+
+    def execute_model_async(self, sched: SchedulerOutput) -> StepOutput:
+        """Queue the step and return before its sampled ids are read (`StepOutput.get()` waits).
+        Executors that cannot overlap run it whole."""
+        return StepOutput.done(self.execute_model(sched))
 
     def check_health(self) -> None:
         """Raise ExecutorError when a worker is gone."""

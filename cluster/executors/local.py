@@ -4,6 +4,7 @@ from __future__ import annotations
 from pagedray.cluster.config import EngineConfig
 from pagedray.cluster.executors.base import Executor, check_num_kv_blocks
 from pagedray.workers.messages import ModelRunnerOutput, SchedulerOutput
+from pagedray.workers.step_output import StepOutput
 from pagedray.workers.worker import Worker
 
 
@@ -21,6 +22,9 @@ class LocalExecutor(Executor):
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(sched)
+
+    def execute_model_async(self, sched: SchedulerOutput) -> StepOutput:
+        return self.worker.runner.execute_model_async(sched)
 
     def shutdown(self) -> None:
         self.worker.shutdown()

@@ -28,7 +28,20 @@ def init_ray(num_cpus: int | None = None) -> None:
     try:
         ray.init(address="auto", log_to_driver=False)
     except ConnectionError:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        start_local_ray(num_cpus)
+
+
+_watchdog = None   # holds the pipe whose EOF tells the watchdog this process is gone
+
+
+def start_local_ray(num_cpus: int | None = None) -> None:
+    """A Ray of this process's own that goes away with it, even on SIGKILL (see ray_watchdog)."""
+    global _watchdog
+    from pagedray.cluster.executors.ray_watchdog import descendants, watch
+    before = descendants(os.getpid())
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    started = {pid: start for pid, start in descendants(os.getpid()).items() if pid not in before}
+    _watchdog = watch(started)
 
 
 # Where `ray up` leaves the autoscaler's config on the head node (the driver runs there under `ray submit`).

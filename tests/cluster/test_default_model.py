@@ -70,12 +70,14 @@ def test_greedy_answers_paris(llm):
 @needs_package
 def test_greedy_tokens_equal_hf_transformers(converted, llm):
     import torch
+    from hf_compare import assert_greedy_match, engine_greedy
+    from hf_reference import hf_greedy
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pagedray.cluster import SamplingParams
     hf = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(converted))
-    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2),
                         use_tqdm=False)
     assert llm.llm_engine.model_config.hf_config.tie_word_embeddings
     model = llm.llm_engine.executor.worker.runner.model
@@ -83,10 +85,8 @@ def test_greedy_tokens_equal_hf_transformers(converted, llm):
     for prompt, out in zip(PROMPTS, outs):
         ids = tok(prompt, return_tensors="pt").input_ids
         assert out.prompt_token_ids == ids[0].tolist()
-        with torch.no_grad():
-            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
-                              eos_token_id=None, pad_token_id=tok.eos_token_id)
-        assert out.outputs[0].token_ids == ref[0, ids.shape[1]:].tolist(), prompt
+        assert_greedy_match(engine_greedy(out.outputs[0]), hf_greedy(hf, ids[0].tolist(), 10, ignore_eos=True),
+                            what=prompt)
 
 
 @needs_package
@@ -96,6 +96,25 @@ def test_cli_without_model_uses_the_default(converted, capsys):
                  "--max-model-len", "128"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("The capital of France is") and "Paris" in printed
+
+
+@needs_package
+def test_serve_without_model_serves_the_default(converted, capsys):
+    """`pagedray serve` with no --model (and no $PAGEDRAY_MODEL) answers with the default model."""
+    from serve_process import ServeProcess
+
+    from pagedray.cluster.cli import main
+    patch = pytest.MonkeyPatch()
+    patch.delenv("PAGEDRAY_MODEL", raising=False)   # the subprocess inherits PAGEDRAY_CACHE from `converted`
+    server = ServeProcess(["--port", "0", "--device", "cpu", "--max-model-len", "128", "--num-kv-blocks", "64"])
+    try:
+        ready = server.wait_for(rf"ready: serving model '{converted.name}' on 127\.0\.0\.1:(\d+)")
+        assert main(["client", "--address", f"127.0.0.1:{ready.group(1)}", "--prompt", "The capital of France is",
+                     "--max-tokens", "6", "--temperature", "0"]) == 0
+    finally:
+        assert server.stop() == 0
+        patch.undo()
+    assert "Paris" in capsys.readouterr().out
 
 
 # -- without the package ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+from hf_compare import assert_greedy_match, engine_greedy
 from hf_reference import hf_greedy
 from tiny_models import load_hf_model, make_tiny_llama
 
@@ -31,16 +32,13 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 
 def _check_against_hf(llm: LLM, hf_model, prompts: list[list[int]], max_tokens: int = 12) -> None:
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=2)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
-        tokens, logprobs = hf_greedy(hf_model, prompt, max_tokens)
         got = out.outputs[0]
-        assert got.token_ids == tokens, (prompt, got.token_ids, tokens)
-        ours = [step[t] for step, t in zip(got.logprobs, got.token_ids)]
-        assert ours == pytest.approx(logprobs, abs=1e-4)
+        assert_greedy_match(engine_greedy(got), hf_greedy(hf_model, prompt, max_tokens), what=f"prompt {prompt}")
         # vLLM's order: reaching max_tokens reports "length" even when that token is eos.
-        assert got.finish_reason == ("length" if len(tokens) == max_tokens else "stop")
+        assert got.finish_reason == ("length" if len(got.token_ids) == max_tokens else "stop")
 
 
 def test_greedy_matches_hf_batch(checkpoint):

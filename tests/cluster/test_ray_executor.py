@@ -17,6 +17,7 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 import ray  # noqa: E402
 
+from hf_compare import assert_greedy_match, engine_greedy  # noqa: E402
 from hf_reference import hf_greedy  # noqa: E402
 from tiny_models import load_hf_model  # noqa: E402
 from tiny_tokenizer import make_tiny_tokenizer  # noqa: E402
@@ -62,20 +63,18 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
 # Small blocks, a small cache and a small token budget: chunked prefill and preemption both happen,
 # so running requests travel as deltas and preempted ones come back whole.
 ENGINE_KW = dict(device="cpu", block_size=4, num_kv_blocks=24, max_num_batched_tokens=16)
-GREEDY = SamplingParams(temperature=0.0, max_tokens=10, logprobs=0)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, logprobs=2)
 
 
 def _generate(llm: LLM, prompts: list[list[int]]):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
-    return [(o.outputs[0].token_ids, [lp[t] for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)])
-            for o in outs]
+    return [engine_greedy(o.outputs[0]) for o in outs]
 
 
 def _assert_same(got, want, abs: float) -> None:
-    """Same greedy tokens, and the chosen tokens' logprobs within `abs`."""
-    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, want, strict=True):
-        assert tokens == want_tokens
-        assert logprobs == pytest.approx(want_logprobs, abs=abs)
+    """tests/hf_compare.py's rule, prompt by prompt: the chosen tokens' logprobs within `abs`."""
+    for i, (ours, ref) in enumerate(zip(got, want, strict=True)):
+        assert_greedy_match(ours, ref, atol=abs, what=f"prompt {i}")
 
 
 def _alive_worker_actors() -> list[str]:

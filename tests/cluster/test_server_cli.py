@@ -2,16 +2,11 @@
 from __future__ import annotations
 
 import json
-import queue
-import re
 import signal
-import subprocess
-import sys
-import threading
-import time
 
 import pytest
 
+from serve_process import ServeProcess as _Server
 from tiny_tokenizer import make_tiny_tokenizer
 
 from pagedray.cluster import LLM, SamplingParams
@@ -30,35 +25,6 @@ def ckpt(tmp_path_factory) -> str:
                      ).save_pretrained(path, safe_serialization=True)
     make_tiny_tokenizer(path, 320)
     return str(path)
-
-
-class _Server:
-    """The serve subprocess, its stderr lines collected by a thread."""
-
-    def __init__(self, args: list[str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "pagedray.cluster.cli", "serve", *args],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.put(line)
-
-    def wait_for(self, pattern: str, timeout: float = 120.0) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.5)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            self.log.append(line)
-            if match := re.search(pattern, line):
-                return match
-        raise AssertionError(f"no line matching {pattern!r}; server said:\n{''.join(self.log)}")
 
 
 def test_serve_then_client(ckpt, tmp_path, capsys):
@@ -83,6 +49,10 @@ def test_serve_then_client(ckpt, tmp_path, capsys):
         health = capsys.readouterr().out
         assert main(["client", "--address", address] + prompt) == 1
         denied = capsys.readouterr().err
+        assert main(base + prompt + ["--n", "2"]) == 0
+        labelled = capsys.readouterr().out
+        assert main(base + prompt + ["--n", "2", "--stream"]) == 0
+        labelled_stream = capsys.readouterr().out
     finally:
         server.proc.send_signal(signal.SIGTERM)
         code = server.proc.wait(timeout=60)
@@ -90,20 +60,20 @@ def test_serve_then_client(ckpt, tmp_path, capsys):
 
     want = LLM(ckpt, device="cpu").generate("Once upon a time", SamplingParams(temperature=0, max_tokens=6,
                                                                               ignore_eos=True), use_tqdm=False)
-    assert unary == streamed == want[0].outputs[0].text + "\n"
+    text = want[0].outputs[0].text
+    assert unary == streamed == text + "\n"
+    # --n: each sample under its label (greedy, so both are the offline text).
+    assert labelled == labelled_stream == "".join(f"--- sample {i} (finish: length) ---\n{text}\n" for i in range(2))
     assert models["models"][0]["name"] == "tiny" and models["models"][0]["maxModelLen"] == 128
     assert health.strip() == "SERVING"
     assert "UNAUTHENTICATED" in denied
     assert code == 0
 
 
-def test_cli_is_built_from_subparsers(monkeypatch):
-    """Other subcommands plug in as one more subparser; serve needs a model."""
+def test_cli_is_built_from_subparsers():
+    """Other subcommands plug in as one more subparser."""
     parser = build_parser()
     args = parser.parse_args(["serve", "--model", "m", "--port", "0", "--tls-cert", "c", "--tls-key", "k"])
     assert (args.command, args.port, args.executor, args.host) == ("serve", 0, "local", "127.0.0.1")
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--executor", "slurm"])
-    monkeypatch.delenv("PAGEDRAY_MODEL", raising=False)
-    with pytest.raises(SystemExit, match="--model"):
-        main(["serve"])

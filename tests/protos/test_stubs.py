@@ -53,7 +53,9 @@ def test_contract_shape():
     request = pb.GenerateRequest.DESCRIPTOR
     assert [o.name for o in request.oneofs] == ["input"]
     assert {f.name: f.number for f in request.fields} == {
-        "model": 1, "prompt": 2, "prompt_token_ids": 3, "sampling": 4, "request_id": 5}
+        "model": 1, "prompt": 2, "prompt_token_ids": 3, "sampling": 4, "request_id": 5, "chat": 6}
+    assert [f.name for f in request.oneofs_by_name["input"].fields] == ["prompt", "prompt_token_ids", "chat"]
+    assert {f.name: f.number for f in pb.ChatMessage.DESCRIPTOR.fields} == {"role": 1, "content": 2}
     assert pb.FinishReason.Name(3) == "FINISH_REASON_ABORT"
     service = pb.DESCRIPTOR.services_by_name["Generation"]
     assert service.full_name == "pagedray.v1.Generation"

@@ -4,7 +4,7 @@ Runs on the GPU machine (skipped where there is no CUDA device). On a machine wi
 a GPU the CUDA kernels must be usable (CuPy present): a missing kernel fails here.
 
 - fp32: greedy tokens with kernels + graphs equal the CPU reference path's and HF
-  transformers' (logprobs within 1e-3), with batches that shrink as requests end
+  transformers' under tests/hf_compare.py's rule (logprobs within 1e-3), with batches that shrink as requests end
   (graph buckets with padding rows), prefix-cache hits and chunked prefill;
 - bf16: graphs equal eager bf16 bit for bit at a bucket batch size (same kernels,
   same shapes), and the graphs were replayed once per decode step;
@@ -18,6 +18,8 @@ import random
 import pytest
 import torch
 
+from hf_compare import assert_greedy_match, engine_greedy
+from hf_reference import hf_greedy
 from tiny_models import load_hf_model, make_tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -41,20 +43,6 @@ def _free_gpu():
     torch.cuda.empty_cache()
 
 
-@torch.no_grad()
-def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
-    """HF's greedy tokens and their logprobs, eos not special (the engine runs with ignore_eos)."""
-    ids = list(prompt)
-    tokens, logprobs = [], []
-    for _ in range(max_new_tokens):
-        logits = model(torch.tensor([ids])).logits[0, -1].float()
-        token = int(logits.argmax())
-        tokens.append(token)
-        logprobs.append(torch.log_softmax(logits, -1)[token].item())
-        ids.append(token)
-    return tokens, logprobs
-
-
 def _prompts(n: int, seed: int, low: int = 3, high: int = 40) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, VOCAB) for _ in range(rng.randrange(low, high))] for _ in range(n)]
@@ -67,12 +55,16 @@ def _llm(path: str, **kwargs):
 
 
 def _generate(llm, prompts, max_tokens: list[int]):
+    """Greedy per prompt (tests/hf_compare.Greedy: tokens and top-2 logprobs per step)."""
     from pagedray.cluster import SamplingParams
-    params = [SamplingParams(temperature=0.0, max_tokens=m, logprobs=0, ignore_eos=True) for m in max_tokens]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, logprobs=2, ignore_eos=True) for m in max_tokens]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    tokens = [o.outputs[0].token_ids for o in outs]
-    logprobs = [[step[t] for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outs]
-    return tokens, logprobs
+    return [engine_greedy(o.outputs[0]) for o in outs]
+
+
+def _assert_matches(got, ref, what: str) -> None:
+    for i, (ours, want) in enumerate(zip(got, ref, strict=True)):
+        assert_greedy_match(ours, want, atol=1e-3, what=f"prompt {i} vs {what}")
 
 
 def _graphs(llm):
@@ -91,17 +83,11 @@ def test_fp32_graphs_match_cpu_reference_and_hf(checkpoint):
     max_tokens = [14, 12, 10, 8, 6, 4]
     gpu = _llm(path, device="cuda", dtype="float32", max_num_seqs=8)
     assert _graphs(gpu) is not None and sorted(_graphs(gpu).graphs) == [1, 2, 4, 8]
-    tokens, logprobs = _generate(gpu, prompts, max_tokens)
+    got = _generate(gpu, prompts, max_tokens)
     # Every request is prefilled in step 1; each later step is decode-only and replays a graph.
     assert _graphs(gpu).num_replays == max(max_tokens) - 1
-    cpu_tokens, cpu_logprobs = _generate(_llm(path, device="cpu"), prompts, max_tokens)
-    assert tokens == cpu_tokens
-    for ours, ref in zip(logprobs, cpu_logprobs):
-        assert ours == pytest.approx(ref, abs=1e-3)
-    for prompt, m, got, got_lp in zip(prompts, max_tokens, tokens, logprobs):
-        hf_tokens, hf_logprobs = hf_greedy(hf_model, prompt, m)
-        assert got == hf_tokens
-        assert got_lp == pytest.approx(hf_logprobs, abs=1e-3)
+    _assert_matches(got, _generate(_llm(path, device="cpu"), prompts, max_tokens), "the CPU reference path")
+    _assert_matches(got, [hf_greedy(hf_model, p, m, ignore_eos=True) for p, m in zip(prompts, max_tokens)], "HF")
 
 
 def test_fp32_prefix_hits_and_chunked_prefill_match_hf(checkpoint):
@@ -113,13 +99,10 @@ def test_fp32_prefix_hits_and_chunked_prefill_match_hf(checkpoint):
     llm = _llm(path, device="cuda", dtype="float32", max_num_seqs=8, max_num_batched_tokens=48,
                enable_prefix_caching=True)
     _generate(llm, prompts[:1], [2])                        # caches the shared blocks
-    tokens, logprobs = _generate(llm, prompts, [8] * len(prompts))
+    got = _generate(llm, prompts, [8] * len(prompts))
     assert llm.llm_engine.get_stats().prefix_cache_hit_tokens > 0
     assert _graphs(llm).num_replays > 0
-    for prompt, got, got_lp in zip(prompts, tokens, logprobs):
-        hf_tokens, hf_logprobs = hf_greedy(hf_model, prompt, 8)
-        assert got == hf_tokens
-        assert got_lp == pytest.approx(hf_logprobs, abs=1e-3)
+    _assert_matches(got, [hf_greedy(hf_model, p, 8, ignore_eos=True) for p in prompts], "HF")
 
 
 def test_bf16_graphs_equal_eager_exactly(checkpoint):
@@ -129,14 +112,13 @@ def test_bf16_graphs_equal_eager_exactly(checkpoint):
     prompts = _prompts(8, seed=4)
     max_tokens = [16] * 8
     graphed = _llm(path, device="cuda", dtype="bfloat16", max_num_seqs=8)
-    g_tokens, g_logprobs = _generate(graphed, prompts, max_tokens)
+    g = _generate(graphed, prompts, max_tokens)
     assert _graphs(graphed).num_replays == 15
     del graphed
     eager = _llm(path, device="cuda", dtype="bfloat16", max_num_seqs=8, enforce_eager=True)
     assert _graphs(eager) is None
-    e_tokens, e_logprobs = _generate(eager, prompts, max_tokens)
-    assert g_tokens == e_tokens
-    assert g_logprobs == e_logprobs
+    e = _generate(eager, prompts, max_tokens)
+    assert g == e   # the same computation, not a reference: bit for bit, ties included
 
 
 def test_graph_memory_counted_in_utilization(checkpoint):
@@ -150,5 +132,5 @@ def test_graph_memory_counted_in_utilization(checkpoint):
     assert llm.llm_engine.num_kv_blocks > 0
     torch.cuda.synchronize()
     assert torch.cuda.memory_reserved() <= util * total
-    tokens, _ = _generate(llm, _prompts(3, seed=5), [4, 4, 4])
-    assert all(len(t) == 4 for t in tokens)
+    got = _generate(llm, _prompts(3, seed=5), [4, 4, 4])
+    assert all(len(g.tokens) == 4 for g in got)

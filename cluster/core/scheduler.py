@@ -1,7 +1,15 @@
 """Continuous batching: which requests run each step, and how many tokens each.
 
-Pure Python (no torch). One `schedule()` per engine step builds a `SchedulerOutput`; after the
-workers ran it, `update_from_output()` advances the requests and applies token-level stops.
+Pure Python (no torch). One `schedule()` per engine step builds a `SchedulerOutput` and advances
+the scheduled requests' computed tokens (vLLM V1); after the workers ran it, `update_from_output()`
+appends the sampled tokens and applies token-level stops.
+
+Overlapped steps (async scheduling): the engine may schedule step N+1 before it reads step N's
+output. A request that samples in step N then holds a placeholder (`num_output_placeholders`) for
+the token it has not received; step N+1 may already compute that token's K/V (the workers take its
+id from step N's samples on the device). A request whose placeholders will certainly end it by
+length is not scheduled again; one that stops on a token it has not received yet gets one wasted
+step, whose token `update_from_output` drops. At most one step is ahead of the outputs read.
 
 Policy (vLLM V1):
 - Running requests first, oldest first: a decode runs 1 token, a request in chunked prefill its next
@@ -15,18 +23,18 @@ Policy (vLLM V1):
   preemption, or when copy-on-write replaced a block the workers already hold (it is then also listed
   in `finished_req_ids`, which workers apply first); otherwise as a `CachedRequestData` delta.
 
-Call `abort_requests`/`finish_requests` between steps (after `update_from_output`), not between a
-`schedule()` and its `update_from_output()`: blocks registered in the prefix cache for a step must be
-written by that step before anyone else reuses them.
+Call `abort_requests`/`finish_requests` between steps. With overlapped steps that is while a step is
+in flight: its blocks may be freed and handed out again at once, because the workers run steps in
+order, so a step scheduled later reads or writes them only after the step in flight wrote them.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Iterable
 
-from pagedray.cluster.block_manager import BlockManager
+from pagedray.cluster.core.block_manager import BlockManager, check_fits_kv_cache
 from pagedray.cluster.config import SchedulerConfig
-from pagedray.cluster.request import Request, RequestStatus
+from pagedray.cluster.core.request import Request, RequestStatus
 from pagedray.workers.messages import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 
 
@@ -42,6 +50,9 @@ class Scheduler:
         # What the workers hold per request: (tokens sent, blocks sent).
         self._sent: dict[str, tuple[int, int]] = {}
         self._finished_ids: set[str] = set()
+        # The requests each recent schedule() ran, by id(SchedulerOutput): an output arriving after
+        # its request was aborted and its id reused must not reach the new request.
+        self._step_requests: OrderedDict[int, dict[str, Request]] = OrderedDict()
 
     # -- queries -------------------------------------------------------------
     @property
@@ -71,17 +82,12 @@ class Scheduler:
         self.waiting.append(request)
 
     def _check_fits_cache(self, request: Request) -> None:
-        # The most tokens it may ever have, minus the last sampled one (whose K/V is never computed).
-        max_tokens = request.sampling_params.max_tokens
-        final = self.config.max_model_len
-        if max_tokens is not None:
-            final = min(final, request.num_prompt_tokens + max_tokens)
-        needed = max(request.num_tokens, final - 1)
         bm = self.block_manager
-        if needed > bm.num_blocks * bm.block_size:
-            raise ValueError(f"request {request.request_id!r} may need {needed} tokens of KV cache, above its "
-                             f"capacity of {bm.num_blocks * bm.block_size} ({bm.num_blocks} blocks of "
-                             f"{bm.block_size}): lower max_tokens")
+        try:
+            check_fits_kv_cache(request.num_tokens, request.num_prompt_tokens, request.sampling_params.max_tokens,
+                                self.config.max_model_len, bm.num_blocks, bm.block_size)
+        except ValueError as exc:
+            raise ValueError(f"request {request.request_id!r}: {exc}") from None
 
     def fork_request(self, parent_id: str, child: Request) -> None:
         """Start `child` as a running copy-on-write fork of a running parent.
@@ -167,11 +173,30 @@ class Scheduler:
             i += 1
         if not preempted:
             self._admit_waiting(budget, scheduled)
-        return self._build_output(scheduled)
+        output = self._build_output(scheduled)
+        self._advance(scheduled)
+        self._step_requests[id(output)] = {rid: self.requests[rid] for rid in scheduled}
+        while len(self._step_requests) > 4:     # steps whose output was never read
+            self._step_requests.popitem(last=False)
+        return output
+
+    def _advance(self, scheduled: dict[str, int]) -> None:
+        """Count the scheduled tokens as computed; a request that reaches the end of its tokens
+        (placeholders included) samples one, so it holds one more placeholder until it arrives."""
+        requests = self.requests
+        for rid, num in scheduled.items():
+            request = requests[rid]
+            request.num_computed_tokens += num
+            if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
+                request.num_output_placeholders += 1
 
     def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
         """Tokens to run this step: all that are left, cut to the budget only with chunked prefill (else 0)."""
-        left = request.num_tokens - num_computed
+        pending = request.num_output_placeholders
+        if pending and self._ends_by_length(request, request.num_tokens + pending,
+                                            request.num_output_tokens + pending):
+            return 0    # its tokens in flight end it: nothing more to compute
+        left = request.num_tokens + pending - num_computed
         if left <= budget:
             return left
         return budget if self.config.enable_chunked_prefill else 0
@@ -191,6 +216,8 @@ class Scheduler:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.num_output_placeholders:
+                break   # preempted with a token in flight: it resumes once that token is known
             blocks, num_computed = bm.get_computed_blocks(request)
             num_new = self._num_new_tokens(request, num_computed, budget)
             if num_new == 0 or bm.allocate_slots(request, num_new, blocks) is None:
@@ -233,20 +260,20 @@ class Scheduler:
     # -- results -------------------------------------------------------------
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            runner_output: ModelRunnerOutput) -> list[tuple[Request, list[int]]]:
-        """Advance the scheduled requests; return (request, new token ids) for each that got a token."""
+        """Append each scheduled request's sampled token and apply stops; return (request, new token
+        ids) for each that got one. A request finished or aborted since the schedule gets nothing;
+        one preempted since (waiting, token in flight) keeps its token and resumes with it."""
         results: list[tuple[Request, list[int]]] = []
-        requests, sampled, running = self.requests, runner_output.sampled_token_ids, RequestStatus.RUNNING
-        for rid, num in scheduler_output.num_scheduled_tokens.items():
-            request = requests.get(rid)
-            if request is None or request.status is not running:
-                continue    # finished or aborted since the schedule
-            request.num_computed_tokens += num
-            if request.num_computed_tokens < request.num_tokens:
-                continue    # mid-prefill: no sample
+        requests, sampled = self.requests, runner_output.sampled_token_ids
+        scheduled = self._step_requests.pop(id(scheduler_output), requests)
+        for rid in scheduler_output.num_scheduled_tokens:
             token = sampled.get(rid)
             if token is None:
-                raise ValueError(f"runner_output has no sampled token for request {rid!r}, which reached the "
-                                 f"end of its {request.num_tokens} tokens this step")
+                continue    # mid-prefill: no sample
+            request = requests.get(rid)
+            if request is None or request is not scheduled.get(rid):
+                continue    # finished or aborted since the schedule
+            request.num_output_placeholders -= 1
             request.append_output_token(token)
             status = self._stop_status(request)
             if status is not None:
@@ -257,8 +284,7 @@ class Scheduler:
     def _stop_status(self, request: Request) -> RequestStatus | None:
         """Token-level stops after a new token (stop strings are the engine's job). Length first, as vLLM."""
         params = request.sampling_params
-        if request.num_tokens >= self.config.max_model_len or (
-                params.max_tokens is not None and request.num_output_tokens >= params.max_tokens):
+        if self._ends_by_length(request, request.num_tokens, request.num_output_tokens):
             return RequestStatus.FINISHED_LENGTH
         if request.num_output_tokens < params.min_tokens:
             return None
@@ -269,3 +295,7 @@ class Scheduler:
             request.stop_reason = last
             return RequestStatus.FINISHED_STOPPED
         return None
+
+    def _ends_by_length(self, request: Request, num_tokens: int, num_outputs: int) -> bool:
+        max_tokens = request.sampling_params.max_tokens
+        return num_tokens >= self.config.max_model_len or (max_tokens is not None and num_outputs >= max_tokens)

@@ -5,8 +5,8 @@ request's tokens live in, so token `p` of a request sits in slot `table[p // blo
 `p % block_size`.
 
 Prefix caching (vLLM's automatic prefix caching, V1 flavour):
-- Every FULL block is keyed by a SHA-256 chained over (parent block key, the block's token ids), so a
-  key names the whole prefix up to and including that block.
+- Every FULL block is keyed by `block_hash.hash_block`, a SHA-256 chained over (parent block key, the
+  block's token ids), so a key names the whole prefix up to and including that block.
 - A block is registered in the cache as soon as it is allocated for a step that fills it (its
   tokens are known then). Requests admitted later in the same step may reuse it: the attention layer
   writes every new K/V into the cache before any sequence reads it.
@@ -26,15 +26,31 @@ before the forward.
 """
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import OrderedDict, deque
 
-from pagedray.cluster.request import Request
+from pagedray.cluster.core.block_hash import extend_block_hashes
+from pagedray.cluster.core.request import Request
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def check_fits_kv_cache(num_tokens: int, num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
+                        num_blocks: int, block_size: int) -> None:
+    """ValueError when a request could outgrow the whole KV cache (it could never finish).
+
+    The one capacity check: the front's validation and the scheduler both call it. A request of
+    `num_tokens` tokens now may grow to min(max_model_len, prompt + max_tokens) tokens, minus the
+    last sampled one, whose K/V is never computed.
+    """
+    final = max_model_len if max_tokens is None else min(max_model_len, num_prompt_tokens + max_tokens)
+    needed = max(num_tokens, final - 1)
+    capacity = num_blocks * block_size
+    if needed > capacity:
+        raise ValueError(f"max_tokens={max_tokens} cannot fit: the prompt ({num_prompt_tokens} tokens) plus "
+                         f"max_tokens may need {needed} tokens of KV cache, above its capacity of {capacity} "
+                         f"tokens ({num_blocks} blocks of {block_size}): lower max_tokens")
 
 
 class BlockManager:
@@ -95,11 +111,7 @@ class BlockManager:
     def _block_hashes(self, request: Request) -> list[bytes]:
         """Keys of the request's full blocks, extended incrementally (tokens only ever get appended)."""
         keys = self._hashes.setdefault(request.request_id, [])
-        tokens, bs = request.all_token_ids, self.block_size
-        for j in range(len(keys), len(tokens) // bs):
-            parent = keys[j - 1] if j else b""
-            keys.append(hashlib.sha256(parent + array("q", tokens[j * bs:(j + 1) * bs]).tobytes()).digest())
-        return keys
+        return extend_block_hashes(keys, request.all_token_ids, self.block_size)
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """The cached blocks of the request's longest cached prefix, and the tokens they hold.
@@ -121,8 +133,13 @@ class BlockManager:
         return hits, len(hits) * self.block_size
 
     def _offer_full_blocks(self, request: Request, num_tokens: int) -> None:
-        """Register the request's blocks that are full once `num_tokens` tokens are computed."""
+        """Register the request's blocks that are full once `num_tokens` tokens are computed.
+
+        Only blocks of known tokens: one holding a token still in flight (a placeholder) has no key
+        yet and is offered by a later allocation.
+        """
         rid = request.request_id
+        num_tokens = min(num_tokens, request.num_tokens)
         if num_tokens // self.block_size <= self._num_keyed[rid]:
             return   # no block became full (most decode steps)
         keys, table = self._block_hashes(request), self._tables[rid]
@@ -198,9 +215,9 @@ class BlockManager:
                 raise ValueError(f"computed_blocks is only for the first allocation of request {rid!r}")
             table, start = self._tables[rid], request.num_computed_tokens
         end = start + num_new_tokens
-        if end > request.num_tokens:
-            raise ValueError(f"cannot allocate past the request's {request.num_tokens} known tokens "
-                             f"(asked for {start} + {num_new_tokens})")
+        if end > request.num_tokens + request.num_output_placeholders:
+            raise ValueError(f"cannot allocate past the request's {request.num_tokens} known tokens and "
+                             f"{request.num_output_placeholders} in flight (asked for {start} + {num_new_tokens})")
         num_new_blocks = max(0, _cdiv(end, bs) - len(table))
         written = range(start // bs, min(len(table), _cdiv(end, bs))) if num_new_tokens else range(0)
         cow = [j for j in written if self._ref[table[j]] > 1]
@@ -226,7 +243,8 @@ class BlockManager:
         """Whether the next tokens need no new block and no copy (every block written has ref 1)."""
         start = request.num_computed_tokens
         end = start + num_new_tokens
-        if num_new_tokens == 0 or end > len(table) * self.block_size or end > request.num_tokens:
+        if (num_new_tokens == 0 or end > len(table) * self.block_size
+                or end > request.num_tokens + request.num_output_placeholders):
             return False
         ref, bs = self._ref, self.block_size
         first, last = start // bs, (end - 1) // bs

@@ -13,8 +13,8 @@ from collections import defaultdict
 import pytest
 
 from pagedray.cluster.config import SchedulerConfig
-from pagedray.cluster.request import Request, RequestStatus
-from pagedray.cluster.scheduler import Scheduler
+from pagedray.cluster.core.request import Request, RequestStatus
+from pagedray.cluster.core.scheduler import Scheduler
 from pagedray.workers.messages import ModelRunnerOutput, SchedulerOutput
 from pagedray.workers.sampling_params import SamplingParams
 
@@ -119,7 +119,7 @@ def drive(sched: Scheduler, worker: FakeWorker, max_steps: int = 2000) -> dict[s
 
 # -- purity ----------------------------------------------------------------------
 def test_scheduler_import_does_not_pull_torch():
-    code = "import sys, pagedray.cluster.scheduler; print('torch' in sys.modules)"
+    code = "import sys, pagedray.cluster.core.scheduler; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -385,3 +385,40 @@ def test_fork_rejects_bad_children():
         sched.fork_request("p", bad)
     with pytest.raises(ValueError, match="not running"):
         sched.fork_request("nobody", Request("q", [1], SamplingParams()))
+
+
+# -- overlapped steps (placeholders) ----------------------------------------------
+def test_overlapped_steps_compute_the_token_in_flight_and_stop_at_max_tokens():
+    """The engine schedules one step ahead of the outputs it read: a request's placeholders count
+    as tokens to compute, and once the tokens in flight reach max_tokens it is not scheduled."""
+    sched, _ = make_scheduler(budget=32)
+    a = add(sched, "a", [1, 2, 3], max_tokens=3, ignore_eos=True)
+    s1 = sched.schedule()                         # prefill: samples output 1
+    assert a.num_computed_tokens == 3 and a.num_output_placeholders == 1
+    s2 = sched.schedule()                         # output 1 still in flight: its K/V is computed now
+    assert s2.num_scheduled_tokens == {"a": 1} and a.num_output_placeholders == 2
+    assert sched.update_from_output(s1, ModelRunnerOutput({"a": 7})) == [(a, [7])]
+    s3 = sched.schedule()
+    assert s3.num_scheduled_tokens == {"a": 1} and a.num_computed_tokens == 5
+    sched.update_from_output(s2, ModelRunnerOutput({"a": 8}))
+    assert sched.schedule().is_empty              # 2 known + 1 in flight = max_tokens: nothing to run
+    sched.update_from_output(s3, ModelRunnerOutput({"a": 9}))
+    assert a.output_token_ids == [7, 8, 9] and a.status is RequestStatus.FINISHED_LENGTH
+    assert a.num_output_placeholders == 0
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
+
+
+def test_preempted_with_a_token_in_flight_keeps_it_and_resumes_after_it_arrives():
+    sched, _ = make_scheduler(num_blocks=2, budget=32)   # 8 slots: the two cannot both grow
+    a = add(sched, "a", [1, 2, 3], max_tokens=5, ignore_eos=True)
+    b = add(sched, "b", [4, 5, 6], max_tokens=5, ignore_eos=True)
+    s1 = sched.schedule()                         # both prefill into one block each
+    s2 = sched.schedule()                         # both decode position 3 (tokens in flight)
+    sched.update_from_output(s1, ModelRunnerOutput({"a": 11, "b": 21}))
+    s3 = sched.schedule()                         # position 4 needs a second block: b is preempted
+    assert b.status is RequestStatus.WAITING and b.num_output_placeholders == 1
+    assert list(s3.num_scheduled_tokens) == ["a"]
+    sched.update_from_output(s2, ModelRunnerOutput({"a": 12, "b": 22}))
+    assert b.output_token_ids == [21, 22] and b.num_output_placeholders == 0
+    sched.update_from_output(s3, ModelRunnerOutput({"a": 13}))
+    assert a.output_token_ids == [11, 12, 13]

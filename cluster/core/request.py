@@ -54,6 +54,9 @@ class Request:
         self.output_token_ids: list[int] = []
         # Tokens (prompt first, then outputs) whose K/V are in this request's cache blocks.
         self.num_computed_tokens = 0
+        # Tokens scheduled to be sampled whose ids have not come back yet (overlapped steps: the
+        # next step is scheduled before this one's output is read; vLLM V1's placeholders).
+        self.num_output_placeholders = 0
         self.status = RequestStatus.WAITING
         # Prefix-cache hit tokens at first admission (usage stats; a resume after preemption does not count).
         self.num_cached_tokens = 0

@@ -1,0 +1,231 @@
+"""The OpenAI-compatible HTTP API on aiohttp: one more entry point of the serving frontend.
+
+    GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health
+
+Requests go through the same frontend as gRPC (one tokenizer, one detokenizer, one set of
+metrics); this module only translates (see openai_protocol). Errors come back in OpenAI's JSON
+shape, never as a traceback. A client that disconnects cancels its handler (aiohttp's
+handler_cancellation), which closes the frontend's stream: the request is aborted and its KV
+blocks freed. aiohttp was measured against FastAPI+uvicorn (benchmarks/http_vs_grpc.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import ssl
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import msgspec
+from aiohttp import web
+
+from pagedray.cluster.async_engine import EngineDeadError, QueueFullError
+from pagedray.cluster.serving.chat import ChatRenderer
+from pagedray.cluster.serving.openai_protocol import (OpenAIError, ParsedRequest, ResponseBuilder, TokenStrings,
+                                                      bad_request, parse_chat, parse_completion)
+
+logger = logging.getLogger(__name__)
+_encode = msgspec.json.Encoder().encode   # a few times faster than json.dumps, per stream chunk
+_OPEN_PATHS = ("/health",)
+
+
+def _error_response(error: OpenAIError) -> web.Response:
+    return web.json_response(error.body(), status=error.status)
+
+
+def _engine_error(exc: BaseException, body: dict, aliases: dict[str, str]) -> OpenAIError | None:
+    """The frontend's errors as OpenAI errors (None: a bug, answered as a plain 500)."""
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, ValueError):
+        return bad_request(exc, body, aliases)
+    if isinstance(exc, QueueFullError):
+        return OpenAIError(429, str(exc), type="rate_limit_error", code="queue_full")
+    if isinstance(exc, EngineDeadError):
+        return OpenAIError(503, str(exc), type="service_unavailable", code="engine_unavailable")
+    return None
+
+
+async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
+    """(index, item) from several async iterators as they come; closing this closes them all."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as stream:
+            async for item in stream:
+                yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator) -> None:
+        try:
+            async with contextlib.aclosing(stream) as s:
+                async for item in s:
+                    queue.put_nowait((i, item, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
+            queue.put_nowait((i, None, exc))
+            return
+        queue.put_nowait((i, None, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if item is None:
+                remaining -= 1
+                continue
+            yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class HttpServer:
+    """`start()` binds (port 0 picks one: see `.port`); `stop()` closes. Pass the frontend that
+    serves gRPC, so both share its engines, tokenizer and metrics."""
+
+    def __init__(self, frontend: Any, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
+                 auth_token: str | None = None, tls_cert: str | Path | None = None,
+                 tls_key: str | Path | None = None, chat_template: str | None = None) -> None:
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if auth_token is not None and not auth_token.strip():
+            raise ValueError("auth_token must not be empty")
+        self.frontend, self.model_name = frontend, model_name
+        self.host, self.requested_port = host, port
+        self._token = auth_token.strip().encode() if auth_token else None
+        self._ssl = None
+        if tls_cert is not None:
+            self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._ssl.load_cert_chain(str(tls_cert), str(tls_key))
+        self.chat = ChatRenderer(frontend.tokenizer, chat_template)
+        self.strings = TokenStrings(frontend.tokenizer)
+        self.draining = False
+        self.port: int | None = None
+        self._runner: web.AppRunner | None = None
+
+    def build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors, self._auth], client_max_size=64 << 20)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        return app
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.build_app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.requested_port, ssl_context=self._ssl)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self._ssl else 'http'}://{self.host}:{self.port}"
+
+    async def stop(self) -> None:
+        self.draining = True
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- middlewares ------------------------------------------------------------------------
+    @web.middleware
+    async def _errors(self, request: web.Request, handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except OpenAIError as exc:
+            return _error_response(exc)
+        except web.HTTPException as exc:   # unknown route, wrong method: still OpenAI's shape
+            return _error_response(OpenAIError(exc.status, exc.reason, code=str(exc.status)))
+        except Exception:  # noqa: BLE001 - a bug: log it, never send the traceback
+            logger.exception("unhandled error in %s %s", request.method, request.path)
+            return _error_response(OpenAIError(500, "internal server error", type="internal_error"))
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler) -> web.StreamResponse:
+        if self._token is not None and request.path not in _OPEN_PATHS:
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._token):
+                raise OpenAIError(401, "missing or wrong bearer token (Authorization: Bearer ...)",
+                                  type="authentication_error", code="invalid_api_key")
+        return await handler(request)
+
+    # -- routes -------------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        ok = self.frontend.is_healthy and not self.draining
+        return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
+
+    async def models(self, request: web.Request) -> web.Response:
+        model = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "pagedray",
+                 "max_model_len": self.frontend.info.max_model_len}
+        return web.json_response({"object": "list", "data": [model]})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        return await self._serve(request, body, parse_completion(body, self.model_name), chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        return await self._serve(request, body, parse_chat(body, self.model_name, self.chat), chat=True)
+
+    async def _body(self, request: web.Request) -> dict:
+        if self.draining:
+            raise OpenAIError(503, "the server is draining", type="service_unavailable")
+        try:
+            body = await request.json(loads=json.loads)
+        except ValueError as exc:
+            raise OpenAIError(400, f"the request body is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise OpenAIError(400, "the request body must be a JSON object")
+        return body
+
+    # -- generation -----------------------------------------------------------------------------
+    async def _serve(self, request: web.Request, body: dict, parsed: ParsedRequest,
+                     chat: bool) -> web.StreamResponse:
+        builder = ResponseBuilder(parsed, self.model_name, self.strings, chat)
+        streams = [self.frontend.generate(prompt, parsed.params, request_id)
+                   for prompt, request_id in zip(parsed.prompts, builder.request_ids())]
+        async with contextlib.aclosing(merge(streams)) as outputs:
+            try:
+                first = await anext(outputs)   # bad input, a full queue, no engine: a status, not a stream
+            except Exception as exc:
+                raise _engine_error(exc, body, builder.parsed.aliases) or exc
+            if parsed.stream:
+                return await self._stream(request, body, builder, first, outputs)
+            builder.add(*first)
+            try:
+                async for p, out in outputs:
+                    builder.add(p, out)
+            except Exception as exc:
+                raise _engine_error(exc, body, builder.parsed.aliases) or exc
+        return web.Response(body=_encode(builder.response()), content_type="application/json")
+
+    async def _stream(self, request: web.Request, body: dict, builder: ResponseBuilder, first,
+                      outputs: AsyncIterator) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+
+        async def send(chunk: dict) -> None:
+            await response.write(b"data: " + _encode(chunk) + b"\n\n")
+
+        for chunk in builder.first_chunks():
+            await send(chunk)
+        try:
+            for chunk in builder.chunks(*first):
+                await send(chunk)
+            async for p, out in outputs:
+                for chunk in builder.chunks(p, out):
+                    await send(chunk)
+            if (usage := builder.usage_chunk()) is not None:
+                await send(usage)
+        except (ValueError, QueueFullError, EngineDeadError) as exc:   # mid-stream: the status is sent
+            await send(_engine_error(exc, body, builder.parsed.aliases).body())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+

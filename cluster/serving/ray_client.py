@@ -1,0 +1,197 @@
+"""RayClient: an engine core in a Ray actor, on the same ZMQ wire as a core process.
+
+The actor (`CoreActor`) binds the core's two sockets on its node's address (tcp, free ports)
+and runs the core loop of cluster/core/process.py in a thread of its own: the engine steps
+without sharing its GIL with Ray's RPC threads, which only serve three light calls. The driver
+connects with the shared `ZmqCoreClient` half, so adds, aborts and per-step CoreOutputs batches
+never go through Ray's object store (benchmarks/RESULTS.md: this against the old batched
+long-poll of pickled per-request outputs).
+
+Liveness: heartbeats bound a hung (e.g. SIGSTOPped) actor as for a core process; a `watch()`
+call kept pending on the actor raises ActorDiedError the moment Ray sees the actor die. Either
+way the actor is killed and its TP placement group (executor "ray") removed.
+
+Placement: with executor "local" the actor holds the device (one GPU, or one CPU); with
+executor "ray" it holds a little CPU and its ranks get a STRICT_PACK placement group.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import uuid
+from typing import Any
+
+import msgspec
+import zmq
+
+from pagedray.cluster.core.process import DEFAULT_CORE_FACTORY, CoreStartup, bind_sockets, endpoint, serve
+from pagedray.cluster.serving.engine_client import EngineDeadError
+from pagedray.cluster.serving.process_client import ZmqCoreClient
+
+__all__ = ["RayClient", "CoreActor"]
+
+
+class CoreActor:
+    """Made a (threaded) Ray actor by RayClient: the core loop runs in `self.thread`."""
+
+    def __init__(self, startup_bytes: bytes, registrations: dict) -> None:
+        import ray
+        startup = msgspec.msgpack.decode(startup_bytes, type=CoreStartup)
+        ip = ray.util.get_node_ip_address()
+        self.context = zmq.Context()
+        inp, out = bind_sockets(self.context, f"tcp://{ip}:*", f"tcp://{ip}:*")
+        self.endpoints = (endpoint(inp), endpoint(out))
+        self.core: Any = None
+        self.built = threading.Event()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(startup, inp, out, registrations),
+                                       name="engine-core", daemon=True)
+        self.thread.start()
+
+    def _run(self, startup, inp, out, registrations) -> None:
+        try:
+            serve(startup, inp, out, registrations, self.stop, on_built=self._on_built)
+        finally:
+            self.built.set()
+            self.stop.set()
+
+    def _on_built(self, core: Any) -> None:
+        self.core = core
+        self.built.set()
+
+    def addresses(self) -> tuple[str, str, int]:
+        return (*self.endpoints, os.getpid())
+
+    def watch(self) -> None:
+        """Pending for the actor's whole life: its failure tells the driver the actor died."""
+        self.stop.wait()
+
+    def placement_group(self):
+        """The TP ranks' placement group: it outlives a killed actor, so the driver frees it."""
+        self.built.wait()
+        executor = getattr(self.core, "executor", None)
+        return getattr(executor, "placement_group", None)
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+
+class RayClient(ZmqCoreClient):
+    """An engine core in a Ray actor. `start()` creates the actor and waits for its model to load
+    (on an autoscaling cluster, until the Ray autoscaler has brought up a node that fits)."""
+
+    def __init__(self, model: str, engine_kwargs: dict[str, Any] | None = None, *, name: str | None = None,
+                 liveness_s: float | None = None, startup_timeout_s: float | None = None,
+                 core_factory: str = DEFAULT_CORE_FACTORY, num_threads: int | None = None) -> None:
+        super().__init__(name or f"replica-{uuid.uuid4().hex[:8]}", liveness_s, startup_timeout_s)
+        self.model = model
+        self.engine_kwargs = dict(engine_kwargs or {})
+        self.core_factory = core_factory
+        self.num_threads = num_threads
+        self.actor = None
+        self.placement_group = None
+        self.pid: int | None = None      # the actor's process (tests stop and kill it)
+        self._watch: asyncio.Future | None = None
+
+    def actor_options(self) -> dict:
+        """The device when the actor runs the model itself (executor "local"), else a little CPU
+        (its TP ranks get their own placement group)."""
+        device = self.engine_kwargs.get("device", "auto")
+        if self.engine_kwargs.get("executor", "local") == "ray":
+            return {"num_cpus": 0.1}
+        if device.startswith("cuda"):
+            return {"num_gpus": 1, "num_cpus": 0}
+        return {"num_cpus": 1}
+
+    def _threads(self) -> int | None:
+        """Ray starts a zero-CPU (GPU) actor with OMP_NUM_THREADS=1: give its engine the threads an
+        in-process engine here would have. A CPU actor keeps the CPUs it reserved."""
+        if os.environ.get("PAGEDRAY_ENGINE_THREADS"):
+            return int(os.environ["PAGEDRAY_ENGINE_THREADS"])
+        if self.num_threads or not str(self.engine_kwargs.get("device", "")).startswith("cuda"):
+            return self.num_threads
+        import torch
+        return torch.get_num_threads()
+
+    async def start(self) -> None:
+        import ray
+        from pagedray.cluster.executors.ray_utils import forwarded_env, init_ray
+        from pagedray.models.registry import ModelRegistry
+        init_ray()
+        if self.engine_kwargs.get("device", "auto") == "auto":
+            # The driver may sit on a CPU head node: decide by what the cluster has, not by this machine.
+            self.engine_kwargs["device"] = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+        env = forwarded_env()
+        # The replica's own TP placement group may wait for the Ray autoscaler to add a node.
+        env.setdefault("PAGEDRAY_RAY_PLACEMENT_TIMEOUT_S", str(self.startup_timeout_s))
+        startup = CoreStartup(self.model, self.engine_kwargs, "", "", self.heartbeat_s, self.core_factory,
+                              env, self._threads())
+        actor_cls = ray.remote(CoreActor).options(**self.actor_options(), max_concurrency=4)
+        self.actor = actor_cls.remote(self._wire.encode(startup), ModelRegistry.out_of_tree())
+        try:
+            inp, out, self.pid = await asyncio.wait_for(self.actor.addresses.remote(), self.startup_timeout_s)
+            self._watch = asyncio.ensure_future(self.actor.watch.remote())
+            self._watch.add_done_callback(self._on_watch_done)
+            self._connect(inp, out)
+            await self._await_info()
+            self.placement_group = await self.actor.placement_group.remote()
+        except asyncio.TimeoutError:
+            await self.shutdown()
+            raise EngineDeadError(f"engine {self.name} was not ready within {self.startup_timeout_s:g} s "
+                                  f"(available: {ray.available_resources()})") from None
+        except ValueError:
+            await self.shutdown()
+            raise
+        except Exception as exc:
+            await self.shutdown()
+            if isinstance(exc, EngineDeadError):
+                raise
+            raise EngineDeadError(f"engine {self.name} failed to start: {_first_line(exc)}") from exc
+
+    def _core_exit_cause(self) -> str | None:
+        watch = self._watch
+        if watch is None or not watch.done() or watch.cancelled() or watch.exception() is None:
+            return None
+        return f"the engine actor died: {_first_line(watch.exception())}"
+
+    def _on_watch_done(self, watch: asyncio.Future) -> None:
+        cause = self._core_exit_cause()
+        if cause is not None and self._reader is not None:   # during start-up, _await_info reports it
+            self._die(cause)
+
+    def _on_dead(self) -> None:
+        self._kill()
+
+    def _kill(self) -> None:
+        import ray
+        if self.actor is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(self.actor, no_restart=True)
+        if self.placement_group is not None:
+            from ray.util.placement_group import remove_placement_group
+            with contextlib.suppress(Exception):
+                remove_placement_group(self.placement_group)
+            self.placement_group = None
+
+    async def shutdown(self) -> None:
+        """Stop the core (its TP workers and placement group go with it), then the actor."""
+        if self._closed:
+            return
+        alive = self._dead_error is None and self._reader is not None
+        await self._close_wire()
+        if self.actor is not None and alive:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.actor.shutdown.remote(), 30.0)
+        self._kill()
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._context is not None:
+            self._context.destroy(linger=0)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"

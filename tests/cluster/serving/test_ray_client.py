@@ -1,0 +1,125 @@
+"""RayClient: an engine core in a Ray actor (local Ray of our own, 127.0.0.1), fake core.
+
+One event loop serves the module (Ray's asyncio futures bind to it).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+import ray  # noqa: E402
+
+from client_checks import collect, requests, time_to_death, wait_gone  # noqa: E402
+from core_fakes import fake_token  # noqa: E402
+
+from pagedray.cluster.core.messages import CoreRequest  # noqa: E402
+from pagedray.cluster.serving.engine_client import EngineDeadError  # noqa: E402
+from pagedray.cluster.serving.ray_client import RayClient  # noqa: E402
+from pagedray.workers.sampling_params import SamplingParams  # noqa: E402
+
+FAKE = "core_fakes:FakeCore.from_kwargs"
+BOUND = 3.0
+NUM_CPUS = 4
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local():
+    # The fake core lives in tests/: the actors' workers inherit PYTHONPATH from the raylet.
+    tests_dir = str(Path(__file__).resolve().parents[2])
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = tests_dir + (os.pathsep + old if old else "")
+    ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
+    yield
+    try:
+        _assert_released()
+    finally:
+        ray.shutdown()
+
+
+def _assert_released(timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU") != NUM_CPUS:
+        assert time.monotonic() < deadline, f"leaked: available {ray.available_resources()}"
+        time.sleep(0.2)
+
+
+def _run(loop, body, **kwargs):
+    async def main():
+        client = RayClient("fake-model", {"device": "cpu", **kwargs}, name="t", core_factory=FAKE,
+                           liveness_s=BOUND, startup_timeout_s=120)
+        await client.start()
+        try:
+            return await body(client)
+        finally:
+            await client.shutdown()
+    return loop.run_until_complete(main())
+
+
+def expected(req: CoreRequest) -> list[int]:
+    return [fake_token(req.prompt_token_ids, k, 320) for k in range(req.params.max_tokens)]
+
+
+def test_tokens_abort_bad_input_and_heartbeat(loop):
+    async def body(client):
+        batch = requests(16, 10)
+        await client.add(batch)
+        bad = CoreRequest("bad", [], SamplingParams(max_tokens=2))
+        await client.add([bad, CoreRequest("long", [1, 2], SamplingParams(max_tokens=100_000))])
+        await client.abort(["long"])
+        got = await collect(client, {r.request_id for r in batch} | {"bad"})
+        assert got.pop("bad")[0] == "error"
+        assert got == {r.request_id: expected(r) for r in batch}
+        await asyncio.sleep(2 * BOUND)     # idle beyond the bound: heartbeats keep it alive
+        assert client.dead_error is None
+        assert (await client.get_stats()).num_running == 0
+    _run(loop, body)
+
+
+def test_sigstopped_actor_is_detected_within_the_bound(loop):
+    async def body(client):
+        await client.add(requests(4, 100_000))
+        os.kill(client.pid, signal.SIGSTOP)
+        _, error = await time_to_death(client, 4 * BOUND)
+        assert "sent nothing" in str(error)
+        assert wait_gone(client.pid, 20), "a hung actor is killed"
+        with pytest.raises(EngineDeadError):
+            await client.add(requests(1, 2))
+    _run(loop, body, step_delay_s=0.01)
+    _assert_released()
+
+
+def test_killed_actor_is_detected_at_once(loop):
+    async def body(client):
+        await client.add(requests(4, 100_000))
+        os.kill(client.pid, signal.SIGKILL)
+        # Before the liveness bound: the pending watch() call fails as soon as Ray sees the death.
+        _, error = await time_to_death(client, BOUND)
+        assert "actor died" in str(error)
+    _run(loop, body, step_delay_s=0.01)
+    _assert_released()
+
+
+def test_start_up_errors(loop):
+    async def main():
+        client = RayClient("fake-model", {"device": "cpu", "vocab_size": 0}, core_factory=FAKE,
+                           liveness_s=BOUND, startup_timeout_s=120)
+        with pytest.raises(ValueError, match="vocab_size must be >= 1, got 0"):
+            await client.start()
+    loop.run_until_complete(main())
+    _assert_released()

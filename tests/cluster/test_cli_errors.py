@@ -1,0 +1,114 @@
+"""Every CLI command turns a user's mistake into one line on stderr and exit code 2, never a
+traceback; help pages show the defaults."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tiny_models import make_tiny_llama
+
+from pagedray.cluster.cli import build_parser, main
+
+# A CUDA index this machine lacks, whatever it has (cuda:0 on a CPU-only machine).
+MISSING_GPU = f"cuda:{torch.cuda.device_count()}"
+HERE = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())])
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny"))
+
+
+def _one_line_error(capsys, argv: list[str]) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err)
+    assert lines[0].startswith(f"pagedray {argv[0]}: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_model_not_a_folder_or_not_a_checkpoint(command, capsys, tmp_path):
+    extra = ["hi"] if command == "generate" else []
+    line = _one_line_error(capsys, [command, *extra, "--model", str(tmp_path / "nope")])
+    assert f"{str(tmp_path / 'nope')!r} is not a local folder" in line and "nothing is downloaded" in line
+    line = _one_line_error(capsys, [command, *extra, "--model", str(tmp_path)])
+    assert f"{str(tmp_path)!r} is not an HF checkpoint folder: it has no config.json" in line
+
+
+@pytest.mark.parametrize("command", ["serve", "generate", "chat"])
+def test_device_this_machine_lacks_names_the_devices_it_has(command, model_path, capsys):
+    extra = ["hi"] if command == "generate" else []
+    line = _one_line_error(capsys, [command, *extra, "--model", model_path, "--device", MISSING_GPU])
+    assert f"device {MISSING_GPU!r} is not on this machine" in line and line.endswith(f"devices here: {HERE}")
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["serve", "--auth-token-file", "{missing}"], "--auth-token-file"),
+    (["serve", "--tls-cert", "{missing}", "--tls-key", "{missing}"], "--tls-cert"),
+    (["serve", "--tls-cert", "{dir}", "--tls-key", "{dir}"], "--tls-cert"),
+    (["client", "--prompt", "x", "--auth-token-file", "{missing}"], "--auth-token-file"),
+    (["client", "--prompt", "x", "--tls-ca", "{missing}"], "--tls-ca"),
+])
+def test_unreadable_token_or_certificate_file(argv, flag, capsys, tmp_path, model_path):
+    argv = [a.format(missing=tmp_path / "missing", dir=tmp_path) for a in argv]
+    if argv[0] == "serve":
+        argv += ["--model", model_path]
+    line = _one_line_error(capsys, argv)
+    assert f"{flag} " in line and "cannot read it (" in line
+
+
+def _serve_exit(argv: list[str]) -> tuple[int, str]:
+    """`pagedray serve ...` in a subprocess: its exit code and stderr."""
+    done = subprocess.run([sys.executable, "-m", "pagedray.cluster.cli", "serve", *argv],
+                          capture_output=True, text=True, timeout=300)
+    return done.returncode, done.stderr
+
+
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+def test_port_in_use_is_an_error(flag, model_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["--model", model_path, "--device", "cpu", "--port", "0", flag, str(port)]
+        code, err = _serve_exit(argv)
+    assert code == 2 and "Traceback" not in err and "ready: serving" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("pagedray serve: error: ") and f"cannot listen on 127.0.0.1:{port}" in last, err
+
+
+def _help(command: str) -> str:
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]
+    return " ".join(sub.format_help().split())   # unwrapped
+
+
+def test_help_shows_defaults():
+    serve = _help("serve")
+    for shown in ("--host HOST address to listen on (0.0.0.0: every interface) (default: 127.0.0.1)",
+                  "(default: 50051)", "--gpu-memory-utilization GPU_MEMORY_UTILIZATION default: 0.9", "--device DEVICE auto, cpu, cuda or cuda:N (default: auto)"):
+        assert shown in serve
+    assert "(default: 127.0.0.1:50051)" in _help("client")
+    assert "default model, whose folder `pagedray info` prints" in _help("generate")
+
+
+def test_client_help_says_unset_sampling_takes_vllm_defaults():
+    text = _help("client")
+    assert "unset take vLLM's defaults on the server: temperature 1" in text
+    for flag in ("--temperature TEMPERATURE 0 is greedy", "--top-p TOP_P", "--top-k TOP_K", "--max-tokens",
+                 "--seed SEED", "--n N completions per prompt, printed one by one under a label"):
+        assert flag in text
+
+
+def test_info_prints_the_default_model_folder(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("PAGEDRAY_CACHE", str(tmp_path))
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"cache folder: {tmp_path}" in out and f"devices: {HERE} " in out
+    assert f"default model folder: {tmp_path / 'models'}" in out or "default model: none (" in out
