@@ -117,12 +117,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 async def _run_ray_replicas(model: str, kwargs: dict, name: str, args: argparse.Namespace, scaling) -> int:
     """Replicas in Ray actors, kept between --min-replicas and --max-replicas by the autoscaler."""
-    from pagedray.cluster.autoscaler import Autoscaler
+    from pagedray.cluster.autoscaler import Autoscaler, RayResourceRequest
+    from pagedray.cluster.executors.ray_utils import can_have, init_ray
     from pagedray.cluster.replica import RayReplica
     from pagedray.cluster.router import Router
-
-    from pagedray.cluster.autoscaler import RayResourceRequest
-    from pagedray.cluster.executors.ray_utils import can_have, init_ray
     init_ray()
     if kwargs["device"] == "auto":
         # Decided by the nodes the cluster has or can launch: a CPU head with GPU nodes still at zero is a GPU cluster.
