@@ -17,6 +17,7 @@ from pagedray.cluster.cli_chat import add_chat_parser
 from pagedray.cluster.cli_common import DefaultsHelpFormatter, read_flag_file, resolve_model
 from pagedray.cluster.cli_generate import add_generate_parser
 from pagedray.cluster.cli_info import add_info_parser
+from pagedray.cluster.serving.chat import load_chat_template
 
 logger = logging.getLogger("pagedray.serve")
 
@@ -99,6 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
         if args.auth_token_file else os.environ.get("PAGEDRAY_AUTH_TOKEN") or None
     args.tls_cert_pem = read_flag_file(args.tls_cert, "--tls-cert", binary=True)
     args.tls_key_pem = read_flag_file(args.tls_key, "--tls-key", binary=True)
+    args.chat_template_text = load_chat_template(args.chat_template) if args.chat_template else None
     model = resolve_model(args.model)
     kwargs = dict(device=args.device, tensor_parallel_size=args.tensor_parallel_size, executor=args.executor,
                   dtype=args.dtype, load_format=args.load_format, max_model_len=args.max_model_len,
@@ -147,9 +149,7 @@ async def _run_ray_replicas(model: str, kwargs: dict, name: str, args: argparse.
 
 async def _run_server(engine, name: str, args: argparse.Namespace, autoscaler=None) -> int:
     from pagedray.cluster.server import GenerateServer
-    from pagedray.cluster.serving.chat import load_chat_template
-    auth_token = args.auth_token
-    chat_template = load_chat_template(args.chat_template) if args.chat_template else None
+    auth_token, chat_template = args.auth_token, args.chat_template_text
     server = GenerateServer(
         engine, name, host=args.host, port=args.port, auth_token=auth_token,
         tls_cert=args.tls_cert_pem, tls_key=args.tls_key_pem,
