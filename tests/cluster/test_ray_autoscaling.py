@@ -3,8 +3,9 @@
 `ray.cluster_utils.AutoscalingCluster` (fake multi-node provider, autoscaler v1) in its own scope
 (tests/ray_clusters.py: own ports and temp dir, stopped by PID): a head with no accelerator and no
 CPU, and one node type, `gpu_node`, with 1 CPU and 1 `fake_gpu` (the custom resource stands in for
-a GPU on this CPU machine), at most 2 of them, idle timeout 6 s. Each replica's engine actor asks
-for one `fake_gpu`, so every replica needs a node of its own that the autoscaler has to start.
+a GPU on this CPU machine), at most 2 of them, plus `cpu_2x` (2 CPUs, at most 1) for a TP=2 group;
+idle timeout 6 s. Each replica's engine actor asks for one `fake_gpu`, so every replica needs a node
+of its own that the autoscaler has to start.
 
 The times of each phase are printed (pytest -s) for the record.
 """
@@ -28,7 +29,8 @@ from pagedray.cluster.executors.ray_utils import check_fits  # noqa: E402
 from pagedray.cluster.replica import RayReplica  # noqa: E402
 from pagedray.cluster.router import Router  # noqa: E402
 
-NODE_TYPE = {"resources": {"CPU": 1, "fake_gpu": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}
+NODE_TYPES = {"gpu_node": {"resources": {"CPU": 1, "fake_gpu": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2},
+              "cpu_2x": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 1}}
 ENGINE_KW = dict(device="cpu", block_size=16, num_kv_blocks=256, max_model_len=2048)
 LONG, SHORT = 600, 20
 
@@ -42,7 +44,7 @@ class FakeGpuReplica(RayReplica):
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = ScopedAutoscalingCluster({"CPU": 0}, {"gpu_node": NODE_TYPE}, max_workers=2)
+    c = ScopedAutoscalingCluster({"CPU": 0}, NODE_TYPES, max_workers=3)
     c.start()
     os.environ["PAGEDRAY_AUTOSCALING_CONFIG"] = c.config_file
     try:
@@ -67,11 +69,12 @@ def _gpu_nodes() -> int:
 def test_check_fits_reads_the_node_types(cluster):
     assert _gpu_nodes() == 0
     check_fits(1, "fake_gpu")            # no such node up, but the autoscaler can start one
+    check_fits(2, "CPU")                 # cpu_2x holds both ranks
     with pytest.raises(ValueError, match=r"tensor_parallel_size=2 .* no node type has 2 fake_gpu "
-                                         r"\(gpu_node has 1\)"):
+                                         r"\(gpu_node has 1, cpu_2x has 0\)"):
         check_fits(2, "fake_gpu")
-    with pytest.raises(ValueError, match=r"no node type has 1 GPU \(gpu_node has 0\)"):
-        check_fits(1, "GPU")
+    with pytest.raises(ValueError, match=r"no node type has 3 CPU \(gpu_node has 1, cpu_2x has 2\)"):
+        check_fits(3, "CPU")
 
 
 async def _wait_for(predicate, timeout: float, what: str) -> None:
@@ -160,3 +163,26 @@ def test_scale_from_zero_nodes_and_back_without_dropping_requests(cluster, ckpt)
     got = asyncio.run(scenario())
     print("autoscaling timeline (s):", times)
     assert got == want      # every request complete, none dropped by the scale-down
+
+
+def test_tp_group_waits_for_a_node_type_that_holds_it(cluster, ckpt):
+    """A TP=2 placement group (2 x {"CPU": 1}, STRICT_PACK) fits no node alive, only the cpu_2x type:
+    the executor waits for the autoscaler to start one instead of refusing, then serves."""
+    def cpu_2x_nodes() -> int:
+        return sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU") == 2)
+    assert cpu_2x_nodes() == 0
+    prompts = [{"prompt_token_ids": [5, 9, 14, 33]}, {"prompt_token_ids": list(range(40, 61))}]
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    want = [o.outputs[0].token_ids for o in LLM(ckpt, **ENGINE_KW).generate(prompts, params, use_tqdm=False)]
+    t0 = time.monotonic()
+    llm = LLM(ckpt, **ENGINE_KW, executor="ray", tensor_parallel_size=2)
+    try:
+        print(f"TP=2 group placed on a new node after {time.monotonic() - t0:.1f} s")
+        assert cpu_2x_nodes() == 1
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
+    finally:
+        llm.shutdown()
+    deadline = time.monotonic() + 90
+    while cpu_2x_nodes():
+        assert time.monotonic() < deadline, "the cpu_2x node outlived its idle timeout"
+        time.sleep(0.5)
