@@ -180,12 +180,12 @@ class RayClient(ZmqCoreClient):
 
     async def start(self) -> None:
         import ray
-        from pagedray.cluster.executors.ray_utils import check_fits, forwarded_env, init_ray
+        from pagedray.cluster.executors.ray_utils import can_have, check_fits, forwarded_env, init_ray
         from pagedray.models.registry import ModelRegistry
         init_ray()
         if self._device() == "auto":
-            # The driver may sit on a CPU head node: decide by what the cluster has, not by this machine.
-            self.engine_kwargs["device"] = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+            # The driver may sit on a CPU head node: decide by what the cluster has or can launch.
+            self.engine_kwargs["device"] = "cuda" if can_have("GPU") else "cpu"
         if self.engine_kwargs.get("executor", "local") != "ray":
             # Refused now rather than pending forever (the ray executor checks its own TP group).
             check_fits(1, "GPU" if self._device().startswith("cuda") else "CPU")
