@@ -123,7 +123,7 @@ class HostWait:
 def _serial(llm, fn):
     """fn() with the engine's steps not overlapped (each step's output read before the next is
     scheduled): the synchronising breakdown times stages in series, and --serial-too compares."""
-    engine = llm.llm_engine
+    engine = getattr(llm.llm_engine, "core", llm.llm_engine)   # the loop lives in the engine core
     overlapped, engine.async_scheduling = engine.async_scheduling, False
     try:
         return fn()
