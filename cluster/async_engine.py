@@ -17,7 +17,8 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Callable
 
-from pagedray.cluster.engine import EngineDeadError, EngineStats
+from pagedray.cluster.core.messages import EngineStats
+from pagedray.cluster.serving.engine_client import EngineDeadError
 from pagedray.cluster.metrics import ServingMetrics
 from pagedray.cluster.outputs import CompletionOutput, RequestOutput
 from pagedray.workers.sampling_params import SamplingParams

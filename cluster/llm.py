@@ -59,7 +59,7 @@ class LLM:
             return self._run(request_ids, use_tqdm)
         finally:
             # On a bad prompt (or Ctrl-C) nothing may stay queued or hold KV blocks.
-            engine.abort_request([rid for rid in added if rid in engine.parents])
+            engine.abort_request([rid for rid in added if rid in engine.output_processor.requests])
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine

@@ -36,7 +36,7 @@ import uuid
 from typing import Any, AsyncIterator, Callable
 
 from pagedray.cluster.async_engine import AsyncEngine, DeltaTracker, EngineDeadError
-from pagedray.cluster.engine import EngineStats
+from pagedray.cluster.core.messages import EngineStats
 from pagedray.cluster.metrics import ServingMetrics
 from pagedray.cluster.outputs import CompletionOutput, RequestOutput
 from pagedray.workers.sampling_params import SamplingParams

@@ -17,14 +17,14 @@ import asyncio
 import collections
 import contextlib
 import copy
-import dataclasses
 import logging
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable
 
 from pagedray.cluster.async_engine import EngineDeadError
-from pagedray.cluster.engine import EngineStats
+from pagedray.cluster.core.block_hash import block_hashes
+from pagedray.cluster.core.messages import EngineStats
 from pagedray.cluster.metrics import ServingMetrics
 from pagedray.cluster.outputs import RequestOutput
 from pagedray.cluster.replica import LocalReplica, Replica
@@ -32,16 +32,7 @@ from pagedray.workers.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Router", "prefix_hashes"]
-
-
-def prefix_hashes(token_ids: list[int], block_size: int, max_blocks: int) -> list[int]:
-    """One hash per depth: of the first full block, the first two, ... (at most `max_blocks`)."""
-    hashes, h = [], 0
-    for start in range(0, min(len(token_ids) // block_size, max_blocks) * block_size, block_size):
-        h = hash((h, tuple(token_ids[start:start + block_size])))
-        hashes.append(h)
-    return hashes
+__all__ = ["Router"]
 
 
 class Router:
@@ -58,7 +49,7 @@ class Router:
         self.load: dict[str, int] = {}              # replica name -> in-flight sequences routed there
         self.routed: collections.Counter[str] = collections.Counter()   # requests ever routed, per replica
         self._inflight: dict[str, Replica] = {}
-        self._affinity: collections.OrderedDict[int, str] = collections.OrderedDict()
+        self._affinity: collections.OrderedDict[bytes, str] = collections.OrderedDict()
         self._rotation = 0
         self._callbacks: list[Callable[[], None]] = []
         self._info: Replica | None = None           # where model info comes from (the first replica added)
@@ -177,7 +168,7 @@ class Router:
             self._affinity.popitem(last=False)
         return chosen
 
-    def _hashes(self, prompt: str | dict, block_size: int) -> list[int]:
+    def _hashes(self, prompt: str | dict, block_size: int) -> list[bytes]:
         if isinstance(prompt, dict):
             ids = prompt.get("prompt_token_ids")
         elif isinstance(prompt, str) and self._tokenizer is not None:
@@ -186,7 +177,7 @@ class Router:
             ids = None
         if not isinstance(ids, (list, tuple)):
             return []   # bad input: the engine names the problem
-        return prefix_hashes(list(ids), block_size, self.max_prefix_blocks)
+        return block_hashes(list(ids), block_size, self.max_prefix_blocks)
 
     # -- requests ----------------------------------------------------------------------------------
     async def generate(self, prompt: str | dict, params: SamplingParams | None = None,
@@ -257,7 +248,7 @@ def _sum_stats(stats: list[EngineStats]) -> EngineStats:
     if len(stats) == 1:
         return stats[0]
     # Every field is a count to add up, except the hit rate, which is weighted by prompt tokens.
-    total = EngineStats(**{f.name: sum(getattr(s, f.name) for s in stats) for f in dataclasses.fields(EngineStats)})
+    total = EngineStats(**{f: sum(getattr(s, f) for s in stats) for f in EngineStats.__struct_fields__})
     weights = total.prompt_tokens_total
     total.prefix_cache_hit_rate = (sum(s.prefix_cache_hit_rate * s.prompt_tokens_total for s in stats) / weights
                                    if weights else 0.0)

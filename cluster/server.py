@@ -26,6 +26,7 @@ from pagedray.cluster.router import Router
 from pagedray.cluster.serving.chat import ChatRenderer
 from pagedray.protos import generate_pb2 as pb
 from pagedray.protos import generate_pb2_grpc as pb_grpc
+from pagedray.workers.quoting import clip, quote
 from pagedray.workers.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 MAX_N = 256                 # children per request: bounds the work one call can queue
 MAX_LOGPROBS = 20           # vLLM's default max_logprobs
 MAX_REQUEST_ID_CHARS = 256
+# A unary reply must fit a client's default gRPC receive limit (4 MiB); larger ones need the stream.
+MAX_UNARY_REPLY_BYTES = 4 * 1024 * 1024
 
 _FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,
            "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
@@ -70,7 +73,7 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
 def parse_request(request: pb.GenerateRequest, served_model: str,
                   chat: ChatRenderer | None = None) -> tuple[str | dict, SamplingParams, str]:
     if request.model and request.model != served_model:
-        raise UnknownModelError(f"model {request.model!r} is not served here (serving {served_model!r})")
+        raise UnknownModelError(f"model {quote(request.model)} is not served here (serving {served_model!r})")
     which = request.WhichOneof("input")
     if which is None:
         raise ValueError("prompt: set one of prompt, prompt_token_ids or chat")
@@ -132,6 +135,28 @@ def usage_of(out: RequestOutput) -> pb.Usage:
                     cached_prompt_tokens=out.num_cached_tokens)
 
 
+def unary_reply_bytes(params: SamplingParams, max_model_len: int) -> int:
+    """What a unary reply of `params` encodes to, about: per token its id and text (~8 bytes) and,
+    with logprobs, an entry (~12) plus ~14 per top alternative (measured: 290 bytes a token at 20)."""
+    per_token = 8 + (12 + 14 * params.logprobs if params.logprobs is not None else 0)
+    return params.n * _max_tokens(params, max_model_len) * per_token
+
+
+def _max_tokens(params: SamplingParams, max_model_len: int) -> int:
+    return min(params.max_tokens or max_model_len, max_model_len)
+
+
+def check_unary_reply(params: SamplingParams, max_model_len: int) -> None:
+    """Refuse, before any work, a unary call whose reply would not fit the message limit."""
+    size = unary_reply_bytes(params, max_model_len)
+    if size > MAX_UNARY_REPLY_BYTES:
+        raise ValueError(
+            f"the reply of n={params.n} x max_tokens={_max_tokens(params, max_model_len)} tokens with "
+            f"logprobs={params.logprobs} would be about {size / 2**20:.1f} MiB, over the "
+            f"{MAX_UNARY_REPLY_BYTES // 2**20} MiB limit of a unary reply: use GenerateStream "
+            f"(or lower n, max_tokens or logprobs)")
+
+
 def _status_of(exc: BaseException) -> grpc.StatusCode | None:
     if isinstance(exc, UnknownModelError):
         return grpc.StatusCode.NOT_FOUND
@@ -154,7 +179,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.chat = ChatRenderer(router.tokenizer, chat_template)
 
     async def Generate(self, request, context):
-        async with self._outputs(request, context) as (outputs, params):
+        async with self._outputs(request, context, unary=True) as (outputs, params):
             last = None
             async for out in outputs:
                 last = out
@@ -177,7 +202,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         return pb.ListModelsResponse(models=[info])
 
     @contextlib.asynccontextmanager
-    async def _outputs(self, request, context):
+    async def _outputs(self, request, context, unary: bool = False):
         """The engine's output stream for one call; errors become gRPC statuses.
 
         `aclosing` makes a cancelled call (client gone, deadline passed) close the
@@ -187,13 +212,59 @@ class GenerationService(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is draining")
         try:
             prompt, params, request_id = parse_request(request, self.model_name, self.chat)
+            if unary:
+                check_unary_reply(params, self.router.model_config.max_model_len)
             async with contextlib.aclosing(self.router.generate(prompt, params, request_id)) as outputs:
                 yield outputs, params
         except Exception as exc:
             code = _status_of(exc)
             if code is None:
                 raise
-            await context.abort(code, str(exc))
+            await context.abort(code, clip(str(exc)))
+
+
+class _Malformed:
+    """What the request deserializer returns for a body that does not parse."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class _SafeBodies(grpc.aio.ServerInterceptor):
+    """A body that is not a valid message (truncated, invalid UTF-8 in a string) is INVALID_ARGUMENT
+    and one log line, not UNKNOWN and a traceback: the handler's deserializer never raises.
+    Wraps this service's methods (unary requests; async-generator streams) only."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        parse, method = handler.request_deserializer, details.method
+
+        def deserialize(body: bytes):
+            try:
+                return parse(body)
+            except Exception as exc:   # protobuf's DecodeError, or any parse failure
+                return _Malformed(f"{type(exc).__name__}: {clip(str(exc), 200)}")
+
+        async def refuse(request: _Malformed, context) -> None:
+            logger.warning("%s: malformed request body (%s)", method, request.reason)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request body ({request.reason})")
+
+        async def unary(request, context):
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+            return await handler.unary_unary(request, context)
+
+        async def stream(request, context):
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+            async for reply in handler.unary_stream(request, context):
+                yield reply
+
+        make, behavior = (grpc.unary_stream_rpc_method_handler, stream) if handler.response_streaming else \
+            (grpc.unary_unary_rpc_method_handler, unary)
+        return make(behavior, request_deserializer=deserialize, response_serializer=handler.response_serializer)
 
 
 class _BearerAuth(grpc.aio.ServerInterceptor):
@@ -214,13 +285,14 @@ class _BearerAuth(grpc.aio.ServerInterceptor):
 
 
 def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """Refuses the call; no request deserializer, so an unauthenticated body is never parsed."""
     async def abort(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
-    make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else \
-        grpc.unary_unary_rpc_method_handler
-    return make(abort, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    return kinds[handler.request_streaming, handler.response_streaming](
+        abort, response_serializer=handler.response_serializer)
 
 
 class GenerateServer:
@@ -240,7 +312,8 @@ class GenerateServer:
         self.host, self.requested_port = host, port
         self.service = GenerationService(self.router, model_name, chat_template)
         self.health = health.aio.HealthServicer()
-        interceptors = [_BearerAuth(auth_token.strip())] if auth_token else []
+        # Auth first: it wraps what _SafeBodies returns, so a refused call's body is never parsed.
+        interceptors = ([_BearerAuth(auth_token.strip())] if auth_token else []) + [_SafeBodies()]
         # SO_REUSEPORT off: a second server on a port in use must fail, not share its traffic.
         self.server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         self._credentials = grpc.ssl_server_credentials([(tls_key, tls_cert)]) if tls_cert else None

@@ -10,6 +10,8 @@ import copy
 import math
 from dataclasses import dataclass, field
 
+from pagedray.workers.quoting import quote
+
 # vLLM treats a temperature below this as greedy (argmax).
 _GREEDY_EPS = 1e-5
 
@@ -61,7 +63,7 @@ class SamplingParams:
 
     def _validate(self) -> None:
         def bad(name: str, rule: str) -> None:
-            raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+            raise ValueError(f"{name} must be {rule}, got {quote(getattr(self, name))}")
 
         def real_in(name: str, lo: float, hi: float, rule: str, lo_open: bool = False) -> None:
             v = getattr(self, name)

@@ -22,6 +22,12 @@ class CoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     arrival_time: float = 0.0
 
 
+def completion_id(request_id: str, index: int) -> str:
+    """The core's id of completion `index` of an n > 1 request: `abort` takes it to stop that
+    completion alone, and a migrated completion is resumed under it (as an n == 1 request)."""
+    return f"{request_id}#{index}"
+
+
 class CoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     """What one completion of one request gained in one step."""
     request_id: str

@@ -53,7 +53,7 @@ def _nothing_held(llm: LLM) -> None:
     engine = llm.llm_engine
     stats = engine.get_stats()
     assert (stats.num_used_blocks, stats.num_running, stats.num_waiting) == (0, 0, 0)
-    assert not engine.parents and not engine.scheduler.requests
+    assert not engine.has_unfinished_requests() and not engine.scheduler.requests
 
 
 @pytest.mark.parametrize("num_kv_blocks", [None, 40])
@@ -108,7 +108,7 @@ def test_abort_while_the_next_step_is_in_flight_emits_nothing_past_it(tiny_llama
     engine.add_request("a", {"prompt_token_ids": A}, GREEDY)
     engine.add_request("b", {"prompt_token_ids": B}, GREEDY)
     outs = _drive(engine, lambda o: len(_tokens(o, "a") or []) >= 4)
-    assert "a" in engine._in_flight[0].num_scheduled_tokens   # its 5th token is being computed
+    assert "a" in engine.core._in_flight[0].num_scheduled_tokens   # its 5th token is being computed
     engine.abort_request("a")
     # The id is reused at once with another prompt: the old "a"'s token in flight must not reach it.
     engine.add_request("a", {"prompt_token_ids": A2}, GREEDY)
@@ -131,7 +131,7 @@ def test_stop_token_arriving_with_the_next_step_in_flight(tiny_llama):
     engine.add_request("a", {"prompt_token_ids": A}, params)
     engine.add_request("b", {"prompt_token_ids": B}, GREEDY)
     outs = _drive(engine, lambda o: any(x.request_id == "a" and x.finished for x in o))
-    assert "a" in engine._in_flight[0].num_scheduled_tokens   # a wasted step for "a" is in flight
+    assert "a" in engine.core._in_flight[0].num_scheduled_tokens   # a wasted step for "a" is in flight
     done = next(x for x in outs if x.request_id == "a").outputs[0]
     assert (done.token_ids, done.finish_reason) == (tokens[:k + 1], "stop")
     assert done.token_ids == _plain(tiny_llama, A, params).token_ids

@@ -15,7 +15,7 @@ def test_malformed_generation_config_warns_and_falls_back(tmp_path, caplog):
     gen = os.path.join(path, "generation_config.json")
     with open(gen, "w") as f:
         f.write('{"eos_token_id": [7,')   # truncated
-    with caplog.at_level(logging.WARNING, logger="pagedray.cluster.engine"):
+    with caplog.at_level(logging.WARNING, logger="pagedray.cluster.core.engine_core"):
         llm = LLM(path, device="cpu", num_kv_blocks=16)
     warned = [r.getMessage() for r in caplog.records if gen in r.getMessage()]
     assert len(warned) == 1 and "cannot read" in warned[0]

@@ -9,17 +9,9 @@ import pytest
 from router_fakes import BLOCK, FakeReplica, Held, drain, tokens
 
 from pagedray.cluster.async_engine import EngineDeadError
-from pagedray.cluster.router import Router, prefix_hashes
+from pagedray.cluster.core.block_hash import block_hashes
+from pagedray.cluster.router import Router
 from pagedray.workers.sampling_params import SamplingParams
-
-def test_prefix_hashes_are_per_full_block_depth():
-    a = prefix_hashes(list(range(10)), BLOCK, 8)
-    b = prefix_hashes(list(range(8)) + [99, 98, 97], BLOCK, 8)
-    assert len(a) == 2 and a == b                       # the partial third block does not count
-    assert prefix_hashes(list(range(3)), BLOCK, 8) == []
-    assert prefix_hashes([0, 1, 2, 3, 5, 5, 6, 7], BLOCK, 8)[1] != a[1]
-    assert len(prefix_hashes(list(range(100)), BLOCK, 3)) == 3
-
 
 def test_least_loaded_with_rotation_among_equals():
     async def scenario():
@@ -79,7 +71,7 @@ def test_deepest_shared_prefix_wins():
         await held.finish("x")
         second = await held.start("y", tokens(a + [1, 1, 1, 1], []))   # shares one block: home is `first`
         assert second is first
-        router._affinity[prefix_hashes(a, BLOCK, 8)[0]] = next(r for r in replicas if r is not first).name
+        router._affinity[block_hashes(a, BLOCK, 8)[0]] = next(r for r in replicas if r is not first).name
         await held.finish("y")
         # The 1-block entry now points elsewhere, but the 2-block entry still names `first`.
         assert (await held.start("z", tokens(a + b + [5], []))) is first

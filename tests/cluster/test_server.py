@@ -406,3 +406,126 @@ def test_tls_and_reflection(ckpt, tmp_path):
     assert len(reply.completions[0].token_ids) == 2
     assert {"pagedray.v1.Generation", "grpc.health.v1.Health"} <= set(services)
     assert plain_error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# -- endpoint edges: port binding, malformed bodies, auth before parsing, short quotes, reply size --
+def _raw_calls(channel):
+    """Generate and GenerateStream taking raw bytes, so a test can send a body that does not parse."""
+    unary = channel.unary_unary("/pagedray.v1.Generation/Generate", request_serializer=None,
+                                response_deserializer=pb.GenerateResponse.FromString)
+    stream = channel.unary_stream("/pagedray.v1.Generation/GenerateStream", request_serializer=None,
+                                  response_deserializer=pb.GenerateResponse.FromString)
+    return unary, stream
+
+
+def _malformed_bodies() -> dict[str, bytes]:
+    good = _request("Hello", max_tokens=2).SerializeToString()
+    tag = pb.GenerateRequest.DESCRIPTOR.fields_by_name["prompt"].number << 3 | 2
+    return {"truncated": good[:-1], "invalid utf-8": bytes([tag, 2, 0xff, 0xfe])}
+
+
+async def _code_and_details(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value.code(), info.value.details()
+
+
+def test_malformed_body_is_invalid_argument_with_one_log_line(ckpt, caplog):
+    async def scenario():
+        async with serving(ckpt) as (_, stub, channel):
+            unary, stream = _raw_calls(channel)
+            got = []
+            for body in _malformed_bodies().values():
+                got.append(await _code_and_details(unary(body)))
+                got.append(await _code_and_details(_read_stream(stream(body))))
+            return got, await stub.Generate(_request("Hello", max_tokens=2, ignore_eos=True))
+
+    with caplog.at_level("WARNING", logger="pagedray.cluster.server"):
+        got, good = asyncio.run(scenario())
+    for code, details in got:
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("malformed request body (")
+    logged = [r for r in caplog.records if "malformed request body" in r.getMessage()]
+    assert len(logged) == 4 and all(r.exc_info is None and "\n" not in r.getMessage() for r in logged)
+    assert len(good.completions[0].token_ids) == 2   # and the server keeps serving
+
+
+def test_unauthenticated_call_is_refused_before_its_body_is_parsed(ckpt, caplog):
+    async def scenario():
+        async with serving(ckpt, auth_token="s3cret") as (_, _, channel):
+            unary, stream = _raw_calls(channel)
+            body = _malformed_bodies()["truncated"]
+            return [await _code_and_details(unary(body)), await _code_and_details(_read_stream(stream(body)))]
+
+    with caplog.at_level("WARNING", logger="pagedray.cluster.server"):
+        got = asyncio.run(scenario())
+    assert got == [(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")] * 2
+    assert not [r for r in caplog.records if "malformed" in r.getMessage()]   # never parsed
+
+
+def test_errors_quote_a_short_prefix_of_a_huge_value(ckpt):
+    huge_name = "m" * 20_000
+    stops = ["a"] * 50_000 + [""]
+
+    async def scenario():
+        async with serving(ckpt) as (_, stub, _):
+            named = await _code_and_details(stub.Generate(pb.GenerateRequest(model=huge_name, prompt="Hi")))
+            stopped = await _code_and_details(stub.Generate(_request("Hi", max_tokens=2, stop=stops)))
+            return named, stopped
+
+    (named_code, named), (stop_code, stop) = asyncio.run(scenario())
+    assert named_code == grpc.StatusCode.NOT_FOUND and "... (20000 chars) is not served here" in named
+    assert stop_code == grpc.StatusCode.INVALID_ARGUMENT and stop.startswith("stop must be") and "(50001 items)" in stop
+    assert len(named) < 300 and len(stop) < 300
+
+
+def test_unary_reply_over_the_limit_is_refused_up_front(ckpt, monkeypatch):
+    # About 128 x 120 x 300 bytes = 4.4 MiB; the tiny model's context (128) allows 120 tokens.
+    big = _request("Hi", n=128, logprobs=20, max_tokens=120, ignore_eos=True)
+
+    async def scenario():
+        async with serving(ckpt) as (server, stub, _):
+            real = server.router.generate
+            monkeypatch.setattr(server.router, "generate", lambda *a, **k: pytest.fail("the work started"))
+            refused = await _code_and_details(stub.Generate(big))
+            monkeypatch.setattr(server.router, "generate", real)
+            call = stub.GenerateStream(big)   # the stream has no such limit
+            first = await call.read()
+            call.cancel()
+            await wait_idle(server)
+            return refused, first
+
+    (code, details), first = asyncio.run(scenario())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "over the 4 MiB limit of a unary reply: use GenerateStream" in details and "n=128" in details
+    assert first.completions
+
+
+def test_port_in_use_is_an_error_for_grpc_and_metrics(ckpt):
+    async def scenario():
+        async with serving(ckpt, metrics_port=0) as (first, _, _):
+            errors = []
+            for kwargs in (dict(port=first.port), dict(port=0, metrics_port=first.metrics_port)):
+                second = GenerateServer(first.engine, "tiny", host="127.0.0.1", **kwargs)
+                with pytest.raises(OSError) as info:
+                    await second.start()
+                errors.append(str(info.value))
+                await second.server.stop(0)
+            return first.port, first.metrics_port, errors
+
+    port, metrics_port, errors = asyncio.run(scenario())
+    assert errors[0] == (f"cannot listen on 127.0.0.1:{port}: the port is in use "
+                         f"(or the host is not an address of this machine)")
+    assert errors[1].startswith(f"metrics: cannot listen on 127.0.0.1:{metrics_port}: ")
+
+
+def test_unary_reply_size_estimate_is_close_to_the_real_reply(ckpt):
+    from pagedray.cluster.server import sampling_from_proto, unary_reply_bytes
+    request = _request("Hello", n=4, logprobs=20, max_tokens=40, ignore_eos=True)
+
+    async def scenario():
+        async with serving(ckpt) as (_, stub, _):
+            return await stub.Generate(request)
+
+    reply = asyncio.run(scenario())
+    estimate = unary_reply_bytes(sampling_from_proto(request.sampling), MAX_LEN)
+    assert estimate / 2 <= reply.ByteSize() <= estimate, (reply.ByteSize(), estimate)

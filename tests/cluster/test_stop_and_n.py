@@ -34,7 +34,7 @@ def _greedy(llm: LLM, max_tokens: int = 24):
 def _assert_nothing_held(llm: LLM) -> None:
     stats = llm.llm_engine.get_stats()
     assert (stats.num_used_blocks, stats.num_running, stats.num_waiting) == (0, 0, 0)
-    assert not llm.llm_engine.parents
+    assert not llm.llm_engine.has_unfinished_requests()
 
 
 # -- stop strings and stop tokens ------------------------------------------------------------------

@@ -32,9 +32,9 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from typing import Iterable
 
-from pagedray.cluster.block_manager import BlockManager
+from pagedray.cluster.core.block_manager import BlockManager, check_fits_kv_cache
 from pagedray.cluster.config import SchedulerConfig
-from pagedray.cluster.request import Request, RequestStatus
+from pagedray.cluster.core.request import Request, RequestStatus
 from pagedray.workers.messages import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 
 
@@ -82,17 +82,12 @@ class Scheduler:
         self.waiting.append(request)
 
     def _check_fits_cache(self, request: Request) -> None:
-        # The most tokens it may ever have, minus the last sampled one (whose K/V is never computed).
-        max_tokens = request.sampling_params.max_tokens
-        final = self.config.max_model_len
-        if max_tokens is not None:
-            final = min(final, request.num_prompt_tokens + max_tokens)
-        needed = max(request.num_tokens, final - 1)
         bm = self.block_manager
-        if needed > bm.num_blocks * bm.block_size:
-            raise ValueError(f"request {request.request_id!r} may need {needed} tokens of KV cache, above its "
-                             f"capacity of {bm.num_blocks * bm.block_size} ({bm.num_blocks} blocks of "
-                             f"{bm.block_size}): lower max_tokens")
+        try:
+            check_fits_kv_cache(request.num_tokens, request.num_prompt_tokens, request.sampling_params.max_tokens,
+                                self.config.max_model_len, bm.num_blocks, bm.block_size)
+        except ValueError as exc:
+            raise ValueError(f"request {request.request_id!r}: {exc}") from None
 
     def fork_request(self, parent_id: str, child: Request) -> None:
         """Start `child` as a running copy-on-write fork of a running parent.

@@ -5,8 +5,8 @@ request's tokens live in, so token `p` of a request sits in slot `table[p // blo
 `p % block_size`.
 
 Prefix caching (vLLM's automatic prefix caching, V1 flavour):
-- Every FULL block is keyed by a SHA-256 chained over (parent block key, the block's token ids), so a
-  key names the whole prefix up to and including that block.
+- Every FULL block is keyed by `block_hash.hash_block`, a SHA-256 chained over (parent block key, the
+  block's token ids), so a key names the whole prefix up to and including that block.
 - A block is registered in the cache as soon as it is allocated for a step that fills it (its
   tokens are known then). Requests admitted later in the same step may reuse it: the attention layer
   writes every new K/V into the cache before any sequence reads it.
@@ -26,15 +26,31 @@ before the forward.
 """
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import OrderedDict, deque
 
-from pagedray.cluster.request import Request
+from pagedray.cluster.core.block_hash import extend_block_hashes
+from pagedray.cluster.core.request import Request
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def check_fits_kv_cache(num_tokens: int, num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
+                        num_blocks: int, block_size: int) -> None:
+    """ValueError when a request could outgrow the whole KV cache (it could never finish).
+
+    The one capacity check: the front's validation and the scheduler both call it. A request of
+    `num_tokens` tokens now may grow to min(max_model_len, prompt + max_tokens) tokens, minus the
+    last sampled one, whose K/V is never computed.
+    """
+    final = max_model_len if max_tokens is None else min(max_model_len, num_prompt_tokens + max_tokens)
+    needed = max(num_tokens, final - 1)
+    capacity = num_blocks * block_size
+    if needed > capacity:
+        raise ValueError(f"max_tokens={max_tokens} cannot fit: the prompt ({num_prompt_tokens} tokens) plus "
+                         f"max_tokens may need {needed} tokens of KV cache, above its capacity of {capacity} "
+                         f"tokens ({num_blocks} blocks of {block_size}): lower max_tokens")
 
 
 class BlockManager:
@@ -95,11 +111,7 @@ class BlockManager:
     def _block_hashes(self, request: Request) -> list[bytes]:
         """Keys of the request's full blocks, extended incrementally (tokens only ever get appended)."""
         keys = self._hashes.setdefault(request.request_id, [])
-        tokens, bs = request.all_token_ids, self.block_size
-        for j in range(len(keys), len(tokens) // bs):
-            parent = keys[j - 1] if j else b""
-            keys.append(hashlib.sha256(parent + array("q", tokens[j * bs:(j + 1) * bs]).tobytes()).digest())
-        return keys
+        return extend_block_hashes(keys, request.all_token_ids, self.block_size)
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """The cached blocks of the request's longest cached prefix, and the tokens they hold.

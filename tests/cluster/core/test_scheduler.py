@@ -13,8 +13,8 @@ from collections import defaultdict
 import pytest
 
 from pagedray.cluster.config import SchedulerConfig
-from pagedray.cluster.request import Request, RequestStatus
-from pagedray.cluster.scheduler import Scheduler
+from pagedray.cluster.core.request import Request, RequestStatus
+from pagedray.cluster.core.scheduler import Scheduler
 from pagedray.workers.messages import ModelRunnerOutput, SchedulerOutput
 from pagedray.workers.sampling_params import SamplingParams
 
@@ -119,7 +119,7 @@ def drive(sched: Scheduler, worker: FakeWorker, max_steps: int = 2000) -> dict[s
 
 # -- purity ----------------------------------------------------------------------
 def test_scheduler_import_does_not_pull_torch():
-    code = "import sys, pagedray.cluster.scheduler; print('torch' in sys.modules)"
+    code = "import sys, pagedray.cluster.core.scheduler; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

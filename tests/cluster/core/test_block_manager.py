@@ -1,8 +1,8 @@
 """BlockManager: free-list accounting, ref counts, prefix-cache reuse, LRU eviction, copy-on-write."""
 import pytest
 
-from pagedray.cluster.block_manager import BlockManager
-from pagedray.cluster.request import Request
+from pagedray.cluster.core.block_manager import BlockManager
+from pagedray.cluster.core.request import Request
 from pagedray.workers.sampling_params import SamplingParams
 
 BS = 4

@@ -6,7 +6,7 @@ import pytest
 
 from tiny_tokenizer import make_tiny_tokenizer
 
-from pagedray.cluster.detokenizer import IncrementalDetokenizer
+from pagedray.cluster.serving.detokenizer import IncrementalDetokenizer
 
 TEXTS = [
     "Hello, my name is Ada and I like paged attention.",

@@ -1,0 +1,266 @@
+"""EngineCore: the step loop (schedule -> execute -> update -> emit) over token ids, no tokenizer.
+
+`add` takes validated `CoreRequest`s, `step` returns one `CoreOutputs` batch of deltas (the new
+token ids, logprobs and finish of each completion that advanced); nothing is cumulative, so a step
+costs the same at token 1 and token 4000. Callers: `LLMEngine` (offline, in-process), the
+in-process client (a thread), and the core's own process loop (a subprocess or Ray actor).
+
+n > 1: a request runs as n sequences. Completion 0 prefills the prompt; when it has its first
+token, completions 1..n-1 are forked from it (`Scheduler.fork_request`) at prompt length - 1,
+sharing every block of the prompt and copying only the block of the last prompt token, which each
+recomputes to draw its own first token.
+
+Resume: a request with `output_token_ids` (migrated from a failed core) starts as a preempted one
+would: prompt + those tokens are recomputed and sampling continues at output position
+len(output_token_ids), so a seeded request continues its own stream and max_tokens counts the
+tokens already produced.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from pagedray.cluster.config import EngineConfig, build_engine_config
+from pagedray.cluster.core.messages import (CoreOutput, CoreOutputs, CoreRequest, EngineInfo, EngineStats,
+                                            completion_id)
+from pagedray.cluster.core.request import Request, RequestStatus
+from pagedray.cluster.core.scheduler import Scheduler
+from pagedray.cluster.core.validation import apply_defaults, check_request, child_params
+from pagedray.cluster.serving.engine_client import EngineDeadError
+from pagedray.workers.messages import SchedulerOutput
+from pagedray.workers.step_output import StepOutput
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EngineCore", "EngineDeadError"]
+
+
+@dataclass
+class _Parent:
+    """One request of the front: its n sequences."""
+    request_id: str
+    num_prompt_tokens: int
+    children: list[Request]
+    # Completions 1..n-1 until completion 0 has prefilled the prompt and they can be forked from it.
+    pending: list[Request] = field(default_factory=list)
+    # Per prompt position (the first has none): the runner's entries, when prompt_logprobs was asked.
+    prompt_logprobs: list | None = None
+    num_unfinished: int = 0
+    first_sent: bool = False
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        from pagedray.cluster.executors import make_executor   # torch: only where a core runs
+        self.config = config
+        self.executor = make_executor(config)
+        self.scheduler = Scheduler(config.scheduler, config.cache.block_size, self.executor.num_kv_blocks,
+                                   config.cache.enable_prefix_caching)
+        self.info = _engine_info(config, self.executor.num_kv_blocks)
+        self._parents: dict[str, _Parent] = {}
+        self._child_of: dict[str, tuple[_Parent, int]] = {}   # sequence id -> (its request, completion index)
+        self._refused: list[CoreOutput] = []                  # sent with the next step
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.dead: BaseException | None = None
+        self.async_scheduling = bool(config.scheduler.async_scheduling)
+        # Overlapped steps: the step queued on the device whose output is not read yet.
+        self._in_flight: tuple[SchedulerOutput, StepOutput] | None = None
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> "EngineCore":
+        """Build with LLM(...)'s keywords (loads the model)."""
+        return cls(build_engine_config(model, **kwargs))
+
+    # -- requests ------------------------------------------------------------
+    def add(self, requests: Iterable[CoreRequest]) -> None:
+        """Queue requests. One the core cannot take comes back in the next step as an "abort"
+        output whose `error` says why; it never raises for a bad request."""
+        for req in requests:
+            try:
+                self._add(req)
+            except (ValueError, TypeError) as exc:
+                self._refused.append(CoreOutput(req.request_id, 0, [], finish_reason="abort", error=str(exc)))
+
+    def _add(self, req: CoreRequest) -> None:
+        rid, params, prompt = req.request_id, req.params, req.prompt_token_ids
+        if rid in self._parents or rid in self._child_of:
+            raise ValueError(f"request_id {rid!r} is already in use")
+        apply_defaults(params, len(prompt), self.info.max_model_len, self.info.eos_token_ids)
+        check_request(prompt, params, self.info, len(req.output_token_ids))
+        if req.output_token_ids and params.n > 1:
+            raise ValueError("a resumed request must have n=1: resume each completion under its completion_id")
+        arrival = req.arrival_time or None
+        children = [Request(rid if params.n == 1 else completion_id(rid, i), prompt,
+                            params if params.n == 1 else child_params(params, i), arrival)
+                    for i in range(params.n)]
+        first = children[0]
+        for token in req.output_token_ids:
+            first.append_output_token(token)
+        self.scheduler.add_request(first)   # raises before anything is registered
+        parent = _Parent(rid, len(prompt), children, pending=children[1:], num_unfinished=len(children))
+        if params.prompt_logprobs is not None and not req.output_token_ids:
+            parent.prompt_logprobs = [None] * len(prompt)
+        self._parents[rid] = parent
+        for i, child in enumerate(children):
+            self._child_of[child.request_id] = (parent, i)
+        self.prompt_tokens_total += len(prompt)
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        """Stop requests (a request id: all its completions; a `completion_id`: that one) and free
+        their blocks. Unknown or finished ids are ignored; no output is sent for them."""
+        for rid in request_ids:
+            parent = self._parents.get(rid)
+            children = parent.children if parent is not None else None
+            if children is None:
+                entry = self._child_of.get(rid)
+                if entry is None:
+                    continue
+                parent, index = entry
+                children = [parent.children[index]]
+            for child in children:
+                self._end(parent, child)
+
+    def _end(self, parent: _Parent, child: Request) -> None:
+        """Forget one sequence (aborted, or finished); forget the request after its last."""
+        if self._child_of.pop(child.request_id, None) is None:
+            return
+        if child in parent.pending:
+            parent.pending.remove(child)
+        if not child.is_finished:
+            self.scheduler.abort_requests([child.request_id])
+            child.status = RequestStatus.FINISHED_ABORTED
+        parent.num_unfinished -= 1
+        if parent.num_unfinished == 0:
+            self._parents.pop(parent.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents or self._refused)
+
+    # -- the loop ------------------------------------------------------------
+    def step(self) -> CoreOutputs:
+        """Run one scheduler step; the deltas of every completion that advanced or finished.
+
+        With async scheduling (one local CUDA worker) the step launched here runs on the device
+        while this call reads the previous one's samples. Raises EngineDeadError when the executor
+        failed (the core cannot go on).
+        """
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine core has failed: {self.dead}")
+        outputs, self._refused = self._refused, []
+        sched = self.scheduler.schedule()
+        launched = None
+        if not sched.is_empty or sched.finished_req_ids:
+            launched = (sched, self._run_executor(self.executor.execute_model_async, sched))
+        if self.async_scheduling:
+            # The step just queued runs on the device while the host reads the previous one.
+            launched, self._in_flight = self._in_flight, launched
+        if launched is None:
+            return CoreOutputs(outputs, self.get_stats() if outputs else None, time.monotonic())
+        sched, step_out = launched
+        runner_out = self._run_executor(StepOutput.get, step_out)
+        self._record_prompt_logprobs(sched, runner_out)
+        logprobs = runner_out.logprobs
+        for request, new_tokens in self.scheduler.update_from_output(sched, runner_out):
+            entry = self._child_of.get(request.request_id)
+            if entry is None:
+                continue
+            parent, index = entry
+            if parent.pending and index == 0:
+                self._start_pending(parent)
+            self.generation_tokens_total += len(new_tokens)
+            out = CoreOutput(parent.request_id, index, new_tokens)
+            if request.sampling_params.logprobs is not None:
+                out.new_logprobs = [logprobs.get(request.request_id) or []]
+            if index == 0 and not parent.first_sent:
+                parent.first_sent = True
+                out.num_cached_tokens = request.num_cached_tokens
+                out.prompt_logprobs = parent.prompt_logprobs
+            if request.is_finished:
+                out.finish_reason = request.status.finish_reason
+                out.stop_reason = request.stop_reason
+                self._end(parent, request)
+            outputs.append(out)
+        return CoreOutputs(outputs, self.get_stats(), time.monotonic())
+
+    def _run_executor(self, fn, arg):
+        try:
+            return fn(arg)
+        except Exception as exc:  # a dead worker, OOM, collective failure
+            self.dead = exc
+            raise EngineDeadError(f"the executor failed: {exc}") from exc
+
+    def _record_prompt_logprobs(self, sched: SchedulerOutput, runner_out) -> None:
+        """Place each chunk's prompt logprobs at the chunk's start, which the step's message to the
+        workers carries (a recompute after preemption rewrites the same positions)."""
+        if not runner_out.prompt_logprobs:
+            return
+        starts = {r.req_id: r.num_computed_tokens for r in sched.scheduled_new_reqs}
+        starts.update((r.req_id, r.num_computed_tokens) for r in sched.scheduled_cached_reqs)
+        for rid, entries in runner_out.prompt_logprobs.items():
+            entry = self._child_of.get(rid)
+            if entry is None or entry[0].prompt_logprobs is None or rid not in self.scheduler.requests:
+                continue
+            table = entry[0].prompt_logprobs
+            start = starts[rid] + 1   # position p's hidden state predicts token p + 1
+            for offset, logprob_entry in enumerate(entries):
+                table[start + offset] = list(logprob_entry)
+
+    def _start_pending(self, parent: _Parent) -> None:
+        """Completion 0 just got its first token: fork the others from its prompt blocks.
+
+        When completion 0 already finished (a stop at its first token freed its blocks), they
+        start as ordinary requests instead (prefix caching still shares the prompt's full blocks).
+        """
+        first = parent.children[0]
+        for child in parent.pending:
+            if first.is_finished:
+                self.scheduler.add_request(child)
+            else:
+                child.num_computed_tokens = parent.num_prompt_tokens - 1
+                self.scheduler.fork_request(first.request_id, child)
+        parent.pending = []
+
+    # -- health and stats ----------------------------------------------------
+    def get_stats(self) -> EngineStats:
+        bm, sched = self.scheduler.block_manager, self.scheduler
+        return EngineStats(
+            num_running=sched.num_running, num_waiting=sched.num_waiting,
+            num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
+            num_used_blocks=bm.num_used_blocks, prefix_cache_hit_rate=bm.hit_rate,
+            prefix_cache_hit_tokens=bm.prefix_cache_hit_tokens, num_preemptions=sched.num_preemptions,
+            prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _engine_info(config: EngineConfig, num_kv_blocks: int) -> EngineInfo:
+    mc = config.model
+    return EngineInfo(model=mc.model, tokenizer=mc.tokenizer, architecture=mc.architecture,
+                      max_model_len=mc.max_model_len, vocab_size=mc.vocab_size,
+                      block_size=config.cache.block_size, num_kv_blocks=num_kv_blocks,
+                      tensor_parallel_size=config.parallel.tensor_parallel_size,
+                      eos_token_ids=config_eos_token_ids(mc))
+
+
+def config_eos_token_ids(model_config) -> list[int]:
+    """eos ids as HF generate would use them, from the checkpoint: generation_config, then config.
+    (The front falls back to its tokenizer's eos when both are silent.)"""
+    eos = None
+    path = os.path.join(model_config.model, "generation_config.json")
+    if os.path.isfile(path):
+        from transformers import GenerationConfig
+        try:
+            eos = GenerationConfig.from_pretrained(model_config.model).eos_token_id
+        except (OSError, ValueError) as exc:   # transformers reports bad JSON as OSError
+            logger.warning("ignoring %s, which transformers cannot read (%s): eos ids come from "
+                           "config.json or the tokenizer", path, exc)
+    if eos is None:
+        eos = getattr(model_config.hf_config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)

@@ -1,0 +1,64 @@
+"""InputProcessor: a prompt and its params -> a validated `CoreRequest`, tokenized once.
+
+The front (offline `LLMEngine`, serving `Frontend`) calls it before anything reaches a core; the
+checks are the core's own (`core.validation`), so a request that passes here is one the core takes.
+"""
+from __future__ import annotations
+
+import logging
+
+from pagedray.cluster.core.messages import CoreRequest, EngineInfo
+from pagedray.cluster.core.validation import apply_defaults, check_request
+from pagedray.workers.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class InputProcessor:
+    def __init__(self, tokenizer, info: EngineInfo) -> None:
+        self.tokenizer = tokenizer
+        self.info = info
+        self.eos_token_ids = list(info.eos_token_ids)
+        if not self.eos_token_ids and getattr(tokenizer, "eos_token_id", None) is not None:
+            self.eos_token_ids = [tokenizer.eos_token_id]
+
+    def tokenize(self, prompt: str | dict) -> tuple[str | None, list[int]]:
+        """(the prompt's text if it had one, its token ids); ValueError for a malformed prompt."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            if self.tokenizer is None:
+                raise ValueError("prompt is text but this model has no tokenizer: pass prompt_token_ids")
+            return prompt, list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
+                raise ValueError("prompt_token_ids must be a list of integers")
+            return prompt.get("prompt"), list(ids)
+        raise ValueError(f"prompt must be a str or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+
+    def process(self, request_id: str, prompt: str | dict, params: SamplingParams | None,
+                arrival_time: float = 0.0) -> tuple[str | None, CoreRequest]:
+        """Tokenize, fill the engine's defaults and check; the params are copied, never changed."""
+        params = (params or SamplingParams()).clone()
+        text, token_ids = self.tokenize(prompt)
+        return text, self.make_request(request_id, token_ids, params, arrival_time)
+
+    def make_request(self, request_id: str, token_ids: list[int], params: SamplingParams,
+                     arrival_time: float = 0.0) -> CoreRequest:
+        """Defaults and checks on an already tokenized prompt (`params` is filled in place)."""
+        apply_defaults(params, len(token_ids), self.info.max_model_len, self.eos_token_ids)
+        check_request(token_ids, params, self.info)
+        return CoreRequest(request_id, token_ids, params, arrival_time=arrival_time)
+
+
+def load_tokenizer(model: str, tokenizer: str):
+    """The checkpoint's tokenizer; None for a weights-only folder (token-id prompts still work)."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer)
+    except Exception as exc:
+        if tokenizer != model:
+            raise ValueError(f"cannot load tokenizer {tokenizer!r}: {exc}") from exc
+        logger.warning("no tokenizer in %s; only prompt_token_ids prompts will work", model)
+        return None
