@@ -157,6 +157,8 @@ def _requests(streams: int, tokens: int, tag: str) -> list[CoreRequest]:
 
 
 def _result(kind: str, streams: int, tokens: int, produced: int, wall: float, cpu: float) -> dict:
+    if produced != streams * tokens:
+        raise AssertionError(f"{kind}: {produced} tokens arrived, {streams * tokens} were produced")
     return {"client": kind, "streams": streams, "tokens_per_s": round(produced / wall, 1),
             "ms_per_token_per_stream": round(wall / tokens * 1e3, 3), "tokens": produced,
             "driver_cpu_s": round(cpu, 3)}

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from pagedray.cluster.cli_chat import add_chat_parser
 from pagedray.cluster.cli_common import DefaultsHelpFormatter, read_flag_file, resolve_model
 from pagedray.cluster.cli_generate import add_generate_parser
 from pagedray.cluster.cli_info import add_info_parser
+from pagedray.cluster.serving.chat import load_chat_template
 
 logger = logging.getLogger("pagedray.serve")
 
@@ -46,7 +48,8 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-pending-requests", type=int, default=1024,
                    help="requests admitted at once; beyond it calls get RESOURCE_EXHAUSTED")
-    p.add_argument("--auth-token-file", type=Path, help="file holding the bearer token clients must send")
+    p.add_argument("--auth-token-file", type=Path,
+                   help="file holding the bearer token clients must send (default: $PAGEDRAY_AUTH_TOKEN)")
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
@@ -94,9 +97,11 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit("pagedray serve: --tls-cert and --tls-key go together")
     scaling = _scaling_config(args)
     # Unreadable files fail now, before a model loads.
-    args.auth_token = read_flag_file(args.auth_token_file, "--auth-token-file")
+    args.auth_token = read_flag_file(args.auth_token_file, "--auth-token-file") \
+        if args.auth_token_file else os.environ.get("PAGEDRAY_AUTH_TOKEN") or None
     args.tls_cert_pem = read_flag_file(args.tls_cert, "--tls-cert", binary=True)
     args.tls_key_pem = read_flag_file(args.tls_key, "--tls-key", binary=True)
+    args.chat_template_text = load_chat_template(args.chat_template) if args.chat_template else None
     model = resolve_model(args.model)
     kwargs = dict(device=args.device, tensor_parallel_size=args.tensor_parallel_size, executor=args.executor,
                   dtype=args.dtype, load_format=args.load_format, max_model_len=args.max_model_len,
@@ -115,15 +120,23 @@ def _serve(args: argparse.Namespace) -> int:
 
 async def _run_ray_replicas(model: str, kwargs: dict, name: str, args: argparse.Namespace, scaling) -> int:
     """Replicas in Ray actors, kept between --min-replicas and --max-replicas by the autoscaler."""
-    from pagedray.cluster.autoscaler import Autoscaler
+    from pagedray.cluster.autoscaler import Autoscaler, RayResourceRequest
+    from pagedray.cluster.executors.ray_utils import can_have, init_ray
     from pagedray.cluster.replica import RayReplica
     from pagedray.cluster.router import Router
+    init_ray()
+    if kwargs["device"] == "auto":
+        # Decided by the nodes the cluster has or can launch: a CPU head with GPU nodes still at zero is a GPU cluster.
+        kwargs = {**kwargs, "device": "cuda" if can_have("GPU") else "cpu"}
+    resource = "GPU" if kwargs["device"].startswith("cuda") else "CPU"
 
     def make_replica(replica_name: str) -> RayReplica:
         return RayReplica(model, kwargs, name=replica_name, max_pending_requests=args.max_pending_requests)
 
     router = Router()
-    autoscaler = Autoscaler(router, make_replica, scaling)
+    # Each replica's ranks share one node: one {resource: tp} bundle asks for a node that holds them all.
+    autoscaler = Autoscaler(router, make_replica, scaling,
+                            resource_request=RayResourceRequest([{resource: kwargs["tensor_parallel_size"]}]))
     logger.info("starting %d replica(s) in Ray actors (min %d, max %d)", scaling.initial_replicas,
                 scaling.min_replicas, scaling.max_replicas)
     from pagedray.cluster.async_engine import EngineDeadError
@@ -137,9 +150,7 @@ async def _run_ray_replicas(model: str, kwargs: dict, name: str, args: argparse.
 
 async def _run_server(engine, name: str, args: argparse.Namespace, autoscaler=None) -> int:
     from pagedray.cluster.server import GenerateServer
-    from pagedray.cluster.serving.chat import load_chat_template
-    auth_token = args.auth_token
-    chat_template = load_chat_template(args.chat_template) if args.chat_template else None
+    auth_token, chat_template = args.auth_token, args.chat_template_text
     server = GenerateServer(
         engine, name, host=args.host, port=args.port, auth_token=auth_token,
         tls_cert=args.tls_cert_pem, tls_key=args.tls_key_pem,

@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
+import tempfile
 import threading
 import uuid
 from typing import Any
@@ -28,7 +30,7 @@ import zmq
 
 from pagedray.cluster.core.process import DEFAULT_CORE_FACTORY, CoreStartup, bind_sockets, endpoint, serve
 from pagedray.cluster.serving.engine_client import EngineDeadError
-from pagedray.cluster.serving.process_client import ZmqCoreClient
+from pagedray.cluster.serving.process_client import ZmqCoreClient, threads_override
 
 __all__ = ["RayClient", "CoreActor"]
 
@@ -42,7 +44,14 @@ class CoreActor:
         ip = ray.util.get_node_ip_address()
         self.context = zmq.Context()
         inp, out = bind_sockets(self.context, f"tcp://{ip}:*", f"tcp://{ip}:*")
-        self.endpoints = (endpoint(inp), endpoint(out))
+        tcp = (endpoint(inp), endpoint(out))
+        # Also ipc:// for a driver on this node (a cheaper hop than loopback tcp).
+        self.ipc_dir = tempfile.mkdtemp(prefix="pagedray-actor-")
+        ipc = (f"ipc://{self.ipc_dir}/in", f"ipc://{self.ipc_dir}/out")
+        inp.bind(ipc[0])
+        out.bind(ipc[1])
+        self.endpoints = {"tcp": tcp, "ipc": ipc}
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.core: Any = None
         self.built = threading.Event()
         self.stop = threading.Event()
@@ -61,8 +70,9 @@ class CoreActor:
         self.core = core
         self.built.set()
 
-    def addresses(self) -> tuple[str, str, int]:
-        return (*self.endpoints, os.getpid())
+    def addresses(self, driver_node_id: str) -> tuple[str, str, int]:
+        """The sockets to connect to (ipc:// from this node, else tcp://), and this process's pid."""
+        return (*self.endpoints["ipc" if driver_node_id == self.node_id else "tcp"], os.getpid())
 
     def watch(self) -> None:
         """Pending for the actor's whole life: its failure tells the driver the actor died."""
@@ -77,6 +87,7 @@ class CoreActor:
     def shutdown(self) -> None:
         self.stop.set()
         self.thread.join(30)
+        shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
 
 class RayClient(ZmqCoreClient):
@@ -85,12 +96,14 @@ class RayClient(ZmqCoreClient):
 
     def __init__(self, model: str, engine_kwargs: dict[str, Any] | None = None, *, name: str | None = None,
                  liveness_s: float | None = None, startup_timeout_s: float | None = None,
-                 core_factory: str = DEFAULT_CORE_FACTORY, num_threads: int | None = None) -> None:
+                 core_factory: str = DEFAULT_CORE_FACTORY, num_threads: int | None = None,
+                 resources: dict[str, float] | None = None) -> None:
         super().__init__(name or f"replica-{uuid.uuid4().hex[:8]}", liveness_s, startup_timeout_s)
         self.model = model
         self.engine_kwargs = dict(engine_kwargs or {})
         self.core_factory = core_factory
         self.num_threads = num_threads
+        self.resources = dict(resources or {})   # extra custom Ray resources for the actor
         self.actor = None
         self.placement_group = None
         self.pid: int | None = None      # the actor's process (tests stop and kill it)
@@ -99,31 +112,37 @@ class RayClient(ZmqCoreClient):
     def actor_options(self) -> dict:
         """The device when the actor runs the model itself (executor "local"), else a little CPU
         (its TP ranks get their own placement group)."""
-        device = self.engine_kwargs.get("device", "auto")
+        extra = {"resources": self.resources} if self.resources else {}
         if self.engine_kwargs.get("executor", "local") == "ray":
-            return {"num_cpus": 0.1}
-        if device.startswith("cuda"):
-            return {"num_gpus": 1, "num_cpus": 0}
-        return {"num_cpus": 1}
+            return {"num_cpus": 0.1, **extra}
+        if self._device().startswith("cuda"):
+            return {"num_gpus": 1, "num_cpus": 0, **extra}
+        return {"num_cpus": 1, **extra}
+
+    def _device(self) -> str:
+        return str(self.engine_kwargs.get("device", "auto"))
 
     def _threads(self) -> int | None:
         """Ray starts a zero-CPU (GPU) actor with OMP_NUM_THREADS=1: give its engine the threads an
         in-process engine here would have. A CPU actor keeps the CPUs it reserved."""
-        if os.environ.get("PAGEDRAY_ENGINE_THREADS"):
-            return int(os.environ["PAGEDRAY_ENGINE_THREADS"])
-        if self.num_threads or not str(self.engine_kwargs.get("device", "")).startswith("cuda"):
+        if threads_override():
+            return threads_override()
+        if self.num_threads or not self._device().startswith("cuda"):
             return self.num_threads
         import torch
         return torch.get_num_threads()
 
     async def start(self) -> None:
         import ray
-        from pagedray.cluster.executors.ray_utils import forwarded_env, init_ray
+        from pagedray.cluster.executors.ray_utils import check_fits, forwarded_env, init_ray
         from pagedray.models.registry import ModelRegistry
         init_ray()
-        if self.engine_kwargs.get("device", "auto") == "auto":
+        if self._device() == "auto":
             # The driver may sit on a CPU head node: decide by what the cluster has, not by this machine.
             self.engine_kwargs["device"] = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+        if self.engine_kwargs.get("executor", "local") != "ray":
+            # Refused now rather than pending forever (the ray executor checks its own TP group).
+            check_fits(1, "GPU" if self._device().startswith("cuda") else "CPU")
         env = forwarded_env()
         # The replica's own TP placement group may wait for the Ray autoscaler to add a node.
         env.setdefault("PAGEDRAY_RAY_PLACEMENT_TIMEOUT_S", str(self.startup_timeout_s))
@@ -132,7 +151,8 @@ class RayClient(ZmqCoreClient):
         actor_cls = ray.remote(CoreActor).options(**self.actor_options(), max_concurrency=4)
         self.actor = actor_cls.remote(self._wire.encode(startup), ModelRegistry.out_of_tree())
         try:
-            inp, out, self.pid = await asyncio.wait_for(self.actor.addresses.remote(), self.startup_timeout_s)
+            node = ray.get_runtime_context().get_node_id()
+            inp, out, self.pid = await asyncio.wait_for(self.actor.addresses.remote(node), self.startup_timeout_s)
             self._watch = asyncio.ensure_future(self.actor.watch.remote())
             self._watch.add_done_callback(self._on_watch_done)
             self._connect(inp, out)
@@ -186,7 +206,9 @@ class RayClient(ZmqCoreClient):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.actor.shutdown.remote(), 30.0)
         self._kill()
-        if self._watch is not None:
+        if self._watch is not None:   # returns once Ray has the actor dead (its resources free)
+            with contextlib.suppress(Exception):    # ActorDiedError, or the timeout
+                await asyncio.wait_for(asyncio.shield(self._watch), 30.0)
             self._watch.cancel()
         if self._context is not None:
             self._context.destroy(linger=0)
