@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from pagedray.cluster.cli_chat import add_chat_parser
 from pagedray.cluster.cli_common import DefaultsHelpFormatter, read_flag_file, resolve_model
 from pagedray.cluster.cli_generate import add_generate_parser
 from pagedray.cluster.cli_info import add_info_parser
+from pagedray.cluster.serving.chat import load_chat_template
 
 logger = logging.getLogger("pagedray.serve")
 
@@ -47,7 +49,8 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-pending-requests", type=int, default=1024,
                    help="requests admitted at once; beyond it calls get RESOURCE_EXHAUSTED")
-    p.add_argument("--auth-token-file", type=Path, help="file holding the bearer token clients must send")
+    p.add_argument("--auth-token-file", type=Path,
+                   help="file holding the bearer token clients must send (default: $PAGEDRAY_AUTH_TOKEN)")
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
@@ -99,9 +102,11 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit("pagedray serve: --tls-cert and --tls-key go together")
     scaling = _scaling_config(args)
     # Unreadable files fail now, before a model loads.
-    args.auth_token = read_flag_file(args.auth_token_file, "--auth-token-file")
+    args.auth_token = read_flag_file(args.auth_token_file, "--auth-token-file") \
+        if args.auth_token_file else os.environ.get("PAGEDRAY_AUTH_TOKEN") or None
     args.tls_cert_pem = read_flag_file(args.tls_cert, "--tls-cert", binary=True)
     args.tls_key_pem = read_flag_file(args.tls_key, "--tls-key", binary=True)
+    args.chat_template_text = load_chat_template(args.chat_template) if args.chat_template else None
     model = resolve_model(args.model)
     kwargs = dict(device=args.device, tensor_parallel_size=args.tensor_parallel_size, executor=args.executor,
                   dtype=args.dtype, load_format=args.load_format, max_model_len=args.max_model_len,
@@ -128,10 +133,26 @@ def _make_client(model: str, kwargs: dict, backend: str, name: str):
     return InprocClient.for_model(model, name=name, **kwargs)
 
 
+def _ray_autoscaler(frontend, model: str, kwargs: dict, scaling):
+    """Replicas in Ray actors, kept between --min-replicas and --max-replicas (and replaced when they
+    die) by the autoscaler, which also asks the Ray cluster for their nodes ahead of time."""
+    from pagedray.cluster.executors.ray_utils import can_have, init_ray
+    from pagedray.cluster.serving.autoscaler import Autoscaler, RayResourceRequest
+    init_ray()
+    if kwargs["device"] == "auto":
+        # Decided by the nodes the cluster has or can launch: a CPU head with GPU nodes still at zero is a GPU cluster.
+        kwargs = {**kwargs, "device": "cuda" if can_have("GPU") else "cpu"}
+    resource = "GPU" if kwargs["device"].startswith("cuda") else "CPU"
+    logger.info("starting %d replica(s) in Ray actors (min %d, max %d)", scaling.initial_replicas,
+                scaling.min_replicas, scaling.max_replicas)
+    # Each replica's ranks share one node: one {resource: tp} bundle asks for a node that holds them all.
+    return Autoscaler(frontend.router, lambda n: _make_client(model, kwargs, "ray", n), scaling,
+                      resource_request=RayResourceRequest([{resource: kwargs["tensor_parallel_size"]}]))
+
+
 async def _run(model: str, kwargs: dict, name: str, args: argparse.Namespace, scaling) -> int:
-    """The frontend over its replicas: Ray actors kept between --min-replicas and --max-replicas by
-    the autoscaler (which also replaces dead ones), or one local engine restarted when it dies."""
-    from pagedray.cluster.serving.autoscaler import Autoscaler
+    """The frontend over its replicas: Ray actors under the autoscaler, or one local engine (a
+    subprocess, or a thread for inproc) restarted when it dies."""
     from pagedray.cluster.serving.engine_client import EngineDeadError
     from pagedray.cluster.serving.frontend import Frontend
     backend, names = args.replica_backend, itertools.count()
@@ -140,9 +161,7 @@ async def _run(model: str, kwargs: dict, name: str, args: argparse.Namespace, sc
     try:
         if backend == "ray":
             frontend = Frontend(**frontend_kwargs)
-            autoscaler = Autoscaler(frontend.router, lambda n: _make_client(model, kwargs, backend, n), scaling)
-            logger.info("starting %d replica(s) in Ray actors (min %d, max %d)", scaling.initial_replicas,
-                        scaling.min_replicas, scaling.max_replicas)
+            autoscaler = _ray_autoscaler(frontend, model, kwargs, scaling)
             await autoscaler.start()
         else:
             async def replacement():
@@ -157,9 +176,7 @@ async def _run(model: str, kwargs: dict, name: str, args: argparse.Namespace, sc
 
 async def _run_server(frontend, name: str, args: argparse.Namespace, autoscaler=None) -> int:
     from pagedray.cluster.serving.server import GenerateServer
-    from pagedray.cluster.serving.chat import load_chat_template
-    auth_token = args.auth_token
-    chat_template = load_chat_template(args.chat_template) if args.chat_template else None
+    auth_token, chat_template = args.auth_token, args.chat_template_text
     server = GenerateServer(
         frontend, name, host=args.host, port=args.port, auth_token=auth_token,
         tls_cert=args.tls_cert_pem, tls_key=args.tls_key_pem,

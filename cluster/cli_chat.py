@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import sys
 from pathlib import Path
 from typing import AsyncIterator, Callable
+
+from pagedray.cluster.cli_common import read_flag_file, resolve_model
+from pagedray.cluster.serving.chat import ChatRenderer, load_chat_template
 
 PROMPT = "you> "
 ANSWER = "assistant> "
@@ -36,19 +37,20 @@ def add_chat_parser(subparsers) -> None:
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    """Bad flags, files and models raise ValueError/OSError: cli.main prints them as one line."""
     try:
         return asyncio.run(_chat(args))
     except KeyboardInterrupt:
         print()
         return 0
-    except (ValueError, OSError, ImportError) as exc:
-        print(f"pagedray chat: error: {exc}", file=sys.stderr)
-        return 2
 
 
 async def _chat(args: argparse.Namespace) -> int:
     from pagedray.workers.sampling_params import SamplingParams
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    args.auth_token = read_flag_file(args.auth_token_file, "--auth-token-file")
+    args.tls_ca_pem = read_flag_file(args.tls_ca, "--tls-ca", binary=True)
+    args.template = load_chat_template(args.chat_template) if args.chat_template else None
     if args.address:
         return await _loop(_remote_sender(args, params), args.system)
     frontend = await _local_frontend(args)
@@ -88,20 +90,12 @@ async def _loop(send: Send, system: str | None) -> int:
 async def _local_frontend(args: argparse.Namespace):
     from pagedray.cluster.serving.frontend import Frontend
     from pagedray.cluster.serving.inproc_client import InprocClient
-    model = args.model or os.environ.get("PAGEDRAY_MODEL")
-    if model is None:
-        from pagedray.cluster.default_model import default_model_path
-        model = default_model_path()
-    elif not os.path.isdir(model):
-        raise ValueError(f"--model {model!r} is not a local folder (nothing is downloaded)")
-    client = InprocClient.for_model(model, device=args.device, max_model_len=args.max_model_len)
+    client = InprocClient.for_model(resolve_model(args.model), device=args.device, max_model_len=args.max_model_len)
     return await Frontend.start_with([client])
 
 
 def _local_sender(frontend, args: argparse.Namespace, params) -> Send:
-    from pagedray.cluster.serving.chat import ChatRenderer, load_chat_template
-    template = load_chat_template(args.chat_template) if args.chat_template else None
-    renderer = ChatRenderer(frontend.tokenizer, template)
+    renderer = ChatRenderer(frontend.tokenizer, args.template)
 
     async def send(history: list[dict]) -> AsyncIterator[str]:
         async for out in frontend.generate(renderer.prompt(history), params):
@@ -115,11 +109,10 @@ def _remote_sender(args: argparse.Namespace, params) -> Send:
 
     from pagedray.protos import generate_pb2 as pb
     from pagedray.protos import generate_pb2_grpc as pb_grpc
-    channel = (grpc.aio.secure_channel(args.address, grpc.ssl_channel_credentials(args.tls_ca.read_bytes()))
-               if args.tls_ca else grpc.aio.insecure_channel(args.address))
+    channel = (grpc.aio.secure_channel(args.address, grpc.ssl_channel_credentials(args.tls_ca_pem))
+               if args.tls_ca_pem else grpc.aio.insecure_channel(args.address))
     stub = pb_grpc.GenerationStub(channel)
-    metadata = [("authorization", f"Bearer {args.auth_token_file.read_text().strip()}")] \
-        if args.auth_token_file else []
+    metadata = [("authorization", f"Bearer {args.auth_token.strip()}")] if args.auth_token else []
     sampling = pb.SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature)
     if params.seed is not None:
         sampling.seed = params.seed

@@ -73,3 +73,58 @@ def wait_gone(pid: int, timeout_s: float) -> bool:
             return True
         time.sleep(0.1)
     return gone(pid)
+
+
+def record(results: dict, batch: CoreOutputs) -> None:
+    """Fold one step's outputs into {(request_id, index): {tokens, logprobs, finish, error}}."""
+    for out in batch.outputs:
+        entry = results.setdefault((out.request_id, out.index),
+                                   {"tokens": [], "logprobs": [], "finish": None, "error": None})
+        entry["tokens"].extend(out.new_token_ids)
+        entry["logprobs"].extend(out.new_logprobs or [])
+        entry["finish"], entry["error"] = out.finish_reason, out.error
+
+
+def run_core(core, batch: list[CoreRequest]) -> dict:
+    """The reference: the core stepped in this process until everything finished."""
+    results: dict = {}
+    core.add(batch)
+    while core.has_unfinished_requests():
+        record(results, core.step())
+    return results
+
+
+async def run_client(client: EngineClient, batch: list[CoreRequest], timeout_s: float = 300) -> dict:
+    """The same through a client: until every request (all its completions) finished."""
+    results: dict = {}
+    n = {r.request_id: r.params.n for r in batch}
+
+    def finished() -> bool:
+        done: dict[str, int] = {}
+        for (rid, _), entry in results.items():
+            if entry["finish"] is not None:
+                done[rid] = done.get(rid, 0) + 1
+        return all(done.get(rid, 0) >= (1 if results.get((rid, 0), {}).get("error") else k)
+                   for rid, k in n.items())
+
+    async def read() -> None:
+        await client.add(batch)
+        async for step in client.outputs():
+            record(results, step)
+            if finished():
+                return
+
+    await asyncio.wait_for(read(), timeout_s)
+    return results
+
+
+def assert_same_outputs(got: dict, want: dict, atol: float = 1e-4) -> None:
+    """Identical tokens, finish reasons and errors; logprobs equal to `atol`."""
+    assert got.keys() == want.keys()
+    for key, w in want.items():
+        g = got[key]
+        assert (g["tokens"], g["finish"], g["error"]) == (w["tokens"], w["finish"], w["error"]), key
+        assert len(g["logprobs"]) == len(w["logprobs"]), key
+        for gs, ws in zip(g["logprobs"], w["logprobs"]):
+            assert [t for t, _, _ in gs] == [t for t, _, _ in ws], key
+            assert all(abs(a - b) <= atol for (_, a, _), (_, b, _) in zip(gs, ws)), key

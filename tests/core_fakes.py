@@ -18,7 +18,9 @@ def fake_token(prompt: list[int], position: int, vocab_size: int) -> int:
 
 class FakeCore:
     def __init__(self, model: str = "fake", vocab_size: int = 320, step_delay_s: float = 0.0,
-                 crash_token: int = -1, num_kv_blocks: int = 64, device: str = "cpu") -> None:
+                 crash_token: int = -1, num_kv_blocks: int = 64, device: str = "cpu",
+                 load_format: str = "auto", max_model_len: int = 256, gpu_memory_utilization: float = 0.9) -> None:
+        """The last four are LLM(...) keywords a benchmark passes; the fake only accepts them."""
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         self.info = EngineInfo(model=model, tokenizer=model, architecture="Fake", max_model_len=256,

@@ -15,7 +15,10 @@ ROLES = ("system", "user", "assistant", "tool", "developer")
 
 def load_chat_template(path: str | Path) -> str:
     """A Jinja chat template from a file (`--chat-template FILE`)."""
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"chat template file {str(path)!r}: cannot read it ({exc.strerror or exc})") from exc
     if not text.strip():
         raise ValueError(f"chat template file {str(path)!r} is empty")
     return text

@@ -31,9 +31,19 @@ from pagedray.cluster.serving.engine_client import EngineClient, EngineDeadError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ProcessClient", "ZmqCoreClient", "liveness_bound_s"]
+__all__ = ["ProcessClient", "ZmqCoreClient", "liveness_bound_s", "threads_override"]
 
 _DEAD = object()   # ends the outputs queue
+
+
+def threads_override() -> int | None:
+    """PAGEDRAY_ENGINE_THREADS: torch threads for a core process or actor (default: each client's choice)."""
+    value = os.environ.get("PAGEDRAY_ENGINE_THREADS")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"PAGEDRAY_ENGINE_THREADS must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 def liveness_bound_s() -> float:
@@ -118,23 +128,43 @@ class ZmqCoreClient(EngineClient):
                 return
             except (zmq.ZMQError, asyncio.CancelledError):
                 return     # closed by shutdown
-            kind, payload = frames[0].bytes, frames[1].buffer if len(frames) > 1 else b""
-            if kind == Wire.OUTPUTS:
-                outputs = self._wire.outputs.decode(payload)
-                if outputs.stats is not None:
-                    self.latest_stats = outputs.stats
-                if outputs.outputs:
-                    self._queue.put_nowait(outputs)
-            elif kind == Wire.STATS:
-                self.latest_stats = self._wire.stats.decode(payload)
-                if self._stats_waiters:
-                    waiter = self._stats_waiters.popleft()
-                    if not waiter.done():
-                        waiter.set_result(self.latest_stats)
-            elif kind == Wire.FATAL:
-                failure = self._wire.failure.decode(payload)
-                self._die(f"the engine core failed: {failure.type_name}: {failure.message}")
+            # Then whatever else is queued, without a trip through the event loop each: that trip
+            # doubled the reader's CPU per frame (benchmarks/RESULTS.md, transport).
+            drained = 0
+            while frames is not None and self._dispatch(frames) and drained < self.DRAIN_MAX:
+                frames, drained = self._recv_now(), drained + 1
+            if self._dead_error is not None:
                 return
+
+    DRAIN_MAX = 256
+
+    def _recv_now(self) -> list | None:
+        try:
+            frames = self._out.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            return frames.result() if asyncio.isfuture(frames) else frames
+        except zmq.Again:
+            return None
+
+    def _dispatch(self, frames: list) -> bool:
+        """Handle one frame; False when the core reported its failure."""
+        kind, payload = frames[0].bytes, frames[1].buffer if len(frames) > 1 else b""
+        if kind == Wire.OUTPUTS:
+            outputs = self._wire.outputs.decode(payload)
+            if outputs.stats is not None:
+                self.latest_stats = outputs.stats
+            if outputs.outputs:
+                self._queue.put_nowait(outputs)
+        elif kind == Wire.STATS:
+            self.latest_stats = self._wire.stats.decode(payload)
+            if self._stats_waiters:
+                waiter = self._stats_waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(self.latest_stats)
+        elif kind == Wire.FATAL:
+            failure = self._wire.failure.decode(payload)
+            self._die(f"the engine core failed: {failure.type_name}: {failure.message}")
+            return False
+        return True
 
     def _die(self, cause: str) -> None:
         if self._dead_error is not None or self._closed:
@@ -206,11 +236,12 @@ class ProcessClient(ZmqCoreClient):
 
     def __init__(self, model: str, engine_kwargs: dict[str, Any] | None = None, *, name: str = "local-0",
                  liveness_s: float | None = None, startup_timeout_s: float | None = None,
-                 core_factory: str = DEFAULT_CORE_FACTORY) -> None:
+                 core_factory: str = DEFAULT_CORE_FACTORY, num_threads: int | None = None) -> None:
         super().__init__(name, liveness_s, startup_timeout_s)
         self.model = model
         self.engine_kwargs = dict(engine_kwargs or {})
         self.core_factory = core_factory
+        self.num_threads = num_threads
         self.process: multiprocessing.process.BaseProcess | None = None
         self._ipc_dir: str | None = None
         self._sentinel_watched = False
@@ -223,7 +254,8 @@ class ProcessClient(ZmqCoreClient):
         from pagedray.models.registry import ModelRegistry
         self._ipc_dir = tempfile.mkdtemp(prefix="pagedray-core-")
         startup = CoreStartup(self.model, self.engine_kwargs, f"ipc://{self._ipc_dir}/in",
-                              f"ipc://{self._ipc_dir}/out", self.heartbeat_s, self.core_factory)
+                              f"ipc://{self._ipc_dir}/out", self.heartbeat_s, self.core_factory,
+                              num_threads=self._threads())
         ctx = multiprocessing.get_context("spawn")
         # daemon: multiprocessing also kills it when this process exits normally.
         self.process = ctx.Process(target=run_engine_core, name=f"pagedray-core-{self.name}", daemon=True,
@@ -238,6 +270,16 @@ class ProcessClient(ZmqCoreClient):
         except BaseException:
             await self.shutdown()
             raise
+
+    def _threads(self) -> int | None:
+        """A CPU engine leaves one core to this process: its torch threads otherwise spin at
+        their barriers while the front runs (2-core box: 105 against 791 tokens/s at one stream,
+        benchmarks/RESULTS.md). A GPU engine keeps torch's default."""
+        if threads_override():
+            return threads_override()
+        if self.num_threads or str(self.engine_kwargs.get("device", "auto")).startswith("cuda"):
+            return self.num_threads
+        return max(1, (os.cpu_count() or 2) - 1)
 
     def _core_exit_cause(self) -> str | None:
         if self.process is None or self.process.exitcode is None:

@@ -20,6 +20,7 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from hf_compare import assert_greedy_match, engine_greedy  # noqa: E402
 from tiny_models import make_tiny_llama  # noqa: E402
 
 from pagedray.cluster import LLM, SamplingParams  # noqa: E402
@@ -66,16 +67,17 @@ def test_replica_packs_onto_the_node_that_fits(cluster, checkpoint):
     _, worker_node_id = cluster
     rng = random.Random(0)
     prompts = [{"prompt_token_ids": [rng.randrange(3, 320) for _ in range(n)]} for n in (7, 19, 30)]
-    params = SamplingParams(temperature=0.0, max_tokens=8)
-    want = [o.outputs[0].token_ids for o in LLM(checkpoint, device="cpu").generate(prompts, params, use_tqdm=False)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=2)
+    want = [engine_greedy(o.outputs[0]) for o in LLM(checkpoint, device="cpu").generate(prompts, params, use_tqdm=False)]
     llm = LLM(checkpoint, device="cpu", executor="ray", tensor_parallel_size=2)
     try:
         # The driver joined the running cluster instead of starting its own Ray.
         assert ray.get_runtime_context().gcs_address == cluster[0].address
         nodes = ray.get([w.node_id.remote() for w in llm.llm_engine.executor.workers])
         assert nodes == [worker_node_id, worker_node_id]
-        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-        assert got == want
+        got = [engine_greedy(o.outputs[0]) for o in llm.generate(prompts, params, use_tqdm=False)]
+        for i, (ours, ref) in enumerate(zip(got, want, strict=True)):
+            assert_greedy_match(ours, ref, atol=1e-5, what=f"prompt {i}: TP=2 vs TP=1")
     finally:
         llm.shutdown()
     _wait_all_free()
@@ -87,27 +89,3 @@ def _wait_all_free(timeout: float = 15.0) -> None:
     while (ray.available_resources().get("CPU"), ray.available_resources().get("GPU")) != (3, 2):
         assert time.monotonic() < deadline, f"bundles still held: {ray.available_resources()}"
         time.sleep(0.2)
-
-
-def test_launcher_config_and_submit_script(monkeypatch):
-    """deploy/: the cluster YAML passes Ray's launcher schema, and the `ray submit` script joins the
-    running cluster and starts `pagedray serve` with the Ray executor and the user's arguments."""
-    import runpy
-    from pathlib import Path
-
-    import yaml
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    deploy = Path(__file__).resolve().parents[2] / "deploy"
-    validate_config(prepare_config(yaml.safe_load((deploy / "cluster-gpu.yaml").read_text())))
-    calls = []
-    monkeypatch.setattr("pagedray.cluster.cli.main", lambda argv: calls.append(argv) or 0)
-    monkeypatch.setenv("RAY_ADDRESS", "")   # records the current value, so teardown restores it
-    monkeypatch.delenv("RAY_ADDRESS")
-    monkeypatch.setattr("sys.argv", ["serve.py", "--model", "/m", "--tensor-parallel-size", "4"])
-    with pytest.raises(SystemExit) as done:
-        runpy.run_path(str(deploy / "serve.py"), run_name="__main__")
-    assert done.value.code == 0
-    assert calls == [["serve", "--executor", "ray", "--host", "0.0.0.0", "--replica-backend", "ray", "--model", "/m",
-                      "--tensor-parallel-size", "4"]]
-    assert os.environ["RAY_ADDRESS"] == "auto"

@@ -33,13 +33,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from grpc_cases import CASES as ALL_CASES  # noqa: E402
 from grpc_cases import make_request as _request  # noqa: E402
 from grpc_cases import read_stream as _read_stream  # noqa: E402
+from hf_compare import assert_greedy_match, engine_greedy  # noqa: E402
 from tiny_models import make_tiny_llama  # noqa: E402
 
 from pagedray.cluster import LLM, SamplingParams  # noqa: E402
 from pagedray.cluster.serving.autoscaler import Autoscaler, AutoscalingConfig  # noqa: E402
 from pagedray.cluster.serving.frontend import Frontend  # noqa: E402
 from pagedray.cluster.serving.ray_client import RayClient  # noqa: E402
-from pagedray.cluster.serving.server import GenerateServer  # noqa: E402
+from pagedray.cluster.serving.server import GenerateServer, merge_delta  # noqa: E402
 from pagedray.models.llama import LlamaForCausalLM  # noqa: E402
 from pagedray.models.registry import ModelRegistry  # noqa: E402
 from pagedray.protos import generate_pb2 as pb  # noqa: E402
@@ -311,8 +312,8 @@ def test_out_of_tree_model_reaches_the_replica_and_its_tp_workers(loop, ray_loca
     with open(os.path.join(user_ckpt, "config.json"), "w") as f:
         json.dump(config, f)
     prompts = [{"prompt_token_ids": [5, 9, 14, 33, 3]}, {"prompt_token_ids": list(range(40, 61))}]
-    greedy = SamplingParams(temperature=0.0, max_tokens=6)
-    want = [o.outputs[0].token_ids for o in LLM(ckpt, **ENGINE_KW).generate(prompts, greedy, use_tqdm=False)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, logprobs=2)
+    want = [engine_greedy(o.outputs[0]) for o in LLM(ckpt, **ENGINE_KW).generate(prompts, greedy, use_tqdm=False)]
     # A test module is not importable on Ray workers: ship it by value, as cloudpickle does for `__main__`.
     module = sys.modules[MyLlamaForCausalLM.__module__]
     cloudpickle.register_pickle_by_value(module)
@@ -321,15 +322,20 @@ def test_out_of_tree_model_reaches_the_replica_and_its_tp_workers(loop, ray_loca
     async def scenario():
         replica = RayClient(user_ckpt, dict(ENGINE_KW, executor="ray", tensor_parallel_size=2), name="tp2")
         frontend = await Frontend.start_with([replica])
+
+        async def final(prompt, request_id):
+            whole = None
+            async for delta in frontend.generate(prompt, greedy, request_id):
+                whole = merge_delta(whole, delta)
+            return whole.outputs[0]
+
         try:
             got = []
             for i, prompt in enumerate(prompts):
-                got.append([t for o in [o async for o in frontend.generate(prompt, greedy, f"u{i}")]
-                            for t in o.outputs[0].token_ids])
+                got.append(engine_greedy(await final(prompt, f"u{i}")))
             with pytest.raises(ValueError, match="vocabulary"):
                 _ = [o async for o in frontend.generate({"prompt_token_ids": [5, VOCAB]}, greedy, "bad")]
-            good_after = [t for o in [o async for o in frontend.generate(prompts[0], greedy, "again")]
-                          for t in o.outputs[0].token_ids]
+            good_after = await final(prompts[0], "again")
             ray.kill(replica.actor)   # its TP ranks die with it; their placement group must be freed too
             return got, good_after
         finally:
@@ -341,8 +347,9 @@ def test_out_of_tree_model_reaches_the_replica_and_its_tp_workers(loop, ray_loca
         ModelRegistry._models.pop("MyLlamaForCausalLM", None)
         ModelRegistry._user.discard("MyLlamaForCausalLM")
         cloudpickle.unregister_pickle_by_value(module)
-    assert got == want
-    assert good_after == want[0]
+    for i, (ours, ref) in enumerate(zip(got, want, strict=True)):   # TP=2 in the replica vs TP=1 here
+        assert_greedy_match(ours, ref, atol=1e-5, what=f"prompt {i}")
+    assert good_after.token_ids == got[0].tokens   # the same TP=2 engine: exactly
     deadline = time.monotonic() + 20
     while _live_actors("WorkerActor") or _held_placement_groups():
         assert time.monotonic() < deadline, (_live_actors("WorkerActor"), _held_placement_groups())
