@@ -170,6 +170,8 @@ async def _run(model: str, kwargs: dict, name: str, args: argparse.Namespace, sc
     except (ValueError, EngineDeadError) as exc:
         if autoscaler is not None:
             await autoscaler.stop()
+        if isinstance(exc, ValueError):
+            raise   # a bad model or setting: main() prints it as the one-line error
         raise SystemExit(f"pagedray serve: no replica could start: {exc}")
     return await _run_server(frontend, name, args, autoscaler)
 
@@ -181,8 +183,15 @@ async def _run_server(frontend, name: str, args: argparse.Namespace, autoscaler=
         frontend, name, host=args.host, port=args.port, auth_token=auth_token,
         tls_cert=args.tls_cert_pem, tls_key=args.tls_key_pem,
         metrics_port=args.metrics_port, chat_template=chat_template)
-    await server.start()
-    http = await _start_http(server, name, args, auth_token, chat_template)
+    try:
+        await server.start()
+        http = await _start_http(server, name, args, auth_token, chat_template)
+    except BaseException:   # e.g. the port is taken: the engines must not outlive us (nor hang the exit)
+        if autoscaler is not None:
+            await autoscaler.stop()
+        await server.server.stop(0)
+        await frontend.shutdown()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -30,7 +30,7 @@ def test_block_manager_and_router_use_the_same_function(monkeypatch):
     request = Request("r", tokens, SamplingParams(max_tokens=1))
     assert bm._block_hashes(request) == block_hashes(tokens, BLOCK)
     # Not a copy of the formula: both resolve the one function (patching it changes both).
-    from pagedray.cluster import router
+    from pagedray.cluster.serving import router
     calls = []
     real = block_hash.hash_block
     monkeypatch.setattr(block_hash, "hash_block", lambda p, t: calls.append(list(t)) or real(p, t))
