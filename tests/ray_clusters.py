@@ -8,10 +8,10 @@ AutoscalingCluster calls, kills every Ray process on the host).
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +27,11 @@ from ray.cluster_utils import AutoscalingCluster  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "deploy" / "local"))
 import scoped_ray  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("pagedray_local_node", REPO / "deploy" / "local" / "node.py")
+local_node = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(local_node)
+free_ports, head_port_args = local_node.free_ports, local_node.head_port_args
 
 # The base config Ray's AutoscalingCluster loads from fake_multi_node/example.yaml, which the
 # 2.60 wheel does not ship (node types are filled in by AutoscalingCluster).
@@ -46,27 +51,6 @@ FAKE_MULTINODE_BASE = {
     "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
     "worker_start_ray_commands": [],
 }
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def head_port_args(gcs_port: int | None = None) -> list[str]:
-    """`ray start --head` flags that move every listener off Ray's fixed defaults (which collide
-    between clusters on one host) and leave the dashboard out."""
-    gcs, client, agent, agent_grpc, env_agent, metrics, node_manager, object_manager = free_ports(8)
-    return [f"--port={gcs_port or gcs}", "--include-dashboard=false", f"--ray-client-server-port={client}",
-            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
-            f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}"]
 
 
 class ScopedAutoscalingCluster(AutoscalingCluster):

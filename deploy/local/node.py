@@ -42,14 +42,14 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def head_port_args() -> tuple[int, str]:
-    """The GCS port and `ray start --head` flags that move every listener off Ray's fixed defaults
-    (which collide between clusters on one host) and leave the dashboard out."""
+def head_port_args(gcs_port: int | None = None) -> list[str]:
+    """`ray start --head` flags that move every listener off Ray's fixed defaults (which collide
+    between clusters on one host) and leave the dashboard out."""
     gcs, client, agent, agent_grpc, env_agent, metrics, node_manager, object_manager = free_ports(8)
-    return gcs, (f"--port={gcs} --include-dashboard=false --ray-client-server-port={client} "
-                 f"--dashboard-agent-listen-port={agent} --dashboard-agent-grpc-port={agent_grpc} "
-                 f"--runtime-env-agent-port={env_agent} --metrics-export-port={metrics} "
-                 f"--node-manager-port={node_manager} --object-manager-port={object_manager}")
+    return [f"--port={gcs_port or gcs}", "--include-dashboard=false", f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
+            f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}"]
 
 
 def _ensure_key() -> None:
@@ -71,9 +71,8 @@ def up(num_cpus: int | None) -> dict[str, str]:
     (node / "authorized_keys").write_text(Path(f"{KEY}.pub").read_text())
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(node / "host_key")], check=True)
     ssh_port, = free_ports(1)
-    gcs, head_args = head_port_args()
-    if num_cpus is not None:
-        head_args += f" --num-cpus={num_cpus}"
+    gcs, = free_ports(1)
+    head_args = " ".join(head_port_args(gcs) + ([f"--num-cpus={num_cpus}"] if num_cpus is not None else []))
     env = {**LOOPBACK, scoped_ray.SCOPE_VAR: scope, "RAY_TMPDIR": str(node / "t"), "TMUX_TMPDIR": str(node),
            "RAY_ADDRESS": f"127.0.0.1:{gcs}", "PAGEDRAY_RAY_HEAD_ARGS": head_args}
     (node / "t").mkdir()
