@@ -131,6 +131,8 @@ def card() -> str:
 
 
 def commit() -> str:
+    if os.environ.get("PAGEDRAY_COMMIT"):   # a copied tree without .git (the device's carried folder)
+        return os.environ["PAGEDRAY_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=RESULTS.parent, timeout=5)

@@ -11,6 +11,11 @@ stop them). Below the minimum (a replica died) it restores at once.
 the Ray autoscaler add a node, which can take minutes) and hands each to the Router once
 ready, so serving never waits on a pending placement; it scales down by draining the
 least loaded replica, and replaces replicas that died.
+
+With a `ResourceRequest` (Ray: `RayResourceRequest`) it also tells the cluster's autoscaler ahead
+of need: on scale-up, room for `target` replicas at once, so nodes start booting while the new
+replicas' own placement is still being requested; on scale-down (and stop) the request is withdrawn,
+so nothing holds an emptied node past the autoscaler's idle timeout.
 """
 from __future__ import annotations
 
@@ -20,14 +25,14 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 from pagedray.cluster.replica import Replica
 from pagedray.cluster.router import Router
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AutoscalingConfig", "ScalingPolicy", "Autoscaler"]
+__all__ = ["AutoscalingConfig", "ScalingPolicy", "Autoscaler", "ResourceRequest", "RayResourceRequest"]
 
 
 @dataclass
@@ -95,14 +100,37 @@ class ScalingPolicy:
         return current
 
 
+class ResourceRequest(Protocol):
+    def set(self, replicas: int) -> None:
+        """Ask for room for `replicas` replicas at once (0: withdraw the request)."""
+
+
+class RayResourceRequest:
+    """`ray.autoscaler.sdk.request_resources` for whole replicas: each replica is `bundles` (one
+    {"GPU": tp} bundle for a STRICT_PACK TP group: the autoscaler then picks a node type that holds
+    all its ranks). A request replaces the previous one; the autoscaler counts what is in use."""
+
+    def __init__(self, bundles: list[dict[str, float]]) -> None:
+        self.bundles = bundles
+        self.replicas = 0
+
+    def set(self, replicas: int) -> None:
+        from ray.autoscaler.sdk import request_resources
+        if replicas != self.replicas:
+            request_resources(bundles=self.bundles * replicas)
+            self.replicas = replicas
+
+
 class Autoscaler:
     def __init__(self, router: Router, make_replica: Callable[[str], Replica], config: AutoscalingConfig,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 resource_request: ResourceRequest | None = None) -> None:
         self.router = router
         self.make_replica = make_replica
         self.config = config
         self.policy = ScalingPolicy(config)
         self.clock = clock
+        self.resource_request = resource_request
         self.starting: dict[str, asyncio.Task] = {}
         self.draining: set[asyncio.Task] = set()
         self.target = config.initial_replicas
@@ -151,11 +179,17 @@ class Autoscaler:
         if self.target > current and now >= self._retry_at:
             logger.info("scaling up: %d -> %d replicas (%d requests in flight)",
                         current, self.target, self.router.num_pending)
+            self._request(self.target)
             for _ in range(self.target - current):
                 self._spawn()
         elif self.target < current:
             logger.info("scaling down: %d -> %d replicas", current, self.target)
+            self._request(0)
             self._scale_down(current - self.target)
+
+    def _request(self, replicas: int) -> None:
+        if self.resource_request is not None:
+            self.resource_request.set(replicas)
 
     def _spawn(self) -> asyncio.Task:
         name = next(self._names)
@@ -202,3 +236,4 @@ class Autoscaler:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._request(0)

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -47,7 +48,8 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-pending-requests", type=int, default=1024,
                    help="requests admitted at once; beyond it calls get RESOURCE_EXHAUSTED")
-    p.add_argument("--auth-token-file", type=Path, help="file holding the bearer token clients must send")
+    p.add_argument("--auth-token-file", type=Path,
+                   help="file holding the bearer token clients must send (default: $PAGEDRAY_AUTH_TOKEN)")
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
@@ -95,7 +97,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit("pagedray serve: --tls-cert and --tls-key go together")
     scaling = _scaling_config(args)
     # Unreadable files fail now, before a model loads.
-    args.auth_token = read_flag_file(args.auth_token_file, "--auth-token-file")
+    args.auth_token = read_flag_file(args.auth_token_file, "--auth-token-file") \
+        if args.auth_token_file else os.environ.get("PAGEDRAY_AUTH_TOKEN") or None
     args.tls_cert_pem = read_flag_file(args.tls_cert, "--tls-cert", binary=True)
     args.tls_key_pem = read_flag_file(args.tls_key, "--tls-key", binary=True)
     args.chat_template_text = load_chat_template(args.chat_template) if args.chat_template else None
@@ -117,15 +120,23 @@ def _serve(args: argparse.Namespace) -> int:
 
 async def _run_ray_replicas(model: str, kwargs: dict, name: str, args: argparse.Namespace, scaling) -> int:
     """Replicas in Ray actors, kept between --min-replicas and --max-replicas by the autoscaler."""
-    from pagedray.cluster.autoscaler import Autoscaler
+    from pagedray.cluster.autoscaler import Autoscaler, RayResourceRequest
+    from pagedray.cluster.executors.ray_utils import can_have, init_ray
     from pagedray.cluster.replica import RayReplica
     from pagedray.cluster.router import Router
+    init_ray()
+    if kwargs["device"] == "auto":
+        # Decided by the nodes the cluster has or can launch: a CPU head with GPU nodes still at zero is a GPU cluster.
+        kwargs = {**kwargs, "device": "cuda" if can_have("GPU") else "cpu"}
+    resource = "GPU" if kwargs["device"].startswith("cuda") else "CPU"
 
     def make_replica(replica_name: str) -> RayReplica:
         return RayReplica(model, kwargs, name=replica_name, max_pending_requests=args.max_pending_requests)
 
     router = Router()
-    autoscaler = Autoscaler(router, make_replica, scaling)
+    # Each replica's ranks share one node: one {resource: tp} bundle asks for a node that holds them all.
+    autoscaler = Autoscaler(router, make_replica, scaling,
+                            resource_request=RayResourceRequest([{resource: kwargs["tensor_parallel_size"]}]))
     logger.info("starting %d replica(s) in Ray actors (min %d, max %d)", scaling.initial_replicas,
                 scaling.min_replicas, scaling.max_replicas)
     from pagedray.cluster.async_engine import EngineDeadError

@@ -81,7 +81,8 @@ def argmax_mismatch(got: torch.Tensor, ref: torch.Tensor, tie: float = TIE) -> s
     our_steps, ref_steps = top_steps(got), top_steps(ref)
     for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
         if a != b and not is_near_tie(a, our_steps[i], b, ref_steps[i], tie):
-            return f"row {i}: argmax {a} vs reference {b}, not a near-tie ({_show(our_steps[i])} vs {_show(ref_steps[i])})"
+            return (f"row {i}: argmax {a} vs reference {b}, not a near-tie "
+                    f"({_show(our_steps[i])} vs {_show(ref_steps[i])})")
     return None
 
 

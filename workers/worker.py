@@ -32,6 +32,7 @@ class Worker:
         self.device = torch.device(local_device or device_config.device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", 0)  # a Ray actor sees its one GPU as device 0
+        cache_config.check_device(self.device.type)   # also for a Worker built without build_engine_config
         self.dtype = DTYPES[model_config.resolve_dtype(self.device.type)]
         self.runner: ModelRunner | None = None
         self.cache: CacheEngine | None = None

@@ -44,18 +44,64 @@ def start_local_ray(num_cpus: int | None = None) -> None:
     _watchdog = watch(started)
 
 
+# Where `ray up` leaves the autoscaler's config on the head node (the driver runs there under `ray submit`).
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+def node_types() -> dict[str, dict] | None:
+    """The node types the Ray autoscaler can launch: {name: {"resources": {...}, "max_workers": n}}, or
+    None when no autoscaler config can be found (then the nodes alive now are all there will be).
+
+    Read from the cluster config the autoscaler reports to the GCS (what Ray Data reads) when there is
+    one, else from the autoscaling config file: $PAGEDRAY_AUTOSCALING_CONFIG, or the one `ray up`
+    writes on the head node.
+    """
+    config = ray._private.state.state.get_cluster_config()
+    if config is not None and config.node_group_configs:
+        return {g.name: {"resources": dict(g.resources), "max_workers": g.max_count}
+                for g in config.node_group_configs}
+    path = os.path.expanduser(os.environ.get("PAGEDRAY_AUTOSCALING_CONFIG", BOOTSTRAP_CONFIG))
+    if not os.path.exists(path):
+        return None
+    import yaml
+    with open(path) as f:
+        types = (yaml.safe_load(f) or {}).get("available_node_types") or {}
+    return {name: {"resources": t.get("resources") or {}, "max_workers": t.get("max_workers", 0)}
+            for name, t in types.items()}
+
+
 def check_fits(tensor_parallel_size: int, resource: str) -> None:
-    """ValueError unless one alive node has `tensor_parallel_size` of `resource` in total.
+    """ValueError unless one node, alive now or of a type the Ray autoscaler can launch, has
+    `tensor_parallel_size` of `resource` in total. A replica that fits only a node type that is not up
+    yet waits for the autoscaler (its placement group is pending demand).
 
     A replica's ranks talk over NCCL every layer, so they must share a node (STRICT_PACK).
     """
-    totals = [node["Resources"].get(resource, 0) for node in ray.nodes() if node.get("Alive")]
-    biggest = max(totals, default=0)
-    if biggest < tensor_parallel_size:
-        raise ValueError(
-            f"tensor_parallel_size={tensor_parallel_size} cannot fit: every rank needs one {resource} on the "
-            f"same node, and the largest node of this Ray cluster has {biggest:g} {resource} "
-            f"({len(totals)} alive node(s))")
+    alive = [node["Resources"].get(resource, 0) for node in ray.nodes() if node.get("Alive")]
+    if max(alive, default=0) >= tensor_parallel_size:
+        return
+    types = node_types()
+    need = (f"tensor_parallel_size={tensor_parallel_size} cannot fit: every rank needs one {resource} on the "
+            f"same node, and the largest node of this Ray cluster has {max(alive, default=0):g} {resource} "
+            f"({len(alive)} alive node(s))")
+    if types is None:
+        raise ValueError(f"{need}; no autoscaler node types were found (GCS cluster config, "
+                         f"$PAGEDRAY_AUTOSCALING_CONFIG or {BOOTSTRAP_CONFIG}), so no node will be added")
+    launchable = {name: t["resources"].get(resource, 0) for name, t in types.items()
+                  if t["max_workers"] != 0}
+    if any(have == -1 or have >= tensor_parallel_size for have in launchable.values()):
+        return
+    listed = ", ".join(f"{name} has {have:g}" for name, have in launchable.items()) or "none can be launched"
+    raise ValueError(f"{need}; nor can the autoscaler add one: no node type has {tensor_parallel_size} "
+                     f"{resource} ({listed})")
+
+
+def can_have(resource: str) -> bool:
+    """Whether a node with `resource` is alive or of a type the autoscaler can launch."""
+    if ray.cluster_resources().get(resource, 0) > 0:
+        return True
+    types = node_types() or {}
+    return any(t["resources"].get(resource, 0) and t["max_workers"] != 0 for t in types.values())
 
 
 def forwarded_env() -> dict[str, str]:

@@ -28,7 +28,8 @@ from typing import Any
 import msgspec
 import zmq
 
-from pagedray.cluster.core.process import DEFAULT_CORE_FACTORY, CoreStartup, bind_sockets, endpoint, serve
+from pagedray.cluster.core.process import (DEFAULT_CORE_FACTORY, CoreStartup, bind_sockets, endpoint,
+                                           run_engine_core, serve)
 from pagedray.cluster.serving.engine_client import EngineDeadError
 from pagedray.cluster.serving.process_client import ZmqCoreClient, threads_override
 
@@ -36,28 +37,48 @@ __all__ = ["RayClient", "CoreActor"]
 
 
 class CoreActor:
-    """Made a (threaded) Ray actor by RayClient: the core loop runs in `self.thread`."""
+    """Made a (threaded) Ray actor by RayClient. The core loop runs in a thread of this actor
+    (`in_child=False`) or in a child process of it (`in_child=True`: a plain process like a
+    ProcessClient's, which dies with the actor). Its sockets: ipc:// for a driver on this node,
+    else tcp:// on the node's address."""
 
-    def __init__(self, startup_bytes: bytes, registrations: dict) -> None:
+    def __init__(self, startup_bytes: bytes, registrations: dict, driver_node_id: str, in_child: bool) -> None:
         import ray
         startup = msgspec.msgpack.decode(startup_bytes, type=CoreStartup)
-        ip = ray.util.get_node_ip_address()
-        self.context = zmq.Context()
-        inp, out = bind_sockets(self.context, f"tcp://{ip}:*", f"tcp://{ip}:*")
-        tcp = (endpoint(inp), endpoint(out))
-        # Also ipc:// for a driver on this node (a cheaper hop than loopback tcp).
         self.ipc_dir = tempfile.mkdtemp(prefix="pagedray-actor-")
-        ipc = (f"ipc://{self.ipc_dir}/in", f"ipc://{self.ipc_dir}/out")
-        inp.bind(ipc[0])
-        out.bind(ipc[1])
-        self.endpoints = {"tcp": tcp, "ipc": ipc}
-        self.node_id = ray.get_runtime_context().get_node_id()
+        if driver_node_id == ray.get_runtime_context().get_node_id():
+            startup.input_address, startup.output_address = f"ipc://{self.ipc_dir}/in", f"ipc://{self.ipc_dir}/out"
+        else:
+            ip = ray.util.get_node_ip_address()
+            startup.input_address = startup.output_address = f"tcp://{ip}:*"
         self.core: Any = None
+        self.process = None
         self.built = threading.Event()
         self.stop = threading.Event()
+        if in_child:
+            self._start_child(startup, registrations)
+        else:
+            self._start_thread(startup, registrations)
+
+    def _start_thread(self, startup: CoreStartup, registrations: dict) -> None:
+        self.context = zmq.Context()
+        inp, out = bind_sockets(self.context, startup.input_address, startup.output_address)
+        self.endpoints = (endpoint(inp), endpoint(out))
         self.thread = threading.Thread(target=self._run, args=(startup, inp, out, registrations),
                                        name="engine-core", daemon=True)
         self.thread.start()
+
+    def _start_child(self, startup: CoreStartup, registrations: dict) -> None:
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")
+        reader, writer = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=run_engine_core, daemon=True, name="pagedray-core",
+                                   args=(msgspec.msgpack.encode(startup), os.getpid(), registrations, writer))
+        self.process.start()
+        writer.close()
+        if not reader.poll(120):
+            raise RuntimeError("the engine core process did not bind its sockets within 120 s")
+        self.endpoints = reader.recv()
 
     def _run(self, startup, inp, out, registrations) -> None:
         try:
@@ -70,24 +91,45 @@ class CoreActor:
         self.core = core
         self.built.set()
 
-    def addresses(self, driver_node_id: str) -> tuple[str, str, int]:
-        """The sockets to connect to (ipc:// from this node, else tcp://), and this process's pid."""
-        return (*self.endpoints["ipc" if driver_node_id == self.node_id else "tcp"], os.getpid())
+    def addresses(self) -> tuple[str, str, int, int]:
+        """The core's sockets, the pid of the process that steps it, and this actor's pid."""
+        core_pid = self.process.pid if self.process is not None else os.getpid()
+        return (*self.endpoints, core_pid, os.getpid())
 
-    def watch(self) -> None:
-        """Pending for the actor's whole life: its failure tells the driver the actor died."""
-        self.stop.wait()
+    def watch(self) -> str | None:
+        """Pending for the core's whole life: raises (ActorDiedError at the driver) when the actor
+        dies; returns why when a child core process exited by itself."""
+        if self.process is None:
+            self.stop.wait()
+            return None
+        self.process.join()
+        if self.stop.is_set():
+            return None
+        code = self.process.exitcode
+        return f"engine core process {self.process.pid} exited ({_how(code)})"
 
     def placement_group(self):
-        """The TP ranks' placement group: it outlives a killed actor, so the driver frees it."""
+        """The TP ranks' placement group: it outlives a killed actor, so the driver frees it.
+        (A child core's group belongs to the child's own Ray job and goes with it.)"""
+        if self.process is not None:
+            return None
         self.built.wait()
         executor = getattr(self.core, "executor", None)
         return getattr(executor, "placement_group", None)
 
     def shutdown(self) -> None:
         self.stop.set()
-        self.thread.join(30)
+        if self.process is not None:
+            self.process.join(30)
+            if self.process.exitcode is None:
+                self.process.kill()
+        else:
+            self.thread.join(30)
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
+
+
+def _how(code: int | None) -> str:
+    return f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
 
 
 class RayClient(ZmqCoreClient):
@@ -97,7 +139,8 @@ class RayClient(ZmqCoreClient):
     def __init__(self, model: str, engine_kwargs: dict[str, Any] | None = None, *, name: str | None = None,
                  liveness_s: float | None = None, startup_timeout_s: float | None = None,
                  core_factory: str = DEFAULT_CORE_FACTORY, num_threads: int | None = None,
-                 resources: dict[str, float] | None = None) -> None:
+                 resources: dict[str, float] | None = None, core_in_child: bool | None = None,
+                 nice: int | None = None) -> None:
         super().__init__(name or f"replica-{uuid.uuid4().hex[:8]}", liveness_s, startup_timeout_s)
         self.model = model
         self.engine_kwargs = dict(engine_kwargs or {})
@@ -106,7 +149,10 @@ class RayClient(ZmqCoreClient):
         self.resources = dict(resources or {})   # extra custom Ray resources for the actor
         self.actor = None
         self.placement_group = None
-        self.pid: int | None = None      # the actor's process (tests stop and kill it)
+        self.core_in_child = core_in_child
+        self.nice = nice
+        self.pid: int | None = None        # the process that steps the core (tests stop and kill it)
+        self.actor_pid: int | None = None
         self._watch: asyncio.Future | None = None
 
     def actor_options(self) -> dict:
@@ -134,12 +180,12 @@ class RayClient(ZmqCoreClient):
 
     async def start(self) -> None:
         import ray
-        from pagedray.cluster.executors.ray_utils import check_fits, forwarded_env, init_ray
+        from pagedray.cluster.executors.ray_utils import can_have, check_fits, forwarded_env, init_ray
         from pagedray.models.registry import ModelRegistry
         init_ray()
         if self._device() == "auto":
-            # The driver may sit on a CPU head node: decide by what the cluster has, not by this machine.
-            self.engine_kwargs["device"] = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+            # The driver may sit on a CPU head node: decide by what the cluster has or can launch.
+            self.engine_kwargs["device"] = "cuda" if can_have("GPU") else "cpu"
         if self.engine_kwargs.get("executor", "local") != "ray":
             # Refused now rather than pending forever (the ray executor checks its own TP group).
             check_fits(1, "GPU" if self._device().startswith("cuda") else "CPU")
@@ -147,12 +193,13 @@ class RayClient(ZmqCoreClient):
         # The replica's own TP placement group may wait for the Ray autoscaler to add a node.
         env.setdefault("PAGEDRAY_RAY_PLACEMENT_TIMEOUT_S", str(self.startup_timeout_s))
         startup = CoreStartup(self.model, self.engine_kwargs, "", "", self.heartbeat_s, self.core_factory,
-                              env, self._threads())
+                              env, self._threads(), self.nice)
         actor_cls = ray.remote(CoreActor).options(**self.actor_options(), max_concurrency=4)
-        self.actor = actor_cls.remote(self._wire.encode(startup), ModelRegistry.out_of_tree())
+        self.actor = actor_cls.remote(self._wire.encode(startup), ModelRegistry.out_of_tree(),
+                                      ray.get_runtime_context().get_node_id(), self._in_child())
         try:
-            node = ray.get_runtime_context().get_node_id()
-            inp, out, self.pid = await asyncio.wait_for(self.actor.addresses.remote(node), self.startup_timeout_s)
+            inp, out, self.pid, self.actor_pid = await asyncio.wait_for(self.actor.addresses.remote(),
+                                                                         self.startup_timeout_s)
             self._watch = asyncio.ensure_future(self.actor.watch.remote())
             self._watch.add_done_callback(self._on_watch_done)
             self._connect(inp, out)
@@ -171,11 +218,19 @@ class RayClient(ZmqCoreClient):
                 raise
             raise EngineDeadError(f"engine {self.name} failed to start: {_first_line(exc)}") from exc
 
+    def _in_child(self) -> bool:
+        """A TP core stays in the actor's thread: its placement group must be the actor's."""
+        if self.engine_kwargs.get("executor", "local") == "ray":
+            return False
+        return bool(self.core_in_child)
+
     def _core_exit_cause(self) -> str | None:
         watch = self._watch
-        if watch is None or not watch.done() or watch.cancelled() or watch.exception() is None:
+        if watch is None or not watch.done() or watch.cancelled():
             return None
-        return f"the engine actor died: {_first_line(watch.exception())}"
+        if watch.exception() is not None:
+            return f"the engine actor died: {_first_line(watch.exception())}"
+        return watch.result()     # a child core process exited (None: a normal stop)
 
     def _on_watch_done(self, watch: asyncio.Future) -> None:
         cause = self._core_exit_cause()

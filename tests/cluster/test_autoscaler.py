@@ -84,10 +84,16 @@ def test_autoscaler_adds_in_background_drains_and_replaces_dead():
             made.append(SlowFake(name, ready))
             return made[-1]
 
+        asked: list[int] = []      # what the cluster's autoscaler was asked to make room for
+
+        class Recorder:
+            def set(self, replicas: int) -> None:
+                asked.append(replicas)
+
         router = Router()
         config = AutoscalingConfig(min_replicas=1, max_replicas=3, target_ongoing_requests=2,
                                    upscale_delay_s=1, downscale_delay_s=10)
-        scaler = Autoscaler(router, make, config, clock=lambda: clock[0])
+        scaler = Autoscaler(router, make, config, clock=lambda: clock[0], resource_request=Recorder())
         await scaler.start()
         assert router.num_ready == 1
         held = Held(router)
@@ -98,6 +104,7 @@ def test_autoscaler_adds_in_background_drains_and_replaces_dead():
         clock[0] = 1.0
         scaler.step()                       # 5 ongoing / 2 -> 3 replicas, two of them starting
         assert len(scaler.starting) == 2 and router.num_ready == 1
+        assert asked == [3]                 # asked ahead, while the two are still starting
         assert (await held.start("r5", tokens([9, 9], []))).name == "replica-0"  # serving goes on
         ready.set()
         await asyncio.sleep(0.01)
@@ -116,12 +123,15 @@ def test_autoscaler_adds_in_background_drains_and_replaces_dead():
         scaler.step()
         await asyncio.sleep(0.01)
         assert router.num_ready == 1 and sum(r.shut for r in made) == 2
+        assert asked == [3, 0]              # scaling down withdrew the request
         # The last one dies: below the minimum, a new one starts at once.
         router.replicas[0].healthy = False
         scaler.step()
         await asyncio.sleep(0.01)
         assert router.num_ready == 1 and router.replicas[0].name == "replica-3"
+        assert asked == [3, 0, 1]
         await scaler.stop()
+        assert asked == [3, 0, 1, 0]
         await router.shutdown()
         return made
 

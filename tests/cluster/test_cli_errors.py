@@ -92,7 +92,8 @@ def _help(command: str) -> str:
 def test_help_shows_defaults():
     serve = _help("serve")
     for shown in ("--host HOST address to listen on (0.0.0.0: every interface) (default: 127.0.0.1)",
-                  "(default: 50051)", "--gpu-memory-utilization GPU_MEMORY_UTILIZATION default: 0.9", "--device DEVICE auto, cpu, cuda or cuda:N (default: auto)"):
+                  "(default: 50051)", "--gpu-memory-utilization GPU_MEMORY_UTILIZATION default: 0.9",
+                  "--device DEVICE auto, cpu, cuda or cuda:N (default: auto)"):
         assert shown in serve
     assert "(default: 127.0.0.1:50051)" in _help("client")
     assert "default model, whose folder `pagedray info` prints" in _help("generate")

@@ -176,5 +176,6 @@ def test_perturbed_layer_scale_breaks_the_rule(case, tmp_path):
     llm = LLM(broken, device="cpu", block_size=4, num_kv_blocks=64, max_num_batched_tokens=16)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=2)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    reasons = [greedy_mismatch(engine_greedy(o.outputs[0]), hf_greedy(hf, p, MAX_TOKENS)) for p, o in zip(prompts, outs)]
+    reasons = [greedy_mismatch(engine_greedy(o.outputs[0]), hf_greedy(hf, p, MAX_TOKENS))
+               for p, o in zip(prompts, outs)]
     assert all(reasons), f"{arch}/{name}: {victim} x1.01 passed for some prompt: {reasons}"

@@ -50,3 +50,14 @@ def test_model_must_be_a_local_checkpoint_folder(tmp_path):
         ModelConfig("HuggingFaceTB/SmolLM2-135M")
     with pytest.raises(ValueError, match="is not an HF checkpoint folder: it has no config.json"):
         ModelConfig(str(tmp_path))
+
+
+def test_worker_on_cuda_refuses_an_unserved_block_size(tmp_path):
+    """Before any CUDA call: a Worker built by hand (not through build_engine_config) checks too."""
+    from tiny_models import make_tiny_llama
+
+    from pagedray.workers.config import ParallelConfig
+    from pagedray.workers.worker import Worker
+    model = ModelConfig(make_tiny_llama(tmp_path, tokenizer=False))
+    with pytest.raises(ValueError, match=r"block_size must be one of \(8, 16, 32\) on CUDA"):
+        Worker(model, CacheConfig(block_size=4), ParallelConfig(), DeviceConfig("cpu"), 64, 8, local_device="cuda")
