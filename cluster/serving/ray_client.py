@@ -36,22 +36,20 @@ __all__ = ["RayClient", "CoreActor"]
 
 
 class CoreActor:
-    """Made a (threaded) Ray actor by RayClient: the core loop runs in `self.thread`."""
+    """Made a (threaded) Ray actor by RayClient: the core loop runs in `self.thread`, on sockets
+    bound for its driver (ipc:// when the driver shares this node, else tcp:// on its address)."""
 
-    def __init__(self, startup_bytes: bytes, registrations: dict) -> None:
+    def __init__(self, startup_bytes: bytes, registrations: dict, driver_node_id: str) -> None:
         import ray
         startup = msgspec.msgpack.decode(startup_bytes, type=CoreStartup)
-        ip = ray.util.get_node_ip_address()
-        self.context = zmq.Context()
-        inp, out = bind_sockets(self.context, f"tcp://{ip}:*", f"tcp://{ip}:*")
-        tcp = (endpoint(inp), endpoint(out))
-        # Also ipc:// for a driver on this node (a cheaper hop than loopback tcp).
         self.ipc_dir = tempfile.mkdtemp(prefix="pagedray-actor-")
-        ipc = (f"ipc://{self.ipc_dir}/in", f"ipc://{self.ipc_dir}/out")
-        inp.bind(ipc[0])
-        out.bind(ipc[1])
-        self.endpoints = {"tcp": tcp, "ipc": ipc}
-        self.node_id = ray.get_runtime_context().get_node_id()
+        if driver_node_id == ray.get_runtime_context().get_node_id():
+            inp, out = f"ipc://{self.ipc_dir}/in", f"ipc://{self.ipc_dir}/out"
+        else:
+            inp = out = f"tcp://{ray.util.get_node_ip_address()}:*"
+        self.context = zmq.Context()
+        inp, out = bind_sockets(self.context, inp, out)
+        self.endpoints = (endpoint(inp), endpoint(out))
         self.core: Any = None
         self.built = threading.Event()
         self.stop = threading.Event()
@@ -70,9 +68,9 @@ class CoreActor:
         self.core = core
         self.built.set()
 
-    def addresses(self, driver_node_id: str) -> tuple[str, str, int]:
-        """The sockets to connect to (ipc:// from this node, else tcp://), and this process's pid."""
-        return (*self.endpoints["ipc" if driver_node_id == self.node_id else "tcp"], os.getpid())
+    def addresses(self) -> tuple[str, str, int]:
+        """The core's sockets and this actor's pid."""
+        return (*self.endpoints, os.getpid())
 
     def watch(self) -> None:
         """Pending for the actor's whole life: its failure tells the driver the actor died."""
@@ -134,12 +132,12 @@ class RayClient(ZmqCoreClient):
 
     async def start(self) -> None:
         import ray
-        from pagedray.cluster.executors.ray_utils import check_fits, forwarded_env, init_ray
+        from pagedray.cluster.executors.ray_utils import can_have, check_fits, forwarded_env, init_ray
         from pagedray.models.registry import ModelRegistry
         init_ray()
         if self._device() == "auto":
-            # The driver may sit on a CPU head node: decide by what the cluster has, not by this machine.
-            self.engine_kwargs["device"] = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+            # The driver may sit on a CPU head node: decide by what the cluster has or can launch.
+            self.engine_kwargs["device"] = "cuda" if can_have("GPU") else "cpu"
         if self.engine_kwargs.get("executor", "local") != "ray":
             # Refused now rather than pending forever (the ray executor checks its own TP group).
             check_fits(1, "GPU" if self._device().startswith("cuda") else "CPU")
@@ -149,10 +147,10 @@ class RayClient(ZmqCoreClient):
         startup = CoreStartup(self.model, self.engine_kwargs, "", "", self.heartbeat_s, self.core_factory,
                               env, self._threads())
         actor_cls = ray.remote(CoreActor).options(**self.actor_options(), max_concurrency=4)
-        self.actor = actor_cls.remote(self._wire.encode(startup), ModelRegistry.out_of_tree())
+        self.actor = actor_cls.remote(self._wire.encode(startup), ModelRegistry.out_of_tree(),
+                                      ray.get_runtime_context().get_node_id())
         try:
-            node = ray.get_runtime_context().get_node_id()
-            inp, out, self.pid = await asyncio.wait_for(self.actor.addresses.remote(node), self.startup_timeout_s)
+            inp, out, self.pid = await asyncio.wait_for(self.actor.addresses.remote(), self.startup_timeout_s)
             self._watch = asyncio.ensure_future(self.actor.watch.remote())
             self._watch.add_done_callback(self._on_watch_done)
             self._connect(inp, out)
@@ -173,8 +171,10 @@ class RayClient(ZmqCoreClient):
 
     def _core_exit_cause(self) -> str | None:
         watch = self._watch
-        if watch is None or not watch.done() or watch.cancelled() or watch.exception() is None:
+        if watch is None or not watch.done() or watch.cancelled():
             return None
+        if watch.exception() is None:
+            return None              # a normal stop
         return f"the engine actor died: {_first_line(watch.exception())}"
 
     def _on_watch_done(self, watch: asyncio.Future) -> None:

@@ -170,3 +170,13 @@ def test_core_dies_with_its_parent(tmp_path):
         assert wait_gone(core_pid, 10), f"core {core_pid} outlived its SIGKILLed parent"
     finally:
         parent.kill()
+
+
+def test_bad_settings_are_value_errors(monkeypatch):
+    from pagedray.cluster.serving.process_client import threads_override
+    monkeypatch.setenv("PAGEDRAY_ENGINE_LIVENESS_S", "0")
+    with pytest.raises(ValueError, match="PAGEDRAY_ENGINE_LIVENESS_S must be > 0 seconds, got 0"):
+        ProcessClient("m")
+    monkeypatch.setenv("PAGEDRAY_ENGINE_THREADS", "two")
+    with pytest.raises(ValueError, match="PAGEDRAY_ENGINE_THREADS must be an integer >= 1, got 'two'"):
+        threads_override()
