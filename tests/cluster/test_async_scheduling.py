@@ -170,8 +170,10 @@ def _core_run(path: str, overlapped: bool, abort_after: int | None = None):
 
 
 def test_core_deltas_equal_the_plain_loop_and_an_abort_in_flight_emits_nothing_after(tiny_llama):
-    plain = _core_run(tiny_llama, False)[:2]
-    assert _core_run(tiny_llama, True)[:2] == plain
+    *plain, plain_core = _core_run(tiny_llama, False)
+    *overlapped, core = _core_run(tiny_llama, True)
+    assert overlapped == plain
+    assert plain_core.scheduler.num_preemptions > 0 and core.scheduler.num_preemptions > 0
     # Abort r1 (both completions) when completion 0 has 3 tokens: its next step is in flight.
     tokens, finished, _ = _core_run(tiny_llama, True, abort_after=3)
     assert set(tokens) <= set(plain[0])
