@@ -37,11 +37,7 @@ from pagedray.cluster.core.messages import CoreOutput, CoreOutputs, CoreRequest,
 from pagedray.cluster.core.process import DEFAULT_CORE_FACTORY, load_factory  # noqa: E402
 from pagedray.workers.sampling_params import SamplingParams  # noqa: E402
 
-# In-process last: the others free their GPU memory on exit. The ray-* variants: the core in a
-# child process of the actor, and/or its thread reset from Ray's worker niceness (15) to 0.
-RAY_VARIANTS = {"ray": {}, "ray-nice0": {"nice": 0}, "ray-child": {"core_in_child": True},
-                "ray-child-nice0": {"core_in_child": True, "nice": 0}}
-CLIENTS = (*RAY_VARIANTS, "process", "inproc")
+CLIENTS = ("ray", "process", "inproc")   # in-process last: the other two free their GPU memory on exit
 
 
 def emit(record: dict) -> None:
@@ -198,9 +194,9 @@ async def _bench_clients(args, path: str, kw: dict) -> None:
     from pagedray.cluster.serving.process_client import ProcessClient
     from pagedray.cluster.serving.ray_client import RayClient
     for kind in [k for k in CLIENTS if k in args.clients and k != "inproc"]:
-        if kind in RAY_VARIANTS:
+        if kind == "ray":
             client = RayClient(path, kw, name="bench", core_factory=args.core_factory,
-                               num_threads=args.ray_threads, **RAY_VARIANTS[kind])
+                               num_threads=args.ray_threads)
         else:
             client = ProcessClient(path, kw, name="bench", core_factory=args.core_factory)
         await client.start()
@@ -214,7 +210,7 @@ def bench_engine(args) -> None:
     from ray_step_overhead import make_model_dir
     path = make_model_dir(tempfile.mkdtemp(), args.preset, weights=False)
     kw = dict(device=args.device, load_format="dummy", max_model_len=2048, gpu_memory_utilization=0.5)
-    if any(k in RAY_VARIANTS for k in args.clients):
+    if "ray" in args.clients:
         import ray
         ray.init(include_dashboard=False, log_to_driver=False)
     asyncio.run(_bench_clients(args, path, kw))
@@ -235,7 +231,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--clients", nargs="+", default=["ray", "process", "inproc"], choices=CLIENTS)
+    ap.add_argument("--clients", nargs="+", default=list(CLIENTS), choices=CLIENTS)
     ap.add_argument("--core-factory", default=DEFAULT_CORE_FACTORY)
     ap.add_argument("--ray-threads", type=int, default=None,
                     help="torch threads of the Ray actor's engine (default: RayClient's choice)")

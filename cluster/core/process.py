@@ -50,7 +50,6 @@ class CoreStartup(msgspec.Struct, omit_defaults=True):
     core_factory: str = DEFAULT_CORE_FACTORY   # "module:callable(model, **engine_kwargs)"
     env: dict[str, str] = {}
     num_threads: int | None = None         # torch intra-op threads (a Ray actor starts with 1)
-    nice: int | None = None                # niceness for the core's thread (Ray starts workers at 15)
 
 
 class CoreFailure(msgspec.Struct):
@@ -96,11 +95,6 @@ def endpoint(sock: zmq.Socket) -> str:
 
 def build_core(startup: CoreStartup, registrations: dict | None = None) -> Any:
     os.environ.update(startup.env)
-    if startup.nice is not None:
-        try:   # Linux: this thread only (and the threads it starts afterwards)
-            os.setpriority(os.PRIO_PROCESS, 0, startup.nice)
-        except OSError as exc:
-            logger.warning("cannot set the engine core's niceness to %d: %s", startup.nice, exc)
     if startup.num_threads:
         import torch
         torch.set_num_threads(startup.num_threads)
@@ -268,10 +262,8 @@ def die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def run_engine_core(startup_bytes: bytes, parent_pid: int, registrations: dict | None = None,
-                    report=None) -> None:
-    """The core process's entry point (multiprocessing spawn target). `report`: a connection to
-    send the bound endpoints through (for "tcp://ip:*" addresses)."""
+def run_engine_core(startup_bytes: bytes, parent_pid: int, registrations: dict | None = None) -> None:
+    """The core process's entry point (multiprocessing spawn target)."""
     die_with_parent(parent_pid)
     # Ctrl-C reaches the whole process group: the front decides when the core stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -279,9 +271,6 @@ def run_engine_core(startup_bytes: bytes, parent_pid: int, registrations: dict |
     startup = msgspec.msgpack.decode(startup_bytes, type=CoreStartup)
     context = zmq.Context()
     inp, out = bind_sockets(context, startup.input_address, startup.output_address)
-    if report is not None:
-        report.send((endpoint(inp), endpoint(out)))
-        report.close()
     code = serve(startup, inp, out, registrations)
     inp.close()
     out.close()      # lingers up to a second so the last frames (FATAL) reach the front

@@ -67,9 +67,10 @@ def check_model(body: dict, served_model: str) -> None:
                           param="model", code="model_not_found")
 
 
-def _typed(body: dict, name: str, kinds: tuple, rule: str):
+def _typed(body: dict, name: str, kind: type, rule: str):
+    """body[name] if it is exactly of `kind` (JSON `true` is no integer here), None if absent."""
     value = body.get(name)
-    if value is not None and (not isinstance(value, kinds) or isinstance(value, bool) != (bool in kinds)):
+    if value is not None and type(value) is not kind:
         raise OpenAIError(400, f"{name} must be {rule}, got {value!r}", param=name)
     return value
 
@@ -79,7 +80,7 @@ def _common(body: dict) -> tuple[dict, bool, bool]:
     for name in _UNSUPPORTED:
         if body.get(name) is not None and not (name == "best_of" and body.get(name) == body.get("n", 1)):
             raise OpenAIError(400, f"{name} is not supported by this server", param=name)
-    stream = bool(_typed(body, "stream", (bool,), "a boolean"))
+    stream = bool(_typed(body, "stream", bool, "a boolean"))
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or not stream):
         raise OpenAIError(400, "stream_options must be an object, and only set when stream is true",
@@ -104,12 +105,12 @@ def parse_completion(body: dict, served_model: str) -> ParsedRequest:
     kwargs, stream, include_usage = _common(body)
     if "max_tokens" in body:
         kwargs["max_tokens"] = body["max_tokens"]   # None: the rest of the context, as in vLLM
-    logprobs = _typed(body, "logprobs", (int,), f"an integer in [0, {MAX_LOGPROBS}]")
+    logprobs = _typed(body, "logprobs", int, f"an integer in [0, {MAX_LOGPROBS}]")
     if logprobs is not None:
         if not 0 <= logprobs <= MAX_LOGPROBS:
             raise OpenAIError(400, f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", param="logprobs")
         kwargs["logprobs"] = logprobs
-    echo = bool(_typed(body, "echo", (bool,), "a boolean"))
+    echo = bool(_typed(body, "echo", bool, "a boolean"))
     prompts = _prompts(body.get("prompt"))
     _check_choices(len(prompts), kwargs.get("n", 1))
     return ParsedRequest(prompts, _sampling(kwargs, body), stream, include_usage, logprobs, echo)
@@ -146,8 +147,8 @@ def parse_chat(body: dict, served_model: str, chat: ChatRenderer) -> ParsedReque
     limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     kwargs["max_tokens"] = body.get(limit)    # None: the rest of the context
     aliases["max_tokens"] = limit
-    wants = _typed(body, "logprobs", (bool,), "a boolean")
-    top = _typed(body, "top_logprobs", (int,), f"an integer in [0, {MAX_LOGPROBS}]")
+    wants = _typed(body, "logprobs", bool, "a boolean")
+    top = _typed(body, "top_logprobs", int, f"an integer in [0, {MAX_LOGPROBS}]")
     if top is not None and (not wants or not 0 <= top <= MAX_LOGPROBS):
         raise OpenAIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}] and needs logprobs: true, "
                                f"got {top}", param="top_logprobs")

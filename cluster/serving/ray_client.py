@@ -28,8 +28,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from pagedray.cluster.core.process import (DEFAULT_CORE_FACTORY, CoreStartup, bind_sockets, endpoint,
-                                           run_engine_core, serve)
+from pagedray.cluster.core.process import DEFAULT_CORE_FACTORY, CoreStartup, bind_sockets, endpoint, serve
 from pagedray.cluster.serving.engine_client import EngineDeadError
 from pagedray.cluster.serving.process_client import ZmqCoreClient, threads_override
 
@@ -37,48 +36,26 @@ __all__ = ["RayClient", "CoreActor"]
 
 
 class CoreActor:
-    """Made a (threaded) Ray actor by RayClient. The core loop runs in a thread of this actor
-    (`in_child=False`) or in a child process of it (`in_child=True`: a plain process like a
-    ProcessClient's, which dies with the actor). Its sockets: ipc:// for a driver on this node,
-    else tcp:// on the node's address."""
+    """Made a (threaded) Ray actor by RayClient: the core loop runs in `self.thread`, on sockets
+    bound for its driver (ipc:// when the driver shares this node, else tcp:// on its address)."""
 
-    def __init__(self, startup_bytes: bytes, registrations: dict, driver_node_id: str, in_child: bool) -> None:
+    def __init__(self, startup_bytes: bytes, registrations: dict, driver_node_id: str) -> None:
         import ray
         startup = msgspec.msgpack.decode(startup_bytes, type=CoreStartup)
         self.ipc_dir = tempfile.mkdtemp(prefix="pagedray-actor-")
         if driver_node_id == ray.get_runtime_context().get_node_id():
-            startup.input_address, startup.output_address = f"ipc://{self.ipc_dir}/in", f"ipc://{self.ipc_dir}/out"
+            inp, out = f"ipc://{self.ipc_dir}/in", f"ipc://{self.ipc_dir}/out"
         else:
-            ip = ray.util.get_node_ip_address()
-            startup.input_address = startup.output_address = f"tcp://{ip}:*"
+            inp = out = f"tcp://{ray.util.get_node_ip_address()}:*"
+        self.context = zmq.Context()
+        inp, out = bind_sockets(self.context, inp, out)
+        self.endpoints = (endpoint(inp), endpoint(out))
         self.core: Any = None
-        self.process = None
         self.built = threading.Event()
         self.stop = threading.Event()
-        if in_child:
-            self._start_child(startup, registrations)
-        else:
-            self._start_thread(startup, registrations)
-
-    def _start_thread(self, startup: CoreStartup, registrations: dict) -> None:
-        self.context = zmq.Context()
-        inp, out = bind_sockets(self.context, startup.input_address, startup.output_address)
-        self.endpoints = (endpoint(inp), endpoint(out))
         self.thread = threading.Thread(target=self._run, args=(startup, inp, out, registrations),
                                        name="engine-core", daemon=True)
         self.thread.start()
-
-    def _start_child(self, startup: CoreStartup, registrations: dict) -> None:
-        import multiprocessing
-        ctx = multiprocessing.get_context("spawn")
-        reader, writer = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=run_engine_core, daemon=True, name="pagedray-core",
-                                   args=(msgspec.msgpack.encode(startup), os.getpid(), registrations, writer))
-        self.process.start()
-        writer.close()
-        if not reader.poll(120):
-            raise RuntimeError("the engine core process did not bind its sockets within 120 s")
-        self.endpoints = reader.recv()
 
     def _run(self, startup, inp, out, registrations) -> None:
         try:
@@ -91,45 +68,24 @@ class CoreActor:
         self.core = core
         self.built.set()
 
-    def addresses(self) -> tuple[str, str, int, int]:
-        """The core's sockets, the pid of the process that steps it, and this actor's pid."""
-        core_pid = self.process.pid if self.process is not None else os.getpid()
-        return (*self.endpoints, core_pid, os.getpid())
+    def addresses(self) -> tuple[str, str, int]:
+        """The core's sockets and this actor's pid."""
+        return (*self.endpoints, os.getpid())
 
-    def watch(self) -> str | None:
-        """Pending for the core's whole life: raises (ActorDiedError at the driver) when the actor
-        dies; returns why when a child core process exited by itself."""
-        if self.process is None:
-            self.stop.wait()
-            return None
-        self.process.join()
-        if self.stop.is_set():
-            return None
-        code = self.process.exitcode
-        return f"engine core process {self.process.pid} exited ({_how(code)})"
+    def watch(self) -> None:
+        """Pending for the actor's whole life: its failure tells the driver the actor died."""
+        self.stop.wait()
 
     def placement_group(self):
-        """The TP ranks' placement group: it outlives a killed actor, so the driver frees it.
-        (A child core's group belongs to the child's own Ray job and goes with it.)"""
-        if self.process is not None:
-            return None
+        """The TP ranks' placement group: it outlives a killed actor, so the driver frees it."""
         self.built.wait()
         executor = getattr(self.core, "executor", None)
         return getattr(executor, "placement_group", None)
 
     def shutdown(self) -> None:
         self.stop.set()
-        if self.process is not None:
-            self.process.join(30)
-            if self.process.exitcode is None:
-                self.process.kill()
-        else:
-            self.thread.join(30)
+        self.thread.join(30)
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
-
-
-def _how(code: int | None) -> str:
-    return f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
 
 
 class RayClient(ZmqCoreClient):
@@ -139,8 +95,7 @@ class RayClient(ZmqCoreClient):
     def __init__(self, model: str, engine_kwargs: dict[str, Any] | None = None, *, name: str | None = None,
                  liveness_s: float | None = None, startup_timeout_s: float | None = None,
                  core_factory: str = DEFAULT_CORE_FACTORY, num_threads: int | None = None,
-                 resources: dict[str, float] | None = None, core_in_child: bool | None = None,
-                 nice: int | None = None) -> None:
+                 resources: dict[str, float] | None = None) -> None:
         super().__init__(name or f"replica-{uuid.uuid4().hex[:8]}", liveness_s, startup_timeout_s)
         self.model = model
         self.engine_kwargs = dict(engine_kwargs or {})
@@ -149,10 +104,7 @@ class RayClient(ZmqCoreClient):
         self.resources = dict(resources or {})   # extra custom Ray resources for the actor
         self.actor = None
         self.placement_group = None
-        self.core_in_child = core_in_child
-        self.nice = nice
-        self.pid: int | None = None        # the process that steps the core (tests stop and kill it)
-        self.actor_pid: int | None = None
+        self.pid: int | None = None      # the actor's process (tests stop and kill it)
         self._watch: asyncio.Future | None = None
 
     def actor_options(self) -> dict:
@@ -193,13 +145,12 @@ class RayClient(ZmqCoreClient):
         # The replica's own TP placement group may wait for the Ray autoscaler to add a node.
         env.setdefault("PAGEDRAY_RAY_PLACEMENT_TIMEOUT_S", str(self.startup_timeout_s))
         startup = CoreStartup(self.model, self.engine_kwargs, "", "", self.heartbeat_s, self.core_factory,
-                              env, self._threads(), self.nice)
+                              env, self._threads())
         actor_cls = ray.remote(CoreActor).options(**self.actor_options(), max_concurrency=4)
         self.actor = actor_cls.remote(self._wire.encode(startup), ModelRegistry.out_of_tree(),
-                                      ray.get_runtime_context().get_node_id(), self._in_child())
+                                      ray.get_runtime_context().get_node_id())
         try:
-            inp, out, self.pid, self.actor_pid = await asyncio.wait_for(self.actor.addresses.remote(),
-                                                                         self.startup_timeout_s)
+            inp, out, self.pid = await asyncio.wait_for(self.actor.addresses.remote(), self.startup_timeout_s)
             self._watch = asyncio.ensure_future(self.actor.watch.remote())
             self._watch.add_done_callback(self._on_watch_done)
             self._connect(inp, out)
@@ -218,19 +169,13 @@ class RayClient(ZmqCoreClient):
                 raise
             raise EngineDeadError(f"engine {self.name} failed to start: {_first_line(exc)}") from exc
 
-    def _in_child(self) -> bool:
-        """A TP core stays in the actor's thread: its placement group must be the actor's."""
-        if self.engine_kwargs.get("executor", "local") == "ray":
-            return False
-        return bool(self.core_in_child)
-
     def _core_exit_cause(self) -> str | None:
         watch = self._watch
         if watch is None or not watch.done() or watch.cancelled():
             return None
-        if watch.exception() is not None:
-            return f"the engine actor died: {_first_line(watch.exception())}"
-        return watch.result()     # a child core process exited (None: a normal stop)
+        if watch.exception() is None:
+            return None              # a normal stop
+        return f"the engine actor died: {_first_line(watch.exception())}"
 
     def _on_watch_done(self, watch: asyncio.Future) -> None:
         cause = self._core_exit_cause()

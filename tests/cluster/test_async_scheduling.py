@@ -44,9 +44,15 @@ def _workload(tok) -> tuple[list, list[SamplingParams]]:
 
 
 def _summary(outputs) -> list:
+    """Everything but logprob values, which are compared within 1e-4 (`_logprob_values`): the
+    loops batch differently, and a row's float sums may round differently with the batch."""
     return [(o.request_id, [(c.index, c.token_ids, c.text, c.finish_reason,
-                             [sorted(lp.items()) for lp in c.logprobs] if c.logprobs else None)
+                             [sorted(lp) for lp in c.logprobs] if c.logprobs else None)
                             for c in o.outputs]) for o in outputs]
+
+
+def _logprob_values(outputs) -> list[float]:
+    return [v for o in outputs for c in o.outputs for lp in (c.logprobs or []) for _, v in sorted(lp.items())]
 
 
 def _nothing_held(llm: LLM) -> None:
@@ -60,7 +66,7 @@ def _nothing_held(llm: LLM) -> None:
 def test_overlapped_outputs_equal_the_plain_loop(tiny_llama, num_kv_blocks):
     """Chunked prefill, prefix hits, n > 1, seeded sampling, penalties, min_tokens, logprobs, stop
     strings; with 40 blocks also preemption (recompute) while a step is in flight."""
-    runs = {}
+    runs, values = {}, {}
     for overlapped in (False, True):
         llm = _llm(tiny_llama, overlapped, num_kv_blocks=num_kv_blocks)
         prompts, params = _workload(llm.get_tokenizer())
@@ -73,9 +79,11 @@ def test_overlapped_outputs_equal_the_plain_loop(tiny_llama, num_kv_blocks):
         stats = llm.llm_engine.get_stats()
         runs[overlapped] = (_summary(first), _summary(second), stats.num_preemptions > 0,
                             stats.prefix_cache_hit_tokens > 0)
+        values[overlapped] = _logprob_values(first)
         _nothing_held(llm)
         assert llm.llm_engine.async_scheduling is overlapped
     assert runs[True] == runs[False]
+    assert values[True] and values[True] == pytest.approx(values[False], abs=1e-4)
     assert runs[True][3], "the workload had no prefix-cache hit"
     assert runs[True][2] == (num_kv_blocks is not None), "preemption expected exactly with 40 blocks"
     assert any(c[3] == "stop" for _, cs in runs[True][1] for c in cs), "no stop string ended a request"
@@ -138,3 +146,82 @@ def test_stop_token_arriving_with_the_next_step_in_flight(tiny_llama):
     while engine.has_unfinished_requests():
         engine.step()
     _nothing_held(llm)
+
+
+# -- the engine core's deltas, directly and behind the in-process client --------------------------
+def _core_run(path: str, overlapped: bool, abort_after: int | None = None):
+    """Every completion's token deltas and finish reason; `abort_after`: abort request "r1" once it
+    has that many tokens (its next step is in flight then, when overlapped)."""
+    from pagedray.cluster.core.engine_core import EngineCore
+    from pagedray.cluster.core.messages import CoreRequest
+    core = EngineCore.from_kwargs(path, device="cpu", block_size=4, num_kv_blocks=24,
+                                  max_num_batched_tokens=16, async_scheduling=overlapped)
+    params = [SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=3, max_tokens=12, n=2),
+              SamplingParams(temperature=0, max_tokens=20, logprobs=1, ignore_eos=True)]
+    core.add([CoreRequest(f"r{i}", list(range(3 + i, 20 + 2 * i)), p) for i, p in enumerate(params)])
+    tokens: dict[tuple[str, int], list[int]] = {}
+    finished: dict[tuple[str, int], str] = {}
+    while core.has_unfinished_requests():
+        for out in core.step().outputs:
+            key = (out.request_id, out.index)
+            assert key not in finished, f"{key} got a delta after it finished"
+            tokens.setdefault(key, []).extend(out.new_token_ids)
+            if out.finish_reason is not None:
+                finished[key] = out.finish_reason
+            if abort_after is not None and key == ("r1", 0) and len(tokens[key]) >= abort_after \
+                    and key not in finished:
+                core.abort(["r1"])
+    stats = core.get_stats()
+    assert (stats.num_used_blocks, stats.num_running, stats.num_waiting) == (0, 0, 0)
+    return tokens, finished, core
+
+
+def test_core_deltas_equal_the_plain_loop_and_an_abort_in_flight_emits_nothing_after(tiny_llama):
+    *plain, plain_core = _core_run(tiny_llama, False)
+    *overlapped, core = _core_run(tiny_llama, True)
+    assert overlapped == plain
+    assert plain_core.scheduler.num_preemptions > 0 and core.scheduler.num_preemptions > 0
+    # Abort r1 (both completions) when completion 0 has 3 tokens: its next step is in flight.
+    tokens, finished, _ = _core_run(tiny_llama, True, abort_after=3)
+    assert set(tokens) <= set(plain[0])
+    for key, toks in tokens.items():
+        if key[0] == "r1":    # cut short (an abort sends nothing), but what it got is the plain run's
+            assert key not in finished and toks == plain[0][key][:len(toks)]
+        else:
+            assert (toks, finished[key]) == (plain[0][key], plain[1][key])
+    assert len(tokens[("r1", 0)]) == 3
+
+
+def test_inproc_client_streams_with_overlapped_steps(tiny_llama):
+    import asyncio
+
+    from pagedray.cluster.core.engine_core import EngineCore
+    from pagedray.cluster.core.messages import CoreRequest
+    from pagedray.cluster.serving.inproc_client import InprocClient
+    expected = _core_run(tiny_llama, False)[0]
+    core = EngineCore.from_kwargs(tiny_llama, device="cpu", block_size=4, num_kv_blocks=24,
+                                  max_num_batched_tokens=16, async_scheduling=True)
+
+    async def scenario():
+        client = InprocClient(lambda: core)
+        await client.start()
+        params = [SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
+                  SamplingParams(temperature=0.8, seed=3, max_tokens=12, n=2),
+                  SamplingParams(temperature=0, max_tokens=20, logprobs=1, ignore_eos=True)]
+        await client.add([CoreRequest(f"r{i}", list(range(3 + i, 20 + 2 * i)), p)
+                          for i, p in enumerate(params)])
+        got, left = {}, set(expected)
+        async for batch in client.outputs():
+            for out in batch.outputs:
+                got.setdefault((out.request_id, out.index), []).extend(out.new_token_ids)
+                if out.finish_reason is not None:
+                    left.discard((out.request_id, out.index))
+            if not left:
+                break
+        stats = await client.get_stats()
+        await client.shutdown()
+        return got, stats
+
+    got, stats = asyncio.run(scenario())
+    assert got == expected and stats.num_used_blocks == 0

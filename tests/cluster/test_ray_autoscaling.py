@@ -31,8 +31,8 @@ from pagedray.cluster.serving.ray_client import RayClient  # noqa: E402
 
 NODE_TYPES = {"gpu_node": {"resources": {"CPU": 1, "fake_gpu": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2},
               "cpu_2x": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 1}}
-ENGINE_KW = dict(device="cpu", block_size=16, num_kv_blocks=256, max_model_len=2048)
-LONG, SHORT = 600, 20
+ENGINE_KW = dict(device="cpu", block_size=16, num_kv_blocks=512, max_model_len=4096)
+LONG = 1200   # tokens: a request that is still generating when the scale-down begins (~1 s after it starts)
 
 
 class FakeGpuReplica(RayClient):
@@ -59,7 +59,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> str:
-    return make_tiny_llama(tmp_path_factory.mktemp("autoscale"), max_position_embeddings=2048)
+    return make_tiny_llama(tmp_path_factory.mktemp("autoscale"), max_position_embeddings=4096)
 
 
 def _gpu_nodes() -> int:
@@ -85,35 +85,44 @@ async def _wait_for(predicate, timeout: float, what: str) -> None:
         await asyncio.sleep(0.1)
 
 
-async def _open(frontend: Frontend, prompt: dict, max_tokens: int):
-    """A request in flight: its stream stays open (the router counts it) until `_finish` reads it out;
-    returns (stream, the tokens of its first message)."""
+class _Opened:
+    """A request in flight: its stream stays open (the router counts it) until `_finish` reads it
+    out; the tokens of its delta messages add up in `tokens`."""
+
+    def __init__(self, stream, first) -> None:
+        self.stream, self.tokens = stream, list(first.outputs[0].token_ids)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def _open(frontend: Frontend, prompt: dict, max_tokens: int) -> _Opened:
     stream = frontend.generate(prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
-    first = await stream.__anext__()
-    return stream, list(first.outputs[0].token_ids)
+    return _Opened(stream, await stream.__anext__())
 
 
-async def _finish(opened) -> list[int]:
-    stream, tokens = opened
+async def _finish(opened: _Opened) -> list[int]:
     last = None
-    async for out in stream:    # deltas: the tokens add up
-        tokens += out.outputs[0].token_ids if out.outputs else []
+    async for out in opened.stream:
+        opened.tokens += out.outputs[0].token_ids if out.outputs else []
         last = out
     assert last is not None and last.finished
-    return tokens
+    return opened.tokens
 
 
 def test_scale_from_zero_nodes_and_back_without_dropping_requests(cluster, ckpt):
-    names = ["s1", "s2", "s3", "l1", "probe"]
-    prompts = {name: {"prompt_token_ids": [3 + i, 40 + 7 * i, 11, 90 + i]} for i, name in enumerate(names)}
-    lengths = dict(s1=LONG, s2=SHORT, s3=SHORT, l1=LONG, probe=8)
+    prompts = {name: {"prompt_token_ids": [3 + i, 40 + 7 * i, 11, 90 + i]}
+               for i, name in enumerate(["a", "b", "probe", "x1", "x2", "x3"])}
+    lengths = dict(a=LONG, b=LONG, probe=8)
+    t_ref = time.monotonic()
     reference = LLM(ckpt, **ENGINE_KW)
     want = {name: reference.generate([prompts[name]], SamplingParams(temperature=0.0, max_tokens=lengths[name],
                                                                       ignore_eos=True),
-                                     use_tqdm=False)[0].outputs[0].token_ids for name in names}
+                                     use_tqdm=False)[0].outputs[0].token_ids for name in lengths}
     reference.shutdown()
+    print(f"reference outputs took {time.monotonic() - t_ref:.1f} s")
     config = AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=0,
-                               downscale_delay_s=2.0, interval_s=0.2)
+                               downscale_delay_s=1.0, interval_s=0.2)
     times: dict[str, float] = {}
 
     async def scenario():
@@ -130,8 +139,7 @@ def test_scale_from_zero_nodes_and_back_without_dropping_requests(cluster, ckpt)
         mark("first node up")
         await starting
         mark("first replica ready")
-        first = router.replicas[0]
-        streams = {name: await _open(frontend, prompts[name], lengths[name]) for name in ("s1", "s2", "s3")}
+        load = [await _open(frontend, prompts[name], LONG) for name in ("x1", "x2", "x3")]
         await _wait_for(lambda: scaler.target == 2, 30, "2 replicas wanted (3 in flight / 2)")
         mark("2 replicas wanted")
         assert scaler.resource_request.replicas == 2         # asked the Ray autoscaler ahead
@@ -139,16 +147,17 @@ def test_scale_from_zero_nodes_and_back_without_dropping_requests(cluster, ckpt)
         mark("second node up")
         await _wait_for(lambda: router.num_ready == 2, 120, "the second replica")
         mark("second replica ready")
-        second = next(r for r in router.replicas if r is not first)
+        second = router.replicas[1]
         got = {"probe": await _finish(await _open(frontend, prompts["probe"], lengths["probe"]))}
-        streams["l1"] = await _open(frontend, prompts["l1"], lengths["l1"])
-        assert router.routed[second.name] == 2               # the new replica serves the new requests
-        # s2 and s3 end: one request stays on each replica, 2 in flight -> 1 replica wanted.
-        got.update({name: await _finish(streams.pop(name)) for name in ("s2", "s3")})
-        await _wait_for(lambda: router.draining, 60, "a replica to drain")
+        assert router.routed[second.name] == 1               # the new replica serves
+        for stream in load:
+            await stream.aclose()                            # the load goes (aborted) ...
+        streams = {name: await _open(frontend, prompts[name], LONG) for name in ("a", "b")}
+        assert [router.num_inflight_on(r) for r in router.replicas] == [1, 1]   # ... one long request runs on each
+        await _wait_for(lambda: router.draining, 60, "a replica to drain (2 in flight / 2 -> 1)")
         mark("scale-down: draining")
         drained = next(r for r in router.replicas if r.name in router.draining)
-        assert router.num_inflight_on(drained) == 1          # its request is still in flight
+        assert router.num_inflight_on(drained) == 1                      # its request is still generating
         await asyncio.sleep(1.0)
         assert drained.name in router.draining               # and the drain waits for it
         got.update({name: await _finish(stream) for name, stream in streams.items()})

@@ -140,6 +140,7 @@ def test_pagedray_chat_with_address_talks_grpc_chat(served):
     (dict(prompt="Hi", temperature=-1), 400, "temperature"),
     (dict(prompt="Hi", max_tokens=0), 400, "max_tokens"),
     (dict(prompt="Hi", logprobs=21), 400, "logprobs"),
+    (dict(prompt="Hi", logprobs=True), 400, "logprobs"),
     (dict(prompt=[[5, 999999]]), 400, "prompt"),
     (dict(prompt={"text": "Hi"}), 400, "prompt"),
     (dict(prompt="Hi", suffix="!"), 400, "suffix"),
