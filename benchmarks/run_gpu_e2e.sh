@@ -21,12 +21,12 @@ run() {
   case $1 in
     e2e) step e2e 60 python3 -m pytest tests/workers/test_gpu_end_to_end.py -q --tb=short -p no:cacheprovider ;;
     kernels) step kernels 150 python3 -m pytest tests/kernels -q --tb=short -p no:cacheprovider ;;
-    overlap) step overlap 85 python3 benchmarks/throughput.py --shape llama3-8b --serial-too --results "$R" ;;
+    overlap) step overlap 100 python3 benchmarks/throughput.py --shape llama3-8b --serial-too --results "$R" ;;
     latency) step latency 95 python3 benchmarks/latency.py --shape llama3-8b --hf-baseline --iters 2 --hf-output-len 16 \
                --batch-sizes 1,32,256 --hf-batch-sizes 1,32 --profile-replays 1,256 --results "$R" ;;
     tput8b) step tput8b 180 python3 benchmarks/throughput.py --shape llama3-8b --hf-baseline --hf-cb-num-requests 128 --hf-timeout 110 \
               --serial-too --breakdown --breakdown-requests 64 --results "$R" --trace-file "$OUT/profile_8b.txt" ;;
-    shared) step shared 40 python3 benchmarks/shared_prefix.py --shape llama3-8b --num-requests 200 --max-num-seqs 128 \
+    shared) step shared 60 python3 benchmarks/shared_prefix.py --shape llama3-8b --num-requests 200 --max-num-seqs 128 \
               --results "$R" ;;
     shared1000) step shared1000 150 python3 benchmarks/shared_prefix.py --shape llama3-8b --results "$R" ;;
     tputqwen) step tputqwen 90 python3 benchmarks/throughput.py --shape qwen2.5-0.5b --hf-baseline --hf-engines generate \

@@ -157,9 +157,14 @@ class Scheduler:
         scheduled: dict[str, int] = {}
         preempted = False
         running, allocate = self.running, self.block_manager.allocate_slots
+        ending = 0      # running requests that their tokens in flight end (overlapped steps)
         i = 0
         while i < len(running) and budget > 0:
             request = running[i]
+            if request.num_output_placeholders and self._ends_in_flight(request):
+                ending += 1
+                i += 1
+                continue
             num_new = self._num_new_tokens(request, request.num_computed_tokens, budget)
             if num_new == 0:
                 i += 1
@@ -172,7 +177,9 @@ class Scheduler:
             budget -= num_new
             i += 1
         if not preempted:
-            self._admit_waiting(budget, scheduled)
+            # A request ending with its tokens in flight leaves its seat now: its successor is
+            # admitted in this step, as it would be without the overlap.
+            self._admit_waiting(budget, scheduled, self.config.max_num_seqs + ending)
         output = self._build_output(scheduled)
         self._advance(scheduled)
         self._step_requests[id(output)] = {rid: self.requests[rid] for rid in scheduled}
@@ -193,8 +200,7 @@ class Scheduler:
     def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
         """Tokens to run this step: all that are left, cut to the budget only with chunked prefill (else 0)."""
         pending = request.num_output_placeholders
-        if pending and self._ends_by_length(request, request.num_tokens + pending,
-                                            request.num_output_tokens + pending):
+        if pending and self._ends_in_flight(request):
             return 0    # its tokens in flight end it: nothing more to compute
         left = request.num_tokens + pending - num_computed
         if left <= budget:
@@ -212,9 +218,13 @@ class Scheduler:
             if self.block_manager.allocate_slots(request, num_new) is not None:
                 return True
 
-    def _admit_waiting(self, budget: int, scheduled: dict[str, int]) -> None:
+    def _ends_in_flight(self, request: Request) -> bool:
+        pending = request.num_output_placeholders
+        return self._ends_by_length(request, request.num_tokens + pending, request.num_output_tokens + pending)
+
+    def _admit_waiting(self, budget: int, scheduled: dict[str, int], max_running: int) -> None:
         bm = self.block_manager
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < max_running:
             request = self.waiting[0]
             if request.num_output_placeholders:
                 break   # preempted with a token in flight: it resumes once that token is known

@@ -422,3 +422,20 @@ def test_preempted_with_a_token_in_flight_keeps_it_and_resumes_after_it_arrives(
     assert b.output_token_ids == [21, 22] and b.num_output_placeholders == 0
     sched.update_from_output(s3, ModelRunnerOutput({"a": 13}))
     assert a.output_token_ids == [11, 12, 13]
+
+
+def test_a_request_ending_in_flight_gives_its_seat_to_the_next_at_once():
+    """max_num_seqs=1: once a's tokens in flight reach max_tokens, b is admitted in the next
+    schedule (as without the overlap), though a holds its blocks until its last token arrives."""
+    sched, _ = make_scheduler(max_num_seqs=1, budget=32)
+    a = add(sched, "a", [1, 2, 3], max_tokens=2, ignore_eos=True)
+    b = add(sched, "b", [4, 5, 6], max_tokens=2, ignore_eos=True)
+    s1 = sched.schedule()
+    s2 = sched.schedule()                         # a: output 1 in flight, output 2 computed now
+    assert list(s1.num_scheduled_tokens) == list(s2.num_scheduled_tokens) == ["a"]
+    sched.update_from_output(s1, ModelRunnerOutput({"a": 7}))
+    s3 = sched.schedule()                         # a's last token is in flight: b takes its seat
+    assert s3.num_scheduled_tokens == {"b": 3} and b.status is RequestStatus.RUNNING
+    assert sched.num_running == 2 and len(s3.num_scheduled_tokens) <= 1
+    sched.update_from_output(s2, ModelRunnerOutput({"a": 8}))
+    assert a.status is RequestStatus.FINISHED_LENGTH and sched.num_running == 1

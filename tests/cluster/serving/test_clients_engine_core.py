@@ -93,7 +93,7 @@ def test_ray_client_tp_group_is_freed_when_the_actor_is_killed(ckpt):
     loop = asyncio.new_event_loop()
     try:
         client = RayClient(ckpt, {**ENGINE_KW, "executor": "ray", "tensor_parallel_size": 2}, name="tp",
-                           liveness_s=10)
+                           liveness_s=30)
 
         async def body():
             await client.start()
@@ -101,7 +101,7 @@ def test_ray_client_tp_group_is_freed_when_the_actor_is_killed(ckpt):
             pgs.append(client.placement_group)
             await client.add(batch()[:2])
             os.kill(client.pid, signal.SIGKILL)
-            _, error = await time_to_death(client, 10)
+            _, error = await time_to_death(client, 15)
             assert "actor died" in str(error)
             await client.shutdown()
         pgs: list = []

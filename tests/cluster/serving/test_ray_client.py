@@ -59,10 +59,10 @@ def _assert_released(timeout: float = 20.0) -> None:
         time.sleep(0.2)
 
 
-def _run(loop, body, **kwargs):
+def _run(loop, body, liveness_s: float = BOUND, **kwargs):
     async def main():
         client = RayClient("fake-model", {"device": "cpu", **kwargs}, name="t", core_factory=FAKE,
-                           liveness_s=BOUND, startup_timeout_s=120)
+                           liveness_s=liveness_s, startup_timeout_s=120)
         await client.start()
         try:
             return await body(client)
@@ -108,10 +108,11 @@ def test_killed_actor_is_detected_at_once(loop):
     async def body(client):
         await client.add(requests(4, 100_000))
         os.kill(client.pid, signal.SIGKILL)
-        # Before the liveness bound: the pending watch() call fails as soon as Ray sees the death.
-        _, error = await time_to_death(client, BOUND)
+        # Well inside the 30 s liveness bound: the pending watch() call fails as soon as Ray
+        # sees the death (the liveness path would say "sent nothing" instead).
+        _, error = await time_to_death(client, 15)
         assert "actor died" in str(error)
-    _run(loop, body, step_delay_s=0.01)
+    _run(loop, body, liveness_s=30, step_delay_s=0.01)
     _assert_released()
 
 
