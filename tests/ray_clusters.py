@@ -111,5 +111,5 @@ class ScopedAutoscalingCluster(AutoscalingCluster):
         return scoped_ray.processes(self.scope)
 
     def shutdown(self) -> None:
-        scoped_ray.stop(self.scope, grace_s=5.0)
+        scoped_ray.stop(self.scope)
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -51,7 +51,7 @@ def processes(scope: str) -> list[int]:
             if pid not in skip and _environ_has(pid, entry)]
 
 
-def stop(scope: str, grace_s: float = 5.0) -> list[int]:
+def stop(scope: str, grace_s: float = 3.0) -> list[int]:
     """SIGTERM every process of `scope`, SIGKILL what is left after `grace_s` (and whatever a dying
     raylet spawned meanwhile) until none is left; returns the PIDs signalled."""
     pids = processes(scope)
@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
             print(f"ray stop: {SCOPE_VAR} is not set; refusing to stop every Ray process on this host",
                   file=sys.stderr)
             return 1
-        pids = stop(scope, grace_s=0 if "--force" in argv or "-f" in argv else 5.0)
+        pids = stop(scope, grace_s=0 if "--force" in argv or "-f" in argv else 3.0)
         print(f"Stopped {len(pids)} process(es) of Ray scope {scope}.")
         return 0
     from ray.scripts.scripts import main as ray_main
