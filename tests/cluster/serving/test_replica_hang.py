@@ -1,8 +1,8 @@
 """Two replicas behind the frontend and the gRPC server, on CPU with a tiny random Llama: engine
-cores in subprocesses (ProcessClient, the local backend) or in Ray actors (RayClient). A replica that hangs (SIGSTOP) mid-stream is found within
-the liveness bound, its streams finish on the other one with the tokens of an undisturbed run, it
-gets no traffic once found, and it is replaced; cancelling streams while their replica dies leaves
-no KV block held anywhere.
+cores in subprocesses (ProcessClient, the local backend) or in Ray actors (RayClient). A replica
+that hangs (SIGSTOP) mid-stream is found within the liveness bound, its streams finish on the other
+one with the tokens of an undisturbed run, it gets no traffic once found, and it is replaced. A replica killed: requests sent right after all
+succeed, and streams cancelled while they move leave no KV block held anywhere.
 """
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def test_hung_replica_is_found_within_the_bound_and_its_streams_finish_elsewhere
     assert wait_gone(victim.pid, 20), "the hung core process was killed, not left stopped"
 
 
-def test_cancelling_streams_while_their_replica_dies_leaves_no_blocks_held(ckpt, backend):
+def test_requests_right_after_a_death_succeed_and_cancels_during_the_move_free_every_block(ckpt, backend):
     async def scenario():
         async with _serving(ckpt, backend) as (frontend, stub, _):
             router = frontend.router
@@ -159,6 +159,9 @@ def test_cancelling_streams_while_their_replica_dies_leaves_no_blocks_held(ckpt,
             victim = router.replicas[0]
             assert router.num_inflight_on(victim) > 0
             os.kill(victim.pid, signal.SIGKILL)
+            # Sent right after the death, before the frontend may even know of it: all must succeed.
+            quick = [asyncio.ensure_future(stub.Generate(_request([9, 3 + i], max_tokens=3, ignore_eos=True)))
+                     for i in range(6)]
             await asyncio.sleep(0.01)            # the death is being handled: streams are moving
             for call in calls:
                 call.cancel()
@@ -175,9 +178,12 @@ def test_cancelling_streams_while_their_replica_dies_leaves_no_blocks_held(ckpt,
             while any(held) and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
                 held = await used([survivor])
+            quick = await asyncio.gather(*quick)
             await _until(lambda: router.num_ready == 2, 120, "the replacement replica")
-            return held + await used([c for c in router.replicas if c is not survivor]), frontend.num_pending
+            return (held + await used([c for c in router.replicas if c is not survivor]), frontend.num_pending,
+                    quick)
 
-    held, pending = asyncio.run(scenario())
+    held, pending, quick = asyncio.run(scenario())
     assert held == [0, 0], f"blocks still held per replica: {held}"
     assert pending == 0
+    assert all(len(q.completions[0].token_ids) == 3 for q in quick)
