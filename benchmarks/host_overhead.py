@@ -22,7 +22,7 @@ wrapping the stage methods on the instances. Stages:
   update             Scheduler.update_from_output (append tokens, stop checks)
   engine_output      the rest of LLMEngine.step (detokenize, RequestOutput objects)
 The "LLM.generate" column times whole steps as LLM.generate drives them (it may ask the engine
-for less than AsyncEngine needs); the stage columns are measured on `engine.step()`.
+for less than the serving path needs); the stage columns are measured on `engine.step()`.
 The tokenizer is a synthetic byte-level BPE with the same vocabulary size (decode cost, not
 quality). Torch runs with --threads threads (default 1) so that shared cores disturb less.
 """

@@ -125,7 +125,9 @@ class Frontend:
         return sum_stats(stats) if stats else None
 
     async def get_stats(self) -> EngineStats:
-        return sum_stats(await asyncio.gather(*[c.get_stats() for c in self.router.routable()]))
+        """The ready replicas' stats, summed (all zero when none is ready)."""
+        stats = await asyncio.gather(*[c.get_stats() for c in self.router.routable()])
+        return sum_stats(list(stats)) if stats else EngineStats()
 
     # -- clients ----------------------------------------------------------------------------
     def add_client(self, client: EngineClient) -> None:

@@ -114,3 +114,52 @@ def test_past_max_migrations_the_call_is_unavailable_naming_the_cause(ckpt):
     error = asyncio.run(scenario())
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "max_migrations=0" in error.details() and "local-0" in error.details()
+
+
+def test_a_stopped_engine_is_detected_its_streams_finish_elsewhere_and_it_gets_no_new_work(ckpt):
+    """Two engine processes; one is SIGSTOPped (hung, not dead): within the liveness bound it is taken
+    out of routing and its streams finish on the other with unchanged tokens; requests sent after
+    all go to the other and succeed."""
+    bound = 3.0
+    cases = _cases()[:8]
+    llm = LLM(ckpt, **ENGINE_KW)
+    want = [llm.generate({"prompt_token_ids": p}, SamplingParams(**k), use_tqdm=False)[0].outputs[0].token_ids
+            for p, k in cases]
+    llm.shutdown()
+
+    async def collect(frontend, prompt, kwargs, rid):
+        tokens = []
+        async for out in frontend.generate({"prompt_token_ids": prompt}, SamplingParams(**kwargs), rid):
+            tokens += out.outputs[0].token_ids if out.outputs else []
+        return tokens
+
+    async def scenario():
+        clients = [ProcessClient(ckpt, dict(ENGINE_KW, step_delay_s=0.05), name=f"p{i}", liveness_s=bound,
+                                 core_factory="slow_core:slow_engine_core", startup_timeout_s=120)
+                   for i in range(2)]
+        frontend = await Frontend.start_with(clients)
+        try:
+            tasks = [asyncio.get_running_loop().create_task(collect(frontend, p, k, f"s{i}"))
+                     for i, (p, k) in enumerate(cases)]
+            while frontend.router.num_pending < len(cases) or not all(
+                    frontend._requests[f"s{i}"].state.completions[0].token_ids for i in range(len(cases))):
+                await asyncio.sleep(0.02)                       # every stream has tokens
+            stopped = clients[0]
+            moved = frontend.router.num_inflight_on(stopped)
+            os.kill(stopped.pid, signal.SIGSTOP)
+            async with asyncio.timeout(10 * bound):            # detected within the bound (with margin)
+                while stopped in frontend.router.replicas:
+                    await asyncio.sleep(0.05)
+            routed_before = dict(frontend.router.routed)
+            after = await asyncio.gather(*[collect(frontend, [9, i], dict(max_tokens=3, ignore_eos=True), f"a{i}")
+                                           for i in range(4)])
+            results = await asyncio.gather(*tasks)
+            routed = {k: frontend.router.routed[k] - routed_before.get(k, 0) for k in frontend.router.routed}
+            return moved, results, after, routed, stopped.dead_error
+        finally:
+            await frontend.shutdown()
+
+    moved, results, after, routed, error = asyncio.run(scenario())
+    assert moved > 0 and results == want
+    assert all(len(a) == 3 for a in after) and routed.get("p0", 0) == 0 and routed["p1"] == 4
+    assert error is not None
