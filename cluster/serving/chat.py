@@ -6,6 +6,8 @@ templates write their own BOS, and a second one would change what the model sees
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import copy
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,7 @@ class ChatRenderer:
     def __init__(self, tokenizer: Any, template: str | None = None) -> None:
         self._source = tokenizer
         self._tokenizer: Any = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.template = template
 
     @property
@@ -87,6 +90,13 @@ class ChatRenderer:
         """The engine prompt for `messages`: text and token ids, tokenized once here."""
         text = self.render(messages)
         return {"prompt": text, "prompt_token_ids": list(self._own().encode(text, add_special_tokens=False))}
+
+    async def prompt_async(self, messages: Any) -> dict:
+        """`prompt()` on this renderer's one thread (so its tokenizer copy is never shared): a long
+        conversation does not stall the event loop's other streams while it renders and tokenizes."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chat-template")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.prompt, messages)
 
     def _own(self) -> Any:
         if self._tokenizer is None:

@@ -26,7 +26,8 @@ from pagedray.cluster.serving.frontend import EngineDeadError, QueueFullError
 from pagedray.cluster.serving.chat import ChatRenderer
 from pagedray.cluster.serving.detokenizer import TokenTexts
 from pagedray.cluster.serving.openai_protocol import (OpenAIError, ParsedRequest, ResponseBuilder,
-                                                      bad_request, parse_chat, parse_completion)
+                                                      bad_request, check_model, parse_chat,
+                                                      parse_completion, render_error)
 
 logger = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode   # a few times faster than json.dumps, per stream chunk
@@ -172,7 +173,12 @@ class HttpServer:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
-        return await self._serve(request, body, parse_chat(body, self.model_name, self.chat), chat=True)
+        check_model(body, self.model_name)
+        try:
+            prompt = await self.chat.prompt_async(body.get("messages"))
+        except ValueError as exc:
+            raise render_error(exc) from exc
+        return await self._serve(request, body, parse_chat(body, self.model_name, prompt), chat=True)
 
     async def _body(self, request: web.Request) -> dict:
         if self.draining:

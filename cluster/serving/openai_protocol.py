@@ -13,7 +13,6 @@ from typing import Any
 
 from pagedray.cluster.outputs import RequestOutput
 from pagedray.cluster.serving.server import MAX_LOGPROBS, MAX_N   # the same limits as over gRPC
-from pagedray.cluster.serving.chat import ChatRenderer
 from pagedray.cluster.serving.detokenizer import TokenTexts
 from pagedray.workers.sampling_params import SamplingParams
 
@@ -137,7 +136,8 @@ def _check_choices(num_prompts: int, n: Any) -> None:
         raise OpenAIError(400, f"prompt: {num_prompts} prompts x n={n} choices exceed {MAX_N}", param="prompt")
 
 
-def parse_chat(body: dict, served_model: str, chat: ChatRenderer) -> ParsedRequest:
+def parse_chat(body: dict, served_model: str, prompt: dict) -> ParsedRequest:
+    """`prompt`: body["messages"] rendered by the ChatRenderer (see `render_error`)."""
     check_model(body, served_model)
     aliases = {"logprobs": "top_logprobs", "prompt": "messages", "prompt_token_ids": "messages"}
     kwargs, stream, include_usage = _common(body)
@@ -155,12 +155,13 @@ def parse_chat(body: dict, served_model: str, chat: ChatRenderer) -> ParsedReque
     num_logprobs = (top or 0) if wants else None
     if num_logprobs is not None:
         kwargs["logprobs"] = num_logprobs
-    try:
-        prompt = chat.prompt(body.get("messages"))
-    except ValueError as exc:
-        raise OpenAIError(400, str(exc), param="messages") from exc
     return ParsedRequest([prompt], _sampling(kwargs, body, aliases), stream, include_usage, num_logprobs,
                          aliases=aliases)
+
+
+def render_error(exc: ValueError) -> OpenAIError:
+    """A chat template that refused the messages (or is missing): a 400 on `messages`."""
+    return OpenAIError(400, str(exc), param="messages")
 
 
 # -- responses ---------------------------------------------------------------------------------
