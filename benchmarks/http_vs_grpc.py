@@ -81,15 +81,16 @@ def _cpu_seconds(pid: int) -> float:
 
 def _rounds(runs: dict, rounds: int) -> dict[str, dict[str, list[float]]]:
     """Alternate the runs `rounds` times (so drift in machine load hits all alike). `runs` maps a
-    name to (make the burst, the serving process's pid); per run: rate per second and the server's
-    CPU milliseconds per 1000 items."""
-    out = {name: {"rate": [], "server_cpu_ms_per_1k": []} for name in runs}
+    name to (make the burst, the serving process's pid); per run: rate per second, and the server's
+    and this client's CPU milliseconds per 1000 items."""
+    out = {name: {"rate": [], "server_cpu_ms_per_1k": [], "client_cpu_ms_per_1k": []} for name in runs}
     for _ in range(rounds):
         for name, (make, pid) in runs.items():
-            cpu = _cpu_seconds(pid)
+            server, client = _cpu_seconds(pid), _cpu_seconds(os.getpid())
             seconds, count = _timed(make())
             out[name]["rate"].append(count / seconds)
-            out[name]["server_cpu_ms_per_1k"].append(1e6 * (_cpu_seconds(pid) - cpu) / count)
+            out[name]["server_cpu_ms_per_1k"].append(1e6 * (_cpu_seconds(pid) - server) / count)
+            out[name]["client_cpu_ms_per_1k"].append(1e6 * (_cpu_seconds(os.getpid()) - client) / count)
     return out
 
 

@@ -75,3 +75,14 @@ class EngineInfo(msgspec.Struct, omit_defaults=True):
     num_kv_blocks: int
     tensor_parallel_size: int
     eos_token_ids: list[int] = []
+
+
+def sum_stats(stats: list[EngineStats]) -> EngineStats:
+    """Several cores' stats as one: counts add up, the hit rate is weighted by prompt tokens."""
+    if len(stats) == 1:
+        return stats[0]
+    total = EngineStats(**{f: sum(getattr(s, f) for s in stats) for f in EngineStats.__struct_fields__})
+    weights = total.prompt_tokens_total
+    total.prefix_cache_hit_rate = (sum(s.prefix_cache_hit_rate * s.prompt_tokens_total for s in stats) / weights
+                                   if weights else 0.0)
+    return total

@@ -18,10 +18,14 @@ FORWARDED_ENV_PREFIXES = ("NCCL_", "GLOO_", "NVSHMEM_", "TORCH_SYMM_MEM_", "TORC
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join the running cluster (RAY_ADDRESS, or one started by `ray start` here), else start a local one."""
+    """Join the running cluster (RAY_ADDRESS, or one started by `ray start` here), else start a local one
+    (RAY_ADDRESS=local: always a new local one, as for ray.init)."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS") == "local":
+        start_local_ray(num_cpus)
+        return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
         return

@@ -8,7 +8,37 @@ text, across token boundaries; the text is cut before the first one found.
 """
 from __future__ import annotations
 
+import copy
+
 _CONTEXT_TOKENS = 5
+
+
+class TokenTexts:
+    """Text of single tokens (cached: the vocabulary is bounded), for logprobs, and of whole prompts.
+
+    Decodes with a private copy of the tokenizer: the frontend's tokenizing thread uses another,
+    and a Rust-backed tokenizer shared across threads can fail with "Already borrowed".
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self._source, self._tokenizer = tokenizer, None
+        self._cache: dict[int, str] = {}
+
+    def _own(self):
+        if self._tokenizer is None:
+            self._tokenizer = copy.deepcopy(self._source)
+        return self._tokenizer
+
+    def token(self, token_id: int) -> str:
+        if self._source is None:
+            return ""
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self._cache[token_id] = self._own().decode([token_id])
+        return text
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._own().decode(token_ids) if self._source is not None else ""
 
 
 class IncrementalDetokenizer:

@@ -20,18 +20,17 @@ import asyncio
 import concurrent.futures
 import copy
 import logging
-import math
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
-from pagedray.cluster.core.messages import CoreOutputs, CoreRequest, EngineInfo, EngineStats, completion_id
-from pagedray.cluster.core.validation import child_params
+from pagedray.cluster.core.messages import CoreOutputs, CoreRequest, EngineInfo, EngineStats, sum_stats
 from pagedray.cluster.serving.metrics import ServingMetrics
 from pagedray.cluster.outputs import RequestOutput
 from pagedray.cluster.serving.engine_client import EngineClient, EngineDeadError
 from pagedray.cluster.serving.input_processor import InputProcessor, load_tokenizer
+from pagedray.cluster.serving.migration import resume_requests
 from pagedray.cluster.serving.output_processor import OutputProcessor, RequestState
 from pagedray.cluster.serving.router import Router
 from pagedray.workers.sampling_params import SamplingParams
@@ -85,7 +84,6 @@ class Frontend:
         self._replacing: set[asyncio.Task] = set()
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self._tokenize_copy = None
-        self._max_token_bytes: int | None = None
         self._generated = 0
         self._closed = False
         self.router.on_change(self._attach_pumps)
@@ -271,7 +269,7 @@ class Frontend:
     async def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if not isinstance(prompt, str):
             return self.input_processor.tokenize(prompt)
-        self._check_text_size(prompt)
+        self.input_processor.check_text_size(prompt)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenize_pool, self._tokenize_on_thread, prompt)
 
@@ -280,20 +278,6 @@ class Frontend:
         if self._tokenize_copy is None:
             self._tokenize_copy = InputProcessor(copy.deepcopy(self._tokenizer), self.info)
         return self._tokenize_copy.tokenize(prompt)
-
-    def _check_text_size(self, prompt: str) -> None:
-        """Refuse, before tokenizing, a text that could never fit max_model_len: no token of this
-        vocabulary covers more than `max_token_bytes` bytes of text."""
-        if self._tokenizer is None or len(prompt) < self.info.max_model_len:
-            return   # fewer chars than max_model_len: it may fit (tokenizing it is cheap)
-        if self._max_token_bytes is None:
-            self._max_token_bytes = max_token_bytes(self._tokenizer)
-        size = len(prompt.encode("utf-8", "surrogatepass"))
-        fewest = math.ceil(size / self._max_token_bytes)
-        if fewest >= self.info.max_model_len:
-            raise ValueError(f"prompt is {size} bytes, so at least {fewest} tokens (no token of this model "
-                             f"covers more than {self._max_token_bytes} bytes): it must be shorter than "
-                             f"max_model_len={self.info.max_model_len} tokens")
 
     def _place(self, req: _Request, cause: BaseException | None, raise_errors: bool = False) -> None:
         """Send the request (first time, or the rest of it after a move) to a ready client."""
@@ -322,26 +306,13 @@ class Frontend:
             pass   # its pump sees the death and moves the request
 
     def _core_requests(self, req: _Request) -> list[CoreRequest]:
-        """What to send: the request whole, or (after a move) the unfinished completions, each from
-        its prompt and its tokens so far."""
-        state, core = req.state, req.core
+        """What to send: the request whole, or (after a move) the rest of each unfinished completion."""
         if req.migrations == 0:
-            return [core]
-        if len(state.completions) == 1:
-            c = state.completions[0]
-            params = core.params.clone()
-            params.prompt_logprobs = None    # already delivered with the first output
-            return [CoreRequest(core.request_id, core.prompt_token_ids, params, list(c.token_ids),
-                                core.arrival_time)]
-        requests = []
-        for c in state.completions:
-            if c.finished:
-                continue
-            cid = completion_id(core.request_id, c.index)
-            self._by_core_id[cid] = (core.request_id, c.index)
-            params = child_params(core.params, c.index)
-            params.prompt_logprobs = None
-            requests.append(CoreRequest(cid, core.prompt_token_ids, params, list(c.token_ids), core.arrival_time))
+            return [req.core]
+        requests = resume_requests(req.core, req.state)
+        if len(req.state.completions) > 1:
+            for r, c in zip(requests, [c for c in req.state.completions if not c.finished]):
+                self._by_core_id[r.request_id] = (req.core.request_id, c.index)
         return requests
 
     def _on_client_dead(self, client: EngineClient, error: BaseException) -> None:
@@ -438,22 +409,3 @@ class Frontend:
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.warning("frontend background call failed: %s", task.exception())
-
-
-def max_token_bytes(tokenizer) -> int:
-    """An upper bound on the UTF-8 bytes of text one token can cover: the longest vocabulary entry,
-    measured on its stored form (byte-level BPE stores a byte as one char of 1-2 bytes, sentencepiece
-    a space as the 3-byte "\u2581", byte fallback a byte as "<0x..>"; each is at least the text's bytes)."""
-    vocab = tokenizer.get_vocab()
-    return max(1, max((len(piece.encode("utf-8", "surrogatepass")) for piece in vocab), default=1))
-
-
-def sum_stats(stats: list[EngineStats]) -> EngineStats:
-    """Several cores' stats as one: counts add up, the hit rate is weighted by prompt tokens."""
-    if len(stats) == 1:
-        return stats[0]
-    total = EngineStats(**{f: sum(getattr(s, f) for s in stats) for f in EngineStats.__struct_fields__})
-    weights = total.prompt_tokens_total
-    total.prefix_cache_hit_rate = (sum(s.prefix_cache_hit_rate * s.prompt_tokens_total for s in stats) / weights
-                                   if weights else 0.0)
-    return total

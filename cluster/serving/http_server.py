@@ -24,7 +24,8 @@ from aiohttp import web
 
 from pagedray.cluster.serving.frontend import EngineDeadError, QueueFullError
 from pagedray.cluster.serving.chat import ChatRenderer
-from pagedray.cluster.serving.openai_protocol import (OpenAIError, ParsedRequest, ResponseBuilder, TokenStrings,
+from pagedray.cluster.serving.detokenizer import TokenTexts
+from pagedray.cluster.serving.openai_protocol import (OpenAIError, ParsedRequest, ResponseBuilder,
                                                       bad_request, parse_chat, parse_completion)
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class HttpServer:
             self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self._ssl.load_cert_chain(str(tls_cert), str(tls_key))
         self.chat = ChatRenderer(frontend.tokenizer, chat_template)
-        self.strings = TokenStrings(frontend.tokenizer)
+        self.strings = TokenTexts(frontend.tokenizer)
         self.draining = False
         self.port: int | None = None
         self._runner: web.AppRunner | None = None

@@ -6,6 +6,7 @@ checks are the core's own (`core.validation`), so a request that passes here is 
 from __future__ import annotations
 
 import logging
+import math
 
 from pagedray.cluster.core.messages import CoreRequest, EngineInfo
 from pagedray.cluster.core.validation import apply_defaults, check_request
@@ -18,6 +19,7 @@ class InputProcessor:
     def __init__(self, tokenizer, info: EngineInfo) -> None:
         self.tokenizer = tokenizer
         self.info = info
+        self._max_token_bytes: int | None = None
         self.eos_token_ids = list(info.eos_token_ids)
         if not self.eos_token_ids and getattr(tokenizer, "eos_token_id", None) is not None:
             self.eos_token_ids = [tokenizer.eos_token_id]
@@ -36,6 +38,21 @@ class InputProcessor:
                 raise ValueError("prompt_token_ids must be a list of integers")
             return prompt.get("prompt"), list(ids)
         raise ValueError(f"prompt must be a str or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+
+    def check_text_size(self, prompt: str) -> None:
+        """Refuse, before tokenizing, a text that could never fit max_model_len: no token of this
+        vocabulary covers more than `max_token_bytes` bytes of text."""
+        max_len = self.info.max_model_len
+        if self.tokenizer is None or len(prompt) < max_len:
+            return   # fewer chars than max_model_len: it may fit (and tokenizing it is cheap)
+        if self._max_token_bytes is None:
+            self._max_token_bytes = max_token_bytes(self.tokenizer)
+        size = len(prompt.encode("utf-8", "surrogatepass"))
+        fewest = math.ceil(size / self._max_token_bytes)
+        if fewest >= max_len:
+            raise ValueError(f"prompt is {size} bytes, so at least {fewest} tokens (no token of this model "
+                             f"covers more than {self._max_token_bytes} bytes): it must be shorter than "
+                             f"max_model_len={max_len} tokens")
 
     def process(self, request_id: str, prompt: str | dict, params: SamplingParams | None,
                 arrival_time: float = 0.0) -> tuple[str | None, CoreRequest]:
@@ -62,3 +79,11 @@ def load_tokenizer(model: str, tokenizer: str):
             raise ValueError(f"cannot load tokenizer {tokenizer!r}: {exc}") from exc
         logger.warning("no tokenizer in %s; only prompt_token_ids prompts will work", model)
         return None
+
+
+def max_token_bytes(tokenizer) -> int:
+    """An upper bound on the UTF-8 bytes of text one token can cover: the longest vocabulary entry,
+    measured on its stored form (byte-level BPE stores a byte as one char of 1-2 bytes, sentencepiece
+    a space as the 3-byte "\u2581", byte fallback a byte as "<0x..>"; each is at least the text's bytes)."""
+    vocab = tokenizer.get_vocab()
+    return max(1, max((len(piece.encode("utf-8", "surrogatepass")) for piece in vocab), default=1))

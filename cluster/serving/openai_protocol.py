@@ -5,7 +5,6 @@ RequestOutputs become OpenAI responses and stream chunks (`ResponseBuilder`). No
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 import time
@@ -15,6 +14,7 @@ from typing import Any
 from pagedray.cluster.outputs import RequestOutput
 from pagedray.cluster.serving.server import MAX_LOGPROBS, MAX_N   # the same limits as over gRPC
 from pagedray.cluster.serving.chat import ChatRenderer
+from pagedray.cluster.serving.detokenizer import TokenTexts
 from pagedray.workers.sampling_params import SamplingParams
 
 # Fields passed straight to SamplingParams (vLLM's extras included); SamplingParams checks them.
@@ -164,29 +164,6 @@ def parse_chat(body: dict, served_model: str, chat: ChatRenderer) -> ParsedReque
 
 
 # -- responses ---------------------------------------------------------------------------------
-class TokenStrings:
-    """Text of single tokens (cached: the vocabulary is bounded) and of prompts, from a private
-    copy of the tokenizer (the engine's is used from its own thread)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._source, self._tokenizer = tokenizer, None
-        self._cache: dict[int, str] = {}
-
-    def _own(self):
-        if self._tokenizer is None:
-            self._tokenizer = copy.deepcopy(self._source)
-        return self._tokenizer
-
-    def token(self, token_id: int) -> str:
-        text = self._cache.get(token_id)
-        if text is None:
-            text = self._cache[token_id] = self._own().decode([token_id]) if self._source is not None else ""
-        return text
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self._own().decode(token_ids) if self._source is not None else ""
-
-
 def _logprob(entry: dict[int, float], token_id: int) -> float:
     value = entry.get(token_id)
     return -9999.0 if value is None or value != value or value == float("-inf") else value   # JSON has no -inf
@@ -209,7 +186,7 @@ class _Choice:
 class ResponseBuilder:
     """One request's response: accumulates deltas (unary) or turns each into chunks (stream)."""
 
-    def __init__(self, parsed: ParsedRequest, model: str, strings: TokenStrings, chat: bool) -> None:
+    def __init__(self, parsed: ParsedRequest, model: str, strings: TokenTexts, chat: bool) -> None:
         self.parsed, self.model, self.strings, self.chat = parsed, model, strings, chat
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import hmac
 import logging
 import time
@@ -22,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from pagedray.cluster.outputs import CompletionOutput, RequestOutput
 from pagedray.cluster.serving.chat import ChatRenderer
+from pagedray.cluster.serving.detokenizer import TokenTexts
 from pagedray.cluster.serving.engine_client import EngineDeadError
 from pagedray.cluster.serving.frontend import Frontend, QueueFullError
 from pagedray.protos import generate_pb2 as pb
@@ -90,30 +90,7 @@ def parse_request(request: pb.GenerateRequest, served_model: str,
     return prompt, sampling_from_proto(request.sampling), request_id
 
 
-class _TokenTexts:
-    """Decoded text of single tokens, for top logprobs (cached: the vocabulary is bounded).
-
-    Decodes with a private copy of the tokenizer: the frontend's tokenizing thread uses another,
-    and a Rust-backed tokenizer shared across threads can fail with "Already borrowed".
-    """
-
-    def __init__(self, tokenizer) -> None:
-        self.source = tokenizer
-        self.tokenizer = None
-        self.cache: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        if self.source is None:
-            return ""
-        text = self.cache.get(token_id)
-        if text is None:
-            if self.tokenizer is None:
-                self.tokenizer = copy.deepcopy(self.source)
-            text = self.cache[token_id] = self.tokenizer.decode([token_id])
-        return text
-
-
-def to_response(out: RequestOutput, num_logprobs: int | None, texts: _TokenTexts,
+def to_response(out: RequestOutput, num_logprobs: int | None, texts: TokenTexts,
                 usage: pb.Usage | None = None) -> pb.GenerateResponse:
     response = pb.GenerateResponse(request_id=out.request_id)
     for c in out.outputs:
@@ -123,7 +100,7 @@ def to_response(out: RequestOutput, num_logprobs: int | None, texts: _TokenTexts
             item = completion.logprobs.add(token_id=token_id, logprob=entry.get(token_id, float("nan")))
             top = sorted(entry.items(), key=lambda kv: -kv[1])[:num_logprobs or 0]
             for tid, lp in top:
-                item.top.add(token_id=tid, logprob=lp, text=texts(tid))
+                item.top.add(token_id=tid, logprob=lp, text=texts.token(tid))
     if usage is not None:
         response.usage.CopyFrom(usage)
     return response
@@ -204,7 +181,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.frontend = frontend
         self.model_name = model_name
         self.draining = False
-        self.texts = _TokenTexts(frontend.tokenizer)
+        self.texts = TokenTexts(frontend.tokenizer)
         self.chat = ChatRenderer(frontend.tokenizer, chat_template)
 
     async def Generate(self, request, context):

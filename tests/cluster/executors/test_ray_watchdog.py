@@ -52,3 +52,45 @@ def test_local_ray_dies_with_a_sigkilled_driver(tmp_path):
         for pid in names:      # whatever a failure left behind
             if not wait_gone(pid, 0):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_sigkilled_server_takes_its_own_ray_and_engine_actors_along(tmp_path, monkeypatch):
+    """`pagedray serve --replica-backend ray` that starts a Ray of its own (RAY_ADDRESS=local: this
+    box may run others' clusters, which address="auto" would join): a SIGKILL of the server leaves
+    none of it (agents, raylet, GCS, the engine core's actor) running."""
+    import tempfile
+
+    from serve_process import ServeProcess
+    from tiny_models import make_tiny_llama
+
+    from pagedray.cluster.executors.ray_watchdog import descendants
+    ckpt = make_tiny_llama(tmp_path / "ckpt")
+    # A Ray temp dir of its own (short: Ray's socket paths must fit 107 bytes): nothing to join.
+    monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="r", dir="/tmp"))
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    for name, value in (("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"), ("RAY_AUTH_MODE", "disabled"),
+                        ("RAY_USAGE_STATS_ENABLED", "0")):
+        monkeypatch.setenv(name, value)
+    server = ServeProcess(["--model", ckpt, "--port", "0", "--device", "cpu", "--block-size", "4",
+                           "--num-kv-blocks", "256", "--replica-backend", "ray", "--replicas", "1"])
+    left: dict[int, str] = {}
+    try:
+        server.wait_for(r"ready: serving model", timeout=180)
+        names = {pid: _cmd(pid) for pid in descendants(server.proc.pid)}
+        assert any("raylet" in n for n in names.values()) and any("CoreActor" in n for n in names.values()), names
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(10)
+        left = {pid: name for pid, name in names.items() if not wait_gone(pid, 15)}
+        assert not left, f"outlived the SIGKILLed server: {left}"
+    finally:
+        server.proc.kill()
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+
+
+def _cmd(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return ""
