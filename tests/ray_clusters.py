@@ -83,7 +83,10 @@ class ScopedAutoscalingCluster(AutoscalingCluster):
     @property
     def env(self) -> dict[str, str]:
         """The environment this cluster's processes run with."""
+        # tests/ on the workers' path: replicas may name test core factories (slow_core).
+        pythonpath = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
         return {**os.environ, **LOOPBACK_ENV, scoped_ray.SCOPE_VAR: self.scope, "RAY_TMPDIR": self.tmp,
+                "PYTHONPATH": pythonpath,
                 "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1",
                 "RAY_enable_autoscaler_v2": "1" if self._autoscaler_v2 else "0",
                 **(self._v2_env() if self._autoscaler_v2 else {})}

@@ -292,6 +292,7 @@ class ProcessClient(ZmqCoreClient):
         self._unwatch()
         # The sentinel closes as the process exits, a moment before it can be reaped.
         self.process.join(1.0)
+        self._remove_ipc_dir()   # nobody binds them any more (a dead client may never be shut down)
         if self._reader is not None:   # during start-up, _await_info reports it
             self._die(self._core_exit_cause() or "engine core process exited")
 
@@ -313,6 +314,9 @@ class ProcessClient(ZmqCoreClient):
             await asyncio.get_running_loop().run_in_executor(None, self._reap)
         if self._context is not None:
             self._context.destroy(linger=0)
+        self._remove_ipc_dir()
+
+    def _remove_ipc_dir(self) -> None:
         if self._ipc_dir is not None:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
 

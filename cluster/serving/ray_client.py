@@ -39,12 +39,12 @@ class CoreActor:
     """Made a (threaded) Ray actor by RayClient: the core loop runs in `self.thread`, on sockets
     bound for its driver (ipc:// when the driver shares this node, else tcp:// on its address)."""
 
-    def __init__(self, startup_bytes: bytes, registrations: dict, driver_node_id: str) -> None:
+    def __init__(self, startup_bytes: bytes, registrations: dict, driver_node_id: str, ipc_dir: str) -> None:
+        """`ipc_dir`: made (and removed, even when this actor is killed) by a driver on this node."""
         import ray
         startup = msgspec.msgpack.decode(startup_bytes, type=CoreStartup)
-        self.ipc_dir = tempfile.mkdtemp(prefix="pagedray-actor-")
         if driver_node_id == ray.get_runtime_context().get_node_id():
-            inp, out = f"ipc://{self.ipc_dir}/in", f"ipc://{self.ipc_dir}/out"
+            inp, out = f"ipc://{ipc_dir}/in", f"ipc://{ipc_dir}/out"
         else:
             inp = out = f"tcp://{ray.util.get_node_ip_address()}:*"
         self.context = zmq.Context()
@@ -85,7 +85,6 @@ class CoreActor:
     def shutdown(self) -> None:
         self.stop.set()
         self.thread.join(30)
-        shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
 
 class RayClient(ZmqCoreClient):
@@ -106,6 +105,7 @@ class RayClient(ZmqCoreClient):
         self.placement_group = None
         self.pid: int | None = None      # the actor's process (tests stop and kill it)
         self._watch: asyncio.Future | None = None
+        self._ipc_dir: str | None = None
 
     def actor_options(self) -> dict:
         """The device when the actor runs the model itself (executor "local"), else a little CPU
@@ -147,8 +147,9 @@ class RayClient(ZmqCoreClient):
         startup = CoreStartup(self.model, self.engine_kwargs, "", "", self.heartbeat_s, self.core_factory,
                               env, self._threads())
         actor_cls = ray.remote(CoreActor).options(**self.actor_options(), max_concurrency=4)
+        self._ipc_dir = tempfile.mkdtemp(prefix="pagedray-actor-")
         self.actor = actor_cls.remote(self._wire.encode(startup), ModelRegistry.out_of_tree(),
-                                      ray.get_runtime_context().get_node_id())
+                                      ray.get_runtime_context().get_node_id(), self._ipc_dir)
         try:
             inp, out, self.pid = await asyncio.wait_for(self.actor.addresses.remote(), self.startup_timeout_s)
             self._watch = asyncio.ensure_future(self.actor.watch.remote())
@@ -195,6 +196,8 @@ class RayClient(ZmqCoreClient):
             with contextlib.suppress(Exception):
                 remove_placement_group(self.placement_group)
             self.placement_group = None
+        if self._ipc_dir is not None:   # a dead client may never be shut down
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
     async def shutdown(self) -> None:
         """Stop the core (its TP workers and placement group go with it), then the actor."""

@@ -1,5 +1,5 @@
 """The scaling policy with fake loads and a fake clock, and the Autoscaler loop over fake replicas
-(no Ray; the Ray autoscaling test is in test_replicas_ray.py)."""
+(no Ray; through the Ray autoscaler: test_ray_autoscaling.py)."""
 from __future__ import annotations
 
 import asyncio

@@ -123,6 +123,7 @@ def test_sigkill_is_detected_at_once():
         # Well inside the 30 s liveness bound: the process sentinel is on the event loop.
         _, error = await time_to_death(client, 10)
         assert "killed by signal 9" in str(error)
+        assert not os.path.exists(client._ipc_dir), "a dead core's socket folder is removed"
     asyncio.run(_with_client(body, liveness_s=30, step_delay_s=0.01))
 
 

@@ -112,6 +112,7 @@ def test_killed_actor_is_detected_at_once(loop):
         # sees the death (the liveness path would say "sent nothing" instead).
         _, error = await time_to_death(client, 15)
         assert "actor died" in str(error)
+        assert not os.path.exists(client._ipc_dir), "a dead actor's socket folder is removed"
     _run(loop, body, liveness_s=30, step_delay_s=0.01)
     _assert_released()
 

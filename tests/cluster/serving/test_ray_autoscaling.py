@@ -5,7 +5,9 @@
 CPU, and one node type, `gpu_node`, with 1 CPU and 1 `fake_gpu` (the custom resource stands in for
 a GPU on this CPU machine), at most 2 of them, plus `cpu_2x` (2 CPUs, at most 1) for a TP=2 group;
 idle timeout 6 s. Each replica's engine actor asks for one `fake_gpu`, so every replica needs a node
-of its own that the autoscaler has to start.
+of its own that the autoscaler has to start. The replicas' cores sleep before each step
+(tests/slow_core.py), so a request is still generating when the scale-down begins, however fast
+the engine is.
 
 The times of each phase are printed (pytest -s) for the record.
 """
@@ -31,15 +33,15 @@ from pagedray.cluster.serving.ray_client import RayClient  # noqa: E402
 
 NODE_TYPES = {"gpu_node": {"resources": {"CPU": 1, "fake_gpu": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2},
               "cpu_2x": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 1}}
-ENGINE_KW = dict(device="cpu", block_size=16, num_kv_blocks=512, max_model_len=4096)
-LONG = 1200   # tokens: a request that is still generating when the scale-down begins (~1 s after it starts)
+ENGINE_KW = dict(device="cpu", block_size=16, num_kv_blocks=256, max_model_len=1024)
+LONG = 300          # tokens of a request that outlives the scale-down delay (1 s) at >= 20 ms a step
+STEP_DELAY_S = 0.02
 
 
-class FakeGpuReplica(RayClient):
+def fake_gpu_replica(ckpt: str, name: str) -> RayClient:
     """A replica whose engine actor holds one `fake_gpu`, as a GPU replica holds its GPU."""
-
-    def actor_options(self) -> dict:
-        return {**super().actor_options(), "resources": {"fake_gpu": 1}}
+    return RayClient(ckpt, dict(ENGINE_KW, step_delay_s=STEP_DELAY_S), name=name,
+                     core_factory="slow_core:slow_engine_core", resources={"fake_gpu": 1})
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> str:
-    return make_tiny_llama(tmp_path_factory.mktemp("autoscale"), max_position_embeddings=4096)
+    return make_tiny_llama(tmp_path_factory.mktemp("autoscale"), max_position_embeddings=1024)
 
 
 def _gpu_nodes() -> int:
@@ -130,7 +132,7 @@ def test_scale_from_zero_nodes_and_back_without_dropping_requests(cluster, ckpt)
         mark = lambda what: times.setdefault(what, round(time.monotonic() - t0, 1))  # noqa: E731
         frontend = Frontend()
         router = frontend.router
-        scaler = Autoscaler(router, lambda name: FakeGpuReplica(ckpt, ENGINE_KW, name=name), config,
+        scaler = Autoscaler(router, lambda name: fake_gpu_replica(ckpt, name), config,
                             resource_request=RayResourceRequest([{"CPU": 1, "fake_gpu": 1}]))
         starting = asyncio.get_running_loop().create_task(scaler.start())
         await asyncio.sleep(1.0)
