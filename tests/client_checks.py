@@ -2,16 +2,29 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
+
+import pytest
+
+from core_fakes import fake_token
 
 from pagedray.cluster.core.messages import CoreOutputs, CoreRequest
 from pagedray.cluster.serving.engine_client import EngineClient, EngineDeadError
 from pagedray.workers.sampling_params import SamplingParams
 
+FAKE_CORE = "core_fakes:FakeCore.from_kwargs"   # core factory of the fake core (tests/core_fakes.py)
+
 
 def requests(n: int, max_tokens: int, prefix: str = "r") -> list[CoreRequest]:
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     return [CoreRequest(f"{prefix}{i}", [5 + i, 7, 9, 11 + i], params) for i in range(n)]
+
+
+def expected(req: CoreRequest, vocab: int = 320) -> list[int]:
+    """The fake core's tokens for `req`."""
+    return [fake_token(req.prompt_token_ids, k, vocab) for k in range(req.params.max_tokens)]
 
 
 async def collect(client: EngineClient, want: set[str], timeout_s: float = 120) -> dict[str, list[int]]:
@@ -55,6 +68,29 @@ async def time_to_death(client: EngineClient, timeout_s: float) -> tuple[float, 
     error = await asyncio.wait_for(read(), timeout_s)
     assert client.dead_error is error
     return time.monotonic() - t0, error
+
+
+async def check_stop_is_found(client: EngineClient, max_tokens: int, within_s: float, gone_s: float) -> float:
+    """SIGSTOP of the core with 4 requests in flight: outputs() ends with "sent nothing" within
+    `within_s`, the stopped core is killed (gone within `gone_s`), new work is refused. Seconds taken."""
+    await client.add(requests(4, max_tokens))
+    os.kill(client.pid, signal.SIGSTOP)
+    elapsed, error = await time_to_death(client, within_s)
+    assert "sent nothing" in str(error)
+    assert wait_gone(client.pid, gone_s), "a hung core is killed, not left stopped"
+    with pytest.raises(EngineDeadError):
+        await client.add(requests(1, 2))
+    return elapsed
+
+
+async def check_kill_is_found(client: EngineClient, max_tokens: int, within_s: float, cause: str) -> None:
+    """SIGKILL of the core with 4 requests in flight: outputs() ends within `within_s` (well inside the
+    liveness bound the caller sets: found by the death itself) with `cause`; the socket folder is removed."""
+    await client.add(requests(4, max_tokens))
+    os.kill(client.pid, signal.SIGKILL)
+    _, error = await time_to_death(client, within_s)
+    assert cause in str(error)
+    assert not os.path.exists(client._ipc_dir), "a dead core's socket folder is removed"
 
 
 def gone(pid: int) -> bool:

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -25,6 +26,7 @@ os.environ.update(LOOPBACK_ENV)   # before Ray is imported: it reads them at imp
 from ray.cluster_utils import AutoscalingCluster  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
 sys.path.insert(0, str(REPO / "deploy" / "local"))
 import scoped_ray  # noqa: E402
 
@@ -116,3 +118,22 @@ class ScopedAutoscalingCluster(AutoscalingCluster):
     def shutdown(self) -> None:
         scoped_ray.stop(self.scope)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def start_local_ray(num_cpus: int) -> None:
+    """A fresh Ray of our own (address="local", even if another cluster runs on this machine) whose
+    workers can import the test helpers in tests/ (they inherit PYTHONPATH from the raylet)."""
+    import ray
+    old = os.environ.get("PYTHONPATH")
+    if str(TESTS) not in (old or "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = str(TESTS) + (os.pathsep + old if old else "")
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def wait_cpus_free(num_cpus: int, timeout: float = 20.0) -> None:
+    """Every CPU of the local Ray is free again (AssertionError naming what is held after `timeout`)."""
+    import ray
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU") != num_cpus:
+        assert time.monotonic() < deadline, f"leaked: available {ray.available_resources()}"
+        time.sleep(0.2)

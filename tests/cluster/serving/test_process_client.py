@@ -6,7 +6,6 @@ generous multiples (no timing assertions beyond "within a few bounds").
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,9 @@ import textwrap
 
 import pytest
 
-from client_checks import collect, requests, time_to_death, wait_gone
+from client_checks import FAKE_CORE as FAKE
+from client_checks import (check_kill_is_found, check_stop_is_found, collect, expected, requests,
+                           time_to_death, wait_gone)
 from core_fakes import fake_token
 
 from pagedray.cluster.core.messages import CoreRequest
@@ -23,16 +24,11 @@ from pagedray.cluster.serving.engine_client import EngineDeadError
 from pagedray.cluster.serving.process_client import ProcessClient
 from pagedray.workers.sampling_params import SamplingParams
 
-FAKE = "core_fakes:FakeCore.from_kwargs"
 BOUND = 3.0
 
 
 def fake_client(liveness_s: float = BOUND, **kwargs) -> ProcessClient:
     return ProcessClient("fake-model", kwargs, core_factory=FAKE, liveness_s=liveness_s, startup_timeout_s=120)
-
-
-def expected(req: CoreRequest, vocab: int = 320) -> list[int]:
-    return [fake_token(req.prompt_token_ids, k, vocab) for k in range(req.params.max_tokens)]
 
 
 async def _with_client(body, liveness_s: float = BOUND, **kwargs):
@@ -105,25 +101,14 @@ def test_bad_input_does_not_kill_the_core():
 
 def test_sigstop_is_detected_within_the_bound():
     async def body(client):
-        await client.add(requests(4, 10_000))
-        os.kill(client.pid, signal.SIGSTOP)
-        elapsed, error = await time_to_death(client, 6 * BOUND)
-        assert "sent nothing" in str(error)
-        assert wait_gone(client.pid, 10), "a hung core is killed, not left stopped"
-        with pytest.raises(EngineDeadError):
-            await client.add(requests(1, 2))
-        return elapsed
+        return await check_stop_is_found(client, 10_000, within_s=6 * BOUND, gone_s=10)
     asyncio.run(_with_client(body, step_delay_s=0.01))
 
 
 def test_sigkill_is_detected_at_once():
     async def body(client):
-        await client.add(requests(4, 10_000))
-        os.kill(client.pid, signal.SIGKILL)
         # Well inside the 30 s liveness bound: the process sentinel is on the event loop.
-        _, error = await time_to_death(client, 10)
-        assert "killed by signal 9" in str(error)
-        assert not os.path.exists(client._ipc_dir), "a dead core's socket folder is removed"
+        await check_kill_is_found(client, 10_000, within_s=10, cause="killed by signal 9")
     asyncio.run(_with_client(body, liveness_s=30, step_delay_s=0.01))
 
 

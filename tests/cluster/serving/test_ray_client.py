@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import time
-from pathlib import Path
 
 import pytest
 
@@ -18,15 +15,14 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 import ray  # noqa: E402
 
-from client_checks import collect, requests, time_to_death, wait_gone  # noqa: E402
-from core_fakes import fake_token  # noqa: E402
+from client_checks import FAKE_CORE as FAKE  # noqa: E402
+from client_checks import check_kill_is_found, check_stop_is_found, collect, expected, requests  # noqa: E402
+from ray_clusters import start_local_ray, wait_cpus_free  # noqa: E402
 
 from pagedray.cluster.core.messages import CoreRequest  # noqa: E402
-from pagedray.cluster.serving.engine_client import EngineDeadError  # noqa: E402
 from pagedray.cluster.serving.ray_client import RayClient  # noqa: E402
 from pagedray.workers.sampling_params import SamplingParams  # noqa: E402
 
-FAKE = "core_fakes:FakeCore.from_kwargs"
 BOUND = 3.0
 NUM_CPUS = 4
 
@@ -40,11 +36,7 @@ def loop():
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
-    # The fake core lives in tests/: the actors' workers inherit PYTHONPATH from the raylet.
-    tests_dir = str(Path(__file__).resolve().parents[2])
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = tests_dir + (os.pathsep + old if old else "")
-    ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
+    start_local_ray(NUM_CPUS)   # the fake core lives in tests/, on the workers' PYTHONPATH
     yield
     try:
         _assert_released()
@@ -52,11 +44,8 @@ def ray_local():
         ray.shutdown()
 
 
-def _assert_released(timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while ray.available_resources().get("CPU") != NUM_CPUS:
-        assert time.monotonic() < deadline, f"leaked: available {ray.available_resources()}"
-        time.sleep(0.2)
+def _assert_released() -> None:
+    wait_cpus_free(NUM_CPUS)
 
 
 def _run(loop, body, liveness_s: float = BOUND, **kwargs):
@@ -69,10 +58,6 @@ def _run(loop, body, liveness_s: float = BOUND, **kwargs):
         finally:
             await client.shutdown()
     return loop.run_until_complete(main())
-
-
-def expected(req: CoreRequest) -> list[int]:
-    return [fake_token(req.prompt_token_ids, k, 320) for k in range(req.params.max_tokens)]
 
 
 def test_tokens_abort_bad_input_and_heartbeat(loop):
@@ -93,26 +78,16 @@ def test_tokens_abort_bad_input_and_heartbeat(loop):
 
 def test_sigstopped_actor_is_detected_within_the_bound(loop):
     async def body(client):
-        await client.add(requests(4, 100_000))
-        os.kill(client.pid, signal.SIGSTOP)
-        _, error = await time_to_death(client, 4 * BOUND)
-        assert "sent nothing" in str(error)
-        assert wait_gone(client.pid, 20), "a hung actor is killed"
-        with pytest.raises(EngineDeadError):
-            await client.add(requests(1, 2))
+        await check_stop_is_found(client, 100_000, within_s=4 * BOUND, gone_s=20)
     _run(loop, body, step_delay_s=0.01)
     _assert_released()
 
 
 def test_killed_actor_is_detected_at_once(loop):
     async def body(client):
-        await client.add(requests(4, 100_000))
-        os.kill(client.pid, signal.SIGKILL)
         # Well inside the 30 s liveness bound: the pending watch() call fails as soon as Ray
         # sees the death (the liveness path would say "sent nothing" instead).
-        _, error = await time_to_death(client, 15)
-        assert "actor died" in str(error)
-        assert not os.path.exists(client._ipc_dir), "a dead actor's socket folder is removed"
+        await check_kill_is_found(client, 100_000, within_s=15, cause="actor died")
     _run(loop, body, liveness_s=30, step_delay_s=0.01)
     _assert_released()
 

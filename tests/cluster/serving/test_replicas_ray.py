@@ -8,7 +8,6 @@ replica-kill test comes last among those because it kills one of them (the front
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import os
 import random
@@ -18,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 
@@ -28,28 +26,27 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 import grpc  # noqa: E402
 import ray  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from grpc_cases import CASES as ALL_CASES  # noqa: E402
 from grpc_cases import make_request as _request  # noqa: E402
 from grpc_cases import read_stream as _read_stream  # noqa: E402
 from hf_compare import assert_greedy_match, engine_greedy  # noqa: E402
-from tiny_models import make_tiny_llama  # noqa: E402
+from migration_cases import (SERVING, VOCAB, finish_streams, open_streams, serving, undisturbed,  # noqa: E402
+                             wait_until, watch_health, whole_streams)
+from ray_clusters import start_local_ray  # noqa: E402
 
 from pagedray.cluster import LLM, SamplingParams  # noqa: E402
 from pagedray.cluster.serving.autoscaler import Autoscaler, AutoscalingConfig  # noqa: E402
 from pagedray.cluster.serving.frontend import Frontend  # noqa: E402
 from pagedray.cluster.serving.ray_client import RayClient  # noqa: E402
-from pagedray.cluster.serving.server import GenerateServer, merge_delta  # noqa: E402
+from pagedray.cluster.serving.server import merge_delta  # noqa: E402
 from pagedray.models.llama import LlamaForCausalLM  # noqa: E402
 from pagedray.models.registry import ModelRegistry  # noqa: E402
 from pagedray.protos import generate_pb2 as pb  # noqa: E402
 from pagedray.protos import generate_pb2_grpc as pb_grpc  # noqa: E402
 
 NUM_CPUS = 6          # logical: 2 replicas x 1, up to 2 more for the autoscaler, 2 TP ranks
-VOCAB = 320
 ENGINE_KW = dict(device="cpu", block_size=4, num_kv_blocks=512)
-SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 class MyLlamaForCausalLM(LlamaForCausalLM):
@@ -65,8 +62,7 @@ def loop():
 
 @pytest.fixture(scope="module")
 def ray_local():
-    # address="local": always a fresh Ray of our own, even if another cluster runs on this machine.
-    ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
+    start_local_ray(NUM_CPUS)
     yield
     try:
         _assert_released()
@@ -75,31 +71,16 @@ def ray_local():
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> str:
-    return make_tiny_llama(tmp_path_factory.mktemp("replicas"))
+def ckpt(tiny_llama) -> str:
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")
 def served(loop, ray_local, ckpt):
     """Two Ray replicas behind a frontend (which replaces a dead one) and a GenerateServer on 127.0.0.1."""
-    names = (f"r{i}" for i in itertools.count())
-
-    async def replacement():
-        return RayClient(ckpt, ENGINE_KW, name=next(names))
-
-    async def up():
-        replicas = [await replacement() for _ in range(2)]
-        frontend = await Frontend.start_with(replicas, client_factory=replacement)
-        server = GenerateServer(frontend, "tiny", host="127.0.0.1", port=0)
-        await server.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-        return SimpleNamespace(server=server, frontend=frontend, router=frontend.router, replicas=replicas,
-                               channel=channel, stub=pb_grpc.GenerationStub(channel))
-
-    s = loop.run_until_complete(up())
-    yield s
-    loop.run_until_complete(s.channel.close())
-    loop.run_until_complete(s.server.stop(grace=2))
+    context = serving(ckpt, "ray", 2, engine_kw=ENGINE_KW, prefix="r")
+    yield loop.run_until_complete(context.__aenter__())
+    loop.run_until_complete(context.__aexit__(None, None, None))
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -137,14 +118,6 @@ def _slow_steps(replica: RayClient, seconds: float) -> None:
             return real()
         core.step = slow
     ray.get(replica.actor.__ray_call__.remote(patch))
-
-
-async def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 # -- the shared two replicas ------------------------------------------------------------------
@@ -206,49 +179,31 @@ def test_same_prefix_goes_to_the_same_replica(loop, served):
 
 
 def test_killed_replica_s_streams_move_and_finish_with_undisturbed_tokens(loop, served, ckpt):
-    """24 greedy streams; one replica's actor is killed mid-stream: every stream completes with exactly
-    the tokens of an undisturbed run, no call fails, health never leaves SERVING, and a new replica
-    replaces the dead one."""
-    rng = random.Random(1)
-    prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randrange(2, 10))] for _ in range(24)]
-    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    want = [o.outputs[0].token_ids for o in LLM(ckpt, **ENGINE_KW).generate(
-        [{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)]
+    """24 greedy streams and two seeded sampled ones; one replica's actor is killed mid-stream: every
+    stream completes with exactly the tokens of an undisturbed run, no call fails, health never
+    leaves SERVING, and a new replica replaces the dead one."""
+    want = undisturbed(ckpt)
     for replica in served.replicas:
         _slow_steps(replica, 0.05)
 
     async def scenario():
-        stub, health = served.stub, health_pb2_grpc.HealthStub(served.channel)
-        statuses, done = [], asyncio.Event()
-
-        async def watch_health():
-            while not done.is_set():
-                statuses.append((await health.Check(health_pb2.HealthCheckRequest())).status)
-                await asyncio.sleep(0.02)
-
-        watcher = asyncio.get_running_loop().create_task(watch_health())
-        calls = [stub.GenerateStream(_request(p, f"kill-{i}", temperature=0, max_tokens=40, ignore_eos=True))
-                 for i, p in enumerate(prompts)]
-        firsts = [await call.read() for call in calls]           # every stream is running
-        victim = served.replicas[0]
-        doomed = served.router.num_inflight_on(victim)
-        ray.kill(victim.actor)
-        rests = await asyncio.gather(*[_read_stream(call) for call in calls], return_exceptions=True)
-        after = await asyncio.gather(*[stub.Generate(_request([9, i], max_tokens=3, ignore_eos=True))
-                                       for i in range(4)])
-        await _wait_for(lambda: served.router.num_ready == 2, 60, "the replacement replica")
-        models = await stub.ListModels(pb.ListModelsRequest())
-        done.set()
-        await watcher
+        stub = served.stub
+        async with watch_health(served.channel) as statuses:
+            calls = open_streams(stub, "kill-")
+            firsts = [await call.read() for call in calls]           # every stream is running
+            victim = served.replicas[0]
+            doomed = served.router.num_inflight_on(victim)
+            ray.kill(victim.actor)
+            rests = await finish_streams(calls)
+            after = await asyncio.gather(*[stub.Generate(_request([9, i], max_tokens=3, ignore_eos=True))
+                                           for i in range(4)])
+            await wait_until(lambda: served.router.num_ready == 2, 60, "the replacement replica")
+            models = await stub.ListModels(pb.ListModelsRequest())
         return victim, doomed, firsts, rests, after, models, statuses
 
     victim, doomed, firsts, rests, after, models, statuses = loop.run_until_complete(scenario())
     assert doomed > 0
-    errors = [r for r in rests if isinstance(r, BaseException)]
-    assert not errors, errors[:3]
-    got = [list(f.completions[0].token_ids) + [t for m in rest for c in m.completions for t in c.token_ids]
-           for f, rest in zip(firsts, rests)]
-    assert got == want
+    assert whole_streams(firsts, rests) == want
     assert statuses and set(statuses) == {SERVING}
     assert all(len(a.completions[0].token_ids) == 3 for a in after)
     assert not victim.is_healthy and victim not in served.router.replicas
@@ -275,7 +230,7 @@ def test_autoscaler_scales_up_under_load_and_back_down(loop, ray_local, ckpt):
         load = [frontend.generate({"prompt_token_ids": [5, i]}, params) for i in range(4)]
         for gen in load:
             await gen.__anext__()                        # 4 in flight: 2 replicas wanted
-        await _wait_for(lambda: router.num_ready == 2, 60, "a second replica")
+        await wait_until(lambda: router.num_ready == 2, 60, "a second replica")
         second = next(r for r in router.replicas if r is not first)
         out = [o async for o in frontend.generate({"prompt_token_ids": [7, 8]}, SamplingParams(max_tokens=2))]
         assert router.routed[second.name] == 1 and out[-1].finished   # the new one takes new work
@@ -286,7 +241,7 @@ def test_autoscaler_scales_up_under_load_and_back_down(loop, ray_local, ckpt):
         while (stats := await first.get_stats()).num_running or stats.num_used_blocks:
             assert time.monotonic() < deadline, f"closed streams still hold the engine: {stats}"
             await asyncio.sleep(0.05)
-        await _wait_for(lambda: router.num_ready == 1 and not scaler.draining, 30, "the scale-down")
+        await wait_until(lambda: router.num_ready == 1 and not scaler.draining, 30, "the scale-down")
         remaining = router.replicas
         await scaler.stop()
         await frontend.shutdown()
