@@ -27,7 +27,8 @@ def linear_shapes(shape: str) -> list[tuple[str, int, int, int]]:
             ("down_proj", inter, h, layers), ("lm_head", h, c["vocab_size"], 1)]
 
 
-def _replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 20) -> float:
+def graph_replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 20) -> float:
+    """Median GPU time of one replay (3 warm-up replays first)."""
     for _ in range(3):
         graph.replay()
     times = []
@@ -53,7 +54,7 @@ def matmul_roofline(shape: str, batch: int, dtype: torch.dtype, copies: int = 4)
         with torch.cuda.graph(graph):
             for w in weights:
                 torch.matmul(x, w.t())
-        rows.append((name, _replay_ms(graph) * 1e3 / copies, n * k * weights[0].element_size()))
+        rows.append((name, graph_replay_ms(graph) * 1e3 / copies, n * k * weights[0].element_size()))
         del weights, graph
     return rows
 
@@ -75,7 +76,7 @@ def profile_replay(graphs, bs: int, ctx: int, num_blocks: int, block_size: int, 
     from torch.profiler import ProfilerActivity, profile
     _set_context(graphs, bs, ctx, num_blocks, block_size)
     graph = graphs.graphs[bs]
-    ms = _replay_ms(graph)
+    ms = graph_replay_ms(graph)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             graph.replay()

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from decode_profile import graph_replay_ms
 from common import (run_hf_baseline, SHAPES, append_results, copy_bandwidth, kv_bytes_per_token, markdown_table, param_counts,
                     random_prompts, write_config)
 
@@ -57,18 +58,7 @@ def replay_ms(graphs, bs: int) -> float | None:
     """GPU time of one captured forward (median of 20 replays)."""
     if graphs is None or bs not in graphs.graphs:
         return None
-    graph = graphs.graphs[bs]
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return graph_replay_ms(graphs.graphs[bs])
 
 
 def floor_ms(args, bs: int, bandwidth_gbs: float) -> float:
