@@ -216,8 +216,10 @@ class Frontend:
 
     # -- requests -----------------------------------------------------------------------------
     async def generate(self, prompt: str | dict, params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Delta outputs until the request finishes (see PLAN.md "Frontend API").
+                       request_id: str | None = None, *, final_only: bool = False
+                       ) -> AsyncIterator[RequestOutput]:
+        """Delta outputs until the request finishes (see PLAN.md "Frontend API"); with `final_only`,
+        one cumulative output when it finishes (unary replies: the request state already holds it).
 
         Raises ValueError (bad input), QueueFullError, EngineDeadError (no replica, or the request
         could not be moved off a failed one). Closing the iterator early aborts the request.
@@ -230,6 +232,11 @@ class Frontend:
                 req.event.clear()
                 if req.error is not None:
                     raise req.error
+                if final_only:
+                    if req.state.finished:
+                        yield req.state.make_output(delta=False)
+                        return
+                    continue
                 out = req.state.make_output(delta=True)
                 if out.outputs or out.finished:
                     yield out

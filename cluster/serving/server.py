@@ -19,7 +19,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pagedray.cluster.outputs import CompletionOutput, RequestOutput
+from pagedray.cluster.outputs import RequestOutput
 from pagedray.cluster.serving.chat import ChatRenderer
 from pagedray.cluster.serving.detokenizer import TokenTexts
 from pagedray.cluster.serving.engine_client import EngineDeadError
@@ -120,27 +120,6 @@ class _Usage:
                         cached_prompt_tokens=out.num_cached_tokens)
 
 
-def merge_delta(whole: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
-    """Fold one delta into the cumulative output (for a unary reply)."""
-    if whole is None:
-        whole = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids, [])
-    by_index = {c.index: c for c in whole.outputs}
-    for c in delta.outputs:
-        acc = by_index.get(c.index)
-        if acc is None:
-            acc = by_index[c.index] = CompletionOutput(c.index, "", [], [] if c.logprobs is not None else None)
-        acc.text += c.text
-        acc.token_ids.extend(c.token_ids)
-        if c.logprobs is not None:
-            acc.logprobs.extend(c.logprobs)
-        acc.finish_reason = c.finish_reason
-    whole.outputs = [by_index[i] for i in sorted(by_index)]
-    whole.finished, whole.num_cached_tokens = delta.finished, delta.num_cached_tokens
-    whole.prompt_logprobs = delta.prompt_logprobs if delta.prompt_logprobs is not None else whole.prompt_logprobs
-    whole.metrics = delta.metrics
-    return whole
-
-
 def unary_reply_bytes(params: SamplingParams, max_model_len: int) -> int:
     """What a unary reply of `params` encodes to, about: per token its id and text (~8 bytes) and,
     with logprobs, an entry (~12) plus ~14 per top alternative (measured: 290 bytes a token at 20)."""
@@ -186,10 +165,10 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def Generate(self, request, context):
         async with self._outputs(request, context, unary=True) as (outputs, params):
-            whole, usage = None, _Usage()
-            async for delta in outputs:
-                usage.add(delta)
-                whole = merge_delta(whole, delta)
+            async for whole in outputs:   # final_only: one cumulative output, when it finishes
+                pass
+        usage = _Usage()
+        usage.add(whole)
         return to_response(whole, params.logprobs, self.texts, usage.proto(whole))
 
     async def GenerateStream(self, request, context):
@@ -219,7 +198,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             prompt, params, request_id = parse_request(request, self.model_name, self.chat)
             if unary:
                 check_unary_reply(params, self.frontend.info.max_model_len)
-            async with contextlib.aclosing(self.frontend.generate(prompt, params, request_id)) as outputs:
+            async with contextlib.aclosing(self.frontend.generate(prompt, params, request_id,
+                                                                  final_only=unary)) as outputs:
                 yield outputs, params
         except Exception as exc:
             code = _status_of(exc)

@@ -39,7 +39,6 @@ from pagedray.cluster import LLM, SamplingParams  # noqa: E402
 from pagedray.cluster.serving.autoscaler import Autoscaler, AutoscalingConfig  # noqa: E402
 from pagedray.cluster.serving.frontend import Frontend  # noqa: E402
 from pagedray.cluster.serving.ray_client import RayClient  # noqa: E402
-from pagedray.cluster.serving.server import merge_delta  # noqa: E402
 from pagedray.models.llama import LlamaForCausalLM  # noqa: E402
 from pagedray.models.registry import ModelRegistry  # noqa: E402
 from pagedray.protos import generate_pb2 as pb  # noqa: E402
@@ -279,10 +278,8 @@ def test_out_of_tree_model_reaches_the_replica_and_its_tp_workers(loop, ray_loca
         frontend = await Frontend.start_with([replica])
 
         async def final(prompt, request_id):
-            whole = None
-            async for delta in frontend.generate(prompt, greedy, request_id):
-                whole = merge_delta(whole, delta)
-            return whole.outputs[0]
+            async for whole in frontend.generate(prompt, greedy, request_id, final_only=True):
+                return whole.outputs[0]
 
         try:
             got = []
