@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+
+from pagedray.cluster.cli_common import resolve_model
 
 # (flag, SamplingParams field, type, help); None defaults leave vLLM's default in place.
 _SAMPLING_FLAGS = [
@@ -57,9 +58,9 @@ def _sampling_params(args: argparse.Namespace):
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    model = args.model or os.environ.get("PAGEDRAY_MODEL") or None
     try:
         params = _sampling_params(args)   # bad flags fail before the model loads
+        model = resolve_model(args.model)
         from pagedray.cluster.llm import LLM
         llm = LLM(model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
         outputs = llm.generate(list(args.prompts), params, use_tqdm=False)
