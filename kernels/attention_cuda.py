@@ -26,13 +26,16 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # score reduction; PREFETCH, loading tile n+1 while tile n is computed. None: the measured
 # default (H200, B64 ctx2048 32/8x128 bf16: 186 us plain, 146 us with both; prefetch cost
 # ~6% with one head per CTA, so it is on from two heads up).
-VARIANT: dict[str, int | None] = {"SCORE_XPOSE": None, "PREFETCH": None}
+VARIANT: dict[str, int | None] = {"SCORE_XPOSE": None, "PREFETCH": None, "TPG_MAX": None}
 
 
 def variant(hpb: int) -> dict[str, int]:
     xpose, prefetch = VARIANT["SCORE_XPOSE"], VARIANT["PREFETCH"]
-    return {"SCORE_XPOSE": 1 if xpose is None else xpose,
-            "PREFETCH": int(hpb >= 2) if prefetch is None else prefetch}
+    chosen = {"SCORE_XPOSE": 1 if xpose is None else xpose,
+              "PREFETCH": int(hpb >= 2) if prefetch is None else prefetch}
+    if VARIANT["TPG_MAX"] is not None:
+        chosen["TPG_MAX"] = VARIANT["TPG_MAX"]
+    return chosen
 
 _empty = torch.empty  # tests swap this to poison the output and split-mode scratch buffers
 
