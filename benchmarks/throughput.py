@@ -27,7 +27,7 @@ import torch
 
 from common import (run_hf_baseline, SHAPES, append_results, copy_bandwidth, markdown_table, matmul_tflops, random_prompts,
                     workload_flops, write_config)
-from stage_timer import StageTimer, profile_steps
+from stage_timer import StageTimer, gpu_idle_report, profile_steps
 
 
 
@@ -98,6 +98,12 @@ def main(argv=None) -> int:
         counter.restore()
         replays = graph_replays(llm) - replays0
         breakdown = _serial(llm, lambda: run_breakdown(llm, prompts, args)) if args.breakdown else None
+        if args.gpu_idle and cuda:
+            # A decode-only stretch (batch max_num_seqs) and a stretch across a wave's refill.
+            n = args.max_num_seqs
+            print(gpu_idle_report(llm, prompts[:n], args, 80, 30, "decode-only window"), flush=True)
+            print(gpu_idle_report(llm, prompts[:2 * n], args, args.output_len - 10, 60,
+                                  "window across a refill"), flush=True)
         llm.shutdown()
     report(args, startup, (elapsed, waits[0]), counter, replays, tflops, bandwidth, hf, breakdown, serial)
     return 0
@@ -218,6 +224,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    default=["generate", "generate_batch"], help="HF peers: generate, generate_batch")
     p.add_argument("--hf-cb-num-requests", type=int, default=256, help="requests through generate_batch")
     p.add_argument("--breakdown", action="store_true")
+    p.add_argument("--gpu-idle", action="store_true", help="profile two windows of the overlapped loop: GPU busy vs idle")
     p.add_argument("--breakdown-requests", type=int, default=256)
     p.add_argument("--trace-file", default=os.path.join(os.environ.get("OUT", "."), "throughput_profile.txt"))
     p.add_argument("--results", default=None, help="append the table to this file (e.g. benchmarks/RESULTS.md)")
