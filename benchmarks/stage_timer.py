@@ -50,6 +50,11 @@ class StageTimer(InstancePatches):
         self._current: dict[str, float] = {}
         self._kind = "idle"
         self._in_step = False
+        # Wall time from one executor call to the next, by the kind of the later one's batch (with
+        # overlapped steps that is the GPU time of the earlier batch when the loop is GPU-bound).
+        self.wall: dict[str, float] = defaultdict(float)
+        self.slowest: list[tuple[float, str, int]] = []
+        self._last_close: float | None = None
         self._wrap(self.engine.executor, "execute_model_async", "execute")
         if not count_only:
             self._wrap(self.engine, "step", "step")
@@ -94,6 +99,11 @@ class StageTimer(InstancePatches):
         cur, self._current = self._current, {}
         if self._kind == "idle":
             return
+        now = time.perf_counter()
+        if self._last_close is not None:
+            self.wall[self._kind] += now - self._last_close
+            self.slowest = sorted(self.slowest + [(now - self._last_close, self._kind, self.steps)])[-5:]
+        self._last_close = now
         step = cur.get("step", cur.get("execute", 0.0))
         execute = cur.get("execute", 0.0)
         inner = sum(cur.get(s, 0.0) for s in ("prepare_inputs", "forward", "logits", "sampler"))
@@ -105,6 +115,13 @@ class StageTimer(InstancePatches):
             self.totals[self._kind][k] += v
         self.counts[self._kind] += 1
         self._kind = "idle"
+
+    def wall_summary(self) -> str:
+        """Wall time between executor calls, by step kind, and the five longest gaps."""
+        parts = [f"{kind} {t:.2f} s over {self.counts[kind]} steps ({t / max(1, self.counts[kind]) * 1e3:.1f} ms/step)"
+                 for kind, t in self.wall.items()]
+        slow = ", ".join(f"{t * 1e3:.0f} ms before step {i} ({kind})" for t, kind, i in reversed(self.slowest))
+        return "Wall time between steps: " + "; ".join(parts) + f". Longest: {slow}."
 
     def table(self) -> str:
         header = ["step kind", "steps", "ms/step"] + [f"{s} (ms)" for s in STAGES]
