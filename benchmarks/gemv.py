@@ -24,10 +24,6 @@ from pagedray.kernels import gemv_cuda
 COPIES = 4
 
 
-def name_of(variant: dict[str, int]) -> str:
-    return "R{ROWS}W{WARPS}U{UNROLL}L{LOAD}".format(**variant)
-
-
 def _kernel(variant):
     return lambda x, w: gemv_cuda.skinny_gemm(x, w, variant=variant)
 
@@ -48,14 +44,14 @@ def measure(shape: str, batches: list[int], dtype: torch.dtype) -> tuple[dict, f
             for variant in gemv_cuda.SWEEP:
                 fn = _kernel(variant)
                 worst = max(worst, _rel_err(fn(x, weights[0]), want))
-                row[name_of(variant)] = replay_us(fn, x, weights)
+                row[gemv_cuda.name_of(variant)] = replay_us(fn, x, weights)
             times[(name, m)] = row
         del weights
     return times, worst
 
 
 def sweep_table(shape: str, times: dict, bw_gbs: float, dtype: torch.dtype) -> str:
-    names = [name_of(v) for v in gemv_cuda.SWEEP]
+    names = [gemv_cuda.name_of(v) for v in gemv_cuda.SWEEP]
     sizes = {name: n * k * torch.finfo(dtype).bits // 8 for name, k, n, _ in linear_shapes(shape)}
     rows = []
     for (product, m), row in times.items():
@@ -70,7 +66,7 @@ def sweep_table(shape: str, times: dict, bw_gbs: float, dtype: torch.dtype) -> s
 
 def step_table(shape: str, times: dict, batches: list[int], bw_gbs: float, dtype: torch.dtype) -> str:
     """One decode step's products: counts from linear_shapes (32 layers + 1 lm_head for llama3-8b)."""
-    names = [name_of(v) for v in gemv_cuda.SWEEP]
+    names = [gemv_cuda.name_of(v) for v in gemv_cuda.SWEEP]
     products = linear_shapes(shape)
     floor = sum(n * k * cnt for _, k, n, cnt in products) * torch.finfo(dtype).bits // 8 / (bw_gbs * 1e3)
     rows = []

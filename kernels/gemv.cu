@@ -15,6 +15,9 @@
 // - LOAD picks the cache hint of the W loads (read once, so they should not evict x
 //   from L1): 0 __ldg (read-only path), 1 __ldcs (evict-first), 2 __ldcg (L2 only).
 // - fp32 accumulation; a warp-shuffle sum per output at the end; one store per output.
+// - __launch_bounds__(.., 1): with no minimum of resident CTAs ptxas is free with registers;
+//   under its default register target it sank most W loads down to their first use, leaving a
+//   few in flight per lane (seen in the SASS), which is the opposite of what this kernel needs.
 // Requires k % VEC == 0 (16-byte rows), 16-byte aligned W and x rows; n is arbitrary
 // (tail rows of the last warp re-read row n-1 and skip the store).
 #include "common.cuh"
@@ -82,7 +85,7 @@ __device__ __forceinline__ void step(float (&acc)[ROWS][TOKENS], const uint4* co
 
 // out: dense [TOKENS, n]; x: [TOKENS, k] rows x_stride elements apart; w: dense [n, k];
 // bias: [n] or null. Grid: ceil(ceil(n / ROWS) / WARPS) CTAs of WARPS warps.
-extern "C" __global__ void __launch_bounds__(WARPS * 32) skinny_gemm(
+extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) skinny_gemm(
     scalar_t* __restrict__ out, const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
     const scalar_t* __restrict__ bias, i64 x_stride, int n, int k) {
   const int lane = threadIdx.x & 31;

@@ -51,21 +51,26 @@ def _check(got, x, w, b):
 SHAPES = [(64, 1), (136, 33), (4096, 6144), (14336, 4096)]
 
 
+MMA = gemv_cuda._mma(8, 4)  # a tensor-core variant; None: the default (CUDA cores)
+
+
 @needs_cuda
+@pytest.mark.parametrize("variant", [None, MMA], ids=["default", "mma"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [BF16, FP16])
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("m", range(1, 9))
-def test_matches_reference(m, k, n, dtype, bias):
+def test_matches_reference(m, k, n, dtype, bias, variant):
     x, w, b = _inputs(m, k, n, dtype, bias)
-    _check(gemv_cuda.skinny_gemm(x, w, b), x, w, b)
+    _check(gemv_cuda.skinny_gemm(x, w, b, variant=variant), x, w, b)
 
 
 @needs_cuda
+@pytest.mark.parametrize("variant", [None, MMA], ids=["default", "mma"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_lm_head_shape(bias):
+def test_lm_head_shape(bias, variant):
     x, w, b = _inputs(1, 4096, 128256, BF16, bias)
-    _check(gemv_cuda.skinny_gemm(x, w, b), x, w, b)
+    _check(gemv_cuda.skinny_gemm(x, w, b, variant=variant), x, w, b)
 
 
 @needs_cuda
@@ -77,24 +82,26 @@ def test_float32(m, k, n):
 
 
 @needs_cuda
+@pytest.mark.parametrize("variant", [None, MMA], ids=["default", "mma"])
 @pytest.mark.parametrize("dtype", [BF16, FP16])
-def test_out_given_and_row_strided_x(dtype):
+def test_out_given_and_row_strided_x(dtype, variant):
     k, n, m = 4096, 1000, 5
     # Rows 4096 + 24 elements apart, starting 16 bytes into the buffer (a slice of a wider tensor).
     wide = torch.randn(m, k + 24, device="cuda").to(dtype)
     x = wide[:, 8:8 + k]
     _, w, b = _inputs(m, k, n, dtype, True)
     out = torch.full((m, n), NAN, dtype=dtype, device="cuda")
-    got = gemv_cuda.skinny_gemm(x, w, b, out=out)
+    got = gemv_cuda.skinny_gemm(x, w, b, out=out, variant=variant)
     assert got.data_ptr() == out.data_ptr()
     _check(got, x, w, b)
 
 
 # K = 2344 is 293 chunks of 8: a full step or more plus a partial one for UNROLL 2, 4 and 8;
-# N = 1027 leaves a partial warp and a partial CTA for every ROWS and WARPS of the sweep.
+# N = 1027 leaves a partial warp and a partial CTA for every ROWS and WARPS of the sweep, and a
+# partial 16-row tile for the tensor-core variants.
 @needs_cuda
 @pytest.mark.parametrize("m,dtype", [(1, BF16), (3, BF16), (8, BF16), (8, FP16)])
-@pytest.mark.parametrize("variant", gemv_cuda.SWEEP, ids=lambda v: "-".join(f"{k}{v[k]}" for k in v))
+@pytest.mark.parametrize("variant", gemv_cuda.SWEEP, ids=gemv_cuda.name_of)
 def test_every_sweep_variant(variant, m, dtype):
     x, w, b = _inputs(m, 2344, 1027, dtype, True)
     _check(gemv_cuda.skinny_gemm(x, w, b, variant=variant), x, w, b)
@@ -169,12 +176,22 @@ def test_fp32_needs_k_multiple_of_4_only():
 
 @pytest.mark.parametrize("variant,match", [
     ({"ROWS": 2}, "variant must have exactly the keys"),
-    ({"ROWS": 0, "WARPS": 4, "UNROLL": 4, "LOAD": 0}, r"variant ROWS must be an int in \[1, 8\]"),
-    ({"ROWS": 2, "WARPS": 4, "UNROLL": 4, "LOAD": 3}, r"variant LOAD must be an int in \[0, 2\]"),
+    ({"MMA": 0, "ROWS": 0, "WARPS": 4, "UNROLL": 4, "LOAD": 0}, r"variant ROWS must be in \[1, 8\] with MMA 0"),
+    ({"MMA": 1, "ROWS": 2, "WARPS": 4, "UNROLL": 4, "LOAD": 0}, "variant ROWS must be 16 with MMA 1"),
+    ({"MMA": 0, "ROWS": 2, "WARPS": 4, "UNROLL": 4, "LOAD": 3}, r"variant LOAD must be an int in \[0, 2\]"),
+    ({"MMA": 2, "ROWS": 2, "WARPS": 4, "UNROLL": 4, "LOAD": 0}, r"variant MMA must be an int in \[0, 1\]"),
 ])
 def test_launcher_rejects_bad_variant(variant, match):
     with pytest.raises(ValueError, match=match):
         gemv_cuda.skinny_gemm(**_cpu_args(), variant=variant)
+
+
+def test_tensor_cores_need_16_bit_types(monkeypatch):
+    with pytest.raises(ValueError, match="MMA 1 .* needs float16 or bfloat16"):
+        gemv_cuda.skinny_gemm(**_cpu_args(dtype=FP32), variant=MMA)
+    monkeypatch.setitem(gemv_cuda.VARIANT, "MMA", 1)
+    assert gemv_cuda.default_variant(4, BF16) == MMA | {"ROWS": 16, "WARPS": 4, "UNROLL": 4}
+    assert gemv_cuda.default_variant(4, FP32)["MMA"] == 0
 
 
 def test_sweep_and_default_variants_are_valid(monkeypatch):
