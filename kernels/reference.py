@@ -120,6 +120,11 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     return rotate(query), rotate(key)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x · weight^T (+ bias) in float32 (the skinny GEMM's oracle; it returns x's dtype)."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     return (F.silu(gate.float()) * up.float()).to(x.dtype)
