@@ -132,6 +132,12 @@ def test_ops_linear_dispatch_and_cuda_graph(monkeypatch):
     _check(y, static, w, b)
 
 
+@needs_cuda
+def test_zero_tokens_give_an_empty_result():
+    x, w, b = _inputs(0, 64, 5, BF16, True)
+    assert gemv_cuda.skinny_gemm(x, w, b).shape == (0, 5)
+
+
 # ---------------------------------------------------------------- launcher checks (no GPU needed)
 
 def _cpu_args(m=2, k=16, n=4, dtype=BF16):
