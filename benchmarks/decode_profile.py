@@ -42,20 +42,29 @@ def graph_replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+def replay_us(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> float:
+    """µs per fn(x, w): one CUDA-graph replay of it over every weight copy (so none stays in L2)."""
+    fn(x, weights[0])
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            fn(x, w)
+    return graph_replay_ms(graph) * 1e3 / len(weights)
+
+
+def plain_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.matmul(x, w.t())
+
+
 def matmul_roofline(shape: str, batch: int, dtype: torch.dtype, copies: int = 4) -> list[tuple[str, float, int]]:
     """(name, µs per product, weight bytes) of plain matmuls of the step's shapes."""
     rows = []
     for name, k, n, _ in linear_shapes(shape):
         weights = [torch.randn(n, k, device="cuda", dtype=dtype) for _ in range(copies)]
         x = torch.randn(batch, k, device="cuda", dtype=dtype)
-        torch.matmul(x, weights[0].t())
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for w in weights:
-                torch.matmul(x, w.t())
-        rows.append((name, graph_replay_ms(graph) * 1e3 / copies, n * k * weights[0].element_size()))
-        del weights, graph
+        rows.append((name, replay_us(plain_matmul, x, weights), n * k * weights[0].element_size()))
+        del weights
     return rows
 
 

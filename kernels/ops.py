@@ -12,6 +12,7 @@ import functools
 import logging
 
 import torch
+import torch.nn.functional as F
 
 from pagedray.kernels import cuda_available, reference
 
@@ -23,6 +24,10 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PREFILL_BACKEND = "triton"
 # Mixed steps: the leading decode rows through the decode kernel, the prompts through Triton.
 SPLIT_MIXED_STEPS = True
+
+# Linear layers at decode's few tokens (M <= gemv_cuda.MAX_M): the skinny GEMM kernel instead of
+# cuBLAS. Off until measured on the GPU (benchmarks/gemv.py).
+SKINNY_GEMM = False
 
 
 def _cuda(t: torch.Tensor) -> bool:
@@ -168,3 +173,34 @@ def copy_blocks(kv_caches: list[torch.Tensor], src_to_dst: list[tuple[int, int]]
         from pagedray.kernels import cache_ops
         return cache_ops.copy_blocks(kv_caches, src_to_dst)
     return reference.copy_blocks(kv_caches, src_to_dst)
+
+
+def _skinny_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x as [M, K] rows the skinny GEMM takes, or None where F.linear must run."""
+    from pagedray.kernels import gemv_cuda
+    k = x.shape[-1] if x.dim() else 0
+    if (not _cuda(x) or weight.dtype != x.dtype or weight.device != x.device or weight.dim() != 2
+            or weight.shape[1] != k or not weight.is_contiguous() or weight.data_ptr() % 16
+            or k == 0 or k % (16 // x.element_size())):
+        return None
+    if bias is not None and (bias.dtype != x.dtype or bias.device != x.device or not bias.is_contiguous()
+                             or bias.shape != weight.shape[:1]):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return None  # the kernel has no backward
+    if not 0 < x.numel() // k <= gemv_cuda.MAX_M:
+        return None
+    x2 = x.reshape(-1, k)
+    return x2 if x2.stride(1) == 1 and gemv_cuda.rows_aligned(x2) else None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); with SKINNY_GEMM, CUDA inputs of at most gemv_cuda.MAX_M tokens
+    (x of any leading shape, flattened) run the skinny GEMM kernel. CPU inputs always F.linear."""
+    if SKINNY_GEMM:
+        x2 = _skinny_rows(x, weight, bias)
+        if x2 is not None:
+            from pagedray.kernels import gemv_cuda
+            return gemv_cuda.skinny_gemm(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)

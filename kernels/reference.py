@@ -120,6 +120,11 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     return rotate(query), rotate(key)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x · weight^T (+ bias) in float32 (the skinny GEMM's oracle; it returns x's dtype)."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     return (F.silu(gate.float()) * up.float()).to(x.dtype)
@@ -184,3 +189,47 @@ def paged_decode_split(query: torch.Tensor, key_cache: torch.Tensor, value_cache
         w = torch.where(l > 0, torch.exp(m - m.max(dim=0).values) * l, torch.zeros_like(l))
         out[i] = ((w[:, :, None] * o).sum(0) / w.sum(0)[:, None]).to(query.dtype)
     return out
+
+
+# -- one-pass sampling (sample.cu) -----------------------------------------------------------------
+_M32 = 0xFFFFFFFF
+_ONE_BELOW = 1.0 - 2.0 ** -24   # the largest float32 below 1
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for x in [0, 2**32) in int64, split so no product overflows."""
+    low = (x & 0xFFFF) * c
+    high = (((x >> 16) * c) & 0xFFFF) << 16
+    return (low + high) & _M32
+
+
+def fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer on int64 values in [0, 2**32): a bijection with full avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def race_keys(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The float32 key [R, V] whose per-row argmax is the token (sample.cu's function).
+
+    Greedy rows (temperature <= 0 or NaN): the logit. Random rows: logit * (1/T) - log(E) with
+    E = -log1p(-W), W = min((h + 0.5) 2^-32, 1 - 2^-24), h = fmix32(fmix32(token ^ k0) ^ k1): the
+    exponential race argmax p_i / E_i in the log domain (a draw from softmax(logits / T)).
+    """
+    lf = logits.float()
+    tokens = torch.arange(lf.shape[-1], dtype=torch.int64, device=lf.device)[None, :]
+    k = keys.long() & _M32
+    h = fmix32(fmix32(tokens ^ k[:, :1]) ^ k[:, 1:2])
+    w = ((h.float() + 0.5) * 2.0 ** -32).clamp_max(_ONE_BELOW)
+    noise = torch.log(-torch.log1p(-w))
+    t = temperatures.float()
+    random = (lf * (1.0 / t)[:, None]) - noise
+    return torch.where((t > 0)[:, None], random, lf)
+
+
+def race_sample(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """int64 [R]: per row, the argmax of race_keys (ties -> lowest index; NaN wins, as torch.argmax)."""
+    return race_keys(logits, temperatures, keys).argmax(dim=-1)

@@ -11,16 +11,24 @@ on the rest of the batch, not on batch order, not on a preemption that
 recomputes it, and not on the device (integer hashing is exact everywhere).
 Unseeded rows share one generator seeded at start-up.
 
+With FUSED_SAMPLING on, a CUDA batch whose rows are all greedy or temperature-only (no logprobs,
+penalties, active min_tokens, top-k, top-p or min-p) takes one pass over the logits instead
+(kernels/sample.cu: the same race in the log domain, keyed by the generator for unseeded rows);
+seeded rows still take the tokens of the passes above.
+
 Nothing here waits for the device: the sampled ids stay on it (`DeviceSample`) until the caller
 reads them, and small host lists travel from pinned memory without a stream sync, so the host can
 go on to the next step while the GPU samples (overlapped steps).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from pagedray.kernels import cuda_available
+from pagedray.kernels.reference import fmix32 as _fmix32
 from pagedray.workers.messages import Logprobs
 from pagedray.workers.sampling_params import SamplingParams
 
@@ -43,6 +51,9 @@ class SamplingRow:
     # True when the row's token is the plain argmax of its logits once min_tokens is reached:
     # greedy, no logprobs, no penalties.
     argmax_only: bool = field(init=False)
+    # True when the one-pass race (`fused_sampler`) samples the row once min_tokens is reached: no
+    # logprobs, no penalties, and greedy or temperature only (no top-k, top-p or min-p).
+    race_only: bool = field(init=False)
     # The token ids that min_tokens forbids until then (stop ids, and eos unless ignored).
     min_tokens_banned: list[int] = field(init=False)
     # Outputs sampled by the previous step whose ids the host has not received (overlapped
@@ -56,6 +67,8 @@ class SamplingRow:
         self.has_penalty = (p.repetition_penalty != 1.0 or bool(p.frequency_penalty)
                             or bool(p.presence_penalty))
         self.argmax_only = p.greedy and p.logprobs is None and not self.has_penalty
+        self.race_only = p.logprobs is None and not self.has_penalty and (
+            p.greedy or (p.top_k == 0 and p.top_p >= 1.0 and p.min_p == 0.0))
         banned = list(p.stop_token_ids)
         if p.eos_token_id is not None and not p.ignore_eos:
             banned.append(p.eos_token_id)
@@ -106,6 +119,24 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     return host.pin_memory().to(device, non_blocking=True)
 
 
+# One-pass sampling on CUDA (kernels/sample.cu) for batches of greedy and temperature-only rows.
+# Off until measured on the GPU; unseeded rows then draw other (equally distributed) tokens.
+FUSED_SAMPLING = False
+# race(logits [R, V], temperatures [R] float32 (<= 0: greedy), keys [R, 2] int64) -> token ids [R]
+RaceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def fused_sampler(logits: torch.Tensor) -> RaceFn | None:
+    """The one-pass race for these logits (kernels/sample_cuda.race_sample), or None where it is off
+    or cannot run: not CUDA, no CuPy, a dtype or layout the kernel does not take."""
+    if not (FUSED_SAMPLING and logits.is_cuda and logits.dim() == 2 and logits.shape[-1] > 0
+            and logits.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and (logits.shape[-1] == 1 or logits.stride(-1) == 1) and cuda_available()):
+        return None
+    from pagedray.kernels.sample_cuda import MAX_ROWS, race_sample
+    return race_sample if logits.shape[0] <= MAX_ROWS else None
+
+
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -125,6 +156,14 @@ class Sampler:
             # The common greedy batch: one vocab-wide pass.
             # (argmax of bf16/fp16 logits equals that of their exact float32 conversion.)
             return DeviceSample(logits.argmax(dim=-1), None, want_logprobs)
+        race = fused_sampler(logits) if all(r.race_only and not r.masks_min_tokens for r in rows) else None
+        if race is not None:
+            return DeviceSample(self._race(race, logits, rows), None, want_logprobs)
+        return DeviceSample(*self._general(logits, rows), want_logprobs)
+
+    def _general(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids and (when some row wants logprobs) the raw log-softmax, by vocab-wide passes."""
+        want_logprobs = [r.params.logprobs for r in rows]
         logits = logits.float()
         raw_logprobs = None
         if any(w is not None for w in want_logprobs):
@@ -139,7 +178,26 @@ class Sampler:
             drawn = (probs / self._noise(probs, rows)).argmax(dim=-1)
             token_ids = drawn if token_ids is None else torch.where(
                 to_device(greedy, torch.bool, logits.device), token_ids, drawn)
-        return DeviceSample(token_ids, raw_logprobs, want_logprobs)
+        return token_ids, raw_logprobs
+
+    def _race(self, race: RaceFn, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Greedy and temperature-only rows in one pass (`race`: sample_cuda or reference race_sample).
+
+        Unseeded rows race with keys from the sampler's generator, drawn on the device. Seeded rows keep
+        the tokens of `_general` (which the CPU computes too): it samples just those rows afterwards (the
+        race treats them as greedy meanwhile, the cheaper scan); their tokens depend on nothing else.
+        """
+        dev = logits.device
+        seeded = [i for i, r in enumerate(rows) if r.params.seed is not None and not r.params.greedy]
+        if len(seeded) == len(rows):
+            return self._general(logits, rows)[0]
+        temps = [0.0 if r.params.greedy or r.params.seed is not None else r.params.temperature for r in rows]
+        keys = torch.randint(0, 1 << 32, (len(rows), 2), generator=self._global_generator(dev), device=dev)
+        tokens = race(logits, to_device(temps, torch.float32, dev), keys)
+        if seeded:
+            index = to_device(seeded, torch.int64, dev)
+            tokens[index] = self._general(logits[index], [rows[i] for i in seeded])[0]
+        return tokens
 
     def _noise(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Exp(1) noise per (row, token): seeded rows from the hash, the others from the generator."""
@@ -166,22 +224,6 @@ def _row_keys(seed: int, position: int) -> list[int]:
     """Four 32-bit keys for one (seed, output position): two hash rounds for each of two words."""
     state = _splitmix64(_splitmix64(seed & _M64) ^ position)
     return [_splitmix64(state + i) & _M32 for i in range(4)]
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for x in [0, 2**32) in int64, split so no product overflows."""
-    low = (x & 0xFFFF) * c
-    high = (((x >> 16) * c) & 0xFFFF) << 16
-    return (low + high) & _M32
-
-
-def _fmix32(x: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 32-bit finalizer: a bijection on [0, 2**32) with full avalanche."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
 
 
 def seeded_uniform(keys: torch.Tensor, vocab: int) -> torch.Tensor:

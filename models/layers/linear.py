@@ -8,9 +8,9 @@ shard; a shape that does not match the unsharded layer raises ValueError.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pagedray.kernels import ops
 from pagedray.models.layers.distributed import (divide, get_tp_rank, get_tp_world_size, tp_all_gather,
                                                 tp_all_reduce)
 from pagedray.models.layers.weights import (WeightLike, check_shape, default_weight_loader, narrow,
@@ -49,7 +49,7 @@ class ReplicatedLinear(LinearBase):
         default_weight_loader(param, loaded_weight, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return ops.linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -67,7 +67,7 @@ class ColumnParallelLinear(LinearBase):
         param.data.copy_(narrow(loaded_weight, 0, self.tp_rank * rows, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = ops.linear(x, self.weight, self.bias)
         return tp_all_gather(y, dim=-1) if self.gather_output else y
 
 
@@ -189,7 +189,7 @@ class RowParallelLinear(LinearBase):
             cols = self.weight.shape[1]
             x = x.narrow(-1, self.tp_rank * cols, cols)
         bias = self.bias if self.tp_rank == 0 else None
-        y = F.linear(x, self.weight, bias)
+        y = ops.linear(x, self.weight, bias)
         return tp_all_reduce(y) if self.reduce_results else y
 
 

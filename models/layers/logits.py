@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pagedray.kernels import ops
 from pagedray.models.layers.distributed import tp_all_gather
 from pagedray.models.layers.vocab_embedding import VocabParallelEmbedding
 
@@ -21,7 +21,7 @@ class LogitsProcessor(nn.Module):
         self.vocab_size, self.scale, self.soft_cap = vocab_size, scale, soft_cap
 
     def forward(self, lm_head: VocabParallelEmbedding, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, lm_head.weight, getattr(lm_head, "bias", None))
+        logits = ops.linear(hidden_states, lm_head.weight, getattr(lm_head, "bias", None))
         logits = tp_all_gather(logits, dim=-1)[..., :self.vocab_size].float()
         if self.scale != 1.0:
             logits = logits * self.scale
