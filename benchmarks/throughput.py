@@ -70,16 +70,17 @@ def graph_replays(llm) -> int:
 
 
 def set_kernel_options(options: list[str]) -> None:
-    """`module.NAME=value` of pagedray.kernels (e.g. ops.SPLIT_MIXED_STEPS=0), for A/B runs."""
+    """`module.NAME=value` under pagedray (e.g. kernels.ops.SPLIT_MIXED_STEPS=0,
+    workers.sampler.FUSED_SAMPLING=1), for A/B runs of one switch."""
     import importlib
     for option in options:
         target, value = option.split("=", 1)
         module, name = target.rsplit(".", 1)
-        mod = importlib.import_module(f"pagedray.kernels.{module}")
+        mod = importlib.import_module(f"pagedray.{module}")
         if not hasattr(mod, name):
-            raise ValueError(f"--kernel-option {option}: pagedray.kernels.{module} has no {name}")
+            raise ValueError(f"--kernel-option {option}: pagedray.{module} has no {name}")
         setattr(mod, name, type(getattr(mod, name))(int(value) if value.lstrip("-").isdigit() else value))
-        print(f"kernel option: pagedray.kernels.{module}.{name} = {getattr(mod, name)!r}", flush=True)
+        print(f"option: pagedray.{module}.{name} = {getattr(mod, name)!r}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -239,7 +240,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    default=["generate", "generate_batch"], help="HF peers: generate, generate_batch")
     p.add_argument("--hf-cb-num-requests", type=int, default=256, help="requests through generate_batch")
     p.add_argument("--breakdown", action="store_true")
-    p.add_argument("--kernel-option", action="append", default=[], help="module.NAME=value of pagedray.kernels, e.g. ops.SPLIT_MIXED_STEPS=0")
+    p.add_argument("--kernel-option", action="append", default=[], help="module.NAME=value under pagedray, e.g. kernels.ops.SPLIT_MIXED_STEPS=0")
     p.add_argument("--gpu-idle", action="store_true", help="profile two windows of the overlapped loop: GPU busy vs idle")
     p.add_argument("--breakdown-requests", type=int, default=256)
     p.add_argument("--trace-file", default=os.path.join(os.environ.get("OUT", "."), "throughput_profile.txt"))
