@@ -141,6 +141,8 @@ class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        # The last per-row temperatures of the fused path on the device: batches keep them for many steps.
+        self._temps: tuple[tuple, torch.Tensor] | None = None
 
     def _global_generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -193,11 +195,18 @@ class Sampler:
             return self._general(logits, rows)[0]
         temps = [0.0 if r.params.greedy or r.params.seed is not None else r.params.temperature for r in rows]
         keys = torch.randint(0, 1 << 32, (len(rows), 2), generator=self._global_generator(dev), device=dev)
-        tokens = race(logits, to_device(temps, torch.float32, dev), keys)
+        tokens = race(logits, self._device_temps(temps, dev), keys)
         if seeded:
             index = to_device(seeded, torch.int64, dev)
             tokens[index] = self._general(logits[index], [rows[i] for i in seeded])[0]
         return tokens
+
+    def _device_temps(self, temps: list[float], device: torch.device) -> torch.Tensor:
+        """`temps` on the device, reusing the last step's tensor when they are the same (it is only read)."""
+        key = (device, tuple(temps))
+        if self._temps is None or self._temps[0] != key:
+            self._temps = (key, to_device(temps, torch.float32, device))
+        return self._temps[1]
 
     def _noise(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Exp(1) noise per (row, token): seeded rows from the hash, the others from the generator."""

@@ -29,6 +29,9 @@ def _logits(batch: int, vocab: int = 64, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, vocab, generator=torch.Generator().manual_seed(seed)) * 3
 
 
+temperatures_seen: list[list[float]] = []
+
+
 @pytest.fixture
 def race_calls(monkeypatch) -> list[int]:
     """Route the fused path to the reference on any device; records the batch size of each call."""
@@ -36,6 +39,7 @@ def race_calls(monkeypatch) -> list[int]:
 
     def race(logits, temperatures, keys):
         calls.append(logits.shape[0])
+        temperatures_seen.append(temperatures.tolist())
         return reference.race_sample(logits, temperatures, keys)
     monkeypatch.setattr(sampler_mod, "fused_sampler", lambda logits: race)
     return calls
@@ -79,6 +83,17 @@ def test_off_by_default_and_never_on_cpu(monkeypatch):
     assert fused_sampler(logits) is None
     monkeypatch.setattr(sampler_mod, "FUSED_SAMPLING", True)
     assert fused_sampler(logits) is None          # CPU logits: the existing passes
+
+
+def test_temperatures_follow_the_batch(race_calls):
+    sampler = Sampler()
+    a = [_row(temperature=0.5), _row(temperature=1.0)]
+    b = [_row(temperature=1.0), _row(temperature=0.0), _row(temperature=2.0, seed=1)]
+    temperatures_seen.clear()
+    for rows in (a, a, b, a):
+        sampler(_logits(len(rows)), rows)
+    # Greedy and seeded rows race as greedy (temperature 0); the seeded row is then sampled apart.
+    assert temperatures_seen == [[0.5, 1.0], [0.5, 1.0], [1.0, 0.0, 0.0], [0.5, 1.0]]
 
 
 # -- what the fused path draws ----------------------------------------------------------------------
