@@ -21,12 +21,13 @@ from pagedray.models.layers.attention import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 
-MAX_GRAPH_BATCH = 512
+MAX_GRAPH_BATCH = 1024
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """vLLM's buckets: 1, 2, 4, then multiples of 8, up to max_num_seqs (at most 512, vLLM's
-    largest capture size); larger decode batches run eagerly."""
+    """vLLM's buckets: 1, 2, 4, then multiples of 8, up to max_num_seqs (at most MAX_GRAPH_BATCH;
+    vLLM stops at 512, but an eager decode step of ~1000 sequences is bound by its launches on the
+    host); larger decode batches run eagerly."""
     limit = min(max_num_seqs, MAX_GRAPH_BATCH)
     sizes = [b for b in (1, 2, 4) if b <= limit] + list(range(8, limit + 1, 8))
     if sizes[-1] < limit:
