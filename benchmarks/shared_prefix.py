@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         llm = LLM(write_config(args.shape, tmp), load_format="dummy", dtype=args.dtype, device=args.device,
                   max_model_len=args.prefix_len + args.suffix_len + args.output_len,
-                  max_num_seqs=args.max_num_seqs, enable_prefix_caching=True,
+                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  enable_prefix_caching=True,
                   gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
         bm = llm.llm_engine.scheduler.block_manager
         bm.enable_prefix_caching = False
@@ -76,7 +77,8 @@ def report(args, results) -> None:
     body += (f"\n\n- Prefix caching on is **{ratio:.2f}x** faster than off. Shape {args.shape}, dummy "
              f"weights, {args.dtype}, {n} requests of a {args.prefix_len}-token shared prefix + "
              f"{args.suffix_len} unique tokens, {args.output_len} output tokens (ignore_eos, temperature "
-             f"{args.temperature}), max_num_seqs {args.max_num_seqs}; one engine, caching off first.")
+             f"{args.temperature}), max_num_seqs {args.max_num_seqs}, max_num_batched_tokens "
+             f"{args.max_num_batched_tokens or 'default'}; one engine, caching off first.")
     print(body, flush=True)
     if args.results:
         append_results(f"Shared prefix, {args.shape} ({n} x {args.prefix_len}+{args.suffix_len}/"
@@ -94,6 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--device", default="cuda")
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step (default: the engine's)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", default=None, help="append the table to this file")
