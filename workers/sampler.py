@@ -11,7 +11,7 @@ on the rest of the batch, not on batch order, not on a preemption that
 recomputes it, and not on the device (integer hashing is exact everywhere).
 Unseeded rows share one generator seeded at start-up.
 
-With FUSED_SAMPLING on, a CUDA batch whose rows are all greedy or temperature-only (no logprobs,
+With FUSED_SAMPLING on (the default), a CUDA batch whose rows are all greedy or temperature-only (no logprobs,
 penalties, active min_tokens, top-k, top-p or min-p) takes one pass over the logits instead
 (kernels/sample.cu: the same race in the log domain, keyed by the generator for unseeded rows);
 seeded rows still take the tokens of the passes above.
@@ -119,9 +119,10 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     return host.pin_memory().to(device, non_blocking=True)
 
 
-# One-pass sampling on CUDA (kernels/sample.cu) for batches of greedy and temperature-only rows.
-# Off until measured on the GPU; unseeded rows then draw other (equally distributed) tokens.
-FUSED_SAMPLING = False
+# One-pass sampling on CUDA (kernels/sample.cu) for batches of greedy and temperature-only rows: on
+# since measured on the H200 (benchmarks/sampling.py). Off, unseeded rows draw other (equally
+# distributed) tokens; greedy and seeded rows draw the same tokens either way.
+FUSED_SAMPLING = True
 # race(logits [R, V], temperatures [R] float32 (<= 0: greedy), keys [R, 2] int64) -> token ids [R]
 RaceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -77,12 +77,12 @@ def test_batches_that_do_not(case, race_calls):
     assert race_calls == []
 
 
-def test_off_by_default_and_never_on_cpu(monkeypatch):
+def test_on_by_default_but_never_on_cpu(monkeypatch):
     logits = _logits(2)
-    assert sampler_mod.FUSED_SAMPLING is False
-    assert fused_sampler(logits) is None
-    monkeypatch.setattr(sampler_mod, "FUSED_SAMPLING", True)
+    assert sampler_mod.FUSED_SAMPLING is True
     assert fused_sampler(logits) is None          # CPU logits: the existing passes
+    monkeypatch.setattr(sampler_mod, "FUSED_SAMPLING", False)
+    assert fused_sampler(logits) is None
 
 
 def test_temperatures_follow_the_batch(race_calls):
@@ -141,8 +141,20 @@ def test_fused_distribution_matches_softmax(race_calls):
 
 # -- on the GPU: the kernel itself ------------------------------------------------------------------
 @needs_cuda
+def test_cuda_switch_off_takes_the_old_passes(monkeypatch):
+    logits = _logits(4, vocab=1000).cuda()
+    rows = [_row(temperature=1.0) for _ in range(4)]
+    monkeypatch.setattr(sampler_mod, "FUSED_SAMPLING", False)
+    assert fused_sampler(logits) is None
+    calls = []
+    monkeypatch.setattr(Sampler, "_race", lambda *a: calls.append(a))
+    tokens = Sampler(seed=3)(logits, rows).token_ids
+    assert calls == [] and all(0 <= t < 1000 for t in tokens)
+
+
+@needs_cuda
 def test_cuda_fused_batch_without_host_sync(monkeypatch):
-    monkeypatch.setattr(sampler_mod, "FUSED_SAMPLING", True)
+    assert sampler_mod.FUSED_SAMPLING is True
     logits = _logits(64, vocab=32000, seed=4).to(torch.bfloat16).cuda()
     rows = [_row(temperature=0.0) if i % 4 == 0 else _row(temperature=1.0, seed=i if i % 4 == 1 else None)
             for i in range(64)]
