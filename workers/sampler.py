@@ -144,6 +144,7 @@ class Sampler:
         self._generators: dict[torch.device, torch.Generator] = {}
         # The last per-row temperatures of the fused path on the device: batches keep them for many steps.
         self._temps: tuple[tuple, torch.Tensor] | None = None
+        self._greedy: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _global_generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -156,8 +157,13 @@ class Sampler:
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> DeviceSample:
         want_logprobs = [r.params.logprobs for r in rows]
         if all(r.argmax_only and not r.masks_min_tokens for r in rows):
-            # The common greedy batch: one vocab-wide pass.
+            # The common greedy batch: one vocab-wide pass, the race kernel's greedy scan where it
+            # runs (torch.argmax's single-block reduction is the slower pass on CUDA).
             # (argmax of bf16/fp16 logits equals that of their exact float32 conversion.)
+            race = fused_sampler(logits)
+            if race is not None:
+                return DeviceSample(race(logits, *self._greedy_args(len(rows), logits.device)), None,
+                                    want_logprobs)
             return DeviceSample(logits.argmax(dim=-1), None, want_logprobs)
         race = fused_sampler(logits) if all(r.race_only and not r.masks_min_tokens for r in rows) else None
         if race is not None:
@@ -201,6 +207,14 @@ class Sampler:
             index = to_device(seeded, torch.int64, dev)
             tokens[index] = self._general(logits[index], [rows[i] for i in seeded])[0]
         return tokens
+
+    def _greedy_args(self, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Temperatures 0 (greedy: the race reads no key) and keys for `rows` rows, kept per size."""
+        key = (device, rows)
+        if key not in self._greedy:
+            self._greedy[key] = (torch.zeros(rows, dtype=torch.float32, device=device),
+                                 torch.zeros(rows, 2, dtype=torch.int64, device=device))
+        return self._greedy[key]
 
     def _device_temps(self, temps: list[float], device: torch.device) -> torch.Tensor:
         """`temps` on the device, reusing the last step's tensor when they are the same (it is only read)."""

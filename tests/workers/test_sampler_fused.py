@@ -52,9 +52,9 @@ TAKES = {
     "seeded": [_row(temperature=1.0, seed=3), _row(temperature=0.5)],
     "min_tokens reached": [_row(temperature=1.0, min_tokens=2, eos_token_id=5, outputs=[7, 8])],
     "greedy with top_k": [_row(temperature=0.0, top_k=5), _row(temperature=1.0)],
+    "all greedy": [_row(temperature=0.0), _row(temperature=0.0)],          # the race's greedy scan
 }
 SKIPS = {
-    "all greedy": [_row(temperature=0.0), _row(temperature=0.0)],          # plain argmax instead
     "top_k": [_row(temperature=1.0), _row(temperature=1.0, top_k=5)],
     "top_p": [_row(temperature=1.0), _row(temperature=1.0, top_p=0.9)],
     "min_p": [_row(temperature=1.0), _row(temperature=1.0, min_p=0.1)],
@@ -97,6 +97,14 @@ def test_temperatures_follow_the_batch(race_calls):
 
 
 # -- what the fused path draws ----------------------------------------------------------------------
+def test_an_all_greedy_batch_races_at_temperature_zero_and_equals_argmax(race_calls):
+    logits = _logits(5)
+    temperatures_seen.clear()
+    out = Sampler()(logits, [_row(temperature=0.0) for _ in range(5)])
+    assert temperatures_seen == [[0.0] * 5]
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
 def test_greedy_and_seeded_rows_keep_their_tokens(race_calls, monkeypatch):
     logits = _logits(8, vocab=500, seed=1)
     rows = [_row(temperature=0.0), _row(temperature=0.9, seed=11), _row(temperature=1.0),
