@@ -3,7 +3,7 @@
     python benchmarks/sampling.py [--rows 1 32 256] [--vocab 128256] [--results benchmarks/RESULTS.md]
 
 bf16 logits [rows, vocab]; temperature 1.0 (vLLM's default) and greedy rows. Columns: `Sampler.sample`
-with FUSED_SAMPLING off (today) and on, and the kernel alone (`sample_cuda.race_sample`; for greedy
+with FUSED_SAMPLING off (the passes before the kernel, "today") and on, and the kernel alone (`sample_cuda.race_sample`; for greedy
 batches the Sampler keeps its single torch.argmax, so the kernel is the fused figure). GPU time is the
 median over trials of a run of calls queued behind a sleeping kernel, so the calls run back to back
 and host launch gaps are excluded; host µs is the wall time the host spends queueing one call. The
@@ -74,11 +74,12 @@ def bench(rows: int, vocab: int, mode: str, bw_gbs: float, cycles_per_ms: float)
 
     def call():
         return sampler.sample(logits, rows_)
+    default = sampler_mod.FUSED_SAMPLING
     sampler_mod.FUSED_SAMPLING = False
     today, host_today, dry1 = timed(call, cycles_per_ms)
     sampler_mod.FUSED_SAMPLING = True
     fused, host_fused, dry2 = timed(call, cycles_per_ms)
-    sampler_mod.FUSED_SAMPLING = False
+    sampler_mod.FUSED_SAMPLING = default
     temps = torch.full((rows,), temperature, device="cuda")
     keys = torch.randint(0, 1 << 32, (rows, 2), device="cuda", generator=g)
     kernel, _, dry3 = timed(lambda: sample_cuda.race_sample(logits, temps, keys), cycles_per_ms)

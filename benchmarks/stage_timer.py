@@ -50,6 +50,11 @@ class StageTimer(InstancePatches):
         self._current: dict[str, float] = {}
         self._kind = "idle"
         self._in_step = False
+        # Wall time from one executor call to the next, by the kind of the later one's batch (with
+        # overlapped steps that is the GPU time of the earlier batch when the loop is GPU-bound).
+        self.wall: dict[str, float] = defaultdict(float)
+        self.slowest: list[tuple[float, str, int]] = []
+        self._last_close: float | None = None
         self._wrap(self.engine.executor, "execute_model_async", "execute")
         if not count_only:
             self._wrap(self.engine, "step", "step")
@@ -94,6 +99,11 @@ class StageTimer(InstancePatches):
         cur, self._current = self._current, {}
         if self._kind == "idle":
             return
+        now = time.perf_counter()
+        if self._last_close is not None:
+            self.wall[self._kind] += now - self._last_close
+            self.slowest = sorted(self.slowest + [(now - self._last_close, self._kind, self.steps)])[-5:]
+        self._last_close = now
         step = cur.get("step", cur.get("execute", 0.0))
         execute = cur.get("execute", 0.0)
         inner = sum(cur.get(s, 0.0) for s in ("prepare_inputs", "forward", "logits", "sampler"))
@@ -105,6 +115,13 @@ class StageTimer(InstancePatches):
             self.totals[self._kind][k] += v
         self.counts[self._kind] += 1
         self._kind = "idle"
+
+    def wall_summary(self) -> str:
+        """Wall time between executor calls, by step kind, and the five longest gaps."""
+        parts = [f"{kind} {t:.2f} s over {self.counts[kind]} steps ({t / max(1, self.counts[kind]) * 1e3:.1f} ms/step)"
+                 for kind, t in self.wall.items()]
+        slow = ", ".join(f"{t * 1e3:.0f} ms before step {i} ({kind})" for t, kind, i in reversed(self.slowest))
+        return "Wall time between steps: " + "; ".join(parts) + f". Longest: {slow}."
 
     def table(self) -> str:
         header = ["step kind", "steps", "ms/step"] + [f"{s} (ms)" for s in STAGES]
@@ -160,3 +177,51 @@ def _profile(engine, steps: int, title: str) -> str:
         except Exception as exc:  # the key's name differs between torch versions
             tables.append(f"sorted by {key}: unavailable ({exc})")
     return f"== {title} ==\n" + "\n".join(tables)
+
+
+def gpu_idle_report(llm, prompts: list[list[int]], args, skip: int, steps: int, title: str) -> str:
+    """The engine's own loop (overlapped when it is) under torch.profiler for `steps` steps after
+    `skip`: wall time of the window, GPU busy time (union of kernel and copy intervals), the rest
+    idle, and the host's time blocked on events, per step. Tells a GPU-bound stretch from one where
+    the GPU waits for the host."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+    engine = llm.llm_engine
+    patches = InstancePatches()
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                   schedule=schedule(wait=skip, warmup=2, active=steps, repeat=1))
+    original = engine.step
+
+    def step(*a, **k):
+        result = original(*a, **k)
+        prof.step()
+        return result
+
+    patches.patch(engine, "step", step)
+    try:
+        with prof:
+            generate_for_profile(llm, prompts, args)
+    finally:
+        patches.restore()
+    gpu = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA)
+    if not gpu:
+        return f"{title}: no GPU activity recorded"
+    busy, cur_start, cur_end = 0.0, *gpu[0]
+    for start, end in gpu[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    span = gpu[-1][1] - gpu[0][0]
+    blocked = sum(e.cpu_time_total for e in prof.key_averages() if e.key == "cudaEventSynchronize")
+    return (f"{title}: {steps} steps after {skip}: GPU span {span / steps / 1e3:.2f} ms/step, busy "
+            f"{busy / steps / 1e3:.2f} ms/step, idle {1 - busy / span:.1%}; host blocked on events "
+            f"{blocked / steps / 1e3:.2f} ms/step")
+
+
+def generate_for_profile(llm, prompts, args) -> None:
+    from pagedray.cluster import SamplingParams
+    params = SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=args.output_len)
+    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

@@ -27,7 +27,7 @@ import torch
 
 from common import (run_hf_baseline, SHAPES, append_results, copy_bandwidth, markdown_table, matmul_tflops, random_prompts,
                     workload_flops, write_config)
-from stage_timer import StageTimer, profile_steps
+from stage_timer import StageTimer, gpu_idle_report, profile_steps
 
 
 
@@ -69,8 +69,23 @@ def graph_replays(llm) -> int:
     return graphs.num_replays if graphs is not None else 0
 
 
+def set_kernel_options(options: list[str]) -> None:
+    """`module.NAME=value` under pagedray (e.g. kernels.ops.SPLIT_MIXED_STEPS=0,
+    workers.sampler.FUSED_SAMPLING=1), for A/B runs of one switch."""
+    import importlib
+    for option in options:
+        target, value = option.split("=", 1)
+        module, name = target.rsplit(".", 1)
+        mod = importlib.import_module(f"pagedray.{module}")
+        if not hasattr(mod, name):
+            raise ValueError(f"--kernel-option {option}: pagedray.{module} has no {name}")
+        setattr(mod, name, type(getattr(mod, name))(int(value) if value.lstrip("-").isdigit() else value))
+        print(f"option: pagedray.{module}.{name} = {getattr(mod, name)!r}", flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    set_kernel_options(args.kernel_option)
     cuda = args.device.startswith("cuda")
     tflops = matmul_tflops() if cuda else None
     bandwidth = copy_bandwidth() if cuda else None
@@ -96,8 +111,15 @@ def main(argv=None) -> int:
         waits = [wait.seconds]
         print(f"main run: {elapsed:.2f} s, host blocked {wait.seconds:.2f} s", flush=True)
         counter.restore()
+        print(counter.wall_summary(), flush=True)
         replays = graph_replays(llm) - replays0
         breakdown = _serial(llm, lambda: run_breakdown(llm, prompts, args)) if args.breakdown else None
+        if args.gpu_idle and cuda:
+            # A decode-only stretch (batch max_num_seqs) and a stretch across a wave's refill.
+            n = args.max_num_seqs
+            print(gpu_idle_report(llm, prompts[:n], args, 80, 30, "decode-only window"), flush=True)
+            print(gpu_idle_report(llm, prompts[:2 * n], args, args.output_len - 10, 60,
+                                  "window across a refill"), flush=True)
         llm.shutdown()
     report(args, startup, (elapsed, waits[0]), counter, replays, tflops, bandwidth, hf, breakdown, serial)
     return 0
@@ -218,6 +240,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    default=["generate", "generate_batch"], help="HF peers: generate, generate_batch")
     p.add_argument("--hf-cb-num-requests", type=int, default=256, help="requests through generate_batch")
     p.add_argument("--breakdown", action="store_true")
+    p.add_argument("--kernel-option", action="append", default=[], help="module.NAME=value under pagedray, e.g. kernels.ops.SPLIT_MIXED_STEPS=0")
+    p.add_argument("--gpu-idle", action="store_true", help="profile two windows of the overlapped loop: GPU busy vs idle")
     p.add_argument("--breakdown-requests", type=int, default=256)
     p.add_argument("--trace-file", default=os.path.join(os.environ.get("OUT", "."), "throughput_profile.txt"))
     p.add_argument("--results", default=None, help="append the table to this file (e.g. benchmarks/RESULTS.md)")

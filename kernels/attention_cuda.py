@@ -22,17 +22,28 @@ BLOCK_SIZES = CUDA_BLOCK_SIZES
 MAX_HEAD_SIZE = 256
 MAX_HEADS_PER_CTA = 8
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Compile-time variants of paged_attention.cu (see there): SCORE_XPOSE, the transposed
-# score reduction; PREFETCH, loading tile n+1 while tile n is computed. None: the measured
-# default (H200, B64 ctx2048 32/8x128 bf16: 186 us plain, 146 us with both; prefetch cost
-# ~6% with one head per CTA, so it is on from two heads up).
-VARIANT: dict[str, int | None] = {"SCORE_XPOSE": None, "PREFETCH": None}
+# Compile-time variants of paged_attention.cu (see there): SCORE_XPOSE, the transposed score
+# reduction; PREFETCH, loading tile n+1 while tile n is computed; TPG_MAX, rows per lane group
+# per tile; NUM_WARPS per CTA. A None entry takes the measured default of `variant`; tests and
+# benchmarks fix entries to run the others.
+VARIANT: dict[str, int | None] = {"SCORE_XPOSE": None, "PREFETCH": None, "TPG_MAX": None, "NUM_WARPS": None}
+# A one-pass grid of at least this many CTAs per SM (large decode batches) takes the variant with
+# fewer registers (2 warps, no prefetch, 4 rows per tile): more CTAs stay resident, which is what
+# short and medium contexts need; smaller grids keep the deeper pipeline (benchmarks/attention_sweep.py).
+MANY_CTAS_PER_SM = 6
 
 
-def variant(hpb: int) -> dict[str, int]:
-    xpose, prefetch = VARIANT["SCORE_XPOSE"], VARIANT["PREFETCH"]
-    return {"SCORE_XPOSE": 1 if xpose is None else xpose,
-            "PREFETCH": int(hpb >= 2) if prefetch is None else prefetch}
+def variant(hpb: int, many_ctas: bool = False) -> dict[str, int]:
+    """The -D constants of paged_attention.cu: VARIANT's fixed entries, else the measured defaults."""
+    default = {"SCORE_XPOSE": 1, "PREFETCH": 0 if many_ctas else int(hpb >= 2),
+               "NUM_WARPS": 2 if many_ctas else NUM_WARPS, "TPG_MAX": 4 if many_ctas else None}
+    chosen = {}
+    for name, value in default.items():
+        fixed = VARIANT.get(name)
+        value = value if fixed is None else fixed
+        if value is not None:
+            chosen[name] = value
+    return chosen
 
 _empty = torch.empty  # tests swap this to poison the output and split-mode scratch buffers
 
@@ -139,8 +150,9 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
         partition_size = PARTITION_SIZE if split else 0
     if partition_size and (partition_size % 32 or partition_size <= 0):
         raise ValueError(f"partition_size must be a positive multiple of 32 or 0, got {partition_size}")
+    many_ctas = not partition_size and grid_x * num_seqs >= MANY_CTAS_PER_SM * C.num_sms(dev)
     defines = dict(SCALAR_T=C.CTYPE[query.dtype], HEAD_SIZE=head_size, BLOCK_SIZE=block_size, HPB=hpb,
-                   NUM_WARPS=NUM_WARPS, **variant(hpb))
+                   **variant(hpb, many_ctas))
     kernel = C.get_kernel("paged_attention.cu", "paged_decode", dev, **defines)
     max_parts = max(1, -(-max_seq_len // partition_size)) if partition_size else 1
     common = (C.ptr(query), C.ptr(key_cache), C.ptr(value_cache), C.ptr(block_tables), C.ptr(seq_lens),
@@ -148,7 +160,7 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
               C.i64(query.stride(0)), C.i32(block_tables.stride(0)), C.f32(scale),
               C.f32(logits_soft_cap or 0.0), C.i32(sliding_window or 0), C.i32(partition_size),
               C.i32(max_parts))
-    block = (NUM_WARPS * 32,)
+    block = (defines["NUM_WARPS"] * 32,)
     if not partition_size:
         C.launch(kernel, (grid_x, num_seqs, 1), block, (C.ptr(out), C.ptr(None), C.ptr(None), C.ptr(None))
                  + common, dev)

@@ -22,6 +22,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Prefill and mixed steps on GPU: "triton" (kernels/prefill_triton.py) or "reference".
 # Triton: 341 us against 6.4 ms for the reference (H200, 8 prompts of 1024 tokens, 32/8x128 bf16).
 PREFILL_BACKEND = "triton"
+# Mixed steps: the leading decode rows through the decode kernel, the prompts through Triton.
+SPLIT_MIXED_STEPS = True
 
 # Linear layers at decode's few tokens: the skinny GEMM kernel instead of cuBLAS for at most
 # SKINNY_GEMM_MAX_M tokens (the kernel takes up to gemv_cuda.MAX_M = 8; on an H200 it beat
@@ -47,14 +49,23 @@ def triton_prefill():
     return prefill_triton
 
 
-def _decode_supported(query: torch.Tensor, key_cache: torch.Tensor, query_lens: list[int]) -> bool:
+def _decode_kernel_fits(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
+    """Whether the CUDA decode kernel covers these shapes and this layout."""
     from pagedray.kernels import attention_cuda
     head_size = query.shape[-1]
-    return (query.dim() == 3 and len(query_lens) == query.shape[0] and all(q == 1 for q in query_lens)
-            and key_cache.dim() == 4 and key_cache.shape[2] in attention_cuda.BLOCK_SIZES
+    return (query.dim() == 3 and key_cache.dim() == 4 and key_cache.shape[2] in attention_cuda.BLOCK_SIZES
             and head_size <= attention_cuda.MAX_HEAD_SIZE
             and head_size % (16 // query.element_size()) == 0 and query.stride(-1) == 1
             and query.data_ptr() % 16 == 0 and (query.stride(0) * query.element_size()) % 16 == 0)
+
+
+def _leading_decodes(query_lens: list[int]) -> int:
+    """How many sequences at the head of the batch have one query token (the scheduler puts the
+    running decodes before new and continuing prefills)."""
+    n = 0
+    while n < len(query_lens) and query_lens[n] == 1:
+        n += 1
+    return n
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -70,23 +81,41 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
             alibi_slopes = alibi_slopes.float()
         if block_tables.dtype != torch.int32 or not block_tables.is_contiguous():
             block_tables = block_tables.to(torch.int32).contiguous()
-        if _decode_supported(query, key_cache, query_lens):
-            from pagedray.kernels import attention_cuda
-            if seq_lens_tensor is None:
-                seq_lens_tensor = torch.tensor(seq_lens, dtype=torch.int32, device=query.device)
-            elif seq_lens_tensor.dtype != torch.int32:
-                seq_lens_tensor = seq_lens_tensor.to(torch.int32)
-            return attention_cuda.paged_attention_decode(
-                query, key_cache, value_cache, block_tables, seq_lens_tensor, scale,
-                max_seq_len=max(seq_lens, default=0), sliding_window=sliding_window,
-                alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap)
+        if seq_lens_tensor is not None and seq_lens_tensor.dtype != torch.int32:
+            seq_lens_tensor = seq_lens_tensor.to(torch.int32)
+        extras = (sliding_window, alibi_slopes, logits_soft_cap)
+        num_decodes = _leading_decodes(query_lens) if _decode_kernel_fits(query, key_cache) else 0
+        if num_decodes and seq_lens_tensor is None:
+            seq_lens_tensor = torch.tensor(seq_lens, dtype=torch.int32, device=query.device)
+        if num_decodes == len(query_lens) == query.shape[0]:
+            return _decode(query, key_cache, value_cache, block_tables, seq_lens_tensor, seq_lens, scale,
+                           extras)
         triton_mod = triton_prefill() if PREFILL_BACKEND == "triton" else None
         if triton_mod is not None:
-            return triton_mod.paged_prefill(query, key_cache, value_cache, block_tables, seq_lens,
-                                            query_lens, scale, sliding_window, alibi_slopes,
-                                            logits_soft_cap)
+            if not num_decodes or not SPLIT_MIXED_STEPS:
+                return triton_mod.paged_prefill(query, key_cache, value_cache, block_tables, seq_lens,
+                                                query_lens, scale, *extras)
+            # A mixed batch: the decode rows through the decode kernel (one CTA per KV head serves
+            # its whole query group), the rest through the prefill kernel, into one output.
+            out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+            n = num_decodes
+            _decode(query[:n], key_cache, value_cache, block_tables[:n], seq_lens_tensor[:n], seq_lens[:n],
+                    scale, extras, out=out[:n])
+            triton_mod.paged_prefill(query[n:], key_cache, value_cache, block_tables[n:], seq_lens[n:],
+                                     query_lens[n:], scale, *extras, out=out[n:])
+            return out
     return reference.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_lens,
                                      scale, sliding_window, alibi_slopes, logits_soft_cap)
+
+
+def _decode(query, key_cache, value_cache, block_tables, seq_lens_tensor, seq_lens, scale, extras,
+            out=None) -> torch.Tensor:
+    from pagedray.kernels import attention_cuda
+    sliding_window, alibi_slopes, logits_soft_cap = extras
+    return attention_cuda.paged_attention_decode(
+        query, key_cache, value_cache, block_tables, seq_lens_tensor, scale,
+        max_seq_len=max(seq_lens, default=0), sliding_window=sliding_window,
+        alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap, out=out)
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,

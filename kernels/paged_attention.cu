@@ -41,8 +41,12 @@ constexpr int G = cmin(32, pow2_at_least(NC));     // lanes per row
 constexpr int CPL = (NC + G - 1) / G;              // chunks per lane
 constexpr int NG = 32 / G;                         // rows a warp reads side by side
 // Rows per lane group per tile: bounded by the block, by the load registers
-// (8 chunks of K and 8 of V per lane) and by the score registers (TPG * HPB).
-constexpr int TPG = cmin(cmin(cmax(1, BS / NG), cmax(1, 8 / CPL)), cmax(1, 32 / HPB));
+// (8 chunks of K and 8 of V per lane), by the score registers (TPG * HPB) and by TPG_MAX
+// (fewer registers, more resident warps).
+#ifndef TPG_MAX
+#define TPG_MAX 32
+#endif
+constexpr int TPG = cmin(cmin(cmin(cmax(1, BS / NG), cmax(1, 8 / CPL)), cmax(1, 32 / HPB)), TPG_MAX);
 constexpr int TILE = TPG * NG;
 constexpr int NT = NUM_WARPS * 32;
 

@@ -18,7 +18,9 @@ LOG2E = tl.constexpr(1.4426950408889634)  # jit code may only read constexpr glo
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@triton.jit
+# Integers that change from step to step are not specialised on (Triton would otherwise compile
+# a variant for each new "== 1" / "divisible by 16" pattern of them, ~1 s each, mid-run).
+@triton.jit(do_not_specialize=["q_stride_t", "o_stride_t", "bt_stride", "num_seqs", "num_tiles"])
 def _prefill_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, meta_ptr, alibi_ptr,
                     q_stride_t, q_stride_h, o_stride_t, o_stride_h, bt_stride,
                     num_seqs, num_tiles, num_kv_heads, group, scale, soft_cap, window,

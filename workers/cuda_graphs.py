@@ -21,9 +21,13 @@ from pagedray.models.layers.attention import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 
+MAX_GRAPH_BATCH = 512
+
+
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """vLLM's buckets: 1, 2, 4, then multiples of 8, up to max_num_seqs (at most 256)."""
-    limit = min(max_num_seqs, 256)
+    """vLLM's buckets: 1, 2, 4, then multiples of 8, up to max_num_seqs (at most 512, vLLM's
+    largest capture size); larger decode batches run eagerly."""
+    limit = min(max_num_seqs, MAX_GRAPH_BATCH)
     sizes = [b for b in (1, 2, 4) if b <= limit] + list(range(8, limit + 1, 8))
     if sizes[-1] < limit:
         sizes.append(limit)

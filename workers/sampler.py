@@ -11,7 +11,7 @@ on the rest of the batch, not on batch order, not on a preemption that
 recomputes it, and not on the device (integer hashing is exact everywhere).
 Unseeded rows share one generator seeded at start-up.
 
-With FUSED_SAMPLING on, a CUDA batch whose rows are all greedy or temperature-only (no logprobs,
+With FUSED_SAMPLING on (the default), a CUDA batch whose rows are all greedy or temperature-only (no logprobs,
 penalties, active min_tokens, top-k, top-p or min-p) takes one pass over the logits instead
 (kernels/sample.cu: the same race in the log domain, keyed by the generator for unseeded rows);
 seeded rows still take the tokens of the passes above.
@@ -119,9 +119,10 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     return host.pin_memory().to(device, non_blocking=True)
 
 
-# One-pass sampling on CUDA (kernels/sample.cu) for batches of greedy and temperature-only rows.
-# Off until measured on the GPU; unseeded rows then draw other (equally distributed) tokens.
-FUSED_SAMPLING = False
+# One-pass sampling on CUDA (kernels/sample.cu) for batches of greedy and temperature-only rows: on
+# since measured on the H200 (benchmarks/sampling.py). Off, unseeded rows draw other (equally
+# distributed) tokens; greedy and seeded rows draw the same tokens either way.
+FUSED_SAMPLING = True
 # race(logits [R, V], temperatures [R] float32 (<= 0: greedy), keys [R, 2] int64) -> token ids [R]
 RaceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -141,6 +142,8 @@ class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        # The last per-row temperatures of the fused path on the device: batches keep them for many steps.
+        self._temps: tuple[tuple, torch.Tensor] | None = None
 
     def _global_generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -193,11 +196,18 @@ class Sampler:
             return self._general(logits, rows)[0]
         temps = [0.0 if r.params.greedy or r.params.seed is not None else r.params.temperature for r in rows]
         keys = torch.randint(0, 1 << 32, (len(rows), 2), generator=self._global_generator(dev), device=dev)
-        tokens = race(logits, to_device(temps, torch.float32, dev), keys)
+        tokens = race(logits, self._device_temps(temps, dev), keys)
         if seeded:
             index = to_device(seeded, torch.int64, dev)
             tokens[index] = self._general(logits[index], [rows[i] for i in seeded])[0]
         return tokens
+
+    def _device_temps(self, temps: list[float], device: torch.device) -> torch.Tensor:
+        """`temps` on the device, reusing the last step's tensor when they are the same (it is only read)."""
+        key = (device, tuple(temps))
+        if self._temps is None or self._temps[0] != key:
+            self._temps = (key, to_device(temps, torch.float32, device))
+        return self._temps[1]
 
     def _noise(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Exp(1) noise per (row, token): seeded rows from the hash, the others from the generator."""

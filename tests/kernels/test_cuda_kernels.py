@@ -95,7 +95,8 @@ def test_decode_window_alibi_softcap(window, alibi, cap, partition_size):
 
 # The default grid above runs the launcher's default variant; these cover the others.
 VARIANTS = [{"SCORE_XPOSE": 0, "PREFETCH": 0}, {"SCORE_XPOSE": 1, "PREFETCH": 0}, {"SCORE_XPOSE": 0, "PREFETCH": 1},
-            {"SCORE_XPOSE": 1, "PREFETCH": 1}]
+            {"SCORE_XPOSE": 1, "PREFETCH": 1}, {"NUM_WARPS": 2, "PREFETCH": 0, "TPG_MAX": 4},
+            {"NUM_WARPS": 8, "PREFETCH": 1, "TPG_MAX": 2}, {"NUM_WARPS": 1, "TPG_MAX": 1}]
 VARIANT_CASES = [  # (dtype, heads, kv_heads, head_size, block_size, window, alibi, cap): every lane layout
     (BF16, 8, 2, 64, 8, None, False, None), (BF16, 8, 2, 80, 32, None, False, None),
     (BF16, 8, 2, 96, 8, None, False, None), (BF16, 8, 2, 256, 16, None, False, None),
@@ -113,6 +114,14 @@ def test_decode_kernel_variants(monkeypatch, variant, case, partition_size):
     monkeypatch.setattr(attention_cuda, "VARIANT", variant)
     dtype, heads, kv_heads, head_size, block_size, window, alibi, cap = case
     _decode(dtype, heads, kv_heads, head_size, block_size, SEQS, partition_size, window, alibi, cap)
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP32])
+def test_decode_large_batch_takes_the_many_cta_variant(dtype):
+    seq_lens = torch.randint(1, 700, (300,), generator=torch.Generator().manual_seed(5)).tolist()
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert 300 * 32 // attention_cuda.heads_per_cta(4) >= attention_cuda.MANY_CTAS_PER_SM * num_sms
+    _decode(dtype, 32, 8, 128, 16, seq_lens, None, strided_query=True)
 
 
 @pytest.mark.parametrize("dtype", [BF16, FP32])

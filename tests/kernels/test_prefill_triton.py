@@ -72,3 +72,28 @@ def test_ops_routes_mixed_steps_to_triton_when_selected(monkeypatch):
     assert calls == [1]
     want = reference.paged_attention(q, kc, vc, bt, seq_lens, query_lens, 0.125)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=1.6e-2)
+
+
+@pytest.mark.parametrize("window,alibi,cap", [(None, False, None), (50, True, 5.0)])
+def test_ops_splits_a_mixed_step_between_the_decode_and_prefill_kernels(monkeypatch, window, alibi, cap):
+    """Leading decode rows go to the decode kernel, the prompts after them to Triton; one output."""
+    from pagedray.kernels import attention_cuda, ops, prefill_triton
+    monkeypatch.setattr(ops, "PREFILL_BACKEND", "triton")
+    calls = []
+    real_prefill, real_decode = prefill_triton.paged_prefill, attention_cuda.paged_attention_decode
+    monkeypatch.setattr(prefill_triton, "paged_prefill",
+                        lambda q, *a, **k: calls.append(("prefill", q.shape[0])) or real_prefill(q, *a, **k))
+    monkeypatch.setattr(attention_cuda, "paged_attention_decode",
+                        lambda q, *a, **k: calls.append(("decode", q.shape[0])) or real_decode(q, *a, **k))
+    torch.manual_seed(3)
+    seq_lens, query_lens = [700, 9, 1, 300, 40, 513], [1, 1, 1, 300, 17, 64]
+    kc, vc, bt, _, _ = make_paged(seq_lens, 2, 128, 16, BF16, "cuda")
+    # A slice of a fused QKV projection, as the models pass it.
+    q = torch.randn(sum(query_lens), 12, 128, device="cuda").to(BF16)[:, :8]
+    slopes = alibi_slopes(8).cuda() if alibi else None
+    got = ops.paged_attention(q, kc, vc, bt, seq_lens, query_lens, 0.125, window, slopes, cap,
+                              seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int32, device="cuda"))
+    assert calls == [("decode", 3), ("prefill", sum(query_lens) - 3)]
+    want = reference.paged_attention(q, kc, vc, bt, seq_lens, query_lens, 0.125, window, slopes, cap)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=1.6e-2)

@@ -29,6 +29,9 @@ def _logits(batch: int, vocab: int = 64, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, vocab, generator=torch.Generator().manual_seed(seed)) * 3
 
 
+temperatures_seen: list[list[float]] = []
+
+
 @pytest.fixture
 def race_calls(monkeypatch) -> list[int]:
     """Route the fused path to the reference on any device; records the batch size of each call."""
@@ -36,6 +39,7 @@ def race_calls(monkeypatch) -> list[int]:
 
     def race(logits, temperatures, keys):
         calls.append(logits.shape[0])
+        temperatures_seen.append(temperatures.tolist())
         return reference.race_sample(logits, temperatures, keys)
     monkeypatch.setattr(sampler_mod, "fused_sampler", lambda logits: race)
     return calls
@@ -73,12 +77,23 @@ def test_batches_that_do_not(case, race_calls):
     assert race_calls == []
 
 
-def test_off_by_default_and_never_on_cpu(monkeypatch):
+def test_on_by_default_but_never_on_cpu(monkeypatch):
     logits = _logits(2)
-    assert sampler_mod.FUSED_SAMPLING is False
-    assert fused_sampler(logits) is None
-    monkeypatch.setattr(sampler_mod, "FUSED_SAMPLING", True)
+    assert sampler_mod.FUSED_SAMPLING is True
     assert fused_sampler(logits) is None          # CPU logits: the existing passes
+    monkeypatch.setattr(sampler_mod, "FUSED_SAMPLING", False)
+    assert fused_sampler(logits) is None
+
+
+def test_temperatures_follow_the_batch(race_calls):
+    sampler = Sampler()
+    a = [_row(temperature=0.5), _row(temperature=1.0)]
+    b = [_row(temperature=1.0), _row(temperature=0.0), _row(temperature=2.0, seed=1)]
+    temperatures_seen.clear()
+    for rows in (a, a, b, a):
+        sampler(_logits(len(rows)), rows)
+    # Greedy and seeded rows race as greedy (temperature 0); the seeded row is then sampled apart.
+    assert temperatures_seen == [[0.5, 1.0], [0.5, 1.0], [1.0, 0.0, 0.0], [0.5, 1.0]]
 
 
 # -- what the fused path draws ----------------------------------------------------------------------
@@ -126,8 +141,20 @@ def test_fused_distribution_matches_softmax(race_calls):
 
 # -- on the GPU: the kernel itself ------------------------------------------------------------------
 @needs_cuda
+def test_cuda_switch_off_takes_the_old_passes(monkeypatch):
+    logits = _logits(4, vocab=1000).cuda()
+    rows = [_row(temperature=1.0) for _ in range(4)]
+    monkeypatch.setattr(sampler_mod, "FUSED_SAMPLING", False)
+    assert fused_sampler(logits) is None
+    calls = []
+    monkeypatch.setattr(Sampler, "_race", lambda *a: calls.append(a))
+    tokens = Sampler(seed=3)(logits, rows).token_ids
+    assert calls == [] and all(0 <= t < 1000 for t in tokens)
+
+
+@needs_cuda
 def test_cuda_fused_batch_without_host_sync(monkeypatch):
-    monkeypatch.setattr(sampler_mod, "FUSED_SAMPLING", True)
+    assert sampler_mod.FUSED_SAMPLING is True
     logits = _logits(64, vocab=32000, seed=4).to(torch.bfloat16).cuda()
     rows = [_row(temperature=0.0) if i % 4 == 0 else _row(temperature=1.0, seed=i if i % 4 == 1 else None)
             for i in range(64)]

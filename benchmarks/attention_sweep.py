@@ -1,0 +1,72 @@
+"""Decode paged attention: the kernel's compile-time variants over the shapes a throughput run decodes.
+
+    python benchmarks/attention_sweep.py [--results benchmarks/RESULTS.md]
+
+For each shape (batch x context, llama3-8b heads 32/8 x 128, bf16, block 16) and each variant
+(warps per CTA, prefetch of the next tile, rows per lane group per tile), the kernel's time as
+CUDA-graph replays (benchmarks/kernels.bench) and its KV bytes over the copy bandwidth of the same
+run; each variant's output is checked against the launcher's default. The launcher's choice of one
+or two passes is kept; `split` rows force two passes of 256 tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import pathlib
+
+import torch
+
+from common import append_results, copy_bandwidth, markdown_table
+from kernels import _paged, bench
+from pagedray.kernels import attention_cuda
+
+SHAPES = [(256, 128), (256, 384), (256, 512), (128, 1024), (64, 2048), (32, 384), (1, 512)]
+
+
+def run_shape(num_seqs: int, ctx: int, variants, partition: int | None, bandwidth: float) -> list[list]:
+    heads, kv_heads, head_size = 32, 8, 128
+    kc, vc, bt = _paged(num_seqs, ctx, kv_heads, head_size, 16, torch.bfloat16)
+    q = torch.randn(num_seqs, heads, head_size, device="cuda").to(torch.bfloat16)
+    sl = torch.full((num_seqs,), ctx, dtype=torch.int32, device="cuda")
+    nbytes = 2 * kc.element_size() * num_seqs * ctx * kv_heads * head_size
+
+    def call():
+        return attention_cuda.paged_attention_decode(q, kc, vc, bt, sl, head_size ** -0.5, max_seq_len=ctx,
+                                                     partition_size=partition)
+    want = call().float()
+    rows = []
+    for warps, prefetch, tpg in variants:
+        attention_cuda.VARIANT.update(NUM_WARPS=warps, PREFETCH=prefetch, TPG_MAX=tpg)
+        try:
+            err = (call().float() - want).abs().max().item()
+            ms = bench(call)
+        finally:
+            attention_cuda.VARIANT.update(NUM_WARPS=None, PREFETCH=None, TPG_MAX=None)
+        rows.append([f"B{num_seqs} ctx{ctx}" + (f" split{partition}" if partition else ""),
+                     f"warps {warps}, prefetch {prefetch}, tpg<={tpg}", f"{ms * 1e3:.1f}",
+                     f"{nbytes / ms / 1e6:.0f}", f"{nbytes / ms / 1e6 / bandwidth:.0%}", f"{err:.1e}"])
+        print(" | ".join(map(str, rows[-1])), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default=None)
+    args = ap.parse_args()
+    bandwidth = copy_bandwidth()
+    variants = list(itertools.product((2, 4, 8), (0, 1), (8, 4, 2)))
+    rows = []
+    for num_seqs, ctx in SHAPES:
+        rows += run_shape(num_seqs, ctx, variants, None, bandwidth)
+        if ctx >= 384:
+            rows += run_shape(num_seqs, ctx, [(4, None, None), (4, 0, 4), (2, 0, 4)], 256, bandwidth)
+    body = markdown_table(["shape", "variant", "µs", "GB/s", "of copy BW", "max|Δ| vs default"], rows)
+    body += (f"\n\n- One H200-class GPU, bf16, heads 32/8 x 128, block 16; copy bandwidth {bandwidth:.0f} GB/s "
+             "in this run; `None` entries: the launcher's choice (attention_cuda.variant).")
+    print(body)
+    if args.results:
+        append_results("Decode attention variants (benchmarks/attention_sweep.py)", body, pathlib.Path(args.results))
+
+
+if __name__ == "__main__":
+    main()
