@@ -41,6 +41,8 @@ def measure(shape: str, batches: list[int], dtype: torch.dtype) -> tuple[dict, f
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             want = plain_matmul(x, weights[0])
             row = {"torch": replay_us(plain_matmul, x, weights)}
+            worst = max(worst, _rel_err(gemv_cuda.skinny_gemm(x, weights[0]), want))
+            row["default"] = replay_us(_kernel(None), x, weights)
             for variant in gemv_cuda.SWEEP:
                 fn = _kernel(variant)
                 worst = max(worst, _rel_err(fn(x, weights[0]), want))
@@ -57,11 +59,13 @@ def sweep_table(shape: str, times: dict, bw_gbs: float, dtype: torch.dtype) -> s
     for (product, m), row in times.items():
         floor = sizes[product] / (bw_gbs * 1e3)
         best = min(names, key=row.get)
-        rows.append([product, m, f"{floor:.1f}", f"{row['torch']:.1f} ({row['torch'] / floor:.2f}x)",
+        chosen = gemv_cuda.name_of(gemv_cuda.default_variant(m, dtype))
+        default = f"{row['default']:.1f} ({row['default'] / floor:.2f}x) {chosen}"
+        rows.append([product, m, f"{floor:.1f}", f"{row['torch']:.1f} ({row['torch'] / floor:.2f}x)", default,
                      f"{row[best]:.1f} ({row[best] / floor:.2f}x) {best}", f"{row['torch'] / row[best]:.2f}x"]
                     + [f"{row[v]:.1f}" for v in names])
-    return markdown_table(["product", "M", "floor µs", "torch µs", "best kernel µs", "torch / best"] + names,
-                          rows)
+    return markdown_table(["product", "M", "floor µs", "torch µs", "default kernel µs", "best kernel µs",
+                           "torch / best"] + names, rows)
 
 
 def step_table(shape: str, times: dict, batches: list[int], bw_gbs: float, dtype: torch.dtype) -> str:
@@ -76,10 +80,12 @@ def step_table(shape: str, times: dict, batches: list[int], bw_gbs: float, dtype
         torch_us = total(lambda r: r["torch"])
         best = min(names, key=lambda v: total(lambda r: r[v]))
         oracle = total(lambda r: min(r[v] for v in names))
-        rows.append([m, f"{floor / 1e3:.3f}", f"{torch_us / 1e3:.3f}", f"{total(lambda r: r[best]) / 1e3:.3f} {best}",
-                     f"{oracle / 1e3:.3f}", f"{torch_us / total(lambda r: r[best]):.2f}x"])
-    return markdown_table(["M", "floor ms", "torch ms", "best variant ms", "best per product ms",
-                           "torch / best variant"], rows)
+        default = total(lambda r: r["default"])
+        rows.append([m, f"{floor / 1e3:.3f}", f"{torch_us / 1e3:.3f}", f"{default / 1e3:.3f}",
+                     f"{total(lambda r: r[best]) / 1e3:.3f} {best}", f"{oracle / 1e3:.3f}",
+                     f"{torch_us / default:.2f}x"])
+    return markdown_table(["M", "floor ms", "torch ms", "default ms", "best variant ms", "best per product ms",
+                           "torch / default"], rows)
 
 
 def main() -> None:

@@ -71,6 +71,8 @@ def floor_ms(args, bs: int, bandwidth_gbs: float) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from throughput import set_kernel_options
+    set_kernel_options(args.kernel_option)
     from pagedray.cluster import LLM
     cuda = args.device.startswith("cuda")
     bandwidth = copy_bandwidth() if cuda else None
@@ -160,6 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-ctx", type=int, default=None,
                    help="context per sequence in the profile (default: the mean context of the run)")
     p.add_argument("--results", default=None, help="append the table to this file (e.g. benchmarks/RESULTS.md)")
+    p.add_argument("--kernel-option", action="append", default=[],
+                   help="module.NAME=value under pagedray, e.g. kernels.ops.SKINNY_GEMM=1 (as in throughput.py)")
     args = p.parse_args(argv)
     if min(args.batch_sizes) < 1:
         raise ValueError(f"--batch-sizes must be >= 1, got {args.batch_sizes}")

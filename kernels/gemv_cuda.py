@@ -19,8 +19,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MMA_ROWS, MAX_ROWS = 16, 8  # rows per tensor-core tile; most rows per warp on CUDA cores
 KEYS = ("MMA", "ROWS", "WARPS", "UNROLL", "LOAD")
 _LIMITS = {"MMA": (0, 1), "WARPS": (1, 32), "UNROLL": (1, 16), "LOAD": (0, 2)}
-# Overrides of the default variant (None: `default_variant`); the lead sets these by measurement.
-VARIANT: dict[str, int | None] = {key: None for key in KEYS}
 _empty = torch.empty  # tests swap this to poison freshly allocated outputs
 
 
@@ -32,26 +30,25 @@ def _mma(warps: int, unroll: int, load: int = 0) -> dict[str, int]:
     return _v(MMA_ROWS, unroll, warps, load, mma=1)
 
 
-# What benchmarks/gemv.py sweeps and tests/kernels/test_gemv.py checks. CUDA cores: loads in
-# flight per lane (ROWS x UNROLL) of 8 or 16, the three cache hints, a larger CTA. Tensor cores:
-# 3 x UNROLL loads per lane, 4 or 8 warps splitting K, the cache hints.
+# What benchmarks/gemv.py sweeps and tests/kernels/test_gemv.py checks. CUDA cores: one row per
+# warp with 8 or 16 loads in flight per lane and CTAs of 2, 4 or 8 warps (the fastest at one
+# token), 2 and 4 rows per warp (more tokens reuse each W chunk), cache hints 0 and 1 (2 was
+# never ahead). Tensor cores: 2 to 8 warps splitting K, 2 x UNROLL W loads per lane.
 SWEEP: list[dict[str, int]] = [
-    _v(1, 8), _v(2, 4), _v(2, 8), _v(4, 2), _v(4, 4), _v(8, 2),
-    _v(2, 4, load=1), _v(2, 4, load=2), _v(4, 4, load=1), _v(4, 4, load=2), _v(2, 4, warps=8),
-    _mma(4, 4), _mma(4, 8), _mma(8, 2), _mma(8, 4), _mma(8, 4, load=1), _mma(8, 4, load=2),
+    _v(1, 8), _v(1, 8, load=1), _v(1, 16), _v(1, 16, load=1), _v(1, 8, warps=8), _v(1, 8, warps=2),
+    _v(2, 4), _v(2, 4, load=1), _v(2, 8, load=1), _v(4, 2), _v(4, 4, load=1),
+    _mma(4, 8), _mma(8, 2), _mma(2, 8), _mma(4, 16), _mma(4, 8, load=1),
 ]
+# The variant each token count runs by default: the best summed over one decode step's products
+# in benchmarks/gemv.py (H200, llama3-8b). Edit to measure others.
+DEFAULTS: dict[int, dict[str, int]] = {1: _v(1, 8), 2: _v(2, 4, load=1), 3: _v(4, 4, load=1),
+                                       4: _v(4, 4, load=1), **{m: _mma(8, 2) for m in range(5, MAX_M + 1)}}
+_FP32_DEFAULT = _v(4, 4, load=1)  # float32 has no tensor-core variant
 
 
 def default_variant(m: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
-    """More rows per warp as M grows: each W chunk is then reused for more x rows per L1 read of x.
-    Tensor cores only where VARIANT asks for them and the dtype has them (not float32)."""
-    base = _v(2 if m <= 2 else 4, 4)
-    chosen = {key: base[key] if VARIANT[key] is None else VARIANT[key] for key in KEYS}
-    if dtype == torch.float32:
-        chosen["MMA"] = 0
-    if chosen["MMA"]:
-        chosen["ROWS"] = MMA_ROWS
-    return chosen
+    variant = DEFAULTS[m]
+    return _FP32_DEFAULT if variant["MMA"] and dtype == torch.float32 else variant
 
 
 def name_of(variant: dict[str, int]) -> str:

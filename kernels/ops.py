@@ -25,9 +25,11 @@ PREFILL_BACKEND = "triton"
 # Mixed steps: the leading decode rows through the decode kernel, the prompts through Triton.
 SPLIT_MIXED_STEPS = True
 
-# Linear layers at decode's few tokens (M <= gemv_cuda.MAX_M): the skinny GEMM kernel instead of
-# cuBLAS. Off until measured on the GPU (benchmarks/gemv.py).
+# Linear layers at decode's few tokens: the skinny GEMM kernel instead of cuBLAS for at most
+# SKINNY_GEMM_MAX_M tokens (the kernel takes up to gemv_cuda.MAX_M = 8; on an H200 it beat
+# cuBLAS at 1 and 2 tokens and lost from 4, benchmarks/gemv.py). Off until the lead switches it on.
 SKINNY_GEMM = False
+SKINNY_GEMM_MAX_M = 2
 
 
 def _cuda(t: torch.Tensor) -> bool:
@@ -189,14 +191,14 @@ def _skinny_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return None  # the kernel has no backward
-    if not 0 < x.numel() // k <= gemv_cuda.MAX_M:
+    if not 0 < x.numel() // k <= min(SKINNY_GEMM_MAX_M, gemv_cuda.MAX_M):
         return None
     x2 = x.reshape(-1, k)
     return x2 if x2.stride(1) == 1 and gemv_cuda.rows_aligned(x2) else None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); with SKINNY_GEMM, CUDA inputs of at most gemv_cuda.MAX_M tokens
+    """F.linear(x, weight, bias); with SKINNY_GEMM, CUDA inputs of at most SKINNY_GEMM_MAX_M tokens
     (x of any leading shape, flattened) run the skinny GEMM kernel. CPU inputs always F.linear."""
     if SKINNY_GEMM:
         x2 = _skinny_rows(x, weight, bias)

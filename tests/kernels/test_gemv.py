@@ -114,12 +114,19 @@ def test_ops_linear_dispatch_and_cuda_graph(monkeypatch):
     real = gemv_cuda.skinny_gemm
     monkeypatch.setattr(gemv_cuda, "skinny_gemm", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
     _, w, b = _inputs(1, 512, 700, BF16, True)
+    x = torch.randn(1, 2, 512, device="cuda").to(BF16)  # 2 tokens: the kernel
+    _check(ops.linear(x, w, b).view(2, 700), x.view(2, 512), w, b)
+    assert calls == [(2, 512)]
+    three = torch.randn(3, 512, device="cuda").to(BF16)  # past SKINNY_GEMM_MAX_M: F.linear
+    torch.testing.assert_close(ops.linear(three, w, b), F.linear(three, w, b))
+    assert len(calls) == 1
+    monkeypatch.setattr(ops, "SKINNY_GEMM_MAX_M", 8)
     x = torch.randn(2, 3, 512, device="cuda").to(BF16)  # 6 tokens: the kernel
     _check(ops.linear(x, w, b).view(6, 700), x.view(6, 512), w, b)
-    assert calls == [(6, 512)]
+    assert calls[-1] == (6, 512)
     big = torch.randn(3, 3, 512, device="cuda").to(BF16)  # 9 tokens: F.linear
     torch.testing.assert_close(ops.linear(big, w, b), F.linear(big, w, b))
-    assert len(calls) == 1
+    assert len(calls) == 2
     static = torch.randn(4, 512, device="cuda").to(BF16)
     ops.linear(static, w, b)  # compiles before capture
     torch.cuda.synchronize()
@@ -192,19 +199,17 @@ def test_launcher_rejects_bad_variant(variant, match):
         gemv_cuda.skinny_gemm(**_cpu_args(), variant=variant)
 
 
-def test_tensor_cores_need_16_bit_types(monkeypatch):
+def test_tensor_cores_need_16_bit_types():
     with pytest.raises(ValueError, match="MMA 1 .* needs float16 or bfloat16"):
         gemv_cuda.skinny_gemm(**_cpu_args(dtype=FP32), variant=MMA)
-    monkeypatch.setitem(gemv_cuda.VARIANT, "MMA", 1)
-    assert gemv_cuda.default_variant(4, BF16) == MMA | {"ROWS": 16, "WARPS": 4, "UNROLL": 4}
-    assert gemv_cuda.default_variant(4, FP32)["MMA"] == 0
+    assert gemv_cuda.default_variant(8, BF16)["MMA"] == 1
+    assert gemv_cuda.default_variant(8, FP32)["MMA"] == 0
 
 
-def test_sweep_and_default_variants_are_valid(monkeypatch):
-    for v in gemv_cuda.SWEEP + [gemv_cuda.default_variant(m) for m in range(1, 9)]:
+def test_sweep_and_default_variants_are_valid():
+    defaults = [gemv_cuda.default_variant(m, dtype) for m in range(1, gemv_cuda.MAX_M + 1) for dtype in (BF16, FP32)]
+    for v in gemv_cuda.SWEEP + defaults:
         gemv_cuda._check_variant(v)
-    monkeypatch.setitem(gemv_cuda.VARIANT, "UNROLL", 8)
-    assert gemv_cuda.default_variant(1)["UNROLL"] == 8
 
 
 # ---------------------------------------------------------------- ops.linear on CPU and the layers
