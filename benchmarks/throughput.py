@@ -52,15 +52,16 @@ def build_llm(args, path: str):
     return LLM(path, **kwargs)
 
 
-def generate(llm, prompts: list[list[int]], args) -> float:
+def generate(llm, prompts: list[list[int]], args, output_len: int | None = None) -> float:
     from pagedray.cluster import SamplingParams
-    params = SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=args.output_len)
+    output_len = output_len or args.output_len
+    params = SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=output_len)
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    short = [o.request_id for o in outs if len(o.outputs[0].token_ids) != args.output_len]
+    short = [o.request_id for o in outs if len(o.outputs[0].token_ids) != output_len]
     if short:
-        raise RuntimeError(f"{len(short)} requests did not produce {args.output_len} tokens")
+        raise RuntimeError(f"{len(short)} requests did not produce {output_len} tokens")
     return elapsed
 
 
@@ -96,7 +97,8 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         llm = build_llm(args, write_config(args.shape, tmp))
         startup = time.perf_counter() - start
-        generate(llm, prompts[:args.warmup_requests], args)   # compiles the prefill kernels' shapes
+        # Compiles the Triton kernels' shapes: enough requests to fill whole token budgets and mixed steps.
+        generate(llm, prompts[:args.warmup_requests], args, args.warmup_output_len)
         serial = []
         if args.serial_too and llm.llm_engine.async_scheduling:
             # Before the main run, so that any warm-up left favours the overlapped run less, not more.
@@ -188,7 +190,8 @@ def report(args, startup, timed, counter, replays, tflops, bandwidth, hf, breakd
     table = markdown_table(header, rows)
     notes = [f"Shape {args.shape}, dummy weights, {args.dtype}, {n} x {inp}/{out} tokens, ignore_eos, "
              f"temperature {args.temperature}, max_num_seqs {args.max_num_seqs}, "
-             f"max_num_batched_tokens {args.max_num_batched_tokens or 'default'}, prefix caching off.",
+             f"max_num_batched_tokens {args.max_num_batched_tokens or 'default'}, prefix caching off; "
+             f"untimed warm-up of {args.warmup_requests} requests x {args.warmup_output_len or out} tokens.",
              f"Engine start-up (dummy load, profiling, KV allocation, graph capture): {startup:.1f} s "
              "(not in the time).",
              f"Steps: {counter.steps} ({counter.decode_steps} decode-only, {replays} served by CUDA graphs, "
@@ -231,6 +234,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--serial-too", action="store_true",
                    help="time the workload with steps not overlapped too, before the main run (same engine)")
     p.add_argument("--warmup-requests", type=int, default=16)
+    p.add_argument("--warmup-output-len", type=int, default=None, help="default: --output-len")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf-baseline", action="store_true")
     p.add_argument("--hf-timeout", type=float, default=600.0, help="seconds before the HF run is given up")

@@ -27,8 +27,8 @@ SPLIT_MIXED_STEPS = True
 
 # Linear layers at decode's few tokens: the skinny GEMM kernel instead of cuBLAS for at most
 # SKINNY_GEMM_MAX_M tokens (the kernel takes up to gemv_cuda.MAX_M = 8; on an H200 it beat
-# cuBLAS at 1 and 2 tokens and lost from 4, benchmarks/gemv.py). Off until the lead switches it on.
-SKINNY_GEMM = False
+# cuBLAS at 1 and 2 tokens and lost from 4, benchmarks/gemv.py).
+SKINNY_GEMM = True
 SKINNY_GEMM_MAX_M = 2
 
 
