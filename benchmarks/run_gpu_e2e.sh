@@ -4,7 +4,8 @@
 # benchmarks with their HF peers. Logs and results go to $OUT.
 #   bash benchmarks/run_gpu_e2e.sh [steps...]   (default: e2e kernels tput8b latency shared tputqwen)
 # overlap: overlapped vs not-overlapped steps alone (no HF peers, ~75 s); shared: 200 requests
-# (shared1000: the full 1000, ~2 min at 8B); tput8b includes both HF peers (~3 min).
+# (shared1000: the full 1000, ~2 min at 8B); tput8b includes both HF peers (~3 min) at the batch and budget
+# of the recorded figure; tput8b-profile: the default batch with the stage breakdown and a trace.
 set -u
 export PYTHONUNBUFFERED=1
 R=$OUT/results.md
@@ -24,11 +25,15 @@ run() {
     overlap) step overlap 100 python3 benchmarks/throughput.py --shape llama3-8b --serial-too --results "$R" ;;
     latency) step latency 95 python3 benchmarks/latency.py --shape llama3-8b --hf-baseline --iters 2 --hf-output-len 16 \
                --batch-sizes 1,32,256 --hf-batch-sizes 1,32 --profile-replays 1,256 --results "$R" ;;
-    tput8b) step tput8b 180 python3 benchmarks/throughput.py --shape llama3-8b --hf-baseline --hf-cb-num-requests 128 --hf-timeout 110 \
-              --serial-too --breakdown --breakdown-requests 64 --results "$R" --trace-file "$OUT/profile_8b.txt" ;;
+    tput8b) step tput8b 200 python3 benchmarks/throughput.py --shape llama3-8b --max-num-seqs 1024 --max-num-batched-tokens 16384 \
+              --warmup-requests 1024 --warmup-output-len 8 --hf-baseline --hf-cb-num-requests 128 --hf-timeout 110 \
+              --results "$R" ;;
+    tput8b-profile) step tput8b-profile 180 python3 benchmarks/throughput.py --shape llama3-8b --serial-too --breakdown \
+              --breakdown-requests 64 --results "$R" --trace-file "$OUT/profile_8b.txt" ;;
     shared) step shared 60 python3 benchmarks/shared_prefix.py --shape llama3-8b --num-requests 200 --max-num-seqs 128 \
               --results "$R" ;;
-    shared1000) step shared1000 150 python3 benchmarks/shared_prefix.py --shape llama3-8b --results "$R" ;;
+    shared1000) step shared1000 150 python3 benchmarks/shared_prefix.py --shape llama3-8b --max-num-seqs 512 \
+                  --max-num-batched-tokens 8192 --results "$R" ;;
     tputqwen) step tputqwen 90 python3 benchmarks/throughput.py --shape qwen2.5-0.5b --hf-baseline --hf-engines generate \
                 --hf-timeout 30 --results "$R" ;;
   esac
