@@ -107,14 +107,15 @@ def build_llm(model: str, tokenizer: str | None, args, max_len: int):
     blocks = args.max_batch * -(-max_len // 16) + 16
     return LLM(model, tokenizer=tokenizer, load_format="dummy", dtype="float32", device="cpu",
                max_model_len=max_len, max_num_seqs=args.max_batch, num_kv_blocks=blocks,
+               max_num_batched_tokens=args.max_num_batched_tokens,
                enable_prefix_caching=False, seed=args.seed)
 
 
-def stub_model(llm, vocab: int, max_rows: int, seed: int) -> None:
+def stub_model(llm, vocab: int, max_rows: int, max_tokens: int, seed: int) -> None:
     """Replace the forward and the logits by slices of preallocated tensors (on the instances)."""
     runner = llm.llm_engine.executor.worker.runner
     gen = torch.Generator().manual_seed(seed)
-    hidden = torch.zeros(max(max_rows, 4096), HIDDEN)
+    hidden = torch.zeros(max(max_rows, max_tokens), HIDDEN)
     logits = torch.randn(max_rows, vocab, generator=gen)
 
     def forward(inputs):
@@ -240,7 +241,7 @@ def main(argv=None) -> int:
         tok = write_tokenizer(root / "tok", args.vocab) if "yes" in args.tokenizer else None
         for use_tok in args.tokenizer:
             llm = build_llm(model, tok if use_tok == "yes" else None, args, max_len)
-            stub_model(llm, args.vocab, args.max_batch, args.seed)
+            stub_model(llm, args.vocab, args.max_batch, args.max_num_batched_tokens, args.seed)
             core = getattr(llm.llm_engine, "core", llm.llm_engine)
             for batch, mode, loop in itertools.product(args.batch_sizes, args.modes, args.loops):
                 core.async_scheduling = loop == "overlapped"
@@ -277,6 +278,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loops", nargs="+", choices=["serial", "overlapped"], default=["serial"],
                    help="the engine's loop; on the CPU nothing overlaps, so 'overlapped' shows its extra host work")
     p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="the engine's step token budget")
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--vocab", type=int, default=128256)
@@ -294,10 +296,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     if min(args.batch_sizes) < 1:
         raise ValueError(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
     args.max_batch = max(args.batch_sizes)
-    # Chunked prefill admits ~2048 prompt tokens a step while the admitted ones decode.
-    prefill_steps = -(-args.max_batch * args.input_len // 2048) + 1
-    args.max_len = args.input_len + prefill_steps + args.warmup + 2 * args.steps + 16
+    if args.max_num_batched_tokens < args.max_batch:
+        raise ValueError(f"--max-num-batched-tokens ({args.max_num_batched_tokens}) must be >= the largest "
+                         f"batch ({args.max_batch})")
+    args.max_len = args.input_len + _prefill_steps(args) + args.warmup + 2 * args.steps + 16
     return args
+
+
+def _prefill_steps(args) -> int:
+    """Steps until the largest batch is prefilled: each step's budget goes to the running
+    sequences' decode tokens first, the rest to prompt chunks (so the first admitted request
+    decodes through all of them)."""
+    left, running, steps = args.max_batch * args.input_len, 0, 0
+    while left > 0:
+        chunk = min(left, args.max_num_batched_tokens - running)
+        left -= chunk
+        running = min(args.max_batch, (args.max_batch * args.input_len - left) // args.input_len)
+        steps += 1
+    return steps + 1
 
 
 if __name__ == "__main__":
