@@ -57,7 +57,8 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
 
 
 # -- ceilings --------------------------------------------------------------------------------------
-def _median_ms(fn, reps: int = 10, warmup: int = 3) -> float:
+def median_ms(fn, reps: int = 10, warmup: int = 3) -> float:
+    """Median GPU time of fn() by CUDA events, after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -76,7 +77,7 @@ def matmul_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
     """bf16 rate of an n^3 product on random data (zeros run faster), TFLOP/s."""
     a = torch.randn(n, n, device="cuda", dtype=dtype)
     b = torch.randn(n, n, device="cuda", dtype=dtype)
-    ms = _median_ms(lambda: a @ b)
+    ms = median_ms(lambda: a @ b)
     del a, b
     return 2 * n ** 3 / ms / 1e9
 
@@ -85,7 +86,7 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy, bytes read + written per second (GB/s)."""
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src))
+    ms = median_ms(lambda: dst.copy_(src))
     del src, dst
     return 2 * nbytes / ms / 1e6
 
@@ -148,6 +149,14 @@ def command() -> str:
 def stamp() -> str:
     return (f"{card()}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
             f"commit {commit()}, torch {torch.__version__}")
+
+
+def require_min(args, minimum: int, *names: str) -> None:
+    """ValueError naming the first of these flags whose value is below `minimum` (None: not given)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:

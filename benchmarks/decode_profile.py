@@ -9,12 +9,11 @@ over the layers of one step, next to the weight bytes over the copy bandwidth of
 """
 from __future__ import annotations
 
-import statistics
 from collections import defaultdict
 
 import torch
 
-from common import SHAPES
+from common import SHAPES, median_ms
 
 
 def linear_shapes(shape: str) -> list[tuple[str, int, int, int]]:
@@ -29,17 +28,7 @@ def linear_shapes(shape: str) -> list[tuple[str, int, int, int]]:
 
 def graph_replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 20) -> float:
     """Median GPU time of one replay (3 warm-up replays first)."""
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_ms(graph.replay, reps=reps)
 
 
 def replay_us(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> float:

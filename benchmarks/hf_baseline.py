@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from common import SHAPES, random_prompts, write_config
+from common import SHAPES, random_prompts, require_min, write_config
 
 
 def load_model(shape: str, dtype: torch.dtype, device: str):
@@ -160,11 +160,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for name in ("num_requests", "cb_num_requests", "batch_size", "input_len", "iters"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.output_len < 2:
-        raise ValueError(f"--output-len must be >= 2, got {args.output_len}")
+    require_min(args, 1, "num_requests", "cb_num_requests", "batch_size", "input_len", "iters")
+    require_min(args, 2, "output_len")
     return args
 
 

@@ -45,7 +45,7 @@ import time
 
 import torch
 
-from common import append_results, markdown_table
+from common import append_results, markdown_table, require_min
 from stage_timer import InstancePatches
 
 HIDDEN = 64
@@ -288,11 +288,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label", default="")
     p.add_argument("--results", default=None, help="append the table to this file (e.g. benchmarks/RESULTS.md)")
     args = p.parse_args(argv)
-    for name in ("input_len", "steps", "vocab", "threads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    require_min(args, 1, "input_len", "steps", "vocab", "threads")
+    require_min(args, 0, "warmup")
     if min(args.batch_sizes) < 1:
         raise ValueError(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
     args.max_batch = max(args.batch_sizes)

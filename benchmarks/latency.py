@@ -25,7 +25,7 @@ import torch
 
 from decode_profile import graph_replay_ms
 from common import (run_hf_baseline, SHAPES, append_results, copy_bandwidth, kv_bytes_per_token, markdown_table, param_counts,
-                    random_prompts, write_config)
+                    random_prompts, require_min, write_config)
 
 
 
@@ -167,12 +167,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if min(args.batch_sizes) < 1:
         raise ValueError(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
-    for name in ("output_len", "hf_output_len"):
-        if getattr(args, name) < 2:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 2, got {getattr(args, name)}")
-    for name in ("input_len", "iters", "eager_iters"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_min(args, 2, "output_len", "hf_output_len")
+    require_min(args, 1, "input_len", "iters", "eager_iters")
     return args
 
 

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from common import SHAPES, append_results, markdown_table, write_config
+from common import SHAPES, append_results, markdown_table, require_min, write_config
 
 
 def prompts_for(args, vocab: int) -> list[list[int]]:
@@ -101,9 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", default=None, help="append the table to this file")
     args = p.parse_args(argv)
-    for name in ("num_requests", "prefix_len", "suffix_len", "output_len", "max_num_seqs"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_min(args, 1, "num_requests", "prefix_len", "suffix_len", "output_len", "max_num_seqs")
     return args
 
 

@@ -26,7 +26,7 @@ import time
 import torch
 
 from common import (run_hf_baseline, SHAPES, append_results, copy_bandwidth, markdown_table, matmul_tflops, random_prompts,
-                    workload_flops, write_config)
+                    require_min, workload_flops, write_config)
 from stage_timer import StageTimer, gpu_idle_report, profile_steps
 
 
@@ -250,10 +250,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trace-file", default=os.path.join(os.environ.get("OUT", "."), "throughput_profile.txt"))
     p.add_argument("--results", default=None, help="append the table to this file (e.g. benchmarks/RESULTS.md)")
     args = p.parse_args(argv)
-    for name in ("num_requests", "input_len", "output_len", "max_num_seqs", "warmup_requests",
-                 "hf_num_requests", "hf_batch_size", "hf_cb_num_requests", "breakdown_requests"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_min(args, 1, "num_requests", "input_len", "output_len", "max_num_seqs", "warmup_requests",
+                "warmup_output_len", "hf_num_requests", "hf_batch_size", "hf_cb_num_requests",
+                "breakdown_requests")
     return args
 
 
