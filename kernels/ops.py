@@ -181,9 +181,12 @@ def _skinny_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """x as [M, K] rows the skinny GEMM takes, or None where F.linear must run."""
     from pagedray.kernels import gemv_cuda
     k = x.shape[-1] if x.dim() else 0
-    if (not _cuda(x) or weight.dtype != x.dtype or weight.device != x.device or weight.dim() != 2
+    # The token count first: prefill-sized inputs (eager steps) leave here before the weight checks.
+    if not _cuda(x) or k == 0 or not 0 < x.numel() // k <= min(SKINNY_GEMM_MAX_M, gemv_cuda.MAX_M):
+        return None
+    if (weight.dtype != x.dtype or weight.device != x.device or weight.dim() != 2
             or weight.shape[1] != k or not weight.is_contiguous() or weight.data_ptr() % 16
-            or k == 0 or k % (16 // x.element_size())):
+            or k % (16 // x.element_size())):
         return None
     if bias is not None and (bias.dtype != x.dtype or bias.device != x.device or not bias.is_contiguous()
                              or bias.shape != weight.shape[:1]):
@@ -191,8 +194,6 @@ def _skinny_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return None  # the kernel has no backward
-    if not 0 < x.numel() // k <= min(SKINNY_GEMM_MAX_M, gemv_cuda.MAX_M):
-        return None
     x2 = x.reshape(-1, k)
     return x2 if x2.stride(1) == 1 and gemv_cuda.rows_aligned(x2) else None
 

@@ -226,6 +226,43 @@ def test_ops_linear_is_f_linear_on_cpu(monkeypatch, skinny, dtype, shape):
     assert torch.equal(ops.linear(x, w), F.linear(x, w))
 
 
+def _skinny_case(change: str):
+    """(x, weight, bias) for ops._skinny_rows, the accepted case changed in one way."""
+    m = {"one_token": 1, "three_tokens": 3, "no_tokens": 0}.get(change, 2)
+    x = torch.randn(m, 16, dtype=BF16)
+    w = torch.randn(24, 16, dtype=BF16)
+    b = torch.randn(24, dtype=BF16)
+    if change == "leading_dims":
+        x = x.view(1, 2, 16)
+    elif change == "weight_dtype":
+        w = w.float()
+    elif change == "weight_strided":
+        w = torch.randn(16, 24, dtype=BF16).t()
+    elif change == "k_not_multiple":
+        x, w = torch.randn(2, 12, dtype=BF16), torch.randn(24, 12, dtype=BF16)
+    elif change == "bias_shape":
+        b = torch.randn(12, dtype=BF16)
+    elif change == "x_column_strided":
+        x = torch.randn(16, 2, dtype=BF16).t()
+    elif change == "needs_grad":
+        w.requires_grad_(True)
+    return x, w, b
+
+
+@pytest.mark.parametrize("change, takes", [
+    ("none", True), ("one_token", True), ("leading_dims", True), ("three_tokens", False), ("no_tokens", False),
+    ("weight_dtype", False), ("weight_strided", False), ("k_not_multiple", False), ("bias_shape", False),
+    ("x_column_strided", False), ("needs_grad", False)])
+def test_skinny_rows_takes_only_what_the_kernel_serves(monkeypatch, change, takes):
+    # The dispatch predicate on CPU tensors, as if they were CUDA ones (the launcher is not called).
+    monkeypatch.setattr(ops, "_cuda", lambda t: True)
+    x, w, b = _skinny_case(change)
+    rows = ops._skinny_rows(x, w, b)
+    assert (rows is not None) == takes
+    if takes:
+        assert rows.shape == (x.numel() // x.shape[-1], x.shape[-1]) and torch.equal(rows.reshape(x.shape), x)
+
+
 def test_layers_and_logits_route_through_ops_linear(monkeypatch):
     from pagedray.models.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
                                                QKVParallelLinear, ReplicatedLinear, RowParallelLinear)
