@@ -15,6 +15,7 @@ import random
 import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -149,6 +150,20 @@ def command() -> str:
 def stamp() -> str:
     return (f"{card()}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
             f"commit {commit()}, torch {torch.__version__}")
+
+
+def timed_generate(llm, prompts: list[list[int]], temperature: float, output_len: int) -> float:
+    """Seconds of one `LLM.generate` over token-id prompts with ignore_eos; raises unless every
+    request produced exactly output_len tokens."""
+    from pagedray.cluster import SamplingParams
+    params = SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=output_len)
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    short = [o.request_id for o in outs if len(o.outputs[0].token_ids) != output_len]
+    if short:
+        raise RuntimeError(f"{len(short)} requests did not produce {output_len} tokens")
+    return elapsed
 
 
 def require_min(args, minimum: int, *names: str) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from decode_profile import graph_replay_ms
 from common import (run_hf_baseline, SHAPES, append_results, copy_bandwidth, kv_bytes_per_token, markdown_table, param_counts,
-                    random_prompts, require_min, write_config)
+                    random_prompts, require_min, timed_generate, write_config)
 
 
 
@@ -37,20 +37,14 @@ def run_hf(args) -> dict | None:
     return run_hf_baseline(cmd, args.hf_timeout)
 
 
-def timed_generate(llm, prompts, max_tokens: int, iters: int) -> float:
-    from pagedray.cluster import SamplingParams
-    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
-    samples = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+def greedy_seconds(llm, prompts, max_tokens: int, iters: int) -> float:
+    """Median over `iters` runs of one greedy LLM.generate of max_tokens tokens a prompt."""
+    return statistics.median(timed_generate(llm, prompts, 0.0, max_tokens) for _ in range(iters))
 
 
 def step_ms(llm, prompts, args, iters: int) -> float:
-    full = timed_generate(llm, prompts, args.output_len, iters)
-    prefill = timed_generate(llm, prompts, 1, iters)
+    full = greedy_seconds(llm, prompts, args.output_len, iters)
+    prefill = greedy_seconds(llm, prompts, 1, iters)
     return (full - prefill) / (args.output_len - 1) * 1e3
 
 
@@ -89,7 +83,7 @@ def main(argv=None) -> int:
         graphs = runner.graphs
         for bs in args.batch_sizes:
             prompts = random_prompts(bs, args.input_len, vocab, args.seed + bs)
-            timed_generate(llm, prompts, 4, 1)  # warm-up
+            greedy_seconds(llm, prompts, 4, 1)  # warm-up
             with_graphs = step_ms(llm, prompts, args, args.iters)
             runner.graphs = None
             eager = step_ms(llm, prompts, args, args.eager_iters)

@@ -16,26 +16,14 @@ import pathlib
 import random
 import sys
 import tempfile
-import time
 
-from common import SHAPES, append_results, markdown_table, require_min, write_config
+from common import SHAPES, append_results, markdown_table, require_min, timed_generate, write_config
 
 
 def prompts_for(args, vocab: int) -> list[list[int]]:
     rng = random.Random(args.seed)
     prefix = [rng.randrange(vocab) for _ in range(args.prefix_len)]
     return [prefix + [rng.randrange(vocab) for _ in range(args.suffix_len)] for _ in range(args.num_requests)]
-
-
-def timed(llm, prompts, args) -> float:
-    from pagedray.cluster import SamplingParams
-    params = SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=args.output_len)
-    start = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    if any(len(o.outputs[0].token_ids) != args.output_len for o in outs):
-        raise RuntimeError(f"a request did not produce {args.output_len} tokens")
-    return elapsed
 
 
 def main(argv=None) -> int:
@@ -52,12 +40,12 @@ def main(argv=None) -> int:
                   gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
         bm = llm.llm_engine.scheduler.block_manager
         bm.enable_prefix_caching = False
-        timed(llm, prompts_for(argparse.Namespace(**{**vars(args), "seed": args.seed + 1,
-                                                      "num_requests": 8}), vocab), args)   # warm-up
+        warmup = prompts_for(argparse.Namespace(**{**vars(args), "seed": args.seed + 1, "num_requests": 8}), vocab)
+        timed_generate(llm, warmup, args.temperature, args.output_len)
         for caching in (False, True):
             bm.enable_prefix_caching = caching
             hits0, query0 = bm.prefix_cache_hit_tokens, bm.prefix_cache_query_tokens
-            elapsed = timed(llm, prompts, args)
+            elapsed = timed_generate(llm, prompts, args.temperature, args.output_len)
             hits, query = bm.prefix_cache_hit_tokens - hits0, bm.prefix_cache_query_tokens - query0
             results[caching] = (elapsed, hits, hits / query if query else 0.0)
         llm.shutdown()

@@ -15,6 +15,8 @@ from collections import defaultdict
 
 import torch
 
+from common import timed_generate
+
 STAGES = ("schedule", "prepare_inputs", "forward", "logits", "sampler", "runner_rest", "engine_rest")
 
 
@@ -199,7 +201,7 @@ def gpu_idle_report(llm, prompts: list[list[int]], args, skip: int, steps: int, 
     patches.patch(engine, "step", step)
     try:
         with prof:
-            generate_for_profile(llm, prompts, args)
+            timed_generate(llm, prompts, args.temperature, args.output_len)
     finally:
         patches.restore()
     gpu = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
@@ -220,8 +222,3 @@ def gpu_idle_report(llm, prompts: list[list[int]], args, skip: int, steps: int, 
             f"{busy / steps / 1e3:.2f} ms/step, idle {1 - busy / span:.1%}; host blocked on events "
             f"{blocked / steps / 1e3:.2f} ms/step")
 
-
-def generate_for_profile(llm, prompts, args) -> None:
-    from pagedray.cluster import SamplingParams
-    params = SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=args.output_len)
-    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

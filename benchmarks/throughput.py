@@ -26,7 +26,7 @@ import time
 import torch
 
 from common import (run_hf_baseline, SHAPES, append_results, copy_bandwidth, markdown_table, matmul_tflops, random_prompts,
-                    require_min, workload_flops, write_config)
+                    require_min, timed_generate, workload_flops, write_config)
 from stage_timer import StageTimer, gpu_idle_report, profile_steps
 
 
@@ -53,16 +53,7 @@ def build_llm(args, path: str):
 
 
 def generate(llm, prompts: list[list[int]], args, output_len: int | None = None) -> float:
-    from pagedray.cluster import SamplingParams
-    output_len = output_len or args.output_len
-    params = SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=output_len)
-    start = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    short = [o.request_id for o in outs if len(o.outputs[0].token_ids) != output_len]
-    if short:
-        raise RuntimeError(f"{len(short)} requests did not produce {output_len} tokens")
-    return elapsed
+    return timed_generate(llm, prompts, args.temperature, output_len or args.output_len)
 
 
 def graph_replays(llm) -> int:
