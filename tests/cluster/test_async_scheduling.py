@@ -7,21 +7,13 @@ same code runs without real overlap, so every difference here is a logic differe
 from __future__ import annotations
 
 import pytest
-import torch
 
 from pagedray.cluster import LLM, SamplingParams
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The two loops batch differently (the overlapped one admits a step later and runs a wasted
-    step after a stop), and multithreaded CPU GEMMs round differently with the batch's shape, which
-    can flip a near-tied greedy choice of the random model. With one thread a row's arithmetic does
-    not depend on the batch, so any difference left is a logic difference."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The two loops batch differently (the overlapped one admits a step later and runs a wasted step
+# after a stop): conftest's one_torch_thread keeps a row's arithmetic independent of the batch.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _llm(path: str, overlapped: bool, **kw) -> LLM:
