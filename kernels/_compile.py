@@ -131,6 +131,13 @@ def check_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
 
 
+def check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Exactly this shape and dense (the per-token and per-row vectors a kernel indexes flat)."""
+    if tuple(t.shape) != tuple(shape) or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous [{', '.join(map(str, shape))}] tensor, "
+                         f"got shape {tuple(t.shape)}")
+
+
 def check_rows(name: str, t: torch.Tensor) -> None:
     """Every dimension but the first dense (a row-strided view, like a slice of a fused QKV)."""
     if t.dim() >= 2 and not t[0].is_contiguous():

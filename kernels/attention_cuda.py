@@ -100,14 +100,11 @@ def _check(query, key_cache, value_cache, block_tables, seq_lens, alibi_slopes, 
                          f"cannot hold max_seq_len {max_seq_len}")
     C.check_cuda("seq_lens", seq_lens, dev)
     C.check_dtype("seq_lens", seq_lens, torch.int32)
-    if seq_lens.shape != (num_seqs,) or not seq_lens.is_contiguous():
-        raise ValueError(f"seq_lens must be a contiguous [{num_seqs}] tensor, got {tuple(seq_lens.shape)}")
+    C.check_shape("seq_lens", seq_lens, (num_seqs,))
     if alibi_slopes is not None:
         C.check_cuda("alibi_slopes", alibi_slopes, dev)
         C.check_dtype("alibi_slopes", alibi_slopes, torch.float32)
-        if alibi_slopes.shape != (num_heads,) or not alibi_slopes.is_contiguous():
-            raise ValueError(f"alibi_slopes must be a contiguous [{num_heads}] tensor, "
-                             f"got {tuple(alibi_slopes.shape)}")
+        C.check_shape("alibi_slopes", alibi_slopes, (num_heads,))
     if out is not None:
         C.check_cuda("out", out, dev)
         C.check_dtype("out", out, query.dtype)

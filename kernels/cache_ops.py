@@ -43,9 +43,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
                          f"{tuple(key_cache.shape)}")
     C.check_cuda("slot_mapping", slot_mapping, dev)
     C.check_dtype("slot_mapping", slot_mapping, torch.int64)
-    if slot_mapping.shape != (num_tokens,) or not slot_mapping.is_contiguous():
-        raise ValueError(f"slot_mapping must be a contiguous [{num_tokens}] tensor, "
-                         f"got {tuple(slot_mapping.shape)}")
+    C.check_shape("slot_mapping", slot_mapping, (num_tokens,))
     if num_tokens == 0:
         return
     item = key.element_size()

@@ -42,8 +42,7 @@ def _norm(x, residual, weight, eps, out, residual_out):
     hidden = x.shape[-1]
     C.check_cuda("weight", weight, x.device)
     C.check_dtype("weight", weight, x.dtype, torch.float32)
-    if weight.shape != (hidden,) or not weight.is_contiguous():
-        raise ValueError(f"weight must be a contiguous [{hidden}] tensor, got {tuple(weight.shape)}")
+    C.check_shape("weight", weight, (hidden,))
     if residual is not None:
         C.check_cuda("residual", residual, x.device)
         C.check_dtype("residual", residual, x.dtype)
@@ -108,8 +107,7 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
         raise ValueError(f"key shape {tuple(key.shape)} does not match query {tuple(query.shape)}")
     C.check_cuda("positions", positions, dev)
     C.check_dtype("positions", positions, torch.int64)
-    if positions.shape != (num_tokens,) or not positions.is_contiguous():
-        raise ValueError(f"positions must be a contiguous [{num_tokens}] tensor, got {tuple(positions.shape)}")
+    C.check_shape("positions", positions, (num_tokens,))
     C.check_cuda("cos_sin_cache", cos_sin_cache, dev)
     C.check_dtype("cos_sin_cache", cos_sin_cache, torch.float32, query.dtype)
     C.check_dim("cos_sin_cache", cos_sin_cache, 2)

@@ -103,8 +103,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         raise ValueError("weight must be 16-byte aligned (base address)")
     if bias is not None:
         C.check_dtype("bias", bias, x.dtype)
-        if bias.shape != (n,) or not bias.is_contiguous():
-            raise ValueError(f"bias must be a contiguous [{n}] tensor, got {tuple(bias.shape)}")
+        C.check_shape("bias", bias, (n,))
     if out is not None:
         C.check_dtype("out", out, x.dtype)
         C.check_contiguous("out", out)

@@ -129,8 +129,7 @@ def _check(query, key_cache, value_cache, block_tables, seq_lens, query_lens, al
     if alibi_slopes is not None:
         C.check_cuda("alibi_slopes", alibi_slopes, dev)
         C.check_dtype("alibi_slopes", alibi_slopes, torch.float32)
-        if alibi_slopes.shape != (query.shape[1],) or not alibi_slopes.is_contiguous():
-            raise ValueError(f"alibi_slopes must be a contiguous [{query.shape[1]}] tensor")
+        C.check_shape("alibi_slopes", alibi_slopes, (query.shape[1],))
 
 
 def paged_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

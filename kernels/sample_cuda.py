@@ -54,17 +54,14 @@ def _check(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor,
     dev = logits.device
     C.check_cuda("temperatures", temperatures, dev)
     C.check_dtype("temperatures", temperatures, torch.float32)
-    if temperatures.shape != (rows,) or not temperatures.is_contiguous():
-        raise ValueError(f"temperatures must be a contiguous [{rows}] tensor, got shape {tuple(temperatures.shape)}")
+    C.check_shape("temperatures", temperatures, (rows,))
     C.check_cuda("keys", keys, dev)
     C.check_dtype("keys", keys, *KEY_DTYPES)
-    if keys.shape != (rows, 2) or not keys.is_contiguous():
-        raise ValueError(f"keys must be a contiguous [{rows}, 2] tensor, got shape {tuple(keys.shape)}")
+    C.check_shape("keys", keys, (rows, 2))
     if out is not None:
         C.check_cuda("out", out, dev)
         C.check_dtype("out", out, torch.int64)
-        if out.shape != (rows,) or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous [{rows}] tensor, got shape {tuple(out.shape)}")
+        C.check_shape("out", out, (rows,))
 
 
 def race_sample(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor, *,
