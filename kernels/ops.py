@@ -101,8 +101,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
             n = num_decodes
             _decode(query[:n], key_cache, value_cache, block_tables[:n], seq_lens_tensor[:n], seq_lens[:n],
                     scale, extras, out=out[:n])
-            triton_mod.paged_prefill(query[n:], key_cache, value_cache, block_tables[n:], seq_lens[n:],
-                                     query_lens[n:], scale, *extras, out=out[n:])
+            triton_mod.paged_prefill(query[n:], key_cache, value_cache, block_tables, seq_lens[n:],
+                                     query_lens[n:], scale, *extras, out=out[n:], table_row0=n)
             return out
     return reference.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_lens,
                                      scale, sliding_window, alibi_slopes, logits_soft_cap)

@@ -19,10 +19,12 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # Integers that change from step to step are not specialised on (Triton would otherwise compile
-# a variant for each new "== 1" / "divisible by 16" pattern of them, ~1 s each, mid-run).
-@triton.jit(do_not_specialize=["q_stride_t", "o_stride_t", "bt_stride", "num_seqs", "num_tiles"])
+# a variant for each new "== 1" / "divisible by 16" pattern of them, ~1 s each, mid-run). The
+# same holds for pointers' 16-byte alignment, hence the block table goes in whole with the row
+# of its first sequence (`table_row0`) rather than as a row slice.
+@triton.jit(do_not_specialize=["q_stride_t", "o_stride_t", "bt_stride", "table_row0", "num_seqs", "num_tiles"])
 def _prefill_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, meta_ptr, alibi_ptr,
-                    q_stride_t, q_stride_h, o_stride_t, o_stride_h, bt_stride,
+                    q_stride_t, q_stride_h, o_stride_t, o_stride_h, bt_stride, table_row0,
                     num_seqs, num_tiles, num_kv_heads, group, scale, soft_cap, window,
                     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -58,7 +60,7 @@ def _prefill_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, meta_ptr, alibi_pt
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
-        blk = tl.load(tables_ptr + seq * bt_stride + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
+        blk = tl.load(tables_ptr + (table_row0 + seq) * bt_stride + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
         kv_row = (blk.to(tl.int64) * num_kv_heads + kvh) * BLOCK_SIZE + offs_n % BLOCK_SIZE
         k = tl.load(k_ptr + kv_row[None, :] * HEAD_SIZE + offs_d[:, None],
                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)
@@ -135,9 +137,14 @@ def _check(query, key_cache, value_cache, block_tables, seq_lens, query_lens, al
 def paged_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                   block_tables: torch.Tensor, seq_lens: list[int], query_lens: list[int], scale: float,
                   sliding_window: int | None = None, alibi_slopes: torch.Tensor | None = None,
-                  logits_soft_cap: float | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Same contract as `reference.paged_attention` (flat queries [T, H, D] -> [T, H, D])."""
-    _check(query, key_cache, value_cache, block_tables, seq_lens, query_lens, alibi_slopes)
+                  logits_soft_cap: float | None = None, *, out: torch.Tensor | None = None,
+                  table_row0: int = 0) -> torch.Tensor:
+    """Same contract as `reference.paged_attention` (flat queries [T, H, D] -> [T, H, D]), except
+    that sequence i's block table is row table_row0 + i of `block_tables`."""
+    if not isinstance(table_row0, int) or not 0 <= table_row0 <= block_tables.shape[0] - len(seq_lens):
+        raise ValueError(f"table_row0 must be an int in [0, {block_tables.shape[0] - len(seq_lens)}] "
+                         f"(block_tables rows less sequences), got {table_row0!r}")
+    _check(query, key_cache, value_cache, block_tables[table_row0:], seq_lens, query_lens, alibi_slopes)
     num_heads, head_size = query.shape[1], query.shape[2]
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device) if out is None else out
     block_m = 16 if max(query_lens, default=0) <= 16 else 64
@@ -161,7 +168,7 @@ def paged_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     _prefill_kernel[grid](
         out, query, key_cache, value_cache, block_tables, meta,
         alibi_slopes if alibi_slopes is not None else meta,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), table_row0,
         len(query_lens), len(tile_seq), num_kv_heads, num_heads // num_kv_heads, scale,
         float(logits_soft_cap or 0.0), int(sliding_window or 0),
         HEAD_SIZE=head_size, HEAD_PAD=max(16, triton.next_power_of_2(head_size)),

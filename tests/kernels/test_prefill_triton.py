@@ -97,3 +97,19 @@ def test_ops_splits_a_mixed_step_between_the_decode_and_prefill_kernels(monkeypa
     want = reference.paged_attention(q, kc, vc, bt, seq_lens, query_lens, 0.125, window, slopes, cap)
     assert not got.isnan().any()
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=1.6e-2)
+
+
+def test_prefill_reads_its_tables_from_row_table_row0():
+    """Mixed steps pass the whole block table and the row of the first prompt (a row slice would
+    change the pointer's alignment from step to step, and Triton would recompile for it)."""
+    from pagedray.kernels.prefill_triton import paged_prefill
+    torch.manual_seed(5)
+    seq_lens, query_lens = [300, 40], [100, 40]
+    kc, vc, bt, _, _ = make_paged(seq_lens, 2, 128, 16, BF16, "cuda")
+    junk = torch.full((3, bt.shape[1]), kc.shape[0] - 1, dtype=bt.dtype, device=bt.device)
+    q = torch.randn(sum(query_lens), 8, 128, device="cuda").to(BF16)
+    got = paged_prefill(q, kc, vc, torch.cat([junk, bt]), seq_lens, query_lens, 0.125, table_row0=3)
+    want = reference.paged_attention(q, kc, vc, bt, seq_lens, query_lens, 0.125)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=1.6e-2)
+    with pytest.raises(ValueError, match="table_row0"):
+        paged_prefill(q, kc, vc, bt, seq_lens, query_lens, 0.125, table_row0=1)
