@@ -10,12 +10,17 @@ PyTorch work and are captured by `torch.cuda.graph`.
 from __future__ import annotations
 
 import functools
+import logging
 import pathlib
 import threading
+import time
 
 import numpy as np
 import torch
 
+from pagedray.kernels import _pdl
+
+logger = logging.getLogger(__name__)
 _DIR = pathlib.Path(__file__).resolve().parent
 _LOCK = threading.Lock()
 
@@ -38,11 +43,14 @@ def _module(filename: str, defines: tuple[tuple[str, object], ...], device: int)
     import cupy
     # CuPy picks the -arch for the device itself; we only add the constants.
     options = ("-std=c++17",) + tuple(f"-D{k}={v}" for k, v in defines)
+    start = time.perf_counter()
     with cupy.cuda.Device(device):
         module = cupy.RawModule(code=render_source(filename), options=options)
         if hasattr(module, "compile"):  # compile now, not at the first launch
             module.compile()
-        return module
+    # A variant first needed mid-run stalls the step by this much (CuPy's disk cache makes it ms).
+    logger.info("kernel %s %s ready in %.3f s", filename, dict(defines), time.perf_counter() - start)
+    return module
 
 
 def get_kernel(filename: str, name: str, device: torch.device, **defines: object):
@@ -77,11 +85,20 @@ def _cupy_stream(device: int):
     return stream
 
 
+# Programmatic dependent launch (common.cuh: pdl_enter) on GPUs of compute capability 9.0 and
+# later: each kernel may start while the one before it still runs. False: plain launches (A/B runs).
+PDL = True
+
+
 def launch(kernel, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, device: torch.device,
            shared_mem: int = 0) -> None:
     """Launch on PyTorch's current stream of `device` (captured by CUDA graphs)."""
     import cupy
     index = device.index if device.index is not None else torch.cuda.current_device()
+    if PDL and _pdl.usable(index):
+        stream = torch.cuda.current_stream(index).cuda_stream
+        if _pdl.launch(kernel.ptr, grid, block, args, stream, shared_mem):
+            return
     stream = _cupy_stream(index)
     with cupy.cuda.Device(index), stream:
         kernel(grid, block, args, shared_mem=shared_mem)
