@@ -97,11 +97,22 @@ def launch(kernel, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, d
     index = device.index if device.index is not None else torch.cuda.current_device()
     if PDL and _pdl.usable(index):
         stream = torch.cuda.current_stream(index).cuda_stream
-        if _pdl.launch(kernel.ptr, grid, block, args, stream, shared_mem):
+        if _pdl.launch(_function_ptr(kernel), grid, block, args, stream, shared_mem):
             return
     stream = _cupy_stream(index)
     with cupy.cuda.Device(index), stream:
         kernel(grid, block, args, shared_mem=shared_mem)
+
+
+_PTRS: dict[int, int] = {}  # id(RawKernel) -> CUfunction; the kernels live as long as the process
+
+
+def _function_ptr(kernel) -> int:
+    """The driver's CUfunction handle of a CuPy RawKernel (its compiled Function's `ptr`)."""
+    ptr = _PTRS.get(id(kernel))
+    if ptr is None:
+        ptr = _PTRS[id(kernel)] = int(getattr(kernel, "kernel", kernel).ptr)
+    return ptr
 
 
 # --- kernel argument packing: the numpy type must match the C parameter type ---
