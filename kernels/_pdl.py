@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import struct
 
 import numpy as np
 import torch
@@ -37,8 +38,15 @@ class _Config(ctypes.Structure):  # CUlaunchConfig
                 ("attrs", ctypes.POINTER(_Attr)), ("num_attrs", ctypes.c_uint)]
 
 
-_CTYPE = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32,
-          np.float32: ctypes.c_float}
+_FORMAT = {np.uint64: "Q", np.int64: "q", np.int32: "i", np.float32: "f"}  # the launch packers' types
+
+
+@functools.cache
+def _layout(types: tuple[type, ...]) -> tuple[str, tuple[int, ...]]:
+    """struct format of the arguments laid out as C would, and each one's byte offset."""
+    codes = "".join(_FORMAT[t] for t in types)
+    offsets = tuple(struct.calcsize("@" + codes[:i + 1]) - struct.calcsize(codes[i]) for i in range(len(codes)))
+    return "@" + codes, offsets
 
 
 @functools.cache
@@ -72,13 +80,14 @@ def launch(function_ptr: int, grid: tuple[int, ...], block: tuple[int, ...], arg
     global _failed
     try:
         fn, attr = _driver()
-        values = [_CTYPE[type(a)](a.item()) for a in args]
+        fmt, offsets = _layout(tuple(map(type, args)))
     except (OSError, AttributeError, KeyError) as exc:
         _failed = True
         logger.warning("programmatic dependent launch unavailable (%r): plain launches from now on", exc)
         return False
-    params = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p)
-                                                       for v in values])
+    values = ctypes.create_string_buffer(struct.pack(fmt, *[a.item() for a in args]), max(1, struct.calcsize(fmt)))
+    base = ctypes.addressof(values)
+    params = (ctypes.c_void_p * max(1, len(offsets)))(*[base + off for off in offsets])
     config = _Config(*_pad3(grid), *_pad3(block), shared_mem, stream, ctypes.pointer(attr), 1)
     err = fn(ctypes.byref(config), function_ptr, params, None)
     if err:

@@ -80,3 +80,14 @@ def test_pdl_chain_matches_plain_launches_eager_and_in_a_graph(monkeypatch, toke
     assert torch.equal(eager, plain) and torch.equal(replayed, plain)
     if torch.cuda.get_device_capability() >= (9, 0):
         assert _pdl.usable(torch.cuda.current_device()), "PDL turned itself off (see the warning)"
+
+
+def test_argument_layout_is_c_layout():
+    """The kernel parameters are packed into one buffer at the offsets a C struct of them has."""
+    import numpy as np
+    types = (np.uint64, np.int32, np.uint64, np.int64, np.int32, np.float32, np.int32)
+    fields = [(f"a{i}", {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32,
+                         np.float32: ctypes.c_float}[t]) for i, t in enumerate(types)]
+    struct_type = type("Args", (ctypes.Structure,), {"_fields_": fields})
+    _, offsets = _pdl._layout(types)
+    assert offsets == tuple(getattr(struct_type, name).offset for name, _ in fields)
