@@ -17,6 +17,7 @@ torch.profiler trace; the main figure never runs with those.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pathlib
 import sys
@@ -75,9 +76,22 @@ def set_kernel_options(options: list[str]) -> None:
         print(f"option: pagedray.{module}.{name} = {getattr(mod, name)!r}", flush=True)
 
 
+def triton_variants() -> int:
+    """How many variants of the Triton prefill kernel this process compiled (each ~1 s: one first
+    needed mid-run is a stall), or -1 where Triton does not say."""
+    try:
+        from pagedray.kernels import prefill_triton
+        return sum(len(caches[0]) for caches in prefill_triton._prefill_kernel.device_caches.values())
+    except (ImportError, AttributeError, TypeError, IndexError):
+        return -1
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     set_kernel_options(args.kernel_option)
+    # Kernel variants compiled mid-run show up as timed log lines.
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("pagedray.kernels._compile").setLevel(logging.INFO)
     cuda = args.device.startswith("cuda")
     tflops = matmul_tflops() if cuda else None
     bandwidth = copy_bandwidth() if cuda else None
@@ -98,11 +112,13 @@ def main(argv=None) -> int:
             serial.append((False, t, wait.seconds))
             print(f"steps not overlapped: {t:.2f} s, host blocked {wait.seconds:.2f} s", flush=True)
         replays0 = graph_replays(llm)
+        variants0 = triton_variants()
         counter = StageTimer(llm, sync=False, count_only=True)
         with HostWait() as wait:
             elapsed = generate(llm, prompts, args)
         waits = [wait.seconds]
-        print(f"main run: {elapsed:.2f} s, host blocked {wait.seconds:.2f} s", flush=True)
+        print(f"main run: {elapsed:.2f} s, host blocked {wait.seconds:.2f} s; Triton prefill variants "
+              f"compiled during it: {triton_variants() - variants0}", flush=True)
         counter.restore()
         print(counter.wall_summary(), flush=True)
         replays = graph_replays(llm) - replays0
