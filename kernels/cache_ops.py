@@ -16,9 +16,9 @@ def _chunk_bytes(*sizes: int) -> int:
     return 1
 
 
-def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                      value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write key/value [T, Hkv, D] into caches [NB, Hkv, BS, D] at slot_mapping [T] (int64; -1 skips)."""
+def check_cache_args(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                     value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """What reshape_and_cache (and rotary.cu's fused rotary + cache write) requires of its arguments."""
     C.check_cuda("key", key)
     dev = key.device
     for name, t in (("key", key), ("value", value)):
@@ -44,6 +44,13 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
     C.check_cuda("slot_mapping", slot_mapping, dev)
     C.check_dtype("slot_mapping", slot_mapping, torch.int64)
     C.check_shape("slot_mapping", slot_mapping, (num_tokens,))
+
+
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                      value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write key/value [T, Hkv, D] into caches [NB, Hkv, BS, D] at slot_mapping [T] (int64; -1 skips)."""
+    check_cache_args(key, value, key_cache, value_cache, slot_mapping)
+    num_tokens, num_kv_heads, head_size = key.shape
     if num_tokens == 0:
         return
     item = key.element_size()

@@ -7,10 +7,10 @@ Importing this module needs no GPU; calling a launcher needs CuPy and a CUDA dev
 from pagedray.kernels.attention_cuda import paged_attention_decode
 from pagedray.kernels.cache_ops import copy_blocks, reshape_and_cache
 from pagedray.kernels.elementwise import (fused_add_rms_norm, gelu_and_mul, rms_norm, rotary_embedding,
-                                          silu_and_mul)
+                                          rotary_embedding_and_cache, silu_and_mul)
 
 __all__ = ["paged_attention_decode", "reshape_and_cache", "copy_blocks", "rms_norm", "fused_add_rms_norm",
-           "rotary_embedding", "silu_and_mul", "gelu_and_mul"]
+           "rotary_embedding", "rotary_embedding_and_cache", "silu_and_mul", "gelu_and_mul"]
 
 
 def paged_prefill(*args, **kwargs):

@@ -1,11 +1,12 @@
-"""Launchers of the row-wise kernels: RMSNorm (norm.cu), rotary (rotary.cu), gated activations
-(activation.cu). Same results and return conventions as `reference`; `out=` lets callers (and
+"""Launchers of the row-wise kernels: RMSNorm (norm.cu), rotary and rotary fused with the KV-cache
+write (rotary.cu), gated activations (activation.cu). Same results and return conventions as `reference`; `out=` lets callers (and
 tests) provide the output buffers."""
 from __future__ import annotations
 
 import torch
 
 from pagedray.kernels import _compile as C
+from pagedray.kernels import cache_ops
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTS = {"silu": 0, "none": 1, "tanh": 2}
@@ -94,27 +95,9 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     Returns new dense tensors (as the reference does), or query and key themselves when inplace.
     positions must index rows of cos_sin_cache (not checked on the device).
     """
-    C.check_cuda("query", query)
+    rot_dim = _check_rotary_inputs(positions, query, key, cos_sin_cache)
     dev = query.device
-    C.check_dtype("query", query, *DTYPES)
-    for name, t in (("query", query), ("key", key)):
-        C.check_cuda(name, t, dev)
-        C.check_dim(name, t, 3)
-        C.check_rows(name, t)
-    C.check_dtype("key", key, query.dtype)
     num_tokens, num_heads, head_size = query.shape
-    if key.shape[0] != num_tokens or key.shape[2] != head_size:
-        raise ValueError(f"key shape {tuple(key.shape)} does not match query {tuple(query.shape)}")
-    C.check_cuda("positions", positions, dev)
-    C.check_dtype("positions", positions, torch.int64)
-    C.check_shape("positions", positions, (num_tokens,))
-    C.check_cuda("cos_sin_cache", cos_sin_cache, dev)
-    C.check_dtype("cos_sin_cache", cos_sin_cache, torch.float32, query.dtype)
-    C.check_dim("cos_sin_cache", cos_sin_cache, 2)
-    C.check_contiguous("cos_sin_cache", cos_sin_cache)
-    rot_dim = cos_sin_cache.shape[1]
-    if rot_dim % 2 or rot_dim > head_size or rot_dim == 0:
-        raise ValueError(f"cos_sin_cache width (rotary_dim) must be even and in [2, {head_size}], got {rot_dim}")
     if inplace:
         q_out, k_out = query, key
     else:
@@ -132,6 +115,72 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
               C.i32(num_heads), C.i32(key.shape[1]), C.i32(head_size), C.i32(rot_dim), C.i32(int(is_neox)),
               C.i32(int(not inplace and rot_dim < head_size))), dev)
     return q_out, k_out
+
+
+def _rotary_pack(rot_dim: int, head_size: int, *tensors: torch.Tensor) -> int:
+    """Elements per access of rotary_and_cache: 16 bytes' worth when each unit of them stays inside
+    the rotary half, the rest or the head, and every base and row stride is 16-byte aligned; else 1."""
+    pack = 16 // tensors[0].element_size()
+    fits = (rot_dim // 2) % pack == 0 and head_size % pack == 0
+    return pack if fits and C.aligned16(*tensors) else 1
+
+
+def rotary_embedding_and_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                               value: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool,
+                               key_cache: torch.Tensor, value_cache: torch.Tensor,
+                               slot_mapping: torch.Tensor) -> torch.Tensor:
+    """rotary_embedding, then cache_ops.reshape_and_cache of the rotated key and value, in one launch.
+
+    Returns the rotated query as a new dense [T, H, D] tensor; the rotated key exists only in
+    key_cache (the attention that follows reads K from there). Inputs are left unchanged.
+    """
+    rot_dim = _check_rotary_inputs(positions, query, key, cos_sin_cache)
+    cache_ops.check_cache_args(key, value, key_cache, value_cache, slot_mapping)
+    num_tokens, num_heads, head_size = query.shape
+    num_kv_heads = key.shape[1]
+    q_out = _empty(query.shape, dtype=query.dtype, device=query.device)
+    if num_tokens == 0:
+        return q_out
+    pack = _rotary_pack(rot_dim, head_size, query, key, value, q_out, key_cache, value_cache, cos_sin_cache)
+    # One thread per unit (see rotary.cu): rotary pairs and unrotated rest of q and k, then v.
+    units = ((num_heads + num_kv_heads) * (rot_dim // 2 + head_size - rot_dim) + num_kv_heads * head_size) // pack
+    threads = min(256, -(-units // 32) * 32)
+    dev = C.device_of(query)
+    kernel = C.get_kernel("rotary.cu", "rotary_and_cache", dev, SCALAR_T=C.CTYPE[query.dtype],
+                          COS_T=C.CTYPE[cos_sin_cache.dtype], PACK=pack)
+    C.launch(kernel, (num_tokens, -(-units // threads)), (threads,),
+             (C.ptr(q_out), C.ptr(key_cache), C.ptr(value_cache), C.ptr(query), C.ptr(key), C.ptr(value),
+              C.ptr(positions), C.ptr(slot_mapping), C.ptr(cos_sin_cache), C.i64(query.stride(0)),
+              C.i64(key.stride(0)), C.i64(value.stride(0)), C.i32(num_heads), C.i32(num_kv_heads),
+              C.i32(head_size), C.i32(rot_dim), C.i32(key_cache.shape[2]), C.i32(int(is_neox))), dev)
+    return q_out
+
+
+def _check_rotary_inputs(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                         cos_sin_cache: torch.Tensor) -> int:
+    """The checks rotary_embedding and rotary_embedding_and_cache share; returns rotary_dim."""
+    C.check_cuda("query", query)
+    dev = query.device
+    C.check_dtype("query", query, *DTYPES)
+    for name, t in (("query", query), ("key", key)):
+        C.check_cuda(name, t, dev)
+        C.check_dim(name, t, 3)
+        C.check_rows(name, t)
+    C.check_dtype("key", key, query.dtype)
+    num_tokens, _, head_size = query.shape
+    if key.shape[0] != num_tokens or key.shape[2] != head_size:
+        raise ValueError(f"key shape {tuple(key.shape)} does not match query {tuple(query.shape)}")
+    C.check_cuda("positions", positions, dev)
+    C.check_dtype("positions", positions, torch.int64)
+    C.check_shape("positions", positions, (num_tokens,))
+    C.check_cuda("cos_sin_cache", cos_sin_cache, dev)
+    C.check_dtype("cos_sin_cache", cos_sin_cache, torch.float32, query.dtype)
+    C.check_dim("cos_sin_cache", cos_sin_cache, 2)
+    C.check_contiguous("cos_sin_cache", cos_sin_cache)
+    rot_dim = cos_sin_cache.shape[1]
+    if rot_dim % 2 or rot_dim > head_size or rot_dim == 0:
+        raise ValueError(f"cos_sin_cache width (rotary_dim) must be even and in [2, {head_size}], got {rot_dim}")
+    return rot_dim
 
 
 def _act_and_mul(x: torch.Tensor, act: str, out: torch.Tensor | None) -> torch.Tensor:

@@ -31,6 +31,10 @@ SPLIT_MIXED_STEPS = True
 SKINNY_GEMM = True
 SKINNY_GEMM_MAX_M = 2
 
+# Rotary + KV-cache write as one kernel (rotary.cu: rotary_and_cache) instead of the rotary kernel
+# then reshape_and_cache; off runs the two launches (A/B runs; same results bit for bit).
+FUSED_ROTARY_CACHE = True
+
 
 def _cuda(t: torch.Tensor) -> bool:
     return t.is_cuda and t.dtype in _DTYPES and cuda_available()
@@ -154,6 +158,34 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
         return elementwise.rotary_embedding(positions.contiguous(), query, key, cos_sin_cache.contiguous(),
                                             is_neox)
     return reference.rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
+
+
+def _fused_rotary_cache_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             cos_sin_cache: torch.Tensor, key_cache: torch.Tensor) -> bool:
+    """Whether the fused kernel takes these tensors (else the two ops run, with the same results)."""
+    return (FUSED_ROTARY_CACHE and _cuda(query) and key.dtype == value.dtype == key_cache.dtype == query.dtype
+            and cos_sin_cache.dtype in (torch.float32, query.dtype) and key_cache.dim() == 4
+            and key_cache.numel() > 0)
+
+
+def rotary_and_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, is_neox: bool, key_cache: torch.Tensor,
+                     value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """`rotary_embedding` of query [T, H, D] and key [T, Hkv, D], then `reshape_and_cache` of the
+    rotated key and value. Returns the rotated query only: the rotated key lives in key_cache, where
+    the attention that follows reads it. The inputs are left unchanged."""
+    if _fused_rotary_cache_fits(query, key, value, cos_sin_cache, key_cache):
+        from pagedray.kernels import elementwise
+        if positions.dtype != torch.int64:
+            positions = positions.long()
+        if slot_mapping.dtype != torch.int64:
+            slot_mapping = slot_mapping.long()
+        return elementwise.rotary_embedding_and_cache(positions.contiguous(), query, key, value,
+                                                      cos_sin_cache.contiguous(), is_neox, key_cache,
+                                                      value_cache, slot_mapping.contiguous())
+    query, key = rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
+    reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    return query
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -120,6 +120,15 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     return rotate(query), rotate(key)
 
 
+def rotary_and_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, is_neox: bool, key_cache: torch.Tensor,
+                     value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """rotary_embedding, then reshape_and_cache of the rotated key and value; returns the rotated query."""
+    query, key = rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
+    reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    return query
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x · weight^T (+ bias) in float32 (the skinny GEMM's oracle; it returns x's dtype)."""
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float())

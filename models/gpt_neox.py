@@ -48,8 +48,8 @@ class GPTNeoXAttention(nn.Module):
         num_tokens = hidden_states.shape[0]
         qkv = self.query_key_value(hidden_states).view(num_tokens, self.num_heads, 3, self.head_size)
         q, k, v = (t.reshape(num_tokens, -1) for t in qkv.unbind(2))
-        q, k = self.rotary_emb(positions, q, k)
-        return self.dense(self.attn(q, k, v, kv_cache, attn_metadata))
+        out = self.attn(q, k, v, kv_cache, attn_metadata, rotary=self.rotary_emb, positions=positions)
+        return self.dense(out)
 
 
 class GPTNeoXMLP(nn.Module):

@@ -72,8 +72,8 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata))
+        out = self.attn(q, k, v, kv_cache, attn_metadata, rotary=self.rotary_emb, positions=positions)
+        return self.o_proj(out)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from pagedray.kernels import ops
+
+if TYPE_CHECKING:
+    from pagedray.models.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -59,16 +63,27 @@ class Attention(nn.Module):
             self.alibi_slopes = None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, attn_metadata: AttentionMetadata) -> torch.Tensor:
-        """query [T, H*D], key/value [T, Hkv*D] -> [T, H*D]."""
+                kv_cache: torch.Tensor, attn_metadata: AttentionMetadata,
+                rotary: RotaryEmbedding | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """query [T, H*D], key/value [T, Hkv*D] -> [T, H*D].
+
+        With `rotary`, query and key are rotated here first (at `positions`): into the cache write
+        as one kernel where the cache exists (ops.rotary_and_cache), as rotary then write otherwise.
+        """
         num_tokens = query.shape[0]
         q = query.view(num_tokens, self.num_heads, self.head_size)
         k = key.view(num_tokens, self.num_kv_heads, self.head_size)
         v = value.view(num_tokens, self.num_kv_heads, self.head_size)
         if kv_cache.numel() == 0:
+            if rotary is not None:
+                q, k = rotary(positions, q, k)
             out = self._attend_fresh(q, k, v, attn_metadata)
         else:
-            ops.reshape_and_cache(k, v, kv_cache[0], kv_cache[1], attn_metadata.slot_mapping)
+            if rotary is not None:
+                q = ops.rotary_and_cache(positions, q, k, v, rotary.cos_sin_cache, rotary.is_neox_style,
+                                         kv_cache[0], kv_cache[1], attn_metadata.slot_mapping)
+            else:
+                ops.reshape_and_cache(k, v, kv_cache[0], kv_cache[1], attn_metadata.slot_mapping)
             out = ops.paged_attention(q, kv_cache[0], kv_cache[1], attn_metadata.block_tables,
                                       attn_metadata.seq_lens_list, attn_metadata.query_lens_list,
                                       self.scale, self.sliding_window, self.alibi_slopes,

@@ -280,6 +280,97 @@ def test_rotary_embedding(dtype, cache_dtype, is_neox, rot_dim, inplace):
     check(got_k, want_k, dtype)
 
 
+def _rotary_cache_case(dtype, cache_dtype, head_size, rot_dim, block_size, tokens, aligned=True):
+    """q/k/v as row-strided views of one fused QKV output (one element off 16 bytes when not aligned),
+    NaN caches, slots with -1 holes. Returns (positions, q, k, v, cos_sin, kc, vc, slots)."""
+    heads, kv_heads, num_blocks = 8, 2, 12
+    width = (heads + 2 * kv_heads) * head_size
+    flat = torch.randn(tokens, width + 8, device="cuda").to(dtype)  # rows 16-byte aligned in every dtype
+    start = 0 if aligned else 1
+    qkv = flat[:, start:start + width].view(tokens, heads + 2 * kv_heads, head_size)
+    q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+    positions = torch.randint(0, 4096, (tokens,), device="cuda")
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:tokens]
+    slots[1::3] = -1
+    kc = torch.full((num_blocks, kv_heads, block_size, head_size), NAN, device="cuda", dtype=dtype)
+    return positions, q, k, v, _cos_sin(4096, rot_dim, cache_dtype), kc, torch.full_like(kc, NAN), slots
+
+
+@pytest.mark.parametrize("tokens", [1, 37])
+@pytest.mark.parametrize("head_size,rot_dim,block_size,aligned", [
+    (128, 128, 16, True), (128, 96, 16, True), (128, 128, 8, False), (80, 20, 32, True)])
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("dtype,cache_dtype", [(BF16, FP32), (BF16, BF16), (FP16, FP32), (FP32, FP32)])
+def test_rotary_embedding_and_cache(dtype, cache_dtype, is_neox, head_size, rot_dim, block_size, aligned,
+                                    tokens):
+    # 16-byte packs (128/128, 128/96 partial), the one-element path (unaligned rows; 80/20's half
+    # of 10), and both compared bit for bit with the references and with the two unfused kernels.
+    pos, q, k, v, cs, kc, vc, slots = _rotary_cache_case(dtype, cache_dtype, head_size, rot_dim, block_size,
+                                                         tokens, aligned)
+    q0, k0, v0 = q.clone(), k.clone(), v.clone()
+    k_ref, v_ref = kc.clone(), vc.clone()
+    want_q = reference.rotary_and_cache(pos, q, k, v, cs, is_neox, k_ref, v_ref, slots)
+    got_q = elementwise.rotary_embedding_and_cache(pos, q, k, v, cs, is_neox, kc, vc, slots)
+    assert got_q.shape == q.shape and got_q.is_contiguous()
+    assert torch.equal(got_q, want_q)
+    torch.testing.assert_close(kc, k_ref, equal_nan=True, atol=0, rtol=0)
+    torch.testing.assert_close(vc, v_ref, equal_nan=True, atol=0, rtol=0)
+    assert torch.equal(q, q0) and torch.equal(k, k0) and torch.equal(v, v0)
+    k_two, v_two = torch.full_like(kc, NAN), torch.full_like(vc, NAN)
+    two_q, two_k = elementwise.rotary_embedding(pos, q, k, cs, is_neox)
+    cache_ops.reshape_and_cache(two_k, v, k_two, v_two, slots)
+    assert torch.equal(got_q, two_q)
+    torch.testing.assert_close(kc, k_two, equal_nan=True, atol=0, rtol=0)
+    torch.testing.assert_close(vc, v_two, equal_nan=True, atol=0, rtol=0)
+
+
+def test_rotary_and_cache_packs_when_aligned():
+    pos, q, k, v, cs, kc, vc, _ = _rotary_cache_case(BF16, FP32, 128, 128, 16, 3)
+    assert elementwise._rotary_pack(128, 128, q, k, v, kc, vc, cs) == 8
+    assert elementwise._rotary_pack(20, 80, q, k, v, kc, vc, cs) == 1
+    _, qu, ku, vu, _, _, _, _ = _rotary_cache_case(BF16, FP32, 128, 128, 16, 3, aligned=False)
+    assert elementwise._rotary_pack(128, 128, qu, ku, vu, kc, vc, cs) == 1
+
+
+def test_attention_rotary_fused_matches_unfused_and_replays_in_a_graph(monkeypatch):
+    # Through the model-facing path: Attention(rotary=...) on a decode batch, fused vs FUSED_ROTARY_CACHE off.
+    from pagedray.models.layers.attention import Attention, AttentionMetadata
+    from pagedray.models.layers.rotary import RotaryEmbedding
+    heads, kv_heads, d, bs = 32, 8, 128, 16
+    seq_lens = [9, 40]
+    kc, vc, bt, _, _ = make_paged(seq_lens, kv_heads, d, bs, BF16, "cuda")
+    inv = 1.0 / (500000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    rope = RotaryEmbedding(d, d, inv, 4096).cuda()
+    attn = Attention(heads, d, d ** -0.5, kv_heads)
+    qkv = torch.randn(2, (heads + 2 * kv_heads) * d, device="cuda", dtype=BF16)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    slots = torch.stack([bt[i, (n - 1) // bs].long() * bs + (n - 1) % bs for i, n in enumerate(seq_lens)])
+    meta = AttentionMetadata(slots, bt, torch.tensor(seq_lens, dtype=torch.int32, device="cuda"),
+                             torch.tensor([0, 1, 2], dtype=torch.int32, device="cuda"), seq_lens, [1, 1], 1, 40)
+    positions = torch.tensor([n - 1 for n in seq_lens], device="cuda")
+    calls = []
+    real = elementwise.rotary_embedding_and_cache
+    monkeypatch.setattr(elementwise, "rotary_embedding_and_cache", lambda *a: calls.append(1) or real(*a))
+    outs, caches = [], []
+    for fused in (True, False):
+        monkeypatch.setattr(ops, "FUSED_ROTARY_CACHE", fused)
+        cache = torch.stack([kc, vc]).clone()
+        outs.append(attn(q, k, v, cache, meta, rotary=rope, positions=positions))
+        caches.append(cache)
+    assert calls == [1]
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(caches[0], caches[1], equal_nan=True, atol=0, rtol=0)
+    monkeypatch.setattr(ops, "FUSED_ROTARY_CACHE", True)
+    cache = torch.stack([kc, vc]).clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attn(q, k, v, cache, meta, rotary=rope, positions=positions)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, outs[0])
+    torch.testing.assert_close(cache, caches[0], equal_nan=True, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("d", [11008, 13])
 @pytest.mark.parametrize("act", ["silu", "none", "tanh"])
 @pytest.mark.parametrize("dtype", [BF16, FP16, FP32])

@@ -33,6 +33,8 @@ def test_cpu_tensors_are_rejected_with_the_argument_name():
         cache_ops.reshape_and_cache(x.view(4, 1, 8), x.view(4, 1, 8), x, x, torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="kv_caches must hold"):
         cache_ops.copy_blocks([], [(0, 1)])
+    with pytest.raises(ValueError, match="query must be on a CUDA device"):
+        elementwise.rotary_embedding_and_cache(**_rotary_cache_args("cpu"))
 
 
 @needs_cuda
@@ -94,3 +96,30 @@ def test_elementwise_and_cache_launchers_reject():
         cache_ops.copy_blocks(caches, [(0, 4)])
     with pytest.raises(ValueError, match=r"kv_caches\[1\] is"):
         cache_ops.copy_blocks([caches[0], caches[1][:, :3].contiguous()], [(0, 1)])
+
+
+def _rotary_cache_args(device="cuda"):
+    kv = torch.randn(4, 2, 16, device=device, dtype=torch.bfloat16)
+    kc = torch.zeros(3, 2, 8, 16, device=device, dtype=torch.bfloat16)
+    return dict(positions=torch.arange(4, device=device), query=torch.randn(4, 4, 16, device=device).bfloat16(),
+                key=kv, value=kv.clone(), cos_sin_cache=torch.ones(8, 16, device=device), is_neox=True,
+                key_cache=kc, value_cache=kc.clone(), slot_mapping=torch.arange(4, device=device))
+
+
+@needs_cuda
+@pytest.mark.parametrize("change,match", [
+    (lambda a: a.update(positions=a["positions"].int()), "positions must have dtype"),
+    (lambda a: a.update(cos_sin_cache=torch.ones(8, 18, device="cuda")), "rotary_dim"),
+    (lambda a: a.update(key=a["key"][:, :, :8].contiguous()), "key shape"),
+    (lambda a: a.update(value=a["value"][:, :1]), "value shape"),
+    (lambda a: a.update(key_cache=a["key_cache"].float()), "key_cache must have dtype"),
+    (lambda a: a.update(value_cache=a["value_cache"][:2]), "value_cache shape"),
+    (lambda a: a.update(key_cache=a["key_cache"].transpose(1, 2)), "key_cache must be contiguous"),
+    (lambda a: a.update(slot_mapping=a["slot_mapping"].int()), "slot_mapping must have dtype"),
+    (lambda a: a.update(slot_mapping=a["slot_mapping"][:3]), "slot_mapping must be a contiguous"),
+])
+def test_rotary_and_cache_launcher_rejects(change, match):
+    args = _rotary_cache_args()
+    change(args)
+    with pytest.raises(ValueError, match=match):
+        elementwise.rotary_embedding_and_cache(**args)
