@@ -18,8 +18,6 @@ import time
 import numpy as np
 import torch
 
-from pagedray.kernels import _pdl
-
 logger = logging.getLogger(__name__)
 _DIR = pathlib.Path(__file__).resolve().parent
 _LOCK = threading.Lock()
@@ -85,34 +83,14 @@ def _cupy_stream(device: int):
     return stream
 
 
-# Programmatic dependent launch (common.cuh: pdl_enter) on GPUs of compute capability 9.0 and
-# later: each kernel may start while the one before it still runs. False: plain launches (A/B runs).
-PDL = True
-
-
 def launch(kernel, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, device: torch.device,
            shared_mem: int = 0) -> None:
     """Launch on PyTorch's current stream of `device` (captured by CUDA graphs)."""
     import cupy
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if PDL and _pdl.usable(index):
-        stream = torch.cuda.current_stream(index).cuda_stream
-        if _pdl.launch(_function_ptr(kernel), grid, block, args, stream, shared_mem):
-            return
     stream = _cupy_stream(index)
     with cupy.cuda.Device(index), stream:
         kernel(grid, block, args, shared_mem=shared_mem)
-
-
-_PTRS: dict[int, int] = {}  # id(RawKernel) -> CUfunction; the kernels live as long as the process
-
-
-def _function_ptr(kernel) -> int:
-    """The driver's CUfunction handle of a CuPy RawKernel (its compiled Function's `ptr`)."""
-    ptr = _PTRS.get(id(kernel))
-    if ptr is None:
-        ptr = _PTRS[id(kernel)] = int(getattr(kernel, "kernel", kernel).ptr)
-    return ptr
 
 
 # --- kernel argument packing: the numpy type must match the C parameter type ---

@@ -25,7 +25,6 @@ __device__ __forceinline__ float act(float x) {
 // grid (rows, ceil(d / VEC / blockDim.x)); x has row stride x_stride, out is dense [rows, d].
 extern "C" __global__ void act_and_mul(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
                                        i64 x_stride, int d) {
-  pdl_enter();
   const i64 row = blockIdx.x;
   const int i = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
   if (i >= d) return;

@@ -25,7 +25,6 @@ extern "C" __global__ void reshape_and_cache(
     chunk_t* __restrict__ key_cache, chunk_t* __restrict__ value_cache,
     const i64* __restrict__ slot_mapping, i64 key_stride, i64 value_stride,
     int num_kv_heads, int row_chunks, int block_size) {
-  pdl_enter();
   const int t = blockIdx.x;
   const i64 slot = slot_mapping[t];
   if (slot < 0) return;
@@ -45,7 +44,6 @@ extern "C" __global__ void reshape_and_cache(
 extern "C" __global__ void copy_blocks(
     const i64* __restrict__ layer_ptrs, const i64* __restrict__ pairs,
     i64 half_chunks, int block_chunks) {
-  pdl_enter();
   chunk_t* base = reinterpret_cast<chunk_t*>(layer_ptrs[blockIdx.y]);
   const i64 src = pairs[2 * blockIdx.x] * block_chunks;
   const i64 dst = pairs[2 * blockIdx.x + 1] * block_chunks;

@@ -95,30 +95,3 @@ __device__ __forceinline__ float block_max(float v, float* scratch /* [32] share
   __syncthreads();
   return v;
 }
-
-// Programmatic dependent launch (sm_90 and later; `_compile.launch` asks for it when PDL is on):
-// the GPU may start a kernel while the kernel before it in the stream is still running, so that
-// its launch and its first loads overlap the other's tail. griddepcontrol.wait returns once every
-// earlier kernel has finished and its writes are visible; before it a kernel may read only what
-// no kernel of the step writes (weights). Every kernel calls pdl_enter() first: a kernel that did
-// not wait could finish before its predecessor, and then the next one's wait would not cover it.
-// Without PDL (older GPUs, or launched plainly) both instructions are no-ops.
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
-}
-// The next kernel may be scheduled from now on (it waits for this one before reading anything);
-// then wait for the previous ones.
-__device__ __forceinline__ void pdl_enter() {
-  pdl_launch_dependents();
-  pdl_wait();
-}

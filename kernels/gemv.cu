@@ -90,6 +90,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) skinny_gemm(
     const scalar_t* __restrict__ bias, i64 x_stride, int n, int k) {
   const int lane = threadIdx.x & 31;
   const i64 row0 = ((i64)blockIdx.x * WARPS + (threadIdx.x >> 5)) * ROWS;
+  if (row0 >= n) return;  // a whole warp at once; there is no block-wide barrier below
   const int chunks = k / VEC;
   const uint4* wrow[ROWS];
 #pragma unroll
@@ -97,17 +98,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) skinny_gemm(
     const i64 row = row0 + r < n ? row0 + r : (i64)n - 1;  // tail rows: valid memory, result unused
     wrow[r] = reinterpret_cast<const uint4*>(w + row * k);
   }
-  // W is no kernel's output, so its first loop step can be on its way into L2 while the kernel
-  // before this one (under PDL) still runs.
-  if (row0 < n) {
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u)
-#pragma unroll
-      for (int r = 0; r < ROWS; ++r)
-        if (u * 32 + lane < chunks) prefetch_l2(wrow[r] + u * 32 + lane);
-  }
-  pdl_enter();
-  if (row0 >= n) return;  // a whole warp at once; there is no block-wide barrier below
   const uint4* xrow[TOKENS];
 #pragma unroll
   for (int t = 0; t < TOKENS; ++t) xrow[t] = reinterpret_cast<const uint4*>(x + t * x_stride);

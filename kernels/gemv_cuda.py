@@ -129,10 +129,10 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     _check(x, weight, bias, out)
     m, k = x.shape
     n = weight.shape[0]
-    variant = default_variant(m, x.dtype) if variant is None else variant
     out = _empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
     if m == 0 or n == 0:
         return out
+    variant = default_variant(m, x.dtype) if variant is None else variant
     dev = C.device_of(x)
     consts = dict(SCALAR_T=C.CTYPE[x.dtype], TOKENS=m, WARPS=variant["WARPS"], UNROLL=variant["UNROLL"],
                   LOAD=variant["LOAD"])

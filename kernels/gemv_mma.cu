@@ -93,7 +93,6 @@ __device__ __forceinline__ void step(float (&acc)[4], const uint4* w_lo, const u
 extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) skinny_gemm_mma(
     scalar_t* __restrict__ out, const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
     const scalar_t* __restrict__ bias, i64 x_stride, int n, int k) {
-  pdl_enter();
   __shared__ float partial[WARPS][32][4];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;

@@ -51,7 +51,6 @@ extern "C" __global__ void __launch_bounds__(1024) rms_norm(
     scalar_t* __restrict__ out, scalar_t* __restrict__ residual_out,
     const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
     const weight_t* __restrict__ weight, i64 x_stride, i64 res_stride, int hidden, float eps) {
-  pdl_enter();
   __shared__ float scratch[32];
   const i64 row = blockIdx.x;
   const i64 rx = row * x_stride, rr = row * res_stride, ro = row * hidden;

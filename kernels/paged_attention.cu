@@ -142,7 +142,6 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode(
     const float* __restrict__ alibi,         // [H] or null
     int num_kv_heads, int qpk, i64 q_stride, int bt_stride, float scale, float soft_cap,
     int window, int partition_size, int max_parts) {
-  pdl_enter();
   const int head0 = blockIdx.x * HPB;
   const int seq = blockIdx.y;
   const int part = blockIdx.z;
@@ -346,7 +345,6 @@ extern "C" __global__ void paged_decode_reduce(
     scalar_t* __restrict__ out, const float* __restrict__ part_out,
     const float* __restrict__ part_m, const float* __restrict__ part_l,
     const int* __restrict__ seq_lens, int partition_size, int max_parts) {
-  pdl_enter();
   extern __shared__ float wts[];
   __shared__ float scratch[32];
   const int head = blockIdx.x, seq = blockIdx.y, num_heads = gridDim.x;

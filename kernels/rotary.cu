@@ -45,7 +45,6 @@ extern "C" __global__ void rotary_embedding(
     const i64* __restrict__ positions, const cos_t* __restrict__ cos_sin,
     i64 q_stride, i64 k_stride, i64 qo_stride, i64 ko_stride,
     int num_heads, int num_kv_heads, int head_size, int rot_dim, int is_neox, int copy_rest) {
-  pdl_enter();
   const int t = blockIdx.x;
   const int half = rot_dim / 2;
   const cos_t* cs = cos_sin + positions[t] * rot_dim;
@@ -134,7 +133,6 @@ extern "C" __global__ void rotary_and_cache(
     const i64* __restrict__ slot_mapping, const cos_t* __restrict__ cos_sin,
     i64 q_stride, i64 k_stride, i64 v_stride, int num_heads, int num_kv_heads, int head_size,
     int rot_dim, int block_size, int is_neox) {
-  pdl_enter();
   const int t = blockIdx.x;
   int i = blockIdx.y * blockDim.x + threadIdx.x;
   const int heads = num_heads + num_kv_heads;

@@ -130,7 +130,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 4) race_sample(
     i64* __restrict__ out, const scalar_t* __restrict__ logits, const float* __restrict__ temps,
     const rowkey_t* __restrict__ keys, u64* __restrict__ partial, unsigned* __restrict__ counters,
     i64 row_stride, int vocab) {
-  pdl_enter();
   __shared__ u64 scratch[32];
   __shared__ bool last;
   const int row = blockIdx.y, split = blockIdx.x, splits = gridDim.x;
