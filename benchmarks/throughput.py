@@ -86,6 +86,15 @@ def triton_variants() -> int:
         return -1
 
 
+def allocator_counts() -> dict[str, int]:
+    """PyTorch caching-allocator events: cudaMalloc/cudaFree calls, and retries (an allocation that
+    failed, so every cached block was freed and the device synchronised, before it was tried again)."""
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {k: int(stats.get(k, 0)) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     set_kernel_options(args.kernel_option)
@@ -112,13 +121,15 @@ def main(argv=None) -> int:
             serial.append((False, t, wait.seconds))
             print(f"steps not overlapped: {t:.2f} s, host blocked {wait.seconds:.2f} s", flush=True)
         replays0 = graph_replays(llm)
-        variants0 = triton_variants()
+        variants0, allocs0 = triton_variants(), allocator_counts()
         counter = StageTimer(llm, sync=False, count_only=True)
         with HostWait() as wait:
             elapsed = generate(llm, prompts, args)
         waits = [wait.seconds]
+        allocs = {k: v - allocs0.get(k, 0) for k, v in allocator_counts().items()}
         print(f"main run: {elapsed:.2f} s, host blocked {wait.seconds:.2f} s; Triton prefill variants "
-              f"compiled during it: {triton_variants() - variants0}", flush=True)
+              f"compiled during it: {triton_variants() - variants0}; caching allocator during it: {allocs}",
+              flush=True)
         counter.restore()
         print(counter.wall_summary(), flush=True)
         replays = graph_replays(llm) - replays0
