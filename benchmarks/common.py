@@ -8,6 +8,7 @@ numbers they divide, never taken from a datasheet.
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import os
 import pathlib
@@ -164,6 +165,19 @@ def timed_generate(llm, prompts: list[list[int]], temperature: float, output_len
     if short:
         raise RuntimeError(f"{len(short)} requests did not produce {output_len} tokens")
     return elapsed
+
+
+def set_kernel_options(options: list[str]) -> None:
+    """`module.NAME=value` under pagedray (e.g. kernels.ops.SPLIT_MIXED_STEPS=0,
+    workers.sampler.FUSED_SAMPLING=1), for A/B runs of one switch."""
+    for option in options:
+        target, value = option.split("=", 1)
+        module, name = target.rsplit(".", 1)
+        mod = importlib.import_module(f"pagedray.{module}")
+        if not hasattr(mod, name):
+            raise ValueError(f"--kernel-option {option}: pagedray.{module} has no {name}")
+        setattr(mod, name, type(getattr(mod, name))(int(value) if value.lstrip("-").isdigit() else value))
+        print(f"option: pagedray.{module}.{name} = {getattr(mod, name)!r}", flush=True)
 
 
 def require_min(args, minimum: int, *names: str) -> None:

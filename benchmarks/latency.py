@@ -25,7 +25,7 @@ import torch
 
 from decode_profile import graph_replay_ms
 from common import (run_hf_baseline, SHAPES, append_results, copy_bandwidth, kv_bytes_per_token, markdown_table, param_counts,
-                    random_prompts, require_min, timed_generate, write_config)
+                    random_prompts, require_min, set_kernel_options, timed_generate, write_config)
 
 
 
@@ -65,7 +65,6 @@ def floor_ms(args, bs: int, bandwidth_gbs: float) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from throughput import set_kernel_options
     set_kernel_options(args.kernel_option)
     from pagedray.cluster import LLM
     cuda = args.device.startswith("cuda")

@@ -27,7 +27,7 @@ import time
 import torch
 
 from common import (run_hf_baseline, SHAPES, append_results, copy_bandwidth, markdown_table, matmul_tflops, random_prompts,
-                    require_min, timed_generate, workload_flops, write_config)
+                    require_min, set_kernel_options, timed_generate, workload_flops, write_config)
 from stage_timer import StageTimer, gpu_idle_report, profile_steps
 
 
@@ -60,20 +60,6 @@ def generate(llm, prompts: list[list[int]], args, output_len: int | None = None)
 def graph_replays(llm) -> int:
     graphs = getattr(llm.llm_engine.executor.worker.runner, "graphs", None)
     return graphs.num_replays if graphs is not None else 0
-
-
-def set_kernel_options(options: list[str]) -> None:
-    """`module.NAME=value` under pagedray (e.g. kernels.ops.SPLIT_MIXED_STEPS=0,
-    workers.sampler.FUSED_SAMPLING=1), for A/B runs of one switch."""
-    import importlib
-    for option in options:
-        target, value = option.split("=", 1)
-        module, name = target.rsplit(".", 1)
-        mod = importlib.import_module(f"pagedray.{module}")
-        if not hasattr(mod, name):
-            raise ValueError(f"--kernel-option {option}: pagedray.{module} has no {name}")
-        setattr(mod, name, type(getattr(mod, name))(int(value) if value.lstrip("-").isdigit() else value))
-        print(f"option: pagedray.{module}.{name} = {getattr(mod, name)!r}", flush=True)
 
 
 def triton_variants() -> int:
