@@ -31,15 +31,22 @@ def graph_replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 20) -> float:
     return median_ms(graph.replay, reps=reps)
 
 
-def replay_us(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> float:
-    """µs per fn(x, w): one CUDA-graph replay of it over every weight copy (so none stays in L2)."""
-    fn(x, weights[0])
+def graph_us_per_call(fn, calls: list[tuple]) -> float:
+    """µs per fn(*args): every call run once eagerly, then all captured in one CUDA graph whose
+    replays are timed (launch gaps inside the graph count, host time does not)."""
+    for args in calls:
+        fn(*args)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for w in weights:
-            fn(x, w)
-    return graph_replay_ms(graph) * 1e3 / len(weights)
+        for args in calls:
+            fn(*args)
+    return graph_replay_ms(graph) * 1e3 / len(calls)
+
+
+def replay_us(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> float:
+    """µs per fn(x, w), over every weight copy in one graph (so none stays in L2)."""
+    return graph_us_per_call(fn, [(x, w) for w in weights])
 
 
 def plain_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from common import append_results, markdown_table
-from decode_profile import graph_replay_ms
+from decode_profile import graph_us_per_call
 
 from pagedray.kernels import cache_ops, elementwise
 
@@ -59,18 +59,6 @@ def cache_only(pos, q, k, v, cs, kc, vc, slots) -> None:
     cache_ops.reshape_and_cache(k, v, kc, vc, slots)
 
 
-def per_layer_us(fn, layers: list[tuple]) -> float:
-    """µs per call: one graph replay of fn over every layer's tensors, over LAYERS."""
-    for args in layers:
-        fn(*args)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for args in layers:
-            fn(*args)
-    return graph_replay_ms(graph) * 1e3 / len(layers)
-
-
 def identical(layers: list[tuple]) -> bool:
     """Fused and unfused give the same rotated q and the same caches, bit for bit."""
     for args in layers[:2]:
@@ -92,7 +80,7 @@ def main() -> None:
     for tokens in args.tokens:
         layers = _layers(tokens, torch.bfloat16)
         same = identical(layers)
-        us = {name: per_layer_us(fn, layers) for name, fn in
+        us = {name: graph_us_per_call(fn, layers) for name, fn in
               (("fused", fused), ("unfused", unfused), ("rotary", rotary_only), ("cache", cache_only))}
         rows.append([tokens, f"{us['fused']:.2f}", f"{us['unfused']:.2f}", f"{us['rotary']:.2f}",
                      f"{us['cache']:.2f}", f"{us['unfused'] - us['fused']:.2f}",
