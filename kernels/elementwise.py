@@ -1,6 +1,6 @@
 """Launchers of the row-wise kernels: RMSNorm (norm.cu), rotary and rotary fused with the KV-cache
-write (rotary.cu), gated activations (activation.cu). Same results and return conventions as `reference`; `out=` lets callers (and
-tests) provide the output buffers."""
+write (rotary.cu), gated activations (activation.cu). Same results and return conventions as
+`reference`; `out=` lets callers (and tests) provide the output buffers."""
 from __future__ import annotations
 
 import torch

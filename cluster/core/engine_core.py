@@ -18,7 +18,6 @@ tokens already produced.
 from __future__ import annotations
 
 import gc
-
 import logging
 import os
 import time
