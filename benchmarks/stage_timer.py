@@ -181,11 +181,12 @@ def _profile(engine, steps: int, title: str) -> str:
     return f"== {title} ==\n" + "\n".join(tables)
 
 
-def gpu_idle_report(llm, prompts: list[list[int]], args, skip: int, steps: int, title: str) -> str:
+def gpu_idle_report(llm, prompts: list[list[int]], args, skip: int, steps: int, title: str, top: int = 0) -> str:
     """The engine's own loop (overlapped when it is) under torch.profiler for `steps` steps after
     `skip`: wall time of the window, GPU busy time (union of kernel and copy intervals), the rest
     idle, and the host's time blocked on events, per step. Tells a GPU-bound stretch from one where
-    the GPU waits for the host."""
+    the GPU waits for the host. top > 0 adds the longest kernels, the longest idle gaps and a
+    per-kernel table of that many rows."""
     from torch.profiler import ProfilerActivity, profile, schedule
     engine = llm.llm_engine
     patches = InstancePatches()
@@ -204,21 +205,32 @@ def gpu_idle_report(llm, prompts: list[list[int]], args, skip: int, steps: int, 
             timed_generate(llm, prompts, args.temperature, args.output_len)
     finally:
         patches.restore()
-    gpu = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                 if e.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     if not gpu:
         return f"{title}: no GPU activity recorded"
-    busy, cur_start, cur_end = 0.0, *gpu[0]
+    busy, gaps, cur_start, cur_end = 0.0, [], *gpu[0]
     for start, end in gpu[1:]:
         if start > cur_end:
             busy += cur_end - cur_start
+            gaps.append((start - cur_end, cur_end))
             cur_start, cur_end = start, end
         else:
             cur_end = max(cur_end, end)
     busy += cur_end - cur_start
-    span = gpu[-1][1] - gpu[0][0]
+    t0, span = gpu[0][0], gpu[-1][1] - gpu[0][0]
     blocked = sum(e.cpu_time_total for e in prof.key_averages() if e.key == "cudaEventSynchronize")
-    return (f"{title}: {steps} steps after {skip}: GPU span {span / steps / 1e3:.2f} ms/step, busy "
-            f"{busy / steps / 1e3:.2f} ms/step, idle {1 - busy / span:.1%}; host blocked on events "
-            f"{blocked / steps / 1e3:.2f} ms/step")
-
+    longest = sorted(kernels, key=lambda e: e.time_range.end - e.time_range.start)[-top:]
+    lines = [f"{title}: {steps} steps after {skip}: GPU span {span / steps / 1e3:.2f} ms/step, busy "
+             f"{busy / steps / 1e3:.2f} ms/step, idle {1 - busy / span:.1%}; host blocked on events "
+             f"{blocked / steps / 1e3:.2f} ms/step"]
+    if top:
+        lines.append("  longest kernels (ms, at ms into the window): " + "; ".join(
+            f"{(e.time_range.end - e.time_range.start) / 1e3:.2f} at {(e.time_range.start - t0) / 1e3:.0f} "
+            f"{e.name[:60]}" for e in reversed(longest)))
+        lines.append("  longest GPU idle gaps (ms, at ms into the window): " + "; ".join(
+            f"{g / 1e3:.2f} at {(at - t0) / 1e3:.0f}" for g, at in sorted(gaps)[-top:][::-1]))
+        lines.append("  GPU time by kernel over the window:\n" + prof.key_averages().table(
+            sort_by="self_cuda_time_total" if hasattr(prof.key_averages()[0], "self_cuda_time_total")
+            else "self_device_time_total", row_limit=top))
+    return "\n".join(lines)

@@ -106,6 +106,10 @@ def main(argv=None) -> int:
                 t = _serial(llm, lambda: generate(llm, prompts, args))
             serial.append((False, t, wait.seconds))
             print(f"steps not overlapped: {t:.2f} s, host blocked {wait.seconds:.2f} s", flush=True)
+        if args.main_runs == 0:   # a diagnostic call: the profiled run is the first after the warm-up
+            _print_profiles(llm, prompts, args)
+            llm.shutdown()
+            return 0
         replays0 = graph_replays(llm)
         variants0, allocs0 = triton_variants(), allocator_counts()
         counter = StageTimer(llm, sync=False, count_only=True)
@@ -119,6 +123,13 @@ def main(argv=None) -> int:
         counter.restore()
         print(counter.wall_summary(), flush=True)
         replays = graph_replays(llm) - replays0
+        for again in range(1, args.main_runs):
+            again_counter = StageTimer(llm, sync=False, count_only=True)
+            with HostWait() as again_wait:
+                t = generate(llm, prompts, args)
+            again_counter.restore()
+            print(f"main workload, run {again + 1} (not the reported figure): {t:.2f} s, host blocked "
+                  f"{again_wait.seconds:.2f} s. {again_counter.wall_summary()}", flush=True)
         breakdown = _serial(llm, lambda: run_breakdown(llm, prompts, args)) if args.breakdown else None
         if args.gpu_idle and cuda:
             # A decode-only stretch (batch max_num_seqs) and a stretch across a wave's refill.
@@ -126,9 +137,17 @@ def main(argv=None) -> int:
             print(gpu_idle_report(llm, prompts[:n], args, 80, 30, "decode-only window"), flush=True)
             print(gpu_idle_report(llm, prompts[:2 * n], args, args.output_len - 10, 60,
                                   "window across a refill"), flush=True)
+        _print_profiles(llm, prompts, args)
         llm.shutdown()
     report(args, startup, (elapsed, waits[0]), counter, replays, tflops, bandwidth, hf, breakdown, serial)
     return 0
+
+
+def _print_profiles(llm, prompts, args) -> None:
+    for first, last in args.profile_steps:
+        # gpu_idle_report's profiler warms up for 2 steps before it records.
+        print(gpu_idle_report(llm, prompts, args, max(0, first - 3), last - first + 1,
+                              f"main workload again, steps {first}-{last}", top=12), flush=True)
 
 
 class HostWait:
@@ -251,6 +270,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernel-option", action="append", default=[], help="module.NAME=value under pagedray, e.g. kernels.ops.SPLIT_MIXED_STEPS=0")
     p.add_argument("--gpu-idle", action="store_true", help="profile two windows of the overlapped loop: GPU busy vs idle")
     p.add_argument("--breakdown-requests", type=int, default=256)
+    p.add_argument("--main-runs", type=int, default=1,
+                   help="run the main workload this many times; the figure is the first, the rest are printed "
+                        "(0: no figure, only the --profile-steps runs)")
+    p.add_argument("--profile-steps", action="append", default=[],
+                   type=lambda t: tuple(int(x) for x in t.split("-")),
+                   help="FIRST-LAST: the main workload again under torch.profiler for those steps (1-based): "
+                        "longest kernels, GPU idle gaps, GPU time by kernel")
     p.add_argument("--trace-file", default=os.path.join(os.environ.get("OUT", "."), "throughput_profile.txt"))
     p.add_argument("--results", default=None, help="append the table to this file (e.g. benchmarks/RESULTS.md)")
     args = p.parse_args(argv)

@@ -17,6 +17,7 @@ import logging
 import torch
 
 from pagedray.models.layers.attention import AttentionMetadata
+from pagedray.workers import weight_prefetch
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +69,15 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         # Largest first, so smaller graphs reuse the memory pool the largest one reserved.
+        order: list | None = None
         for bs in reversed(self.batch_sizes):
-            self._forward(bs)  # warm-up: compiles kernels, settles the allocator
+            if order is None:  # warm-up: compiles kernels, settles the allocator
+                order = weight_prefetch.linear_order(self.model, lambda: self._forward(bs))
+            else:
+                self._forward(bs)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool), weight_prefetch.prefetching(order):
                 self.outputs[bs] = self._forward(bs)
             if self.pool is None:
                 self.pool = graph.pool()
