@@ -209,16 +209,6 @@ def copy_blocks(kv_caches: list[torch.Tensor], src_to_dst: list[tuple[int, int]]
     return reference.copy_blocks(kv_caches, src_to_dst)
 
 
-def prefetch_l2(weight: torch.Tensor, nbytes: int, layout: str = "rows", mode: int = 0) -> None:
-    """Hint L2 to fetch about nbytes of a 2-D weight (kernels/prefetch.py); elsewhere the reference,
-    which does nothing. Never changes a result."""
-    if _cuda(weight) and weight.dim() == 2 and weight.is_contiguous() and weight.data_ptr() % 16 == 0 \
-            and (weight.shape[1] * weight.element_size()) % 16 == 0:
-        from pagedray.kernels import prefetch
-        return prefetch.prefetch_l2(weight, nbytes, layout, mode)
-    return reference.prefetch_l2(weight, nbytes, layout, mode)
-
-
 def _skinny_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """x as [M, K] rows the skinny GEMM takes, or None where F.linear must run."""
     from pagedray.kernels import gemv_cuda

@@ -134,10 +134,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
 
 
-def prefetch_l2(weight: torch.Tensor, nbytes: int, layout: str = "rows", mode: int = 0) -> None:
-    """The L2 prefetch's oracle: a cache hint has no result, so there is nothing to do."""
-
-
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     return (F.silu(gate.float()) * up.float()).to(x.dtype)

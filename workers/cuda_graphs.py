@@ -17,7 +17,6 @@ import logging
 import torch
 
 from pagedray.models.layers.attention import AttentionMetadata
-from pagedray.workers import weight_prefetch
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +68,11 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         # Largest first, so smaller graphs reuse the memory pool the largest one reserved.
-        order: list | None = None
         for bs in reversed(self.batch_sizes):
-            if order is None:  # warm-up: compiles kernels, settles the allocator
-                order = weight_prefetch.linear_order(self.model, lambda: self._forward(bs))
-            else:
-                self._forward(bs)
+            self._forward(bs)  # warm-up: compiles kernels, settles the allocator
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool), weight_prefetch.prefetching(order):
+            with torch.cuda.graph(graph, pool=self.pool):
                 self.outputs[bs] = self._forward(bs)
             if self.pool is None:
                 self.pool = graph.pool()
