@@ -340,6 +340,23 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
+    @torch.inference_mode()
+    def warm_up_logits(self, max_rows: int) -> None:
+        """compute_logits once at every row count a step can sample, 1 to max_rows (CUDA only).
+
+        cuBLAS picks the LM head's kernel by the row count, and CUDA loads a kernel when it first
+        runs (lazy loading), which waits for the work already queued on the device. A row count
+        first met mid-run therefore stalls that step and the overlap with it; mixed steps sample
+        any count up to max_num_seqs, so every count is met here, at start-up.
+        """
+        head = getattr(self.model, getattr(self.model, "lm_head_name", ""), None)
+        if self.device.type != "cuda" or head is None:
+            return
+        hidden = torch.zeros(max_rows, head.weight.shape[1], dtype=head.weight.dtype, device=self.device)
+        for rows in range(1, max_rows + 1):
+            self.model.compute_logits(hidden[:rows])
+        torch.cuda.synchronize(self.device)
+
     def profile_run(self, num_tokens: int, num_seqs: int, empty_caches: list[torch.Tensor]) -> None:
         """A worst-case forward (the step's full token budget) without a KV cache."""
         num_seqs = max(1, min(num_seqs, num_tokens))

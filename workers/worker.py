@@ -1,5 +1,6 @@
 """What runs on each device. Start-up order is fixed:
-init distributed → load the model shard → profile memory → allocate KV → capture graphs.
+init distributed → load the model shard → profile memory → allocate KV → capture graphs (and
+warm the LM head up at every row count a step can sample).
 """
 from __future__ import annotations
 
@@ -122,7 +123,9 @@ class Worker:
                 and cuda_available())
 
     def capture_graphs(self) -> None:
-        """Decode graphs per batch bucket, now that the KV cache exists."""
+        """Decode graphs per batch bucket, now that the KV cache exists; on CUDA, graphs or not,
+        the LM head's kernels are loaded first (ModelRunner.warm_up_logits)."""
+        self.runner.warm_up_logits(self.max_num_seqs)
         if not self.graphs_enabled():
             return
         from pagedray.workers.cuda_graphs import graph_batch_sizes
