@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import ssl
@@ -25,6 +24,7 @@ from aiohttp import web
 from pagedray.cluster.serving.frontend import EngineDeadError, QueueFullError
 from pagedray.cluster.serving.chat import ChatRenderer
 from pagedray.cluster.serving.detokenizer import TokenTexts
+from pagedray.cluster.serving.endpoint_auth import bearer_matches, checked_token
 from pagedray.cluster.serving.openai_protocol import (OpenAIError, ParsedRequest, ResponseBuilder,
                                                       bad_request, check_model, parse_chat,
                                                       parse_completion, render_error)
@@ -94,13 +94,9 @@ class HttpServer:
     def __init__(self, frontend: Any, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
                  auth_token: str | None = None, tls_cert: str | Path | None = None,
                  tls_key: str | Path | None = None, chat_template: str | None = None) -> None:
-        if (tls_cert is None) != (tls_key is None):
-            raise ValueError("tls_cert and tls_key must be given together")
-        if auth_token is not None and not auth_token.strip():
-            raise ValueError("auth_token must not be empty")
+        self._token = checked_token(auth_token, tls_cert, tls_key)
         self.frontend, self.model_name = frontend, model_name
         self.host, self.requested_port = host, port
-        self._token = auth_token.strip().encode() if auth_token else None
         self._ssl = None
         if tls_cert is not None:
             self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -151,8 +147,7 @@ class HttpServer:
     @web.middleware
     async def _auth(self, request: web.Request, handler) -> web.StreamResponse:
         if self._token is not None and request.path not in _OPEN_PATHS:
-            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._token):
+            if not bearer_matches(request.headers.get("Authorization", ""), self._token):
                 raise OpenAIError(401, "missing or wrong bearer token (Authorization: Bearer ...)",
                                   type="authentication_error", code="invalid_api_key")
         return await handler(request)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 import uuid
@@ -22,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from pagedray.cluster.outputs import RequestOutput
 from pagedray.cluster.serving.chat import ChatRenderer
 from pagedray.cluster.serving.detokenizer import TokenTexts
+from pagedray.cluster.serving.endpoint_auth import bearer_matches, checked_token
 from pagedray.cluster.serving.engine_client import EngineDeadError
 from pagedray.cluster.serving.frontend import Frontend, QueueFullError
 from pagedray.protos import generate_pb2 as pb
@@ -255,16 +255,14 @@ class _SafeBodies(grpc.aio.ServerInterceptor):
 class _BearerAuth(grpc.aio.ServerInterceptor):
     """Every method but health checks needs `authorization: Bearer <token>`."""
 
-    def __init__(self, token: str) -> None:
-        self._token = token.encode()
+    def __init__(self, token: bytes) -> None:
+        self._token = token
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or details.method.startswith(f"/{health.SERVICE_NAME}/"):
             return handler
-        given = dict(details.invocation_metadata or ()).get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), self._token):
+        if bearer_matches(dict(details.invocation_metadata or ()).get("authorization", ""), self._token):
             return handler
         return _deny(handler)
 
@@ -287,16 +285,13 @@ class GenerateServer:
     def __init__(self, frontend: Frontend, model_name: str, *, host: str = "127.0.0.1", port: int = 50051,
                  auth_token: str | None = None, tls_cert: bytes | None = None, tls_key: bytes | None = None,
                  metrics_port: int | None = None, chat_template: str | None = None) -> None:
-        if (tls_cert is None) != (tls_key is None):
-            raise ValueError("tls_cert and tls_key must be given together")
-        if auth_token is not None and not auth_token.strip():
-            raise ValueError("auth_token must not be empty")
+        token = checked_token(auth_token, tls_cert, tls_key)
         self.frontend = frontend
         self.host, self.requested_port = host, port
         self.service = GenerationService(frontend, model_name, chat_template)
         self.health = health.aio.HealthServicer()
         # Auth first: it wraps what _SafeBodies returns, so a refused call's body is never parsed.
-        interceptors = ([_BearerAuth(auth_token.strip())] if auth_token else []) + [_SafeBodies()]
+        interceptors = ([_BearerAuth(token)] if token else []) + [_SafeBodies()]
         # SO_REUSEPORT off: a second server on a port in use must fail, not share its traffic.
         self.server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         self._credentials = grpc.ssl_server_credentials([(tls_key, tls_cert)]) if tls_cert else None
