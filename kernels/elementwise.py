@@ -62,7 +62,7 @@ def _norm(x, residual, weight, eps, out, residual_out):
     dense = [out.view(-1, hidden)] + ([residual_out.view(-1, hidden), r2] if residual is not None else [])
     vec = _vec(hidden, x2, *dense)
     chunks = hidden // vec
-    # Two chunks per thread keeps the row in registers (the kernel holds up to 4).
+    # Two chunks per thread keeps the row in registers (the kernel holds up to 2, norm.cu: MAXC).
     half = -(-chunks // 2)
     threads = min(1024, max(32, -(-half // 32) * 32))
     dev = C.device_of(x)

@@ -1,8 +1,13 @@
 // RMSNorm, optionally fused with the residual add that precedes it.
 // One CTA per row; each thread handles VEC-element chunks (VEC = 16 bytes of
 // scalar_t when the rows are 16-byte aligned, else 1). Rows of up to
-// blockDim * MAXC chunks stay in registers between the two passes; longer rows
-// are read a second time (from cache).
+// blockDim * MAXC chunks stay in registers between the two passes, and so does
+// their slice of the norm weight, loaded before the reduction so that its
+// latency (a DRAM trip at decode: the step's weight stream evicts it from L2)
+// overlaps the reduction instead of following it. Longer rows are read a second
+// time (from cache). MAXC 2 covers hidden sizes up to 2 * 1024 * VEC (16,384 at
+// 16-bit types) with the launcher's two chunks per thread, inside the 64
+// registers a 1024-thread CTA allows.
 #include "common.cuh"
 
 #ifndef WEIGHT_T
@@ -12,7 +17,7 @@
 #define VEC 8
 #endif
 typedef WEIGHT_T weight_t;
-constexpr int MAXC = 4;
+constexpr int MAXC = 2;
 
 template <int N> struct __align__(sizeof(scalar_t) * N) Pack { scalar_t e[N]; };
 typedef Pack<VEC> pack_t;
@@ -37,11 +42,16 @@ __device__ __forceinline__ void load_row_chunk(float* f, const scalar_t* x, cons
   }
 }
 
-__device__ __forceinline__ void store_row_chunk(scalar_t* out, const weight_t* weight, const float* f,
+__device__ __forceinline__ void load_weight_chunk(float* w, const weight_t* weight, int i) {
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) w[v] = to_float(weight[i * VEC + v]);
+}
+
+__device__ __forceinline__ void store_row_chunk(scalar_t* out, const float* w, const float* f,
                                                 float inv, i64 row_o, int i) {
   pack_t o;
 #pragma unroll
-  for (int v = 0; v < VEC; ++v) o.e[v] = from_float<scalar_t>(f[v] * inv * to_float(weight[i * VEC + v]));
+  for (int v = 0; v < VEC; ++v) o.e[v] = from_float<scalar_t>(f[v] * inv * w[v]);
   *reinterpret_cast<pack_t*>(out + row_o + (i64)i * VEC) = o;
 }
 
@@ -57,11 +67,12 @@ extern "C" __global__ void __launch_bounds__(1024) rms_norm(
   const int nchunks = hidden / VEC;
   float ss = 0.f;
   if (nchunks <= (int)blockDim.x * MAXC) {
-    float f[MAXC][VEC];
+    float f[MAXC][VEC], w[MAXC][VEC];
 #pragma unroll
     for (int k = 0; k < MAXC; ++k) {
       const int i = threadIdx.x + k * blockDim.x;
       if (i < nchunks) {
+        load_weight_chunk(w[k], weight, i);
         load_row_chunk(f[k], x, residual, residual_out, rx, rr, ro, i);
 #pragma unroll
         for (int v = 0; v < VEC; ++v) ss = fmaf(f[k][v], f[k][v], ss);
@@ -71,7 +82,7 @@ extern "C" __global__ void __launch_bounds__(1024) rms_norm(
 #pragma unroll
     for (int k = 0; k < MAXC; ++k) {
       const int i = threadIdx.x + k * blockDim.x;
-      if (i < nchunks) store_row_chunk(out, weight, f[k], inv, ro, i);
+      if (i < nchunks) store_row_chunk(out, w[k], f[k], inv, ro, i);
     }
     return;
   }
@@ -87,8 +98,9 @@ extern "C" __global__ void __launch_bounds__(1024) rms_norm(
   const scalar_t* src = residual ? residual_out : x;
   const i64 rs = residual ? ro : rx;
   for (int i = threadIdx.x; i < nchunks; i += blockDim.x) {
-    float f[VEC];
+    float f[VEC], w[VEC];
+    load_weight_chunk(w, weight, i);
     load_row_chunk(f, src, nullptr, nullptr, rs, 0, 0, i);
-    store_row_chunk(out, weight, f, inv, ro, i);
+    store_row_chunk(out, w, f, inv, ro, i);
   }
 }
