@@ -52,11 +52,13 @@ def run_shape(num_seqs: int, ctx: int, variants, partition: int | None, bandwidt
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=None)
+    ap.add_argument("--shapes", default=None, type=lambda t: [tuple(int(v) for v in x.split(":")) for x in t.split(",")],
+                    help="BATCH:CONTEXT,... (default: the throughput run's shapes above)")
     args = ap.parse_args()
     bandwidth = copy_bandwidth()
     variants = list(itertools.product((2, 4, 8), (0, 1), (8, 4, 2)))
     rows = []
-    for num_seqs, ctx in SHAPES:
+    for num_seqs, ctx in args.shapes or SHAPES:
         rows += run_shape(num_seqs, ctx, variants, None, bandwidth)
         if ctx >= 384:
             rows += run_shape(num_seqs, ctx, [(4, None, None), (4, 0, 4), (2, 0, 4)], 256, bandwidth)
