@@ -30,13 +30,20 @@ VARIANT: dict[str, int | None] = {"SCORE_XPOSE": None, "PREFETCH": None, "TPG_MA
 # A one-pass grid of at least this many CTAs per SM (large decode batches) takes the variant with
 # fewer registers (2 warps, no prefetch, 4 rows per tile): more CTAs stay resident, which is what
 # short and medium contexts need; smaller grids keep the deeper pipeline (benchmarks/attention_sweep.py).
+# A one-pass grid with fewer CTAs than SMs (batch 1 to a few) takes 8 warps and no prefetch: each
+# CTA's context is then shared by more warps (H200, batch 1, 32/8 heads: 4.8 against 6.2 µs at
+# context 64, 12.3 against 15.7 at 512).
 MANY_CTAS_PER_SM = 6
 
 
-def variant(hpb: int, many_ctas: bool = False) -> dict[str, int]:
+def variant(hpb: int, many_ctas: bool = False, few_ctas: bool = False) -> dict[str, int]:
     """The -D constants of paged_attention.cu: VARIANT's fixed entries, else the measured defaults."""
-    default = {"SCORE_XPOSE": 1, "PREFETCH": 0 if many_ctas else int(hpb >= 2),
-               "NUM_WARPS": 2 if many_ctas else NUM_WARPS, "TPG_MAX": 4 if many_ctas else None}
+    if many_ctas:
+        default = {"SCORE_XPOSE": 1, "PREFETCH": 0, "NUM_WARPS": 2, "TPG_MAX": 4}
+    elif few_ctas:
+        default = {"SCORE_XPOSE": 1, "PREFETCH": 0, "NUM_WARPS": 8, "TPG_MAX": None}
+    else:
+        default = {"SCORE_XPOSE": 1, "PREFETCH": int(hpb >= 2), "NUM_WARPS": NUM_WARPS, "TPG_MAX": None}
     chosen = {}
     for name, value in default.items():
         fixed = VARIANT.get(name)
@@ -147,9 +154,11 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
         partition_size = PARTITION_SIZE if split else 0
     if partition_size and (partition_size % 32 or partition_size <= 0):
         raise ValueError(f"partition_size must be a positive multiple of 32 or 0, got {partition_size}")
-    many_ctas = not partition_size and grid_x * num_seqs >= MANY_CTAS_PER_SM * C.num_sms(dev)
+    ctas, num_sms = grid_x * num_seqs, C.num_sms(dev)
+    many_ctas = not partition_size and ctas >= MANY_CTAS_PER_SM * num_sms
+    few_ctas = not partition_size and ctas < num_sms
     defines = dict(SCALAR_T=C.CTYPE[query.dtype], HEAD_SIZE=head_size, BLOCK_SIZE=block_size, HPB=hpb,
-                   **variant(hpb, many_ctas))
+                   **variant(hpb, many_ctas, few_ctas))
     kernel = C.get_kernel("paged_attention.cu", "paged_decode", dev, **defines)
     max_parts = max(1, -(-max_seq_len // partition_size)) if partition_size else 1
     common = (C.ptr(query), C.ptr(key_cache), C.ptr(value_cache), C.ptr(block_tables), C.ptr(seq_lens),

@@ -96,7 +96,8 @@ def test_decode_window_alibi_softcap(window, alibi, cap, partition_size):
 # The default grid above runs the launcher's default variant; these cover the others.
 VARIANTS = [{"SCORE_XPOSE": 0, "PREFETCH": 0}, {"SCORE_XPOSE": 1, "PREFETCH": 0}, {"SCORE_XPOSE": 0, "PREFETCH": 1},
             {"SCORE_XPOSE": 1, "PREFETCH": 1}, {"NUM_WARPS": 2, "PREFETCH": 0, "TPG_MAX": 4},
-            {"NUM_WARPS": 8, "PREFETCH": 1, "TPG_MAX": 2}, {"NUM_WARPS": 1, "TPG_MAX": 1}]
+            {"NUM_WARPS": 8, "PREFETCH": 1, "TPG_MAX": 2}, {"NUM_WARPS": 1, "TPG_MAX": 1},
+            {"NUM_WARPS": 8, "PREFETCH": 0}]
 VARIANT_CASES = [  # (dtype, heads, kv_heads, head_size, block_size, window, alibi, cap): every lane layout
     (BF16, 8, 2, 64, 8, None, False, None), (BF16, 8, 2, 80, 32, None, False, None),
     (BF16, 8, 2, 96, 8, None, False, None), (BF16, 8, 2, 256, 16, None, False, None),
@@ -122,6 +123,13 @@ def test_decode_large_batch_takes_the_many_cta_variant(dtype):
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert 300 * 32 // attention_cuda.heads_per_cta(4) >= attention_cuda.MANY_CTAS_PER_SM * num_sms
     _decode(dtype, 32, 8, 128, 16, seq_lens, None, strided_query=True)
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP32])
+def test_decode_batch_one_takes_the_few_cta_variant(dtype):
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert 32 // attention_cuda.heads_per_cta(4) < num_sms
+    _decode(dtype, 32, 8, 128, 16, [300], None, strided_query=True)
 
 
 @pytest.mark.parametrize("dtype", [BF16, FP32])

@@ -123,3 +123,13 @@ def test_rotary_and_cache_launcher_rejects(change, match):
     change(args)
     with pytest.raises(ValueError, match=match):
         elementwise.rotary_embedding_and_cache(**args)
+
+
+@pytest.mark.parametrize("many, few, warps, prefetch", [(False, False, 4, 1), (True, False, 2, 0), (False, True, 8, 0)])
+def test_decode_variant_by_grid_size(monkeypatch, many, few, warps, prefetch):
+    monkeypatch.setattr(attention_cuda, "VARIANT", dict.fromkeys(attention_cuda.VARIANT))
+    chosen = attention_cuda.variant(4, many, few)
+    assert (chosen["NUM_WARPS"], chosen["PREFETCH"]) == (warps, prefetch)
+    monkeypatch.setattr(attention_cuda, "VARIANT", {**attention_cuda.VARIANT, "NUM_WARPS": 1})
+    assert attention_cuda.variant(4, many, few)["NUM_WARPS"] == 1   # a fixed entry wins
+
