@@ -340,7 +340,6 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
-    @torch.inference_mode()
     def warm_up_logits(self, max_rows: int) -> None:
         """compute_logits once at every row count a step can sample, 1 to max_rows (CUDA only).
 
@@ -357,6 +356,7 @@ class ModelRunner:
             self.model.compute_logits(hidden[:rows])
         torch.cuda.synchronize(self.device)
 
+    @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_seqs: int, empty_caches: list[torch.Tensor]) -> None:
         """A worst-case forward (the step's full token budget) without a KV cache."""
         num_seqs = max(1, min(num_seqs, num_tokens))
