@@ -219,7 +219,8 @@ def gpu_idle_report(llm, prompts: list[list[int]], args, skip: int, steps: int, 
             cur_end = max(cur_end, end)
     busy += cur_end - cur_start
     t0, span = gpu[0][0], gpu[-1][1] - gpu[0][0]
-    blocked = sum(e.cpu_time_total for e in prof.key_averages() if e.key == "cudaEventSynchronize")
+    averages = prof.key_averages()
+    blocked = sum(e.cpu_time_total for e in averages if e.key == "cudaEventSynchronize")
     longest = sorted(kernels, key=lambda e: e.time_range.end - e.time_range.start)[-top:]
     lines = [f"{title}: {steps} steps after {skip}: GPU span {span / steps / 1e3:.2f} ms/step, busy "
              f"{busy / steps / 1e3:.2f} ms/step, idle {1 - busy / span:.1%}; host blocked on events "
@@ -230,7 +231,7 @@ def gpu_idle_report(llm, prompts: list[list[int]], args, skip: int, steps: int, 
             f"{e.name[:60]}" for e in reversed(longest)))
         lines.append("  longest GPU idle gaps (ms, at ms into the window): " + "; ".join(
             f"{g / 1e3:.2f} at {(at - t0) / 1e3:.0f}" for g, at in sorted(gaps)[-top:][::-1]))
-        lines.append("  GPU time by kernel over the window:\n" + prof.key_averages().table(
-            sort_by="self_cuda_time_total" if hasattr(prof.key_averages()[0], "self_cuda_time_total")
+        lines.append("  GPU time by kernel over the window:\n" + averages.table(
+            sort_by="self_cuda_time_total" if hasattr(averages[0], "self_cuda_time_total")
             else "self_device_time_total", row_limit=top))
     return "\n".join(lines)

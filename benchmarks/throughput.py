@@ -112,24 +112,17 @@ def main(argv=None) -> int:
             return 0
         replays0 = graph_replays(llm)
         variants0, allocs0 = triton_variants(), allocator_counts()
-        counter = StageTimer(llm, sync=False, count_only=True)
-        with HostWait() as wait:
-            elapsed = generate(llm, prompts, args)
-        waits = [wait.seconds]
+        elapsed, blocked, counter = counted_run(llm, prompts, args)
         allocs = {k: v - allocs0.get(k, 0) for k, v in allocator_counts().items()}
-        print(f"main run: {elapsed:.2f} s, host blocked {wait.seconds:.2f} s; Triton prefill variants "
+        print(f"main run: {elapsed:.2f} s, host blocked {blocked:.2f} s; Triton prefill variants "
               f"compiled during it: {triton_variants() - variants0}; caching allocator during it: {allocs}",
               flush=True)
-        counter.restore()
         print(counter.wall_summary(), flush=True)
         replays = graph_replays(llm) - replays0
         for again in range(1, args.main_runs):
-            again_counter = StageTimer(llm, sync=False, count_only=True)
-            with HostWait() as again_wait:
-                t = generate(llm, prompts, args)
-            again_counter.restore()
+            t, again_blocked, again_counter = counted_run(llm, prompts, args)
             print(f"main workload, run {again + 1} (not the reported figure): {t:.2f} s, host blocked "
-                  f"{again_wait.seconds:.2f} s. {again_counter.wall_summary()}", flush=True)
+                  f"{again_blocked:.2f} s. {again_counter.wall_summary()}", flush=True)
         breakdown = _serial(llm, lambda: run_breakdown(llm, prompts, args)) if args.breakdown else None
         if args.gpu_idle and cuda:
             # A decode-only stretch (batch max_num_seqs) and a stretch across a wave's refill.
@@ -139,8 +132,20 @@ def main(argv=None) -> int:
                                   "window across a refill"), flush=True)
         _print_profiles(llm, prompts, args)
         llm.shutdown()
-    report(args, startup, (elapsed, waits[0]), counter, replays, tflops, bandwidth, hf, breakdown, serial)
+    report(args, startup, (elapsed, blocked), counter, replays, tflops, bandwidth, hf, breakdown, serial)
     return 0
+
+
+def counted_run(llm, prompts: list[list[int]], args) -> tuple[float, float, StageTimer]:
+    """One run of the workload: its seconds, the seconds the host was blocked on the GPU, and the
+    step counter (step kinds, wall time between steps)."""
+    counter = StageTimer(llm, sync=False, count_only=True)
+    try:
+        with HostWait() as wait:
+            elapsed = generate(llm, prompts, args)
+    finally:
+        counter.restore()
+    return elapsed, wait.seconds, counter
 
 
 def _print_profiles(llm, prompts, args) -> None:
