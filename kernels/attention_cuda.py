@@ -38,12 +38,11 @@ MANY_CTAS_PER_SM = 6
 
 def variant(hpb: int, many_ctas: bool = False, few_ctas: bool = False) -> dict[str, int]:
     """The -D constants of paged_attention.cu: VARIANT's fixed entries, else the measured defaults."""
+    default = {"SCORE_XPOSE": 1, "PREFETCH": int(hpb >= 2), "NUM_WARPS": NUM_WARPS, "TPG_MAX": None}
     if many_ctas:
-        default = {"SCORE_XPOSE": 1, "PREFETCH": 0, "NUM_WARPS": 2, "TPG_MAX": 4}
+        default.update(PREFETCH=0, NUM_WARPS=2, TPG_MAX=4)
     elif few_ctas:
-        default = {"SCORE_XPOSE": 1, "PREFETCH": 0, "NUM_WARPS": 8, "TPG_MAX": None}
-    else:
-        default = {"SCORE_XPOSE": 1, "PREFETCH": int(hpb >= 2), "NUM_WARPS": NUM_WARPS, "TPG_MAX": None}
+        default.update(PREFETCH=0, NUM_WARPS=8)
     chosen = {}
     for name, value in default.items():
         fixed = VARIANT.get(name)
