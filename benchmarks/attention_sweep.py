@@ -17,7 +17,7 @@ import pathlib
 import torch
 
 from common import append_results, copy_bandwidth, markdown_table
-from kernels import _paged, bench
+from kernel_bench import _paged, bench
 from pagedray.kernels import attention_cuda
 
 SHAPES = [(256, 128), (256, 384), (256, 512), (128, 1024), (64, 2048), (32, 384), (1, 512)]

@@ -31,8 +31,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from pagedray.cluster.config import build_engine_config  # noqa: E402
-from pagedray.workers.messages import CachedRequestData, NewRequestData, SchedulerOutput  # noqa: E402
-from pagedray.workers.sampling_params import SamplingParams  # noqa: E402
+from pagedray.common.messages import CachedRequestData, NewRequestData, SchedulerOutput  # noqa: E402
+from pagedray.common.sampling_params import SamplingParams  # noqa: E402
 
 # Llama shapes. "1b" is TinyLlama-1.1B's; "check" is small enough to save as fp32 safetensors quickly.
 PRESETS = {

@@ -35,7 +35,7 @@ import msgspec  # noqa: E402
 
 from pagedray.cluster.core.messages import CoreOutput, CoreOutputs, CoreRequest, EngineStats  # noqa: E402
 from pagedray.cluster.core.process import DEFAULT_CORE_FACTORY, load_factory  # noqa: E402
-from pagedray.workers.sampling_params import SamplingParams  # noqa: E402
+from pagedray.common.sampling_params import SamplingParams  # noqa: E402
 
 CLIENTS = ("ray", "process", "inproc")   # in-process last: the other two free their GPU memory on exit
 

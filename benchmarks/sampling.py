@@ -23,7 +23,7 @@ from common import append_results, copy_bandwidth, markdown_table
 from pagedray.kernels import reference, sample_cuda
 from pagedray.workers import sampler as sampler_mod
 from pagedray.workers.sampler import Sampler, SamplingRow
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 HEADER = ["rows x vocab", "mode", "Sampler µs (today)", "Sampler µs (fused)", "speedup", "kernel µs",
           "floor µs", "kernel % of floor", "host µs today / fused", "check"]

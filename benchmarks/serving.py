@@ -48,7 +48,7 @@ def make_tiny_checkpoint(path: str, vocab: int = 512, max_len: int = 1024) -> st
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from tiny_tokenizer import make_tiny_tokenizer
+    from testkit.tiny_tokenizer import make_tiny_tokenizer
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_len,

@@ -1,5 +1,8 @@
 """Driver side: the offline API, engines, scheduler, executors, server, CLI."""
-from pagedray.workers.sampling_params import SamplingParams
+if __name__ != "pagedray.cluster":  # found as a bare `cluster` from the repository root
+    from pagedray.kernels.import_guard import step_aside
+    step_aside(__name__, __path__)
+from pagedray.common.sampling_params import SamplingParams
 
 __all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput"]
 

@@ -154,7 +154,7 @@ def _ray_autoscaler(frontend, model: str, kwargs: dict, scaling):
 async def _run(model: str, kwargs: dict, name: str, args: argparse.Namespace, scaling) -> int:
     """The frontend over its replicas: Ray actors under the autoscaler, or one local engine (a
     subprocess, or a thread for inproc) restarted when it dies."""
-    from pagedray.cluster.serving.engine_client import EngineDeadError
+    from pagedray.common.errors import EngineDeadError
     from pagedray.cluster.serving.frontend import Frontend
     backend, names = args.replica_backend, itertools.count()
     frontend_kwargs = dict(max_migrations=args.max_migrations, max_pending_requests=args.max_pending_requests)

@@ -46,7 +46,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 async def _chat(args: argparse.Namespace) -> int:
-    from pagedray.workers.sampling_params import SamplingParams
+    from pagedray.common.sampling_params import SamplingParams
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     args.auth_token = read_flag_file(args.auth_token_file, "--auth-token-file")
     args.tls_ca_pem = read_flag_file(args.tls_ca, "--tls-ca", binary=True)

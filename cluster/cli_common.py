@@ -43,6 +43,6 @@ def resolve_model(model: str | None) -> str:
     if model is None:
         from pagedray.cluster.default_model import default_model_path
         return default_model_path()
-    from pagedray.workers.config import check_checkpoint_folder
+    from pagedray.common.config import check_checkpoint_folder
     check_checkpoint_folder(model)
     return model

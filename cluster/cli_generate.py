@@ -51,7 +51,7 @@ def add_generate_parser(subparsers) -> None:
 
 
 def _sampling_params(args: argparse.Namespace):
-    from pagedray.workers.sampling_params import SamplingParams
+    from pagedray.common.sampling_params import SamplingParams
     kwargs = {dest: getattr(args, dest) for _, dest, _, _ in _SAMPLING_FLAGS if getattr(args, dest) is not None}
     return SamplingParams(stop=args.stop, stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos,
                           **kwargs)

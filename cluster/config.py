@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pagedray.workers.config import CacheConfig, DeviceConfig, ModelConfig, ParallelConfig
+from pagedray.common.config import CacheConfig, DeviceConfig, ModelConfig, ParallelConfig
 
 __all__ = ["CacheConfig", "DeviceConfig", "ModelConfig", "ParallelConfig", "SchedulerConfig", "EngineConfig"]
 

@@ -13,10 +13,10 @@ from pagedray.cluster.config import EngineConfig, build_engine_config
 from pagedray.cluster.core.engine_core import EngineCore
 from pagedray.cluster.core.messages import EngineStats
 from pagedray.cluster.outputs import RequestOutput
-from pagedray.cluster.serving.engine_client import EngineDeadError
+from pagedray.common.errors import EngineDeadError
 from pagedray.cluster.serving.input_processor import InputProcessor, load_tokenizer
 from pagedray.cluster.serving.output_processor import OutputProcessor
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

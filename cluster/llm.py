@@ -6,7 +6,7 @@ from typing import Sequence
 
 from pagedray.cluster.engine import LLMEngine
 from pagedray.cluster.outputs import RequestOutput
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 Prompt = str | dict
 

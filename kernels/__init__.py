@@ -1,4 +1,7 @@
 """Kernels: CUDA sources with CuPy launchers, and a PyTorch reference for each."""
+if __name__ != "pagedray.kernels":  # found as a bare `kernels` from the repository root
+    from pagedray.kernels.import_guard import step_aside
+    step_aside(__name__, __path__)
 import functools
 import logging
 

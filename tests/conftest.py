@@ -7,7 +7,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
     """A tiny random Llama checkpoint with a tokenizer (see tiny_models.make_tiny_llama for variants)."""
-    from tiny_models import make_tiny_llama
+    from testkit.tiny_models import make_tiny_llama
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 

@@ -1,10 +1,10 @@
-"""The comparison rule every check against HF transformers (or TP=1) uses: tests/hf_compare.py."""
+"""The comparison rule every check against HF transformers (or TP=1) uses: tests/testkit/hf_compare.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hf_compare import Greedy, argmax_mismatch, assert_greedy_match, greedy_mismatch
+from testkit.hf_compare import Greedy, argmax_mismatch, assert_greedy_match, greedy_mismatch
 
 
 def _steps(*tops: tuple[int, float, int, float]) -> list[dict[int, float]]:

@@ -22,10 +22,10 @@ import torch
 
 from pagedray.models.layers.attention import AttentionMetadata
 from pagedray.kernels import ops
-from pagedray.workers.messages import Logprobs, ModelRunnerOutput, SchedulerOutput
+from pagedray.common.messages import Logprobs, ModelRunnerOutput, SchedulerOutput
 from pagedray.workers.sampler import Sampler, SamplingRow, logprob_entries
 from pagedray.workers.step_output import StepOutput
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 
 @dataclass

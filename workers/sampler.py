@@ -29,8 +29,8 @@ import torch
 
 from pagedray.kernels import cuda_available
 from pagedray.kernels.reference import fmix32 as _fmix32
-from pagedray.workers.messages import Logprobs
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.messages import Logprobs
+from pagedray.common.sampling_params import SamplingParams
 
 _MASK = float("-inf")
 _M32 = 0xFFFFFFFF

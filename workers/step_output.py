@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pagedray.workers.messages import Logprobs, ModelRunnerOutput
+from pagedray.common.messages import Logprobs, ModelRunnerOutput
 from pagedray.workers.sampler import DeviceSample
 
 

@@ -9,8 +9,8 @@ import logging
 import torch
 
 from pagedray.workers.cache_engine import CacheEngine, KVCacheSpec
-from pagedray.workers.config import CacheConfig, DeviceConfig, ModelConfig, ParallelConfig
-from pagedray.workers.messages import ModelRunnerOutput, SchedulerOutput
+from pagedray.common.config import CacheConfig, DeviceConfig, ModelConfig, ParallelConfig
+from pagedray.common.messages import ModelRunnerOutput, SchedulerOutput
 from pagedray.workers.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)

@@ -30,8 +30,8 @@ from pagedray.cluster.core.messages import (CoreOutput, CoreOutputs, CoreRequest
 from pagedray.cluster.core.request import Request, RequestStatus
 from pagedray.cluster.core.scheduler import Scheduler
 from pagedray.cluster.core.validation import apply_defaults, check_request, child_params
-from pagedray.cluster.serving.engine_client import EngineDeadError
-from pagedray.workers.messages import SchedulerOutput
+from pagedray.common.errors import EngineDeadError
+from pagedray.common.messages import SchedulerOutput
 from pagedray.workers.step_output import StepOutput
 
 logger = logging.getLogger(__name__)

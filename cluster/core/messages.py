@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 
 class CoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import enum
 import time
 
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):

@@ -35,7 +35,7 @@ from typing import Iterable
 from pagedray.cluster.core.block_manager import BlockManager, check_fits_kv_cache
 from pagedray.cluster.config import SchedulerConfig
 from pagedray.cluster.core.request import Request, RequestStatus
-from pagedray.workers.messages import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
+from pagedray.common.messages import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 
 
 class Scheduler:

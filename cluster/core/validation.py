@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pagedray.cluster.core.block_manager import check_fits_kv_cache
 from pagedray.cluster.core.messages import EngineInfo
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 
 def apply_defaults(params: SamplingParams, num_prompt_tokens: int, max_model_len: int,

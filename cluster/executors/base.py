@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import abc
 
-from pagedray.workers.config import CacheConfig
-from pagedray.workers.messages import ModelRunnerOutput, SchedulerOutput
+from pagedray.common.config import CacheConfig
+from pagedray.common.messages import ModelRunnerOutput, SchedulerOutput
 from pagedray.workers.step_output import StepOutput
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pagedray.cluster.config import EngineConfig
 from pagedray.cluster.executors.base import Executor, check_num_kv_blocks
-from pagedray.workers.messages import ModelRunnerOutput, SchedulerOutput
+from pagedray.common.messages import ModelRunnerOutput, SchedulerOutput
 from pagedray.workers.step_output import StepOutput
 from pagedray.workers.worker import Worker
 

@@ -33,7 +33,7 @@ from pagedray.cluster.config import EngineConfig
 from pagedray.cluster.executors.base import Executor, ExecutorError, check_num_kv_blocks
 from pagedray.cluster.executors.ray_utils import WorkerActor, check_fits, forwarded_env, init_ray
 from pagedray.models.registry import ModelRegistry
-from pagedray.workers.messages import ModelRunnerOutput, SchedulerOutput
+from pagedray.common.messages import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,6 @@ from typing import AsyncIterator
 from pagedray.cluster.core.messages import CoreOutputs, CoreRequest, EngineInfo, EngineStats
 
 
-class EngineDeadError(RuntimeError):
-    """The engine core failed or stopped answering; its in-flight requests are not finished."""
-
-
 class EngineClient(abc.ABC):
     name: str
     info: EngineInfo          # set once `start()` returned

@@ -28,12 +28,13 @@ from typing import AsyncIterator, Awaitable, Callable
 from pagedray.cluster.core.messages import CoreOutputs, CoreRequest, EngineInfo, EngineStats, sum_stats
 from pagedray.cluster.serving.metrics import ServingMetrics
 from pagedray.cluster.outputs import RequestOutput
-from pagedray.cluster.serving.engine_client import EngineClient, EngineDeadError
+from pagedray.cluster.serving.engine_client import EngineClient
+from pagedray.common.errors import EngineDeadError
 from pagedray.cluster.serving.input_processor import InputProcessor, load_tokenizer
 from pagedray.cluster.serving.migration import resume_requests
 from pagedray.cluster.serving.output_processor import OutputProcessor, RequestState
 from pagedray.cluster.serving.router import Router
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

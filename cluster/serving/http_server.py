@@ -21,7 +21,8 @@ from typing import Any, AsyncIterator
 import msgspec
 from aiohttp import web
 
-from pagedray.cluster.serving.frontend import EngineDeadError, QueueFullError
+from pagedray.common.errors import EngineDeadError
+from pagedray.cluster.serving.frontend import QueueFullError
 from pagedray.cluster.serving.chat import ChatRenderer
 from pagedray.cluster.serving.detokenizer import TokenTexts
 from pagedray.cluster.serving.endpoint_auth import bearer_matches, checked_token

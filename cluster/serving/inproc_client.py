@@ -16,7 +16,8 @@ import time
 from typing import AsyncIterator, Callable
 
 from pagedray.cluster.core.messages import CoreOutputs, CoreRequest, EngineStats
-from pagedray.cluster.serving.engine_client import EngineClient, EngineDeadError
+from pagedray.cluster.serving.engine_client import EngineClient
+from pagedray.common.errors import EngineDeadError
 
 logger = logging.getLogger(__name__)
 

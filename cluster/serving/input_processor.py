@@ -10,7 +10,7 @@ import math
 
 from pagedray.cluster.core.messages import CoreRequest, EngineInfo
 from pagedray.cluster.core.validation import apply_defaults, check_request
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 from pagedray.cluster.outputs import RequestOutput
 from pagedray.cluster.serving.server import MAX_LOGPROBS, MAX_N   # the same limits as over gRPC
 from pagedray.cluster.serving.detokenizer import TokenTexts
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 # Fields passed straight to SamplingParams (vLLM's extras included); SamplingParams checks them.
 _SAMPLING = ("temperature", "top_p", "n", "seed", "stop", "presence_penalty", "frequency_penalty",

@@ -14,7 +14,7 @@ from typing import Iterable
 from pagedray.cluster.core.messages import CoreOutput, completion_id
 from pagedray.cluster.outputs import CompletionOutput, RequestOutput
 from pagedray.cluster.serving.detokenizer import IncrementalDetokenizer
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 
 def _logprob_dict(entry) -> dict[int, float]:

@@ -27,7 +27,8 @@ import zmq.asyncio
 
 from pagedray.cluster.core.messages import CoreOutputs, CoreRequest, EngineInfo, EngineStats
 from pagedray.cluster.core.process import DEFAULT_CORE_FACTORY, CoreStartup, Wire, run_engine_core
-from pagedray.cluster.serving.engine_client import EngineClient, EngineDeadError
+from pagedray.cluster.serving.engine_client import EngineClient
+from pagedray.common.errors import EngineDeadError
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import msgspec
 import zmq
 
 from pagedray.cluster.core.process import DEFAULT_CORE_FACTORY, CoreStartup, bind_sockets, endpoint, serve
-from pagedray.cluster.serving.engine_client import EngineDeadError
+from pagedray.common.errors import EngineDeadError
 from pagedray.cluster.serving.process_client import ZmqCoreClient, threads_override
 
 __all__ = ["RayClient", "CoreActor"]

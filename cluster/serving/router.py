@@ -22,7 +22,8 @@ from typing import Callable
 
 from pagedray.cluster.core.block_hash import block_hashes
 from pagedray.cluster.serving.metrics import ServingMetrics
-from pagedray.cluster.serving.engine_client import EngineClient, EngineDeadError
+from pagedray.cluster.serving.engine_client import EngineClient
+from pagedray.common.errors import EngineDeadError
 
 logger = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ from pagedray.cluster.outputs import RequestOutput
 from pagedray.cluster.serving.chat import ChatRenderer
 from pagedray.cluster.serving.detokenizer import TokenTexts
 from pagedray.cluster.serving.endpoint_auth import bearer_matches, checked_token
-from pagedray.cluster.serving.engine_client import EngineDeadError
+from pagedray.common.errors import EngineDeadError
 from pagedray.cluster.serving.frontend import Frontend, QueueFullError
 from pagedray.protos import generate_pb2 as pb
 from pagedray.protos import generate_pb2_grpc as pb_grpc
-from pagedray.workers.quoting import clip, quote
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.quoting import clip, quote
+from pagedray.common.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

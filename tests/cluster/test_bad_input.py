@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tiny_models import make_tiny_llama
+from testkit.tiny_models import make_tiny_llama
 
 from pagedray.cluster import LLM, SamplingParams
 

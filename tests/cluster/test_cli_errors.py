@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tiny_models import make_tiny_llama
+from testkit.tiny_models import make_tiny_llama
 
 from pagedray.cluster.cli import build_parser, main
 

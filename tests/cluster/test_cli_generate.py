@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tiny_models import make_tiny_llama
+from testkit.tiny_models import make_tiny_llama
 
 from pagedray.cluster import LLM, SamplingParams
 from pagedray.cluster.cli import main

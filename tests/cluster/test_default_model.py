@@ -70,8 +70,8 @@ def test_greedy_answers_paris(llm):
 @needs_package
 def test_greedy_tokens_equal_hf_transformers(converted, llm):
     import torch
-    from hf_compare import assert_greedy_match, engine_greedy
-    from hf_reference import hf_greedy
+    from testkit.hf_compare import assert_greedy_match, engine_greedy
+    from testkit.hf_reference import hf_greedy
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pagedray.cluster import SamplingParams
@@ -101,7 +101,7 @@ def test_cli_without_model_uses_the_default(converted, capsys):
 @needs_package
 def test_serve_without_model_serves_the_default(converted, capsys):
     """`pagedray serve` with no --model (and no $PAGEDRAY_MODEL) answers with the default model."""
-    from serve_process import ServeProcess
+    from testkit.serve_process import ServeProcess
 
     from pagedray.cluster.cli import main
     patch = pytest.MonkeyPatch()

@@ -5,7 +5,7 @@ import json
 import logging
 import os
 
-from tiny_models import make_tiny_llama
+from testkit.tiny_models import make_tiny_llama
 
 from pagedray.cluster import LLM
 

@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from hf_compare import assert_greedy_match, engine_greedy
-from hf_reference import hf_greedy
-from tiny_models import load_hf_model, make_tiny_llama
+from testkit.hf_compare import assert_greedy_match, engine_greedy
+from testkit.hf_reference import hf_greedy
+from testkit.tiny_models import load_hf_model, make_tiny_llama
 
 from pagedray.cluster import LLM, SamplingParams
 

@@ -20,8 +20,8 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from hf_compare import assert_greedy_match, engine_greedy  # noqa: E402
-from tiny_models import make_tiny_llama  # noqa: E402
+from testkit.hf_compare import assert_greedy_match, engine_greedy  # noqa: E402
+from testkit.tiny_models import make_tiny_llama  # noqa: E402
 
 from pagedray.cluster import LLM, SamplingParams  # noqa: E402
 from pagedray.cluster.config import build_engine_config  # noqa: E402

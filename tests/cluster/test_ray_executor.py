@@ -17,10 +17,10 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 import ray  # noqa: E402
 
-from hf_compare import assert_greedy_match, engine_greedy  # noqa: E402
-from hf_reference import hf_greedy  # noqa: E402
-from tiny_models import load_hf_model  # noqa: E402
-from tiny_tokenizer import make_tiny_tokenizer  # noqa: E402
+from testkit.hf_compare import assert_greedy_match, engine_greedy  # noqa: E402
+from testkit.hf_reference import hf_greedy  # noqa: E402
+from testkit.tiny_models import load_hf_model  # noqa: E402
+from testkit.tiny_tokenizer import make_tiny_tokenizer  # noqa: E402
 
 from pagedray.cluster import LLM, SamplingParams  # noqa: E402
 from pagedray.cluster.engine import EngineDeadError  # noqa: E402
@@ -72,7 +72,7 @@ def _generate(llm: LLM, prompts: list[list[int]]):
 
 
 def _assert_same(got, want, abs: float) -> None:
-    """tests/hf_compare.py's rule, prompt by prompt: the chosen tokens' logprobs within `abs`."""
+    """tests/testkit/hf_compare.py's rule, prompt by prompt: the chosen tokens' logprobs within `abs`."""
     for i, (ours, ref) in enumerate(zip(got, want, strict=True)):
         assert_greedy_match(ours, ref, atol=abs, what=f"prompt {i}")
 

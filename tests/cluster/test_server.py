@@ -15,10 +15,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from grpc_cases import CASES
-from grpc_cases import make_request as _request
-from grpc_cases import read_stream as _read_stream
-from tiny_tokenizer import make_tiny_tokenizer
+from testkit.grpc_cases import CASES
+from testkit.grpc_cases import make_request as _request
+from testkit.grpc_cases import read_stream as _read_stream
+from testkit.tiny_tokenizer import make_tiny_tokenizer
 
 from pagedray.cluster import LLM, SamplingParams
 from pagedray.cluster.serving.frontend import Frontend

@@ -6,8 +6,8 @@ import signal
 
 import pytest
 
-from serve_process import ServeProcess as _Server
-from tiny_tokenizer import make_tiny_tokenizer
+from testkit.serve_process import ServeProcess as _Server
+from testkit.tiny_tokenizer import make_tiny_tokenizer
 
 from pagedray.cluster import LLM, SamplingParams
 from pagedray.cluster.cli import build_parser, main

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from ray_clusters import REPO
+from testkit.ray_clusters import REPO
 
 sys.path.insert(0, str(REPO / "deploy"))
 import check_config  # noqa: E402

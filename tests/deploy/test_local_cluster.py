@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_clusters import LOOPBACK_ENV, REPO, free_ports, head_port_args, scoped_ray
+from testkit.ray_clusters import LOOPBACK_ENV, REPO, free_ports, head_port_args, scoped_ray
 
 from pagedray.cluster import LLM, SamplingParams
 
@@ -70,7 +70,7 @@ def _other_ray(tmp: Path) -> tuple[str, list[int]]:
 
 
 def test_ray_up_submit_client_scale_down(node, tmp_path_factory):
-    from tiny_models import make_tiny_llama
+    from testkit.tiny_models import make_tiny_llama
     t0 = time.monotonic()
     times: dict[str, float] = {}
     mark = lambda what: times.setdefault(what, round(time.monotonic() - t0, 1))  # noqa: E731

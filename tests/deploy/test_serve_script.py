@@ -7,7 +7,7 @@ import runpy
 
 import pytest
 
-from ray_clusters import REPO
+from testkit.ray_clusters import REPO
 
 SERVE = str(REPO / "deploy" / "serve.py")
 DEFAULTS = ["serve", "--executor", "ray", "--host", "0.0.0.0", "--replica-backend", "ray"]

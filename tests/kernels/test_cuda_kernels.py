@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import alibi_slopes, make_paged
+from testkit.kernel_cases import alibi_slopes, make_paged
 
 from pagedray.kernels import attention_cuda, cache_ops, cuda_available, elementwise, ops, reference
 

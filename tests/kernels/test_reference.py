@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_cases import alibi_slopes, dense_attention, make_paged
+from testkit.kernel_cases import alibi_slopes, dense_attention, make_paged
 
 from pagedray.kernels import ops, reference
 

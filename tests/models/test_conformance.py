@@ -4,7 +4,7 @@ Each case of models/conformance.py CONFORMANCE gets a random safetensors
 checkpoint, then:
 - greedy tokens and logprobs through the real engine (`LLM`, TP=1, paged
   cache with 4-token blocks, chunked prefill) equal HF `generate`'s under
-  tests/hf_compare.py's rule (logprobs 1e-4; a divergence only at a near-tie);
+  tests/testkit/hf_compare.py's rule (logprobs 1e-4; a divergence only at a near-tie);
 - logits and greedy tokens at TP=2 (one gloo group of 2 processes runs every
   case) equal those at TP=1 (the same rule, row by row);
 - `load_format="dummy"` builds the same parameters with finite outputs;
@@ -19,7 +19,6 @@ import json
 import os
 import random
 import socket
-import sys
 
 import pytest
 import torch
@@ -27,17 +26,16 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
-sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import conformance_kit and tp_checks from here
-import conformance_kit  # noqa: E402
-from conformance_kit import build_checkpoint, case_id  # noqa: E402
-from hf_compare import assert_greedy_match, engine_greedy, greedy_mismatch  # noqa: E402
-from hf_reference import hf_greedy  # noqa: E402
-from tiny_models import allocate_block_tables, build_attn_metadata, load_hf_model  # noqa: E402
-from tp_checks import model_logits  # noqa: E402
+from testkit import conformance_kit
+from testkit.conformance_kit import build_checkpoint, case_id
+from testkit.hf_compare import assert_greedy_match, engine_greedy, greedy_mismatch
+from testkit.hf_reference import hf_greedy
+from testkit.tiny_models import allocate_block_tables, build_attn_metadata, load_hf_model
+from testkit.tp_checks import model_logits
 
-from pagedray.cluster import LLM, SamplingParams  # noqa: E402
-from pagedray.models import ModelRegistry, get_kv_cache_spec, get_model  # noqa: E402
-from pagedray.models.conformance import CONFORMANCE, conformance_cases  # noqa: E402
+from pagedray.cluster import LLM, SamplingParams
+from pagedray.models import ModelRegistry, get_kv_cache_spec, get_model
+from pagedray.models.conformance import CONFORMANCE, conformance_cases
 
 NO_ROW = "<no conformance row>"
 WORLD = 2

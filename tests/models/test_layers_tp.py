@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import tp_checks from here
-import tp_checks  # noqa: E402
-from tiny_models import make_tiny_llama  # noqa: E402
+from testkit import tp_checks
+from testkit.tiny_models import make_tiny_llama
 
 WORLD = 2
 MODELS = {

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from tiny_models import allocate_block_tables, build_attn_metadata, load_hf_model, make_tiny_llama
+from testkit.tiny_models import allocate_block_tables, build_attn_metadata, load_hf_model, make_tiny_llama
 
 from pagedray.models import get_kv_cache_spec, get_model
 

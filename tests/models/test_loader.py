@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, LlamaConfig
 
-from tiny_models import allocate_block_tables, build_attn_metadata, load_hf_model, make_tiny_llama
+from testkit.tiny_models import allocate_block_tables, build_attn_metadata, load_hf_model, make_tiny_llama
 
 from pagedray.models import ModelRegistry, get_kv_cache_spec, get_model
 from pagedray.models.layers.weights import materialize, narrow

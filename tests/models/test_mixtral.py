@@ -3,18 +3,16 @@ checkpoint tensors are stacked, and a missing or out-of-range expert tensor is n
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
-sys.path.insert(0, os.path.dirname(__file__))  # the kit's checkpoint builder lives beside this file
-from conformance_kit import build_checkpoint  # noqa: E402
+from testkit.conformance_kit import build_checkpoint
 
-from pagedray.models import get_model  # noqa: E402
-from pagedray.models.layers.moe import DOWN, GATE, UP, FusedMoE, load_weights_with_experts  # noqa: E402
+from pagedray.models import get_model
+from pagedray.models.layers.moe import DOWN, GATE, UP, FusedMoE, load_weights_with_experts
 
 PREFIX = "model.layers.1.block_sparse_moe.experts"
 

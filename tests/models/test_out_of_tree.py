@@ -4,14 +4,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-from conformance_kit import build_checkpoint  # noqa: E402
+from testkit.conformance_kit import build_checkpoint
 
-from pagedray.cluster import LLM, SamplingParams  # noqa: E402
-from pagedray.models import ModelRegistry  # noqa: E402
-from pagedray.models.gpt_neox import GPTNeoXForCausalLM  # noqa: E402
+from pagedray.cluster import LLM, SamplingParams
+from pagedray.models import ModelRegistry
+from pagedray.models.gpt_neox import GPTNeoXForCausalLM
 
 
 class MyNeoXForCausalLM(GPTNeoXForCausalLM):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiny_models import allocate_block_tables, build_attn_metadata
+from testkit.tiny_models import allocate_block_tables, build_attn_metadata
 
 from pagedray.models.layers.alibi import alibi_slopes, alibi_slopes_for_rank
 from pagedray.models.layers.attention import Attention

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pagedray.kernels import CUDA_BLOCK_SIZES
-from pagedray.workers.config import CacheConfig, DeviceConfig, ModelConfig
+from pagedray.common.config import CacheConfig, DeviceConfig, ModelConfig
 
 
 @pytest.mark.parametrize("block_size", [1, 2, 4, 64, 128, 256])
@@ -54,9 +54,9 @@ def test_model_must_be_a_local_checkpoint_folder(tmp_path):
 
 def test_worker_on_cuda_refuses_an_unserved_block_size(tmp_path):
     """Before any CUDA call: a Worker built by hand (not through build_engine_config) checks too."""
-    from tiny_models import make_tiny_llama
+    from testkit.tiny_models import make_tiny_llama
 
-    from pagedray.workers.config import ParallelConfig
+    from pagedray.common.config import ParallelConfig
     from pagedray.workers.worker import Worker
     model = ModelConfig(make_tiny_llama(tmp_path, tokenizer=False))
     with pytest.raises(ValueError, match=r"block_size must be one of \(8, 16, 32\) on CUDA"):

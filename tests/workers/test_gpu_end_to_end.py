@@ -4,7 +4,7 @@ Runs on the GPU machine (skipped where there is no CUDA device). On a machine wi
 a GPU the CUDA kernels must be usable (CuPy present): a missing kernel fails here.
 
 - fp32: greedy tokens with kernels + graphs equal the CPU reference path's and HF
-  transformers' under tests/hf_compare.py's rule (logprobs within 1e-3), with batches that shrink as requests end
+  transformers' under tests/testkit/hf_compare.py's rule (logprobs within 1e-3), with batches that shrink as requests end
   (graph buckets with padding rows), prefix-cache hits and chunked prefill;
 - bf16: graphs equal eager bf16 bit for bit at a bucket batch size (same kernels,
   same shapes), and the graphs were replayed once per decode step;
@@ -18,9 +18,9 @@ import random
 import pytest
 import torch
 
-from hf_compare import assert_greedy_match, engine_greedy
-from hf_reference import hf_greedy
-from tiny_models import load_hf_model, make_tiny_llama
+from testkit.hf_compare import assert_greedy_match, engine_greedy
+from testkit.hf_reference import hf_greedy
+from testkit.tiny_models import load_hf_model, make_tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -9,7 +9,7 @@ import torch
 
 from pagedray.workers.sampler import (Sampler, SamplingRow, _fmix32, _row_keys, apply_penalties,
                                       seeded_uniform)
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 PROBS = [0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.03, 0.02]
 
@@ -199,7 +199,7 @@ def test_logprobs_are_raw_with_ranks_and_top_n():
 # -- against HF transformers -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tiny_models import load_hf_model, make_tiny_llama
+    from testkit.tiny_models import load_hf_model, make_tiny_llama
     path = make_tiny_llama(tmp_path_factory.mktemp("tiny"), tie_word_embeddings=True)
     return path, load_hf_model(path)
 

@@ -14,7 +14,7 @@ import torch
 from pagedray.kernels import cuda_available, reference
 from pagedray.workers import sampler as sampler_mod
 from pagedray.workers.sampler import Sampler, SamplingRow, fused_sampler
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 PROBS = [0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.03, 0.02]
 needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and cuda_available()),

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from pagedray.cluster import SamplingParams as ReExported
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 
 def test_vllm_defaults_and_reexport():

@@ -5,7 +5,7 @@ from pagedray.cluster.core import block_hash
 from pagedray.cluster.core.block_hash import block_hashes, extend_block_hashes
 from pagedray.cluster.core.block_manager import BlockManager
 from pagedray.cluster.core.request import Request
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 BLOCK = 4
 

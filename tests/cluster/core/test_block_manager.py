@@ -3,7 +3,7 @@ import pytest
 
 from pagedray.cluster.core.block_manager import BlockManager
 from pagedray.cluster.core.request import Request
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 BS = 4
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from tiny_models import make_tiny_llama
+from testkit.tiny_models import make_tiny_llama
 
 from pagedray.cluster import LLM
 from pagedray.cluster.core.engine_core import EngineCore
 from pagedray.cluster.core.messages import CoreOutputs, CoreRequest, completion_id
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 PROMPT = [1, 17, 42, 99, 7, 250, 3, 64, 12]
 

@@ -7,11 +7,11 @@ import msgspec
 import pytest
 import zmq
 
-from core_fakes import FakeCore, fake_token
+from testkit.core_fakes import FakeCore, fake_token
 
 from pagedray.cluster.core.messages import CoreRequest
 from pagedray.cluster.core.process import CoreLoop, CoreStartup, Wire, bind_sockets, build_core
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 
 class RaisingCore(FakeCore):
@@ -78,7 +78,7 @@ def test_a_core_that_raises_on_add_refuses_only_the_bad_request(wire):
 
 
 def test_startup_message_roundtrip_and_factory():
-    startup = CoreStartup("m", {"vocab_size": 50}, "ipc://a", "ipc://b", core_factory="core_fakes:FakeCore.from_kwargs")
+    startup = CoreStartup("m", {"vocab_size": 50}, "ipc://a", "ipc://b", core_factory="testkit.core_fakes:FakeCore.from_kwargs")
     decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(startup), type=CoreStartup)
     assert decoded == startup
     assert build_core(decoded).info.vocab_size == 50

@@ -15,8 +15,8 @@ import pytest
 from pagedray.cluster.config import SchedulerConfig
 from pagedray.cluster.core.request import Request, RequestStatus
 from pagedray.cluster.core.scheduler import Scheduler
-from pagedray.workers.messages import ModelRunnerOutput, SchedulerOutput
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.messages import ModelRunnerOutput, SchedulerOutput
+from pagedray.common.sampling_params import SamplingParams
 
 VOCAB = 50
 BS = 4

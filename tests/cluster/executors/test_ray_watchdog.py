@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 
-from client_checks import wait_gone
+from testkit.client_checks import wait_gone
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys, time
@@ -60,8 +60,8 @@ def test_sigkilled_server_takes_its_own_ray_and_engine_actors_along(tmp_path, mo
     none of it (agents, raylet, GCS, the engine core's actor) running."""
     import tempfile
 
-    from serve_process import ServeProcess
-    from tiny_models import make_tiny_llama
+    from testkit.serve_process import ServeProcess
+    from testkit.tiny_models import make_tiny_llama
 
     from pagedray.cluster.executors.ray_watchdog import descendants
     ckpt = make_tiny_llama(tmp_path / "ckpt")

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from router_fakes import FakeReplica, Held, tokens
+from testkit.router_fakes import FakeReplica, Held, tokens
 
 from pagedray.cluster.serving.autoscaler import Autoscaler, AutoscalingConfig, ScalingPolicy
 from pagedray.cluster.serving.router import Router

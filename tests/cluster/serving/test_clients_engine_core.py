@@ -14,13 +14,13 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
-from client_checks import assert_same_outputs, run_client, run_core, time_to_death  # noqa: E402
-from tiny_models import make_tiny_llama  # noqa: E402
+from testkit.client_checks import assert_same_outputs, run_client, run_core, time_to_death  # noqa: E402
+from testkit.tiny_models import make_tiny_llama  # noqa: E402
 
 from pagedray.cluster.core.engine_core import EngineCore  # noqa: E402
 from pagedray.cluster.core.messages import CoreRequest  # noqa: E402
 from pagedray.cluster.serving.process_client import ProcessClient  # noqa: E402
-from pagedray.workers.sampling_params import SamplingParams  # noqa: E402
+from pagedray.common.sampling_params import SamplingParams  # noqa: E402
 
 ENGINE_KW = dict(device="cpu", block_size=4, num_kv_blocks=256, max_model_len=128)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tiny_tokenizer import make_tiny_tokenizer
+from testkit.tiny_tokenizer import make_tiny_tokenizer
 
 from pagedray.cluster.serving.detokenizer import IncrementalDetokenizer
 

@@ -1,4 +1,4 @@
-"""The Frontend over fake engine cores (tests/core_fakes.py, on InprocClients): streams, coalescing,
+"""The Frontend over fake engine cores (tests/testkit/core_fakes.py, on InprocClients): streams, coalescing,
 abort, tokenization once and off the loop, oversized prompts, migration and its limits."""
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import threading
 
 import pytest
 
-from core_fakes import FakeCore, fake_token
-from tiny_tokenizer import make_tiny_tokenizer
+from testkit.core_fakes import FakeCore, fake_token
+from testkit.tiny_tokenizer import make_tiny_tokenizer
 
-from pagedray.cluster.serving.engine_client import EngineDeadError
+from pagedray.common.errors import EngineDeadError
 from pagedray.cluster.serving.frontend import Frontend, QueueFullError
 from pagedray.cluster.serving.inproc_client import InprocClient
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 VOCAB = 320
 

@@ -8,13 +8,13 @@ import contextlib
 
 import pytest
 
-from tiny_models import make_tiny_llama
+from testkit.tiny_models import make_tiny_llama
 
 from pagedray.cluster import LLM
 from pagedray.cluster.core.engine_core import EngineCore
 from pagedray.cluster.serving.frontend import Frontend
 from pagedray.cluster.serving.inproc_client import InprocClient
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 # Migration changes which requests batch together: compare with one torch thread (see conftest).
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

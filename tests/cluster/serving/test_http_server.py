@@ -17,11 +17,12 @@ import grpc
 import openai
 import pytest
 
-from grpc_cases import make_request
-from serve_process import ServeProcess
-from tiny_models import make_tiny_llama
+from testkit.grpc_cases import make_request
+from testkit.serve_process import ServeProcess
+from testkit.tiny_models import make_tiny_llama
 
-from pagedray.cluster.serving.frontend import EngineDeadError, QueueFullError
+from pagedray.common.errors import EngineDeadError
+from pagedray.cluster.serving.frontend import QueueFullError
 from pagedray.cluster.core.messages import EngineInfo
 from pagedray.cluster.outputs import CompletionOutput, RequestOutput
 from pagedray.cluster.serving.http_server import HttpServer
@@ -259,7 +260,7 @@ class _FailingFrontend:
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from tiny_tokenizer import make_tiny_tokenizer
+    from testkit.tiny_tokenizer import make_tiny_tokenizer
     return make_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
 
 

@@ -5,13 +5,13 @@ import asyncio
 
 import pytest
 
-from tiny_models import make_tiny_llama
+from testkit.tiny_models import make_tiny_llama
 
 from pagedray.cluster.core.engine_core import EngineCore
 from pagedray.cluster.core.messages import CoreRequest
-from pagedray.cluster.serving.engine_client import EngineDeadError
+from pagedray.common.errors import EngineDeadError
 from pagedray.cluster.serving.inproc_client import InprocClient
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 PROMPTS = [[1, 17, 42, 99, 7], [1, 250, 3], [1, 64, 12, 9, 9, 9, 31]]
 

@@ -11,8 +11,8 @@ import signal
 import grpc
 import pytest
 
-from grpc_cases import make_request, read_stream
-from migration_cases import (SERVING, cases, finish_streams, open_streams, serving,
+from testkit.grpc_cases import make_request, read_stream
+from testkit.migration_cases import (SERVING, cases, finish_streams, open_streams, serving,
                              slow_clients, undisturbed, wait_until, watch_health, whole_streams)
 
 from pagedray.cluster import SamplingParams

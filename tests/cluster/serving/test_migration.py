@@ -5,7 +5,7 @@ from pagedray.cluster.core.messages import CoreOutput, CoreRequest, completion_i
 from pagedray.cluster.core.validation import child_params
 from pagedray.cluster.serving.migration import resume_requests
 from pagedray.cluster.serving.output_processor import OutputProcessor
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 
 def test_each_unfinished_completion_resumes_from_its_tokens_with_its_own_params():

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from tiny_tokenizer import make_tiny_tokenizer
+from testkit.tiny_tokenizer import make_tiny_tokenizer
 
 from pagedray.cluster.core.messages import CoreOutput, completion_id
 from pagedray.cluster.serving.output_processor import OutputProcessor
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 TEXT = "Hello, my name is Ada and I like paged attention."
 

@@ -1,4 +1,4 @@
-"""ProcessClient: an engine core in a subprocess, with the fake core (tests/core_fakes.py).
+"""ProcessClient: an engine core in a subprocess, with the fake core (tests/testkit/core_fakes.py).
 
 Liveness bounds are small here (3 s) so hangs are found quickly; the waits around them are
 generous multiples (no timing assertions beyond "within a few bounds").
@@ -13,16 +13,16 @@ import textwrap
 
 import pytest
 
-from client_checks import FAKE_CORE as FAKE
-from client_checks import (check_kill_is_found, check_stop_is_found, collect, expected, requests,
+from testkit.client_checks import FAKE_CORE as FAKE
+from testkit.client_checks import (check_kill_is_found, check_stop_is_found, collect, expected, requests,
                            time_to_death, wait_gone)
-from core_fakes import fake_token
+from testkit.core_fakes import fake_token
 
 from pagedray.cluster.core.messages import CoreRequest
 from pagedray.cluster.core.process import Wire
-from pagedray.cluster.serving.engine_client import EngineDeadError
+from pagedray.common.errors import EngineDeadError
 from pagedray.cluster.serving.process_client import ProcessClient
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 BOUND = 3.0
 

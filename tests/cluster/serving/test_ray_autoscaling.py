@@ -1,12 +1,12 @@
 """Replicas scaled through the Ray autoscaler, from zero accelerator nodes and back.
 
 `ray.cluster_utils.AutoscalingCluster` (fake multi-node provider, autoscaler v1) in its own scope
-(tests/ray_clusters.py: own ports and temp dir, stopped by PID): a head with no accelerator and no
+(tests/testkit/ray_clusters.py: own ports and temp dir, stopped by PID): a head with no accelerator and no
 CPU, and one node type, `gpu_node`, with 1 CPU and 1 `fake_gpu` (the custom resource stands in for
 a GPU on this CPU machine), at most 2 of them, plus `cpu_2x` (2 CPUs, at most 1) for a TP=2 group;
 idle timeout 6 s. Each replica's engine actor asks for one `fake_gpu`, so every replica needs a node
 of its own that the autoscaler has to start. The replicas' cores sleep before each step
-(tests/slow_core.py), so a request is still generating when the scale-down begins, however fast
+(tests/testkit/slow_core.py), so a request is still generating when the scale-down begins, however fast
 the engine is.
 
 The times of each phase are printed (pytest -s) for the record.
@@ -19,11 +19,11 @@ import time
 
 import pytest
 
-from ray_clusters import ScopedAutoscalingCluster  # sets the loopback variables before Ray loads
+from testkit.ray_clusters import ScopedAutoscalingCluster  # sets the loopback variables before Ray loads
 
 import ray  # noqa: E402
 
-from tiny_models import make_tiny_llama  # noqa: E402
+from testkit.tiny_models import make_tiny_llama  # noqa: E402
 
 from pagedray.cluster import LLM, SamplingParams  # noqa: E402
 from pagedray.cluster.executors.ray_utils import check_fits  # noqa: E402
@@ -41,7 +41,7 @@ STEP_DELAY_S = 0.02
 def fake_gpu_replica(ckpt: str, name: str) -> RayClient:
     """A replica whose engine actor holds one `fake_gpu`, as a GPU replica holds its GPU."""
     return RayClient(ckpt, dict(ENGINE_KW, step_delay_s=STEP_DELAY_S), name=name,
-                     core_factory="slow_core:slow_engine_core", resources={"fake_gpu": 1})
+                     core_factory="testkit.slow_core:slow_engine_core", resources={"fake_gpu": 1})
 
 
 @pytest.fixture(scope="module")

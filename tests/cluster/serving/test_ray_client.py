@@ -15,13 +15,13 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 import ray  # noqa: E402
 
-from client_checks import FAKE_CORE as FAKE  # noqa: E402
-from client_checks import check_kill_is_found, check_stop_is_found, collect, expected, requests  # noqa: E402
-from ray_clusters import start_local_ray, wait_cpus_free  # noqa: E402
+from testkit.client_checks import FAKE_CORE as FAKE  # noqa: E402
+from testkit.client_checks import check_kill_is_found, check_stop_is_found, collect, expected, requests  # noqa: E402
+from testkit.ray_clusters import start_local_ray, wait_cpus_free  # noqa: E402
 
 from pagedray.cluster.core.messages import CoreRequest  # noqa: E402
 from pagedray.cluster.serving.ray_client import RayClient  # noqa: E402
-from pagedray.workers.sampling_params import SamplingParams  # noqa: E402
+from pagedray.common.sampling_params import SamplingParams  # noqa: E402
 
 BOUND = 3.0
 NUM_CPUS = 4

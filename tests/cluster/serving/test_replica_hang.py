@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-from client_checks import wait_gone
-from grpc_cases import make_request as _request
-from migration_cases import (SERVING, finish_streams, open_streams, serving, slow_clients, undisturbed,
+from testkit.client_checks import wait_gone
+from testkit.grpc_cases import make_request as _request
+from testkit.migration_cases import (SERVING, finish_streams, open_streams, serving, slow_clients, undisturbed,
                              wait_until, watch_health, whole_streams)
-from ray_clusters import start_local_ray
+from testkit.ray_clusters import start_local_ray
 
 BOUND = 3.0          # liveness bound of these clients (the default is 10 s)
 

@@ -27,13 +27,13 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 import grpc  # noqa: E402
 import ray  # noqa: E402
 
-from grpc_cases import CASES as ALL_CASES  # noqa: E402
-from grpc_cases import make_request as _request  # noqa: E402
-from grpc_cases import read_stream as _read_stream  # noqa: E402
-from hf_compare import assert_greedy_match, engine_greedy  # noqa: E402
-from migration_cases import (SERVING, VOCAB, finish_streams, open_streams, serving, undisturbed,  # noqa: E402
+from testkit.grpc_cases import CASES as ALL_CASES  # noqa: E402
+from testkit.grpc_cases import make_request as _request  # noqa: E402
+from testkit.grpc_cases import read_stream as _read_stream  # noqa: E402
+from testkit.hf_compare import assert_greedy_match, engine_greedy  # noqa: E402
+from testkit.migration_cases import (SERVING, VOCAB, finish_streams, open_streams, serving, undisturbed,  # noqa: E402
                              wait_until, watch_health, whole_streams)
-from ray_clusters import start_local_ray  # noqa: E402
+from testkit.ray_clusters import start_local_ray  # noqa: E402
 
 from pagedray.cluster import LLM, SamplingParams  # noqa: E402
 from pagedray.cluster.serving.autoscaler import Autoscaler, AutoscalingConfig  # noqa: E402

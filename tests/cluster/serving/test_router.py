@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from router_fakes import BLOCK, FakeReplica, Held, tokens
+from testkit.router_fakes import BLOCK, FakeReplica, Held, tokens
 
 from pagedray.cluster.core.block_hash import block_hashes
-from pagedray.cluster.serving.engine_client import EngineDeadError
+from pagedray.common.errors import EngineDeadError
 from pagedray.cluster.serving.router import Router
 
 

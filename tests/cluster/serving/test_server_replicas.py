@@ -9,7 +9,7 @@ import urllib.request
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from grpc_cases import make_request as _request
+from testkit.grpc_cases import make_request as _request
 
 from pagedray.cluster import LLM, SamplingParams
 from pagedray.cluster.serving.frontend import Frontend

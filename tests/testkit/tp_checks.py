@@ -177,7 +177,7 @@ def _to(meta, device: torch.device):
 @torch.no_grad()
 def model_logits(path: str, tp_size: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Prefill logits of every prompt token, then one decode step's, through a paged cache."""
-    from tiny_models import allocate_block_tables, build_attn_metadata
+    from testkit.tiny_models import allocate_block_tables, build_attn_metadata
     from transformers import AutoConfig
 
     from pagedray.models import get_kv_cache_spec, get_model

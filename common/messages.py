@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.common.sampling_params import SamplingParams
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """A real EngineCore whose steps sleep first (keeps requests mid-stream for kill tests); a core
-factory for ProcessClient/RayClient: "slow_core:slow_engine_core"."""
+factory for ProcessClient/RayClient: "testkit.slow_core:slow_engine_core"."""
 from __future__ import annotations
 
 import time

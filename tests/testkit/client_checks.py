@@ -8,13 +8,14 @@ import time
 
 import pytest
 
-from core_fakes import fake_token
+from testkit.core_fakes import fake_token
 
 from pagedray.cluster.core.messages import CoreOutputs, CoreRequest
-from pagedray.cluster.serving.engine_client import EngineClient, EngineDeadError
-from pagedray.workers.sampling_params import SamplingParams
+from pagedray.cluster.serving.engine_client import EngineClient
+from pagedray.common.errors import EngineDeadError
+from pagedray.common.sampling_params import SamplingParams
 
-FAKE_CORE = "core_fakes:FakeCore.from_kwargs"   # core factory of the fake core (tests/core_fakes.py)
+FAKE_CORE = "testkit.core_fakes:FakeCore.from_kwargs"   # core factory of the fake core (tests/testkit/core_fakes.py)
 
 
 def requests(n: int, max_tokens: int, prefix: str = "r") -> list[CoreRequest]:

@@ -1,6 +1,6 @@
 """Kernel benchmark: each CUDA kernel against its PyTorch reference and the HBM roofline.
 
-    python benchmarks/kernels.py [--results benchmarks/RESULTS.md]
+    python benchmarks/kernel_bench.py [--results benchmarks/RESULTS.md]
 
 The roofline is the fewest bytes a kernel must move (inputs read once, outputs
 written once) over the device-to-device copy bandwidth measured in the same
@@ -252,7 +252,7 @@ def main() -> None:
         bench_cache_ops(t)
     host = host_overhead_us()
     section = (f"\n## Kernels — {card}, {datetime.date.today().isoformat()}\n\n"
-               f"Command: `python benchmarks/kernels.py` (torch {torch.__version__}). "
+               f"Command: `python benchmarks/kernel_bench.py` (torch {torch.__version__}). "
                f"Copy bandwidth measured in the same run: {bw / 1e12:.2f} TB/s (1 GiB device-to-device, "
                f"read + written). Host time of one decode launcher call: {host:.0f} µs.\n\n" + t.markdown())
     print(section)

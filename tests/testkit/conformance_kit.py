@@ -54,8 +54,8 @@ def build_checkpoint(arch: str, case: str, path: str, seed: int = 0) -> str:
 
 
 def _check_case(path: str, expected: torch.Tensor, world: int) -> None:
-    from hf_compare import argmax_mismatch
-    from tp_checks import model_logits
+    from testkit.hf_compare import argmax_mismatch
+    from testkit.tp_checks import model_logits
     got = model_logits(path, world)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
     reason = argmax_mismatch(got, expected)
@@ -80,5 +80,5 @@ def run_rank(rank: int, world: int, init_method: str, out_dir: str,
                 results[cid] = traceback.format_exc()
             dist.barrier()  # a rank that failed early must not leave its peer blocked in a collective
     finally:
-        from tp_checks import finish_rank
+        from testkit.tp_checks import finish_rank
         finish_rank(out_dir, rank, results)

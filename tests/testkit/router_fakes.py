@@ -3,7 +3,8 @@ autoscaler tests: the Router only chooses and counts load, so nothing needs to s
 from __future__ import annotations
 
 from pagedray.cluster.core.messages import EngineInfo, EngineStats
-from pagedray.cluster.serving.engine_client import EngineClient, EngineDeadError
+from pagedray.cluster.serving.engine_client import EngineClient
+from pagedray.common.errors import EngineDeadError
 from pagedray.cluster.serving.router import Router
 
 BLOCK = 4

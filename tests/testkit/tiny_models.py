@@ -54,7 +54,7 @@ def make_tiny_llama(path: str | Path, tokenizer: bool = True, seed: int = 0, arc
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(path), safe_serialization=True, **kwargs)
     if tokenizer:
-        from tiny_tokenizer import make_tiny_tokenizer
+        from testkit.tiny_tokenizer import make_tiny_tokenizer
         make_tiny_tokenizer(path, model.config.vocab_size)
     return str(path)
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from grpc_cases import make_request, read_stream
+from testkit.grpc_cases import make_request, read_stream
 
 from pagedray.cluster import LLM, SamplingParams
 from pagedray.cluster.serving.frontend import Frontend
@@ -25,7 +25,7 @@ from pagedray.protos import generate_pb2_grpc as pb_grpc
 ENGINE_KW = dict(device="cpu", block_size=4, num_kv_blocks=1024)
 VOCAB = 320
 SERVING = health_pb2.HealthCheckResponse.SERVING
-SLOW_CORE = "slow_core:slow_engine_core"   # a real EngineCore whose steps sleep first
+SLOW_CORE = "testkit.slow_core:slow_engine_core"   # a real EngineCore whose steps sleep first
 
 
 def cases() -> list[tuple[list[int], dict]]:

@@ -10,7 +10,7 @@ import copy
 import math
 from dataclasses import dataclass, field
 
-from pagedray.workers.quoting import quote
+from pagedray.common.quoting import quote
 
 # vLLM treats a temperature below this as greedy (argmax).
 _GREEDY_EPS = 1e-5

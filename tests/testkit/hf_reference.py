@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_compare import Greedy, top_steps
+from testkit.hf_compare import Greedy, top_steps
 
 
 @torch.no_grad()
