@@ -25,7 +25,7 @@ os.environ.update(LOOPBACK_ENV)   # before Ray is imported: it reads them at imp
 
 from ray.cluster_utils import AutoscalingCluster  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TESTS = REPO / "tests"
 sys.path.insert(0, str(REPO / "deploy" / "local"))
 import scoped_ray  # noqa: E402
