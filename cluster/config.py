@@ -48,9 +48,11 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
                         max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                         enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                         load_format: str = "auto", seed: int = 0,
-                        enforce_eager: bool = False, async_scheduling: bool | None = None) -> EngineConfig:
+                        enforce_eager: bool = False, async_scheduling: bool | None = None,
+                        quantization: str | None = None, kv_cache_dtype: str = "auto") -> EngineConfig:
     """The LLM(...) keywords, split into the per-concern configs."""
-    model_config = ModelConfig(model, tokenizer, dtype, max_model_len, load_format, seed, enforce_eager)
+    model_config = ModelConfig(model, tokenizer, dtype, max_model_len, load_format, seed, enforce_eager,
+                               quantization)
     parallel, device_config = ParallelConfig(tensor_parallel_size, executor), DeviceConfig(device)
     local = parallel.executor == "local" and parallel.tensor_parallel_size == 1
     if parallel.executor == "local":
@@ -60,7 +62,8 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
     elif async_scheduling and not local:
         raise ValueError(f"async_scheduling needs the local executor at tensor_parallel_size=1, got "
                          f"executor={executor!r}, tensor_parallel_size={tensor_parallel_size}")
-    cache = CacheConfig(block_size, gpu_memory_utilization, num_kv_blocks, enable_prefix_caching)
+    cache = CacheConfig(block_size, gpu_memory_utilization, num_kv_blocks, enable_prefix_caching,
+                        cache_dtype=kv_cache_dtype)
     cache.check_device(device_config.device_type)
     return EngineConfig(
         model=model_config,

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
+QUANTIZATION_METHODS = (None, "fp8")
+CHECKPOINT_QUANTIZATIONS = ("compressed-tensors", "fp8")
+CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 def check_checkpoint_folder(model: str) -> None:
@@ -30,6 +33,7 @@ class ModelConfig:
     load_format: str = "auto"      # "auto" (safetensors) or "dummy" (random weights)
     seed: int = 0
     enforce_eager: bool = False    # True: no CUDA graphs
+    quantization: str | None = None  # "fp8": quantize a 16/32-bit checkpoint's linear layers at load
     hf_config: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -39,10 +43,13 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}")
+        if self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS}, got {self.quantization!r}")
         if self.hf_config is None:
             check_checkpoint_folder(self.model)
             from transformers import AutoConfig
             self.hf_config = AutoConfig.from_pretrained(self.model)
+        self._check_checkpoint_quantization()
         limit = self.max_position_embeddings
         if self.max_model_len is None:
             self.max_model_len = limit
@@ -51,6 +58,19 @@ class ModelConfig:
         elif self.max_model_len > limit:
             raise ValueError(f"max_model_len ({self.max_model_len}) is above the model's position "
                              f"limit max_position_embeddings={limit}")
+
+    def _check_checkpoint_quantization(self) -> None:
+        """Refuse an unsupported quantized checkpoint here, before any worker starts (the loader
+        checks the scheme itself in full): never load one as if it were 16-bit."""
+        qc = getattr(self.hf_config, "quantization_config", None)
+        if qc is None:
+            return
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+        method = getattr(method, "value", method)
+        if method not in CHECKPOINT_QUANTIZATIONS:
+            raise ValueError(f"the checkpoint's quantization_config.quant_method {method!r} is not supported "
+                             f"(supported: {', '.join(CHECKPOINT_QUANTIZATIONS)} FP8 checkpoints, or "
+                             f"quantization='fp8' on a 16/32-bit checkpoint)")
 
     @property
     def max_position_embeddings(self) -> int:
@@ -93,8 +113,12 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     # On CPU there is no device memory to profile: this many bytes are given to the KV cache.
     cpu_kv_cache_bytes: int = 1 << 30
+    # "auto": the model's dtype; "fp8" (= "fp8_e4m3"): e4m3 with per-tensor scales, half the bytes.
+    cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
         bs = self.block_size
         if not isinstance(bs, int) or bs < 1 or bs & (bs - 1):
             raise ValueError(f"block_size must be a power of two, got {bs}")

@@ -77,9 +77,11 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                     scale: float, sliding_window: int | None = None,
                     alibi_slopes: torch.Tensor | None = None,
                     logits_soft_cap: float | None = None, *,
-                    seq_lens_tensor: torch.Tensor | None = None) -> torch.Tensor:
+                    seq_lens_tensor: torch.Tensor | None = None, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> torch.Tensor:
     """`reference.paged_attention`; seq_lens_tensor is the same lengths on the device (int32),
-    which the CUDA decode kernel reads (built from `seq_lens` when not given)."""
+    which the CUDA decode kernel reads (built from `seq_lens` when not given). An FP8 cache
+    (k_scale, v_scale: its per-tensor scales) runs the reference."""
     if _cuda(query) and key_cache.dtype == query.dtype:
         if alibi_slopes is not None and alibi_slopes.dtype != torch.float32:
             alibi_slopes = alibi_slopes.float()
@@ -109,7 +111,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                                      query_lens[n:], scale, *extras, out=out[n:], table_row0=n)
             return out
     return reference.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_lens,
-                                     scale, sliding_window, alibi_slopes, logits_soft_cap)
+                                     scale, sliding_window, alibi_slopes, logits_soft_cap, k_scale, v_scale)
 
 
 def _decode(query, key_cache, value_cache, block_tables, seq_lens_tensor, seq_lens, scale, extras,
@@ -123,13 +125,14 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens_tensor, seq_le
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                      value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                      value_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                      v_scale: float = 1.0) -> None:
     if _cuda(key) and key_cache.dtype == key.dtype:
         from pagedray.kernels import cache_ops
         if slot_mapping.dtype != torch.int64:
             slot_mapping = slot_mapping.long()
         return cache_ops.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping.contiguous())
-    return reference.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    return reference.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -170,7 +173,8 @@ def _fused_rotary_cache_fits(query: torch.Tensor, key: torch.Tensor, value: torc
 
 def rotary_and_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      cos_sin_cache: torch.Tensor, is_neox: bool, key_cache: torch.Tensor,
-                     value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+                     value_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                     v_scale: float = 1.0) -> torch.Tensor:
     """`rotary_embedding` of query [T, H, D] and key [T, Hkv, D], then `reshape_and_cache` of the
     rotated key and value. Returns the rotated query only: the rotated key lives in key_cache, where
     the attention that follows reads it. The inputs are left unchanged."""
@@ -184,7 +188,7 @@ def rotary_and_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
                                                       cos_sin_cache.contiguous(), is_neox, key_cache,
                                                       value_cache, slot_mapping.contiguous())
     query, key = rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
-    reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
     return query
 
 

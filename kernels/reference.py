@@ -11,16 +11,34 @@ import torch
 import torch.nn.functional as F
 
 
+FP8_CACHE = torch.float8_e4m3fn
+_FP8_MAX = 448.0
+
+
+def _to_cache(x: torch.Tensor, cache: torch.Tensor, scale: float) -> torch.Tensor:
+    """x as stored in `cache`: an FP8 cache holds e4m3(x / scale), saturated at ±448 (vLLM's
+    per-tensor kv scales); other caches hold x in their dtype and ignore the scale."""
+    if cache.dtype != FP8_CACHE:
+        return x.to(cache.dtype)
+    return (x.float() / scale).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_CACHE)
+
+
+def from_cache(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Cached K or V back in float32 (an FP8 cache's values times its scale)."""
+    return x.float() * scale if x.dtype == FP8_CACHE else x
+
+
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                      value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                      value_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                      v_scale: float = 1.0) -> None:
     """Write K/V of new tokens [T, Hkv, D] into their cache slots; slot -1 is skipped."""
     block_size = key_cache.shape[2]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     blocks = torch.div(slots, block_size, rounding_mode="floor")
     offsets = slots % block_size
-    key_cache[blocks, :, offsets, :] = key[keep].to(key_cache.dtype)
-    value_cache[blocks, :, offsets, :] = value[keep].to(value_cache.dtype)
+    key_cache[blocks, :, offsets, :] = _to_cache(key[keep], key_cache, k_scale)
+    value_cache[blocks, :, offsets, :] = _to_cache(value[keep], value_cache, v_scale)
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -64,7 +82,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                     block_tables: torch.Tensor, seq_lens: list[int], query_lens: list[int],
                     scale: float, sliding_window: int | None = None,
                     alibi_slopes: torch.Tensor | None = None,
-                    logits_soft_cap: float | None = None) -> torch.Tensor:
+                    logits_soft_cap: float | None = None, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> torch.Tensor:
     """Attention of flat queries [T, H, D] over each sequence's paged context.
 
     Sequence i owns the next query_lens[i] rows of `query`; its context is the
@@ -74,8 +93,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     out = torch.empty_like(query)
     start = 0
     for i, (seq_len, q_len) in enumerate(zip(seq_lens, query_lens)):
-        keys = _gather_context(key_cache, block_tables[i], seq_len)
-        values = _gather_context(value_cache, block_tables[i], seq_len)
+        keys = from_cache(_gather_context(key_cache, block_tables[i], seq_len), k_scale)
+        values = from_cache(_gather_context(value_cache, block_tables[i], seq_len), v_scale)
         out[start:start + q_len] = attend(query[start:start + q_len], keys, values, scale,
                                           sliding_window, alibi_slopes, logits_soft_cap)
         start += q_len
@@ -122,10 +141,11 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
 
 def rotary_and_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      cos_sin_cache: torch.Tensor, is_neox: bool, key_cache: torch.Tensor,
-                     value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+                     value_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                     v_scale: float = 1.0) -> torch.Tensor:
     """rotary_embedding, then reshape_and_cache of the rotated key and value; returns the rotated query."""
     query, key = rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
-    reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
     return query
 
 

@@ -10,7 +10,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from pagedray.kernels.fp8 import check_fp8_supported
+from pagedray.models.layers import quantization as quantization_
 from pagedray.models.layers import rotary
+from pagedray.models.layers.quantization import get_quant_config
 from pagedray.models.layers.layernorm import RMSNorm
 from pagedray.models.registry import ModelRegistry
 from pagedray.models.utils import checkpoint_name, packed_module_of
@@ -59,6 +62,8 @@ def init_dummy_weights(model: nn.Module, seed: int, low: float = -1e-2, high: fl
     for module in model.modules():
         is_norm = isinstance(module, (RMSNorm, nn.LayerNorm))
         for name, param in module.named_parameters(recurse=False):
+            if param.dtype == torch.float8_e4m3fn:
+                continue  # quantized layers fill their own (quantization.init_dummy)
             if is_norm:
                 identity = 1.0 if name == "weight" and not getattr(module, "unit_offset", False) else 0.0
                 param.fill_(identity)
@@ -82,22 +87,36 @@ def _check_complete(model: nn.Module, loaded: set[str]) -> None:
 
 
 def get_model(hf_config: Any, model_path: str, dtype: torch.dtype, device: torch.device | str,
-              load_format: str = "auto", seed: int = 0) -> nn.Module:
+              load_format: str = "auto", seed: int = 0, quantization: str | None = None) -> nn.Module:
     """Build the registered class for `hf_config` on `device` in `dtype` and fill its weights.
 
     Tensor-parallel sharding follows the default process group when one is
     initialised. Raises ValueError for an unknown architecture or load format,
-    a missing, unexpected or mis-shaped checkpoint tensor.
+    a missing, unexpected or mis-shaped checkpoint tensor, and an unsupported quantization.
+    `quantization` ("fp8" or None) quantizes a 16/32-bit checkpoint at load; a quantized checkpoint
+    is recognised from its config's quantization_config either way.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+    quant_config = get_quant_config(hf_config, quantization)
+    if quant_config is not None:
+        check_fp8_supported(torch.device(device))
     cls = ModelRegistry.resolve(getattr(hf_config, "architectures", None))
     rotary._ROPE_CACHE.clear()  # share cos/sin caches within this model only
     with _default_dtype(dtype), torch.device(device):
         model = cls(hf_config)
+        if quant_config is not None:
+            quantization_.quantize_model(model, quant_config)
+            if quant_config.kv_cache_scales:
+                quantization_.add_kv_cache_scales(model)
     rotary._ROPE_CACHE.clear()
     if load_format == "dummy":
         init_dummy_weights(model, seed)
+        quantization_.init_dummy(model, seed)
     else:
-        _check_complete(model, model.load_weights(iterate_safetensors(model_path)))
+        weights = iterate_safetensors(model_path)
+        if quant_config is not None and quant_config.kv_cache_scales:
+            weights = quantization_.remap_kv_scale_names(weights)
+        _check_complete(model, model.load_weights(weights))
+    quantization_.process_weights_after_loading(model)
     return model.eval()

@@ -9,6 +9,18 @@ from dataclasses import dataclass
 import torch
 
 
+def kv_cache_torch_dtype(cache_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """CacheConfig.cache_dtype as a torch dtype: "auto" is the model's; "fp8" is e4m3 (1 byte a value,
+    so a block of the same bytes holds twice the tokens of a 16-bit cache)."""
+    if cache_dtype == "auto":
+        return model_dtype
+    if device.type == "cuda":
+        # The CUDA cache-write, decode and prefill kernels read and write 16/32-bit caches only.
+        raise ValueError(f"kv_cache_dtype={cache_dtype!r} runs on the CPU reference path only: the CUDA "
+                         f"attention kernels do not read an FP8 cache yet (use kv_cache_dtype='auto' on GPU)")
+    return torch.float8_e4m3fn
+
+
 @dataclass(frozen=True)
 class KVCacheSpec:
     num_layers: int

@@ -8,7 +8,7 @@ import logging
 
 import torch
 
-from pagedray.workers.cache_engine import CacheEngine, KVCacheSpec
+from pagedray.workers.cache_engine import CacheEngine, KVCacheSpec, kv_cache_torch_dtype
 from pagedray.common.config import CacheConfig, DeviceConfig, ModelConfig, ParallelConfig
 from pagedray.common.messages import ModelRunnerOutput, SchedulerOutput
 from pagedray.workers.model_runner import ModelRunner
@@ -55,10 +55,12 @@ class Worker:
     def load_model(self) -> None:
         from pagedray.models import get_kv_cache_spec, get_model
         mc = self.model_config
-        model = get_model(mc.hf_config, mc.model, self.dtype, self.device, mc.load_format, mc.seed)
+        model = get_model(mc.hf_config, mc.model, self.dtype, self.device, mc.load_format, mc.seed,
+                          quantization=mc.quantization)
         num_layers, kv_heads, head_size = get_kv_cache_spec(
             mc.hf_config, self.parallel_config.tensor_parallel_size)
-        self.kv_spec = KVCacheSpec(num_layers, kv_heads, head_size, self.cache_config.block_size, self.dtype)
+        kv_dtype = kv_cache_torch_dtype(self.cache_config.cache_dtype, self.dtype, self.device)
+        self.kv_spec = KVCacheSpec(num_layers, kv_heads, head_size, self.cache_config.block_size, kv_dtype)
         self.runner = ModelRunner(model, self.cache_config.block_size, self.device, mc.seed,
                                   sample=self.rank == 0)
 

@@ -57,6 +57,8 @@ class Attention(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         self.sliding_window = sliding_window
         self.logits_soft_cap = logits_soft_cap
+        # Per-tensor scales of an FP8 KV cache (1.0 unless the checkpoint has k_scale / v_scale).
+        self.kv_scales = (1.0, 1.0)
         if alibi_slopes is not None:
             self.register_buffer("alibi_slopes", alibi_slopes.float(), persistent=False)
         else:
@@ -79,15 +81,17 @@ class Attention(nn.Module):
                 q, k = rotary(positions, q, k)
             out = self._attend_fresh(q, k, v, attn_metadata)
         else:
+            k_scale, v_scale = self.kv_scales
             if rotary is not None:
                 q = ops.rotary_and_cache(positions, q, k, v, rotary.cos_sin_cache, rotary.is_neox_style,
-                                         kv_cache[0], kv_cache[1], attn_metadata.slot_mapping)
+                                         kv_cache[0], kv_cache[1], attn_metadata.slot_mapping, k_scale, v_scale)
             else:
-                ops.reshape_and_cache(k, v, kv_cache[0], kv_cache[1], attn_metadata.slot_mapping)
+                ops.reshape_and_cache(k, v, kv_cache[0], kv_cache[1], attn_metadata.slot_mapping, k_scale, v_scale)
             out = ops.paged_attention(q, kv_cache[0], kv_cache[1], attn_metadata.block_tables,
                                       attn_metadata.seq_lens_list, attn_metadata.query_lens_list,
                                       self.scale, self.sliding_window, self.alibi_slopes,
-                                      self.logits_soft_cap, seq_lens_tensor=attn_metadata.seq_lens)
+                                      self.logits_soft_cap, seq_lens_tensor=attn_metadata.seq_lens,
+                                      k_scale=k_scale, v_scale=v_scale)
         return out.reshape(num_tokens, self.num_heads * self.head_size)
 
     def _attend_fresh(self, q, k, v, attn_metadata: AttentionMetadata) -> torch.Tensor:

@@ -20,6 +20,9 @@ from pagedray.models.layers.weights import (WeightLike, check_shape, default_wei
 class LinearBase(nn.Module):
     """Holds weight [out_per_rank, in_per_rank] (and bias) in the default dtype/device."""
 
+    # Set by models/layers/quantization on quantized layers: owns their weights and product.
+    quant_method = None
+
     def __init__(self, in_per_rank: int, out_per_rank: int, bias: bool) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_world_size()
@@ -33,6 +36,11 @@ class LinearBase(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: WeightLike, shard_id=None) -> None:
         raise NotImplementedError
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x, bias)
+        return ops.linear(x, self.weight, bias)
 
     def extra_repr(self) -> str:
         out, inp = self.weight.shape
@@ -49,7 +57,7 @@ class ReplicatedLinear(LinearBase):
         default_weight_loader(param, loaded_weight, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -67,7 +75,7 @@ class ColumnParallelLinear(LinearBase):
         param.data.copy_(narrow(loaded_weight, 0, self.tp_rank * rows, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = ops.linear(x, self.weight, self.bias)
+        y = self._matmul(x, self.bias)
         return tp_all_gather(y, dim=-1) if self.gather_output else y
 
 
@@ -189,7 +197,7 @@ class RowParallelLinear(LinearBase):
             cols = self.weight.shape[1]
             x = x.narrow(-1, self.tp_rank * cols, cols)
         bias = self.bias if self.tp_rank == 0 else None
-        y = ops.linear(x, self.weight, bias)
+        y = self._matmul(x, bias)
         return tp_all_reduce(y) if self.reduce_results else y
 
 
