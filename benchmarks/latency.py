@@ -59,7 +59,9 @@ def floor_ms(args, bs: int, bandwidth_gbs: float) -> float:
     p = param_counts(args.shape)
     elem = torch.finfo(getattr(torch, args.dtype)).bits // 8
     mean_ctx = args.input_len + args.output_len / 2
-    nbytes = (p["layers"] + p["lm_head"]) * elem + bs * mean_ctx * kv_bytes_per_token(args.shape, elem)
+    layer_elem = 1 if args.quantization == "fp8" else elem  # FP8 layers; the lm_head stays 16-bit
+    kv_elem = 1 if args.kv_cache_dtype == "fp8" else elem
+    nbytes = p["layers"] * layer_elem + p["lm_head"] * elem + bs * mean_ctx * kv_bytes_per_token(args.shape, kv_elem)
     return nbytes / (bandwidth_gbs * 1e9) * 1e3
 
 
@@ -75,6 +77,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         llm = LLM(write_config(args.shape, tmp), load_format="dummy", dtype=args.dtype, device=args.device,
+                  quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                   max_model_len=args.input_len + args.output_len, max_num_seqs=max(args.batch_sizes),
                   enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization)
         startup = time.perf_counter() - start
@@ -114,7 +117,8 @@ def report(args, rows, bandwidth, hf, startup: float, captured: bool, profile: s
         hf_ms = hf["ms_per_token"].get(str(bs)) if hf else None
         table_rows.append([bs, _fmt(g), _fmt(e), _fmt(r), _fmt(hf_ms), _fmt(floor),
                            f"{g / floor:.2f}x" if g and floor else "-"])
-    notes = [f"Shape {args.shape}, dummy weights, {args.dtype}, prompts of {args.input_len} tokens, "
+    notes = [f"Shape {args.shape}, dummy weights, {args.dtype}, quantization={args.quantization}, "
+             f"kv_cache_dtype={args.kv_cache_dtype}, prompts of {args.input_len} tokens, "
              f"{args.output_len} greedy tokens (ignore_eos); medians of {args.iters} runs with graphs, "
              f"{args.eager_iters} eager.",
              f"Engine start-up {startup:.1f} s; graphs captured: {captured}."]
@@ -142,6 +146,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--eager-iters", type=int, default=1)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--quantization", choices=["fp8"], default=None, help="fp8: weights quantized at load")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     p.add_argument("--device", default="cuda")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)

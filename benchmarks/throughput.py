@@ -47,7 +47,8 @@ def build_llm(args, path: str):
                   max_model_len=args.input_len + args.output_len, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
                   gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-                  seed=args.seed, async_scheduling=False if args.no_async_scheduling else None)
+                  seed=args.seed, async_scheduling=False if args.no_async_scheduling else None,
+                  quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     if args.num_kv_blocks:
         kwargs["num_kv_blocks"] = args.num_kv_blocks
     return LLM(path, **kwargs)
@@ -97,6 +98,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         llm = build_llm(args, write_config(args.shape, tmp))
         startup = time.perf_counter() - start
+        args.kv_blocks = llm.llm_engine.num_kv_blocks
         # Compiles the Triton kernels' shapes: enough requests to fill whole token budgets and mixed steps.
         generate(llm, prompts[:args.warmup_requests], args, args.warmup_output_len)
         serial = []
@@ -216,7 +218,8 @@ def report(args, startup, timed, counter, replays, tflops, bandwidth, hf, breakd
                      f"{run['output_tok_per_s']:.0f}", f"{run['total_tok_per_s']:.0f}",
                      f"{run['elapsed_s'] / hf_floor:.2f}x" if hf_floor else "-", "-"])
     table = markdown_table(header, rows)
-    notes = [f"Shape {args.shape}, dummy weights, {args.dtype}, {n} x {inp}/{out} tokens, ignore_eos, "
+    notes = [f"KV blocks {getattr(args, 'kv_blocks', '-')}; quantization={args.quantization}, kv_cache_dtype={args.kv_cache_dtype}.",
+             f"Shape {args.shape}, dummy weights, {args.dtype}, {n} x {inp}/{out} tokens, ignore_eos, "
              f"temperature {args.temperature}, max_num_seqs {args.max_num_seqs}, "
              f"max_num_batched_tokens {args.max_num_batched_tokens or 'default'}, prefix caching off; "
              f"untimed warm-up of {args.warmup_requests} requests x {args.warmup_output_len or out} tokens.",
@@ -252,6 +255,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--temperature", type=float, default=1.0, help="vLLM's benchmark samples at 1.0")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--quantization", choices=["fp8"], default=None, help="fp8: weights quantized at load")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     p.add_argument("--device", default="cuda")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)

@@ -38,6 +38,11 @@ def add_serve_parser(subparsers) -> None:
                    help="local: this process; ray: one Ray actor per tensor-parallel rank")
     p.add_argument("--dtype", default="auto", help="auto: the checkpoint's on GPU, float32 on CPU")
     p.add_argument("--load-format", default="auto", choices=("auto", "safetensors", "dummy"))
+    p.add_argument("--quantization", choices=("fp8",), default=None,
+                   help="fp8: quantize a 16/32-bit checkpoint's linear layers at load (FP8 checkpoints are "
+                        "recognised from their config without it)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8", "fp8_e4m3"), default="auto",
+                   help="fp8: an e4m3 KV cache, twice the tokens per block (CPU reference path only for now)")
     p.add_argument("--max-model-len", type=int, help="cap the context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch at most")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (8, 16 or 32 on CUDA)")
@@ -115,7 +120,8 @@ def _serve(args: argparse.Namespace) -> int:
                   gpu_memory_utilization=args.gpu_memory_utilization,
                   max_num_batched_tokens=args.max_num_batched_tokens,
                   enable_prefix_caching=args.enable_prefix_caching,
-                  enable_chunked_prefill=args.enable_chunked_prefill, seed=args.seed)
+                  enable_chunked_prefill=args.enable_chunked_prefill, seed=args.seed,
+                  quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     name = args.served_model_name or Path(model).name
     if args.max_migrations < 0:
         raise SystemExit(f"pagedray serve: --max-migrations must be >= 0, got {args.max_migrations}")

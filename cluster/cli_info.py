@@ -38,7 +38,21 @@ def device_lines() -> list[str]:
     if cuda:
         from pagedray.kernels import kernel_status
         lines.append(f"CUDA kernels: {kernel_status()}")
+    lines.append(fp8_line())
     return lines
+
+
+def fp8_line() -> str:
+    """Whether each GPU has FP8 tensor cores (sm_89+), which quantization="fp8" and FP8 checkpoints need."""
+    import torch
+    if not torch.cuda.is_available():
+        return "FP8: no GPU; FP8 checkpoints and quantization='fp8' run the CPU reference (dequantize, then matmul)"
+    cards = []
+    for i in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(i)
+        has = "FP8 tensor cores" if (major, minor) >= (8, 9) else "no FP8 tensor cores (needs sm_89+)"
+        cards.append(f"cuda:{i} sm_{major}{minor} {has}")
+    return "FP8: " + "; ".join(cards)
 
 
 def run_info(args: argparse.Namespace) -> int:

@@ -17,6 +17,8 @@ A quantized weight is W ≈ Wq · s with Wq float8_e4m3fn [N, K] and s float32 e
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -29,11 +31,17 @@ MIN_SCALE = 1e-10        # an all-zero row still gets a finite, positive scale
 FP8_SKINNY_MAX_M = 4
 
 
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def has_fp8_tensor_cores(device: torch.device | int | None = None) -> bool:
     """FP8 tensor cores: compute capability 8.9 (Ada) and later (Hopper 9.0)."""
     if not torch.cuda.is_available():
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    index = device if isinstance(device, int) else getattr(device, "index", None)
+    return _capability(torch.cuda.current_device() if index is None else index) >= (8, 9)
 
 
 def check_fp8_supported(device: torch.device) -> None:

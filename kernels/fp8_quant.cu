@@ -50,7 +50,10 @@ extern "C" __global__ void quantize_fp8_per_token(unsigned char* __restrict__ xq
 #pragma unroll
     for (int i = 0; i < VEC / 2; ++i) q[i] = to_e4m3x2(f[2 * i] / scale, f[2 * i + 1] / scale);
     if constexpr (VEC == 8) {
-      *reinterpret_cast<uint2*>(out + c * VEC) = *reinterpret_cast<uint2*>(q);
+      uint2 v;
+      v.x = (unsigned)q[0] | ((unsigned)q[1] << 16);
+      v.y = (unsigned)q[2] | ((unsigned)q[3] << 16);
+      *reinterpret_cast<uint2*>(out + c * VEC) = v;
     } else {
 #pragma unroll
       for (int i = 0; i < VEC / 2; ++i) reinterpret_cast<unsigned short*>(out + c * VEC)[i] = q[i];

@@ -64,7 +64,8 @@ def test_skinny_gemm_fp8_matches_reference(dtype, block_k, m):
     wq, scale = _weight(n, k, block_k, seed=m)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     bias = torch.randn(n, device="cuda", dtype=dtype)
-    for variant in [None, *fp8_cuda.SWEEP]:
+    # Every variant at one token in bf16 (what benchmarks/fp8.py sweeps); the default elsewhere.
+    for variant in [None, *fp8_cuda.SWEEP] if (m, dtype) == (1, torch.bfloat16) else [None]:
         got = fp8_cuda.skinny_gemm_fp8(x, wq, scale, bias, variant=variant)
         ref = F8.fp8_weight_only_ref(x, wq, scale, bias)
         torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2, atol=1e-2 * ref.abs().max().item())
