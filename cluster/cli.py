@@ -19,6 +19,7 @@ from pagedray.cluster.cli_chat import add_chat_parser
 from pagedray.cluster.cli_common import DefaultsHelpFormatter, read_flag_file, resolve_model
 from pagedray.cluster.cli_generate import add_generate_parser
 from pagedray.cluster.cli_info import add_info_parser
+from pagedray.cluster.serve_preflight import check_serve_args, flag_names
 from pagedray.cluster.serving.chat import load_chat_template
 
 logger = logging.getLogger("pagedray.serve")
@@ -57,6 +58,8 @@ def add_serve_parser(subparsers) -> None:
                    help="requests admitted at once; beyond it calls get RESOURCE_EXHAUSTED")
     p.add_argument("--auth-token-file", type=Path,
                    help="file holding the bearer token clients must send (default: $PAGEDRAY_AUTH_TOKEN)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a --host beyond loopback without a bearer token (anyone who reaches the port)")
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
@@ -83,6 +86,11 @@ def add_serve_parser(subparsers) -> None:
     p.set_defaults(func=_serve)
 
 
+_SCALING_FLAGS = {"min_replicas": "--min-replicas", "max_replicas": "--max-replicas", "replicas": "--replicas",
+                  "target_ongoing_requests": "--target-ongoing-requests", "upscale_delay_s": "--upscale-delay",
+                  "downscale_delay_s": "--downscale-delay"}
+
+
 def _scaling_config(args: argparse.Namespace):
     """--replicas/--min-replicas/--max-replicas as an AutoscalingConfig (fixed when min == max)."""
     from pagedray.cluster.serving.autoscaler import AutoscalingConfig
@@ -94,25 +102,25 @@ def _scaling_config(args: argparse.Namespace):
         config = AutoscalingConfig(min_replicas=low, max_replicas=high, initial_replicas=initial,
                                    target_ongoing_requests=args.target_ongoing_requests,
                                    upscale_delay_s=args.upscale_delay, downscale_delay_s=args.downscale_delay)
-    except ValueError as exc:
-        raise SystemExit(f"pagedray serve: {exc}")
+    except ValueError as exc:   # named by its fields: say the flags, as typed
+        raise ValueError(flag_names(str(exc), _SCALING_FLAGS)) from None
     if args.replica_backend != "ray" and config.max_replicas > 1:
-        raise SystemExit("pagedray serve: more than one replica (--replicas/--max-replicas) needs "
-                         "--replica-backend ray")
+        raise ValueError("more than one replica (--replicas/--max-replicas) needs --replica-backend ray")
     return config
 
 
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if (args.tls_cert is None) != (args.tls_key is None):
-        raise SystemExit("pagedray serve: --tls-cert and --tls-key go together")
-    scaling = _scaling_config(args)
-    # Unreadable files fail now, before a model loads.
+        raise ValueError("--tls-cert and --tls-key go together")
+    # Unreadable or bad files, taken ports: fail now, before a model loads.
     args.auth_token = read_flag_file(args.auth_token_file, "--auth-token-file") \
         if args.auth_token_file else os.environ.get("PAGEDRAY_AUTH_TOKEN") or None
     args.tls_cert_pem = read_flag_file(args.tls_cert, "--tls-cert", binary=True)
     args.tls_key_pem = read_flag_file(args.tls_key, "--tls-key", binary=True)
     args.chat_template_text = load_chat_template(args.chat_template) if args.chat_template else None
+    check_serve_args(args)
+    scaling = _scaling_config(args)
     model = resolve_model(args.model)
     kwargs = dict(device=args.device, tensor_parallel_size=args.tensor_parallel_size, executor=args.executor,
                   dtype=args.dtype, load_format=args.load_format, max_model_len=args.max_model_len,
@@ -123,8 +131,6 @@ def _serve(args: argparse.Namespace) -> int:
                   enable_chunked_prefill=args.enable_chunked_prefill, seed=args.seed,
                   quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     name = args.served_model_name or Path(model).name
-    if args.max_migrations < 0:
-        raise SystemExit(f"pagedray serve: --max-migrations must be >= 0, got {args.max_migrations}")
     return asyncio.run(_run(model, kwargs, name, args, scaling))
 
 
@@ -208,16 +214,29 @@ async def _run_server(frontend, name: str, args: argparse.Namespace, autoscaler=
     logger.info("ready: serving model %r on %s:%d (%s)%s, %d replica(s) ready", name, args.host, server.port,
                 "tls" if args.tls_cert else "plaintext", metrics, frontend.num_ready_replicas)
     await stop.wait()
-    logger.info("draining (up to %.0f s)", args.drain_timeout)
+    logger.info("draining (up to %.0f s; Ctrl-C again to stop at once)", args.drain_timeout)
+    drain = asyncio.create_task(_drain(server, http, autoscaler, args.drain_timeout))
+    for sig in (signal.SIGINT, signal.SIGTERM):   # a second signal cuts the drain short
+        loop.add_signal_handler(sig, drain.cancel)
+    try:
+        await drain
+    except asyncio.CancelledError:
+        logger.warning("second signal: stopping now, cancelling %d request(s)", frontend.num_pending)
+        await server.stop(0)
+        if http is not None:
+            await http.stop()
+    logger.info("stopped")
+    return 0
+
+
+async def _drain(server, http, autoscaler, timeout: float) -> None:
     if autoscaler is not None:
         await autoscaler.stop()
     if http is not None:
         http.draining = True   # new HTTP calls get 503; in-flight ones drain with gRPC's below
-    await server.stop(args.drain_timeout)
+    await server.stop(timeout)
     if http is not None:
         await http.stop()
-    logger.info("stopped")
-    return 0
 
 
 async def _start_http(server, name: str, args: argparse.Namespace, auth_token, chat_template):
@@ -337,7 +356,7 @@ def _print_completions(texts: dict[int, str], reasons: dict[int, int]) -> None:
 
 def _client_request(args: argparse.Namespace, pb):
     if args.prompt is None and args.token_ids is None:
-        raise SystemExit("pagedray client: give --prompt or --token-ids (or --list-models / --health)")
+        raise ValueError("give --prompt or --token-ids (or --list-models / --health)")
     sampling = pb.SamplingParams(stop=args.stop, ignore_eos=args.ignore_eos)
     for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "n", "logprobs"):
         value = getattr(args, name)
@@ -348,7 +367,7 @@ def _client_request(args: argparse.Namespace, pb):
         try:
             ids = [int(t) for t in args.token_ids.split(",") if t.strip()]
         except ValueError as exc:
-            raise SystemExit(f"pagedray client: --token-ids must be comma-separated integers ({exc})")
+            raise ValueError(f"--token-ids must be comma-separated integers ({exc})") from None
         request.prompt_token_ids.ids.extend(ids)
     else:
         request.prompt = args.prompt
@@ -373,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run a subcommand; a user's mistake (bad flag value, model folder, device, file, port) is one
     line on stderr and exit code 2, not a traceback."""
     args = build_parser().parse_args(argv)
+    # gRPC's C core logs to stderr on its own ("Got goaway", "add_port.cc"): our errors say it once.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:
         return args.func(args)
     except (ValueError, OSError, ImportError) as exc:

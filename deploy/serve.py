@@ -48,7 +48,7 @@ def serve_argv(argv: list[str], environ=os.environ) -> list[str]:
         raise SystemExit(f"deploy/serve.py: refusing to serve on {known.host} without authentication: pass "
                          f"--auth-token-file FILE or set PAGEDRAY_AUTH_TOKEN (clients send it as a bearer "
                          f"token), or --insecure to serve anyone who can reach the port")
-    return ["serve", *DEFAULTS, *[a for a in argv if a != "--insecure"]]
+    return ["serve", *DEFAULTS, *argv]   # serve applies the same rule (and knows --insecure)
 
 
 if __name__ == "__main__":

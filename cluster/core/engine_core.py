@@ -249,7 +249,7 @@ def _engine_info(config: EngineConfig, num_kv_blocks: int) -> EngineInfo:
                       max_model_len=mc.max_model_len, vocab_size=mc.vocab_size,
                       block_size=config.cache.block_size, num_kv_blocks=num_kv_blocks,
                       tensor_parallel_size=config.parallel.tensor_parallel_size,
-                      eos_token_ids=config_eos_token_ids(mc))
+                      eos_token_ids=config_eos_token_ids(mc), max_num_seqs=config.scheduler.max_num_seqs)
 
 
 def config_eos_token_ids(model_config) -> list[int]:

@@ -75,6 +75,7 @@ class EngineInfo(msgspec.Struct, omit_defaults=True):
     num_kv_blocks: int
     tensor_parallel_size: int
     eos_token_ids: list[int] = []
+    max_num_seqs: int = 0           # the scheduler's batch seats (0: not told)
 
 
 def sum_stats(stats: list[EngineStats]) -> EngineStats:

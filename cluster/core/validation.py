@@ -42,10 +42,16 @@ def check_request(prompt_token_ids: list[int], params: SamplingParams, info: Eng
     if params.max_tokens is not None and num_output_tokens >= params.max_tokens > 0:
         raise ValueError(f"the request already has {num_output_tokens} output tokens, max_tokens="
                          f"{params.max_tokens}: nothing is left to generate")
+    if params.max_tokens is not None and params.min_tokens > params.max_tokens:
+        raise ValueError(f"min_tokens={params.min_tokens} must be <= max_tokens={params.max_tokens} "
+                         f"(max_tokens unset: the rest of max_model_len={max_len} after the {n}-token prompt)")
     check_fits_kv_cache(n + num_output_tokens, n, params.max_tokens, max_len, info.num_kv_blocks, info.block_size)
     for name in ("logprobs", "prompt_logprobs"):
         if (getattr(params, name) or 0) > vocab:
             raise ValueError(f"{name} must be <= the vocabulary size {vocab}, got {getattr(params, name)}")
+    outside = [t for t in params.stop_token_ids if t >= vocab and t != params.eos_token_id and t not in info.eos_token_ids]
+    if outside:
+        raise ValueError(f"stop_token_ids holds token id {outside[0]} outside the vocabulary [0, {vocab})")
 
 
 def child_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -55,6 +61,8 @@ def child_params(params: SamplingParams, index: int) -> SamplingParams:
     if index > 0:
         child.prompt_logprobs = None   # computed once, by completion 0
     if params.seed is not None:
-        # Distinct but reproducible streams for each of the n samples.
-        child.seed = params.seed * 1_000_003 + index
+        # Distinct but reproducible streams for each of the n samples, wrapped into int64 (what the
+        # wire and SamplingParams hold); the sampler hashes the seed mod 2**64, so the wrap draws
+        # exactly the tokens the unwrapped value would.
+        child.seed = (params.seed * 1_000_003 + index + 2 ** 63) % 2 ** 64 - 2 ** 63
     return child

@@ -6,11 +6,11 @@ templates write their own BOS, and a second one would change what the model sees
 """
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import copy
 from pathlib import Path
 from typing import Any
+
+from pagedray.cluster.serving.limits import MAX_QUEUED_RENDERS, BoundedPool, check_chat_size, check_text
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
@@ -52,6 +52,7 @@ def _normalize_one(i: int, message: Any) -> dict[str, str]:
         content = "".join(texts)
     if not isinstance(content, str):
         raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
+    check_text(f"messages[{i}].content", content)
     return {"role": role, "content": content}
 
 
@@ -65,7 +66,7 @@ class ChatRenderer:
     def __init__(self, tokenizer: Any, template: str | None = None) -> None:
         self._source = tokenizer
         self._tokenizer: Any = None
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool: BoundedPool | None = None
         self.template = template
 
     @property
@@ -91,12 +92,16 @@ class ChatRenderer:
         text = self.render(messages)
         return {"prompt": text, "prompt_token_ids": list(self._own().encode(text, add_special_tokens=False))}
 
-    async def prompt_async(self, messages: Any) -> dict:
+    async def prompt_async(self, messages: Any, input_processor=None) -> dict:
         """`prompt()` on this renderer's one thread (so its tokenizer copy is never shared): a long
-        conversation does not stall the event loop's other streams while it renders and tokenizes."""
+        conversation does not stall the event loop's other streams while it renders and tokenizes.
+        With the front's `input_processor`, a conversation whose text alone could not fit
+        max_model_len is refused first (the completions' byte bound); at most MAX_QUEUED_RENDERS
+        wait for the thread (QueueFullError past that)."""
+        check_chat_size(messages, input_processor)
         if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chat-template")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.prompt, messages)
+            self._pool = BoundedPool(1, MAX_QUEUED_RENDERS, "chat-template")
+        return await self._pool.run(self.prompt, messages)
 
     def _own(self) -> Any:
         if self._tokenizer is None:

@@ -31,9 +31,11 @@ from pagedray.cluster.outputs import RequestOutput
 from pagedray.cluster.serving.engine_client import EngineClient
 from pagedray.common.errors import EngineDeadError
 from pagedray.cluster.serving.input_processor import InputProcessor, load_tokenizer
+from pagedray.cluster.serving.limits import QueueFullError
 from pagedray.cluster.serving.migration import resume_requests
 from pagedray.cluster.serving.output_processor import OutputProcessor, RequestState
 from pagedray.cluster.serving.router import Router
+from pagedray.common.quoting import clip, quote
 from pagedray.common.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -41,14 +43,15 @@ logger = logging.getLogger(__name__)
 __all__ = ["Frontend", "QueueFullError", "EngineDeadError"]
 
 
-class QueueFullError(RuntimeError):
-    """The admission limit is reached: retry later (gRPC RESOURCE_EXHAUSTED)."""
-
-
 @dataclass
 class _Request:
-    """One request in flight: where it runs and what its stream has to read."""
-    state: RequestState
+    """One request in flight: where it runs and what its stream has to read.
+
+    The client's request_id names it to the client only: the engine side (output processor,
+    router, cores) knows it by an id the frontend makes (`core.request_id`), so no client id can
+    collide with an id the engine derives (an n > 1 request's `completion_id`s)."""
+    client_id: str
+    state: RequestState               # keyed by core.request_id
     core: CoreRequest                 # as first sent (params with the engine's defaults filled)
     client: EngineClient | None = None
     core_ids: list[str] = field(default_factory=list)   # the ids the current client knows it by
@@ -77,8 +80,12 @@ class Frontend:
         self.info: EngineInfo | None = None
         self.input_processor: InputProcessor | None = None
         self.output_processor: OutputProcessor | None = None
-        self._requests: dict[str, _Request] = {}
-        self._by_core_id: dict[str, tuple[str, int]] = {}   # migrated completion id -> (request, index)
+        self._requests: dict[str, _Request] = {}             # by the client's request_id
+        self._by_core: dict[str, _Request] = {}              # by the frontend-made core id
+        self._by_core_id: dict[str, tuple[str, int]] = {}   # migrated completion id -> (core id, index)
+        self._next_core = 0
+        self._core_prefix = f"f{uuid.uuid4().hex[:8]}-"
+        self._admitting = 0                                  # admitted, still tokenizing
         self._pumps: dict[str, asyncio.Task] = {}
         self._stats: dict[str, EngineStats] = {}
         self._parked: list[_Request] = []                    # waiting for a replacement client
@@ -187,7 +194,7 @@ class Frontend:
             self._spawn(client.abort(processed.reqs_to_abort))
         now = time.monotonic()
         for state in processed.advanced:
-            req = self._requests.get(state.request_id)
+            req = self._by_core.get(state.request_id)
             if req is None:
                 continue
             self._observe(req, state, now)
@@ -226,7 +233,7 @@ class Frontend:
         could not be moved off a failed one). Closing the iterator early aborts the request.
         """
         req = await self._admit(prompt, params, request_id)
-        rid = req.state.request_id
+        rid = req.client_id
         try:
             while True:
                 await req.event.wait()
@@ -235,17 +242,24 @@ class Frontend:
                     raise req.error
                 if final_only:
                     if req.state.finished:
-                        yield req.state.make_output(delta=False)
+                        yield self._named(req.state.make_output(delta=False), rid)
                         return
                     continue
-                out = req.state.make_output(delta=True)
+                out = self._named(req.state.make_output(delta=True), rid)
                 if out.outputs or out.finished:
                     yield out
                 if out.finished:
                     return
         finally:
             self._forget(req, abort=not req.state.finished)
-            self._requests.pop(rid, None)
+            if self._requests.get(rid) is req:
+                del self._requests[rid]
+            self._by_core.pop(req.core.request_id, None)
+
+    @staticmethod
+    def _named(out: RequestOutput, client_id: str) -> RequestOutput:
+        out.request_id = client_id
+        return out
 
     async def _admit(self, prompt, params, request_id) -> _Request:
         if self._closed:
@@ -254,23 +268,32 @@ class Frontend:
             raise EngineDeadError("no replica has been added yet")
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         if request_id in self._requests:
-            raise ValueError(f"request_id {request_id!r} is already in flight")
-        if len(self._requests) >= self.max_pending_requests:
-            raise QueueFullError(f"{len(self._requests)} requests in flight: at max_pending_requests="
-                                 f"{self.max_pending_requests}, retry later")
+            raise ValueError(f"request_id {quote(request_id)} is already in flight")
+        # Those still tokenizing count too: the limit holds however many arrive at once.
+        if len(self._requests) + self._admitting >= self.max_pending_requests:
+            raise QueueFullError(f"{len(self._requests) + self._admitting} requests in flight: at "
+                                 f"max_pending_requests={self.max_pending_requests}, retry later")
         params = (params or SamplingParams()).clone()
-        text, token_ids = await self._tokenize(prompt)
-        core = self.input_processor.make_request(request_id, token_ids, params, time.time())
+        self._admitting += 1
+        try:
+            text, token_ids = await self._tokenize(prompt)
+        finally:
+            self._admitting -= 1
+        core_id = f"{self._core_prefix}{self._next_core}"
+        self._next_core += 1
+        core = self.input_processor.make_request(core_id, token_ids, params, time.time())
         if request_id in self._requests:   # taken while we tokenized
-            raise ValueError(f"request_id {request_id!r} is already in flight")
-        state = self.output_processor.add_request(request_id, text, token_ids, params)
-        req = _Request(state, core)
+            raise ValueError(f"request_id {quote(request_id)} is already in flight")
+        state = self.output_processor.add_request(core_id, text, token_ids, params)
+        req = _Request(request_id, state, core)
         self._requests[request_id] = req
+        self._by_core[core_id] = req
         try:
             self._place(req, cause=None, raise_errors=True)
         except BaseException:
-            self._requests.pop(request_id, None)
-            self.output_processor.abort_requests([request_id])
+            del self._requests[request_id]
+            del self._by_core[core_id]
+            self.output_processor.abort_requests([core_id])
             raise
         return req
 
@@ -312,6 +335,10 @@ class Frontend:
             await client.add(requests)
         except EngineDeadError:
             pass   # its pump sees the death and moves the request
+        except Exception as exc:   # noqa: BLE001 - not handed over: fail it now, never leave it in flight
+            logger.warning("request %s could not be handed to %s: %s", quote(req.client_id), client.name, exc)
+            self._fail(req, EngineDeadError(f"the request could not be handed to its engine "
+                                            f"({type(exc).__name__}: {clip(str(exc), 200)})"))
 
     def _core_requests(self, req: _Request) -> list[CoreRequest]:
         """What to send: the request whole, or (after a move) the rest of each unfinished completion."""
@@ -341,7 +368,7 @@ class Frontend:
         req.client = None
         if req.migrations >= self.max_migrations:
             self._fail(req, EngineDeadError(
-                f"request {req.state.request_id!r} failed: its replica failed ({error}) and it was already "
+                f"request {quote(req.client_id)} failed: its replica failed ({error}) and it was already "
                 f"moved {req.migrations} time(s), the limit (max_migrations={self.max_migrations})"))
             return
         req.migrations += 1

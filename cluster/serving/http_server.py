@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import ssl
 from pathlib import Path
@@ -26,6 +25,9 @@ from pagedray.cluster.serving.frontend import QueueFullError
 from pagedray.cluster.serving.chat import ChatRenderer
 from pagedray.cluster.serving.detokenizer import TokenTexts
 from pagedray.cluster.serving.endpoint_auth import bearer_matches, checked_token
+from pagedray.cluster.serving.http_guard import (BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_CONNECTIONS, BodyTimeout,
+                                                 BoundedSite, guarded_runner, read_body)
+from pagedray.cluster.serving.limits import check_seats, parse_json
 from pagedray.cluster.serving.openai_protocol import (OpenAIError, ParsedRequest, ResponseBuilder,
                                                       bad_request, check_model, parse_chat,
                                                       parse_completion, render_error)
@@ -94,7 +96,9 @@ class HttpServer:
 
     def __init__(self, frontend: Any, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
                  auth_token: str | None = None, tls_cert: str | Path | None = None,
-                 tls_key: str | Path | None = None, chat_template: str | None = None) -> None:
+                 tls_key: str | Path | None = None, chat_template: str | None = None,
+                 header_timeout: float = HEADER_TIMEOUT_S, body_timeout: float = BODY_TIMEOUT_S,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self._token = checked_token(auth_token, tls_cert, tls_key)
         self.frontend, self.model_name = frontend, model_name
         self.host, self.requested_port = host, port
@@ -107,6 +111,8 @@ class HttpServer:
         self.draining = False
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
+        self._site: BoundedSite | None = None
+        self.header_timeout, self.body_timeout, self.max_connections = header_timeout, body_timeout, max_connections
 
     def build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors, self._auth], client_max_size=64 << 20)
@@ -117,11 +123,18 @@ class HttpServer:
         return app
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.build_app(), handler_cancellation=True, access_log=None)
+        # Slow senders are cut off (header and body timeouts) and connections bounded: see http_guard.
+        self._runner = guarded_runner(self.build_app(), self.header_timeout, handler_cancellation=True,
+                                      access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.requested_port, ssl_context=self._ssl)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._site = BoundedSite(self._runner, self.host, self.requested_port, ssl_context=self._ssl,
+                                 max_connections=self.max_connections)
+        await self._site.start()
+        self.port = self._site.port
+
+    @property
+    def num_connections(self) -> int:
+        return self._site.num_connections if self._site is not None else 0
 
     @property
     def url(self) -> str:
@@ -171,18 +184,23 @@ class HttpServer:
         body = await self._body(request)
         check_model(body, self.model_name)
         try:
-            prompt = await self.chat.prompt_async(body.get("messages"))
+            prompt = await self.chat.prompt_async(body.get("messages"), self.frontend.input_processor)
         except ValueError as exc:
             raise render_error(exc) from exc
+        except QueueFullError as exc:
+            raise _engine_error(exc, body, {}) from exc
         return await self._serve(request, body, parse_chat(body, self.model_name, prompt), chat=True)
 
     async def _body(self, request: web.Request) -> dict:
         if self.draining:
             raise OpenAIError(503, "the server is draining", type="service_unavailable")
         try:
-            body = await request.json(loads=json.loads)
-        except ValueError as exc:
-            raise OpenAIError(400, f"the request body is not valid JSON: {exc}") from exc
+            body = parse_json(await read_body(request, self.body_timeout))
+        except BodyTimeout as exc:
+            raise OpenAIError(408, str(exc), code="request_timeout") from exc
+        except ValueError as exc:   # bad JSON, too deep, a lone surrogate (named by its path)
+            field = str(exc).split(" ", 1)[0].split(".")[0].split("[")[0]
+            raise OpenAIError(400, str(exc), param=None if field in ("the", "a") else field) from exc
         if not isinstance(body, dict):
             raise OpenAIError(400, "the request body must be a JSON object")
         return body
@@ -190,6 +208,10 @@ class HttpServer:
     # -- generation -----------------------------------------------------------------------------
     async def _serve(self, request: web.Request, body: dict, parsed: ParsedRequest,
                      chat: bool) -> web.StreamResponse:
+        try:
+            check_seats(parsed.params.n, len(parsed.prompts), self.frontend.info)
+        except ValueError as exc:
+            raise _engine_error(exc, body, parsed.aliases) from exc
         builder = ResponseBuilder(parsed, self.model_name, self.strings, chat)
         streams = [self.frontend.generate(prompt, parsed.params, request_id)
                    for prompt, request_id in zip(parsed.prompts, builder.request_ids())]

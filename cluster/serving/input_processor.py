@@ -10,6 +10,7 @@ import math
 
 from pagedray.cluster.core.messages import CoreRequest, EngineInfo
 from pagedray.cluster.core.validation import apply_defaults, check_request
+from pagedray.cluster.serving.limits import check_text
 from pagedray.common.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -31,10 +32,11 @@ class InputProcessor:
                 raise ValueError("prompt must not be empty")
             if self.tokenizer is None:
                 raise ValueError("prompt is text but this model has no tokenizer: pass prompt_token_ids")
+            check_text("prompt", prompt)
             return prompt, list(self.tokenizer.encode(prompt))
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
-            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
+            if not isinstance(ids, (list, tuple)) or not all(type(t) is int for t in ids):
                 raise ValueError("prompt_token_ids must be a list of integers")
             return prompt.get("prompt"), list(ids)
         raise ValueError(f"prompt must be a str or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
@@ -42,15 +44,20 @@ class InputProcessor:
     def check_text_size(self, prompt: str) -> None:
         """Refuse, before tokenizing, a text that could never fit max_model_len: no token of this
         vocabulary covers more than `max_token_bytes` bytes of text."""
-        max_len = self.info.max_model_len
-        if self.tokenizer is None or len(prompt) < max_len:
+        if self.tokenizer is None or len(prompt) < self.info.max_model_len:
             return   # fewer chars than max_model_len: it may fit (and tokenizing it is cheap)
+        self.check_byte_size(len(prompt.encode("utf-8", "surrogatepass")), "prompt")
+
+    def check_byte_size(self, size: int, field: str) -> None:
+        """Refuse `size` bytes of text under `field` when no tokenization of it fits max_model_len."""
+        max_len = self.info.max_model_len
+        if self.tokenizer is None or size < max_len:
+            return
         if self._max_token_bytes is None:
             self._max_token_bytes = max_token_bytes(self.tokenizer)
-        size = len(prompt.encode("utf-8", "surrogatepass"))
         fewest = math.ceil(size / self._max_token_bytes)
         if fewest >= max_len:
-            raise ValueError(f"prompt is {size} bytes, so at least {fewest} tokens (no token of this model "
+            raise ValueError(f"{field} is {size} bytes, so at least {fewest} tokens (no token of this model "
                              f"covers more than {self._max_token_bytes} bytes): it must be shorter than "
                              f"max_model_len={max_len} tokens")
 

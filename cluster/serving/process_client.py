@@ -19,7 +19,6 @@ import logging
 import multiprocessing
 import os
 import shutil
-import tempfile
 from typing import Any, AsyncIterator
 
 import zmq
@@ -29,6 +28,7 @@ from pagedray.cluster.core.messages import CoreOutputs, CoreRequest, EngineInfo,
 from pagedray.cluster.core.process import DEFAULT_CORE_FACTORY, CoreStartup, Wire, run_engine_core
 from pagedray.cluster.serving.engine_client import EngineClient
 from pagedray.common.errors import EngineDeadError
+from pagedray.cluster.serving.ipc_dirs import make_ipc_dir
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class ProcessClient(ZmqCoreClient):
 
     async def start(self) -> None:
         from pagedray.models.registry import ModelRegistry
-        self._ipc_dir = tempfile.mkdtemp(prefix="pagedray-core-")
+        self._ipc_dir = make_ipc_dir("core")
         startup = CoreStartup(self.model, self.engine_kwargs, f"ipc://{self._ipc_dir}/in",
                               f"ipc://{self._ipc_dir}/out", self.heartbeat_s, self.core_factory,
                               num_threads=self._threads())

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import tempfile
 import threading
 import uuid
 from typing import Any
@@ -30,6 +29,7 @@ import zmq
 
 from pagedray.cluster.core.process import DEFAULT_CORE_FACTORY, CoreStartup, bind_sockets, endpoint, serve
 from pagedray.common.errors import EngineDeadError
+from pagedray.cluster.serving.ipc_dirs import make_ipc_dir
 from pagedray.cluster.serving.process_client import ZmqCoreClient, threads_override
 
 __all__ = ["RayClient", "CoreActor"]
@@ -147,7 +147,7 @@ class RayClient(ZmqCoreClient):
         startup = CoreStartup(self.model, self.engine_kwargs, "", "", self.heartbeat_s, self.core_factory,
                               env, self._threads())
         actor_cls = ray.remote(CoreActor).options(**self.actor_options(), max_concurrency=4)
-        self._ipc_dir = tempfile.mkdtemp(prefix="pagedray-actor-")
+        self._ipc_dir = make_ipc_dir("actor")
         self.actor = actor_cls.remote(self._wire.encode(startup), ModelRegistry.out_of_tree(),
                                       ray.get_runtime_context().get_node_id(), self._ipc_dir)
         try:

@@ -24,6 +24,8 @@ from pagedray.cluster.serving.detokenizer import TokenTexts
 from pagedray.cluster.serving.endpoint_auth import bearer_matches, checked_token
 from pagedray.common.errors import EngineDeadError
 from pagedray.cluster.serving.frontend import Frontend, QueueFullError
+from pagedray.cluster.serving.http_guard import MetricsServer
+from pagedray.cluster.serving.limits import MAX_N, check_seats
 from pagedray.protos import generate_pb2 as pb
 from pagedray.protos import generate_pb2_grpc as pb_grpc
 from pagedray.common.quoting import clip, quote
@@ -32,7 +34,6 @@ from pagedray.common.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
-MAX_N = 256                 # children per request: bounds the work one call can queue
 MAX_LOGPROBS = 20           # vLLM's default max_logprobs
 MAX_REQUEST_ID_CHARS = 256
 # A unary reply must fit a client's default gRPC receive limit (4 MiB); larger ones need the stream.
@@ -47,6 +48,10 @@ _FLOATS = {"temperature", "top_p", "min_p", "repetition_penalty", "presence_pena
 
 class UnknownModelError(LookupError):
     pass
+
+
+class ChatInput(list):
+    """A call's chat messages, rendered later off the event loop (`ChatRenderer.prompt_async`)."""
 
 
 # -- proto <-> engine ----------------------------------------------------------------
@@ -80,7 +85,7 @@ def parse_request(request: pb.GenerateRequest, served_model: str,
     if which == "chat":
         if chat is None:
             raise ValueError("chat: this server does not render chat messages")
-        prompt = chat.prompt([{"role": m.role, "content": m.content} for m in request.chat.messages])
+        prompt = ChatInput({"role": m.role, "content": m.content} for m in request.chat.messages)
     else:
         prompt = request.prompt if which == "prompt" else {"prompt_token_ids": list(request.prompt_token_ids.ids)}
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
@@ -196,6 +201,9 @@ class GenerationService(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is draining")
         try:
             prompt, params, request_id = parse_request(request, self.model_name, self.chat)
+            check_seats(params.n, 1, self.frontend.info)
+            if isinstance(prompt, ChatInput):   # rendered and tokenized on the chat thread, bounded
+                prompt = await self.chat.prompt_async(prompt, self.frontend.input_processor)
             if unary:
                 check_unary_reply(params, self.frontend.info.max_model_len)
             async with contextlib.aclosing(self.frontend.generate(prompt, params, request_id,
@@ -298,6 +306,7 @@ class GenerateServer:
         self.requested_metrics_port = metrics_port
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self._metrics_http: MetricsServer | None = None
 
     async def start(self) -> None:
         pb_grpc.add_GenerationServicer_to_server(self.service, self.server)
@@ -306,7 +315,8 @@ class GenerateServer:
                                             self.server)
         self.port = self._bind(f"{self.host}:{self.requested_port}")
         if self.requested_metrics_port is not None:
-            self.metrics_port = self.frontend.metrics.serve_http(self.requested_metrics_port, self.host)
+            self._metrics_http = MetricsServer(self.frontend.metrics.registry, self.host, self.requested_metrics_port)
+            self.metrics_port = await self._metrics_http.start()
         self.frontend.router.on_change(self._on_replicas_changed)
         await self.server.start()
         await self._set_health(self.frontend.is_healthy)
@@ -349,6 +359,8 @@ class GenerateServer:
         await self.server.stop(max(0.5, deadline - time.monotonic()) if self.frontend.num_pending == 0 else 0)
         await self.frontend.shutdown()
         self.frontend.metrics.close()
+        if self._metrics_http is not None:
+            await self._metrics_http.stop()
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()

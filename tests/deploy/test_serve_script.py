@@ -42,7 +42,7 @@ def test_joins_the_cluster_and_hands_the_arguments_on(monkeypatch, tmp_path):
                                        (["--host", "127.0.0.1"], {})])
 def test_token_insecure_or_loopback_may_start(monkeypatch, extra, env):
     calls = _run(monkeypatch, ["--model", "/m", *extra], env)
-    assert calls == [[*DEFAULTS, "--model", "/m", *[a for a in extra if a != "--insecure"]]]
+    assert calls == [[*DEFAULTS, "--model", "/m", *extra]]
 
 
 @pytest.mark.parametrize("extra,env", [([], {}), (["--host", "10.0.0.5"], {}), ([], {"PAGEDRAY_AUTH_TOKEN": " "})])

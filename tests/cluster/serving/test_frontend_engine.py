@@ -96,7 +96,7 @@ def test_cancel_during_a_move_leaves_no_block_held(model_path, when):
         assert victims
         _kill(a)
         if when == "after the move":
-            while any(frontend._requests[r].migrations == 0 for r in victims):
+            while any(frontend._by_core[r].migrations == 0 for r in victims):   # the router knows core ids
                 await asyncio.sleep(0.005)
         for s in streams:
             await s.aclose()
