@@ -184,7 +184,8 @@ class HttpServer:
         body = await self._body(request)
         check_model(body, self.model_name)
         try:
-            prompt = await self.chat.prompt_async(body.get("messages"), self.frontend.input_processor)
+            inputs = getattr(self.frontend, "input_processor", None)   # the byte bound, before rendering
+            prompt = await self.chat.prompt_async(body.get("messages"), inputs)
         except ValueError as exc:
             raise render_error(exc) from exc
         except QueueFullError as exc:

@@ -192,6 +192,10 @@ BAD_REQUESTS = [
     ("presence_penalty", _request("hi", presence_penalty=3.0)),
     ("frequency_penalty", _request("hi", frequency_penalty=-2.5)),
     ("repetition_penalty", _request("hi", repetition_penalty=0.0)),
+    # Values that once passed validation and then failed on the way to the core (issue 23).
+    ("stop_token_ids", _request("hi", stop_token_ids=[VOCAB + 5])),
+    ("min_tokens", _request("hi", min_tokens=2 ** 31 - 1)),
+    ("n", _request("hi", n=200)),   # over half the 256 batch seats
     ("seed", None),  # filled below: an int64 seed is valid, so it must pass
     ("request_id", pb.GenerateRequest(prompt="hi", request_id="x" * 300)),
 ]

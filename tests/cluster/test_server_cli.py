@@ -77,3 +77,30 @@ def test_cli_is_built_from_subparsers():
     assert (args.command, args.port, args.executor, args.host) == ("serve", 0, "local", "127.0.0.1")
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--executor", "slurm"])
+
+
+def test_a_second_signal_cuts_the_drain_short(tmp_path):
+    """SIGTERM drains (up to --drain-timeout); a second signal stops at once, cancelling what runs."""
+    import grpc
+    from testkit.grpc_cases import make_request
+    from testkit.tiny_models import make_tiny_llama
+    from pagedray.protos import generate_pb2_grpc as pb_grpc
+    ckpt = make_tiny_llama(tmp_path / "long", max_position_embeddings=4096)
+    server = _Server(["--model", ckpt, "--port", "0", "--device", "cpu", "--block-size", "16",
+                      "--num-kv-blocks", "300", "--drain-timeout", "600"])
+    try:
+        port = server.wait_for(r"ready: serving model '\S+' on 127\.0\.0\.1:(\d+)").group(1)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stream = pb_grpc.GenerationStub(channel).GenerateStream(
+                make_request("long", max_tokens=4000, ignore_eos=True), timeout=300)
+            next(stream)                                   # running: the drain has to wait for it
+            server.proc.send_signal(signal.SIGTERM)
+            server.wait_for("draining", timeout=30)
+            server.proc.send_signal(signal.SIGINT)
+            server.wait_for("second signal: stopping now", timeout=30)
+            with pytest.raises(grpc.RpcError):             # cut off, not run to its 4000 tokens
+                for _ in stream:
+                    pass
+        assert server.proc.wait(timeout=60) == 0
+    finally:
+        server.stop()

@@ -288,8 +288,8 @@ def _value(rng, depth: int = 0):
     """A JSON value that hits edges: integer and float limits, odd strings, wrong shapes."""
     kind = rng.randrange(9 if depth < 3 else 6)
     if kind == 0:
-        return rng.choice([0, 1, -1, 2, 3, 255, VOCAB, 2 ** 31 - 1, 2 ** 31, 2 ** 63 - 1, 2 ** 63, 2 ** 64, -2 ** 63 - 1,
-                           10 ** 20, -10 ** 20])
+        return rng.choice([0, 1, -1, 2, 3, 255, VOCAB, 2 ** 31 - 1, 2 ** 31, 2 ** 63 - 1, 2 ** 63, 2 ** 64,
+                           -2 ** 63 - 1, 10 ** 20, -10 ** 20])
     if kind == 1:
         return rng.choice([0.0, 0.5, 1.0, -0.5, 1e-9, 2.5, 1e30, -1e30, float("nan"), float("inf")])
     if kind == 2:

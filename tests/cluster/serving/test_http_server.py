@@ -147,6 +147,12 @@ def test_pagedray_chat_with_address_talks_grpc_chat(served):
     (dict(prompt="Hi", suffix="!"), 400, "suffix"),
     (dict(prompt="Hi", extra_body={"top_k": -5}), 400, "top_k"),
     (dict(prompt="Hi", model="gpt-4"), 404, "model"),
+    # Values that once passed validation and then failed on the way to the core (issue 23).
+    (dict(prompt="Hi", seed=2 ** 64), 400, "seed"),
+    (dict(prompt="Hi", extra_body={"top_k": 10 ** 20}), 400, "top_k"),
+    (dict(prompt="Hi", extra_body={"stop_token_ids": [10 ** 20]}), 400, "stop_token_ids"),
+    (dict(prompt="Hi", max_tokens=None, extra_body={"min_tokens": 10 ** 20}), 400, "min_tokens"),
+    (dict(prompt="Hi", n=200), 400, "n"),
 ])
 def test_errors_in_openai_shape(served, kwargs, status, param):
     kwargs.setdefault("model", "tiny")
