@@ -19,6 +19,7 @@ import torch
 from common import append_results, copy_bandwidth, markdown_table
 from kernel_bench import _paged, bench
 from pagedray.kernels import attention_cuda
+from pagedray.kernels import options as kernel_options
 
 SHAPES = [(256, 128), (256, 384), (256, 512), (128, 1024), (64, 2048), (32, 384), (1, 512)]
 
@@ -36,12 +37,10 @@ def run_shape(num_seqs: int, ctx: int, variants, partition: int | None, bandwidt
     want = call().float()
     rows = []
     for warps, prefetch, tpg in variants:
-        attention_cuda.VARIANT.update(NUM_WARPS=warps, PREFETCH=prefetch, TPG_MAX=tpg)
-        try:
+        fixed = {k: v for k, v in (("NUM_WARPS", warps), ("PREFETCH", prefetch), ("TPG_MAX", tpg)) if v is not None}
+        with kernel_options.override(attention_variant=fixed):
             err = (call().float() - want).abs().max().item()
             ms = bench(call)
-        finally:
-            attention_cuda.VARIANT.update(NUM_WARPS=None, PREFETCH=None, TPG_MAX=None)
         rows.append([f"B{num_seqs} ctx{ctx}" + (f" split{partition}" if partition else ""),
                      f"warps {warps}, prefetch {prefetch}, tpg<={tpg}", f"{ms * 1e3:.1f}",
                      f"{nbytes / ms / 1e6:.0f}", f"{nbytes / ms / 1e6 / bandwidth:.0%}", f"{err:.1e}"])

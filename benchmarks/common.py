@@ -8,7 +8,6 @@ numbers they divide, never taken from a datasheet.
 from __future__ import annotations
 
 import datetime
-import importlib
 import json
 import os
 import pathlib
@@ -19,6 +18,8 @@ import sys
 import time
 
 import torch
+
+from pagedray.common import envs
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -134,8 +135,8 @@ def card() -> str:
 
 
 def commit() -> str:
-    if os.environ.get("PAGEDRAY_COMMIT"):   # a copied tree without .git (the device's carried folder)
-        return os.environ["PAGEDRAY_COMMIT"]
+    if envs.commit():   # a copied tree without .git (the device's carried folder)
+        return envs.commit()
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=RESULTS.parent, timeout=5)
@@ -167,17 +168,18 @@ def timed_generate(llm, prompts: list[list[int]], temperature: float, output_len
     return elapsed
 
 
-def set_kernel_options(options: list[str]) -> None:
-    """`module.NAME=value` under pagedray (e.g. kernels.ops.SPLIT_MIXED_STEPS=0,
-    workers.sampler.FUSED_SAMPLING=1), for A/B runs of one switch."""
-    for option in options:
-        target, value = option.split("=", 1)
-        module, name = target.rsplit(".", 1)
-        mod = importlib.import_module(f"pagedray.{module}")
-        if not hasattr(mod, name):
-            raise ValueError(f"--kernel-option {option}: pagedray.{module} has no {name}")
-        setattr(mod, name, type(getattr(mod, name))(int(value) if value.lstrip("-").isdigit() else value))
-        print(f"option: pagedray.{module}.{name} = {getattr(mod, name)!r}", flush=True)
+KERNEL_OPTION_HELP = ("a KernelOptions field as name=value (repeatable), e.g. split_mixed_steps=0, "
+                      "prefill_backend=reference, attention_variant.NUM_WARPS=8; the engine config carries it "
+                      "to every worker")
+
+
+def kernel_options(items: list[str]):
+    """The engine's KernelOptions from --kernel-option items (for LLM(kernel_options=...)), for A/B runs."""
+    from pagedray.common.config import KernelOptions
+    options = KernelOptions.parse(items)
+    if items:
+        print(f"kernel options: {options}", flush=True)
+    return options
 
 
 def require_min(args, minimum: int, *names: str) -> None:

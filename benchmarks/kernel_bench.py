@@ -19,6 +19,7 @@ import sys
 import torch
 
 from pagedray.kernels import attention_cuda, cache_ops, elementwise, reference
+from pagedray.kernels import options as kernel_options
 
 HEADER = "# Benchmark results\n\nAppend-only; each section names its card, date and command.\n"
 
@@ -111,23 +112,22 @@ def bench_decode(t: Table, num_seqs=64, ctx=2048, heads=32, kv_heads=8, head_siz
         ref_ms = ref_bench(lambda: reference.paged_attention(q, kc, vc, bt, [ctx] * num_seqs, [1] * num_seqs,
                                                              scale))
     shape = f"B{num_seqs} ctx{ctx} H{heads}/{kv_heads}x{head_size} bs{block_size} {str(dtype)[6:]}"
-    saved = dict(attention_cuda.VARIANT)
     variants = ((None, None), (0, 0)) if with_ref else ((None, None),)
     for xpose, prefetch in variants:
-        attention_cuda.VARIANT.update(SCORE_XPOSE=xpose, PREFETCH=prefetch)
-        for label, part in (("1-pass", 0), ("split512", 512), ("split256", 256)):
-            if part == 256 and (not with_ref or xpose is not None):
-                continue
+        fixed = {} if xpose is None else {"SCORE_XPOSE": xpose, "PREFETCH": prefetch}
+        with kernel_options.override(attention_variant=fixed):
+            for label, part in (("1-pass", 0), ("split512", 512), ("split256", 256)):
+                if part == 256 and (not with_ref or xpose is not None):
+                    continue
 
-            def run(part=part):
-                return attention_cuda.paged_attention_decode(q, kc, vc, bt, sl, scale, max_seq_len=ctx,
-                                                             partition_size=part)
-            note = label + (", default variant" if xpose is None else ", plain variant")
-            if with_ref:
-                err = (run().float() - want.float()).abs().max().item()
-                note += f", max|err| {err:.1e}"
-            t.add("paged_attention decode", shape, nbytes, bench(run), ref_ms, note)
-    attention_cuda.VARIANT.update(saved)
+                def run(part=part):
+                    return attention_cuda.paged_attention_decode(q, kc, vc, bt, sl, scale, max_seq_len=ctx,
+                                                                 partition_size=part)
+                note = label + (", default variant" if xpose is None else ", plain variant")
+                if with_ref:
+                    err = (run().float() - want.float()).abs().max().item()
+                    note += f", max|err| {err:.1e}"
+                t.add("paged_attention decode", shape, nbytes, bench(run), ref_ms, note)
     hpb = attention_cuda.heads_per_cta(heads // kv_heads)
     split = attention_cuda.use_split(num_seqs * heads // hpb, ctx, torch.cuda.get_device_properties(0).multi_processor_count)
     print(f"  ({shape}: the launcher's default picks {'split512' if split else '1-pass'})", flush=True)

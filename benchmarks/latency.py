@@ -25,7 +25,7 @@ import torch
 
 from decode_profile import graph_replay_ms
 from common import (run_hf_baseline, SHAPES, append_results, copy_bandwidth, kv_bytes_per_token, markdown_table, param_counts,
-                    random_prompts, require_min, set_kernel_options, timed_generate, write_config)
+                    random_prompts, require_min, timed_generate, write_config, KERNEL_OPTION_HELP, kernel_options)
 
 
 
@@ -67,7 +67,6 @@ def floor_ms(args, bs: int, bandwidth_gbs: float) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    set_kernel_options(args.kernel_option)
     from pagedray.cluster import LLM
     cuda = args.device.startswith("cuda")
     bandwidth = copy_bandwidth() if cuda else None
@@ -79,7 +78,8 @@ def main(argv=None) -> int:
         llm = LLM(write_config(args.shape, tmp), load_format="dummy", dtype=args.dtype, device=args.device,
                   quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                   max_model_len=args.input_len + args.output_len, max_num_seqs=max(args.batch_sizes),
-                  enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization)
+                  enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization,
+                  kernel_options=kernel_options(args.kernel_option))
         startup = time.perf_counter() - start
         runner = llm.llm_engine.executor.worker.runner
         graphs = runner.graphs
@@ -162,7 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="context per sequence in the profile (default: the mean context of the run)")
     p.add_argument("--results", default=None, help="append the table to this file (e.g. benchmarks/RESULTS.md)")
     p.add_argument("--kernel-option", action="append", default=[],
-                   help="module.NAME=value under pagedray, e.g. kernels.ops.SKINNY_GEMM=1 (as in throughput.py)")
+                   help=KERNEL_OPTION_HELP)
     args = p.parse_args(argv)
     if min(args.batch_sizes) < 1:
         raise ValueError(f"--batch-sizes must be >= 1, got {args.batch_sizes}")

@@ -21,7 +21,7 @@ import torch
 from common import append_results, copy_bandwidth, markdown_table
 
 from pagedray.kernels import reference, sample_cuda
-from pagedray.workers import sampler as sampler_mod
+from pagedray.kernels import options as kernel_options
 from pagedray.workers.sampler import Sampler, SamplingRow
 from pagedray.common.sampling_params import SamplingParams
 
@@ -74,12 +74,10 @@ def bench(rows: int, vocab: int, mode: str, bw_gbs: float, cycles_per_ms: float)
 
     def call():
         return sampler.sample(logits, rows_)
-    default = sampler_mod.FUSED_SAMPLING
-    sampler_mod.FUSED_SAMPLING = False
-    today, host_today, dry1 = timed(call, cycles_per_ms)
-    sampler_mod.FUSED_SAMPLING = True
-    fused, host_fused, dry2 = timed(call, cycles_per_ms)
-    sampler_mod.FUSED_SAMPLING = default
+    with kernel_options.override(fused_sampling=False):
+        today, host_today, dry1 = timed(call, cycles_per_ms)
+    with kernel_options.override(fused_sampling=True):
+        fused, host_fused, dry2 = timed(call, cycles_per_ms)
     temps = torch.full((rows,), temperature, device="cuda")
     keys = torch.randint(0, 1 << 32, (rows, 2), device="cuda", generator=g)
     kernel, _, dry3 = timed(lambda: sample_cuda.race_sample(logits, temps, keys), cycles_per_ms)

@@ -27,7 +27,7 @@ import time
 import torch
 
 from common import (run_hf_baseline, SHAPES, append_results, copy_bandwidth, markdown_table, matmul_tflops, random_prompts,
-                    require_min, set_kernel_options, timed_generate, workload_flops, write_config)
+                    KERNEL_OPTION_HELP, kernel_options, require_min, timed_generate, workload_flops, write_config)
 from stage_timer import StageTimer, gpu_idle_report, profile_steps
 
 
@@ -48,7 +48,8 @@ def build_llm(args, path: str):
                   max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
                   gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
                   seed=args.seed, async_scheduling=False if args.no_async_scheduling else None,
-                  quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+                  quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                  kernel_options=kernel_options(args.kernel_option))
     if args.num_kv_blocks:
         kwargs["num_kv_blocks"] = args.num_kv_blocks
     return LLM(path, **kwargs)
@@ -84,7 +85,6 @@ def allocator_counts() -> dict[str, int]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    set_kernel_options(args.kernel_option)
     # Kernel variants compiled mid-run show up as timed log lines.
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("pagedray.kernels._compile").setLevel(logging.INFO)
@@ -277,7 +277,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    default=["generate", "generate_batch"], help="HF peers: generate, generate_batch")
     p.add_argument("--hf-cb-num-requests", type=int, default=256, help="requests through generate_batch")
     p.add_argument("--breakdown", action="store_true")
-    p.add_argument("--kernel-option", action="append", default=[], help="module.NAME=value under pagedray, e.g. kernels.ops.SPLIT_MIXED_STEPS=0")
+    p.add_argument("--kernel-option", action="append", default=[], help=KERNEL_OPTION_HELP)
     p.add_argument("--gpu-idle", action="store_true", help="profile two windows of the overlapped loop: GPU busy vs idle")
     p.add_argument("--breakdown-requests", type=int, default=256)
     p.add_argument("--main-runs", type=int, default=1,

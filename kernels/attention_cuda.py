@@ -15,6 +15,7 @@ import torch
 
 from pagedray.kernels import CUDA_BLOCK_SIZES
 from pagedray.kernels import _compile as C
+from pagedray.kernels.options import current as options
 
 PARTITION_SIZE = 512
 NUM_WARPS = 4
@@ -24,9 +25,8 @@ MAX_HEADS_PER_CTA = 8
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Compile-time variants of paged_attention.cu (see there): SCORE_XPOSE, the transposed score
 # reduction; PREFETCH, loading tile n+1 while tile n is computed; TPG_MAX, rows per lane group
-# per tile; NUM_WARPS per CTA. A None entry takes the measured default of `variant`; tests and
-# benchmarks fix entries to run the others.
-VARIANT: dict[str, int | None] = {"SCORE_XPOSE": None, "PREFETCH": None, "TPG_MAX": None, "NUM_WARPS": None}
+# per tile; NUM_WARPS per CTA. An entry not fixed by KernelOptions.attention_variant takes the
+# measured default of `variant`; tests and benchmarks fix entries to run the others.
 # A one-pass grid of at least this many CTAs per SM (large decode batches) takes the variant with
 # fewer registers (2 warps, no prefetch, 4 rows per tile): more CTAs stay resident, which is what
 # short and medium contexts need; smaller grids keep the deeper pipeline (benchmarks/attention_sweep.py).
@@ -37,7 +37,7 @@ MANY_CTAS_PER_SM = 6
 
 
 def variant(hpb: int, many_ctas: bool = False, few_ctas: bool = False) -> dict[str, int]:
-    """The -D constants of paged_attention.cu: VARIANT's fixed entries, else the measured defaults."""
+    """The -D constants of paged_attention.cu: the attention_variant option's entries, else the measured defaults."""
     default = {"SCORE_XPOSE": 1, "PREFETCH": int(hpb >= 2), "NUM_WARPS": NUM_WARPS, "TPG_MAX": None}
     if many_ctas:
         default.update(PREFETCH=0, NUM_WARPS=2, TPG_MAX=4)
@@ -45,7 +45,7 @@ def variant(hpb: int, many_ctas: bool = False, few_ctas: bool = False) -> dict[s
         default.update(PREFETCH=0, NUM_WARPS=8)
     chosen = {}
     for name, value in default.items():
-        fixed = VARIANT.get(name)
+        fixed = options().attention_variant.get(name)
         value = value if fixed is None else fixed
         if value is not None:
             chosen[name] = value

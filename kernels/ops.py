@@ -15,25 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from pagedray.kernels import cuda_available, reference
+from pagedray.kernels.options import current as options
 
 logger = logging.getLogger(__name__)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Prefill and mixed steps on GPU: "triton" (kernels/prefill_triton.py) or "reference".
-# Triton: 341 us against 6.4 ms for the reference (H200, 8 prompts of 1024 tokens, 32/8x128 bf16).
-PREFILL_BACKEND = "triton"
-# Mixed steps: the leading decode rows through the decode kernel, the prompts through Triton.
-SPLIT_MIXED_STEPS = True
-
-# Linear layers at decode's few tokens: the skinny GEMM kernel instead of cuBLAS for at most
-# SKINNY_GEMM_MAX_M tokens (the kernel takes up to gemv_cuda.MAX_M = 8; on an H200 it beat
-# cuBLAS at 1 and 2 tokens and lost from 4, benchmarks/gemv.py).
-SKINNY_GEMM = True
-SKINNY_GEMM_MAX_M = 2
-
-# Rotary + KV-cache write as one kernel (rotary.cu: rotary_and_cache) instead of the rotary kernel
-# then reshape_and_cache; off runs the two launches (A/B runs; same results bit for bit).
-FUSED_ROTARY_CACHE = True
+# The switches (prefill backend, split mixed steps, skinny GEMM, fused rotary + cache) are
+# `KernelOptions` fields: the engine config carries them to every worker (kernels/options.py).
 
 
 def _cuda(t: torch.Tensor) -> bool:
@@ -96,9 +84,9 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         if num_decodes == len(query_lens) == query.shape[0]:
             return _decode(query, key_cache, value_cache, block_tables, seq_lens_tensor, seq_lens, scale,
                            extras)
-        triton_mod = triton_prefill() if PREFILL_BACKEND == "triton" else None
+        triton_mod = triton_prefill() if options().prefill_backend == "triton" else None
         if triton_mod is not None:
-            if not num_decodes or not SPLIT_MIXED_STEPS:
+            if not num_decodes or not options().split_mixed_steps:
                 return triton_mod.paged_prefill(query, key_cache, value_cache, block_tables, seq_lens,
                                                 query_lens, scale, *extras)
             # A mixed batch: the decode rows through the decode kernel (one CTA per KV head serves
@@ -166,7 +154,7 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
 def _fused_rotary_cache_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              cos_sin_cache: torch.Tensor, key_cache: torch.Tensor) -> bool:
     """Whether the fused kernel takes these tensors (else the two ops run, with the same results)."""
-    return (FUSED_ROTARY_CACHE and _cuda(query) and key.dtype == value.dtype == key_cache.dtype == query.dtype
+    return (options().fused_rotary_cache and _cuda(query) and key.dtype == value.dtype == key_cache.dtype == query.dtype
             and cos_sin_cache.dtype in (torch.float32, query.dtype) and key_cache.dim() == 4
             and key_cache.numel() > 0)
 
@@ -218,7 +206,7 @@ def _skinny_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     from pagedray.kernels import gemv_cuda
     k = x.shape[-1] if x.dim() else 0
     # The token count first: prefill-sized inputs (eager steps) leave here before the weight checks.
-    if not _cuda(x) or k == 0 or not 0 < x.numel() // k <= min(SKINNY_GEMM_MAX_M, gemv_cuda.MAX_M):
+    if not _cuda(x) or k == 0 or not 0 < x.numel() // k <= min(options().skinny_gemm_max_m, gemv_cuda.MAX_M):
         return None
     if (weight.dtype != x.dtype or weight.device != x.device or weight.dim() != 2
             or weight.shape[1] != k or not weight.is_contiguous() or weight.data_ptr() % 16
@@ -235,9 +223,9 @@ def _skinny_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); with SKINNY_GEMM, CUDA inputs of at most SKINNY_GEMM_MAX_M tokens
-    (x of any leading shape, flattened) run the skinny GEMM kernel. CPU inputs always F.linear."""
-    if SKINNY_GEMM:
+    """F.linear(x, weight, bias); with the skinny_gemm option, CUDA inputs of at most skinny_gemm_max_m
+    tokens (x of any leading shape, flattened) run the skinny GEMM kernel. CPU inputs always F.linear."""
+    if options().skinny_gemm:
         x2 = _skinny_rows(x, weight, bias)
         if x2 is not None:
             from pagedray.kernels import gemv_cuda

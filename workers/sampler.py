@@ -11,7 +11,7 @@ on the rest of the batch, not on batch order, not on a preemption that
 recomputes it, and not on the device (integer hashing is exact everywhere).
 Unseeded rows share one generator seeded at start-up.
 
-With FUSED_SAMPLING on (the default), a CUDA batch whose rows are all greedy or temperature-only (no logprobs,
+With the fused_sampling kernel option on (the default), a CUDA batch whose rows are all greedy or temperature-only (no logprobs,
 penalties, active min_tokens, top-k, top-p or min-p) takes one pass over the logits instead
 (kernels/sample.cu: the same race in the log domain, keyed by the generator for unseeded rows);
 seeded rows still take the tokens of the passes above.
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pagedray.kernels import cuda_available
+from pagedray.kernels.options import current as kernel_options
 from pagedray.kernels.reference import fmix32 as _fmix32
 from pagedray.common.messages import Logprobs
 from pagedray.common.sampling_params import SamplingParams
@@ -119,10 +120,9 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     return host.pin_memory().to(device, non_blocking=True)
 
 
-# One-pass sampling on CUDA (kernels/sample.cu) for batches of greedy and temperature-only rows: on
-# since measured on the H200 (benchmarks/sampling.py). Off, unseeded rows draw other (equally
-# distributed) tokens; greedy and seeded rows draw the same tokens either way.
-FUSED_SAMPLING = True
+# One-pass sampling on CUDA (kernels/sample.cu) for batches of greedy and temperature-only rows: the
+# fused_sampling option, on since measured on the H200 (benchmarks/sampling.py). Off, unseeded rows
+# draw other (equally distributed) tokens; greedy and seeded rows draw the same tokens either way.
 # race(logits [R, V], temperatures [R] float32 (<= 0: greedy), keys [R, 2] int64) -> token ids [R]
 RaceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -130,7 +130,7 @@ RaceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def fused_sampler(logits: torch.Tensor) -> RaceFn | None:
     """The one-pass race for these logits (kernels/sample_cuda.race_sample), or None where it is off
     or cannot run: not CUDA, no CuPy, a dtype or layout the kernel does not take."""
-    if not (FUSED_SAMPLING and logits.is_cuda and logits.dim() == 2 and logits.shape[-1] > 0
+    if not (kernel_options().fused_sampling and logits.is_cuda and logits.dim() == 2 and logits.shape[-1] > 0
             and logits.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and (logits.shape[-1] == 1 or logits.stride(-1) == 1) and cuda_available()):
         return None

@@ -9,7 +9,8 @@ import logging
 import torch
 
 from pagedray.workers.cache_engine import CacheEngine, KVCacheSpec, kv_cache_torch_dtype
-from pagedray.common.config import CacheConfig, DeviceConfig, ModelConfig, ParallelConfig
+from pagedray.common.config import CacheConfig, DeviceConfig, KernelOptions, ModelConfig, ParallelConfig
+from pagedray.kernels import options as kernel_option_state
 from pagedray.common.messages import ModelRunnerOutput, SchedulerOutput
 from pagedray.workers.model_runner import ModelRunner
 
@@ -22,7 +23,10 @@ class Worker:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
                  parallel_config: ParallelConfig, device_config: DeviceConfig,
                  max_num_batched_tokens: int, max_num_seqs: int, rank: int = 0,
-                 distributed_init_method: str | None = None, local_device: str | None = None) -> None:
+                 distributed_init_method: str | None = None, local_device: str | None = None,
+                 kernel_options: KernelOptions | None = None) -> None:
+        # First: everything this worker builds (graphs included) runs with the engine config's options.
+        kernel_option_state.install(kernel_options or KernelOptions())
         self.model_config = model_config
         self.cache_config = cache_config
         self.parallel_config = parallel_config

@@ -11,7 +11,8 @@ from pagedray.workers.worker import Worker
 class LocalExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
         self.worker = Worker(config.model, config.cache, config.parallel, config.device,
-                             config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs)
+                             config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs,
+                             kernel_options=config.kernel)
         self.worker.init_device()
         self.worker.load_model()
         num_blocks = self.worker.num_kv_blocks()

@@ -20,7 +20,6 @@ kills its actors and frees the placement group, and a new executor can be built.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -34,21 +33,18 @@ from pagedray.cluster.executors.base import Executor, ExecutorError, check_num_k
 from pagedray.cluster.executors.ray_utils import WorkerActor, check_fits, forwarded_env, init_ray
 from pagedray.models.registry import ModelRegistry
 from pagedray.common.messages import ModelRunnerOutput, SchedulerOutput
+from pagedray.common import envs
 
 logger = logging.getLogger(__name__)
 
 TRANSPORTS = ("calls", "dag")
 
 
-def _env_float(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
-
-
 def default_transport(device_type: str) -> str:
     """Compiled graphs on GPU: 0.46 ms of driver overhead per decode step at TP=2 against 1.37 ms for
     actor calls (2xH200, benchmarks/RESULTS.md). Actor calls on CPU, where the compiled graph's
     polling actors (~30% of a core each, even idle) would take cores from the ranks' compute."""
-    choice = os.environ.get("PAGEDRAY_RAY_TRANSPORT") or ("dag" if device_type == "cuda" else "calls")
+    choice = envs.ray_transport() or ("dag" if device_type == "cuda" else "calls")
     if choice not in TRANSPORTS:
         raise ValueError(f"PAGEDRAY_RAY_TRANSPORT must be one of {TRANSPORTS}, got {choice!r}")
     return choice
@@ -64,8 +60,8 @@ class RayExecutor(Executor):
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         # A step longer than this is a hang (e.g. a collective whose peer is wedged, not dead).
-        self.step_timeout_s = step_timeout_s or _env_float("PAGEDRAY_RAY_STEP_TIMEOUT_S", 300.0)
-        self.startup_timeout_s = _env_float("PAGEDRAY_RAY_STARTUP_TIMEOUT_S", 900.0)
+        self.step_timeout_s = step_timeout_s or envs.ray_step_timeout_s()
+        self.startup_timeout_s = envs.ray_startup_timeout_s()
         self.workers: list[Any] = []
         self.placement_group = None
         self._dag = None
@@ -84,7 +80,7 @@ class RayExecutor(Executor):
         init_ray()
         check_fits(self.tp, resource)
         self.placement_group = placement_group([{resource: 1}] * self.tp, strategy="STRICT_PACK")
-        pg_timeout = _env_float("PAGEDRAY_RAY_PLACEMENT_TIMEOUT_S", 120.0)
+        pg_timeout = envs.ray_placement_timeout_s()
         ready, _ = ray.wait([self.placement_group.ready()], timeout=pg_timeout)
         if not ready:
             raise ExecutorError(

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import ray
+from pagedray.common import envs
 
 # Settings a driver sets for its collectives that must also hold on every rank, even on another node.
 FORWARDED_ENV_PREFIXES = ("NCCL_", "GLOO_", "NVSHMEM_", "TORCH_SYMM_MEM_", "TORCH_NCCL_", "PAGEDRAY_")
@@ -64,7 +65,7 @@ def node_types() -> dict[str, dict] | None:
     if config is not None and config.node_group_configs:
         return {g.name: {"resources": dict(g.resources), "max_workers": g.max_count}
                 for g in config.node_group_configs}
-    path = os.path.expanduser(os.environ.get("PAGEDRAY_AUTOSCALING_CONFIG", BOOTSTRAP_CONFIG))
+    path = os.path.expanduser(envs.autoscaling_config() or BOOTSTRAP_CONFIG)
     if not os.path.exists(path):
         return None
     import yaml
@@ -144,7 +145,8 @@ class WorkerActor:
         local_device = "cuda:0" if config.device.device_type == "cuda" else "cpu"  # Ray masks to our GPU
         self.worker = Worker(config.model, config.cache, config.parallel, config.device,
                              config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs,
-                             rank=self.rank, distributed_init_method=init_method, local_device=local_device)
+                             rank=self.rank, distributed_init_method=init_method, local_device=local_device,
+                             kernel_options=config.kernel)
         self.worker.init_device()
         self.worker.load_model()
         return self.worker.num_kv_blocks()

@@ -100,8 +100,12 @@ class Frontend:
 
     @classmethod
     async def start_with(cls, clients: list[EngineClient], **kwargs) -> "Frontend":
-        """A frontend over `clients`, each started here."""
-        await asyncio.gather(*[c.start() for c in clients])
+        """A frontend over `clients`, each started here; if one fails to start, all are shut down."""
+        results = await asyncio.gather(*[c.start() for c in clients], return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            await asyncio.gather(*[c.shutdown() for c in clients], return_exceptions=True)
+            raise failed[0]
         frontend = cls(**kwargs)
         for client in clients:
             frontend.add_client(client)

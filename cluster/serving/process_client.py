@@ -29,29 +29,13 @@ from pagedray.cluster.core.process import DEFAULT_CORE_FACTORY, CoreStartup, Wir
 from pagedray.cluster.serving.engine_client import EngineClient
 from pagedray.common.errors import EngineDeadError
 from pagedray.cluster.serving.ipc_dirs import make_ipc_dir
+from pagedray.common import envs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ProcessClient", "ZmqCoreClient", "liveness_bound_s", "threads_override"]
+__all__ = ["ProcessClient", "ZmqCoreClient"]
 
 _DEAD = object()   # ends the outputs queue
-
-
-def threads_override() -> int | None:
-    """PAGEDRAY_ENGINE_THREADS: torch threads for a core process or actor (default: each client's choice)."""
-    value = os.environ.get("PAGEDRAY_ENGINE_THREADS")
-    if not value:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"PAGEDRAY_ENGINE_THREADS must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def liveness_bound_s() -> float:
-    value = float(os.environ.get("PAGEDRAY_ENGINE_LIVENESS_S", "10"))
-    if not value > 0:
-        raise ValueError(f"PAGEDRAY_ENGINE_LIVENESS_S must be > 0 seconds, got {value:g}")
-    return value
 
 
 class ZmqCoreClient(EngineClient):
@@ -60,10 +44,9 @@ class ZmqCoreClient(EngineClient):
     def __init__(self, name: str, liveness_s: float | None = None,
                  startup_timeout_s: float | None = None) -> None:
         self.name = name
-        self.liveness_s = liveness_s or liveness_bound_s()
+        self.liveness_s = liveness_s or envs.engine_liveness_s()
         self.heartbeat_s = min(1.0, self.liveness_s / 4)
-        self.startup_timeout_s = startup_timeout_s or float(
-            os.environ.get("PAGEDRAY_REPLICA_STARTUP_TIMEOUT_S", "1800"))
+        self.startup_timeout_s = startup_timeout_s or envs.replica_startup_timeout_s()
         self.latest_stats: EngineStats | None = None
         self._wire = Wire()
         self._context: zmq.asyncio.Context | None = None
@@ -179,6 +162,12 @@ class ZmqCoreClient(EngineClient):
         self._stats_waiters.clear()
         self._on_dead()
 
+    def _destroy_context(self) -> None:
+        """Close the sockets and the context now: left to garbage collection, `Context.term` can wait
+        forever on sockets it has not closed yet (a test run that never exits)."""
+        if self._context is not None and not self._context.closed:
+            self._context.destroy(linger=0)
+
     # -- EngineClient ---------------------------------------------------------------------------------
     @property
     def dead_error(self) -> BaseException | None:
@@ -252,6 +241,13 @@ class ProcessClient(ZmqCoreClient):
         return self.process.pid if self.process is not None else None
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:   # cancellation included: what was opened is closed, the process reaped
+            await self.shutdown()
+            raise
+
+    async def _start(self) -> None:
         from pagedray.models.registry import ModelRegistry
         self._ipc_dir = make_ipc_dir("core")
         startup = CoreStartup(self.model, self.engine_kwargs, f"ipc://{self._ipc_dir}/in",
@@ -266,18 +262,14 @@ class ProcessClient(ZmqCoreClient):
         loop.add_reader(self.process.sentinel, self._on_exit)
         self._sentinel_watched = True
         self._connect(startup.input_address, startup.output_address)
-        try:
-            await self._await_info()
-        except BaseException:
-            await self.shutdown()
-            raise
+        await self._await_info()
 
     def _threads(self) -> int | None:
         """A CPU engine leaves one core to this process: its torch threads otherwise spin at
         their barriers while the front runs (2-core box: 105 against 791 tokens/s at one stream,
         benchmarks/RESULTS.md). A GPU engine keeps torch's default."""
-        if threads_override():
-            return threads_override()
+        if envs.engine_threads():
+            return envs.engine_threads()
         if self.num_threads or str(self.engine_kwargs.get("device", "auto")).startswith("cuda"):
             return self.num_threads
         return max(1, (os.cpu_count() or 2) - 1)
@@ -309,13 +301,15 @@ class ProcessClient(ZmqCoreClient):
     async def shutdown(self) -> None:
         if self._closed:
             return
-        await self._close_wire()
-        if self.process is not None:
-            self._unwatch()
-            await asyncio.get_running_loop().run_in_executor(None, self._reap)
-        if self._context is not None:
-            self._context.destroy(linger=0)
-        self._remove_ipc_dir()
+        try:
+            await self._close_wire()
+            if self.process is not None and self.process.pid is not None:
+                self._unwatch()
+                grace_s = 10.0 if self._reader is not None else 0.0   # one still starting is not listening
+                await asyncio.get_running_loop().run_in_executor(None, self._reap, grace_s)
+        finally:   # even when cancelled: an undestroyed context can block garbage collection for good
+            self._destroy_context()
+            self._remove_ipc_dir()
 
     def _remove_ipc_dir(self) -> None:
         if self._ipc_dir is not None:

@@ -30,7 +30,8 @@ import zmq
 from pagedray.cluster.core.process import DEFAULT_CORE_FACTORY, CoreStartup, bind_sockets, endpoint, serve
 from pagedray.common.errors import EngineDeadError
 from pagedray.cluster.serving.ipc_dirs import make_ipc_dir
-from pagedray.cluster.serving.process_client import ZmqCoreClient, threads_override
+from pagedray.cluster.serving.process_client import ZmqCoreClient
+from pagedray.common import envs
 
 __all__ = ["RayClient", "CoreActor"]
 
@@ -123,8 +124,8 @@ class RayClient(ZmqCoreClient):
     def _threads(self) -> int | None:
         """Ray starts a zero-CPU (GPU) actor with OMP_NUM_THREADS=1: give its engine the threads an
         in-process engine here would have. A CPU actor keeps the CPUs it reserved."""
-        if threads_override():
-            return threads_override()
+        if envs.engine_threads():
+            return envs.engine_threads()
         if self.num_threads or not self._device().startswith("cuda"):
             return self.num_threads
         import torch
@@ -169,6 +170,9 @@ class RayClient(ZmqCoreClient):
             if isinstance(exc, EngineDeadError):
                 raise
             raise EngineDeadError(f"engine {self.name} failed to start: {_first_line(exc)}") from exc
+        except BaseException:   # cancelled: the actor and the wire go too
+            await self.shutdown()
+            raise
 
     def _core_exit_cause(self) -> str | None:
         watch = self._watch
@@ -204,17 +208,18 @@ class RayClient(ZmqCoreClient):
         if self._closed:
             return
         alive = self._dead_error is None and self._reader is not None
-        await self._close_wire()
-        if self.actor is not None and alive:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.actor.shutdown.remote(), 30.0)
-        self._kill()
+        try:
+            await self._close_wire()
+            if self.actor is not None and alive:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.actor.shutdown.remote(), 30.0)
+        finally:   # even when cancelled
+            self._kill()
+            self._destroy_context()
         if self._watch is not None:   # returns once Ray has the actor dead (its resources free)
             with contextlib.suppress(Exception):    # ActorDiedError, or the timeout
                 await asyncio.wait_for(asyncio.shield(self._watch), 30.0)
             self._watch.cancel()
-        if self._context is not None:
-            self._context.destroy(linger=0)
 
 
 def _first_line(exc: BaseException) -> str:

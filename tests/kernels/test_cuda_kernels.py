@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from testkit.kernel_cases import alibi_slopes, make_paged
+from testkit.kernel_cases import alibi_slopes, make_paged, set_kernel_options
 
 from pagedray.kernels import attention_cuda, cache_ops, cuda_available, elementwise, ops, reference
 
@@ -112,7 +112,7 @@ VARIANT_CASES = [  # (dtype, heads, kv_heads, head_size, block_size, window, ali
 @pytest.mark.parametrize("case", VARIANT_CASES, ids=str)
 @pytest.mark.parametrize("variant", VARIANTS, ids=str)
 def test_decode_kernel_variants(monkeypatch, variant, case, partition_size):
-    monkeypatch.setattr(attention_cuda, "VARIANT", variant)
+    set_kernel_options(monkeypatch, attention_variant=variant)
     dtype, heads, kv_heads, head_size, block_size, window, alibi, cap = case
     _decode(dtype, heads, kv_heads, head_size, block_size, SEQS, partition_size, window, alibi, cap)
 
@@ -341,7 +341,7 @@ def test_rotary_and_cache_packs_when_aligned():
 
 
 def test_attention_rotary_fused_matches_unfused_and_replays_in_a_graph(monkeypatch):
-    # Through the model-facing path: Attention(rotary=...) on a decode batch, fused vs FUSED_ROTARY_CACHE off.
+    # Through the model-facing path: Attention(rotary=...) on a decode batch, fused vs the fused_rotary_cache option off.
     from pagedray.models.layers.attention import Attention, AttentionMetadata
     from pagedray.models.layers.rotary import RotaryEmbedding
     heads, kv_heads, d, bs = 32, 8, 128, 16
@@ -361,14 +361,14 @@ def test_attention_rotary_fused_matches_unfused_and_replays_in_a_graph(monkeypat
     monkeypatch.setattr(elementwise, "rotary_embedding_and_cache", lambda *a: calls.append(1) or real(*a))
     outs, caches = [], []
     for fused in (True, False):
-        monkeypatch.setattr(ops, "FUSED_ROTARY_CACHE", fused)
+        set_kernel_options(monkeypatch, fused_rotary_cache=fused)
         cache = torch.stack([kc, vc]).clone()
         outs.append(attn(q, k, v, cache, meta, rotary=rope, positions=positions))
         caches.append(cache)
     assert calls == [1]
     assert torch.equal(outs[0], outs[1])
     torch.testing.assert_close(caches[0], caches[1], equal_nan=True, atol=0, rtol=0)
-    monkeypatch.setattr(ops, "FUSED_ROTARY_CACHE", True)
+    set_kernel_options(monkeypatch, fused_rotary_cache=True)
     cache = torch.stack([kc, vc]).clone()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

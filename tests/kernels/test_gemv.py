@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from testkit.kernel_cases import set_kernel_options
 
 from pagedray.kernels import cuda_available, gemv_cuda, ops, reference
 
@@ -109,7 +110,7 @@ def test_every_sweep_variant(variant, m, dtype):
 
 @needs_cuda
 def test_ops_linear_dispatch_and_cuda_graph(monkeypatch):
-    monkeypatch.setattr(ops, "SKINNY_GEMM", True)
+    set_kernel_options(monkeypatch, skinny_gemm=True)
     calls = []
     real = gemv_cuda.skinny_gemm
     monkeypatch.setattr(gemv_cuda, "skinny_gemm", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
@@ -117,10 +118,10 @@ def test_ops_linear_dispatch_and_cuda_graph(monkeypatch):
     x = torch.randn(1, 2, 512, device="cuda").to(BF16)  # 2 tokens: the kernel
     _check(ops.linear(x, w, b).view(2, 700), x.view(2, 512), w, b)
     assert calls == [(2, 512)]
-    three = torch.randn(3, 512, device="cuda").to(BF16)  # past SKINNY_GEMM_MAX_M: F.linear
+    three = torch.randn(3, 512, device="cuda").to(BF16)  # past skinny_gemm_max_m: F.linear
     torch.testing.assert_close(ops.linear(three, w, b), F.linear(three, w, b))
     assert len(calls) == 1
-    monkeypatch.setattr(ops, "SKINNY_GEMM_MAX_M", 8)
+    set_kernel_options(monkeypatch, skinny_gemm_max_m=8)
     x = torch.randn(2, 3, 512, device="cuda").to(BF16)  # 6 tokens: the kernel
     _check(ops.linear(x, w, b).view(6, 700), x.view(6, 512), w, b)
     assert calls[-1] == (6, 512)
@@ -218,7 +219,7 @@ def test_sweep_and_default_variants_are_valid():
 @pytest.mark.parametrize("dtype", [FP32, BF16])
 @pytest.mark.parametrize("shape", [(16,), (3, 16), (2, 3, 16), (20, 16)])
 def test_ops_linear_is_f_linear_on_cpu(monkeypatch, skinny, dtype, shape):
-    monkeypatch.setattr(ops, "SKINNY_GEMM", skinny)
+    set_kernel_options(monkeypatch, skinny_gemm=skinny)
     x = torch.randn(shape).to(dtype)
     w = torch.randn(24, 16).to(dtype)
     b = torch.randn(24).to(dtype)

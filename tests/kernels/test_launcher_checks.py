@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from testkit.kernel_cases import set_kernel_options
 
 from pagedray.kernels import attention_cuda, cache_ops, cuda_available, elementwise
 
@@ -127,9 +128,9 @@ def test_rotary_and_cache_launcher_rejects(change, match):
 
 @pytest.mark.parametrize("many, few, warps, prefetch", [(False, False, 4, 1), (True, False, 2, 0), (False, True, 8, 0)])
 def test_decode_variant_by_grid_size(monkeypatch, many, few, warps, prefetch):
-    monkeypatch.setattr(attention_cuda, "VARIANT", dict.fromkeys(attention_cuda.VARIANT))
+    set_kernel_options(monkeypatch, attention_variant={})
     chosen = attention_cuda.variant(4, many, few)
     assert (chosen["NUM_WARPS"], chosen["PREFETCH"]) == (warps, prefetch)
-    monkeypatch.setattr(attention_cuda, "VARIANT", {**attention_cuda.VARIANT, "NUM_WARPS": 1})
+    set_kernel_options(monkeypatch, attention_variant={"NUM_WARPS": 1})
     assert attention_cuda.variant(4, many, few)["NUM_WARPS"] == 1   # a fixed entry wins
 

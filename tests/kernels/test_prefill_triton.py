@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from testkit.kernel_cases import alibi_slopes, make_paged
+from testkit.kernel_cases import alibi_slopes, make_paged, set_kernel_options
 
 from pagedray.kernels import reference
 
@@ -61,7 +61,7 @@ def test_prefill_decode_rows_only():
 
 def test_ops_routes_mixed_steps_to_triton_when_selected(monkeypatch):
     from pagedray.kernels import ops, prefill_triton
-    monkeypatch.setattr(ops, "PREFILL_BACKEND", "triton")
+    set_kernel_options(monkeypatch, prefill_backend="triton")
     calls = []
     real = prefill_triton.paged_prefill
     monkeypatch.setattr(prefill_triton, "paged_prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -78,7 +78,7 @@ def test_ops_routes_mixed_steps_to_triton_when_selected(monkeypatch):
 def test_ops_splits_a_mixed_step_between_the_decode_and_prefill_kernels(monkeypatch, window, alibi, cap):
     """Leading decode rows go to the decode kernel, the prompts after them to Triton; one output."""
     from pagedray.kernels import attention_cuda, ops, prefill_triton
-    monkeypatch.setattr(ops, "PREFILL_BACKEND", "triton")
+    set_kernel_options(monkeypatch, prefill_backend="triton")
     calls = []
     real_prefill, real_decode = prefill_triton.paged_prefill, attention_cuda.paged_attention_decode
     monkeypatch.setattr(prefill_triton, "paged_prefill",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from testkit.kernel_cases import set_kernel_options
 from testkit.tiny_models import allocate_block_tables, build_attn_metadata
 
 from pagedray.kernels import elementwise, ops, reference
@@ -49,7 +50,7 @@ def _fused_case(change: str):
 def test_fused_kernel_takes_only_what_it_serves(monkeypatch, change, takes):
     # The dispatch predicate on CPU tensors, as if they were CUDA ones (the launcher is not called).
     monkeypatch.setattr(ops, "_cuda", lambda t: True)
-    monkeypatch.setattr(ops, "FUSED_ROTARY_CACHE", change != "flag_off")
+    set_kernel_options(monkeypatch, fused_rotary_cache=change != "flag_off")
     assert ops._fused_rotary_cache_fits(*_fused_case(change)) == takes
 
 

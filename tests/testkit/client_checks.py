@@ -165,3 +165,29 @@ def assert_same_outputs(got: dict, want: dict, atol: float = 1e-4) -> None:
         for gs, ws in zip(g["logprobs"], w["logprobs"]):
             assert [t for t, _, _ in gs] == [t for t, _, _ in ws], key
             assert all(abs(a - b) <= atol for (_, a, _), (_, b, _) in zip(gs, ws)), key
+
+
+def assert_closed(client) -> None:
+    """A client whose start() failed or was cancelled holds nothing open: its ZMQ context is
+    destroyed (garbage collection of a live one can block pytest's exit for good) and its IPC
+    folder is gone."""
+    import os
+    context = getattr(client, "_context", None)
+    assert context is None or context.closed, f"{client.name}: ZMQ context left open"
+    ipc_dir = getattr(client, "_ipc_dir", None)
+    assert ipc_dir is None or not os.path.exists(ipc_dir), f"{client.name}: {ipc_dir} left behind"
+
+
+async def cancel_mid_start(client) -> None:
+    """Start `client`, cancel the start once its core is being built (process or actor made)."""
+    import asyncio
+    task = asyncio.ensure_future(client.start())
+    while getattr(client, "process", None) is None and getattr(client, "actor", None) is None:
+        assert not task.done(), "start() ended before the core was made"
+        await asyncio.sleep(0.01)
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        return
+    raise AssertionError("start() swallowed its cancellation")

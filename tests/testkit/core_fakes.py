@@ -76,3 +76,17 @@ class FakeCore:
 
     def shutdown(self) -> None:
         pass
+
+
+def options_reporting_core(model: str, report_to: str, **engine_kwargs):
+    """The real EngineCore built from LLM keywords; then the kernel options its worker installed in
+    this (core) process are written to `report_to` as JSON. A core factory for settings tests."""
+    import dataclasses
+    import json
+
+    from pagedray.cluster.core.engine_core import EngineCore
+    from pagedray.kernels import options
+    core = EngineCore.from_kwargs(model, **engine_kwargs)
+    with open(report_to, "w") as f:
+        json.dump(dataclasses.asdict(options.current()), f)
+    return core

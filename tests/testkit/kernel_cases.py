@@ -69,3 +69,12 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 def alibi_slopes(num_heads: int) -> torch.Tensor:
     """The geometric ALiBi slopes (powers of 2^(-8/H))."""
     return torch.tensor([2 ** (-8 * (h + 1) / num_heads) for h in range(num_heads)], dtype=torch.float32)
+
+
+def set_kernel_options(monkeypatch, **changes) -> None:
+    """This process's kernel options with `changes` (KernelOptions fields) until the test ends,
+    as a worker built from a config with them would install."""
+    import dataclasses
+
+    from pagedray.kernels import options
+    monkeypatch.setattr(options, "_current", dataclasses.replace(options.current(), **changes))

@@ -1,4 +1,4 @@
-"""The sampler's one-pass path (FUSED_SAMPLING): which batches take it, and what it draws.
+"""The sampler's one-pass path (the fused_sampling kernel option): which batches take it, and what it draws.
 
 On the CPU the path runs with the kernel's PyTorch reference (reference.race_sample) in place of the
 CUDA kernel; on a GPU the last tests run the kernel itself.
@@ -10,8 +10,10 @@ import warnings
 
 import pytest
 import torch
+from testkit.kernel_cases import set_kernel_options
 
 from pagedray.kernels import cuda_available, reference
+from pagedray.kernels import options as kernel_options
 from pagedray.workers import sampler as sampler_mod
 from pagedray.workers.sampler import Sampler, SamplingRow, fused_sampler
 from pagedray.common.sampling_params import SamplingParams
@@ -79,9 +81,9 @@ def test_batches_that_do_not(case, race_calls):
 
 def test_on_by_default_but_never_on_cpu(monkeypatch):
     logits = _logits(2)
-    assert sampler_mod.FUSED_SAMPLING is True
+    assert kernel_options.current().fused_sampling is True
     assert fused_sampler(logits) is None          # CPU logits: the existing passes
-    monkeypatch.setattr(sampler_mod, "FUSED_SAMPLING", False)
+    set_kernel_options(monkeypatch, fused_sampling=False)
     assert fused_sampler(logits) is None
 
 
@@ -152,7 +154,7 @@ def test_fused_distribution_matches_softmax(race_calls):
 def test_cuda_switch_off_takes_the_old_passes(monkeypatch):
     logits = _logits(4, vocab=1000).cuda()
     rows = [_row(temperature=1.0) for _ in range(4)]
-    monkeypatch.setattr(sampler_mod, "FUSED_SAMPLING", False)
+    set_kernel_options(monkeypatch, fused_sampling=False)
     assert fused_sampler(logits) is None
     calls = []
     monkeypatch.setattr(Sampler, "_race", lambda *a: calls.append(a))
@@ -162,7 +164,7 @@ def test_cuda_switch_off_takes_the_old_passes(monkeypatch):
 
 @needs_cuda
 def test_cuda_fused_batch_without_host_sync(monkeypatch):
-    assert sampler_mod.FUSED_SAMPLING is True
+    assert kernel_options.current().fused_sampling is True
     logits = _logits(64, vocab=32000, seed=4).to(torch.bfloat16).cuda()
     rows = [_row(temperature=0.0) if i % 4 == 0 else _row(temperature=1.0, seed=i if i % 4 == 1 else None)
             for i in range(64)]
@@ -179,7 +181,7 @@ def test_cuda_fused_batch_without_host_sync(monkeypatch):
         torch.cuda.set_sync_debug_mode("default")
     assert not [w for w in caught if "synchroniz" in str(w.message)], [str(w.message) for w in caught]
     tokens = device_sample.to_host().token_ids
-    monkeypatch.setattr(sampler_mod, "FUSED_SAMPLING", False)
+    set_kernel_options(monkeypatch, fused_sampling=False)
     plain = Sampler(seed=2)(logits, rows).token_ids
     greedy = [i for i in range(64) if i % 4 == 0]
     seeded = [i for i in range(64) if i % 4 == 1]

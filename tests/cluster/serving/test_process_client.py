@@ -14,8 +14,8 @@ import textwrap
 import pytest
 
 from testkit.client_checks import FAKE_CORE as FAKE
-from testkit.client_checks import (check_kill_is_found, check_stop_is_found, collect, expected, requests,
-                           time_to_death, wait_gone)
+from testkit.client_checks import (assert_closed, cancel_mid_start, check_kill_is_found, check_stop_is_found,
+                                   collect, expected, requests, time_to_death, wait_gone)
 from testkit.core_fakes import fake_token
 
 from pagedray.cluster.core.messages import CoreRequest
@@ -130,6 +130,26 @@ def test_start_up_value_error_is_a_value_error():
         with pytest.raises(ValueError, match="vocab_size must be >= 1, got 0"):
             await client.start()
         assert wait_gone(client.pid, 15)
+        assert_closed(client)
+    asyncio.run(body())
+
+
+def test_a_cancelled_start_and_a_failed_sibling_leave_nothing_open():
+    """No hang at the end of a run: a start cancelled mid-way reaps its core and closes its wire;
+    Frontend.start_with shuts every client down when one of them fails to start."""
+    from pagedray.cluster.serving.frontend import Frontend
+
+    async def body():
+        client = fake_client()
+        await cancel_mid_start(client)
+        assert wait_gone(client.pid, 15)
+        assert_closed(client)
+        good, bad = fake_client(), fake_client(vocab_size=0)
+        with pytest.raises(ValueError, match="vocab_size must be >= 1"):
+            await Frontend.start_with([good, bad])
+        for c in (good, bad):
+            assert wait_gone(c.pid, 15)
+            assert_closed(c)
     asyncio.run(body())
 
 
@@ -159,10 +179,10 @@ def test_core_dies_with_its_parent(tmp_path):
 
 
 def test_bad_settings_are_value_errors(monkeypatch):
-    from pagedray.cluster.serving.process_client import threads_override
+    from pagedray.common import envs
     monkeypatch.setenv("PAGEDRAY_ENGINE_LIVENESS_S", "0")
     with pytest.raises(ValueError, match="PAGEDRAY_ENGINE_LIVENESS_S must be > 0 seconds, got 0"):
         ProcessClient("m")
     monkeypatch.setenv("PAGEDRAY_ENGINE_THREADS", "two")
     with pytest.raises(ValueError, match="PAGEDRAY_ENGINE_THREADS must be an integer >= 1, got 'two'"):
-        threads_override()
+        envs.engine_threads()

@@ -16,7 +16,8 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 import ray  # noqa: E402
 
 from testkit.client_checks import FAKE_CORE as FAKE  # noqa: E402
-from testkit.client_checks import check_kill_is_found, check_stop_is_found, collect, expected, requests  # noqa: E402
+from testkit.client_checks import (assert_closed, cancel_mid_start, check_kill_is_found, check_stop_is_found,  # noqa: E402
+                                   collect, expected, requests)
 from testkit.ray_clusters import start_local_ray, wait_cpus_free  # noqa: E402
 
 from pagedray.cluster.core.messages import CoreRequest  # noqa: E402
@@ -98,5 +99,10 @@ def test_start_up_errors(loop):
                            liveness_s=BOUND, startup_timeout_s=120)
         with pytest.raises(ValueError, match="vocab_size must be >= 1, got 0"):
             await client.start()
+        assert_closed(client)
+        client = RayClient("fake-model", {"device": "cpu"}, core_factory=FAKE, liveness_s=BOUND,
+                           startup_timeout_s=120)
+        await cancel_mid_start(client)    # the actor is killed, the wire closed
+        assert_closed(client)
     loop.run_until_complete(main())
     _assert_released()
