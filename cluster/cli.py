@@ -54,6 +54,9 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculative-config", type=_json_object, metavar="JSON",
+                   help='speculative decoding, vLLM\'s dict as JSON, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\'')
     p.add_argument("--max-pending-requests", type=int, default=1024,
                    help="requests admitted at once; beyond it calls get RESOURCE_EXHAUSTED")
     p.add_argument("--auth-token-file", type=Path,
@@ -109,6 +112,17 @@ def _scaling_config(args: argparse.Namespace):
     return config
 
 
+def _json_object(text: str) -> dict:
+    import json
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -130,6 +144,8 @@ def _serve(args: argparse.Namespace) -> int:
                   enable_prefix_caching=args.enable_prefix_caching,
                   enable_chunked_prefill=args.enable_chunked_prefill, seed=args.seed,
                   quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+    if args.speculative_config is not None:
+        kwargs["speculative_config"] = args.speculative_config
     name = args.served_model_name or Path(model).name
     return asyncio.run(_run(model, kwargs, name, args, scaling))
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagedray.common.config import CacheConfig, DeviceConfig, KernelOptions, ModelConfig, ParallelConfig
+from pagedray.common.speculative import SpeculativeConfig
 
 __all__ = ["CacheConfig", "DeviceConfig", "KernelOptions", "ModelConfig", "ParallelConfig", "SchedulerConfig",
            "EngineConfig"]
@@ -42,6 +43,7 @@ class EngineConfig:
     scheduler: SchedulerConfig
     device: DeviceConfig
     kernel: KernelOptions = field(default_factory=KernelOptions)
+    speculative: SpeculativeConfig | None = None
 
 
 def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str = "auto",
@@ -53,7 +55,8 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
                         load_format: str = "auto", seed: int = 0,
                         enforce_eager: bool = False, async_scheduling: bool | None = None,
                         quantization: str | None = None, kv_cache_dtype: str = "auto",
-                        kernel_options: KernelOptions | dict[str, Any] | None = None) -> EngineConfig:
+                        kernel_options: KernelOptions | dict[str, Any] | None = None,
+                        speculative_config: dict | SpeculativeConfig | None = None) -> EngineConfig:
     """The LLM(...) keywords, split into the per-concern configs."""
     model_config = ModelConfig(model, tokenizer, dtype, max_model_len, load_format, seed, enforce_eager,
                                quantization)
@@ -61,8 +64,9 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
     local = parallel.executor == "local" and parallel.tensor_parallel_size == 1
     if parallel.executor == "local":
         device_config.check_present()   # Ray workers check their own node's devices
+    speculative = _speculative(speculative_config, model_config, async_scheduling)
     if async_scheduling is None:
-        async_scheduling = local and device_config.device_type == "cuda"
+        async_scheduling = local and device_config.device_type == "cuda" and speculative is None
     elif async_scheduling and not local:
         raise ValueError(f"async_scheduling needs the local executor at tensor_parallel_size=1, got "
                          f"executor={executor!r}, tensor_parallel_size={tensor_parallel_size}")
@@ -77,4 +81,21 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
                                   enable_chunked_prefill, async_scheduling),
         device=device_config,
         kernel=KernelOptions.of(kernel_options),
+        speculative=speculative,
     )
+
+
+def _speculative(value, model_config: ModelConfig, async_scheduling: bool | None) -> SpeculativeConfig | None:
+    """The validated speculative config. Speculation needs each step's accepted tokens before the
+    next step is scheduled (its proposals and its KV accounting depend on them), so it runs with
+    async scheduling off."""
+    spec = SpeculativeConfig.from_dict(value)
+    if spec is None:
+        return None
+    if async_scheduling:
+        raise ValueError("speculative_config needs async_scheduling off (each step's proposals depend on the "
+                         "previous step's accepted tokens); leave async_scheduling unset")
+    if spec.uses_draft_model:
+        from transformers import AutoConfig
+        spec.check_target(model_config.hf_config, AutoConfig.from_pretrained(spec.model))
+    return spec

@@ -21,7 +21,8 @@ class LLM:
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  load_format: str = "auto", seed: int = 0, enforce_eager: bool = False,
                  async_scheduling: bool | None = None, quantization: str | None = None,
-                 kv_cache_dtype: str = "auto", kernel_options: KernelOptions | dict | None = None) -> None:
+                 kv_cache_dtype: str = "auto", kernel_options: KernelOptions | dict | None = None,
+                 speculative_config: dict | None = None) -> None:
         if model is None:
             from pagedray.cluster.default_model import default_model_path
             model = default_model_path()
@@ -33,7 +34,8 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
             enable_chunked_prefill=enable_chunked_prefill, load_format=load_format, seed=seed,
             enforce_eager=enforce_eager, async_scheduling=async_scheduling, quantization=quantization,
-            kv_cache_dtype=kv_cache_dtype, kernel_options=kernel_options)
+            kv_cache_dtype=kv_cache_dtype, kernel_options=kernel_options,
+            speculative_config=speculative_config)
         self._ids = itertools.count()
 
     def get_tokenizer(self):

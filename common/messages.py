@@ -33,6 +33,9 @@ class CachedRequestData:
     new_token_ids: list[int]
     new_block_ids: list[int]
     num_computed_tokens: int
+    # Set when the driver cut the request's block table (speculative decoding gave back the blocks
+    # of rejected proposals): `new_block_ids` replace the table from this index. None: appended.
+    block_start: int | None = None
 
 
 @dataclass
@@ -46,6 +49,9 @@ class SchedulerOutput:
     finished_req_ids: set[str] = field(default_factory=set)
     # Copy-on-write block copies to do before the forward: (src, dst) pairs.
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    # Speculative decoding: req_id -> the proposals it verifies this step (counted in its
+    # num_scheduled_tokens after its one known token).
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -65,3 +71,9 @@ class ModelRunnerOutput:
     logprobs: dict[str, Logprobs] = field(default_factory=dict)
     # req_id -> per prompt position (from the 2nd token) logprobs, for prompt_logprobs.
     prompt_logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)
+    # Speculative decoding. A request that verified proposals: every token of the step (the accepted
+    # proposals, then the target's own; `sampled_token_ids` holds the first), and their logprobs.
+    accepted_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    accepted_logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)
+    # Proposals of the workers' draft model / EAGLE head for each request's next step.
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)

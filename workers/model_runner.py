@@ -119,6 +119,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.graphs = None  # DecodeGraphs once captured
         self.last_output: StepOutput | None = None   # the latest step that sampled
+        self.spec = None   # SpecDecodeRunner when speculative decoding is on (workers/spec_decode/)
 
     # -- state ---------------------------------------------------------------
     def update_states(self, sched: SchedulerOutput) -> None:
@@ -133,6 +134,9 @@ class ModelRunner:
         for delta in sched.scheduled_cached_reqs:
             state = self.requests[delta.req_id]
             state.append_tokens(delta.new_token_ids)
+            if delta.block_start is not None:   # the driver cut the table (speculative decoding)
+                self.block_table.table[state.table_row, delta.block_start:len(state.block_ids)] = 0
+                del state.block_ids[delta.block_start:]
             if delta.new_block_ids:
                 self.block_table.append(state.table_row, len(state.block_ids), delta.new_block_ids)
                 state.block_ids.extend(delta.new_block_ids)
@@ -265,8 +269,12 @@ class ModelRunner:
         self.update_states(sched)
         if sched.blocks_to_copy:
             ops.copy_blocks(self.kv_caches, sched.blocks_to_copy)
+            if self.spec is not None:
+                self.spec.copy_blocks(sched.blocks_to_copy)
         if sched.is_empty:
             return StepOutput.done(ModelRunnerOutput({}))
+        if self.spec is not None and self.spec.handles(sched):
+            return self.spec.execute(self, sched)
         inputs = self.prepare_inputs(sched)
         hidden = self._forward(inputs)
         prompt_logprobs = self._prompt_logprobs(hidden, inputs.prompt_spans)

@@ -24,7 +24,7 @@ class Worker:
                  parallel_config: ParallelConfig, device_config: DeviceConfig,
                  max_num_batched_tokens: int, max_num_seqs: int, rank: int = 0,
                  distributed_init_method: str | None = None, local_device: str | None = None,
-                 kernel_options: KernelOptions | None = None) -> None:
+                 kernel_options: KernelOptions | None = None, speculative_config=None) -> None:
         # First: everything this worker builds (graphs included) runs with the engine config's options.
         kernel_option_state.install(kernel_options or KernelOptions())
         self.model_config = model_config
@@ -42,6 +42,7 @@ class Worker:
         self.runner: ModelRunner | None = None
         self.cache: CacheEngine | None = None
         self.kv_spec: KVCacheSpec | None = None
+        self.speculative_config = speculative_config
 
     # 1. distributed
     def init_device(self) -> None:
@@ -67,6 +68,9 @@ class Worker:
         self.kv_spec = KVCacheSpec(num_layers, kv_heads, head_size, self.cache_config.block_size, kv_dtype)
         self.runner = ModelRunner(model, self.cache_config.block_size, self.device, mc.seed,
                                   sample=self.rank == 0)
+        if self.speculative_config is not None:
+            from pagedray.workers.spec_decode import make_spec_runner
+            self.runner.spec = make_spec_runner(self)
 
     # 3. profile
     def num_kv_blocks(self) -> int:
@@ -80,7 +84,7 @@ class Worker:
         spec = self.kv_spec
         needed = self.max_num_seqs * -(-self.model_config.max_model_len // spec.block_size)
         if self.device.type != "cuda":
-            affordable = self.cache_config.cpu_kv_cache_bytes // spec.bytes_per_block
+            affordable = self.cache_config.cpu_kv_cache_bytes // self._bytes_per_block()
             return max(1, min(affordable, needed + 1))
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -94,11 +98,21 @@ class Worker:
         outside = total - free - torch.cuda.memory_reserved(self.device)
         budget = total * self.cache_config.gpu_memory_utilization - peak - outside
         budget -= self.graph_memory_reserve()
-        num_blocks = int(budget // spec.bytes_per_block)
+        num_blocks = int(budget // self._bytes_per_block())
         logger.info("rank %d: peak %.2f GiB, KV budget %.2f GiB -> %d blocks", self.rank,
                     peak / 2**30, budget / 2**30, num_blocks)
         torch.cuda.empty_cache()
         return max(0, num_blocks)
+
+    def _max_decode_rows(self) -> int:
+        """Rows of the largest decode step: a verification runs k + 1 rows per sequence."""
+        spec = self.speculative_config
+        return self.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
+
+    def _bytes_per_block(self) -> int:
+        """A block's KV bytes on this rank: the target's, plus a drafter's (speculative decoding)."""
+        spec = self.runner.spec
+        return self.kv_spec.bytes_per_block + (spec.draft_bytes_per_block if spec is not None else 0)
 
     def graph_memory_reserve(self) -> int:
         """Bytes kept back for the decode graphs, captured after the KV cache exists.
@@ -109,7 +123,7 @@ class Worker:
         if not self.graphs_enabled():
             return 0
         from pagedray.workers.cuda_graphs import graph_batch_sizes
-        largest = graph_batch_sizes(self.max_num_seqs)[-1]
+        largest = graph_batch_sizes(self._max_decode_rows())[-1]
         torch.cuda.synchronize(self.device)
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -121,6 +135,8 @@ class Worker:
     def initialize_cache(self, num_blocks: int) -> None:
         self.cache = CacheEngine(self.kv_spec, num_blocks, self.device)
         self.runner.kv_caches = self.cache.kv_caches
+        if self.runner.spec is not None:
+            self.runner.spec.allocate_cache(num_blocks, self.device)
 
     # 5. graphs
     def graphs_enabled(self) -> bool:
@@ -131,11 +147,14 @@ class Worker:
     def capture_graphs(self) -> None:
         """Decode graphs per batch bucket, now that the KV cache exists; on CUDA, graphs or not,
         the LM head's kernels are loaded first (ModelRunner.warm_up_logits)."""
-        self.runner.warm_up_logits(self.max_num_seqs)
+        self.runner.warm_up_logits(self._max_decode_rows())
         if not self.graphs_enabled():
             return
         from pagedray.workers.cuda_graphs import graph_batch_sizes
-        self.runner.capture_graphs(graph_batch_sizes(self.max_num_seqs), self.model_config.max_model_len)
+        self.runner.capture_graphs(graph_batch_sizes(self._max_decode_rows()), self.model_config.max_model_len)
+        if self.runner.spec is not None:
+            self.runner.spec.capture_graphs(graph_batch_sizes(self.max_num_seqs), self.model_config.max_model_len,
+                                            self.cache_config.block_size, self.device)
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         out = self.runner.execute_model(sched)

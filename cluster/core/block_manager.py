@@ -187,20 +187,23 @@ class BlockManager:
 
     # -- public API ----------------------------------------------------------
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       computed_blocks: list[int] | None = None) -> list[int] | None:
+                       computed_blocks: list[int] | None = None,
+                       num_lookahead_tokens: int = 0) -> list[int] | None:
         """Make room for the request's next `num_new_tokens` tokens; all or nothing.
 
         First call for a request (admission): `computed_blocks` are the ids from `get_computed_blocks`
         and the caller then sets `request.num_computed_tokens = len(computed_blocks) * block_size`.
         Later calls: slots start at `request.num_computed_tokens`. Shared blocks about to be written
         get copied (see `take_pending_copies`). Returns the block ids appended to the request's table,
-        or None (nothing changed) when the free blocks do not suffice.
+        or None (nothing changed) when the free blocks do not suffice. `num_lookahead_tokens`
+        more slots are reserved past them (speculative decoding: a step's proposals, unknown tokens).
         """
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         rid, bs = request.request_id, self.block_size
         table = self._tables.get(rid)
-        if table is not None and not computed_blocks and self._fits_private(request, table, num_new_tokens):
+        if table is not None and not computed_blocks and self._fits_private(request, table, num_new_tokens,
+                                                                            num_lookahead_tokens):
             # The common decode step: the tokens go into blocks the request alone holds.
             if self.enable_prefix_caching:
                 self._offer_full_blocks(request, request.num_computed_tokens + num_new_tokens)
@@ -215,11 +218,13 @@ class BlockManager:
                 raise ValueError(f"computed_blocks is only for the first allocation of request {rid!r}")
             table, start = self._tables[rid], request.num_computed_tokens
         end = start + num_new_tokens
-        if end > request.num_tokens + request.num_output_placeholders:
-            raise ValueError(f"cannot allocate past the request's {request.num_tokens} known tokens and "
-                             f"{request.num_output_placeholders} in flight (asked for {start} + {num_new_tokens})")
-        num_new_blocks = max(0, _cdiv(end, bs) - len(table))
-        written = range(start // bs, min(len(table), _cdiv(end, bs))) if num_new_tokens else range(0)
+        if end > request.num_tokens + request.num_output_placeholders + len(request.spec_token_ids):
+            raise ValueError(f"cannot allocate past the request's {request.num_tokens} known tokens, "
+                             f"{request.num_output_placeholders} in flight and {len(request.spec_token_ids)} "
+                             f"proposed (asked for {start} + {num_new_tokens})")
+        num_new_blocks = max(0, _cdiv(end + num_lookahead_tokens, bs) - len(table))
+        reserved = end + num_lookahead_tokens
+        written = range(start // bs, min(len(table), _cdiv(reserved, bs))) if num_new_tokens else range(0)
         cow = [j for j in written if self._ref[table[j]] > 1]
         revived = sum(1 for b in table if self._ref[b] == 0) if admitting else 0
         if num_new_blocks + len(cow) > self.num_free_blocks - revived:
@@ -239,12 +244,13 @@ class BlockManager:
             self._offer_full_blocks(request, end)
         return new_blocks
 
-    def _fits_private(self, request: Request, table: list[int], num_new_tokens: int) -> bool:
+    def _fits_private(self, request: Request, table: list[int], num_new_tokens: int, lookahead: int = 0) -> bool:
         """Whether the next tokens need no new block and no copy (every block written has ref 1)."""
         start = request.num_computed_tokens
-        end = start + num_new_tokens
+        end = start + num_new_tokens + lookahead
         if (num_new_tokens == 0 or end > len(table) * self.block_size
-                or end > request.num_tokens + request.num_output_placeholders):
+                or end - lookahead > request.num_tokens + request.num_output_placeholders
+                + len(request.spec_token_ids)):
             return False
         ref, bs = self._ref, self.block_size
         first, last = start // bs, (end - 1) // bs
@@ -268,6 +274,16 @@ class BlockManager:
         self._replaced.pop(request_id, None)
         self._hashes.pop(request_id, None)
         self._num_keyed.pop(request_id, None)
+
+    def trim(self, request_id: str, num_tokens: int) -> int:
+        """Release the request's blocks past those holding its first `num_tokens` tokens (speculative
+        decoding: the slots of rejected proposals). Returns the table's new length."""
+        table = self._tables[request_id]
+        keep = _cdiv(num_tokens, self.block_size)
+        while len(table) > keep:
+            self._release(table.pop())
+        self._num_keyed[request_id] = min(self._num_keyed[request_id], keep)
+        return keep
 
     def fork(self, parent_req_id: str, child_req_id: str, num_tokens: int | None = None) -> None:
         """Share the parent's blocks (those holding its first `num_tokens` tokens; default all) with a child."""

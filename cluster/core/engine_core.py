@@ -59,7 +59,7 @@ class EngineCore:
         self.config = config
         self.executor = make_executor(config)
         self.scheduler = Scheduler(config.scheduler, config.cache.block_size, self.executor.num_kv_blocks,
-                                   config.cache.enable_prefix_caching)
+                                   config.cache.enable_prefix_caching, config.speculative)
         self.info = _engine_info(config, self.executor.num_kv_blocks)
         self._parents: dict[str, _Parent] = {}
         self._child_of: dict[str, tuple[_Parent, int]] = {}   # sequence id -> (its request, completion index)
@@ -179,7 +179,9 @@ class EngineCore:
             self.generation_tokens_total += len(new_tokens)
             out = CoreOutput(parent.request_id, index, new_tokens)
             if request.sampling_params.logprobs is not None:
-                out.new_logprobs = [logprobs.get(request.request_id) or []]
+                accepted = runner_out.accepted_logprobs.get(request.request_id)
+                out.new_logprobs = (accepted[:len(new_tokens)] if accepted is not None
+                                    else [logprobs.get(request.request_id) or []])
             if index == 0 and not parent.first_sent:
                 parent.first_sent = True
                 out.num_cached_tokens = request.num_cached_tokens
@@ -237,7 +239,8 @@ class EngineCore:
             num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
             num_used_blocks=bm.num_used_blocks, prefix_cache_hit_rate=bm.hit_rate,
             prefix_cache_hit_tokens=bm.prefix_cache_hit_tokens, num_preemptions=sched.num_preemptions,
-            prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total)
+            prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
+            **(sched.spec.stats() if sched.spec is not None else {}))
 
     def shutdown(self) -> None:
         self.executor.shutdown()

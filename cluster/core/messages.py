@@ -55,6 +55,12 @@ class EngineStats(msgspec.Struct, omit_defaults=True):
     num_preemptions: int = 0
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    # Speculative decoding (vLLM's spec_decode counters): verification steps with proposals,
+    # proposals, accepted proposals, and accepted ones per proposal position.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_num_accepted_tokens_per_pos: list[int] = []
 
 
 class CoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -78,11 +84,20 @@ class EngineInfo(msgspec.Struct, omit_defaults=True):
     max_num_seqs: int = 0           # the scheduler's batch seats (0: not told)
 
 
+def _add(values):
+    """Numbers add up; lists (per-position counters) add up element-wise."""
+    values = list(values)
+    if values and isinstance(values[0], list):
+        width = max(len(v) for v in values)
+        return [sum(v[i] for v in values if i < len(v)) for i in range(width)]
+    return sum(values)
+
+
 def sum_stats(stats: list[EngineStats]) -> EngineStats:
     """Several cores' stats as one: counts add up, the hit rate is weighted by prompt tokens."""
     if len(stats) == 1:
         return stats[0]
-    total = EngineStats(**{f: sum(getattr(s, f) for s in stats) for f in EngineStats.__struct_fields__})
+    total = EngineStats(**{f: _add(getattr(s, f) for s in stats) for f in EngineStats.__struct_fields__})
     weights = total.prompt_tokens_total
     total.prefix_cache_hit_rate = (sum(s.prefix_cache_hit_rate * s.prompt_tokens_total for s in stats) / weights
                                    if weights else 0.0)

@@ -63,6 +63,8 @@ class Request:
         self.num_preemptions = 0
         # The stop token id that finished the request, when one did.
         self.stop_reason: int | None = None
+        # Speculative decoding: proposals for the tokens after the last one, verified by the next step.
+        self.spec_token_ids: list[int] = []
         # prompt + outputs, kept as one list so slices for the workers are cheap.
         self._all_token_ids = list(self.prompt_token_ids)
 

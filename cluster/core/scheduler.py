@@ -35,12 +35,13 @@ from typing import Iterable
 from pagedray.cluster.core.block_manager import BlockManager, check_fits_kv_cache
 from pagedray.cluster.config import SchedulerConfig
 from pagedray.cluster.core.request import Request, RequestStatus
+from pagedray.cluster.core.spec import SpecDecoding
 from pagedray.common.messages import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 
 
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, block_size: int, num_kv_blocks: int,
-                 enable_prefix_caching: bool) -> None:
+                 enable_prefix_caching: bool, speculative_config=None) -> None:
         self.config = scheduler_config
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
         self.requests: dict[str, Request] = {}      # every unfinished request, by id
@@ -53,6 +54,11 @@ class Scheduler:
         # The requests each recent schedule() ran, by id(SchedulerOutput): an output arriving after
         # its request was aborted and its id reused must not reach the new request.
         self._step_requests: OrderedDict[int, dict[str, Request]] = OrderedDict()
+        # Speculative decoding (cluster/core/spec.py): None when off.
+        self.spec = (SpecDecoding(speculative_config, scheduler_config.max_model_len)
+                     if speculative_config is not None else None)
+        self._spec_tokens: dict[str, list[int]] = {}    # this step's proposals, by request
+        self._trimmed: dict[str, int] = {}              # block tables cut since sent: their new length
 
     # -- queries -------------------------------------------------------------
     @property
@@ -139,6 +145,7 @@ class Scheduler:
 
     def _forget(self, request_id: str) -> None:
         """Tell the workers to drop the request (if they hold it)."""
+        self._trimmed.pop(request_id, None)
         if self._sent.pop(request_id, None) is not None:
             self._finished_ids.add(request_id)
 
@@ -147,6 +154,8 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        request.spec_token_ids = []
+        self._spec_tokens.pop(request.request_id, None)
         self.num_preemptions += 1
         self.waiting.appendleft(request)
         self._forget(request.request_id)
@@ -156,7 +165,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}
         preempted = False
-        running, allocate = self.running, self.block_manager.allocate_slots
+        running, allocate = self.running, self._allocate
         ending = 0      # running requests that their tokens in flight end (overlapped steps)
         i = 0
         while i < len(running) and budget > 0:
@@ -169,6 +178,11 @@ class Scheduler:
             if num_new == 0:
                 i += 1
                 continue
+            if request.spec_token_ids:
+                drafts = self.spec.drafts_for(request, num_new, budget)
+                if drafts:
+                    self._spec_tokens[request.request_id] = drafts
+                    num_new += len(drafts)
             if allocate(request, num_new) is None:   # (a decode step almost never gets here)
                 preempted = True
                 if not self._preempt_until_fits(request, num_new):
@@ -194,8 +208,8 @@ class Scheduler:
         for rid, num in scheduled.items():
             request = requests[rid]
             request.num_computed_tokens += num
-            if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
-                request.num_output_placeholders += 1
+            if request.num_computed_tokens >= request.num_tokens + request.num_output_placeholders:
+                request.num_output_placeholders += 1   # (past it by the proposals it verifies)
 
     def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
         """Tokens to run this step: all that are left, cut to the budget only with chunked prefill (else 0)."""
@@ -207,6 +221,10 @@ class Scheduler:
             return left
         return budget if self.config.enable_chunked_prefill else 0
 
+    def _allocate(self, request: Request, num_new: int, blocks: list[int] | None = None) -> list[int] | None:
+        lookahead = self.spec.num_lookahead_slots if self.spec is not None else 0
+        return self.block_manager.allocate_slots(request, num_new, blocks, lookahead)
+
     def _preempt_until_fits(self, request: Request, num_new: int) -> bool:
         """After allocate_slots failed: preempt the newest running requests until the request's slots
         fit. False when the request itself was the newest, and so was preempted."""
@@ -215,7 +233,7 @@ class Scheduler:
             self._preempt(victim)
             if victim is request:
                 return False
-            if self.block_manager.allocate_slots(request, num_new) is not None:
+            if self._allocate(request, num_new) is not None:
                 return True
 
     def _ends_in_flight(self, request: Request) -> bool:
@@ -230,7 +248,7 @@ class Scheduler:
                 break   # preempted with a token in flight: it resumes once that token is known
             blocks, num_computed = bm.get_computed_blocks(request)
             num_new = self._num_new_tokens(request, num_computed, budget)
-            if num_new == 0 or bm.allocate_slots(request, num_new, blocks) is None:
+            if num_new == 0 or self._allocate(request, num_new, blocks) is None:
                 break   # strict FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             if request.num_preemptions == 0:
@@ -260,12 +278,18 @@ class Scheduler:
                                                request.sampling_params, list(table),
                                                request.num_computed_tokens))
             else:
-                cached_reqs.append(CachedRequestData(rid, tokens[sent[0]:], table[sent[1]:],
-                                                     request.num_computed_tokens))
+                start = self._trimmed.pop(rid, None) if self._trimmed else None
+                start = sent[1] if start is None else min(start, sent[1])
+                cached_reqs.append(CachedRequestData(rid, tokens[sent[0]:], table[start:],
+                                                     request.num_computed_tokens,
+                                                     None if start == sent[1] else start))
             all_sent[rid] = (len(tokens), len(table))
         finished, self._finished_ids = self._finished_ids, set()
-        return SchedulerOutput(new_reqs, cached_reqs, scheduled, sum(scheduled.values()), finished,
-                               self.block_manager.take_pending_copies())
+        output = SchedulerOutput(new_reqs, cached_reqs, scheduled, sum(scheduled.values()), finished,
+                                 self.block_manager.take_pending_copies())
+        if self._spec_tokens:
+            output.scheduled_spec_decode_tokens, self._spec_tokens = self._spec_tokens, {}
+        return output
 
     # -- results -------------------------------------------------------------
     def update_from_output(self, scheduler_output: SchedulerOutput,
@@ -284,12 +308,30 @@ class Scheduler:
             if request is None or request is not scheduled.get(rid):
                 continue    # finished or aborted since the schedule
             request.num_output_placeholders -= 1
-            request.append_output_token(token)
-            status = self._stop_status(request)
+            if self.spec is not None:
+                new_tokens, status = self._apply_spec(request, scheduler_output, runner_output, token)
+            else:
+                request.append_output_token(token)
+                new_tokens, status = [token], self._stop_status(request)
             if status is not None:
                 self._finish(request, status)
-            results.append((request, [token]))
+            results.append((request, new_tokens))
         return results
+
+    def _apply_spec(self, request: Request, sched: SchedulerOutput, runner_output: ModelRunnerOutput,
+                    token: int) -> tuple[list[int], RequestStatus | None]:
+        """A speculating step's tokens (cluster/core/spec.py); the slots of rejected proposals go back."""
+        rid = request.request_id
+        tokens = runner_output.accepted_token_ids.get(rid) or [token]
+        num_drafts = len(sched.scheduled_spec_decode_tokens.get(rid, ()))
+        new_tokens, status = self.spec.apply(request, tokens, num_drafts, self._stop_status)
+        if status is None:
+            self.spec.propose(request, runner_output.draft_token_ids.get(rid))
+            sent = self._sent.get(rid)
+            kept = self.block_manager.trim(rid, request.num_computed_tokens)
+            if sent is not None and kept < sent[1]:
+                self._trimmed[rid] = min(kept, self._trimmed.get(rid, kept))
+        return new_tokens, status
 
     def _stop_status(self, request: Request) -> RequestStatus | None:
         """Token-level stops after a new token (stop strings are the engine's job). Length first, as vLLM."""

@@ -12,7 +12,7 @@ class LocalExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
         self.worker = Worker(config.model, config.cache, config.parallel, config.device,
                              config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs,
-                             kernel_options=config.kernel)
+                             kernel_options=config.kernel, speculative_config=config.speculative)
         self.worker.init_device()
         self.worker.load_model()
         num_blocks = self.worker.num_kv_blocks()

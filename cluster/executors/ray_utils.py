@@ -146,7 +146,7 @@ class WorkerActor:
         self.worker = Worker(config.model, config.cache, config.parallel, config.device,
                              config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs,
                              rank=self.rank, distributed_init_method=init_method, local_device=local_device,
-                             kernel_options=config.kernel)
+                             kernel_options=config.kernel, speculative_config=config.speculative)
         self.worker.init_device()
         self.worker.load_model()
         return self.worker.num_kv_blocks()

@@ -142,3 +142,21 @@ class _EngineStatsCollector:
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=float(value))
+        if getattr(stats, "spec_num_drafts", 0):
+            yield from _spec_decode_counters(stats)
+
+
+def _spec_decode_counters(stats):
+    """vLLM's speculative-decoding counters under our prefix (the mean acceptance length is
+    1 + accepted / drafts, as vLLM's dashboards compute it)."""
+    for name, doc, value in (
+            ("pagedray_spec_decode_num_drafts", "Verification steps with proposals", stats.spec_num_drafts),
+            ("pagedray_spec_decode_num_draft_tokens", "Proposed tokens", stats.spec_num_draft_tokens),
+            ("pagedray_spec_decode_num_accepted_tokens", "Accepted proposed tokens",
+             stats.spec_num_accepted_tokens)):
+        yield CounterMetricFamily(name, doc, value=float(value))
+    per_pos = CounterMetricFamily("pagedray_spec_decode_num_accepted_tokens_per_pos",
+                                  "Accepted proposed tokens by position", labels=["position"])
+    for pos, value in enumerate(stats.spec_num_accepted_tokens_per_pos):
+        per_pos.add_metric([str(pos)], float(value))
+    yield per_pos

@@ -1,0 +1,115 @@
+"""SpeculativeConfig: vLLM's `speculative_config` dict, typed and validated (torch-free).
+
+`LLM(..., speculative_config={"method": "ngram", "num_speculative_tokens": 4, ...})` and
+`serve --speculative-config JSON` both land here. Every bad field is a ValueError that names it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+METHODS = ("ngram", "draft_model", "eagle", "eagle3")
+# More proposals than this per step buy nothing (acceptance decays geometrically) and each
+# one is a row of the verification forward and a slot of KV cache.
+MAX_SPECULATIVE_TOKENS = 16
+# The n-gram lookup scans the request's tokens backwards for each length; keep it short.
+MAX_PROMPT_LOOKUP = 64
+
+
+@dataclass
+class SpeculativeConfig:
+    method: str | None = None
+    num_speculative_tokens: int | None = None
+    model: str | None = None                  # the draft model / EAGLE head folder
+    prompt_lookup_min: int | None = None      # n-gram only: shortest suffix matched
+    prompt_lookup_max: int | None = None      # n-gram only: longest suffix matched
+    # EAGLE-3: the target layers whose outputs the head reads (None: vLLM's (2, L/2, L-3)).
+    eagle_aux_hidden_state_layer_ids: list[int] | None = None
+
+    @classmethod
+    def from_dict(cls, value: "dict[str, Any] | SpeculativeConfig | None") -> "SpeculativeConfig | None":
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a dict, got {type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config has unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**value)
+
+    def __post_init__(self) -> None:
+        if self.method is None and self.model is not None:
+            self.method = "draft_model"
+        if self.method not in METHODS:
+            raise ValueError(f"speculative_config.method must be one of {METHODS}, got {self.method!r}")
+        k = self.num_speculative_tokens
+        if not _is_int(k) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"speculative_config.num_speculative_tokens must be an integer in "
+                             f"[1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+        if self.method == "ngram":
+            self._check_ngram()
+        else:
+            self._check_draft()
+
+    def _check_ngram(self) -> None:
+        if self.model is not None:
+            raise ValueError(f"speculative_config.model must be unset for method 'ngram' (it proposes "
+                             f"from the request's own tokens), got {self.model!r}")
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        for name, v in (("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):
+            if v is not None and (not _is_int(v) or not 1 <= v <= MAX_PROMPT_LOOKUP):
+                raise ValueError(f"speculative_config.{name} must be an integer in [1, {MAX_PROMPT_LOOKUP}], "
+                                 f"got {v!r}")
+        if lo is None and hi is None:
+            lo = hi = 5      # vLLM's default
+        lo = hi if lo is None else lo
+        hi = lo if hi is None else hi
+        if lo > hi:
+            raise ValueError(f"speculative_config.prompt_lookup_min ({lo}) must be <= prompt_lookup_max ({hi})")
+        self.prompt_lookup_min, self.prompt_lookup_max = lo, hi
+
+    def _check_draft(self) -> None:
+        for name in ("prompt_lookup_min", "prompt_lookup_max"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"speculative_config.{name} is only for method 'ngram', got method "
+                                 f"{self.method!r}")
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"speculative_config.model must be the local folder of the draft for method "
+                             f"{self.method!r}, got {self.model!r}")
+        from pagedray.common.config import check_checkpoint_folder
+        try:
+            check_checkpoint_folder(self.model)
+        except ValueError as exc:
+            raise ValueError(f"speculative_config.model: {exc}") from None
+        ids = self.eagle_aux_hidden_state_layer_ids
+        if ids is not None and (self.method != "eagle3" or not isinstance(ids, list)
+                                or not all(_is_int(i) and i >= 0 for i in ids) or not ids):
+            raise ValueError(f"speculative_config.eagle_aux_hidden_state_layer_ids must be a non-empty list "
+                             f"of layer indices, for method 'eagle3' only, got {ids!r}")
+
+    @property
+    def uses_draft_model(self) -> bool:
+        """Whether a model proposes on the workers (its own KV cache), rather than the n-gram lookup."""
+        return self.method != "ngram"
+
+    @property
+    def num_lookahead_slots(self) -> int:
+        """KV slots a step reserves past its verified tokens: a draft model writes its k-1 proposals'
+        K/V (and the bonus token's) into the request's blocks in the same step."""
+        return self.num_speculative_tokens if self.uses_draft_model else 0
+
+    def check_target(self, target_hf_config: Any, draft_hf_config: Any) -> None:
+        """The draft must speak the target's vocabulary (EAGLE-3 may map a smaller one onto it)."""
+        tv, dv = target_hf_config.vocab_size, draft_hf_config.vocab_size
+        if self.method in ("draft_model", "eagle") and tv != dv:
+            raise ValueError(f"speculative_config.model {self.model!r} has vocab_size={dv}, the target "
+                             f"has {tv}: a draft must share the target's vocabulary")
+        if self.method in ("eagle", "eagle3") and draft_hf_config.hidden_size != target_hf_config.hidden_size:
+            raise ValueError(f"speculative_config.model {self.model!r} has hidden_size="
+                             f"{draft_hf_config.hidden_size}, the target has {target_hf_config.hidden_size}: "
+                             f"an EAGLE head reads the target's hidden states")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

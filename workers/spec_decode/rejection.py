@@ -1,0 +1,115 @@
+"""Verification of proposals against the target's logits: greedy prefix match, or rejection sampling.
+
+Every proposer here proposes greedily, so the draft distribution q of a proposal d is one-hot on d.
+Rejection sampling (Leviathan et al.; Chen et al.) then reads: accept d with probability p(d), where
+p is the target's distribution at that position after the request's own processing (penalties
+counting the earlier proposals as outputs, min_tokens, temperature, min-p, top-k, top-p — the
+non-speculative sampler's functions); at the first rejection draw from p with d removed
+(renormalised max(p - q, 0)); after k acceptances draw a bonus token from the last row's p. Each
+emitted token is then distributed exactly as the target's own sampler would draw it.
+
+Greedy rows are the special case p = one-hot(argmax): accept while the proposal equals the argmax,
+then emit the argmax. Draws use the sampler's exponential race and its noise, so a seeded request
+takes its randomness from (seed, output position) and stays reproducible; its acceptance uniforms
+come from the same hash under another key. The host waits once per step, for all rows together.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from pagedray.common.messages import Logprobs
+from pagedray.workers.sampler import (Sampler, SamplingRow, _row_keys, apply_penalties, filtered_probs,
+                                      logprob_entries, mask_min_tokens, seeded_uniform, to_device)
+
+# Keys a seeded request's acceptance uniforms apart from its sampling noise.
+_ACCEPT_SALT = 0x5EC0DE5EC0DE
+
+
+def expand_rows(rows: list[SamplingRow], groups: list[tuple[str, int, list[int]]]) -> list[SamplingRow]:
+    """One sampling row per logits row: row j of a request sees its proposals before j as outputs."""
+    out: list[SamplingRow] = []
+    for row, (_, _, drafts) in zip(rows, groups):
+        out.append(row)
+        for j in range(1, len(drafts) + 1):
+            view = copy.copy(row)
+            view.num_pending = row.num_pending + j
+            if row.has_penalty:
+                view.pending_token_ids = row.pending_token_ids + drafts[:j]
+            out.append(view)
+    return out
+
+
+def verify(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow],
+           groups: list[tuple[str, int, list[int]]]) -> tuple[list[list[int]], list[list[Logprobs] | None]]:
+    """Per group: the tokens the step emits (accepted proposals, then one of the target's), and their
+    logprobs when asked. `logits` [sum(k + 1), V]: each group's rows in order, the last one the bonus."""
+    erows = expand_rows(rows, groups)
+    dev = logits.device
+    logits = logits.float()
+    want = [r.params.logprobs for r in erows]
+    raw_lp = torch.log_softmax(logits, dim=-1) if any(w is not None for w in want) else None
+    if any(r.has_penalty or r.masks_min_tokens for r in erows):
+        logits = mask_min_tokens(apply_penalties(logits.clone(), erows), erows)
+    proposal = []           # each row's proposal to judge (-1: the bonus row)
+    for _, _, drafts in groups:
+        proposal += drafts + [-1]
+    prop = to_device(proposal, torch.int64, dev)
+    greedy = [r.params.greedy for r in erows]
+    chosen = logits.argmax(dim=-1)
+    accept = chosen == prop
+    if not all(greedy):
+        probs = filtered_probs(logits, erows)
+        safe = prop.clamp(0, probs.shape[-1] - 1)
+        p_prop = probs.gather(1, safe[:, None]).squeeze(1).masked_fill(prop < 0, 0.0)
+        accept_s = _uniforms(sampler, erows, dev) < p_prop
+        # Where the proposal is rejected: draw from p without it (the bonus row removes nothing).
+        residual = probs.scatter(1, safe[:, None], 0.0).where((prop >= 0)[:, None], probs)
+        drawn = (residual / sampler._noise(residual, erows)).argmax(dim=-1)
+        is_greedy = to_device(greedy, torch.bool, dev)
+        chosen = torch.where(is_greedy, chosen, drawn)
+        accept = torch.where(is_greedy, accept, accept_s)
+    host = torch.stack([chosen, accept.long()]).tolist()     # the step's one wait for the device
+    tokens: list[list[int]] = []
+    lp_rows: list[int] = []
+    lp_ids: list[int] = []
+    lp_want: list[int | None] = []
+    for (_, row0, drafts), row in zip(groups, rows):
+        a = 0
+        while a < len(drafts) and host[1][row0 + a]:
+            a += 1
+        out = drafts[:a] + [host[0][row0 + a]]
+        tokens.append(out)
+        if row.params.logprobs is not None:
+            lp_rows += range(row0, row0 + a + 1)
+            lp_ids += out
+            lp_want += [row.params.logprobs] * (a + 1)
+    return tokens, _logprobs(raw_lp, groups, rows, tokens, lp_rows, lp_ids, lp_want)
+
+
+def _uniforms(sampler: Sampler, erows: list[SamplingRow], dev: torch.device) -> torch.Tensor:
+    """One acceptance uniform per row: from the generator, or from the hash for seeded rows."""
+    u = torch.rand(len(erows), generator=sampler._global_generator(dev), device=dev, dtype=torch.float64)
+    seeded = [i for i, r in enumerate(erows) if r.params.seed is not None and not r.params.greedy]
+    if seeded:
+        keys = [_row_keys(erows[i].params.seed ^ _ACCEPT_SALT, erows[i].num_outputs) for i in seeded]
+        u[to_device(seeded, torch.int64, dev)] = seeded_uniform(to_device(keys, torch.int64, dev), 1)[:, 0]
+    return u
+
+
+def _logprobs(raw_lp, groups, rows, tokens, lp_rows, lp_ids, lp_want) -> list[list[Logprobs] | None]:
+    """The raw logprobs (before any processing, as the sampler reports them) of each emitted token."""
+    out: list[list[Logprobs] | None] = [None] * len(groups)
+    if raw_lp is None or not lp_rows:
+        return out
+    dev = raw_lp.device
+    entries = logprob_entries(raw_lp[to_device(lp_rows, torch.int64, dev)],
+                              to_device(lp_ids, torch.int64, dev), lp_want)
+    i = 0
+    for g, row in enumerate(rows):
+        if row.params.logprobs is not None:
+            n = len(tokens[g])
+            out[g] = entries[i:i + n]
+            i += n
+    return out
