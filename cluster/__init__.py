@@ -2,9 +2,10 @@
 if __name__ != "pagedray.cluster":  # found as a bare `cluster` from the repository root
     from pagedray.kernels.import_guard import step_aside
     step_aside(__name__, __path__)
+from pagedray.common.lora import LoRARequest
 from pagedray.common.sampling_params import SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "LLMEngine", "LoRARequest", "SamplingParams", "RequestOutput", "CompletionOutput"]
 
 
 def __getattr__(name: str):

@@ -19,6 +19,7 @@ from pagedray.cluster.cli_common import DefaultsHelpFormatter, read_flag_file, r
 from pagedray.cluster.cli_generate import add_generate_parser
 from pagedray.cluster.cli_info import add_info_parser
 from pagedray.cluster.serve_preflight import check_serve_args, flag_names
+from pagedray.cluster.cli_lora import add_lora_args, lora_engine_kwargs, register_lora_modules
 from pagedray.cluster.serving.chat import load_chat_template
 from pagedray.common import envs
 
@@ -72,6 +73,7 @@ def add_serve_parser(subparsers) -> None:
                    help="Jinja chat template file, for models whose tokenizer has none (or to replace it)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
+    add_lora_args(p)
     r = p.add_argument_group("replicas", "several engines behind one endpoint (needs --replica-backend ray)")
     r.add_argument("--replica-backend", choices=("local", "ray", "inproc"), default="local",
                    help="local: the engine in a subprocess of this one (restarted if it dies); ray: each "
@@ -143,7 +145,8 @@ def _serve(args: argparse.Namespace) -> int:
                   max_num_batched_tokens=args.max_num_batched_tokens,
                   enable_prefix_caching=args.enable_prefix_caching,
                   enable_chunked_prefill=args.enable_chunked_prefill, seed=args.seed,
-                  quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+                  quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                  **lora_engine_kwargs(args))
     if args.speculative_config is not None:
         kwargs["speculative_config"] = args.speculative_config
     name = args.served_model_name or Path(model).name
@@ -208,6 +211,7 @@ async def _run(model: str, kwargs: dict, name: str, args: argparse.Namespace, sc
 async def _run_server(frontend, name: str, args: argparse.Namespace, autoscaler=None) -> int:
     from pagedray.cluster.serving.server import GenerateServer
     auth_token, chat_template = args.auth_token, args.chat_template_text
+    register_lora_modules(frontend, name, args)
     server = GenerateServer(
         frontend, name, host=args.host, port=args.port, auth_token=auth_token,
         tls_cert=args.tls_cert_pem, tls_key=args.tls_key_pem,

@@ -6,6 +6,7 @@ from typing import Any
 
 from pagedray.common.config import CacheConfig, DeviceConfig, KernelOptions, ModelConfig, ParallelConfig
 from pagedray.common.speculative import SpeculativeConfig
+from pagedray.common.lora import LoRAConfig
 
 __all__ = ["CacheConfig", "DeviceConfig", "KernelOptions", "ModelConfig", "ParallelConfig", "SchedulerConfig",
            "EngineConfig"]
@@ -44,6 +45,7 @@ class EngineConfig:
     device: DeviceConfig
     kernel: KernelOptions = field(default_factory=KernelOptions)
     speculative: SpeculativeConfig | None = None
+    lora: LoRAConfig | None = None   # None: LoRA off (enable_lora=False)
 
 
 def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str = "auto",
@@ -56,7 +58,9 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
                         enforce_eager: bool = False, async_scheduling: bool | None = None,
                         quantization: str | None = None, kv_cache_dtype: str = "auto",
                         kernel_options: KernelOptions | dict[str, Any] | None = None,
-                        speculative_config: dict | SpeculativeConfig | None = None) -> EngineConfig:
+                        speculative_config: dict | SpeculativeConfig | None = None,
+                        enable_lora: bool = False, max_loras: int = 1, max_lora_rank: int = 16,
+                        max_cpu_loras: int | None = None) -> EngineConfig:
     """The LLM(...) keywords, split into the per-concern configs."""
     model_config = ModelConfig(model, tokenizer, dtype, max_model_len, load_format, seed, enforce_eager,
                                quantization)
@@ -73,6 +77,9 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
     cache = CacheConfig(block_size, gpu_memory_utilization, num_kv_blocks, enable_prefix_caching,
                         cache_dtype=kv_cache_dtype)
     cache.check_device(device_config.device_type)
+    if enable_lora and speculative is not None:
+        raise ValueError("enable_lora cannot be combined with speculative_config yet (the proposers and the "
+                         "verification batch do not carry the requests' adapters)")
     return EngineConfig(
         model=model_config,
         cache=cache,
@@ -82,6 +89,7 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
         device=device_config,
         kernel=KernelOptions.of(kernel_options),
         speculative=speculative,
+        lora=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None,
     )
 
 

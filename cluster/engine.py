@@ -14,6 +14,7 @@ from pagedray.cluster.core.engine_core import EngineCore
 from pagedray.cluster.core.messages import EngineStats
 from pagedray.cluster.outputs import RequestOutput
 from pagedray.common.errors import EngineDeadError
+from pagedray.common.lora import LoRARequest
 from pagedray.cluster.serving.input_processor import InputProcessor, load_tokenizer
 from pagedray.cluster.serving.output_processor import OutputProcessor
 from pagedray.common.sampling_params import SamplingParams
@@ -46,14 +47,26 @@ class LLMEngine:
     async_scheduling = property(lambda self: self.core.async_scheduling)
 
     # -- requests ------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | dict, params: SamplingParams | None = None) -> None:
-        """Validate and queue a request; raises ValueError naming the bad field."""
+    def add_request(self, request_id: str, prompt: str | dict, params: SamplingParams | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
+        """Validate and queue a request; raises ValueError naming the bad field (or adapter)."""
         self._check_alive()
         if request_id in self.output_processor.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        text, request = self.input_processor.process(request_id, prompt, params)
+        text, request = self.input_processor.process(request_id, prompt, params, lora_request=lora_request)
+        if lora_request is not None:
+            self.core.add_lora(lora_request)   # a bad adapter raises here, before anything is queued
         self.output_processor.add_request(request_id, text, request.prompt_token_ids, request.params)
         self.core.add([request])
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        return self.core.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.core.remove_lora(lora_int_id)
+
+    def list_loras(self) -> list[int]:
+        return self.core.list_loras()
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)

@@ -7,6 +7,7 @@ from typing import Sequence
 from pagedray.cluster.engine import LLMEngine
 from pagedray.cluster.outputs import RequestOutput
 from pagedray.common.config import KernelOptions
+from pagedray.common.lora import LoRARequest
 from pagedray.common.sampling_params import SamplingParams
 
 Prompt = str | dict
@@ -22,7 +23,8 @@ class LLM:
                  load_format: str = "auto", seed: int = 0, enforce_eager: bool = False,
                  async_scheduling: bool | None = None, quantization: str | None = None,
                  kv_cache_dtype: str = "auto", kernel_options: KernelOptions | dict | None = None,
-                 speculative_config: dict | None = None) -> None:
+                 speculative_config: dict | None = None, enable_lora: bool = False, max_loras: int = 1,
+                 max_lora_rank: int = 16, max_cpu_loras: int | None = None) -> None:
         if model is None:
             from pagedray.cluster.default_model import default_model_path
             model = default_model_path()
@@ -35,7 +37,8 @@ class LLM:
             enable_chunked_prefill=enable_chunked_prefill, load_format=load_format, seed=seed,
             enforce_eager=enforce_eager, async_scheduling=async_scheduling, quantization=quantization,
             kv_cache_dtype=kv_cache_dtype, kernel_options=kernel_options,
-            speculative_config=speculative_config)
+            speculative_config=speculative_config, enable_lora=enable_lora, max_loras=max_loras,
+            max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras)
         self._ids = itertools.count()
 
     def get_tokenizer(self):
@@ -43,8 +46,11 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in input order."""
+                 use_tqdm: bool = True,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in input order.
+
+        lora_request: one adapter for every prompt, or a list with one (or None) per prompt."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -54,12 +60,18 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"lora_request has {len(loras)} entries for {len(prompts)} prompts")
         engine = self.llm_engine
         request_ids = [f"llm-{next(self._ids)}" for _ in prompts]
         added: list[str] = []
         try:
-            for rid, prompt, params in zip(request_ids, prompts, params_list):
-                engine.add_request(rid, prompt, params)
+            for rid, prompt, params, lora in zip(request_ids, prompts, params_list, loras):
+                engine.add_request(rid, prompt, params, lora)
                 added.append(rid)
             return self._run(request_ids, use_tqdm)
         finally:

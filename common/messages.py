@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pagedray.common.lora import LoRARequest
 from pagedray.common.sampling_params import SamplingParams
 
 
@@ -23,6 +24,7 @@ class NewRequestData:
     block_ids: list[int]
     # Tokens whose K/V are already in the cache (prefix-cache hits).
     num_computed_tokens: int
+    lora_request: LoRARequest | None = None   # the adapter it runs with (None: the base model)
 
 
 @dataclass

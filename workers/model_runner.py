@@ -22,6 +22,7 @@ import torch
 
 from pagedray.models.layers.attention import AttentionMetadata
 from pagedray.kernels import ops
+from pagedray.common.lora import LoRARequest
 from pagedray.common.messages import Logprobs, ModelRunnerOutput, SchedulerOutput
 from pagedray.workers.sampler import Sampler, SamplingRow, logprob_entries
 from pagedray.workers.step_output import StepOutput
@@ -36,6 +37,7 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     table_row: int = -1   # this request's row in the runner's BlockTable
+    lora_request: LoRARequest | None = None
     # The sampler's view, kept for the request's lifetime (outputs are appended as they arrive).
     sampling_row: SamplingRow = field(init=False)
 
@@ -120,6 +122,7 @@ class ModelRunner:
         self.graphs = None  # DecodeGraphs once captured
         self.last_output: StepOutput | None = None   # the latest step that sampled
         self.spec = None   # SpecDecodeRunner when speculative decoding is on (workers/spec_decode/)
+        self.lora = None   # a workers.lora.LoRAManager when LoRA is enabled
 
     # -- state ---------------------------------------------------------------
     def update_states(self, sched: SchedulerOutput) -> None:
@@ -128,7 +131,8 @@ class ModelRunner:
         for new in sched.scheduled_new_reqs:
             self._drop(new.req_id)
             state = CachedRequestState(list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
-                                       list(new.block_ids), new.num_computed_tokens)
+                                       list(new.block_ids), new.num_computed_tokens,
+                                       lora_request=new.lora_request)
             state.table_row = self.block_table.add(state.block_ids)
             self.requests[new.req_id] = state
         for delta in sched.scheduled_cached_reqs:
@@ -276,6 +280,9 @@ class ModelRunner:
         if self.spec is not None and self.spec.handles(sched):
             return self.spec.execute(self, sched)
         inputs = self.prepare_inputs(sched)
+        if self.lora is not None:   # each token's adapter slot, in the flat batch's order
+            self.lora.set_step([self.requests[r].lora_request for r in sched.num_scheduled_tokens],
+                               list(sched.num_scheduled_tokens.values()))
         hidden = self._forward(inputs)
         prompt_logprobs = self._prompt_logprobs(hidden, inputs.prompt_spans)
         if not inputs.sample_req_ids:

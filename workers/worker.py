@@ -11,6 +11,7 @@ import torch
 from pagedray.workers.cache_engine import CacheEngine, KVCacheSpec, kv_cache_torch_dtype
 from pagedray.common.config import CacheConfig, DeviceConfig, KernelOptions, ModelConfig, ParallelConfig
 from pagedray.kernels import options as kernel_option_state
+from pagedray.common.lora import LoRAConfig, LoRARequest
 from pagedray.common.messages import ModelRunnerOutput, SchedulerOutput
 from pagedray.workers.model_runner import ModelRunner
 
@@ -24,7 +25,8 @@ class Worker:
                  parallel_config: ParallelConfig, device_config: DeviceConfig,
                  max_num_batched_tokens: int, max_num_seqs: int, rank: int = 0,
                  distributed_init_method: str | None = None, local_device: str | None = None,
-                 kernel_options: KernelOptions | None = None, speculative_config=None) -> None:
+                 kernel_options: KernelOptions | None = None, speculative_config=None,
+                 lora_config: LoRAConfig | None = None) -> None:
         # First: everything this worker builds (graphs included) runs with the engine config's options.
         kernel_option_state.install(kernel_options or KernelOptions())
         self.model_config = model_config
@@ -32,6 +34,7 @@ class Worker:
         self.parallel_config = parallel_config
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
+        self.lora_config = lora_config
         self.rank = rank
         self.distributed_init_method = distributed_init_method
         self.device = torch.device(local_device or device_config.device)
@@ -68,6 +71,11 @@ class Worker:
         self.kv_spec = KVCacheSpec(num_layers, kv_heads, head_size, self.cache_config.block_size, kv_dtype)
         self.runner = ModelRunner(model, self.cache_config.block_size, self.device, mc.seed,
                                   sample=self.rank == 0)
+        if self.lora_config is not None:   # before profiling: the slots take memory and time
+            from pagedray.workers.lora import LoRAManager
+            self.runner.lora = LoRAManager(model, self.lora_config,
+                                           max(self.max_num_batched_tokens, self.max_num_seqs), self.dtype,
+                                           self.device)
         if self.speculative_config is not None:
             from pagedray.workers.spec_decode import make_spec_runner
             self.runner.spec = make_spec_runner(self)
@@ -159,6 +167,15 @@ class Worker:
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         out = self.runner.execute_model(sched)
         return out if self.rank == 0 else None
+
+    # LoRA adapters (ValueError when LoRA is off or the adapter does not fit the model)
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        if self.runner.lora is None:
+            raise ValueError("LoRA is not enabled: start the engine with enable_lora=True")
+        return self.runner.lora.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.runner.lora is not None and self.runner.lora.remove_lora(lora_int_id)
 
     def shutdown(self) -> None:
         import torch.distributed as dist

@@ -17,17 +17,21 @@ def hash_block(parent: bytes, token_ids: Sequence[int]) -> bytes:
 
 
 def extend_block_hashes(keys: list[bytes], token_ids: Sequence[int], block_size: int,
-                        max_blocks: int | None = None) -> list[bytes]:
+                        max_blocks: int | None = None, salt: bytes = b"") -> list[bytes]:
     """Append to `keys` (the keys of the first len(keys) full blocks of `token_ids`) those of the
-    following full blocks, up to `max_blocks` blocks in all; returns `keys`."""
+    following full blocks, up to `max_blocks` blocks in all; returns `keys`.
+
+    `salt` is the first block's parent: what else the K/V depend on (a LoRA adapter's
+    `cache_salt()`), so blocks computed under different adapters never share a key."""
     num_full = len(token_ids) // block_size
     if max_blocks is not None:
         num_full = min(num_full, max_blocks)
     for j in range(len(keys), num_full):
-        keys.append(hash_block(keys[j - 1] if j else b"", token_ids[j * block_size:(j + 1) * block_size]))
+        keys.append(hash_block(keys[j - 1] if j else salt, token_ids[j * block_size:(j + 1) * block_size]))
     return keys
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, max_blocks: int | None = None) -> list[bytes]:
+def block_hashes(token_ids: Sequence[int], block_size: int, max_blocks: int | None = None,
+                 salt: bytes = b"") -> list[bytes]:
     """The keys of the leading full blocks of `token_ids` (at most `max_blocks`)."""
-    return extend_block_hashes([], token_ids, block_size, max_blocks)
+    return extend_block_hashes([], token_ids, block_size, max_blocks, salt)

@@ -111,7 +111,7 @@ class BlockManager:
     def _block_hashes(self, request: Request) -> list[bytes]:
         """Keys of the request's full blocks, extended incrementally (tokens only ever get appended)."""
         keys = self._hashes.setdefault(request.request_id, [])
-        return extend_block_hashes(keys, request.all_token_ids, self.block_size)
+        return extend_block_hashes(keys, request.all_token_ids, self.block_size, salt=request.cache_salt)
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """The cached blocks of the request's longest cached prefix, and the tokens they hold.

@@ -31,6 +31,7 @@ from pagedray.cluster.core.request import Request, RequestStatus
 from pagedray.cluster.core.scheduler import Scheduler
 from pagedray.cluster.core.validation import apply_defaults, check_request, child_params
 from pagedray.common.errors import EngineDeadError
+from pagedray.common.lora import LoRARequest
 from pagedray.common.messages import SchedulerOutput
 from pagedray.workers.step_output import StepOutput
 
@@ -59,7 +60,9 @@ class EngineCore:
         self.config = config
         self.executor = make_executor(config)
         self.scheduler = Scheduler(config.scheduler, config.cache.block_size, self.executor.num_kv_blocks,
-                                   config.cache.enable_prefix_caching, config.speculative)
+                                   config.cache.enable_prefix_caching, config.speculative,
+                                   max_loras=config.lora.max_loras if config.lora is not None else 0)
+        self._loras: dict[int, LoRARequest] = {}   # adapters the workers have parsed, by lora_int_id
         self.info = _engine_info(config, self.executor.num_kv_blocks)
         self._parents: dict[str, _Parent] = {}
         self._child_of: dict[str, tuple[_Parent, int]] = {}   # sequence id -> (its request, completion index)
@@ -98,9 +101,11 @@ class EngineCore:
         check_request(prompt, params, self.info, len(req.output_token_ids))
         if req.output_token_ids and params.n > 1:
             raise ValueError("a resumed request must have n=1: resume each completion under its completion_id")
+        if req.lora_request is not None:
+            self.add_lora(req.lora_request)
         arrival = req.arrival_time or None
         children = [Request(rid if params.n == 1 else completion_id(rid, i), prompt,
-                            params if params.n == 1 else child_params(params, i), arrival)
+                            params if params.n == 1 else child_params(params, i), arrival, req.lora_request)
                     for i in range(params.n)]
         first = children[0]
         for token in req.output_token_ids:
@@ -113,6 +118,31 @@ class EngineCore:
         for i, child in enumerate(children):
             self._child_of[child.request_id] = (parent, i)
         self.prompt_tokens_total += len(prompt)
+
+    # -- LoRA adapters -------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Have the workers parse the adapter (ValueError naming what does not fit); False if known."""
+        if self.config.lora is None:
+            raise ValueError(f"request for LoRA adapter {lora_request.lora_name!r}: LoRA is not enabled "
+                             "(start the engine with enable_lora=True / --enable-lora)")
+        known = self._loras.get(lora_request.lora_int_id)
+        if known is not None:
+            if known != lora_request:
+                raise ValueError(f"lora_int_id {lora_request.lora_int_id} is adapter {known.lora_name!r} at "
+                                 f"{known.lora_path!r}, not {lora_request.lora_name!r} at {lora_request.lora_path!r}")
+            return False
+        self.executor.add_lora(lora_request)
+        self._loras[lora_request.lora_int_id] = lora_request
+        return True
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter (requests still running with it finish with it)."""
+        if self._loras.pop(lora_int_id, None) is None:
+            return False
+        return self.executor.remove_lora(lora_int_id)
+
+    def list_loras(self) -> list[int]:
+        return sorted(self._loras)
 
     def abort(self, request_ids: Iterable[str]) -> None:
         """Stop requests (a request id: all its completions; a `completion_id`: that one) and free
@@ -252,7 +282,8 @@ def _engine_info(config: EngineConfig, num_kv_blocks: int) -> EngineInfo:
                       max_model_len=mc.max_model_len, vocab_size=mc.vocab_size,
                       block_size=config.cache.block_size, num_kv_blocks=num_kv_blocks,
                       tensor_parallel_size=config.parallel.tensor_parallel_size,
-                      eos_token_ids=config_eos_token_ids(mc), max_num_seqs=config.scheduler.max_num_seqs)
+                      eos_token_ids=config_eos_token_ids(mc), max_num_seqs=config.scheduler.max_num_seqs,
+                      max_lora_rank=config.lora.max_lora_rank if config.lora is not None else 0)
 
 
 def config_eos_token_ids(model_config) -> list[int]:

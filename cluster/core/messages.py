@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
+from pagedray.common.lora import LoRARequest
 from pagedray.common.sampling_params import SamplingParams
 
 
@@ -20,6 +21,7 @@ class CoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     # from prompt + these, at output position len(output_token_ids), as after a preemption.
     output_token_ids: list[int] = []
     arrival_time: float = 0.0
+    lora_request: LoRARequest | None = None   # the adapter to run with (None: the base model)
 
 
 def completion_id(request_id: str, index: int) -> str:
@@ -82,6 +84,7 @@ class EngineInfo(msgspec.Struct, omit_defaults=True):
     tensor_parallel_size: int
     eos_token_ids: list[int] = []
     max_num_seqs: int = 0           # the scheduler's batch seats (0: not told)
+    max_lora_rank: int = 0          # 0: LoRA off (the engine was started without enable_lora)
 
 
 def _add(values):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import enum
 import time
 
+from pagedray.common.lora import LoRARequest
 from pagedray.common.sampling_params import SamplingParams
 
 
@@ -40,7 +41,7 @@ class Request:
     """One sequence: prompt tokens, sampled tokens, and how many tokens have K/V in the cache."""
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                 arrival_time: float | None = None) -> None:
+                 arrival_time: float | None = None, lora_request: LoRARequest | None = None) -> None:
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty str, got {request_id!r}")
         if not prompt_token_ids:
@@ -51,6 +52,9 @@ class Request:
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.arrival_time = time.time() if arrival_time is None else arrival_time
+        self.lora_request = lora_request
+        # Prefix-cache keys start from this: an adapter's K/V are never shared with another's.
+        self.cache_salt = lora_request.cache_salt() if lora_request is not None else b""
         self.output_token_ids: list[int] = []
         # Tokens (prompt first, then outputs) whose K/V are in this request's cache blocks.
         self.num_computed_tokens = 0

@@ -41,8 +41,11 @@ from pagedray.common.messages import CachedRequestData, ModelRunnerOutput, NewRe
 
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, block_size: int, num_kv_blocks: int,
-                 enable_prefix_caching: bool, speculative_config=None) -> None:
+                 enable_prefix_caching: bool, speculative_config=None,
+                 max_loras: int = 0) -> None:
         self.config = scheduler_config
+        # Distinct LoRA adapters one step may use (the workers' device slots); 0: LoRA off.
+        self.max_loras = max_loras
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
         self.requests: dict[str, Request] = {}      # every unfinished request, by id
         self.waiting: deque[Request] = deque()
@@ -242,15 +245,23 @@ class Scheduler:
 
     def _admit_waiting(self, budget: int, scheduled: dict[str, int], max_running: int) -> None:
         bm = self.block_manager
-        while self.waiting and budget > 0 and len(self.running) < max_running:
-            request = self.waiting[0]
+        loras = self._running_loras()
+        j = 0
+        while j < len(self.waiting) and budget > 0 and len(self.running) < max_running:
+            request = self.waiting[j]
             if request.num_output_placeholders:
                 break   # preempted with a token in flight: it resumes once that token is known
+            lora = request.lora_request
+            if lora is not None and self.max_loras and lora.lora_int_id not in loras and len(loras) >= self.max_loras:
+                j += 1   # every adapter slot is taken by running requests: the next may use one of theirs
+                continue
             blocks, num_computed = bm.get_computed_blocks(request)
             num_new = self._num_new_tokens(request, num_computed, budget)
             if num_new == 0 or self._allocate(request, num_new, blocks) is None:
-                break   # strict FCFS: nobody overtakes the head of the queue
-            self.waiting.popleft()
+                break   # FCFS: nobody overtakes the head of the queue but for want of an adapter slot
+            del self.waiting[j]
+            if lora is not None:
+                loras.add(lora.lora_int_id)
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_computed
             request.num_computed_tokens = num_computed
@@ -258,6 +269,10 @@ class Scheduler:
             self.running.append(request)
             scheduled[request.request_id] = num_new
             budget -= num_new
+
+    def _running_loras(self) -> set[int]:
+        return ({r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
+                if self.max_loras else set())
 
     def _build_output(self, scheduled: dict[str, int]) -> SchedulerOutput:
         new_reqs: list[NewRequestData] = []
@@ -276,7 +291,7 @@ class Scheduler:
             if sent is None:
                 new_reqs.append(NewRequestData(rid, list(tokens), request.num_prompt_tokens,
                                                request.sampling_params, list(table),
-                                               request.num_computed_tokens))
+                                               request.num_computed_tokens, request.lora_request))
             else:
                 start = self._trimmed.pop(rid, None) if self._trimmed else None
                 start = sent[1] if start is None else min(start, sent[1])

@@ -32,6 +32,13 @@ class Executor(abc.ABC):
         Executors that cannot overlap run it whole."""
         return StepOutput.done(self.execute_model(sched))
 
+    def add_lora(self, lora_request) -> bool:
+        """Parse a LoRA adapter on every worker (ValueError if it does not fit); False if known."""
+        raise ValueError(f"{type(self).__name__} does not serve LoRA adapters")
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return False
+
     def check_health(self) -> None:
         """Raise ExecutorError when a worker is gone."""
 

@@ -12,7 +12,8 @@ class LocalExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
         self.worker = Worker(config.model, config.cache, config.parallel, config.device,
                              config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs,
-                             kernel_options=config.kernel, speculative_config=config.speculative)
+                             kernel_options=config.kernel, speculative_config=config.speculative,
+                             lora_config=config.lora)
         self.worker.init_device()
         self.worker.load_model()
         num_blocks = self.worker.num_kv_blocks()
@@ -26,6 +27,12 @@ class LocalExecutor(Executor):
 
     def execute_model_async(self, sched: SchedulerOutput) -> StepOutput:
         return self.worker.runner.execute_model_async(sched)
+
+    def add_lora(self, lora_request) -> bool:
+        return self.worker.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.worker.remove_lora(lora_int_id)
 
     def shutdown(self) -> None:
         self.worker.shutdown()

@@ -177,6 +177,20 @@ class RayExecutor(Executor):
             raise ExecutorError(f"the executor has failed: {self._failure}")
         self._wait([w.ping.remote() for w in self.workers], 30.0, "a health check")
 
+    def add_lora(self, lora_request) -> bool:
+        """Every rank parses its shard of the adapter (a bad adapter: every rank's same ValueError)."""
+        refs = [w.add_lora.remote(lora_request) for w in self.workers]
+        try:
+            return ray.get(refs, timeout=self.step_timeout_s)[0]
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, ValueError):   # the adapter's fault, not the replica's
+                raise ValueError(str(exc.cause)) from None
+            raise self._fail("adding a LoRA adapter", exc) from exc
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self._wait([w.remove_lora.remote(lora_int_id) for w in self.workers], self.step_timeout_s,
+                          "removing a LoRA adapter")[0]
+
     def shutdown(self) -> None:
         """Kill the actors (a rank stuck in a collective cannot be asked to leave) and free the bundles."""
         if self._closed:

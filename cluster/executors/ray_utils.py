@@ -146,7 +146,8 @@ class WorkerActor:
         self.worker = Worker(config.model, config.cache, config.parallel, config.device,
                              config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs,
                              rank=self.rank, distributed_init_method=init_method, local_device=local_device,
-                             kernel_options=config.kernel, speculative_config=config.speculative)
+                             kernel_options=config.kernel, speculative_config=config.speculative,
+                             lora_config=getattr(config, "lora", None))
         self.worker.init_device()
         self.worker.load_model()
         return self.worker.num_kv_blocks()
@@ -160,6 +161,12 @@ class WorkerActor:
         out = self.worker.execute_model(sched)
         self.step_seconds.append(time.perf_counter() - t0)
         return out
+
+    def add_lora(self, lora_request) -> bool:
+        return self.worker.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.worker.remove_lora(lora_int_id)
 
     def ping(self) -> int:
         return os.getpid()

@@ -36,6 +36,8 @@ from pagedray.cluster.serving.migration import resume_requests
 from pagedray.cluster.serving.output_processor import OutputProcessor, RequestState
 from pagedray.cluster.serving.router import Router
 from pagedray.common.quoting import clip, quote
+from pagedray.cluster.serving.lora_registry import LoRARegistry
+from pagedray.common.lora import LoRARequest
 from pagedray.common.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,7 @@ class Frontend:
         self._tokenize_copy = None
         self._generated = 0
         self._closed = False
+        self.loras = LoRARegistry()   # served adapters by name (HTTP's model, gRPC's adapter field)
         self.router.on_change(self._attach_pumps)
         if self.router.replicas:
             self._attach_pumps()
@@ -163,6 +166,7 @@ class Frontend:
             self._tokenizer = load_tokenizer(info.model, info.tokenizer)
         self.input_processor = InputProcessor(self._tokenizer, info)
         self.output_processor = OutputProcessor(self._tokenizer)
+        self.loras.max_lora_rank = info.max_lora_rank
 
     async def _first_stats(self, client: EngineClient) -> None:
         """Stats before the first step, for metrics scrapes."""
@@ -228,15 +232,15 @@ class Frontend:
 
     # -- requests -----------------------------------------------------------------------------
     async def generate(self, prompt: str | dict, params: SamplingParams | None = None,
-                       request_id: str | None = None, *, final_only: bool = False
-                       ) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, *, final_only: bool = False,
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Delta outputs until the request finishes (see PLAN.md "Frontend API"); with `final_only`,
         one cumulative output when it finishes (unary replies: the request state already holds it).
 
         Raises ValueError (bad input), QueueFullError, EngineDeadError (no replica, or the request
         could not be moved off a failed one). Closing the iterator early aborts the request.
         """
-        req = await self._admit(prompt, params, request_id)
+        req = await self._admit(prompt, params, request_id, lora_request)
         rid = req.client_id
         try:
             while True:
@@ -265,7 +269,7 @@ class Frontend:
         out.request_id = client_id
         return out
 
-    async def _admit(self, prompt, params, request_id) -> _Request:
+    async def _admit(self, prompt, params, request_id, lora_request=None) -> _Request:
         if self._closed:
             raise EngineDeadError("the frontend is shut down")
         if self.info is None:
@@ -285,7 +289,7 @@ class Frontend:
             self._admitting -= 1
         core_id = f"{self._core_prefix}{self._next_core}"
         self._next_core += 1
-        core = self.input_processor.make_request(core_id, token_ids, params, time.time())
+        core = self.input_processor.make_request(core_id, token_ids, params, time.time(), lora_request)
         if request_id in self._requests:   # taken while we tokenized
             raise ValueError(f"request_id {quote(request_id)} is already in flight")
         state = self.output_processor.add_request(core_id, text, token_ids, params)
@@ -317,7 +321,7 @@ class Frontend:
     def _place(self, req: _Request, cause: BaseException | None, raise_errors: bool = False) -> None:
         """Send the request (first time, or the rest of it after a move) to a ready client."""
         try:
-            client = self.router.choose(req.core.prompt_token_ids)
+            client = self.router.choose(req.core.prompt_token_ids, lora_request=req.core.lora_request)
         except EngineDeadError as exc:
             if self._replacing:
                 self._parked.append(req)    # a replacement is starting: start or resume there

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API on aiohttp: one more entry point of the serving frontend.
 
-    GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health
+    GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health,
+    POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter (vLLM's; behind the token like the rest)
 
 Requests go through the same frontend as gRPC (one tokenizer, one detokenizer, one set of
 metrics); this module only translates (see openai_protocol). Errors come back in OpenAI's JSON
@@ -28,6 +29,7 @@ from pagedray.cluster.serving.endpoint_auth import bearer_matches, checked_token
 from pagedray.cluster.serving.http_guard import (BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_CONNECTIONS, BodyTimeout,
                                                  BoundedSite, guarded_runner, read_body)
 from pagedray.cluster.serving.limits import check_seats, parse_json
+from pagedray.cluster.serving.lora_registry import LoRARegistry
 from pagedray.cluster.serving.openai_protocol import (OpenAIError, ParsedRequest, ResponseBuilder,
                                                       bad_request, check_model, parse_chat,
                                                       parse_completion, render_error)
@@ -101,6 +103,10 @@ class HttpServer:
                  max_connections: int = MAX_CONNECTIONS) -> None:
         self._token = checked_token(auth_token, tls_cert, tls_key)
         self.frontend, self.model_name = frontend, model_name
+        self.loras = getattr(frontend, "loras", None)
+        if self.loras is None:   # (test fakes have none)
+            self.loras = LoRARegistry()
+        self.loras.base_model_name = model_name
         self.host, self.requested_port = host, port
         self._ssl = None
         if tls_cert is not None:
@@ -120,6 +126,8 @@ class HttpServer:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/load_lora_adapter", self.load_lora_adapter)
+        app.router.add_post("/v1/unload_lora_adapter", self.unload_lora_adapter)
         return app
 
     async def start(self) -> None:
@@ -172,17 +180,31 @@ class HttpServer:
         return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
 
     async def models(self, request: web.Request) -> web.Response:
+        info = self.frontend.info
         model = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "pagedray",
-                 "max_model_len": self.frontend.info.max_model_len}
-        return web.json_response({"object": "list", "data": [model]})
+                 "root": info.model, "parent": None, "max_model_len": info.max_model_len}
+        adapters = [{"id": lora.lora_name, "object": "model", "created": 0, "owned_by": "pagedray",
+                     "root": lora.lora_path, "parent": self.model_name, "max_model_len": info.max_model_len}
+                    for lora in self.loras]
+        return web.json_response({"object": "list", "data": [model, *adapters]})
+
+    def _model(self, body: dict):
+        """(the name `model` asked for, its LoRARequest or None for the base model); 404 if unknown."""
+        name = body.get("model")
+        lora = self.loras.get(name) if isinstance(name, str) and name != self.model_name else None
+        if lora is not None:
+            return name, lora
+        check_model(body, self.model_name)
+        return self.model_name, None
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
-        return await self._serve(request, body, parse_completion(body, self.model_name), chat=False)
+        name, lora = self._model(body)
+        return await self._serve(request, body, parse_completion(body, name), chat=False, model=name, lora=lora)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
-        check_model(body, self.model_name)
+        name, lora = self._model(body)
         try:
             inputs = getattr(self.frontend, "input_processor", None)   # the byte bound, before rendering
             prompt = await self.chat.prompt_async(body.get("messages"), inputs)
@@ -190,7 +212,26 @@ class HttpServer:
             raise render_error(exc) from exc
         except QueueFullError as exc:
             raise _engine_error(exc, body, {}) from exc
-        return await self._serve(request, body, parse_chat(body, self.model_name, prompt), chat=True)
+        return await self._serve(request, body, parse_chat(body, name, prompt), chat=True, model=name, lora=lora)
+
+    async def load_lora_adapter(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        name = body.get("lora_name")
+        try:
+            self.loras.load(name, body.get("lora_path"))
+        except ValueError as exc:
+            param = "lora_path" if str(exc).startswith(("LoRA adapter", "lora_path")) else "lora_name"
+            raise OpenAIError(400, str(exc), param=param) from exc
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_lora_adapter(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        name = body.get("lora_name")
+        try:
+            self.loras.unload(name)
+        except KeyError as exc:
+            raise OpenAIError(404, exc.args[0], param="lora_name", code="lora_not_found") from exc
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def _body(self, request: web.Request) -> dict:
         if self.draining:
@@ -207,14 +248,15 @@ class HttpServer:
         return body
 
     # -- generation -----------------------------------------------------------------------------
-    async def _serve(self, request: web.Request, body: dict, parsed: ParsedRequest,
-                     chat: bool) -> web.StreamResponse:
+    async def _serve(self, request: web.Request, body: dict, parsed: ParsedRequest, chat: bool,
+                     model: str, lora=None) -> web.StreamResponse:
         try:
             check_seats(parsed.params.n, len(parsed.prompts), self.frontend.info)
         except ValueError as exc:
             raise _engine_error(exc, body, parsed.aliases) from exc
-        builder = ResponseBuilder(parsed, self.model_name, self.strings, chat)
-        streams = [self.frontend.generate(prompt, parsed.params, request_id)
+        builder = ResponseBuilder(parsed, model, self.strings, chat)
+        extra = {"lora_request": lora} if lora is not None else {}
+        streams = [self.frontend.generate(prompt, parsed.params, request_id, **extra)
                    for prompt, request_id in zip(parsed.prompts, builder.request_ids())]
         async with contextlib.aclosing(merge(streams)) as outputs:
             try:

@@ -9,6 +9,7 @@ import logging
 import math
 
 from pagedray.cluster.core.messages import CoreRequest, EngineInfo
+from pagedray.common.lora import LoRARequest
 from pagedray.cluster.core.validation import apply_defaults, check_request
 from pagedray.cluster.serving.limits import check_text
 from pagedray.common.sampling_params import SamplingParams
@@ -62,18 +63,20 @@ class InputProcessor:
                              f"max_model_len={max_len} tokens")
 
     def process(self, request_id: str, prompt: str | dict, params: SamplingParams | None,
-                arrival_time: float = 0.0) -> tuple[str | None, CoreRequest]:
+                arrival_time: float = 0.0, lora_request: LoRARequest | None = None) -> tuple[str | None, CoreRequest]:
         """Tokenize, fill the engine's defaults and check; the params are copied, never changed."""
         params = (params or SamplingParams()).clone()
         text, token_ids = self.tokenize(prompt)
-        return text, self.make_request(request_id, token_ids, params, arrival_time)
+        return text, self.make_request(request_id, token_ids, params, arrival_time, lora_request)
 
     def make_request(self, request_id: str, token_ids: list[int], params: SamplingParams,
-                     arrival_time: float = 0.0) -> CoreRequest:
+                     arrival_time: float = 0.0, lora_request: LoRARequest | None = None) -> CoreRequest:
         """Defaults and checks on an already tokenized prompt (`params` is filled in place)."""
         apply_defaults(params, len(token_ids), self.info.max_model_len, self.eos_token_ids)
         check_request(token_ids, params, self.info)
-        return CoreRequest(request_id, token_ids, params, arrival_time=arrival_time)
+        if lora_request is not None and not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+        return CoreRequest(request_id, token_ids, params, arrival_time=arrival_time, lora_request=lora_request)
 
 
 def load_tokenizer(model: str, tokenizer: str):

@@ -3,7 +3,7 @@
 Pure Python. Each unfinished completion is re-sent from its prompt plus the tokens it produced so
 far (`output_token_ids`), with the same params: the new core recomputes them as after a preemption
 and continues at the same output position, so greedy and seeded sampling go on unchanged and
-max_tokens still counts what was produced. A completion of an n > 1 request goes alone, under its
+max_tokens still counts what was produced; a LoRA request keeps its adapter. A completion of an n > 1 request goes alone, under its
 `completion_id`, with the params that completion had (`child_params`: n == 1, its own seed).
 """
 from __future__ import annotations
@@ -23,5 +23,7 @@ def resume_requests(first: CoreRequest, state: RequestState) -> list[CoreRequest
         params = first.params.clone() if single else child_params(first.params, c.index)
         params.prompt_logprobs = None    # already delivered with the first output
         rid = first.request_id if single else completion_id(first.request_id, c.index)
-        requests.append(CoreRequest(rid, first.prompt_token_ids, params, list(c.token_ids), first.arrival_time))
+        # Same adapter: the new core adds it (if it has not) from the request itself.
+        requests.append(CoreRequest(rid, first.prompt_token_ids, params, list(c.token_ids), first.arrival_time,
+                                    first.lora_request))
     return requests

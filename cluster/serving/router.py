@@ -24,6 +24,7 @@ from pagedray.cluster.core.block_hash import block_hashes
 from pagedray.cluster.serving.metrics import ServingMetrics
 from pagedray.cluster.serving.engine_client import EngineClient
 from pagedray.common.errors import EngineDeadError
+from pagedray.common.lora import LoRARequest
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Router:
         self.routed: collections.Counter[str] = collections.Counter()   # requests ever routed, per client
         self._inflight: dict[str, tuple[EngineClient, int]] = {}        # request id -> (client, weight left)
         self._affinity: collections.OrderedDict[bytes, str] = collections.OrderedDict()
+        self._lora_clients: dict[int, set[str]] = {}   # lora_int_id -> clients that have run it
         self._rotation = 0
         self._callbacks: list[Callable[[], None]] = []
         self.metrics = metrics if metrics is not None else ServingMetrics()
@@ -119,13 +121,17 @@ class Router:
             callback()
 
     # -- choosing ----------------------------------------------------------------------------
-    def choose(self, prompt_token_ids: list[int], exclude: tuple[EngineClient, ...] = ()) -> EngineClient:
-        """The client for a prompt; EngineDeadError when none is ready."""
+    def choose(self, prompt_token_ids: list[int], exclude: tuple[EngineClient, ...] = (),
+               lora_request: LoRARequest | None = None) -> EngineClient:
+        """The client for a prompt (run with `lora_request`'s adapter, if given); EngineDeadError when
+        none is ready. A LoRA request's prefix is keyed with its adapter (the cores' own keys) and,
+        without a prefix to follow, goes where its adapter already ran, under the same slack."""
         candidates = [r for r in self.routable() if r not in exclude]
         if not candidates:
             raise EngineDeadError(f"no healthy replica to serve the request ({len(self.replicas)} known, "
                                   f"{len(self.draining)} draining)")
-        hashes = block_hashes(prompt_token_ids, candidates[0].info.block_size, self.max_prefix_blocks)
+        salt = lora_request.cache_salt() if lora_request is not None else b""
+        hashes = block_hashes(prompt_token_ids, candidates[0].info.block_size, self.max_prefix_blocks, salt)
         least = min(self.load[r.name] for r in candidates)
         by_name = {r.name: r for r in candidates}
         chosen = None
@@ -135,6 +141,8 @@ class Router:
                 if self.load[name] <= least + self.affinity_slack:
                     chosen = by_name[name]
                 break
+        if chosen is None and lora_request is not None:
+            chosen = self._lora_home(lora_request.lora_int_id, by_name, least)
         if chosen is None:
             tied = [r for r in candidates if self.load[r.name] == least]
             self._rotation += 1
@@ -144,7 +152,17 @@ class Router:
             self._affinity.move_to_end(h)
         while len(self._affinity) > self.max_affinity_entries:
             self._affinity.popitem(last=False)
+        if lora_request is not None:
+            self._lora_clients.setdefault(lora_request.lora_int_id, set()).add(chosen.name)
         return chosen
+
+    def _lora_home(self, lora_int_id: int, by_name: dict[str, EngineClient], least: int) -> EngineClient | None:
+        """The least loaded client that already has the adapter, if within the slack."""
+        homes = [by_name[n] for n in self._lora_clients.get(lora_int_id, ()) if n in by_name]
+        if not homes:
+            return None
+        best = min(homes, key=lambda r: self.load[r.name])
+        return best if self.load[best.name] <= least + self.affinity_slack else None
 
     # -- load bookkeeping (the Frontend calls these) ------------------------------------------
     def assign(self, request_id: str, client: EngineClient, weight: int) -> None:

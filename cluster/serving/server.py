@@ -187,8 +187,22 @@ class GenerationService(pb_grpc.GenerationServicer):
         info = self.frontend.info
         model = pb.ModelInfo(name=self.model_name, architecture=info.architecture, max_model_len=info.max_model_len,
                              tensor_parallel_size=info.tensor_parallel_size,
-                             replicas=self.frontend.num_ready_replicas)
-        return pb.ListModelsResponse(models=[model])
+                             replicas=self.frontend.num_ready_replicas, root=info.model)
+        adapters = [pb.ModelInfo(name=lora.lora_name, architecture=info.architecture,
+                                 max_model_len=info.max_model_len, tensor_parallel_size=info.tensor_parallel_size,
+                                 replicas=self.frontend.num_ready_replicas, parent=self.model_name,
+                                 root=lora.lora_path)
+                    for lora in getattr(self.frontend, "loras", ())]
+        return pb.ListModelsResponse(models=[model, *adapters])
+
+    def _lora(self, request):
+        """The adapter `lora_name` (or `model`) names; None for the base model."""
+        name = request.lora_name or (request.model if request.model != self.model_name else "")
+        loras = getattr(self.frontend, "loras", None)
+        lora = loras.get(name) if name and loras is not None else None
+        if lora is None and request.lora_name:
+            raise UnknownModelError(f"lora_name {quote(request.lora_name)} is not a LoRA adapter served here")
+        return lora
 
     @contextlib.asynccontextmanager
     async def _outputs(self, request, context, unary: bool = False):
@@ -200,14 +214,17 @@ class GenerationService(pb_grpc.GenerationServicer):
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is draining")
         try:
-            prompt, params, request_id = parse_request(request, self.model_name, self.chat)
+            lora = self._lora(request)
+            served = request.model if lora is not None and request.model == lora.lora_name else self.model_name
+            prompt, params, request_id = parse_request(request, served, self.chat)
             check_seats(params.n, 1, self.frontend.info)
             if isinstance(prompt, ChatInput):   # rendered and tokenized on the chat thread, bounded
                 prompt = await self.chat.prompt_async(prompt, self.frontend.input_processor)
             if unary:
                 check_unary_reply(params, self.frontend.info.max_model_len)
+            extra = {"lora_request": lora} if lora is not None else {}
             async with contextlib.aclosing(self.frontend.generate(prompt, params, request_id,
-                                                                  final_only=unary)) as outputs:
+                                                                  final_only=unary, **extra)) as outputs:
                 yield outputs, params
         except Exception as exc:
             code = _status_of(exc)

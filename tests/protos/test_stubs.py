@@ -53,7 +53,10 @@ def test_contract_shape():
     request = pb.GenerateRequest.DESCRIPTOR
     assert [o.name for o in request.oneofs] == ["input"]
     assert {f.name: f.number for f in request.fields} == {
-        "model": 1, "prompt": 2, "prompt_token_ids": 3, "sampling": 4, "request_id": 5, "chat": 6}
+        "model": 1, "prompt": 2, "prompt_token_ids": 3, "sampling": 4, "request_id": 5, "chat": 6,
+        "lora_name": 20}
+    info = {f.name: f.number for f in pb.ModelInfo.DESCRIPTOR.fields}
+    assert info["name"] == 1 and info["parent"] == 20 and info["root"] == 21
     assert [f.name for f in request.oneofs_by_name["input"].fields] == ["prompt", "prompt_token_ids", "chat"]
     assert {f.name: f.number for f in pb.ChatMessage.DESCRIPTOR.fields} == {"role": 1, "content": 2}
     assert pb.FinishReason.Name(3) == "FINISH_REASON_ABORT"
