@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
