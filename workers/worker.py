@@ -137,7 +137,9 @@ class Worker:
         torch.cuda.reset_peak_memory_stats(self.device)
         self.runner.profile_run(largest, largest, CacheEngine.empty_caches(self.kv_spec, self.device))
         torch.cuda.synchronize(self.device)
-        return torch.cuda.max_memory_allocated(self.device) - base + (64 << 20)
+        reserve = torch.cuda.max_memory_allocated(self.device) - base + (64 << 20)
+        # A draft model captures its own graphs, of no larger a model: at most as much again.
+        return reserve * (2 if self.runner.spec is not None and self.runner.spec.has_draft_graphs else 1)
 
     # 4. allocate
     def initialize_cache(self, num_blocks: int) -> None:
@@ -161,7 +163,7 @@ class Worker:
         from pagedray.workers.cuda_graphs import graph_batch_sizes
         self.runner.capture_graphs(graph_batch_sizes(self._max_decode_rows()), self.model_config.max_model_len)
         if self.runner.spec is not None:
-            self.runner.spec.capture_graphs(graph_batch_sizes(self.max_num_seqs), self.model_config.max_model_len,
+            self.runner.spec.capture_graphs(self.max_num_seqs, self.model_config.max_model_len,
                                             self.cache_config.block_size, self.device)
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:

@@ -109,8 +109,15 @@ class Drafter:
         np.cumsum(count_a, out=qsl[1:])
         seq_of = np.repeat(np.arange(len(counts)), count_a)
         positions = np.arange(len(ids)) - qsl[seq_of] + start_a[seq_of]
+        if self.graphs is not None and max(counts) <= self.k + 2:
+            # A catch-up of decodes and verifications only: one-token pseudo-sequences (as the
+            # target's verification), a decode step the draft model's graphs replay.
+            rows_a, start_a, count_a = rows_a[seq_of], positions, np.ones(len(ids), dtype=np.int64)
+            qsl = np.arange(len(ids) + 1, dtype=np.int64)
+            counts = [1] * len(ids)
         seq_lens = start_a + count_a
-        slots = table[rows_a[seq_of], positions // bs].astype(np.int64) * bs + positions % bs
+        slots = table[rows_a[np.repeat(np.arange(len(counts)), count_a)], positions // bs].astype(np.int64) * bs \
+            + positions % bs
         max_blocks = int(seq_lens.max() - 1) // bs + 1
         ids_d, pos_d, slots_d = runner._to_device([np.array(ids, dtype=np.int64), positions, slots], torch.int64)
         tables_d, lens_d, qsl_d = runner._to_device(
@@ -122,7 +129,7 @@ class Drafter:
         feature = None
         if feature_rows:
             feature = self.target_features(target_hidden)[torch.tensor(feature_rows, device=target_hidden.device)]
-        return self.forward(ids_d, pos_d, meta, feature)
+        return self._step(ids_d, pos_d, meta, feature)
 
     def target_features(self, target_hidden: torch.Tensor) -> torch.Tensor:
         return target_hidden

@@ -28,6 +28,11 @@ class SpecDecodeRunner:
         return self.drafter is not None or bool(sched.scheduled_spec_decode_tokens)
 
     @property
+    def has_draft_graphs(self) -> bool:
+        from pagedray.workers.spec_decode.drafter import ModelDrafter
+        return isinstance(self.drafter, ModelDrafter)
+
+    @property
     def draft_bytes_per_block(self) -> int:
         """KV bytes per block the drafter adds (its cache has as many blocks as the target's)."""
         return self.drafter.kv_spec.bytes_per_block if self.drafter is not None else 0
@@ -37,13 +42,13 @@ class SpecDecodeRunner:
             from pagedray.workers.cache_engine import CacheEngine
             self.drafter.kv_caches = CacheEngine(self.drafter.kv_spec, num_blocks, device).kv_caches
 
-    def capture_graphs(self, batch_sizes: list[int], max_seq_len: int, block_size: int, device) -> None:
-        """Decode graphs for a draft model's propose steps (an EAGLE head runs eagerly)."""
-        from pagedray.workers.spec_decode.drafter import ModelDrafter
-        if isinstance(self.drafter, ModelDrafter):
-            from pagedray.workers.cuda_graphs import DecodeGraphs
-            graphs = DecodeGraphs(self.drafter.model, self.drafter.kv_caches, batch_sizes, max_seq_len,
-                                  block_size, device)
+    def capture_graphs(self, max_num_seqs: int, max_seq_len: int, block_size: int, device) -> None:
+        """Decode graphs for a draft model's catch-up and propose steps (an EAGLE head runs eagerly)."""
+        if self.has_draft_graphs:
+            from pagedray.workers.cuda_graphs import DecodeGraphs, graph_batch_sizes
+            # Up to k + 2 catch-up rows per sequence (its verified tokens and the new one).
+            rows = graph_batch_sizes(max_num_seqs * (self.config.num_speculative_tokens + 2))
+            graphs = DecodeGraphs(self.drafter.model, self.drafter.kv_caches, rows, max_seq_len, block_size, device)
             graphs.capture()
             self.drafter.graphs = graphs
 

@@ -1,0 +1,209 @@
+"""Speculative decoding: decode time per output token with and without speculation, side by side in
+one run, with the measured acceptance.
+
+    python benchmarks/spec_decode.py --part smollm2            # (a) default model, n-gram, copying task
+    python benchmarks/spec_decode.py --part 8b                 # (b) 8B shape, batch 1, k=4
+    python benchmarks/spec_decode.py --part batch64            # (c) 8B shape, batch 64 throughput
+    python benchmarks/spec_decode.py --part 8b --shape tiny --device cpu --output-len 8   # CPU check
+
+(a) SmolLM2 (real weights) greedy at batch 1 on a "repeat this code with one change" prompt, n-gram
+    proposals (k=4, prompt_lookup 1..4) against the same engine without speculation.
+(b) The 8B shape (random weights) at batch 1, k=4:
+    - draft_identical: a draft model with the target's own weights (acceptance 1; the draft costs as
+      much as the target, so this bounds the mechanism with an expensive drafter);
+    - draft_random: a 2-layer draft of the same shape whose LM head differs (acceptance ~0: overhead);
+    - oracle: proposals read from the baseline's own greedy output (acceptance 1 at no drafting cost:
+      the verification mechanism's ceiling); random: random proposals (its overhead alone). Both
+      replace the n-gram lookup's proposals in this process (benchmark-only; the engine is the same).
+(c) The 8B shape at batch 64: output tokens/s without speculation, with oracle proposals and with
+    n-gram proposals (random prompts: few matches).
+Time per output token = (T(N) - T(1)) / (N - 1) over one generate of N and one of 1 token.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import tempfile
+import time
+
+import torch
+
+from common import SHAPES, append_results, markdown_table, random_prompts, write_config
+
+CODE = '''def moving_average(values, window):
+    """Average of each run of `window` consecutive values."""
+    if window <= 0:
+        raise ValueError("window must be positive")
+    out = []
+    total = sum(values[:window])
+    out.append(total / window)
+    for i in range(window, len(values)):
+        total += values[i] - values[i - window]
+        out.append(total / window)
+    return out
+'''
+COPY_PROMPT = ("Here is a Python function:\n\n```python\n" + CODE + "```\n\nRewrite it exactly as it is, "
+               "but rename the function to `rolling_mean`:\n\n```python\n")
+
+
+def _free(llm) -> None:
+    del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _generate(llm, prompts, max_tokens: int) -> tuple[float, list[list[int]]]:
+    from pagedray.cluster import SamplingParams
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    return time.perf_counter() - start, [list(o.outputs[0].token_ids) for o in outs]
+
+
+def _measure(llm, prompts, output_len: int, repeats: int) -> dict:
+    """Decode ms per output token (per request) and the acceptance of the timed runs."""
+    _generate(llm, prompts, output_len)                      # warm-up (kernels, allocator)
+    before = llm.llm_engine.get_stats()
+    t1 = min(_generate(llm, prompts, 1)[0] for _ in range(repeats))
+    runs = [_generate(llm, prompts, output_len) for _ in range(repeats)]
+    tn, tokens = min(r[0] for r in runs), runs[0][1]
+    after = llm.llm_engine.get_stats()
+    drafts = after.spec_num_draft_tokens - before.spec_num_draft_tokens
+    accepted = after.spec_num_accepted_tokens - before.spec_num_accepted_tokens
+    steps = after.spec_num_drafts - before.spec_num_drafts
+    return {"ms_per_token": 1e3 * (tn - t1) / (output_len - 1),
+            "tokens_per_s": len(prompts) * (output_len - 1) / (tn - t1),
+            "acceptance": accepted / drafts if drafts else None,
+            "mean_accept_len": 1 + accepted / steps if steps else None, "tokens": tokens}
+
+
+def _patch_proposals(llm, propose) -> None:
+    """Replace the n-gram lookup's proposals in this in-process engine (benchmark-only)."""
+    spec = llm.llm_engine.scheduler.spec
+    def hook(request, worker_drafts):
+        request.spec_token_ids = propose(request, spec.k)
+    spec.propose = hook
+
+
+def _oracle(reference: dict[tuple, list[int]]):
+    def propose(request, k):
+        ref = reference[tuple(request.prompt_token_ids)]
+        n = request.num_output_tokens
+        return ref[n:n + k]
+    return propose
+
+
+def _random(vocab: int):
+    rng = random.Random(0)
+    return lambda request, k: [rng.randrange(vocab) for _ in range(k)]
+
+
+def _row(name: str, r: dict, base: dict) -> list:
+    acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.3f}"
+    alen = "-" if r["mean_accept_len"] is None else f"{r['mean_accept_len']:.2f}"
+    return [name, f"{r['ms_per_token']:.2f}", f"{r['tokens_per_s']:.0f}", f"{base['ms_per_token'] / r['ms_per_token']:.2f}x",
+            acc, alen]
+
+
+HEADER = ["run", "ms / output token (per request)", "output tok/s", "speed-up", "acceptance", "mean acceptance length"]
+
+
+def part_smollm2(args) -> tuple[str, list]:
+    from pagedray.cluster import LLM
+    from pagedray.cluster.default_model import default_model_path
+    model = default_model_path()
+    kw = dict(device=args.device, max_num_seqs=4)
+    base_llm = LLM(model, **kw)
+    prompt = base_llm.get_tokenizer().encode(COPY_PROMPT)
+    prompts = [{"prompt_token_ids": prompt}]
+    base = _measure(base_llm, prompts, args.output_len, args.repeats)
+    _free(base_llm)
+    rows = [_row("no speculation", base, base)]
+    for k in (2, 4):
+        llm = LLM(model, **kw, speculative_config={"method": "ngram", "num_speculative_tokens": k,
+                                                    "prompt_lookup_min": 1, "prompt_lookup_max": 4})
+        r = _measure(llm, prompts, args.output_len, args.repeats)
+        same = r["tokens"] == base["tokens"]
+        rows.append(_row(f"ngram k={k} (same tokens: {same})", r, base))
+        _free(llm)
+    return "Speculative decoding (a): SmolLM2-135M, batch 1, n-gram on a copying prompt", rows
+
+
+def _target(args, root: str) -> str:
+    return write_config(args.shape, root)
+
+
+def _small_draft(args, root: str) -> str:
+    import transformers
+    cls_name, kwargs = SHAPES[args.shape]
+    # Fewer layers than the target: the dummy weights' stream then gives it another LM head.
+    layers = 2 if kwargs["num_hidden_layers"] > 2 else 1
+    getattr(transformers, cls_name)(**dict(kwargs, num_hidden_layers=layers), dtype="bfloat16").save_pretrained(root)
+    return root
+
+
+def part_8b(args, batch: int) -> tuple[str, list]:
+    from pagedray.cluster import LLM
+    tmp = tempfile.mkdtemp()
+    target = _target(args, f"{tmp}/target")
+    vocab = SHAPES[args.shape][1]["vocab_size"]
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(batch, args.input_len, vocab)]
+    kw = dict(device=args.device, load_format="dummy", max_num_seqs=batch, max_model_len=args.input_len + 2 * args.output_len + 16)
+    k = args.k
+    llm = LLM(target, **kw)
+    base = _measure(llm, prompts, args.output_len, args.repeats)
+    _free(llm)
+    reference = {tuple(p["prompt_token_ids"]): t for p, t in zip(prompts, base["tokens"])}
+    rows = [_row("no speculation", base, base)]
+    ngram = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1, "prompt_lookup_max": 4}
+    runs = [("oracle proposals (acceptance 1, free drafter)", ngram, _oracle(reference)),
+            ("random proposals (acceptance ~0, free drafter)", ngram, _random(vocab)),
+            ("n-gram", ngram, None)]
+    if batch == 1:
+        runs += [("draft model, identical weights", {"method": "draft_model", "model": target,
+                                                     "num_speculative_tokens": k}, None),
+                 ("draft model, 2 layers, another head", {"method": "draft_model",
+                                                         "model": _small_draft(args, f"{tmp}/draft"),
+                                                         "num_speculative_tokens": k}, None)]
+    for name, cfg, propose in runs:
+        llm = LLM(target, **kw, speculative_config=cfg)
+        if propose is not None:
+            _patch_proposals(llm, propose)
+        r = _measure(llm, prompts, args.output_len, args.repeats)
+        rows.append(_row(f"{name}, k={k}", r, base))
+        _free(llm)
+    what = "(b) batch 1" if batch == 1 else f"(c) batch {batch}"
+    return f"Speculative decoding {what}: {args.shape} (random weights), input {args.input_len}", rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=("smollm2", "8b", "batch64"), required=True)
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--batch", type=int, default=64, help="--part batch64's batch size")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--results", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    args = p.parse_args()
+    if args.output_len < 2:
+        raise ValueError(f"--output-len must be >= 2, got {args.output_len}")
+    if args.part == "smollm2":
+        title, rows = part_smollm2(args)
+    else:
+        title, rows = part_8b(args, 1 if args.part == "8b" else args.batch)
+    table = markdown_table(HEADER, rows)
+    print(title)
+    print(table)
+    print(json.dumps({"title": title, "rows": rows}))
+    if args.results:
+        append_results(title, table)
+
+
+if __name__ == "__main__":
+    main()
