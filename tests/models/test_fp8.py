@@ -152,3 +152,14 @@ def test_dummy_fp8_model_builds(checkpoints):
     proj = model.model.layers[0].mlp.down_proj
     assert proj.weight.dtype == torch.float8_e4m3fn and torch.isfinite(proj.weight.float()).all()
     assert proj.weight_scale_inv.shape == (proj.weight.shape[0], 4)  # K=128 over k-blocks of 32
+
+
+def test_info_says_whether_the_card_has_fp8_tensor_cores():
+    from pagedray.cluster.cli_info import fp8_line
+    line = fp8_line()
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        assert f"sm_{major}{minor}" in line and ("FP8 tensor cores" in line)
+        assert ("no FP8" in line) == ((major, minor) < (8, 9))
+    else:
+        assert line.startswith("FP8: no GPU") and "reference" in line
