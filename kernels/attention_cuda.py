@@ -23,6 +23,8 @@ BLOCK_SIZES = CUDA_BLOCK_SIZES
 MAX_HEAD_SIZE = 256
 MAX_HEADS_PER_CTA = 8
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FP8_CACHE = torch.float8_e4m3fn                       # kv_cache_dtype="fp8"
+FP8_QUERY_DTYPES = (torch.float16, torch.bfloat16)    # the query dtypes an FP8 cache serves
 # Compile-time variants of paged_attention.cu (see there): SCORE_XPOSE, the transposed score
 # reduction; PREFETCH, loading tile n+1 while tile n is computed; TPG_MAX, rows per lane group
 # per tile; NUM_WARPS per CTA. An entry not fixed by KernelOptions.attention_variant takes the
@@ -82,7 +84,7 @@ def _check(query, key_cache, value_cache, block_tables, seq_lens, alibi_slopes, 
         raise ValueError("query must be 16-byte aligned (base address and row stride)")
     for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
         C.check_cuda(name, cache, dev)
-        C.check_dtype(name, cache, query.dtype)
+        C.check_dtype(name, cache, query.dtype, *((FP8_CACHE,) if query.dtype in FP8_QUERY_DTYPES else ()))
         C.check_dim(name, cache, 4)
         C.check_contiguous(name, cache)
         if cache.shape[3] != head_size:
@@ -130,13 +132,15 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
                            max_seq_len: int, sliding_window: int | None = None,
                            alibi_slopes: torch.Tensor | None = None,
                            logits_soft_cap: float | None = None, out: torch.Tensor | None = None,
-                           partition_size: int | None = None) -> torch.Tensor:
+                           partition_size: int | None = None, k_scale: float = 1.0,
+                           v_scale: float = 1.0) -> torch.Tensor:
     """Decode attention: query [S, H, D] (one token per sequence) -> [S, H, D].
 
     seq_lens: int32 [S] on the device, each <= max_seq_len (a host-side bound
     that sizes the split grid). partition_size: None picks one- or two-pass
     by `use_split`; 0 forces one pass; a multiple of 32 forces two passes.
-    A sequence of length 0 yields zeros.
+    A sequence of length 0 yields zeros. An FP8 (e4m3) cache with 16-bit queries holds
+    K / k_scale and V / v_scale (kv_cache_dtype="fp8"); other caches ignore the scales.
     """
     _check(query, key_cache, value_cache, block_tables, seq_lens, alibi_slopes, out, max_seq_len,
            sliding_window, logits_soft_cap)
@@ -156,15 +160,18 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
     ctas, num_sms = grid_x * num_seqs, C.num_sms(dev)
     many_ctas = not partition_size and ctas >= MANY_CTAS_PER_SM * num_sms
     few_ctas = not partition_size and ctas < num_sms
+    fp8 = key_cache.dtype == FP8_CACHE
+    if not fp8:
+        k_scale, v_scale = 1.0, 1.0
     defines = dict(SCALAR_T=C.CTYPE[query.dtype], HEAD_SIZE=head_size, BLOCK_SIZE=block_size, HPB=hpb,
-                   **variant(hpb, many_ctas, few_ctas))
+                   **variant(hpb, many_ctas, few_ctas), **({"CACHE_FP8": 1} if fp8 else {}))
     kernel = C.get_kernel("paged_attention.cu", "paged_decode", dev, **defines)
     max_parts = max(1, -(-max_seq_len // partition_size)) if partition_size else 1
     common = (C.ptr(query), C.ptr(key_cache), C.ptr(value_cache), C.ptr(block_tables), C.ptr(seq_lens),
               C.ptr(alibi_slopes), C.i32(num_kv_heads), C.i32(num_heads // num_kv_heads),
-              C.i64(query.stride(0)), C.i32(block_tables.stride(0)), C.f32(scale),
+              C.i64(query.stride(0)), C.i32(block_tables.stride(0)), C.f32(scale * k_scale),
               C.f32(logits_soft_cap or 0.0), C.i32(sliding_window or 0), C.i32(partition_size),
-              C.i32(max_parts))
+              C.i32(max_parts), C.f32(v_scale))
     block = (defines["NUM_WARPS"] * 32,)
     if not partition_size:
         C.launch(kernel, (grid_x, num_seqs, 1), block, (C.ptr(out), C.ptr(None), C.ptr(None), C.ptr(None))

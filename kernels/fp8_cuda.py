@@ -136,3 +136,42 @@ def scaled_mm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torc
     y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=scale.view(1, n), out_dtype=torch.bfloat16,
                          bias=None if bias is None else bias.to(torch.bfloat16))
     return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
+
+
+def reshape_and_cache_fp8(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                          value_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                          v_scale: float = 1.0) -> None:
+    """Write 16-bit key/value [T, Hkv, D] into e4m3 caches [NB, Hkv, BS, D] as x / scale (slot -1 skips).
+    Its reference: `reference.reshape_and_cache` with the same scales."""
+    for name, t in (("key", key), ("value", value)):
+        C.check_dtype(name, t, *DTYPES)
+        C.check_dim(name, t, 3)
+        C.check_rows(name, t)
+    if value.shape != key.shape or value.dtype != key.dtype:
+        raise ValueError(f"value {tuple(value.shape)} {value.dtype} != key {tuple(key.shape)} {key.dtype}")
+    num_tokens, num_kv_heads, head_size = key.shape
+    if head_size % 8:
+        raise ValueError(f"head size must be a multiple of 8 for an FP8 cache, got {head_size}")
+    for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
+        C.check_dtype(name, cache, FP8_DTYPE)
+        C.check_dim(name, cache, 4)
+        C.check_contiguous(name, cache)
+        if cache.shape[1] != num_kv_heads or cache.shape[3] != head_size or cache.shape != key_cache.shape:
+            raise ValueError(f"{name} shape {tuple(cache.shape)} does not match key heads/size "
+                             f"({num_kv_heads}, {head_size})")
+    C.check_dtype("slot_mapping", slot_mapping, torch.int64)
+    C.check_shape("slot_mapping", slot_mapping, (num_tokens,))
+    if not (k_scale > 0 and v_scale > 0):
+        raise ValueError(f"k_scale and v_scale must be positive, got {k_scale}, {v_scale}")
+    if not C.aligned16(key, value):
+        raise ValueError("key and value must be 16-byte aligned (base address and row stride)")
+    _check_devices(key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping)
+    if num_tokens == 0:
+        return
+    dev = C.device_of(key)
+    kernel = C.get_kernel("cache_fp8.cu", "reshape_and_cache_fp8", dev, SCALAR_T=C.CTYPE[key.dtype])
+    threads = min(256, max(32, -(-num_kv_heads * head_size // 8 // 32) * 32))
+    C.launch(kernel, (num_tokens,), (threads,),
+             (C.ptr(key), C.ptr(value), C.ptr(key_cache), C.ptr(value_cache), C.ptr(slot_mapping),
+              C.i64(key.stride(0)), C.i64(value.stride(0)), C.i32(num_kv_heads), C.i32(head_size),
+              C.i32(key_cache.shape[2]), C.f32(k_scale), C.f32(v_scale)), dev)

@@ -28,6 +28,13 @@ def _cuda(t: torch.Tensor) -> bool:
     return t.is_cuda and t.dtype in _DTYPES and cuda_available()
 
 
+def _cache_fits(query_or_key: torch.Tensor, cache: torch.Tensor) -> bool:
+    """The CUDA cache and attention kernels read this cache: the model's dtype, or FP8 (e4m3,
+    kv_cache_dtype="fp8") under 16-bit activations."""
+    return cache.dtype == query_or_key.dtype or (cache.dtype == torch.float8_e4m3fn
+                                                 and query_or_key.dtype in (torch.float16, torch.bfloat16))
+
+
 @functools.cache
 def triton_prefill():
     """The Triton prefill module, or None where Triton is not installed (warned once)."""
@@ -70,14 +77,14 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     """`reference.paged_attention`; seq_lens_tensor is the same lengths on the device (int32),
     which the CUDA decode kernel reads (built from `seq_lens` when not given). An FP8 cache
     (k_scale, v_scale: its per-tensor scales) runs the reference."""
-    if _cuda(query) and key_cache.dtype == query.dtype:
+    if _cuda(query) and _cache_fits(query, key_cache):
         if alibi_slopes is not None and alibi_slopes.dtype != torch.float32:
             alibi_slopes = alibi_slopes.float()
         if block_tables.dtype != torch.int32 or not block_tables.is_contiguous():
             block_tables = block_tables.to(torch.int32).contiguous()
         if seq_lens_tensor is not None and seq_lens_tensor.dtype != torch.int32:
             seq_lens_tensor = seq_lens_tensor.to(torch.int32)
-        extras = (sliding_window, alibi_slopes, logits_soft_cap)
+        extras = (sliding_window, alibi_slopes, logits_soft_cap, k_scale, v_scale)
         num_decodes = _leading_decodes(query_lens) if _decode_kernel_fits(query, key_cache) else 0
         if num_decodes and seq_lens_tensor is None:
             seq_lens_tensor = torch.tensor(seq_lens, dtype=torch.int32, device=query.device)
@@ -88,7 +95,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         if triton_mod is not None:
             if not num_decodes or not options().split_mixed_steps:
                 return triton_mod.paged_prefill(query, key_cache, value_cache, block_tables, seq_lens,
-                                                query_lens, scale, *extras)
+                                                query_lens, scale, *extras[:3], k_scale=k_scale, v_scale=v_scale)
             # A mixed batch: the decode rows through the decode kernel (one CTA per KV head serves
             # its whole query group), the rest through the prefill kernel, into one output.
             out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -96,7 +103,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
             _decode(query[:n], key_cache, value_cache, block_tables[:n], seq_lens_tensor[:n], seq_lens[:n],
                     scale, extras, out=out[:n])
             triton_mod.paged_prefill(query[n:], key_cache, value_cache, block_tables, seq_lens[n:],
-                                     query_lens[n:], scale, *extras, out=out[n:], table_row0=n)
+                                     query_lens[n:], scale, *extras[:3], out=out[n:], table_row0=n,
+                                     k_scale=k_scale, v_scale=v_scale)
             return out
     return reference.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_lens,
                                      scale, sliding_window, alibi_slopes, logits_soft_cap, k_scale, v_scale)
@@ -105,20 +113,23 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
 def _decode(query, key_cache, value_cache, block_tables, seq_lens_tensor, seq_lens, scale, extras,
             out=None) -> torch.Tensor:
     from pagedray.kernels import attention_cuda
-    sliding_window, alibi_slopes, logits_soft_cap = extras
+    sliding_window, alibi_slopes, logits_soft_cap, k_scale, v_scale = extras
     return attention_cuda.paged_attention_decode(
         query, key_cache, value_cache, block_tables, seq_lens_tensor, scale,
         max_seq_len=max(seq_lens, default=0), sliding_window=sliding_window,
-        alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap, out=out)
+        alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap, out=out, k_scale=k_scale, v_scale=v_scale)
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                       value_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float = 1.0,
                       v_scale: float = 1.0) -> None:
-    if _cuda(key) and key_cache.dtype == key.dtype:
-        from pagedray.kernels import cache_ops
+    if _cuda(key) and _cache_fits(key, key_cache):
+        from pagedray.kernels import cache_ops, fp8_cuda
         if slot_mapping.dtype != torch.int64:
             slot_mapping = slot_mapping.long()
+        if key_cache.dtype != key.dtype:
+            return fp8_cuda.reshape_and_cache_fp8(key, value, key_cache, value_cache, slot_mapping.contiguous(),
+                                                  k_scale, v_scale)
         return cache_ops.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping.contiguous())
     return reference.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
 
@@ -195,7 +206,7 @@ def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 
 
 def copy_blocks(kv_caches: list[torch.Tensor], src_to_dst: list[tuple[int, int]]) -> None:
-    if kv_caches and _cuda(kv_caches[0]):
+    if kv_caches and kv_caches[0].is_cuda and cuda_available():  # byte copies: any cache dtype, FP8 too
         from pagedray.kernels import cache_ops
         return cache_ops.copy_blocks(kv_caches, src_to_dst)
     return reference.copy_blocks(kv_caches, src_to_dst)

@@ -28,6 +28,17 @@
 #ifndef NUM_WARPS
 #define NUM_WARPS 4
 #endif
+// CACHE_FP8 1: the cache holds e4m3 values (kv_cache_dtype="fp8"); a chunk of VEC of them is 8
+// bytes, loaded as one 8-byte access and widened in registers. The key scale is folded into
+// `scale` by the launcher; the value scale multiplies the output once (v_scale).
+#ifndef CACHE_FP8
+#define CACHE_FP8 0
+#endif
+#if CACHE_FP8
+typedef unsigned char cache_t;
+#else
+typedef scalar_t cache_t;
+#endif
 
 constexpr int cmin(int a, int b) { return a < b ? a : b; }
 constexpr int cmax(int a, int b) { return a > b ? a : b; }
@@ -109,22 +120,48 @@ __device__ __forceinline__ void group_sum(float* v, int g, int gl) {
 #define PREFETCH 0
 #endif
 
+// One chunk (VEC elements) of a cache row: 16 bytes of scalar_t, or 8 bytes of e4m3.
+__device__ __forceinline__ uint4 ld_chunk(const cache_t* p) {
+#if CACHE_FP8
+  const uint2 u = *reinterpret_cast<const uint2*>(p);
+  return uint4{u.x, u.y, 0u, 0u};
+#else
+  return ld16(p);
+#endif
+}
+
+__device__ __forceinline__ void unpack_chunk(const uint4& u, float* f) {
+#if CACHE_FP8
+  const unsigned short* p = reinterpret_cast<const unsigned short*>(&u);
+#pragma unroll
+  for (int i = 0; i < VEC / 2; ++i) {
+    unsigned int h;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"(p[i]));
+    const float2 t = __half22float2(*reinterpret_cast<const __half2*>(&h));
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+#else
+  unpack16<scalar_t>(u, f);
+#endif
+}
+
 // Issue all of one tile's K and V loads (TPG rows per lane group, CPL chunks per lane).
 __device__ __forceinline__ void load_tile(uint4 (&kr)[TPG][CPL], uint4 (&vr)[TPG][CPL],
-                                          const scalar_t* __restrict__ k_cache,
-                                          const scalar_t* __restrict__ v_cache, const int* table,
+                                          const cache_t* __restrict__ k_cache,
+                                          const cache_t* __restrict__ v_cache, const int* table,
                                           int t0, int num_kv_heads, int kvh, int g, int gl) {
   const i64 row0 = ((i64)table[t0 / BS] * num_kv_heads + kvh) * BS + t0 % BS;
-  const scalar_t* kb = k_cache + row0 * D;
-  const scalar_t* vb = v_cache + row0 * D;
+  const cache_t* kb = k_cache + row0 * D;
+  const cache_t* vb = v_cache + row0 * D;
 #pragma unroll
   for (int i = 0; i < TPG; ++i)
 #pragma unroll
     for (int j = 0; j < CPL; ++j) {
       const int c = gl + G * j;
       if (c < NC) {
-        kr[i][j] = ld16(kb + (g + NG * i) * D + c * VEC);
-        vr[i][j] = ld16(vb + (g + NG * i) * D + c * VEC);
+        kr[i][j] = ld_chunk(kb + (g + NG * i) * D + c * VEC);
+        vr[i][j] = ld_chunk(vb + (g + NG * i) * D + c * VEC);
       }
     }
 }
@@ -135,13 +172,13 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode(
     float* __restrict__ part_m,              // [S, H, P]
     float* __restrict__ part_l,              // [S, H, P]
     const scalar_t* __restrict__ query,      // [S, H, D], row stride q_stride
-    const scalar_t* __restrict__ k_cache,
-    const scalar_t* __restrict__ v_cache,
+    const cache_t* __restrict__ k_cache,
+    const cache_t* __restrict__ v_cache,
     const int* __restrict__ block_tables,    // [S, bt_stride]
     const int* __restrict__ seq_lens,        // [S]
     const float* __restrict__ alibi,         // [H] or null
     int num_kv_heads, int qpk, i64 q_stride, int bt_stride, float scale, float soft_cap,
-    int window, int partition_size, int max_parts) {
+    int window, int partition_size, int max_parts, float v_scale) {
   const int head0 = blockIdx.x * HPB;
   const int seq = blockIdx.y;
   const int part = blockIdx.z;
@@ -210,7 +247,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode(
       for (int j = 0; j < CPL; ++j) {
         if (gl + G * j < NC) {
           float kf[VEC];
-          unpack16<scalar_t>(kr[i][j], kf);
+          unpack_chunk(kr[i][j], kf);
 #pragma unroll
           for (int h = 0; h < HPB; ++h)
 #pragma unroll
@@ -263,7 +300,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode(
       for (int j = 0; j < CPL; ++j) {
         if (gl + G * j < NC) {
           float vf[VEC];
-          unpack16<scalar_t>(vr[i][j], vf);
+          unpack_chunk(vr[i][j], vf);
 #pragma unroll
           for (int h = 0; h < HPB; ++h)
 #pragma unroll
@@ -327,7 +364,7 @@ extern "C" __global__ void __launch_bounds__(NT) paged_decode(
         O = fmaf(wt, sm_acc[w][h][d], O);
       }
     }
-    const float o = L > 0.f ? O / L : 0.f;
+    const float o = L > 0.f ? O / L * v_scale : 0.f;  // v_scale 1 unless the cache is FP8
     const i64 sh = (i64)seq * num_heads + head0 + h;
     if (split) {
       const i64 slot = sh * max_parts + part;

@@ -25,10 +25,11 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit(do_not_specialize=["q_stride_t", "o_stride_t", "bt_stride", "table_row0", "num_seqs", "num_tiles"])
 def _prefill_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, meta_ptr, alibi_ptr,
                     q_stride_t, q_stride_h, o_stride_t, o_stride_h, bt_stride, table_row0,
-                    num_seqs, num_tiles, num_kv_heads, group, scale, soft_cap, window,
+                    num_seqs, num_tiles, num_kv_heads, group, scale, soft_cap, window, k_scale, v_scale,
                     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                    HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+                    HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+                    KV_FP8: tl.constexpr):
     tile = tl.program_id(0)
     head = tl.program_id(1)
     # meta: [tile_seq (num_tiles), tile_row (num_tiles), query_start (num_seqs+1), seq_len (num_seqs)]
@@ -64,6 +65,8 @@ def _prefill_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, meta_ptr, alibi_pt
         kv_row = (blk.to(tl.int64) * num_kv_heads + kvh) * BLOCK_SIZE + offs_n % BLOCK_SIZE
         k = tl.load(k_ptr + kv_row[None, :] * HEAD_SIZE + offs_d[:, None],
                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        if KV_FP8:  # e4m3 cache (kv_cache_dtype="fp8"): widen, scale, and multiply in q's dtype
+            k = (k.to(tl.float32) * k_scale).to(q.dtype)
         if IEEE:
             s = tl.dot(q, k, input_precision="ieee")
         else:
@@ -84,6 +87,8 @@ def _prefill_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, meta_ptr, alibi_pt
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + kv_row[:, None] * HEAD_SIZE + offs_d[None, :],
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        if KV_FP8:
+            v = (v.to(tl.float32) * v_scale).to(q.dtype)
         if IEEE:
             pv = tl.dot(p, v, input_precision="ieee")
         else:
@@ -104,7 +109,8 @@ def _check(query, key_cache, value_cache, block_tables, seq_lens, query_lens, al
         raise ValueError(f"query must be dense in its last dimension, got strides {query.stride()}")
     for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
         C.check_cuda(name, cache, dev)
-        C.check_dtype(name, cache, query.dtype)
+        C.check_dtype(name, cache, query.dtype,
+                      *((torch.float8_e4m3fn,) if query.dtype in (torch.float16, torch.bfloat16) else ()))
         C.check_dim(name, cache, 4)
         C.check_contiguous(name, cache)
         if cache.shape[3] != query.shape[2]:
@@ -138,9 +144,10 @@ def paged_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                   block_tables: torch.Tensor, seq_lens: list[int], query_lens: list[int], scale: float,
                   sliding_window: int | None = None, alibi_slopes: torch.Tensor | None = None,
                   logits_soft_cap: float | None = None, *, out: torch.Tensor | None = None,
-                  table_row0: int = 0) -> torch.Tensor:
+                  table_row0: int = 0, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Same contract as `reference.paged_attention` (flat queries [T, H, D] -> [T, H, D]), except
-    that sequence i's block table is row table_row0 + i of `block_tables`."""
+    that sequence i's block table is row table_row0 + i of `block_tables`. An FP8 (e4m3) cache under
+    16-bit queries holds K / k_scale and V / v_scale; other caches ignore the scales."""
     if not isinstance(table_row0, int) or not 0 <= table_row0 <= block_tables.shape[0] - len(seq_lens):
         raise ValueError(f"table_row0 must be an int in [0, {block_tables.shape[0] - len(seq_lens)}] "
                          f"(block_tables rows less sequences), got {table_row0!r}")
@@ -170,10 +177,11 @@ def paged_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         alibi_slopes if alibi_slopes is not None else meta,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), table_row0,
         len(query_lens), len(tile_seq), num_kv_heads, num_heads // num_kv_heads, scale,
-        float(logits_soft_cap or 0.0), int(sliding_window or 0),
+        float(logits_soft_cap or 0.0), int(sliding_window or 0), float(k_scale), float(v_scale),
         HEAD_SIZE=head_size, HEAD_PAD=max(16, triton.next_power_of_2(head_size)),
         BLOCK_SIZE=key_cache.shape[2], BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=bool(logits_soft_cap),
         HAS_WINDOW=sliding_window is not None, IEEE=query.dtype == torch.float32,
+        KV_FP8=key_cache.dtype == torch.float8_e4m3fn,
         num_warps=4, num_stages=2)
     return out

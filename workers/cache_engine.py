@@ -15,9 +15,11 @@ def kv_cache_torch_dtype(cache_dtype: str, model_dtype: torch.dtype, device: tor
     if cache_dtype == "auto":
         return model_dtype
     if device.type == "cuda":
-        # The CUDA cache-write, decode and prefill kernels read and write 16/32-bit caches only.
-        raise ValueError(f"kv_cache_dtype={cache_dtype!r} runs on the CPU reference path only: the CUDA "
-                         f"attention kernels do not read an FP8 cache yet (use kv_cache_dtype='auto' on GPU)")
+        from pagedray.kernels.fp8 import check_fp8_supported
+        check_fp8_supported(device)
+        if model_dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"kv_cache_dtype={cache_dtype!r} on CUDA needs a float16 or bfloat16 model "
+                             f"(the FP8 cache kernels widen into 16-bit), got dtype {model_dtype}")
     return torch.float8_e4m3fn
 
 

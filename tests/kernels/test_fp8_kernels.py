@@ -116,3 +116,65 @@ def test_fp8_paths_replay_in_a_cuda_graph():
     graph.replay()
     for m in xs:
         torch.testing.assert_close(outs[m], eager[m] * 2, rtol=2e-2, atol=1e-2 * eager[m].abs().max().item())
+
+
+# --- FP8 KV cache (kv_cache_dtype="fp8"): the CUDA write, decode and prefill kernels against the
+# reference on CPU (e4m3 values with per-tensor scales).
+
+def _fp8_cache_case(dtype, seq_lens, query_lens, heads=8, kv_heads=2, d=128, bs=16, seed=0):
+    from testkit.tiny_models import allocate_block_tables
+    gen = torch.Generator().manual_seed(seed)
+    tables = allocate_block_tables(seq_lens, bs)
+    width = max(map(len, tables))
+    table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    nblocks = 1 + sum(map(len, tables))
+    total = sum(seq_lens)
+    k = torch.randn(total, kv_heads, d, generator=gen).to(dtype)
+    v = torch.randn(total, kv_heads, d, generator=gen).to(dtype)
+    slots = torch.tensor([tables[i][p // bs] * bs + p % bs for i, n in enumerate(seq_lens) for p in range(n)])
+    q = torch.randn(sum(query_lens), heads, d, generator=gen).to(dtype)
+    return k, v, slots, q, table_t, (nblocks, kv_heads, bs, d)
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_cache_write_is_bit_exact(dtype):
+    from pagedray.kernels import reference
+    k, v, slots, _, _, shape = _fp8_cache_case(dtype, [37, 5], [1, 1])
+    slots[3] = -1  # graph padding: nothing written
+    kc, vc = torch.zeros(shape, dtype=torch.float8_e4m3fn), torch.zeros(shape, dtype=torch.float8_e4m3fn)
+    gk, gv = kc.cuda(), vc.cuda()
+    reference.reshape_and_cache(k, v, kc, vc, slots, 0.02, 0.5)
+    fp8_cuda.reshape_and_cache_fp8(k.cuda(), v.cuda(), gk, gv, slots.cuda(), 0.02, 0.5)
+    assert torch.equal(gk.cpu().view(torch.uint8), kc.view(torch.uint8))
+    assert torch.equal(gv.cpu().view(torch.uint8), vc.view(torch.uint8))
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seq_lens", [[1, 17, 300], [2000, 64]])   # one pass; split contexts
+def test_fp8_cache_decode_matches_reference(dtype, seq_lens):
+    from pagedray.kernels import attention_cuda, reference
+    k, v, slots, q, table, shape = _fp8_cache_case(dtype, seq_lens, [1] * len(seq_lens))
+    kc, vc = torch.zeros(shape, dtype=torch.float8_e4m3fn), torch.zeros(shape, dtype=torch.float8_e4m3fn)
+    reference.reshape_and_cache(k, v, kc, vc, slots, 0.02, 0.01)
+    want = reference.paged_attention(q, kc, vc, table, seq_lens, [1] * len(seq_lens), 0.088, k_scale=0.02,
+                                     v_scale=0.01)
+    got = attention_cuda.paged_attention_decode(
+        q.cuda(), kc.cuda(), vc.cuda(), table.cuda(), torch.tensor(seq_lens, dtype=torch.int32, device="cuda"),
+        0.088, max_seq_len=max(seq_lens), k_scale=0.02, v_scale=0.01)
+    torch.testing.assert_close(got.cpu().float(), want.float(), rtol=2e-2, atol=2e-3)
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_cache_prefill_matches_reference(dtype):
+    from pagedray.kernels import prefill_triton, reference
+    seq_lens, query_lens = [40, 130, 7], [40, 30, 1]
+    k, v, slots, q, table, shape = _fp8_cache_case(dtype, seq_lens, query_lens)
+    kc, vc = torch.zeros(shape, dtype=torch.float8_e4m3fn), torch.zeros(shape, dtype=torch.float8_e4m3fn)
+    reference.reshape_and_cache(k, v, kc, vc, slots, 0.02, 0.01)
+    want = reference.paged_attention(q, kc, vc, table, seq_lens, query_lens, 0.088, k_scale=0.02, v_scale=0.01)
+    got = prefill_triton.paged_prefill(q.cuda(), kc.cuda(), vc.cuda(), table.cuda(), seq_lens, query_lens, 0.088,
+                                       k_scale=0.02, v_scale=0.01)
+    torch.testing.assert_close(got.cpu().float(), want.float(), rtol=2e-2, atol=2e-3)

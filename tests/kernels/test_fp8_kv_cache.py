@@ -60,10 +60,10 @@ def test_fp8_block_holds_twice_the_tokens():
     assert fp8.dtype == FP8 and 2 * fp8.bytes_per_block == bf16.bytes_per_block
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the error is for CUDA devices")
-def test_fp8_cache_on_gpu_is_a_clear_error():
-    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' runs on the CPU reference path only"):
-        kv_cache_torch_dtype("fp8", torch.bfloat16, torch.device("cuda"))
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the check is for CUDA devices")
+def test_fp8_cache_on_gpu_needs_a_16_bit_model():
+    with pytest.raises(ValueError, match="needs a float16 or bfloat16 model"):
+        kv_cache_torch_dtype("fp8", torch.float32, torch.device("cuda"))
 
 
 def test_kv_cache_dtype_is_validated(tmp_path):
