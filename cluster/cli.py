@@ -45,7 +45,7 @@ def add_serve_parser(subparsers) -> None:
                    help="fp8: quantize a 16/32-bit checkpoint's linear layers at load (FP8 checkpoints are "
                         "recognised from their config without it)")
     p.add_argument("--kv-cache-dtype", choices=("auto", "fp8", "fp8_e4m3"), default="auto",
-                   help="fp8: an e4m3 KV cache, twice the tokens per block (CPU reference path only for now)")
+                   help="fp8: an e4m3 KV cache, twice the tokens per block (on CUDA: float16/bfloat16 models)")
     p.add_argument("--max-model-len", type=int, help="cap the context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch at most")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (8, 16 or 32 on CUDA)")
