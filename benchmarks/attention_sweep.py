@@ -1,6 +1,6 @@
 """Decode paged attention: the kernel's compile-time variants over the shapes a throughput run decodes.
 
-    python benchmarks/attention_sweep.py [--results benchmarks/RESULTS.md]
+    python benchmarks/attention_sweep.py [--results FILE]
 
 For each shape (batch x context, llama3-8b heads 32/8 x 128, bf16, block 16) and each variant
 (warps per CTA, prefetch of the next tile, rows per lane group per tile), the kernel's time as
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import pathlib
 
 import torch
 
@@ -65,8 +64,7 @@ def main() -> None:
     body += (f"\n\n- One H200-class GPU, bf16, heads 32/8 x 128, block 16; copy bandwidth {bandwidth:.0f} GB/s "
              "in this run; `None` entries: the launcher's choice (attention_cuda.variant).")
     print(body)
-    if args.results:
-        append_results("Decode attention variants (benchmarks/attention_sweep.py)", body, pathlib.Path(args.results))
+    append_results("Decode attention variants (benchmarks/attention_sweep.py)", body, args.results)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 
 from pagedray.common import envs
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
+HERE = pathlib.Path(__file__).resolve().parent
 
 # name -> (transformers config class, its keywords). Sizes are the published models'.
 SHAPES: dict[str, tuple[str, dict]] = {
@@ -139,7 +139,7 @@ def commit() -> str:
         return envs.commit()
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=RESULTS.parent, timeout=5)
+                             cwd=HERE, timeout=5)
         return out.stdout.strip() or "unknown"
     except Exception:
         return "unknown"
@@ -196,12 +196,30 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def append_results(title: str, body: str, path: pathlib.Path | None = None) -> None:
-    """Append one section: title, card/date/commit, command, body."""
-    path = path or RESULTS
-    text = f"\n### {title}\n\n{stamp()}\n\n`{command()}`\n\n{body.rstrip()}\n"
-    with open(path, "a") as f:
-        f.write(text)
+def record(workload: str, figures: dict, table: str = "", *, headline: str | None = None,
+           anchors: dict | None = None) -> None:
+    """One JSON record of this run in benchmarks/records/ (benchmarks/records.py): this script, the
+    workload, card, commit, command, date, the figures (the headline first), anchors, the markdown table."""
+    import records
+    records.write(records.make_record(pathlib.Path(sys.argv[0]).stem, workload, figures, card=card(),
+                                      commit=commit(), command=command(), headline=headline, anchors=anchors,
+                                      notes=f"torch {torch.__version__}", table=table.rstrip()),
+                  pathlib.Path(envs.records_dir() or records.RECORDS))
+
+
+def append_results(title: str, body: str, path: str | os.PathLike | None = None, *,
+                   figures: dict | None = None, headline: str | None = None, anchors: dict | None = None) -> None:
+    """Record this run (see `record`) under the workload `title`, and with `path` (--results FILE) also
+    append the section to that file. benchmarks/RESULTS.md is generated from the records, never appended to."""
+    record(title, figures or {}, body, headline=headline, anchors=anchors)
+    append_markdown(title, body, path)
+
+
+def append_markdown(title: str, body: str, path: str | os.PathLike | None) -> None:
+    """With a path (--results FILE): append one section there (title, card/date/commit, command, body)."""
+    if path:
+        with open(path, "a") as f:
+            f.write(f"\n### {title}\n\n{stamp()}\n\n`{command()}`\n\n{body.rstrip()}\n")
 
 
 def run_hf_baseline(mode_args: list[str], timeout: float) -> dict | None:

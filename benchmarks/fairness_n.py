@@ -69,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=512, help="tokens per sample of the large request")
     p.add_argument("--small-len", type=int, default=16, help="tokens of the small request")
-    p.add_argument("--no-append", action="store_true", help="do not append the table to RESULTS.md")
+    p.add_argument("--no-append", action="store_true", help="do not record the run (benchmarks/records/)")
     return p.parse_args(argv)
 
 

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import pathlib
 
 import torch
 
@@ -108,8 +107,7 @@ def main(argv=None) -> int:
             markdown_table(["product", "M", "bf16 matmul", "fp8 scaled_mm", "speed-up"], gemm_rows(args.shape))]
     text = "\n".join(body)
     print(text, flush=True)
-    if args.results:
-        append_results(f"FP8 kernels, {args.shape}", text, pathlib.Path(args.results))
+    append_results(f"FP8 kernels, {args.shape}", text, args.results)
     return 0
 
 

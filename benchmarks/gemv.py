@@ -104,9 +104,8 @@ def main() -> None:
             + "\n\nOne decode step's products (per-layer products x layers + lm_head):\n\n"
             + step_table(args.shape, times, args.batch, bw, dtype))
     print(body)
-    if args.results:
-        append_results(f"Skinny GEMM vs torch.matmul, {args.shape} decode products (`benchmarks/gemv.py`)",
-                       body, args.results)
+    append_results(f"Skinny GEMM vs torch.matmul, {args.shape} decode products (`benchmarks/gemv.py`)",
+                   body, args.results)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python benchmarks/host_overhead.py --batch-sizes 256 --modes greedy --profile   # cProfile of one case
 
 On the GPU a decode step is graph replay (GPU) plus host work during which the GPU idles
-(RESULTS.md: 5.0 ms of 12.3 ms at batch 128 for the 8B shape). This script measures only that
+(docs/perf-notes/history.md: 5.0 ms of 12.3 ms at batch 128 for the 8B shape). This script measures only that
 host work: the runner's `_forward` returns a preallocated hidden-state slice and the model's
 `compute_logits` a preallocated [rows, vocab] slice (vocab 128256, the Llama-3 shape), so what
 is left is the scheduler, the input tensors, the sampler, the scheduler's update and the
@@ -264,9 +264,8 @@ def main(argv=None) -> int:
     print(body)
     for p in profiles:
         print(p)
-    if args.results:
-        append_results(f"Host overhead per step{' (' + args.label + ')' if args.label else ''}", body,
-                       pathlib.Path(args.results))
+    append_results(f"Host overhead per step{' (' + args.label + ')' if args.label else ''}", body,
+                   args.results)
     return 0
 
 
@@ -286,7 +285,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="print a cProfile of each case's timed steps")
     p.add_argument("--label", default="")
-    p.add_argument("--results", default=None, help="append the table to this file (e.g. benchmarks/RESULTS.md)")
+    p.add_argument("--results", default=None, help="also append the table to this markdown file (the run is always recorded in benchmarks/records/)")
     args = p.parse_args(argv)
     require_min(args, 1, "input_len", "steps", "vocab", "threads")
     require_min(args, 0, "warmup")

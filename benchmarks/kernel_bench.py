@@ -1,6 +1,6 @@
 """Kernel benchmark: each CUDA kernel against its PyTorch reference and the HBM roofline.
 
-    python benchmarks/kernel_bench.py [--results benchmarks/RESULTS.md]
+    python benchmarks/kernel_bench.py [--results FILE]
 
 The roofline is the fewest bytes a kernel must move (inputs read once, outputs
 written once) over the device-to-device copy bandwidth measured in the same
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import pathlib
 import statistics
 import sys
 
@@ -20,8 +19,6 @@ import torch
 
 from pagedray.kernels import attention_cuda, cache_ops, elementwise, reference
 from pagedray.kernels import options as kernel_options
-
-HEADER = "# Benchmark results\n\nAppend-only; each section names its card, date and command.\n"
 
 
 def bench(fn, reps: int = 10, trials: int = 7, graph: bool = True) -> float:
@@ -230,7 +227,7 @@ def host_overhead_us() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--results", default="benchmarks/RESULTS.md", help="markdown file to append the table to")
+    ap.add_argument("--results", default=None, help="also append the table to this markdown file")
     ap.add_argument("--skip", default="", help="comma list of: decode,prefill,elementwise,cache")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -256,12 +253,8 @@ def main() -> None:
                f"Copy bandwidth measured in the same run: {bw / 1e12:.2f} TB/s (1 GiB device-to-device, "
                f"read + written). Host time of one decode launcher call: {host:.0f} µs.\n\n" + t.markdown())
     print(section)
-    path = pathlib.Path(args.results)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(HEADER)
-    with path.open("a") as f:
-        f.write(section)
+    from common import append_results   # the run's record (benchmarks/records/)
+    append_results(f"Kernels vs PyTorch references ({card})", section.split("\n\n", 1)[1], args.results)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ read at the mean context, over the device copy bandwidth measured in this run.
 from __future__ import annotations
 
 import argparse
-import pathlib
 import statistics
 import sys
 import tempfile
@@ -24,8 +23,8 @@ import time
 import torch
 
 from decode_profile import graph_replay_ms
-from common import (run_hf_baseline, SHAPES, append_results, copy_bandwidth, kv_bytes_per_token, markdown_table, param_counts,
-                    random_prompts, require_min, timed_generate, write_config, KERNEL_OPTION_HELP, kernel_options)
+from common import (run_hf_baseline, SHAPES, append_markdown, copy_bandwidth, kv_bytes_per_token, markdown_table, param_counts,
+                    random_prompts, record, require_min, timed_generate, write_config, KERNEL_OPTION_HELP, kernel_options)
 
 
 
@@ -133,8 +132,15 @@ def report(args, rows, bandwidth, hf, startup: float, captured: bool, profile: s
     if profile:
         body += "\n\n" + profile
     print(body, flush=True)
-    if args.results:
-        append_results(f"Decode latency, {args.shape}", body, pathlib.Path(args.results))
+    for bs, g, e, r in rows:   # one record a batch size, the table in each
+        hf_ms = hf["ms_per_token"].get(str(bs)) if hf else None
+        figures = {k: round(v, 2) for k, v in (("ms/step (graphs)", g), ("graph replay, GPU (ms)", r),
+                                                ("eager (ms/step)", e)) if v is not None}
+        if bandwidth:
+            figures["bandwidth floor (ms)"] = round(floor_ms(args, bs, bandwidth), 2)
+        record(f"{args.shape} decode, batch {bs}", figures or {"batch": bs}, body,
+               anchors={"HF generate (same run)": f"{hf_ms:.2f} ms/step"} if hf_ms else None)
+    append_markdown(f"Decode latency, {args.shape}", body, args.results)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -160,7 +166,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="batch sizes whose graph replays are profiled per kernel (decode_profile.py)")
     p.add_argument("--profile-ctx", type=int, default=None,
                    help="context per sequence in the profile (default: the mean context of the run)")
-    p.add_argument("--results", default=None, help="append the table to this file (e.g. benchmarks/RESULTS.md)")
+    p.add_argument("--results", default=None, help="also append the table to this markdown file (the run is always recorded in benchmarks/records/)")
     p.add_argument("--kernel-option", action="append", default=[],
                    help=KERNEL_OPTION_HELP)
     args = p.parse_args(argv)

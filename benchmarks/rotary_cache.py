@@ -90,9 +90,8 @@ def main() -> None:
     table = markdown_table(["T", "fused µs", "rotary + cache µs", "rotary µs", "cache µs", "saved µs/layer",
                             f"saved µs/step ({LAYERS} layers)", "bit-identical"], rows)
     print(table)
-    if args.results:
-        append_results(f"Rotary + cache write, fused vs two kernels ({HEADS}/{KV_HEADS}x{HEAD_SIZE} bf16)", table,
-                       args.results)
+    append_results(f"Rotary + cache write, fused vs two kernels ({HEADS}/{KV_HEADS}x{HEAD_SIZE} bf16)", table,
+                   args.results)
 
 
 if __name__ == "__main__":

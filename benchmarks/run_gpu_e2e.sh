@@ -6,8 +6,13 @@
 # overlap: overlapped vs not-overlapped steps alone (no HF peers, ~75 s); shared: 200 requests
 # (shared1000: the full 1000, ~2 min at 8B); tput8b includes both HF peers (~3 min) at the batch and budget
 # of the recorded figure; tput8b-profile: the default batch with the stage breakdown and a trace.
+# $OUT defaults to benchmarks/gpu-runs/<time>; each benchmark's record goes to $OUT/records (copy the files
+# into benchmarks/records/ and run `python benchmarks/records.py` to update RESULTS.md).
 set -u
 export PYTHONUNBUFFERED=1
+OUT=${OUT:-benchmarks/gpu-runs/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+export PAGEDRAY_RECORDS_DIR=${PAGEDRAY_RECORDS_DIR:-$OUT/records}
 R=$OUT/results.md
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > "$OUT/env.txt" 2>&1
 python3 -c "import torch, transformers, cupy; print(torch.__version__, transformers.__version__, cupy.__version__)" >> "$OUT/env.txt" 2>&1

@@ -1,6 +1,6 @@
 """Sampling one decode step's logits: the Sampler's vocab-wide passes against the one-pass kernel.
 
-    python benchmarks/sampling.py [--rows 1 32 256] [--vocab 128256] [--results benchmarks/RESULTS.md]
+    python benchmarks/sampling.py [--rows 1 32 256] [--vocab 128256] [--results FILE]
 
 bf16 logits [rows, vocab]; temperature 1.0 (vLLM's default) and greedy rows. Columns: `Sampler.sample`
 with FUSED_SAMPLING off (the passes before the kernel, "today") and on, and the kernel alone (`sample_cuda.race_sample`; for greedy
@@ -114,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             print(" | ".join(str(x) for x in table[-1]), flush=True)
     body = markdown_table(HEADER, table) + f"\n\nCopy bandwidth {bw:.0f} GB/s (read + written).\n"
     print(body)
-    if args.results:
-        append_results("Sampling one step's logits: Sampler passes vs the one-pass kernel", body, args.results)
+    append_results("Sampling one step's logits: Sampler passes vs the one-pass kernel", body, args.results)
     return 0
 
 

@@ -235,6 +235,16 @@ def main(argv=None) -> int:
               "rows": rows, "grpc_overhead_pct": round(100 * (burst_s / offline_s - 1), 1),
               "burst_outputs_differing_from_offline": mismatched}
     print(json.dumps(report, indent=2))
+    from common import record
+    offline, burst_row, poisson_row = rows
+    model = ({"8b": "llama3-8b", "1b": "llama-1b"}.get(args.synthetic) if args.synthetic
+             else "tiny" if args.tiny else os.path.basename(args.model.rstrip("/")))
+    record(f"{model}, {args.num_prompts} x {args.input_len}/{args.output_len}, gRPC burst vs offline",
+           {"burst / offline": f"{burst_s / offline_s:.2f}x", "burst output tok/s": burst_row["output_tok_per_s"],
+            "offline output tok/s": offline["output_tok_per_s"],
+            f"Poisson {args.request_rate:g} req/s TPOT p50 (ms)": poisson_row["tpot_ms_p50"],
+            f"Poisson {args.request_rate:g} req/s TTFT p50 (ms)": poisson_row["ttft_ms_p50"]},
+           "```json\n" + json.dumps(report, indent=1) + "\n```")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -12,7 +12,6 @@ prefill tokens the cache saved and its hit rate.
 from __future__ import annotations
 
 import argparse
-import pathlib
 import random
 import sys
 import tempfile
@@ -68,9 +67,10 @@ def report(args, results) -> None:
              f"{args.temperature}), max_num_seqs {args.max_num_seqs}, max_num_batched_tokens "
              f"{args.max_num_batched_tokens or 'default'}; one engine, caching off first.")
     print(body, flush=True)
-    if args.results:
-        append_results(f"Shared prefix, {args.shape} ({n} x {args.prefix_len}+{args.suffix_len}/"
-                       f"{args.output_len})", body, pathlib.Path(args.results))
+    (off_s, _, _), (on_s, _, rate) = results[False], results[True]
+    append_results(f"{args.shape}, {n} x ({args.prefix_len} shared + {args.suffix_len} unique)/{args.output_len}",
+                   body, args.results, figures={"on / off": f"{ratio:.2f}x", "req/s, caching on": round(n / on_s, 2),
+                                                "req/s, caching off": round(n / off_s, 2), "hit rate": f"{rate:.1%}"})
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -242,9 +242,11 @@ def report(args, startup, timed, counter, replays, tflops, bandwidth, hf, breakd
         if trace and args.trace_file:
             pathlib.Path(args.trace_file).write_text(trace)
     print(body, flush=True)
-    if args.results:
-        append_results(f"Throughput, {args.shape} ({args.num_requests} x {inp}/{out})", body,
-                       pathlib.Path(args.results))
+    figures = {"req/s": round(n / elapsed, 2), "output tok/s": round(n * out / elapsed), "time (s)": round(elapsed, 2)}
+    if floor_s:
+        figures["time / compute floor"] = f"{elapsed / floor_s:.2f}x"
+    anchors = {f"HF {run['engine']} (same run)": f"{run['requests_per_s']:.2f} req/s" for run in (hf or {}).get("runs", [])}
+    append_results(f"{args.shape}, {n} x {inp}/{out}", body, args.results, figures=figures, anchors=anchors)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -288,7 +290,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="FIRST-LAST: the main workload again under torch.profiler for those steps (1-based): "
                         "longest kernels, GPU idle gaps, GPU time by kernel")
     p.add_argument("--trace-file", default=os.path.join(os.environ.get("OUT", "."), "throughput_profile.txt"))
-    p.add_argument("--results", default=None, help="append the table to this file (e.g. benchmarks/RESULTS.md)")
+    p.add_argument("--results", default=None, help="also append the table to this markdown file (the run is always recorded in benchmarks/records/)")
     args = p.parse_args(argv)
     require_min(args, 1, "num_requests", "input_len", "output_len", "max_num_seqs", "warmup_requests",
                 "warmup_output_len", "hf_num_requests", "hf_batch_size", "hf_cb_num_requests",

@@ -24,6 +24,7 @@ VARIABLES: dict[str, str] = {
     "PAGEDRAY_RAY_PLACEMENT_TIMEOUT_S": "seconds to wait for the Ray placement group (default 120)",
     "PAGEDRAY_AUTOSCALING_CONFIG": "Ray autoscaler config file read for node types (default: ray up's on the head)",
     "PAGEDRAY_COMMIT": "commit benchmarks record where the tree has no .git (a copied tree)",
+    "PAGEDRAY_RECORDS_DIR": "folder benchmark runs write their records to (default benchmarks/records/)",
 }
 
 
@@ -95,3 +96,7 @@ def autoscaling_config() -> str | None:
 
 def commit() -> str | None:
     return _text("PAGEDRAY_COMMIT")
+
+
+def records_dir() -> str | None:
+    return _text("PAGEDRAY_RECORDS_DIR")

@@ -9,7 +9,7 @@ Per step the driver sends one `SchedulerOutput` (new requests whole, running one
 deltas) to every rank and reads the sampled tokens from rank 0. Two transports:
 "calls" (one actor call per rank) and "dag" (a Ray compiled graph: the step is
 serialized once into shared-memory channels that the actors poll). Which is the default
-is decided by `benchmarks/ray_step_overhead.py`; see benchmarks/RESULTS.md.
+is decided by `benchmarks/ray_step_overhead.py`; see docs/perf-notes/history.md.
 
 Failure: any rank that dies or raises makes `execute_model` raise `ExecutorError` (within
 the time Ray needs to notice a dead process, about a second), never a hang: results are
@@ -42,7 +42,7 @@ TRANSPORTS = ("calls", "dag")
 
 def default_transport(device_type: str) -> str:
     """Compiled graphs on GPU: 0.46 ms of driver overhead per decode step at TP=2 against 1.37 ms for
-    actor calls (2xH200, benchmarks/RESULTS.md). Actor calls on CPU, where the compiled graph's
+    actor calls (2xH200, docs/perf-notes/history.md). Actor calls on CPU, where the compiled graph's
     polling actors (~30% of a core each, even idle) would take cores from the ranks' compute."""
     choice = envs.ray_transport() or ("dag" if device_type == "cuda" else "calls")
     if choice not in TRANSPORTS:

@@ -8,7 +8,7 @@ within `liveness_s` (PAGEDRAY_ENGINE_LIVENESS_S, default 10 s) makes the client 
 process exiting (seen at once: its sentinel fd is on the event loop). Dead: `dead_error` is set,
 `outputs()` yields what arrived before and then raises EngineDeadError naming the cause.
 
-Transport and encoding were chosen by benchmarks/replica_transport.py (see benchmarks/RESULTS.md).
+Transport and encoding were chosen by benchmarks/replica_transport.py (see docs/perf-notes/history.md).
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ class ZmqCoreClient(EngineClient):
             except (zmq.ZMQError, asyncio.CancelledError):
                 return     # closed by shutdown
             # Then whatever else is queued, without a trip through the event loop each: that trip
-            # doubled the reader's CPU per frame (benchmarks/RESULTS.md, transport).
+            # doubled the reader's CPU per frame (docs/perf-notes/history.md, transport).
             drained = 0
             while frames is not None and self._dispatch(frames) and drained < self.DRAIN_MAX:
                 frames, drained = self._recv_now(), drained + 1
@@ -267,7 +267,7 @@ class ProcessClient(ZmqCoreClient):
     def _threads(self) -> int | None:
         """A CPU engine leaves one core to this process: its torch threads otherwise spin at
         their barriers while the front runs (2-core box: 105 against 791 tokens/s at one stream,
-        benchmarks/RESULTS.md). A GPU engine keeps torch's default."""
+        docs/perf-notes/history.md). A GPU engine keeps torch's default."""
         if envs.engine_threads():
             return envs.engine_threads()
         if self.num_threads or str(self.engine_kwargs.get("device", "auto")).startswith("cuda"):

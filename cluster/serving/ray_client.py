@@ -4,7 +4,7 @@ The actor (`CoreActor`) binds the core's two sockets on its node's address (tcp,
 and runs the core loop of cluster/core/process.py in a thread of its own: the engine steps
 without sharing its GIL with Ray's RPC threads, which only serve three light calls. The driver
 connects with the shared `ZmqCoreClient` half, so adds, aborts and per-step CoreOutputs batches
-never go through Ray's object store (benchmarks/RESULTS.md: this against the old batched
+never go through Ray's object store (docs/perf-notes/history.md: this against the old batched
 long-poll of pickled per-request outputs).
 
 Liveness: heartbeats bound a hung (e.g. SIGSTOPped) actor as for a core process; a `watch()`
