@@ -1,7 +1,7 @@
 """Multi-LoRA cost: throughput with requests spread over adapters, and batch-1 decode, against the
 base model, every figure from one invocation on one card.
 
-    python benchmarks/lora.py --shape llama3-8b --results benchmarks/RESULTS.md    # the GPU run
+    python benchmarks/lora.py --shape llama3-8b    # the GPU run (recorded in benchmarks/records/)
     python benchmarks/lora.py --shape tiny --device cpu --num-requests 16 --input-len 32 \
         --output-len 16 --decode-tokens 16                                         # a CPU check
 
@@ -149,9 +149,7 @@ def report(args, results: dict) -> None:
             f"max_loras={args.num_adapters}; lora-mixed: request i runs adapter i mod {args.num_adapters}.\n\n"
             f"{table}\n\n{decode}\n")
     print(body)
-    if args.results:
-        append_results("Multi-LoRA: throughput over adapters and batch-1 decode (benchmarks/lora.py)", body,
-                       args.results and __import__("pathlib").Path(args.results))
+    append_results("Multi-LoRA: throughput over adapters and batch-1 decode (benchmarks/lora.py)", body, args.results)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -169,7 +167,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--warmup-requests", type=int, default=16)
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per configuration")
-    p.add_argument("--results", default=None, help="append the tables to this file (e.g. benchmarks/RESULTS.md)")
+    p.add_argument("--results", default=None, help="also append the tables to this markdown file (the run is always recorded)")
     # Set by main() for the per-configuration subprocesses.
     p.add_argument("--config", choices=["base", "lora-mixed", "lora-none", "decode-lora"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)

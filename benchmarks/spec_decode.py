@@ -189,7 +189,6 @@ def main() -> None:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--batch", type=int, default=64, help="--part batch64's batch size")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--results", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = p.parse_args()
     if args.output_len < 2:
         raise ValueError(f"--output-len must be >= 2, got {args.output_len}")
@@ -201,8 +200,7 @@ def main() -> None:
     print(title)
     print(table)
     print(json.dumps({"title": title, "rows": rows}))
-    if args.results:
-        append_results(title, table)
+    append_results(title, table)   # the run's record (benchmarks/records/)
 
 
 if __name__ == "__main__":
