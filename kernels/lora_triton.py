@@ -1,12 +1,15 @@
-"""The batched LoRA matmul in Triton (see lora.py): out[t] (+)= x[t] @ W[slot(t)]^T.
+"""The batched LoRA kernels in Triton (see lora.py): shrink x -> x A^T and expand y += (x A^T) B^T,
+each token with its own slot's A and B.
 
-One program per (tile of BLOCK_T tokens in slot order, tile of BLOCK_N outputs, slot). Tokens
-arrive sorted by slot (`order`), so a tile holds one or two adapters' tokens; the program of a
-slot none of its tokens use returns at once. Its tokens' rows are gathered through `order`, the
-product runs on the tensor cores (fp16/bf16; exact fp32 for float32), and only its own slot's
-rows are written, so every output row is written by exactly one program (no atomics). Grid and
-arguments depend only on the token count and the slot stack: the launch is captured in CUDA
-graphs as is, and the indices change in place between replays.
+Tokens arrive sorted by slot (`order`), so a tile of BLOCK_T tokens holds a contiguous range of
+slots, mostly one: a program walks only the slots of its tile (from its first token's to its
+last's), gathering its tokens' rows through `order` and writing only the rows of the slot in
+hand, so every output row is written by exactly one program (no atomics, deterministic). The
+shrink's long reduction (hidden or intermediate size) is split over K into `splits` partial sums
+(fp32, [splits, T, R]), which the expand adds up as it loads them: a decode batch of a few tiles
+still fills the GPU. Grids and arguments depend only on the token count and the stacks' shapes,
+so the launches are captured in CUDA graphs as they are and replay with the indices changed in
+place; tokens without an adapter (slot -1) are skipped and their rows left untouched.
 """
 from __future__ import annotations
 
@@ -14,53 +17,114 @@ import torch
 import triton
 import triton.language as tl
 
+BLOCK_T = 16
 
-@triton.jit(do_not_specialize=["num_tokens"])
-def _lora_kernel(x_ptr, w_ptr, idx_ptr, order_ptr, out_ptr, num_tokens, N, K,
-                 x_stride, w_stride_s, w_stride_n, out_stride,
-                 ACCUMULATE: tl.constexpr, IEEE: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    tile, n_tile, slot = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+
+@triton.jit
+def _tile(idx_ptr, order_ptr, num_tokens, BLOCK_T: tl.constexpr):
+    """This program's token rows, their slots, whether they are real, and its slot range."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_in = offs_t < num_tokens
     rows = tl.load(order_ptr + offs_t, mask=t_in, other=0).to(tl.int64)
-    mine = t_in & (tl.load(idx_ptr + rows, mask=t_in, other=-1) == slot)
-    if tl.max(mine.to(tl.int32), axis=0) > 0:
-        offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_in = offs_n < N
-        w_base = w_ptr + slot.to(tl.int64) * w_stride_s
-        acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+    slots = tl.load(idx_ptr + rows, mask=t_in, other=-1)
+    lo = tl.maximum(tl.min(tl.where(t_in & (slots >= 0), slots, 2147483647), axis=0), 0)
+    hi = tl.max(slots, axis=0)   # tokens are sorted by slot: the tile's slots are lo..hi
+    return rows, slots, t_in, lo, hi
+
+
+@triton.jit(do_not_specialize=["num_tokens"])
+def _shrink_kernel(x_ptr, a_ptr, idx_ptr, order_ptr, out_ptr, num_tokens, R, K, k_per_split,
+                   x_stride, a_stride_s, a_stride_r, out_stride_split, out_stride_t,
+                   IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows, slots, t_in, lo, hi = _tile(idx_ptr, order_ptr, num_tokens, BLOCK_T)
+    split = tl.program_id(1)
+    k_begin = split * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_in = offs_r < R
+    for s in range(lo, hi + 1):
+        mine = t_in & (slots == s)
+        acc = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
+        a_base = a_ptr + s * a_stride_s
+        for k0 in range(k_begin, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_in = offs_k < K
-            x = tl.load(x_ptr + rows[:, None] * x_stride + offs_k[None, :],
-                        mask=mine[:, None] & k_in[None, :], other=0.0)
-            w = tl.load(w_base + offs_n[None, :] * w_stride_n + offs_k[:, None],
-                        mask=n_in[None, :] & k_in[:, None], other=0.0)
+            k_in = offs_k < k_end
+            x = tl.load(x_ptr + rows[:, None] * x_stride + offs_k[None, :], mask=mine[:, None] & k_in[None, :],
+                        other=0.0)
+            a = tl.load(a_base + offs_r[None, :] * a_stride_r + offs_k[:, None], mask=r_in[None, :] & k_in[:, None],
+                        other=0.0)
             if IEEE:
-                acc += tl.dot(x, w, input_precision="ieee")
+                acc += tl.dot(x, a, input_precision="ieee")
             else:
-                acc += tl.dot(x.to(w.dtype), w)
-        out_ptrs = out_ptr + rows[:, None] * out_stride + offs_n[None, :]
-        keep = mine[:, None] & n_in[None, :]
-        if ACCUMULATE:
-            acc += tl.load(out_ptrs, mask=keep, other=0.0).to(tl.float32)
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=keep)
+                acc += tl.dot(x, a)
+        out = out_ptr + split * out_stride_split + rows[:, None] * out_stride_t + offs_r[None, :]
+        tl.store(out, acc, mask=mine[:, None] & r_in[None, :])
 
 
-def lora_matmul(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, order: torch.Tensor,
-                out: torch.Tensor, accumulate: bool) -> torch.Tensor:
+@triton.jit(do_not_specialize=["num_tokens"])
+def _expand_kernel(p_ptr, b_ptr, idx_ptr, order_ptr, y_ptr, num_tokens, N, R, splits,
+                   p_stride_split, p_stride_t, b_stride_s, b_stride_n, y_stride,
+                   IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    rows, slots, t_in, lo, hi = _tile(idx_ptr, order_ptr, num_tokens, BLOCK_T)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_in = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+    r_in = offs_r < R
+    for s in range(lo, hi + 1):
+        mine = t_in & (slots == s)
+        keep = mine[:, None] & r_in[None, :]
+        v = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
+        for split in range(0, splits):   # the shrink's partial sums
+            v += tl.load(p_ptr + split * p_stride_split + rows[:, None] * p_stride_t + offs_r[None, :],
+                         mask=keep, other=0.0)
+        b = tl.load(b_ptr + s * b_stride_s + offs_n[None, :] * b_stride_n + offs_r[:, None],
+                    mask=n_in[None, :] & r_in[:, None], other=0.0)
+        if IEEE:
+            delta = tl.dot(v, b, input_precision="ieee")
+        else:
+            delta = tl.dot(v.to(b.dtype), b)
+        y_ptrs = y_ptr + rows[:, None] * y_stride + offs_n[None, :]
+        out_mask = mine[:, None] & n_in[None, :]
+        y = tl.load(y_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, indices: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Partial sums [splits, T, R] (fp32) of x A^T per token; rows of tokens without a slot unset."""
     num_tokens, k = x.shape
-    slots, n, _ = weights.shape
-    if num_tokens == 0:
-        return out
-    if x.stride(1) != 1 or weights.stride(2) != 1 or out.stride(1) != 1:
-        raise ValueError("lora_matmul needs row-major x, weights and out")
-    block_n = max(16, min(64, triton.next_power_of_2(n)))
-    block_k = max(16, min(128 if n <= 64 else 32, triton.next_power_of_2(k)))
-    grid = (triton.cdiv(num_tokens, 16), triton.cdiv(n, block_n), slots)
-    _lora_kernel[grid](x, weights, indices, order, out, num_tokens, n, k,
-                       x.stride(0), weights.stride(0), weights.stride(1), out.stride(0),
-                       ACCUMULATE=accumulate, IEEE=x.dtype == torch.float32,
-                       BLOCK_T=16, BLOCK_N=block_n, BLOCK_K=block_k)
+    _, r, _ = a.shape
+    if x.stride(1) != 1 or a.stride(2) != 1:
+        raise ValueError("lora_shrink needs row-major x and A")
+    block_k = 64
+    # A decode batch is a few tiles: split the reduction so that there are enough programs.
+    splits = max(1, min(8, k // 512)) if num_tokens <= 8 * BLOCK_T else 1
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    splits = triton.cdiv(k, k_per_split)
+    out = torch.empty(splits, num_tokens, r, dtype=torch.float32, device=x.device)
+    if num_tokens:
+        grid = (triton.cdiv(num_tokens, BLOCK_T), splits)
+        _shrink_kernel[grid](x, a, indices, order, out, num_tokens, r, k, k_per_split,
+                             x.stride(0), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
+                             IEEE=x.dtype == torch.float32, BLOCK_T=BLOCK_T, BLOCK_R=_block_r(r), BLOCK_K=block_k)
     return out
+
+
+def lora_expand(partials: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, order: torch.Tensor,
+                y: torch.Tensor) -> torch.Tensor:
+    """y[t] += (sum of the partials)[t] @ B[slot(t)]^T in place."""
+    splits, num_tokens, r = partials.shape
+    _, n, _ = b.shape
+    if b.stride(2) != 1 or y.stride(1) != 1:
+        raise ValueError("lora_expand needs row-major B and y")
+    if num_tokens:
+        block_n = 64
+        grid = (triton.cdiv(num_tokens, BLOCK_T), triton.cdiv(n, block_n))
+        _expand_kernel[grid](partials, b, indices, order, y, num_tokens, n, r, splits,
+                             partials.stride(0), partials.stride(1), b.stride(0), b.stride(1), y.stride(0),
+                             IEEE=b.dtype == torch.float32, BLOCK_T=BLOCK_T, BLOCK_N=block_n,
+                             BLOCK_R=_block_r(r))
+    return y

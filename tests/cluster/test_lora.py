@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from testkit.hf_compare import assert_greedy_match, engine_greedy
 from testkit.hf_reference import hf_greedy
@@ -114,3 +115,20 @@ def test_lora_off_refuses_adapters(setup):
     llm = LLM(base, device="cpu", num_kv_blocks=16)
     with pytest.raises(ValueError, match="LoRA is not enabled"):
         llm.generate({"prompt_token_ids": [5, 6]}, use_tqdm=False, lora_request=loras["all8"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_kernels_and_graphs_match_peft(setup):
+    """On CUDA: the Triton kernels in eager prefill and in the replayed decode graphs, fp32."""
+    base, loras, prompts, refs, _ = setup
+    llm = LLM(base, device="cuda", dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=16,
+              num_kv_blocks=256, max_num_seqs=8)
+    graphs = llm.llm_engine.executor.worker.runner.graphs
+    assert graphs is not None
+    cases = [(p, name) for p in prompts for name in [None, *loras]]
+    outs = llm.generate([{"prompt_token_ids": p} for p, _ in cases], _params(), use_tqdm=False,
+                        lora_request=[loras[n] if n else None for _, n in cases])
+    assert graphs.num_replays > 0
+    for (prompt, name), out in zip(cases, outs):
+        assert_greedy_match(engine_greedy(out.outputs[0]), refs[name][tuple(prompt)], atol=1e-3,
+                            what=f"cuda {name} {prompt}")
