@@ -52,8 +52,9 @@ def default_transport(device_type: str) -> str:
 
 class RayExecutor(Executor):
     def __init__(self, config: EngineConfig, transport: str | None = None,
-                 step_timeout_s: float | None = None) -> None:
+                 step_timeout_s: float | None = None, worker_cls: type = WorkerActor) -> None:
         self.config = config
+        self.worker_cls = worker_cls   # the rank actor's class (vLLM's worker_cls): WorkerActor or a subclass
         self.tp = config.parallel.tensor_parallel_size
         device_type = config.device.device_type
         self.transport = transport or default_transport(device_type)
@@ -86,16 +87,7 @@ class RayExecutor(Executor):
             raise ExecutorError(
                 f"no node could reserve {self.tp} x {{'{resource}': 1}} within {pg_timeout:g} s; "
                 f"available now: {ray.available_resources()} (other replicas may hold them)")
-        actor_cls = ray.remote(WorkerActor)
-        # An actor asks for one CPU by default, which a {"GPU": 1} bundle does not hold: GPU ranks ask for none.
-        per_rank = {"num_gpus": 1, "num_cpus": 0} if resource == "GPU" else {"num_cpus": 1}
-        env = forwarded_env()
-        self.workers = [
-            actor_cls.options(**per_rank, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self.placement_group, placement_group_bundle_index=rank)).remote(rank, env)
-            for rank in range(self.tp)]
-        ip, port = self._wait([self.workers[0].rendezvous_address.remote()], self.startup_timeout_s,
-                              "finding a rendezvous port")[0]
+        ip, port = self._start_ranks(resource)
         init_method = f"tcp://{ip}:{port}"
         registrations = ModelRegistry.out_of_tree()   # user-registered models: the ranks start without them
         blocks = self._wait([w.start.remote(self.config, init_method, registrations) for w in self.workers],
@@ -110,6 +102,32 @@ class RayExecutor(Executor):
         self._started = True
         logger.info("ray executor: tp=%d on %s, %d KV blocks per rank, transport=%s",
                     self.tp, init_method, num_blocks, self.transport)
+
+    def _start_ranks(self, resource: str, attempts: int = 3) -> tuple[str, int]:
+        """One actor per rank, and rank 0's rendezvous address. Ranks that die before holding anything
+        (Ray can fail a fresh actor's worker process at start-up: one that does not register in time
+        on a loaded host, or that the memory monitor kills) are replaced, up to `attempts` rounds."""
+        actor_cls = ray.remote(self.worker_cls)
+        # An actor asks for one CPU by default, which a {"GPU": 1} bundle does not hold: GPU ranks ask for none.
+        per_rank = {"num_gpus": 1, "num_cpus": 0} if resource == "GPU" else {"num_cpus": 1}
+        env = forwarded_env()
+        for attempt in range(1, attempts + 1):
+            self.workers = [
+                actor_cls.options(**per_rank, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.placement_group, placement_group_bundle_index=rank)).remote(rank, env)
+                for rank in range(self.tp)]
+            try:
+                addresses = self._wait([w.rendezvous_address.remote() for w in self.workers],
+                                       self.startup_timeout_s, "finding a rendezvous port")
+                return addresses[0]
+            except ExecutorError as exc:
+                if attempt == attempts or "died" not in str(exc):
+                    raise
+                logger.warning("ray executor start-up, attempt %d of %d: %s; starting the ranks again",
+                               attempt, attempts, self._failure)
+                self._kill_workers()
+                self._failure = None
+        raise AssertionError("unreachable")
 
     def _compile_dag(self):
         from ray.dag import InputNode, MultiOutputNode
@@ -154,8 +172,7 @@ class RayExecutor(Executor):
             return ValueError(str(cause))
         dead = self._dead_ranks()
         who = f"rank(s) {dead} of {self.tp} died" if dead else "a rank failed"
-        first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        self._failure = f"{who} during {what}: {type(cause).__name__}: {first_line}"
+        self._failure = f"{who} during {what}: {type(cause).__name__}: {_why(cause)}"
         return ExecutorError(f"tensor-parallel worker failure: {self._failure}; the replica cannot continue "
                              f"(shut this executor down and build a new one)")
 
@@ -198,11 +215,7 @@ class RayExecutor(Executor):
         self._closed = True
         if self._dag is not None and self._failure is None:
             self._teardown_dag()   # healthy: stop the graph's loops first, then the actors
-        for w in self.workers:
-            try:
-                ray.kill(w, no_restart=True)
-            except Exception:  # already dead
-                pass
+        self._kill_workers()
         if self._dag is not None:
             # Failed: a rank may sit in a collective and never answer the graph's cancel; kill first.
             self._teardown_dag()
@@ -211,6 +224,20 @@ class RayExecutor(Executor):
                 remove_placement_group(self.placement_group)
             except Exception as exc:
                 logger.debug("placement group removal: %s", exc)
+        self.workers = []
+
+    def _kill_workers(self, timeout: float = 10.0) -> None:
+        """Kill every rank's actor and wait (up to `timeout`) until Ray reports each dead, so the next
+        executor built right after this one never overlaps with processes still on their way out."""
+        pings = []
+        for w in self.workers:
+            try:
+                ray.kill(w, no_restart=True)
+                pings.append(w.ping.remote())
+            except Exception:  # already dead
+                pass
+        if pings:
+            ray.wait(pings, num_returns=len(pings), timeout=timeout)   # a killed actor's call fails at once
         self.workers = []
 
     def _teardown_dag(self) -> None:
@@ -226,3 +253,13 @@ class RayExecutor(Executor):
         finally:
             dag_logger.setLevel(level)
             self._dag = None
+
+
+def _why(cause: BaseException) -> str:
+    """The first line of an error, plus Ray's reason when an actor died (its later lines say why:
+    "...worker process has died. Worker exit type: ...", which the first line does not)."""
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(cause).__name__
+    reasons = [line for line in lines[1:] if "because" in line or "exit type" in line.lower()]
+    return " ".join([lines[0], *reasons])[:600]

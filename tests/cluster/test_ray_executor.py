@@ -152,3 +152,28 @@ def test_bad_tp_is_a_value_error_then_a_replica_rebuilds(checkpoints):
     finally:
         llm.shutdown()
     _assert_released()
+
+
+def test_executors_back_to_back_and_ranks_dying_at_start_up(checkpoints, monkeypatch, tmp_path, caplog):
+    """The first build's ranks die before holding anything (as when Ray fails a fresh worker process on
+    a loaded host) and are started again; it is torn down and a second executor is built at once."""
+    import logging
+    from ray import cloudpickle
+    import testkit.ray_workers as ray_workers
+    from pagedray.cluster.config import build_engine_config
+    from pagedray.cluster.executors.ray import RayExecutor
+    cloudpickle.register_pickle_by_value(ray_workers)   # the ranks' processes need not import tests/
+    monkeypatch.setenv("PAGEDRAY_TEST_MARKER", str(tmp_path))
+    config = build_engine_config(checkpoints["llama"], executor="ray", tensor_parallel_size=2, **ENGINE_KW)
+    with caplog.at_level(logging.WARNING, logger="pagedray.cluster.executors.ray"):
+        first = RayExecutor(config, worker_cls=ray_workers.DiesOnceWorker)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]
+    assert "attempt 1 of 3: rank(s) [0, 1] of 2 died during finding a rendezvous port" in caplog.text
+    assert first.num_kv_blocks == 24
+    first.shutdown()
+    second = RayExecutor(config)          # right after the first one's shutdown
+    try:
+        assert second.num_kv_blocks == 24 and len(second.workers) == 2
+    finally:
+        second.shutdown()
+    _assert_released()
