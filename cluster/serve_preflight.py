@@ -35,6 +35,9 @@ def check_serve_args(args: argparse.Namespace) -> None:
                          "anyone who can reach the port")
     check_ports(args.host, [("--port", args.port), ("--http-port", args.http_port),
                             ("--metrics-port", args.metrics_port)])
+    if args.replica_backend != "ray" and args.executor != "ray":   # Ray nodes check their own devices
+        from pagedray.common.config import DeviceConfig
+        DeviceConfig(args.device).check_present()
 
 
 def _check_counts(args: argparse.Namespace) -> None:

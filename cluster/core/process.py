@@ -122,7 +122,10 @@ def serve(startup: CoreStartup, inp: zmq.Socket, out: zmq.Socket, registrations:
         if on_built is not None:
             on_built(core)
     except BaseException as exc:   # reported to the front, which raises it from start()
-        logger.exception("engine core failed to start")
+        if isinstance(exc, ValueError):   # a bad setting: the front says it, once and without a traceback
+            logger.debug("engine core failed to start: %s", exc)
+        else:
+            logger.exception("engine core failed to start")
         out.send_multipart([Wire.FATAL, wire.encode(_failure(exc))])
         return 1
     out.send_multipart([Wire.INFO, wire.encode(info)])

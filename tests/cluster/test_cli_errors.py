@@ -166,3 +166,11 @@ def test_info_prints_the_default_model_folder(capsys, monkeypatch, tmp_path):
     out = capsys.readouterr().out
     assert f"cache folder: {tmp_path}" in out and f"devices: {HERE} " in out
     assert f"default model folder: {tmp_path / 'models'}" in out or "default model: none (" in out
+
+
+@pytest.mark.parametrize("extra, says", [(["--device", MISSING_GPU], f"device {MISSING_GPU!r} is not on this machine"),
+                                         (["--tensor-parallel-size", "2"], "needs --executor ray")])
+def test_serve_setting_errors_are_one_line_from_a_real_process(extra, says, model_path):
+    """Checked before an engine process starts, so none of its log lines (a traceback) comes first."""
+    code, err = _serve_exit(["--model", model_path, "--port", "0", *extra])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
