@@ -15,7 +15,7 @@ import ssl
 
 from aiohttp import web
 
-HEADER_TIMEOUT_S = 15.0
+HEADER_TIMEOUT_S = 30.0
 BODY_TIMEOUT_S = 30.0
 MAX_CONNECTIONS = 1024
 

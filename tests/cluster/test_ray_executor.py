@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import time
 
@@ -168,7 +169,9 @@ def test_executors_back_to_back_and_ranks_dying_at_start_up(checkpoints, monkeyp
     with caplog.at_level(logging.WARNING, logger="pagedray.cluster.executors.ray"):
         first = RayExecutor(config, worker_cls=ray_workers.DiesOnceWorker)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]
-    assert "attempt 1 of 3: rank(s) [0, 1] of 2 died during finding a rendezvous port" in caplog.text
+    # Which ranks are seen dead in a round depends on when their processes start; Ray's reason is named.
+    assert re.search(r"attempt 1 of 3: rank\(s\) \[[01, ]+\] of 2 died during finding a rendezvous port: "
+                     r"ActorDiedError: .*Worker exit type", caplog.text), caplog.text
     assert first.num_kv_blocks == 24
     first.shutdown()
     second = RayExecutor(config)          # right after the first one's shutdown
