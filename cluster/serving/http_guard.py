@@ -80,7 +80,7 @@ def guarded_runner(app: web.Application, header_timeout: float, **kwargs) -> web
 class MetricsServer:
     """GET /metrics (Prometheus text) of `registry`, on aiohttp with the same bounds."""
 
-    def __init__(self, registry, host: str, port: int, *, header_timeout: float = HEADER_TIMEOUT_S,
+    def __init__(self, registry, host: str, port: int, *, header_timeout: float = 10.0,
                  max_connections: int = 64) -> None:
         self.registry, self.host, self.requested_port = registry, host, port
         self.header_timeout, self.max_connections = header_timeout, max_connections
