@@ -315,3 +315,28 @@ def test_serve_parses_speculative_config_json():
     from pagedray.cluster.cli import build_parser
     args = build_parser().parse_args(["serve", "--speculative-config", json.dumps(NGRAM)])
     assert args.speculative_config == NGRAM
+
+
+# -- the drafter's cache ---------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["draft_model", "eagle", "eagle3"])
+def test_drafter_cache_holds_every_verified_token(target, draft, heads, method):
+    """Whatever was proposed and rejected, the drafter's last write at each position is the real
+    token there (a draft model's input at p is token p; an EAGLE head's is token p + 1), through a
+    chunked prefill: its K/V below a request's computed tokens is never stale."""
+    llm = LLM(target, device="cpu", block_size=4, max_num_batched_tokens=8, enable_prefix_caching=False,
+              speculative_config=_spec_configs(target, draft, heads)[method])
+    drafter = llm.llm_engine.executor.worker.runner.spec.drafter
+    writes: dict[int, int] = {}
+    forward = drafter.forward
+
+    def logged(input_ids, positions, meta, feature):
+        writes.update(zip(positions.tolist(), input_ids.tolist()))
+        return forward(input_ids, positions, meta, feature)
+    drafter.forward = logged
+    prompt = PROMPTS[1]["prompt_token_ids"] * 3
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    tokens = prompt + list(out.token_ids)
+    shift = 0 if method == "draft_model" else 1
+    want = {p: tokens[p + shift] for p in range(len(tokens) - 1 - shift)}
+    assert {p: writes.get(p) for p in want} == want

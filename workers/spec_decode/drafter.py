@@ -188,8 +188,10 @@ class EagleDrafter(Drafter):
         # Position p reads the target's feature at p and the token at p + 1.
         if new is None:
             return tokens[start + 1:start + n + 1], n
-        verified = len(new)      # the target's rows at the known input and the accepted proposals
-        return (tokens[start + 1:] + new)[:verified], verified
+        # The known tokens after `start` and the new ones: one per target row whose token is now
+        # verified (a prefill chunk's rows; a verification's input and accepted proposals).
+        shifted = tokens[start + 1:] + new
+        return shifted, len(shifted)
 
     def forward(self, input_ids, positions, meta, feature):
         return self.model(input_ids, positions, self.kv_caches, meta, feature,
