@@ -8,6 +8,7 @@ the step in flight: the other requests of the step go on in the same batch.
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -29,10 +30,16 @@ class LoRAManager:
         self.slot_of: OrderedDict[int, int] = OrderedDict()        # lora_int_id -> slot, LRU
         self.free_slots = list(range(config.max_loras - 1, -1, -1))
         self.num_swaps = 0   # adapters copied into a slot (tests and benchmarks read it)
+        # A Ray rank is asked to add an adapter on another thread than the one running its steps.
+        self._lock = threading.RLock()
 
     # -- adapters ----------------------------------------------------------------
     def add_lora(self, request: LoRARequest) -> bool:
         """Parse and cache the adapter (ValueError if it does not fit); False if it was known."""
+        with self._lock:
+            return self._add(request)
+
+    def _add(self, request: LoRARequest) -> bool:
         old = self.known.get(request.lora_int_id)
         if old is not None:
             if old.lora_path != request.lora_path:
@@ -44,6 +51,10 @@ class LoRAManager:
         return True
 
     def remove_lora(self, lora_int_id: int) -> bool:
+        with self._lock:
+            return self._remove(lora_int_id)
+
+    def _remove(self, lora_int_id: int) -> bool:
         if self.known.pop(lora_int_id, None) is None:
             return False
         self.host.pop(lora_int_id, None)
@@ -90,6 +101,10 @@ class LoRAManager:
         """Per scheduled sequence (in the flat batch's order): its adapter (or None) and token count.
 
         An adapter removed while requests of it still run is added back from their request."""
+        with self._lock:
+            self._set_step(lora_requests, counts)
+
+    def _set_step(self, lora_requests: list[LoRARequest | None], counts: list[int]) -> None:
         needed = {r.lora_int_id: r for r in lora_requests if r is not None}
         if not needed:
             self.ctx.set_tokens(np.full(sum(counts), -1, dtype=np.int32))
