@@ -203,6 +203,9 @@ class KernelOptions:
     # skinny_gemm_max_m tokens (on an H200 it beat cuBLAS at 1 and 2 tokens, lost from 4; benchmarks/gemv.py).
     skinny_gemm: bool = True
     skinny_gemm_max_m: int = 2
+    # FP8 layers: at most this many tokens run the FP8-weight skinny GEMM (gemv_fp8.cu), more run
+    # per-token quantization + cuBLASLt's FP8 GEMM (torch._scaled_mm); benchmarks/fp8.py.
+    fp8_skinny_gemm_max_m: int = 4
     # Rotary + KV-cache write as one kernel (rotary.cu: rotary_and_cache); off: the two launches (same bits).
     fused_rotary_cache: bool = True
     # One-pass CUDA sampling (kernels/sample.cu) for greedy and temperature-only batches (benchmarks/sampling.py).
@@ -216,6 +219,9 @@ class KernelOptions:
             raise ValueError(f"prefill_backend must be one of {_PREFILL_BACKENDS}, got {self.prefill_backend!r}")
         if not 1 <= self.skinny_gemm_max_m <= _SKINNY_GEMM_MAX_M:
             raise ValueError(f"skinny_gemm_max_m must be in [1, {_SKINNY_GEMM_MAX_M}], got {self.skinny_gemm_max_m}")
+        if not 0 <= self.fp8_skinny_gemm_max_m <= _SKINNY_GEMM_MAX_M:
+            raise ValueError(f"fp8_skinny_gemm_max_m must be in [0, {_SKINNY_GEMM_MAX_M}], "
+                             f"got {self.fp8_skinny_gemm_max_m}")
         unknown = set(self.attention_variant) - set(_ATTENTION_VARIANT_KEYS)
         if unknown:
             raise ValueError(f"attention_variant keys must be among {_ATTENTION_VARIANT_KEYS}, got {sorted(unknown)}")

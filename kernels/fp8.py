@@ -22,13 +22,11 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from pagedray.kernels import cuda_available
+from pagedray.kernels import cuda_available, options
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0          # largest finite e4m3fn value
 MIN_SCALE = 1e-10        # an all-zero row still gets a finite, positive scale
-# Token counts at most this run the FP8-weight skinny GEMM on CUDA (gemv_fp8.cu).
-FP8_SKINNY_MAX_M = 4
 
 
 @functools.cache
@@ -119,7 +117,7 @@ def fp8_linear(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: tor
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     m = x2.shape[0]
-    if m <= FP8_SKINNY_MAX_M:
+    if m <= options.current().fp8_skinny_gemm_max_m:
         y = fp8_cuda.skinny_gemm_fp8(x2, wq, scale, bias)
     elif scale.dim() == 2:
         # Block scales have no cuBLASLt row-wise form: dequantize to x's dtype (correct, not fast).
