@@ -81,8 +81,11 @@ def main(argv=None) -> int:
                             for r in rows])
     print(table)
     if not args.no_append:
+        full, capped = rows
+        figures = {f"small TTFT behind n={capped['n']} (s)": round(capped["small_ttft_s"], 3),
+                   f"small TTFT behind n={full['n']} (s)": round(full["small_ttft_s"], 3)}
         append_results(f"fairness_n: {args.shape} on {args.device}, max_num_seqs={args.max_num_seqs}, "
-                       f"{args.output_len} tokens a sample", table)
+                       f"{args.output_len} tokens a sample", table, figures=figures)
     return 0
 
 
