@@ -340,3 +340,26 @@ def test_drafter_cache_holds_every_verified_token(target, draft, heads, method):
     shift = 0 if method == "draft_model" else 1
     want = {p: tokens[p + shift] for p in range(len(tokens) - 1 - shift)}
     assert {p: writes.get(p) for p in want} == want
+
+
+def test_prometheus_counters_take_vllm_names(target):
+    """The engine's spec-decode counters reach /metrics as vllm:spec_decode_* under our prefix; stats of
+    several cores add up, per position too."""
+    from prometheus_client import generate_latest
+
+    from pagedray.cluster.core.messages import sum_stats
+    from pagedray.cluster.serving.metrics import ServingMetrics
+    llm = LLM(target, device="cpu", block_size=4,
+              speculative_config={"method": "draft_model", "model": target, "num_speculative_tokens": 3})
+    _tokens(llm, PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    stats = sum_stats([llm.llm_engine.get_stats()] * 2)
+    metrics = ServingMetrics()
+    metrics.bind(lambda: stats)
+    text = generate_latest(metrics.registry).decode()
+    n = stats.spec_num_draft_tokens
+    assert n > 0 and stats.spec_num_accepted_tokens == n    # the draft is the target
+    assert f"pagedray_spec_decode_num_draft_tokens_total {float(n)}" in text
+    assert f"pagedray_spec_decode_num_accepted_tokens_total {float(n)}" in text
+    assert f"pagedray_spec_decode_num_drafts_total {float(stats.spec_num_drafts)}" in text
+    per_pos = stats.spec_num_accepted_tokens_per_pos
+    assert f'pagedray_spec_decode_num_accepted_tokens_per_pos_total{{position="0"}} {float(per_pos[0])}' in text
