@@ -46,6 +46,8 @@ def verify(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow],
     """Per group: the tokens the step emits (accepted proposals, then one of the target's), and their
     logprobs when asked. `logits` [sum(k + 1), V]: each group's rows in order, the last one the bonus."""
     erows = expand_rows(rows, groups)
+    if all(r.argmax_only and not r.masks_min_tokens for r in erows):
+        return _greedy(sampler, logits, erows, groups), [None] * len(groups)
     dev = logits.device
     logits = logits.float()
     want = [r.params.logprobs for r in erows]
@@ -86,6 +88,20 @@ def verify(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow],
             lp_ids += out
             lp_want += [row.params.logprobs] * (a + 1)
     return tokens, _logprobs(raw_lp, groups, rows, tokens, lp_rows, lp_ids, lp_want)
+
+
+def _greedy(sampler: Sampler, logits: torch.Tensor, erows: list[SamplingRow],
+            groups: list[tuple[str, int, list[int]]]) -> list[list[int]]:
+    """The common all-greedy step: the sampler's argmax pass (its fastest on the device), the
+    comparison with the proposals on the host after the one wait."""
+    chosen = sampler.sample(logits, erows).token_ids.tolist()
+    tokens = []
+    for _, row0, drafts in groups:
+        a = 0
+        while a < len(drafts) and chosen[row0 + a] == drafts[a]:
+            a += 1
+        tokens.append(drafts[:a] + [chosen[row0 + a]])
+    return tokens
 
 
 def _uniforms(sampler: Sampler, erows: list[SamplingRow], dev: torch.device) -> torch.Tensor:
