@@ -31,6 +31,7 @@ from pagedray.cluster.core.request import Request, RequestStatus
 from pagedray.cluster.core.scheduler import Scheduler
 from pagedray.cluster.core.validation import apply_defaults, check_request, child_params
 from pagedray.common.errors import EngineDeadError
+from pagedray.cluster.core.lora_loads import LoRALoads
 from pagedray.common.lora import LoRARequest
 from pagedray.common.messages import SchedulerOutput
 from pagedray.workers.step_output import StepOutput
@@ -62,7 +63,8 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, config.cache.block_size, self.executor.num_kv_blocks,
                                    config.cache.enable_prefix_caching, config.speculative,
                                    max_loras=config.lora.max_loras if config.lora is not None else 0)
-        self._loras: dict[int, LoRARequest] = {}   # adapters the workers have parsed, by lora_int_id
+        self.loras = LoRALoads(self.executor, config.lora is not None)
+        self.scheduler.loras_loading = self.loras.loading   # requests wait for their adapter's parse
         self.info = _engine_info(config, self.executor.num_kv_blocks)
         self._parents: dict[str, _Parent] = {}
         self._child_of: dict[str, tuple[_Parent, int]] = {}   # sequence id -> (its request, completion index)
@@ -102,7 +104,7 @@ class EngineCore:
         if req.output_token_ids and params.n > 1:
             raise ValueError("a resumed request must have n=1: resume each completion under its completion_id")
         if req.lora_request is not None:
-            self.add_lora(req.lora_request)
+            self.loras.start(req.lora_request)   # parsed off the step loop; the request waits for it
         arrival = req.arrival_time or None
         children = [Request(rid if params.n == 1 else completion_id(rid, i), prompt,
                             params if params.n == 1 else child_params(params, i), arrival, req.lora_request)
@@ -121,28 +123,23 @@ class EngineCore:
 
     # -- LoRA adapters -------------------------------------------------------
     def add_lora(self, lora_request: LoRARequest) -> bool:
-        """Have the workers parse the adapter (ValueError naming what does not fit); False if known."""
-        if self.config.lora is None:
-            raise ValueError(f"request for LoRA adapter {lora_request.lora_name!r}: LoRA is not enabled "
-                             "(start the engine with enable_lora=True / --enable-lora)")
-        known = self._loras.get(lora_request.lora_int_id)
-        if known is not None:
-            if known != lora_request:
-                raise ValueError(f"lora_int_id {lora_request.lora_int_id} is adapter {known.lora_name!r} at "
-                                 f"{known.lora_path!r}, not {lora_request.lora_name!r} at {lora_request.lora_path!r}")
-            return False
-        self.executor.add_lora(lora_request)
-        self._loras[lora_request.lora_int_id] = lora_request
-        return True
+        """Have the workers parse the adapter now (ValueError naming what does not fit); False if known."""
+        return self.loras.add_now(lora_request)
 
     def remove_lora(self, lora_int_id: int) -> bool:
         """Forget an adapter (requests still running with it finish with it)."""
-        if self._loras.pop(lora_int_id, None) is None:
-            return False
-        return self.executor.remove_lora(lora_int_id)
+        return self.loras.remove(lora_int_id)
 
     def list_loras(self) -> list[int]:
-        return sorted(self._loras)
+        return sorted(self.loras.ready)
+
+    def _poll_loras(self) -> None:
+        """Adapters parsed since the last step; refuse the requests that waited for a failed one."""
+        for lora, error in self.loras.poll():
+            waiting = [p for p in self._parents.values() if p.children[0].lora_request == lora]
+            for parent in waiting:
+                self._refused.append(CoreOutput(parent.request_id, 0, [], finish_reason="abort", error=str(error)))
+                self.abort([parent.request_id])
 
     def abort(self, request_ids: Iterable[str]) -> None:
         """Stop requests (a request id: all its completions; a `completion_id`: that one) and free
@@ -185,6 +182,8 @@ class EngineCore:
         """
         if self.dead is not None:
             raise EngineDeadError(f"the engine core has failed: {self.dead}")
+        if self.loras.loading:
+            self._poll_loras()
         outputs, self._refused = self._refused, []
         sched = self.scheduler.schedule()
         launched = None
@@ -273,6 +272,7 @@ class EngineCore:
             **(sched.spec.stats() if sched.spec is not None else {}))
 
     def shutdown(self) -> None:
+        self.loras.shutdown()
         self.executor.shutdown()
 
 

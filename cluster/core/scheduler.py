@@ -46,6 +46,7 @@ class Scheduler:
         self.config = scheduler_config
         # Distinct LoRA adapters one step may use (the workers' device slots); 0: LoRA off.
         self.max_loras = max_loras
+        self.loras_loading: set[int] = set()   # adapters being parsed: their requests wait
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
         self.requests: dict[str, Request] = {}      # every unfinished request, by id
         self.waiting: deque[Request] = deque()
@@ -252,8 +253,9 @@ class Scheduler:
             if request.num_output_placeholders:
                 break   # preempted with a token in flight: it resumes once that token is known
             lora = request.lora_request
-            if lora is not None and self.max_loras and lora.lora_int_id not in loras and len(loras) >= self.max_loras:
-                j += 1   # every adapter slot is taken by running requests: the next may use one of theirs
+            if lora is not None and (lora.lora_int_id in self.loras_loading or self.max_loras and
+                                     lora.lora_int_id not in loras and len(loras) >= self.max_loras):
+                j += 1   # its adapter is being parsed, or every slot is taken: the next may go first
                 continue
             blocks, num_computed = bm.get_computed_blocks(request)
             num_new = self._num_new_tokens(request, num_computed, budget)

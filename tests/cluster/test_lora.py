@@ -132,3 +132,42 @@ def test_gpu_kernels_and_graphs_match_peft(setup):
     for (prompt, name), out in zip(cases, outs):
         assert_greedy_match(engine_greedy(out.outputs[0]), refs[name][tuple(prompt)], atol=1e-3,
                             what=f"cuda {name} {prompt}")
+
+
+def test_an_adapter_parses_off_the_step_loop(setup, tmp_path):
+    """A core request naming a new adapter waits for its parse while other requests step on; a
+    parse that fails refuses the requests that waited for it, and the engine goes on."""
+    import threading
+
+    from pagedray.cluster.core.messages import CoreRequest
+    base, _, prompts, _, llm = setup
+    core = llm.llm_engine.core
+    gate = threading.Event()
+    real_add = core.executor.add_lora
+
+    def slow_add(lora):
+        gate.wait(30)
+        return real_add(lora)
+
+    core.executor.add_lora = slow_add
+    try:
+        fresh = LoRARequest("fresh", 20, make_peft_adapter(base, str(tmp_path / "fresh"), seed=7, r=4))
+        bad = LoRARequest("bad", 21, make_peft_adapter(base, str(tmp_path / "bad"), seed=8, r=32))
+        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        core.add([CoreRequest("base-1", prompts[0], params.clone()),
+                  CoreRequest("lora-1", prompts[0], params.clone(), lora_request=fresh),
+                  CoreRequest("lora-bad", prompts[0], params.clone(), lora_request=bad)])
+        done: dict[str, list] = {}
+        for _ in range(6):   # the base request finishes while both adapters are still parsing
+            for out in core.step().outputs:
+                done.setdefault(out.request_id, []).append(out)
+        assert done["base-1"][-1].finish_reason == "length" and "lora-1" not in done
+        gate.set()
+        while core.has_unfinished_requests():
+            for out in core.step().outputs:
+                done.setdefault(out.request_id, []).append(out)
+        assert sum(len(o.new_token_ids) for o in done["lora-1"]) == 3
+        assert "max_lora_rank=16" in done["lora-bad"][-1].error
+    finally:
+        core.executor.add_lora = real_add
+    assert llm.llm_engine.get_stats().num_used_blocks == 0

@@ -35,20 +35,24 @@ class LoRAManager:
 
     # -- adapters ----------------------------------------------------------------
     def add_lora(self, request: LoRARequest) -> bool:
-        """Parse and cache the adapter (ValueError if it does not fit); False if it was known."""
-        with self._lock:
-            return self._add(request)
+        """Parse and cache the adapter (ValueError if it does not fit); False if it was known.
 
-    def _add(self, request: LoRARequest) -> bool:
-        old = self.known.get(request.lora_int_id)
-        if old is not None:
-            if old.lora_path != request.lora_path:
-                raise ValueError(f"lora_int_id {request.lora_int_id} is adapter {old.lora_name!r} at "
-                                 f"{old.lora_path!r}, not {request.lora_path!r}")
-            return False
-        self._to_host(request)
-        self.known[request.lora_int_id] = request
+        The parse runs outside the lock: a step on another thread is not held up by it."""
+        with self._lock:
+            if self._is_known(request):
+                return False
+        weights = self._parse(request)
+        with self._lock:
+            self._cache(request.lora_int_id, weights)
+            self.known[request.lora_int_id] = request
         return True
+
+    def _is_known(self, request: LoRARequest) -> bool:
+        old = self.known.get(request.lora_int_id)
+        if old is not None and old.lora_path != request.lora_path:
+            raise ValueError(f"lora_int_id {request.lora_int_id} is adapter {old.lora_name!r} at "
+                             f"{old.lora_path!r}, not {request.lora_path!r}")
+        return old is not None
 
     def remove_lora(self, lora_int_id: int) -> bool:
         with self._lock:
@@ -66,15 +70,22 @@ class LoRAManager:
     def list_loras(self) -> list[int]:
         return sorted(self.known)
 
+    def _parse(self, request: LoRARequest) -> LoRAWeights:
+        return load_lora_weights(request.lora_path, request.lora_name, self.layers,
+                                 getattr(self.model, "config", None), self.config.max_lora_rank, self.dtype)
+
+    def _cache(self, lora_int_id: int, weights: LoRAWeights) -> None:
+        self.host[lora_int_id] = weights
+        self.host.move_to_end(lora_int_id)
+        while len(self.host) > self.config.max_cpu_loras:
+            self.host.popitem(last=False)
+
     def _to_host(self, request: LoRARequest) -> LoRAWeights:
+        """The parsed adapter (parsed again here, on the step, only if the host LRU dropped it)."""
         weights = self.host.get(request.lora_int_id)
         if weights is None:
-            weights = load_lora_weights(request.lora_path, request.lora_name, self.layers,
-                                        getattr(self.model, "config", None), self.config.max_lora_rank, self.dtype)
-            self.host[request.lora_int_id] = weights
-            while len(self.host) > self.config.max_cpu_loras:
-                self.host.popitem(last=False)
-        self.host.move_to_end(request.lora_int_id)
+            weights = self._parse(request)
+        self._cache(request.lora_int_id, weights)
         return weights
 
     def _slot(self, lora_int_id: int, needed: set[int]) -> int:
@@ -110,8 +121,9 @@ class LoRAManager:
             self.ctx.set_tokens(np.full(sum(counts), -1, dtype=np.int32))
             return
         for request in needed.values():
-            if request.lora_int_id not in self.known:
-                self.add_lora(request)
+            if not self._is_known(request):
+                self._cache(request.lora_int_id, self._parse(request))
+                self.known[request.lora_int_id] = request
         slots = {lid: self._slot(lid, set(needed)) for lid in needed}
         per_seq = np.array([-1 if r is None else slots[r.lora_int_id] for r in lora_requests], dtype=np.int32)
         self.ctx.set_tokens(np.repeat(per_seq, counts))
