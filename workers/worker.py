@@ -158,7 +158,9 @@ class Worker:
         """Decode graphs per batch bucket, now that the KV cache exists; on CUDA, graphs or not,
         the LM head's kernels are loaded first (ModelRunner.warm_up_logits)."""
         self.runner.warm_up_logits(self._max_decode_rows())
-        if not self.graphs_enabled():
+        if self.runner.spec is not None:
+            self.runner.spec.drafter_end_step()     # (EAGLE-3's hooks saw the profile forwards)
+        if not self.graphs_enabled() or (self.runner.spec is not None and self.runner.spec.needs_eager_target):
             return
         from pagedray.workers.cuda_graphs import graph_batch_sizes
         self.runner.capture_graphs(graph_batch_sizes(self._max_decode_rows()), self.model_config.max_model_len)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from pagedray.models.layers.attention import AttentionMetadata
+from pagedray.workers.sampler import to_device
 
 
 class Drafter:
@@ -75,9 +76,11 @@ class Drafter:
         if not proposing:
             if ids:
                 self._run(runner, ids, rows, starts, counts, table, bs, target_hidden, feature_rows)
+            self.end_step()
             return {}
         hidden, feature = self._run(runner, ids, rows, starts, counts, table, bs, target_hidden, feature_rows)
-        last = torch.tensor([r for _, r, _ in proposing], device=hidden.device)
+        # (to_device: a plain torch.tensor(..., device=cuda) would wait for the queued work)
+        last = to_device([r for _, r, _ in proposing], torch.int64, hidden.device)
         tokens = self.logits_to_tokens(hidden[last])
         feature = feature[last] if feature is not None else None
         drafts = [tokens]
@@ -92,6 +95,7 @@ class Drafter:
             tokens = self.logits_to_tokens(hidden)
             drafts.append(tokens)
         host = torch.stack(drafts, dim=1).tolist()   # the proposals' one wait for the device
+        self.end_step()
         limit = self.max_model_len - first_pos
         return {req_id: host[i][:max(0, int(limit[i]))] for i, (req_id, _, _) in enumerate(proposing)}
 
@@ -128,11 +132,15 @@ class Drafter:
                                  max_seq_len=int(seq_lens.max()))
         feature = None
         if feature_rows:
-            feature = self.target_features(target_hidden)[torch.tensor(feature_rows, device=target_hidden.device)]
+            index = to_device(feature_rows, torch.int64, target_hidden.device)
+            feature = self.target_features(target_hidden)[index]
         return self._step(ids_d, pos_d, meta, feature)
 
     def target_features(self, target_hidden: torch.Tensor) -> torch.Tensor:
         return target_hidden
+
+    def end_step(self) -> None:
+        """Drop what the step kept for the drafter (EAGLE-3: the target layers' outputs)."""
 
     def _decode_meta(self, runner, req_rows, positions, table, bs):
         n = len(req_rows)
@@ -181,8 +189,11 @@ class EagleDrafter(Drafter):
     def target_features(self, target_hidden):
         if self.model.aux_layer_ids is None:
             return target_hidden
-        aux, self._aux = self._aux, []
-        return torch.cat(aux[-len(self.model.aux_layer_ids):], dim=-1)
+        # The hooks ran in this step's target forward (the last ones appended).
+        return torch.cat(self._aux[-len(self.model.aux_layer_ids):], dim=-1)
+
+    def end_step(self) -> None:
+        self._aux = []
 
     def catch_up_tokens(self, tokens, start, n, new):
         # Position p reads the target's feature at p and the token at p + 1.

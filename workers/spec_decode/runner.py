@@ -42,6 +42,14 @@ class SpecDecodeRunner:
             from pagedray.workers.cache_engine import CacheEngine
             self.drafter.kv_caches = CacheEngine(self.drafter.kv_spec, num_blocks, device).kv_caches
 
+    def drafter_end_step(self) -> None:
+        if self.drafter is not None:
+            self.drafter.end_step()
+
+    @property
+    def needs_eager_target(self) -> bool:
+        return self.drafter is not None and self.drafter.needs_eager_target
+
     def capture_graphs(self, max_num_seqs: int, max_seq_len: int, block_size: int, device) -> None:
         """Decode graphs for a draft model's catch-up and propose steps (an EAGLE head runs eagerly)."""
         if self.has_draft_graphs:
@@ -60,7 +68,7 @@ class SpecDecodeRunner:
     def execute(self, runner, sched: SchedulerOutput) -> StepOutput:
         self.num_steps += 1
         inputs = build_spec_inputs(runner, sched)
-        if self.drafter is not None and self.drafter.needs_eager_target:
+        if self.needs_eager_target:
             # EAGLE-3 reads target layers through hooks, which a graph replay does not run.
             hidden = runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.attn_metadata)
         else:
