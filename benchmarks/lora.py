@@ -12,7 +12,8 @@ adapter_model.safetensors) to a temporary folder. Each configuration runs in its
   base        the base model, engine without LoRA (what the adapters are compared with)
   lora-mixed  enable_lora, max_loras = --num-adapters; request i runs adapter i % N
   lora-none   enable_lora, no request names an adapter (the cost of LoRA being on)
-then batch-1 decode (one request, --decode-tokens tokens): base vs one adapter. Throughput runs
+and batch-1 decode (one request, --decode-tokens tokens, greedy) after the throughput run: in
+`base` without an adapter, in `lora-mixed` with one. Throughput runs
 have prefix caching off, ignore_eos, temperature 1.0 (vLLM's benchmark), a warm-up first.
 """
 from __future__ import annotations
@@ -76,15 +77,12 @@ def run_config(args) -> dict:
     llm = LLM(args.model_dir, **kwargs)
     prompts = random_prompts(args.num_requests, args.input_len, cfg["vocab_size"])
     loras = [adapters[i % len(adapters)] for i in range(len(prompts))] if args.config == "lora-mixed" else None
-    out = {}
-    if args.config != "decode-lora":
-        run = (lambda ps, n: timed_lora(llm, ps, n, loras[:len(ps)])) if loras else \
-              (lambda ps, n: timed_generate(llm, ps, 1.0, n))
-        run(prompts[:args.warmup_requests], args.output_len)
-        seconds = run(prompts, args.output_len)
-        out["throughput"] = (seconds, len(prompts) * args.output_len)
-    if args.config in ("base", "decode-lora"):
-        one = adapters[0] if args.config == "decode-lora" else None
+    run = (lambda ps, n: timed_lora(llm, ps, n, loras[:len(ps)])) if loras else \
+          (lambda ps, n: timed_generate(llm, ps, 1.0, n))
+    run(prompts[:args.warmup_requests], args.output_len)
+    out = {"throughput": (run(prompts, args.output_len), len(prompts) * args.output_len)}
+    if args.config in ("base", "lora-mixed"):   # batch-1 decode on the same engine
+        one = adapters[0] if args.config == "lora-mixed" else None
         params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=args.decode_tokens)
         prompt = [{"prompt_token_ids": prompts[0]}]
         llm.generate(prompt, params, use_tqdm=False, lora_request=one)   # warm-up
@@ -118,7 +116,7 @@ def main(argv=None) -> int:
         adapter_dir = os.path.join(tmp, "adapters")
         for i in range(args.num_adapters):
             write_adapter(os.path.join(adapter_dir, f"a{i}"), model_dir, cfg, args.rank, seed=i)
-        for config in ("base", "lora-mixed", "lora-none", "decode-lora"):
+        for config in ("base", "lora-mixed", "lora-none"):
             cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--config", config,
                    "--model-dir", model_dir, "--adapter-dir", adapter_dir]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -142,8 +140,8 @@ def report(args, results: dict) -> None:
     table = markdown_table(["configuration", "seconds", "output tok/s", "vs base"], rows)
     decode = markdown_table(["batch-1 decode", "ms/token", "vs base"], [
         ["base", f"{results['base']['decode'] * 1e3:.2f}", "1.000"],
-        ["one adapter", f"{results['decode-lora']['decode'] * 1e3:.2f}",
-         f"{results['decode-lora']['decode'] / results['base']['decode']:.3f}"]])
+        ["one adapter", f"{results['lora-mixed']['decode'] * 1e3:.2f}",
+         f"{results['lora-mixed']['decode'] / results['base']['decode']:.3f}"]])
     body = (f"{args.num_requests} requests x {args.input_len}/{args.output_len} tokens, {args.shape} dummy "
             f"weights ({args.dtype}), {args.num_adapters} rank-{args.rank} adapters on q/k/v/o/gate/up/down, "
             f"max_loras={args.num_adapters}; lora-mixed: request i runs adapter i mod {args.num_adapters}.\n\n"
@@ -169,7 +167,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per configuration")
     p.add_argument("--results", default=None, help="also append the tables to this markdown file (the run is always recorded)")
     # Set by main() for the per-configuration subprocesses.
-    p.add_argument("--config", choices=["base", "lora-mixed", "lora-none", "decode-lora"], help=argparse.SUPPRESS)
+    p.add_argument("--config", choices=["base", "lora-mixed", "lora-none"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--adapter-dir", help=argparse.SUPPRESS)
     return p.parse_args(argv)
