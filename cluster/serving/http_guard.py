@@ -66,9 +66,12 @@ class BoundedSite(web.BaseSite):
 
         def protocol():
             return _Refuse() if len(handlers.connections) >= self.max_connections else handlers()
-        self._server = await asyncio.get_running_loop().create_server(
-            protocol, self.host, self.requested_port, ssl=self._ssl_context, backlog=self._backlog,
-            reuse_address=True)
+        try:
+            self._server = await asyncio.get_running_loop().create_server(
+                protocol, self.host, self.requested_port, ssl=self._ssl_context, backlog=self._backlog,
+                reuse_address=True)
+        except OSError as exc:   # e.g. the port was taken since serve checked it
+            raise OSError(f"cannot listen on {self.host}:{self.requested_port}: {exc.strerror or exc}") from None
         self.port = self._server.sockets[0].getsockname()[1]
 
 
@@ -97,8 +100,7 @@ class MetricsServer:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
-            raise OSError(f"metrics: cannot listen on {self.host}:{self.requested_port}: "
-                          f"{exc.strerror or exc}") from exc
+            raise OSError(f"metrics: {exc}") from None
         self.port = site.port
         return self.port
 

@@ -120,9 +120,15 @@ def chat_text_bytes(messages: Any) -> int:
 
 def check_chat_size(messages: Any, input_processor) -> None:
     """The completions' byte bound on a conversation, before it is rendered: its text alone
-    needs more tokens than max_model_len (the template only adds)."""
-    if input_processor is not None:
-        input_processor.check_byte_size(chat_text_bytes(messages), "messages")
+    needs more tokens than max_model_len (the template only adds); nor may it hold more messages
+    than max_model_len tokens (a template writes at least a role marker for each)."""
+    if input_processor is None:
+        return
+    max_len = input_processor.info.max_model_len
+    if isinstance(messages, list) and len(messages) > max_len:
+        raise ValueError(f"messages holds {len(messages)} messages, more than max_model_len={max_len} "
+                         "tokens can hold")
+    input_processor.check_byte_size(chat_text_bytes(messages), "messages")
 
 
 class BoundedPool:

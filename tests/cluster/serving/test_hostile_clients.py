@@ -193,10 +193,13 @@ def test_chat_over_the_byte_bound_is_refused_before_rendering(stack, keeps_servi
             messages=[pb.ChatMessage(role="user", content=big)])))
         status, body = stack.post("/v1/chat/completions", {"model": "tiny",
                                                            "messages": [{"role": "user", "content": big}]})
+        many = _grpc_error(stack.stub.Generate, pb.GenerateRequest(chat=pb.ChatMessages(
+            messages=[pb.ChatMessage(role="user", content="") for _ in range(1000)])))
     finally:
         del stack.grpc.service.chat.prompt, stack.http.chat.prompt
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "messages is 1000000 bytes" in error.details()
     assert status == 400 and body["error"]["param"] == "messages" and "max_model_len=256" in body["error"]["message"]
+    assert many.code() == grpc.StatusCode.INVALID_ARGUMENT and "messages holds 1000 messages" in many.details()
     assert not rendered
 
 
@@ -343,7 +346,7 @@ def test_fuzz_random_bodies_get_no_5xx_and_no_hang(stack, keeps_serving):
     rng = random.Random(23)
     ok_codes = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
     seen, deadline = {"http": {}, "grpc": {}}, time.monotonic() + 30
-    for i in range(400):
+    for i in range(1200):
         if time.monotonic() > deadline:
             break
         if i % 2:
@@ -366,3 +369,4 @@ def test_fuzz_random_bodies_get_no_5xx_and_no_hang(stack, keeps_serving):
         seen["grpc"][code.name] = seen["grpc"].get(code.name, 0) + 1
     assert sum(seen["http"].values()) >= 20 and sum(seen["grpc"].values()) >= 20, seen
     assert seen["http"].get(200) and seen["http"].get(400) and seen["grpc"].get("OK"), seen
+    print("fuzz statuses:", seen)
