@@ -233,6 +233,21 @@ def test_preemption_mid_speculation_keeps_greedy_outputs(target, draft, base, me
     _assert_nothing_held(small)
 
 
+def test_n_greedy_children_with_a_draft_model(target, base):
+    """n > 1 forks the prompt's blocks copy-on-write: the drafter's cache is copied with the target's
+    (a draft identical to the target then still has every proposal accepted)."""
+    llm = LLM(target, device="cpu", block_size=4, speculative_config={"method": "draft_model", "model": target,
+                                                                      "num_speculative_tokens": 3})
+    for prompt in PROMPTS:
+        single = _tokens(base, prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0]
+        outs = llm.generate(prompt, SamplingParams(n=3, temperature=0, max_tokens=16, ignore_eos=True),
+                            use_tqdm=False)[0].outputs
+        assert [list(o.token_ids) for o in outs] == [single] * 3
+    stats = llm.llm_engine.get_stats()
+    assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens > 0
+    _assert_nothing_held(llm)
+
+
 def test_n_logprobs_and_stop_strings(target, base):
     llm = LLM(target, device="cpu", block_size=4, speculative_config=NGRAM)
     # n > 1 greedy: every child equals the single greedy completion.
