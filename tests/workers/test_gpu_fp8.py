@@ -56,7 +56,8 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
 
 def _generate(path: str, prompts, max_tokens: int = 12, **kwargs):
     from pagedray.cluster import LLM, SamplingParams
-    llm = LLM(path, device="cuda", dtype="bfloat16", num_kv_blocks=512, **kwargs)
+    llm = LLM(path, device="cuda", dtype="bfloat16", num_kv_blocks=512, max_num_seqs=16, max_model_len=128,
+              **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=2, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     graphs = llm.llm_engine.executor.worker.runner.graphs
