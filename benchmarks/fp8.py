@@ -107,7 +107,10 @@ def main(argv=None) -> int:
             markdown_table(["product", "M", "bf16 matmul", "fp8 scaled_mm", "speed-up"], gemm_rows(args.shape))]
     text = "\n".join(body)
     print(text, flush=True)
-    append_results(f"FP8 kernels, {args.shape}", text, args.results)
+    figures = {"decode layer products fp8 (ms)": round(step["fp8"] / 1e3, 3),
+               "fp8 floor (ms)": round(step["fp8 floor"] / 1e3, 3),
+               "decode layer products bf16 (ms)": round(step["bf16"] / 1e3, 3)}
+    append_results(f"FP8 kernels, {args.shape}", text, args.results, figures=figures)
     return 0
 
 

@@ -138,9 +138,15 @@ def report(args, rows, bandwidth, hf, startup: float, captured: bool, profile: s
                                                 ("eager (ms/step)", e)) if v is not None}
         if bandwidth:
             figures["bandwidth floor (ms)"] = round(floor_ms(args, bs, bandwidth), 2)
-        record(f"{args.shape} decode, batch {bs}", figures or {"batch": bs}, body,
+        record(f"{args.shape}{_variant(args)} decode, batch {bs}", figures or {"batch": bs}, body,
                anchors={"HF generate (same run)": f"{hf_ms:.2f} ms/step"} if hf_ms else None)
     append_markdown(f"Decode latency, {args.shape}", body, args.results)
+
+
+def _variant(args) -> str:
+    """The workload name's FP8 part: an FP8 run is its own row on the results page, not the bf16 one's."""
+    parts = (["fp8"] if args.quantization else []) + (["fp8 KV"] if args.kv_cache_dtype == "fp8" else [])
+    return f" {'+'.join(parts)}" if parts else ""
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -246,7 +246,10 @@ def report(args, startup, timed, counter, replays, tflops, bandwidth, hf, breakd
     if floor_s:
         figures["time / compute floor"] = f"{elapsed / floor_s:.2f}x"
     anchors = {f"HF {run['engine']} (same run)": f"{run['requests_per_s']:.2f} req/s" for run in (hf or {}).get("runs", [])}
-    append_results(f"{args.shape}, {n} x {inp}/{out}", body, args.results, figures=figures, anchors=anchors)
+    fp8 = (["fp8"] if args.quantization else []) + (["fp8 KV"] if args.kv_cache_dtype == "fp8" else [])
+    figures["KV blocks"] = args.kv_blocks
+    name = f"{args.shape}{' ' + '+'.join(fp8) if fp8 else ''}, {n} x {inp}/{out}"  # FP8 runs: their own rows
+    append_results(name, body, args.results, figures=figures, anchors=anchors)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
