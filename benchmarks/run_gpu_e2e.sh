@@ -6,6 +6,7 @@
 # overlap: overlapped vs not-overlapped steps alone (no HF peers, ~75 s); shared: 200 requests
 # (shared1000: the full 1000, ~2 min at 8B); tput8b includes both HF peers (~3 min) at the batch and budget
 # of the recorded figure; tput8b-profile: the default batch with the stage breakdown and a trace.
+# fp8, fp8tput, fp8kv: FP8 tests and benchmarks beside bf16 in the same call (not in the default list).
 # $OUT defaults to benchmarks/gpu-runs/<time>; each benchmark's record goes to $OUT/records (copy the files
 # into benchmarks/records/ and run `python benchmarks/records.py` to update RESULTS.md).
 set -u
@@ -39,6 +40,25 @@ run() {
               --results "$R" ;;
     shared1000) step shared1000 150 python3 benchmarks/shared_prefix.py --shape llama3-8b --max-num-seqs 512 \
                   --max-num-batched-tokens 8192 --results "$R" ;;
+    # FP8 (issue 25): tests; kernels vs bf16 and the weight-bytes floor; batch-1 decode bf16 vs fp8 (~3.5 min).
+    fp8) step fp8-tests 150 python3 -m pytest tests/kernels/test_fp8_kernels.py tests/kernels/test_fp8_kv_cache.py \
+           tests/workers/test_gpu_fp8.py -q --tb=short -p no:cacheprovider
+         step fp8-kernels 60 python3 benchmarks/fp8.py --results "$R"
+         for q in "" "--quantization fp8"; do
+           step "fp8-latency${q:+-fp8}" 70 python3 benchmarks/latency.py --shape llama3-8b --batch-sizes 1 --iters 2 \
+             --output-len 64 $q --results "$R"
+         done ;;
+    # 1000 x 256/256, bf16 then fp8 weights, same settings (~4 min).
+    fp8tput) for q in "" "--quantization fp8"; do
+               step "fp8tput${q:+-fp8}" 130 python3 benchmarks/throughput.py --shape llama3-8b --max-num-seqs 1024 \
+                 --max-num-batched-tokens 16384 --warmup-requests 256 --warmup-output-len 4 $q --results "$R"
+             done ;;
+    # FP8 KV cache at a long context: KV blocks and throughput, fp8 weights, bf16 vs fp8 cache (~5 min).
+    fp8kv) for kv in auto fp8; do
+             step "fp8kv-$kv" 160 python3 benchmarks/throughput.py --shape llama3-8b --num-requests 1000 --input-len 2048 \
+               --output-len 256 --max-num-seqs 1024 --max-num-batched-tokens 16384 --warmup-requests 64 \
+               --warmup-output-len 4 --quantization fp8 --kv-cache-dtype $kv --results "$R"
+           done ;;
     tputqwen) step tputqwen 90 python3 benchmarks/throughput.py --shape qwen2.5-0.5b --hf-baseline --hf-engines generate \
                 --hf-timeout 30 --results "$R" ;;
   esac
