@@ -154,11 +154,11 @@ def _serve(args: argparse.Namespace) -> int:
     return asyncio.run(_run(model, kwargs, name, args, scaling))
 
 
-def _make_client(model: str, kwargs: dict, backend: str, name: str):
-    """One engine client of `backend` (not started)."""
+def _make_client(model: str, kwargs: dict, backend: str, name: str, placer=None):
+    """One engine client of `backend` (not started); Ray replicas share the driver's `placer`."""
     if backend == "ray":
         from pagedray.cluster.serving.ray_client import RayClient
-        return RayClient(model, kwargs, name=name)
+        return RayClient(model, kwargs, name=name, placer=placer)
     if backend == "local":
         from pagedray.cluster.serving.process_client import ProcessClient
         return ProcessClient(model, kwargs, name=name)
@@ -169,18 +169,20 @@ def _make_client(model: str, kwargs: dict, backend: str, name: str):
 def _ray_autoscaler(frontend, model: str, kwargs: dict, scaling):
     """Replicas in Ray actors, kept between --min-replicas and --max-replicas (and replaced when they
     die) by the autoscaler, which also asks the Ray cluster for their nodes ahead of time."""
+    from pagedray.cluster.executors.placement import Placer
     from pagedray.cluster.executors.ray_utils import can_have, init_ray
     from pagedray.cluster.serving.autoscaler import Autoscaler, RayResourceRequest
     init_ray()
     if kwargs["device"] == "auto":
         # Decided by the nodes the cluster has or can launch: a CPU head with GPU nodes still at zero is a GPU cluster.
         kwargs = {**kwargs, "device": "cuda" if can_have("GPU") else "cpu"}
-    resource = "GPU" if kwargs["device"].startswith("cuda") else "CPU"
     logger.info("starting %d replica(s) in Ray actors (min %d, max %d)", scaling.initial_replicas,
                 scaling.min_replicas, scaling.max_replicas)
-    # Each replica's ranks share one node: one {resource: tp} bundle asks for a node that holds them all.
-    return Autoscaler(frontend.router, lambda n: _make_client(model, kwargs, "ray", n), scaling,
-                      resource_request=RayResourceRequest([{resource: kwargs["tensor_parallel_size"]}]))
+    placer = Placer()   # one for all replicas: they spread over nodes and avoid a failed one's nodes
+    make = lambda n: _make_client(model, kwargs, "ray", n, placer)  # noqa: E731
+    # The autoscaler is asked for whole replica groups: one bundle per stage (a node that holds its ranks).
+    return Autoscaler(frontend.router, make, scaling,
+                      resource_request=RayResourceRequest(make("shape").shape().bundles))
 
 
 async def _run(model: str, kwargs: dict, name: str, args: argparse.Namespace, scaling) -> int:
@@ -232,9 +234,10 @@ async def _run_server(frontend, name: str, args: argparse.Namespace, autoscaler=
         loop.add_signal_handler(sig, stop.set)
     metrics = f", metrics on http://{args.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     metrics += f", OpenAI HTTP API on {http.url}/v1" if http is not None else ""
-    logger.info("ready: serving model %r on %s:%d (%s)%s, %d replica(s) ready", name, args.host, server.port,
-                "tls" if args.tls_cert else "plaintext", metrics, frontend.num_ready_replicas)
+    where = f"serving model {name!r} on {args.host}:{server.port} ({'tls' if args.tls_cert else 'plaintext'}){metrics}"
+    announce = loop.create_task(_announce_ready(frontend, where, autoscaler, stop))
     await stop.wait()
+    announce.cancel()
     logger.info("draining (up to %.0f s; Ctrl-C again to stop at once)", args.drain_timeout)
     drain = asyncio.create_task(_drain(server, http, autoscaler, args.drain_timeout))
     for sig in (signal.SIGINT, signal.SIGTERM):   # a second signal cuts the drain short
@@ -258,6 +261,19 @@ async def _drain(server, http, autoscaler, timeout: float) -> None:
     await server.stop(timeout)
     if http is not None:
         await http.stop()
+
+
+async def _announce_ready(frontend, where: str, autoscaler, stop: asyncio.Event) -> None:
+    """Log "ready" once every initial replica is up; until then say how many are (serving starts with
+    the first, but a cluster with a replica still missing is not what was asked for)."""
+    want = autoscaler.config.initial_replicas if autoscaler is not None else 1
+    if frontend.num_ready_replicas < want:
+        logger.info("listening: %s, %d/%d replica(s) ready; the rest are starting", where,
+                    frontend.num_ready_replicas, want)
+    while frontend.num_ready_replicas < want and not stop.is_set():
+        await asyncio.sleep(0.2)
+    if not stop.is_set():
+        logger.info("ready: %s, %d/%d replica(s) ready", where, frontend.num_ready_replicas, want)
 
 
 async def _start_http(server, name: str, args: argparse.Namespace, auth_token, chat_template):

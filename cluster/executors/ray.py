@@ -1,7 +1,8 @@
-"""The Ray executor: one replica sharded over `tensor_parallel_size` Ray actors on one node.
+"""The Ray executor: one replica sharded over `tensor_parallel_size` Ray actors.
 
-Start-up: a STRICT_PACK placement group of one bundle per rank ({"GPU": 1}, or {"CPU": 1}
-with device="cpu"); one `WorkerActor` per bundle; torch.distributed over NCCL (gloo on
+Start-up: the replica's placement group (cluster/executors/placement.py: the one the driver
+placed this core in, else one of its own; a stage's ranks share a bundle, so a node); one
+`WorkerActor` per rank; torch.distributed over NCCL (gloo on
 CPU) at a `tcp://` address on rank 0's node that the executor picks; every rank loads
 its shard and profiles; the KV cache gets the minimum block count over ranks.
 
@@ -25,12 +26,13 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayTaskError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pagedray.cluster.config import EngineConfig
 from pagedray.cluster.executors.base import Executor, ExecutorError, check_num_kv_blocks
-from pagedray.cluster.executors.ray_utils import WorkerActor, check_fits, forwarded_env, init_ray
+from pagedray.cluster.executors.placement import ReplicaShape, group_nodes, replica_placement_group
+from pagedray.cluster.executors.ray_utils import WorkerActor, forwarded_env, init_ray
 from pagedray.models.registry import ModelRegistry
 from pagedray.common.messages import ModelRunnerOutput, SchedulerOutput
 from pagedray.common import envs
@@ -65,6 +67,7 @@ class RayExecutor(Executor):
         self.startup_timeout_s = envs.ray_startup_timeout_s()
         self.workers: list[Any] = []
         self.placement_group = None
+        self._own_group = False       # made here (removed at shutdown), not the driver's replica group
         self._dag = None
         self._failure: str | None = None
         self._closed = False
@@ -79,15 +82,13 @@ class RayExecutor(Executor):
     def _start(self, device_type: str) -> None:
         resource = "GPU" if device_type == "cuda" else "CPU"
         init_ray()
-        check_fits(self.tp, resource)
-        self.placement_group = placement_group([{resource: 1}] * self.tp, strategy="STRICT_PACK")
-        pg_timeout = envs.ray_placement_timeout_s()
-        ready, _ = ray.wait([self.placement_group.ready()], timeout=pg_timeout)
-        if not ready:
-            raise ExecutorError(
-                f"no node could reserve {self.tp} x {{'{resource}': 1}} within {pg_timeout:g} s; "
-                f"available now: {ray.available_resources()} (other replicas may hold them)")
-        ip, port = self._start_ranks(resource)
+        shape = ReplicaShape.of(self.tp, getattr(self.config.parallel, "pipeline_parallel_size", 1), resource)
+        try:   # the replica's group when a driver placed this core in one, else one of our own
+            self.placement_group, self._own_group = replica_placement_group(
+                shape, envs.ray_placement_timeout_s())
+        except TimeoutError as exc:
+            raise ExecutorError(str(exc)) from None
+        ip, port = self._start_ranks(resource, shape)
         init_method = f"tcp://{ip}:{port}"
         registrations = ModelRegistry.out_of_tree()   # user-registered models: the ranks start without them
         blocks = self._wait([w.start.remote(self.config, init_method, registrations) for w in self.workers],
@@ -103,7 +104,7 @@ class RayExecutor(Executor):
         logger.info("ray executor: tp=%d on %s, %d KV blocks per rank, transport=%s",
                     self.tp, init_method, num_blocks, self.transport)
 
-    def _start_ranks(self, resource: str, attempts: int = 3) -> tuple[str, int]:
+    def _start_ranks(self, resource: str, shape: ReplicaShape, attempts: int = 3) -> tuple[str, int]:
         """One actor per rank, and rank 0's rendezvous address. Ranks that die before holding anything
         (Ray can fail a fresh actor's worker process at start-up: one that does not register in time
         on a loaded host, or that the memory monitor kills) are replaced, up to `attempts` rounds."""
@@ -114,9 +115,11 @@ class RayExecutor(Executor):
         for attempt in range(1, attempts + 1):
             self.workers = [
                 actor_cls.options(**per_rank, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.placement_group, placement_group_bundle_index=rank)).remote(rank, env)
+                    self.placement_group, placement_group_bundle_index=shape.bundle_index(rank))).remote(rank, env)
                 for rank in range(self.tp)]
             try:
+                if len(group_nodes(self.placement_group)) > 1:   # collectives cross nodes: the node IP's interface
+                    self._wait([w.use_node_interface.remote() for w in self.workers], 60.0, "choosing the interface")
                 addresses = self._wait([w.rendezvous_address.remote() for w in self.workers],
                                        self.startup_timeout_s, "finding a rendezvous port")
                 return addresses[0]
@@ -219,7 +222,7 @@ class RayExecutor(Executor):
         if self._dag is not None:
             # Failed: a rank may sit in a collective and never answer the graph's cancel; kill first.
             self._teardown_dag()
-        if self.placement_group is not None:
+        if self.placement_group is not None and self._own_group:
             try:
                 remove_placement_group(self.placement_group)
             except Exception as exc:

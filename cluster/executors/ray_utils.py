@@ -76,29 +76,9 @@ def node_types() -> dict[str, dict] | None:
 
 
 def check_fits(tensor_parallel_size: int, resource: str) -> None:
-    """ValueError unless one node, alive now or of a type the Ray autoscaler can launch, has
-    `tensor_parallel_size` of `resource` in total. A replica that fits only a node type that is not up
-    yet waits for the autoscaler (its placement group is pending demand).
-
-    A replica's ranks talk over NCCL every layer, so they must share a node (STRICT_PACK).
-    """
-    alive = [node["Resources"].get(resource, 0) for node in ray.nodes() if node.get("Alive")]
-    if max(alive, default=0) >= tensor_parallel_size:
-        return
-    types = node_types()
-    need = (f"tensor_parallel_size={tensor_parallel_size} cannot fit: every rank needs one {resource} on the "
-            f"same node, and the largest node of this Ray cluster has {max(alive, default=0):g} {resource} "
-            f"({len(alive)} alive node(s))")
-    if types is None:
-        raise ValueError(f"{need}; no autoscaler node types were found (GCS cluster config, "
-                         f"$PAGEDRAY_AUTOSCALING_CONFIG or {BOOTSTRAP_CONFIG}), so no node will be added")
-    launchable = {name: t["resources"].get(resource, 0) for name, t in types.items()
-                  if t["max_workers"] != 0}
-    if any(have == -1 or have >= tensor_parallel_size for have in launchable.values()):
-        return
-    listed = ", ".join(f"{name} has {have:g}" for name, have in launchable.items()) or "none can be launched"
-    raise ValueError(f"{need}; nor can the autoscaler add one: no node type has {tensor_parallel_size} "
-                     f"{resource} ({listed})")
+    """ValueError unless one replica of `tensor_parallel_size` ranks fits (placement.check_fits)."""
+    from pagedray.cluster.executors.placement import ReplicaShape, check_fits as fits
+    fits(ReplicaShape.of(tensor_parallel_size, 1, resource))
 
 
 def can_have(resource: str) -> bool:
@@ -111,6 +91,22 @@ def can_have(resource: str) -> bool:
 
 def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+
+
+def interface_of(ip: str) -> str | None:
+    """The network interface that holds the IPv4 address `ip` (Linux), or None."""
+    import fcntl
+    import struct
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(sock.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+            except OSError:   # no IPv4 address
+                continue
+            if socket.inet_ntoa(raw[20:24]) == ip:
+                return name
+    return None
 
 
 class WorkerActor:
@@ -126,6 +122,16 @@ class WorkerActor:
         self.worker = None
         # Seconds each step spent inside Worker.execute_model (benchmarks read the driver's overhead from it).
         self.step_seconds: collections.deque[float] = collections.deque(maxlen=100_000)
+
+    def use_node_interface(self) -> str | None:
+        """The replica spans nodes: collectives go over the interface of Ray's node IP, unless the user
+        named one (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, forwarded from the driver). Without it gloo
+        hands its peers the address the hostname resolves to, often 127.0.0.1, and never connects."""
+        name = interface_of(ray.util.get_node_ip_address())
+        if name is not None:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", name)
+        return name
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's IP and a port free on it now (the TCP store binds it moments later)."""

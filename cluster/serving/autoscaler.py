@@ -106,9 +106,10 @@ class ResourceRequest(Protocol):
 
 
 class RayResourceRequest:
-    """`ray.autoscaler.sdk.request_resources` for whole replicas: each replica is `bundles` (one
-    {"GPU": tp} bundle for a STRICT_PACK TP group: the autoscaler then picks a node type that holds
-    all its ranks). A request replaces the previous one; the autoscaler counts what is in use."""
+    """`ray.autoscaler.sdk.request_resources` for whole replicas: each replica is `bundles`, its
+    placement group's (one {"GPU": tp} bundle per pipeline stage: the autoscaler then picks node types
+    that hold each stage's ranks; cluster/executors/placement.py). A request replaces the previous
+    one; the autoscaler counts what is in use."""
 
     def __init__(self, bundles: list[dict[str, float]]) -> None:
         self.bundles = bundles

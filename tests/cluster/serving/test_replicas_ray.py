@@ -88,8 +88,10 @@ def _live_actors(class_name: str) -> set[str]:
     return {a["ActorID"] for a in actors().values() if a["ActorClassName"] == class_name and a["State"] != "DEAD"}
 
 
-def _held_placement_groups() -> list[dict]:
-    return [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+def _held_placement_groups(name: str | None = None) -> list[dict]:
+    """Groups not removed (each replica holds one: placement.py), all or those of replica `name`."""
+    return [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"
+            and (name is None or pg["name"] == f"pagedray-replica:{name}")]
 
 
 def _assert_released(timeout: float = 20.0) -> None:
@@ -303,8 +305,8 @@ def test_out_of_tree_model_reaches_the_replica_and_its_tp_workers(loop, ray_loca
         assert_greedy_match(ours, ref, atol=1e-5, what=f"prompt {i}")
     assert good_after.token_ids == got[0].tokens   # the same TP=2 engine: exactly
     deadline = time.monotonic() + 20
-    while _live_actors("WorkerActor") or _held_placement_groups():
-        assert time.monotonic() < deadline, (_live_actors("WorkerActor"), _held_placement_groups())
+    while _live_actors("WorkerActor") or _held_placement_groups("tp2"):
+        assert time.monotonic() < deadline, (_live_actors("WorkerActor"), _held_placement_groups("tp2"))
         time.sleep(0.2)
 
 
