@@ -76,11 +76,15 @@ class Wire:
         return self.encoder.encode(obj)
 
 
-def bind_sockets(context: zmq.Context, input_address: str, output_address: str) -> tuple[zmq.Socket, zmq.Socket]:
+def bind_sockets(context: zmq.Context, input_address: str, output_address: str,
+                 before_bind: Callable[[list[zmq.Socket]], None] | None = None) -> tuple[zmq.Socket, zmq.Socket]:
     """The core's input (PULL) and output (PUSH) sockets, bound ("tcp://ip:*" picks a free port:
-    read it back with `endpoint`). No queue limits: liveness, not a full queue, tells a stuck peer."""
+    read it back with `endpoint`). No queue limits: liveness, not a full queue, tells a stuck peer.
+    `before_bind`: e.g. cluster/core/curve.py's secure_core, for a core reached across nodes."""
     inp = context.socket(zmq.PULL)
     out = context.socket(zmq.PUSH)
+    if before_bind is not None:
+        before_bind([inp, out])
     for sock, address in ((inp, input_address), (out, output_address)):
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)

@@ -67,11 +67,15 @@ class ZmqCoreClient(EngineClient):
         """Make sure a core declared dead (perhaps only hung) is really stopped."""
 
     # -- start-up ---------------------------------------------------------------------------------
-    def _connect(self, input_address: str, output_address: str) -> None:
+    def _connect(self, input_address: str, output_address: str, keys=None) -> None:
+        """`keys` (cluster/core/curve.py): the core is a CURVE server that admits only this client."""
         self._context = zmq.asyncio.Context()
         self._in = self._context.socket(zmq.PUSH)
         self._out = self._context.socket(zmq.PULL)
         for sock, address in ((self._in, input_address), (self._out, output_address)):
+            if keys is not None:
+                from pagedray.cluster.core.curve import secure_client
+                secure_client(sock, keys)
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
             sock.setsockopt(zmq.LINGER, 0)
