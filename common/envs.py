@@ -22,6 +22,7 @@ VARIABLES: dict[str, str] = {
     "PAGEDRAY_RAY_STEP_TIMEOUT_S": "seconds after which a Ray step counts as hung (default 300)",
     "PAGEDRAY_RAY_STARTUP_TIMEOUT_S": "seconds Ray workers may take to start and load (default 900)",
     "PAGEDRAY_RAY_PLACEMENT_TIMEOUT_S": "seconds to wait for the Ray placement group (default 120)",
+    "PAGEDRAY_RAY_CROSS_NODE_TP": "1: a replica's TP ranks may sit on different nodes (default 0: a stage per node)",
     "PAGEDRAY_AUTOSCALING_CONFIG": "Ray autoscaler config file read for node types (default: ray up's on the head)",
     "PAGEDRAY_COMMIT": "commit benchmarks record where the tree has no .git (a copied tree)",
     "PAGEDRAY_RECORDS_DIR": "folder benchmark runs write their records to (default benchmarks/records/)",
@@ -88,6 +89,13 @@ def ray_startup_timeout_s() -> float:
 
 def ray_placement_timeout_s() -> float:
     return _seconds("PAGEDRAY_RAY_PLACEMENT_TIMEOUT_S", 120.0)
+
+
+def ray_cross_node_tp() -> bool:
+    text = _text("PAGEDRAY_RAY_CROSS_NODE_TP") or "0"
+    if text not in ("0", "1"):
+        raise ValueError(f"PAGEDRAY_RAY_CROSS_NODE_TP must be 0 or 1, got {text!r}")
+    return text == "1"
 
 
 def autoscaling_config() -> str | None:

@@ -6,8 +6,9 @@
 
 `ray submit` runs this on the head node. It joins the running cluster (RAY_ADDRESS, default auto) and
 hands every argument to `pagedray serve` with `--executor ray --host 0.0.0.0 --replica-backend ray`:
-each replica's engine runs in a Ray actor and its tensor-parallel ranks are placed on one GPU node
-by a STRICT_PACK placement group. `--replicas N` keeps N replicas (a dead one is replaced);
+each replica's engine runs in a Ray actor and its ranks in one placement group (a stage's
+tensor-parallel ranks on one node; replicas spread over nodes: README, "Serving a model larger
+than one node"). `--replicas N` keeps N replicas (a dead one is replaced);
 `--min-replicas`/`--max-replicas` let the load (`--target-ongoing-requests` per replica) decide,
 and a replica that fits no node that is up waits while the Ray autoscaler adds one. A TP=1 replica
 can pass `--executor local` to run its model inside the engine actor (one GPU, no per-step hop).

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import time
 from dataclasses import dataclass
@@ -27,13 +26,6 @@ logger = logging.getLogger(__name__)
 
 GROUP_PREFIX = "pagedray-replica:"      # the placement groups of replicas (other replicas' nodes)
 NODE_ID_LABEL = "ray.io/node-id"        # Ray labels every node with its id
-
-
-def cross_node_tp_requested() -> bool:
-    value = os.environ.get("PAGEDRAY_RAY_CROSS_NODE_TP", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"PAGEDRAY_RAY_CROSS_NODE_TP must be 0 or 1, got {value!r}")
-    return value == "1"
 
 
 @dataclass(frozen=True)
@@ -46,7 +38,8 @@ class ReplicaShape:
 
     @classmethod
     def of(cls, tensor_parallel_size: int, pipeline_parallel_size: int, resource: str) -> "ReplicaShape":
-        return cls(tensor_parallel_size, pipeline_parallel_size, resource, cross_node_tp_requested())
+        from pagedray.common import envs
+        return cls(tensor_parallel_size, pipeline_parallel_size, resource, envs.ray_cross_node_tp())
 
     @property
     def world_size(self) -> int:
