@@ -141,15 +141,25 @@ class CacheConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     executor: str = "local"   # "local" (embedded, one process) or "ray"
+    # Stages of contiguous layers, each on its own tensor_parallel_size ranks (rank = stage * tp + tp_rank).
+    pipeline_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
         if self.executor not in ("local", "ray"):
             raise ValueError(f"executor must be 'local' or 'ray', got {self.executor!r}")
-        if self.executor == "local" and self.tensor_parallel_size != 1:
-            raise ValueError(f"executor='local' runs one process: tensor_parallel_size must be 1, "
-                             f"got {self.tensor_parallel_size} (use executor='ray')")
+        if self.executor == "local" and self.world_size != 1:
+            raise ValueError(f"executor='local' runs one process: tensor_parallel_size and pipeline_parallel_size "
+                             f"must be 1, got {self.tensor_parallel_size} and {self.pipeline_parallel_size} "
+                             f"(use executor='ray')")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of one replica: tensor_parallel_size x pipeline_parallel_size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 def _is_cuda_index(device: str) -> bool:

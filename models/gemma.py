@@ -45,6 +45,7 @@ class GemmaModel(LlamaModel):
 
 class GemmaForCausalLM(CausalLM):
     packed_modules_mapping = LlamaForCausalLM.packed_modules_mapping
+    intermediate_names = LlamaForCausalLM.intermediate_names
 
     def __init__(self, config: PretrainedConfig) -> None:
         model = GemmaModel(config)

@@ -18,6 +18,7 @@ from pagedray.models.layers.attention import Attention, AttentionMetadata
 from pagedray.models.layers.causal_lm import CausalLM
 from pagedray.models.layers.layernorm import LayerNorm
 from pagedray.models.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pagedray.models.layers.pipeline import IntermediateTensors, PPMissing, StageLayers, current_stage
 from pagedray.models.layers.position_embedding import LearnedPositionalEmbedding
 from pagedray.models.layers.vocab_embedding import VocabParallelEmbedding
 from pagedray.models.layers.weights import materialize
@@ -78,16 +79,25 @@ class GPT2Block(nn.Module):
 class GPT2Model(nn.Module):
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
-        self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.wpe = LearnedPositionalEmbedding(config.max_position_embeddings, config.hidden_size)
-        self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
-        self.ln_f = LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        stage = current_stage()
+        first = stage.is_first
+        self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size) if first else PPMissing()
+        self.wpe = LearnedPositionalEmbedding(config.max_position_embeddings, config.hidden_size) if first \
+            else PPMissing()
+        self.h = StageLayers(config.num_hidden_layers, lambda i: GPT2Block(config, i))
+        self.ln_f = LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon) if stage.is_last else PPMissing()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        hidden_states = self.wte(input_ids) + self.wpe(positions)
-        for block, kv_cache in zip(self.h, kv_caches, strict=True):
+                attn_metadata: AttentionMetadata,
+                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        if intermediate_tensors is None:
+            hidden_states = self.wte(input_ids) + self.wpe(positions)
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
+        for block, kv_cache in self.h.with_caches(kv_caches):
             hidden_states = block(hidden_states, kv_cache, attn_metadata)
+        if not self.h.stage.is_last:
+            return IntermediateTensors(hidden_states=hidden_states)
         return self.ln_f(hidden_states)
 
 

@@ -17,6 +17,7 @@ from pagedray.models.layers.causal_lm import CausalLM
 from pagedray.models.layers.distributed import divide, get_tp_world_size
 from pagedray.models.layers.layernorm import LayerNorm
 from pagedray.models.layers.linear import ColumnParallelLinear, RowParallelLinear
+from pagedray.models.layers.pipeline import IntermediateTensors, PPMissing, StageLayers, current_stage
 from pagedray.models.layers.rotary import get_rope, partial_rotary_dim, rope_config
 from pagedray.models.layers.vocab_embedding import VocabParallelEmbedding
 
@@ -85,15 +86,24 @@ class GPTNeoXLayer(nn.Module):
 class GPTNeoXModel(nn.Module):
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
-        self.embed_in = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(GPTNeoXLayer(config) for _ in range(config.num_hidden_layers))
-        self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        stage = current_stage()
+        self.embed_in = VocabParallelEmbedding(config.vocab_size, config.hidden_size) if stage.is_first \
+            else PPMissing()
+        self.layers = StageLayers(config.num_hidden_layers, lambda i: GPTNeoXLayer(config))
+        self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if stage.is_last \
+            else PPMissing()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        hidden_states = self.embed_in(input_ids)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                attn_metadata: AttentionMetadata,
+                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        if intermediate_tensors is None:
+            hidden_states = self.embed_in(input_ids)
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
+        for layer, kv_cache in self.layers.with_caches(kv_caches):
             hidden_states = layer(positions, hidden_states, kv_cache, attn_metadata)
+        if not self.layers.stage.is_last:
+            return IntermediateTensors(hidden_states=hidden_states)
         return self.final_layer_norm(hidden_states)
 
 

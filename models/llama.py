@@ -18,6 +18,7 @@ from pagedray.models.layers.attention import Attention, AttentionMetadata
 from pagedray.models.layers.causal_lm import CausalLM
 from pagedray.models.layers.layernorm import RMSNorm
 from pagedray.models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pagedray.models.layers.pipeline import IntermediateTensors, PPMissing, StageLayers, current_stage
 from pagedray.models.layers.rotary import get_rope, partial_rotary_dim, rope_config
 from pagedray.models.layers.vocab_embedding import VocabParallelEmbedding
 
@@ -114,23 +115,35 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Token embedding, `layer_cls(config, i)` for each layer, final norm."""
+    """Token embedding, `layer_cls(config, i)` for each layer, final norm.
+
+    Under pipeline parallelism a stage holds its range of layers; the first embeds, the last
+    norms, and the others pass (hidden_states, residual) on.
+    """
 
     def __init__(self, config: PretrainedConfig, layer_cls: type[nn.Module] = LlamaDecoderLayer,
                  norm_cls: type[RMSNorm] = RMSNorm) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(layer_cls(config, i) for i in range(config.num_hidden_layers))
-        self.norm = norm_cls(config.hidden_size, config.rms_norm_eps)
+        stage = current_stage()
+        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size) if stage.is_first
+                             else PPMissing())
+        self.layers = StageLayers(config.num_hidden_layers, lambda i: layer_cls(config, i))
+        self.norm = norm_cls(config.hidden_size, config.rms_norm_eps) if stage.is_last else PPMissing()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        hidden_states, residual = self.embed(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                attn_metadata: AttentionMetadata,
+                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        if intermediate_tensors is None:
+            hidden_states, residual = self.embed(input_ids), None
+        else:
+            hidden_states, residual = intermediate_tensors["hidden_states"], intermediate_tensors["residual"]
+        for layer, kv_cache in self.layers.with_caches(kv_caches):
             hidden_states, residual = layer(positions, hidden_states, kv_cache, attn_metadata, residual)
+        if not self.layers.stage.is_last:
+            return IntermediateTensors(hidden_states=hidden_states, residual=residual)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
@@ -142,6 +155,7 @@ class LlamaForCausalLM(CausalLM):
     }
     # A Llama-shaped model (Qwen2, Phi-3, Mixtral, ...) subclasses this with its own layer.
     layer_cls: type[nn.Module] = LlamaDecoderLayer
+    intermediate_names = ("hidden_states", "residual")
 
     def __init__(self, config: PretrainedConfig) -> None:
         model = LlamaModel(config, self.layer_cls)

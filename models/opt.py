@@ -18,6 +18,7 @@ from pagedray.models.layers.causal_lm import CausalLM
 from pagedray.models.layers.layernorm import LayerNorm
 from pagedray.models.layers.linear import (ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear,
                                            RowParallelLinear)
+from pagedray.models.layers.pipeline import IntermediateTensors, PPMissing, StageLayers, current_stage
 from pagedray.models.layers.position_embedding import LearnedPositionalEmbedding
 from pagedray.models.layers.vocab_embedding import VocabParallelEmbedding
 
@@ -72,28 +73,46 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTDecoder(nn.Module):
+    """Under pipeline parallelism the first stage embeds (and projects in), the last norms (and
+    projects out); the hidden states between stages are `hidden_size` wide."""
+
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
+        stage = current_stage()
         hidden, proj_dim = config.hidden_size, config.word_embed_proj_dim
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, proj_dim)
-        self.embed_positions = LearnedPositionalEmbedding(config.max_position_embeddings, hidden, offset=2)
-        # Replicated: two small bias-free projections, only present when the widths differ.
-        self.project_in = ReplicatedLinear(proj_dim, hidden, bias=False) if proj_dim != hidden else None
-        self.project_out = ReplicatedLinear(hidden, proj_dim, bias=False) if proj_dim != hidden else None
-        if config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False):
-            self.final_layer_norm = LayerNorm(hidden, elementwise_affine=config.layer_norm_elementwise_affine)
+        projected = proj_dim != hidden
+        if stage.is_first:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, proj_dim)
+            self.embed_positions = LearnedPositionalEmbedding(config.max_position_embeddings, hidden, offset=2)
+            # Replicated: two small bias-free projections, only present when the widths differ.
+            self.project_in = ReplicatedLinear(proj_dim, hidden, bias=False) if projected else None
         else:
-            self.final_layer_norm = None
-        self.layers = nn.ModuleList(OPTDecoderLayer(config) for _ in range(config.num_hidden_layers))
+            self.embed_tokens, self.embed_positions = PPMissing(), PPMissing()
+            self.project_in = PPMissing() if projected else None
+        final_norm = config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False)
+        if stage.is_last:
+            self.project_out = ReplicatedLinear(hidden, proj_dim, bias=False) if projected else None
+            self.final_layer_norm = (LayerNorm(hidden, elementwise_affine=config.layer_norm_elementwise_affine)
+                                     if final_norm else None)
+        else:
+            self.project_out = PPMissing() if projected else None
+            self.final_layer_norm = PPMissing() if final_norm else None
+        self.layers = StageLayers(config.num_hidden_layers, lambda i: OPTDecoderLayer(config))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)
-        if self.project_in is not None:
-            hidden_states = self.project_in(hidden_states)
-        hidden_states = hidden_states + self.embed_positions(positions)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                attn_metadata: AttentionMetadata,
+                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        if intermediate_tensors is None:
+            hidden_states = self.embed_tokens(input_ids)
+            if self.project_in is not None:
+                hidden_states = self.project_in(hidden_states)
+            hidden_states = hidden_states + self.embed_positions(positions)
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
+        for layer, kv_cache in self.layers.with_caches(kv_caches):
             hidden_states = layer(hidden_states, kv_cache, attn_metadata)
+        if not self.layers.stage.is_last:
+            return IntermediateTensors(hidden_states=hidden_states)
         if self.final_layer_norm is not None:
             hidden_states = self.final_layer_norm(hidden_states)
         if self.project_out is not None:
@@ -107,8 +126,9 @@ class OPTModel(nn.Module):
         self.decoder = OPTDecoder(config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        return self.decoder(input_ids, positions, kv_caches, attn_metadata)
+                attn_metadata: AttentionMetadata,
+                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        return self.decoder(input_ids, positions, kv_caches, attn_metadata, intermediate_tensors)
 
 
 class OPTForCausalLM(CausalLM):

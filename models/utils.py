@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 from torch import nn
 
+from pagedray.models.layers.pipeline import missing_prefixes
 from pagedray.models.layers.weights import default_weight_loader
 
 PackedMapping = dict[str, list[tuple[str, Any]]]
@@ -38,15 +39,17 @@ def load_packed_weights(model: nn.Module, weights: Iterable[tuple[str, Any]],
 
     Raises ValueError for a checkpoint tensor the model has no parameter for,
     and re-raises a loader's ValueError with the tensor's name. Names in
-    `skip` (e.g. a tied `lm_head.weight`) and IGNORED_SUFFIXES are dropped.
+    `skip` (e.g. a tied `lm_head.weight`) and IGNORED_SUFFIXES are dropped, and so are tensors of
+    modules another pipeline stage holds (never read).
     A fused parameter missing some of its members raises ValueError naming them.
     """
     mapping = mapping or {}
     skip = set(skip)
+    other_stages = missing_prefixes(model)
     params = dict(model.named_parameters())
     seen_shards: dict[str, set] = defaultdict(set)
     for name, loaded in weights:
-        if name in skip or name.endswith(IGNORED_SUFFIXES):
+        if name in skip or name.endswith(IGNORED_SUFFIXES) or name.startswith(other_stages):
             continue
         target, packed, shard_id = rename_packed(name, mapping)
         param = params.get(target)

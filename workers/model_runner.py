@@ -21,10 +21,12 @@ import numpy as np
 import torch
 
 from pagedray.models.layers.attention import AttentionMetadata
+from pagedray.models.layers.pipeline import PipelineStage
 from pagedray.kernels import ops
 from pagedray.common.lora import LoRARequest
 from pagedray.common.messages import Logprobs, ModelRunnerOutput, SchedulerOutput
 from pagedray.workers.sampler import Sampler, SamplingRow, logprob_entries
+from pagedray.workers.pipeline_stage import StageIO
 from pagedray.workers.step_output import StepOutput
 from pagedray.common.sampling_params import SamplingParams
 
@@ -106,8 +108,12 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, block_size: int, device: torch.device,
-                 seed: int = 0, sample: bool = True) -> None:
+                 seed: int = 0, sample: bool = True, stage: PipelineStage | None = None) -> None:
         self.model = model
+        # Under pipeline parallelism only the last stage computes logits; the others hand their
+        # output to the next stage (StageIO) and return no samples.
+        self.stage = stage or PipelineStage()
+        self.stage_io = StageIO(model, device) if self.stage.num_stages > 1 else None
         # Under tensor parallelism every rank computes logits (a collective) but only rank 0 samples.
         self.sample = sample
         self.block_size = block_size
@@ -284,6 +290,8 @@ class ModelRunner:
             self.lora.set_step([self.requests[r].lora_request for r in sched.num_scheduled_tokens],
                                list(sched.num_scheduled_tokens.values()))
         hidden = self._forward(inputs)
+        if hidden is None:   # not the last pipeline stage: the output went to the next stage
+            return StepOutput.done(ModelRunnerOutput({}))
         prompt_logprobs = self._prompt_logprobs(hidden, inputs.prompt_spans)
         if not inputs.sample_req_ids:
             return StepOutput.done(ModelRunnerOutput({}, prompt_logprobs=prompt_logprobs))
@@ -313,8 +321,10 @@ class ModelRunner:
                     row.pending_token_ids = [last.token_list()[last.rows[rid]]]
         return rows
 
-    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+    def _forward(self, inputs: StepInputs) -> torch.Tensor | None:
         meta = inputs.attn_metadata
+        if self.stage_io is not None:
+            return self.stage_io.forward(self.stage, inputs.input_ids, inputs.positions, self.kv_caches, meta)
         if self.graphs is not None and self.graphs.can_run(meta):
             return self.graphs.run(inputs.input_ids, inputs.positions, meta)
         return self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
@@ -364,7 +374,7 @@ class ModelRunner:
         any count up to max_num_seqs, so every count is met here, at start-up.
         """
         head = getattr(self.model, getattr(self.model, "lm_head_name", ""), None)
-        if self.device.type != "cuda" or head is None:
+        if self.device.type != "cuda" or head is None or not self.stage.is_last:
             return
         hidden = torch.zeros(max_rows, head.weight.shape[1], dtype=head.weight.dtype, device=self.device)
         for rows in range(1, max_rows + 1):
@@ -389,5 +399,10 @@ class ModelRunner:
             seq_lens_list=lens, query_lens_list=lens, max_query_len=max(lens), max_seq_len=max(lens))
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=dev)
         positions = torch.cat([torch.arange(n, device=dev) for n in lens])
-        hidden = self.model(input_ids, positions, empty_caches, meta)
-        self.model.compute_logits(hidden[torch.tensor(qsl[1:], device=dev) - 1])
+        received = None
+        if not self.stage.is_first:   # zeros in place of the previous stage's output (nothing is sent)
+            received = {n: t.zero_() for n, t in self.stage_io.buffers(num_tokens).items()}
+        hidden = self.model(input_ids, positions, empty_caches, meta, received) if received is not None \
+            else self.model(input_ids, positions, empty_caches, meta)
+        if self.stage.is_last:
+            self.model.compute_logits(hidden[torch.tensor(qsl[1:], device=dev) - 1])

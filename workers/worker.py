@@ -36,6 +36,8 @@ class Worker:
         self.max_num_seqs = max_num_seqs
         self.lora_config = lora_config
         self.rank = rank
+        # The last stage's first TP rank samples and returns the step's output (rank = stage * tp + tp_rank).
+        self.output_rank = (parallel_config.pipeline_parallel_size - 1) * parallel_config.tensor_parallel_size
         self.distributed_init_method = distributed_init_method
         self.device = torch.device(local_device or device_config.device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -51,26 +53,32 @@ class Worker:
     def init_device(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        world = self.parallel_config.tensor_parallel_size
-        if world > 1:
+        pc = self.parallel_config
+        if pc.world_size > 1:
             import torch.distributed as dist
+
+            from pagedray.models.layers.distributed import init_model_parallel
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, init_method=self.distributed_init_method,
-                                    rank=self.rank, world_size=world)
+                                    rank=self.rank, world_size=pc.world_size)
+            init_model_parallel(pc.tensor_parallel_size, pc.pipeline_parallel_size)
         torch.manual_seed(self.model_config.seed)
 
     # 2. load
     def load_model(self) -> None:
         from pagedray.models import get_kv_cache_spec, get_model
+        from pagedray.models.layers.pipeline import current_stage, stage_layer_range
         mc = self.model_config
         model = get_model(mc.hf_config, mc.model, self.dtype, self.device, mc.load_format, mc.seed,
                           quantization=mc.quantization)
         num_layers, kv_heads, head_size = get_kv_cache_spec(
             mc.hf_config, self.parallel_config.tensor_parallel_size)
         kv_dtype = kv_cache_torch_dtype(self.cache_config.cache_dtype, self.dtype, self.device)
-        self.kv_spec = KVCacheSpec(num_layers, kv_heads, head_size, self.cache_config.block_size, kv_dtype)
+        stage = current_stage()   # this rank's KV cache holds only its stage's layers
+        start, end = stage_layer_range(num_layers, stage.index, stage.num_stages)
+        self.kv_spec = KVCacheSpec(end - start, kv_heads, head_size, self.cache_config.block_size, kv_dtype)
         self.runner = ModelRunner(model, self.cache_config.block_size, self.device, mc.seed,
-                                  sample=self.rank == 0)
+                                  sample=self.rank == self.output_rank, stage=stage)
         if self.lora_config is not None:   # before profiling: the slots take memory and time
             from pagedray.workers.lora import LoRAManager
             self.runner.lora = LoRAManager(model, self.lora_config,
@@ -152,7 +160,7 @@ class Worker:
     def graphs_enabled(self) -> bool:
         from pagedray.kernels import cuda_available
         return (self.device.type == "cuda" and not self.model_config.enforce_eager
-                and cuda_available())
+                and self.parallel_config.pipeline_parallel_size == 1 and cuda_available())
 
     def capture_graphs(self) -> None:
         """Decode graphs per batch bucket, now that the KV cache exists; on CUDA, graphs or not,
@@ -170,7 +178,7 @@ class Worker:
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         out = self.runner.execute_model(sched)
-        return out if self.rank == 0 else None
+        return out if self.rank == self.output_rank else None
 
     # LoRA adapters (ValueError when LoRA is off or the adapter does not fit the model)
     def add_lora(self, lora_request: LoRARequest) -> bool:
@@ -183,5 +191,8 @@ class Worker:
 
     def shutdown(self) -> None:
         import torch.distributed as dist
+
+        from pagedray.models.layers.distributed import reset_model_parallel
         if dist.is_initialized():
             dist.destroy_process_group()
+        reset_model_parallel()

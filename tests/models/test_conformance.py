@@ -7,6 +7,9 @@ checkpoint, then:
   tests/testkit/hf_compare.py's rule (logprobs 1e-4; a divergence only at a near-tie);
 - logits and greedy tokens at TP=2 (one gloo group of 2 processes runs every
   case) equal those at TP=1 (the same rule, row by row);
+- at PP=2 (one gloo group of 2 stages runs every case; each stage loads only
+  its layers) and at TP=2 x PP=2 (4 processes, the Llama cases) the last
+  stage's logits equal HF transformers' (the same rule, row by row);
 - `load_format="dummy"` builds the same parameters with finite outputs;
 - a checkpoint with a weight removed, an extra tensor, or a mis-shaped
   tensor is refused with a ValueError naming the tensor.
@@ -26,8 +29,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
-from testkit import conformance_kit
-from testkit.conformance_kit import build_checkpoint, case_id
+from testkit import conformance_kit, pp_checks
+from testkit.conformance_kit import PP_PREFIX, build_checkpoint, case_id
 from testkit.hf_compare import assert_greedy_match, engine_greedy, greedy_mismatch
 from testkit.hf_reference import hf_greedy
 from testkit.tiny_models import allocate_block_tables, build_attn_metadata, load_hf_model
@@ -87,32 +90,64 @@ def test_engine_greedy_matches_hf(case):
                             what=f"{arch}/{name} prompt {prompt} vs HF")
 
 
-@pytest.fixture(scope="session")
-def tp2_results(checkpoints, tmp_path_factory) -> list[dict[str, str]]:
-    """One gloo group of 2 processes runs every case; the TP=1 references come from this process."""
-    out_dir = str(tmp_path_factory.mktemp("conformance_tp"))
-    cases = {cid: (path, model_logits(path, 1)) for cid, path in checkpoints.items()}
+def _run_group(fn, nprocs: int, args: tuple, cases: dict, out_dir: str, what: str) -> list[dict[str, str]]:
+    """Spawn one gloo group of `nprocs` ranks running `fn(rank, *args[:k], init_method, out_dir, cases)`;
+    per rank, case id -> "ok" or why not."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     crash = "not run"
     try:
-        mp.spawn(conformance_kit.run_rank, args=(WORLD, f"tcp://127.0.0.1:{port}", out_dir, cases),
-                 nprocs=WORLD, join=True)
+        mp.spawn(fn, args=(*args, f"tcp://127.0.0.1:{port}", out_dir, cases), nprocs=nprocs, join=True)
     except Exception as e:  # e.g. a rank aborted in a collective its peer never entered
-        crash = f"not run: the TP=2 group crashed ({e}); the first case not 'ok' is the likely cause"
+        crash = f"not run: the {what} group crashed ({e}); the first case not 'ok' is the likely cause"
     results = []
-    for rank in range(WORLD):
+    for rank in range(nprocs):
         path = os.path.join(out_dir, f"rank{rank}.json")
         res = json.load(open(path)) if os.path.exists(path) else {}
         results.append({cid: res.get(cid, crash) for cid in cases})
     return results
 
 
+@pytest.fixture(scope="session")
+def tp2_results(checkpoints, tmp_path_factory) -> list[dict[str, str]]:
+    """One gloo group of 2 processes runs every case at TP=2 (against the TP=1 logits from this
+    process), then as 2 pipeline stages (against HF's logits)."""
+    out_dir = str(tmp_path_factory.mktemp("conformance_tp"))
+    cases = {cid: (path, model_logits(path, 1)) for cid, path in checkpoints.items()}
+    cases.update({PP_PREFIX + cid: (path, pp_checks.hf_logits(path)) for cid, path in checkpoints.items()})
+    return _run_group(conformance_kit.run_rank, WORLD, (WORLD,), cases, out_dir, "TP=2 / PP=2")
+
+
+# TP=2 x PP=2 (4 ranks): the Llama cases, GQA and MHA.
+TP2_PP2_ARCHS = ("LlamaForCausalLM",)
+
+
+@pytest.fixture(scope="session")
+def tp2_pp2_results(checkpoints, tmp_path_factory) -> list[dict[str, str]]:
+    out_dir = str(tmp_path_factory.mktemp("conformance_tp_pp"))
+    cases = {case_id(a, c): (checkpoints[case_id(a, c)], pp_checks.hf_logits(checkpoints[case_id(a, c)]))
+             for a, c in CASES if a in TP2_PP2_ARCHS}
+    return _run_group(pp_checks.run_rank, 4, (2, 2), cases, out_dir, "TP=2 x PP=2")
+
+
 def test_tp2_matches_tp1(case, tp2_results):
     arch, name, _ = case
     for rank, res in enumerate(tp2_results):
         assert res.get(case_id(arch, name)) == "ok", f"rank {rank}: {res.get(case_id(arch, name), 'not run')}"
+
+
+def test_pp2_matches_hf(case, tp2_results):
+    cid = PP_PREFIX + case_id(*case[:2])
+    for rank, res in enumerate(tp2_results):
+        assert res.get(cid) == "ok", f"stage {rank}: {res.get(cid, 'not run')}"
+
+
+@pytest.mark.parametrize("arch_case", [c for c in CASES if c[0] in TP2_PP2_ARCHS], ids=lambda c: case_id(*c))
+def test_tp2_pp2_matches_hf(arch_case, tp2_pp2_results):
+    cid = case_id(*arch_case)
+    for rank, res in enumerate(tp2_pp2_results):
+        assert res.get(cid) == "ok", f"rank {rank} (stage {rank // 2}, tp rank {rank % 2}): {res.get(cid)}"
 
 
 @torch.no_grad()

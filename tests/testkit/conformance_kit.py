@@ -1,9 +1,11 @@
 """Helpers of the conformance kit (test_conformance.py), in a plain module so spawned ranks can import it.
 
 `build_checkpoint` saves a random HF model of one table case; `run_rank` is
-what each process of the single TP=2 gloo group runs: every case's logits at
-TP=2 against the TP=1 logits computed by the parent. Results go to
-<out_dir>/rank<r>.json as {case id: "ok" | traceback}.
+what each process of the single 2-rank gloo group runs: every case's logits at
+TP=2 against the TP=1 logits computed by the parent, then (case ids prefixed
+PP_PREFIX) the same ranks as two pipeline stages against HF's logits
+(testkit/pp_checks.py). Results go to <out_dir>/rank<r>.json as
+{case id: "ok" | traceback}.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch.distributed as dist
 from pagedray.models.conformance import tiny_config
 
 ATOL = 1e-4
+PP_PREFIX = "pp2:"   # a case run as 2 pipeline stages of 1 rank, on the same 2 ranks
 # An untied output head PEAK times its random init: logits spread out, so top-2 near-ties (which
 # fp32 summation order may break either way) are rarer while rounding stays well inside 1e-4:
 # over the table's 13 cases x 12 prompts x 8 steps, steps with a top-2 gap under 1e-2 went from 18
@@ -70,11 +73,17 @@ def run_rank(rank: int, world: int, init_method: str, out_dir: str,
     # A rank stuck in a collective its peer never reaches fails after 2 minutes instead of hanging CI.
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
+    from pagedray.models.layers.distributed import init_model_parallel
+    from testkit import pp_checks
     results = {}
     try:
         for cid, (path, expected) in cases.items():
             try:
-                _check_case(path, expected, world)
+                if cid.startswith(PP_PREFIX):
+                    init_model_parallel(1, world)   # the same world, now 2 stages of 1 rank
+                    pp_checks.check_case(path, expected, 1)
+                else:
+                    _check_case(path, expected, world)
                 results[cid] = "ok"
             except Exception:
                 results[cid] = traceback.format_exc()
