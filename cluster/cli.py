@@ -37,6 +37,8 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port (logged when ready)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per replica (needs --executor ray)")
+    p.add_argument("--pipeline-parallel-size", type=int, default=1,
+                   help="pipeline stages per replica, each of --tensor-parallel-size GPUs (needs --executor ray)")
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local: this process; ray: one Ray actor per tensor-parallel rank")
     p.add_argument("--dtype", default="auto", help="auto: the checkpoint's on GPU, float32 on CPU")
@@ -140,6 +142,7 @@ def _serve(args: argparse.Namespace) -> int:
     scaling = _scaling_config(args)
     model = resolve_model(args.model)
     kwargs = dict(device=args.device, tensor_parallel_size=args.tensor_parallel_size, executor=args.executor,
+                  pipeline_parallel_size=args.pipeline_parallel_size,
                   dtype=args.dtype, load_format=args.load_format, max_model_len=args.max_model_len,
                   max_num_seqs=args.max_num_seqs, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                   gpu_memory_utilization=args.gpu_memory_utilization,

@@ -60,12 +60,15 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
                         kernel_options: KernelOptions | dict[str, Any] | None = None,
                         speculative_config: dict | SpeculativeConfig | None = None,
                         enable_lora: bool = False, max_loras: int = 1, max_lora_rank: int = 16,
-                        max_cpu_loras: int | None = None) -> EngineConfig:
+                        max_cpu_loras: int | None = None,
+                        pipeline_parallel_size: int = 1) -> EngineConfig:
     """The LLM(...) keywords, split into the per-concern configs."""
     model_config = ModelConfig(model, tokenizer, dtype, max_model_len, load_format, seed, enforce_eager,
                                quantization)
-    parallel, device_config = ParallelConfig(tensor_parallel_size, executor), DeviceConfig(device)
-    local = parallel.executor == "local" and parallel.tensor_parallel_size == 1
+    parallel = ParallelConfig(tensor_parallel_size, executor, pipeline_parallel_size)
+    device_config = DeviceConfig(device)
+    check_pipeline_fits(model_config, parallel)
+    local = parallel.executor == "local" and parallel.world_size == 1
     if parallel.executor == "local":
         device_config.check_present()   # Ray workers check their own node's devices
     speculative = _speculative(speculative_config, model_config, async_scheduling)
@@ -73,7 +76,8 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
         async_scheduling = local and device_config.device_type == "cuda" and speculative is None
     elif async_scheduling and not local:
         raise ValueError(f"async_scheduling needs the local executor at tensor_parallel_size=1, got "
-                         f"executor={executor!r}, tensor_parallel_size={tensor_parallel_size}")
+                         f"executor={executor!r}, tensor_parallel_size={tensor_parallel_size}, "
+                         f"pipeline_parallel_size={pipeline_parallel_size}")
     cache = CacheConfig(block_size, gpu_memory_utilization, num_kv_blocks, enable_prefix_caching,
                         cache_dtype=kv_cache_dtype)
     cache.check_device(device_config.device_type)
@@ -107,3 +111,12 @@ def _speculative(value, model_config: ModelConfig, async_scheduling: bool | None
         from transformers import AutoConfig
         spec.check_target(model_config.hf_config, AutoConfig.from_pretrained(spec.model))
     return spec
+
+
+def check_pipeline_fits(model_config: ModelConfig, parallel: ParallelConfig) -> None:
+    """Every pipeline stage needs at least one layer."""
+    pp = parallel.pipeline_parallel_size
+    layers = getattr(model_config.hf_config, "num_hidden_layers", None)
+    if pp > 1 and isinstance(layers, int) and layers < pp:
+        raise ValueError(f"pipeline_parallel_size ({pp}) is larger than the model's num_hidden_layers "
+                         f"({layers}): every stage needs at least one layer")

@@ -24,7 +24,8 @@ class LLM:
                  async_scheduling: bool | None = None, quantization: str | None = None,
                  kv_cache_dtype: str = "auto", kernel_options: KernelOptions | dict | None = None,
                  speculative_config: dict | None = None, enable_lora: bool = False, max_loras: int = 1,
-                 max_lora_rank: int = 16, max_cpu_loras: int | None = None) -> None:
+                 max_lora_rank: int = 16, max_cpu_loras: int | None = None,
+                 pipeline_parallel_size: int = 1) -> None:
         if model is None:
             from pagedray.cluster.default_model import default_model_path
             model = default_model_path()
@@ -38,7 +39,8 @@ class LLM:
             enforce_eager=enforce_eager, async_scheduling=async_scheduling, quantization=quantization,
             kv_cache_dtype=kv_cache_dtype, kernel_options=kernel_options,
             speculative_config=speculative_config, enable_lora=enable_lora, max_loras=max_loras,
-            max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras)
+            max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
+            pipeline_parallel_size=pipeline_parallel_size)
         self._ids = itertools.count()
 
     def get_tokenizer(self):

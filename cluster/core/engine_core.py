@@ -10,6 +10,10 @@ token, completions 1..n-1 are forked from it (`Scheduler.fork_request`) at promp
 sharing every block of the prompt and copying only the block of the last prompt token, which each
 recomputes to draw its own first token.
 
+Pipeline parallelism: the core keeps up to pipeline_parallel_size steps in flight (the executor
+returns when a step is submitted; stage 0 runs step N+1 while stage 1 runs step N). Each `step()`
+fills the pipeline with steps built from requests not already in flight, then reads the oldest.
+
 Resume: a request with `output_token_ids` (migrated from a failed core) starts as a preempted one
 would: prompt + those tokens are recomputed and sampling continues at output position
 len(output_token_ids), so a seeded request continues its own stream and max_tokens counts the
@@ -21,6 +25,7 @@ import gc
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -75,6 +80,10 @@ class EngineCore:
         self.async_scheduling = bool(config.scheduler.async_scheduling)
         # Overlapped steps: the step queued on the device whose output is not read yet.
         self._in_flight: tuple[SchedulerOutput, StepOutput] | None = None
+        # Pipeline parallelism: steps submitted and not read yet, oldest first.
+        self.pipeline_depth = config.parallel.pipeline_parallel_size
+        self._pipeline: deque[tuple[SchedulerOutput, StepOutput]] = deque()
+        self.scheduler.max_unread_steps = max(self.scheduler.max_unread_steps, self.pipeline_depth + 1)
         # Start-up leaves ~10^5 long-lived objects (modules, tensors, tokenizer). Frozen, they are
         # no longer walked by the full collections a long run triggers, each a pause of the step loop.
         gc.collect()
@@ -185,17 +194,20 @@ class EngineCore:
         if self.loras.loading:
             self._poll_loras()
         outputs, self._refused = self._refused, []
-        sched = self.scheduler.schedule()
-        launched = None
-        if not sched.is_empty or sched.finished_req_ids:
-            launched = (sched, self._run_executor(self.executor.execute_model_async, sched))
-        if self.async_scheduling:
-            # The step just queued runs on the device while the host reads the previous one.
-            launched, self._in_flight = self._in_flight, launched
+        if self.pipeline_depth > 1:
+            launched = self._fill_pipeline()
+        else:
+            sched = self.scheduler.schedule()
+            launched = None
+            if not sched.is_empty or sched.finished_req_ids:
+                launched = (sched, self._run_executor(self.executor.execute_model_async, sched))
+            if self.async_scheduling:
+                # The step just queued runs on the device while the host reads the previous one.
+                launched, self._in_flight = self._in_flight, launched
         if launched is None:
             return CoreOutputs(outputs, self.get_stats() if outputs else None, time.monotonic())
         sched, step_out = launched
-        runner_out = self._run_executor(StepOutput.get, step_out)
+        runner_out = self._run_executor(_read_step, step_out)
         self._record_prompt_logprobs(sched, runner_out)
         logprobs = runner_out.logprobs
         for request, new_tokens in self.scheduler.update_from_output(sched, runner_out):
@@ -221,6 +233,18 @@ class EngineCore:
                 self._end(parent, request)
             outputs.append(out)
         return CoreOutputs(outputs, self.get_stats(), time.monotonic())
+
+    def _fill_pipeline(self) -> tuple[SchedulerOutput, StepOutput] | None:
+        """Submit steps until pipeline_depth are in flight or none is left to build; the oldest
+        in-flight step, taken off the queue to be read (None when nothing is in flight)."""
+        pipeline = self._pipeline
+        while len(pipeline) < self.pipeline_depth:
+            busy = {rid for sched, _ in pipeline for rid in sched.num_scheduled_tokens}
+            sched = self.scheduler.schedule(skip=busy)
+            if sched.is_empty and not sched.finished_req_ids:
+                break
+            pipeline.append((sched, self._run_executor(self.executor.execute_model_async, sched)))
+        return pipeline.popleft() if pipeline else None
 
     def _run_executor(self, fn, arg):
         try:
@@ -274,6 +298,11 @@ class EngineCore:
     def shutdown(self) -> None:
         self.loras.shutdown()
         self.executor.shutdown()
+
+
+def _read_step(step: StepOutput):
+    """The step's output (bound: an executor's StepOutput subclass may read it its own way)."""
+    return step.get()
 
 
 def _engine_info(config: EngineConfig, num_kv_blocks: int) -> EngineInfo:

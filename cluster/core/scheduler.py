@@ -23,6 +23,11 @@ Policy (vLLM V1):
   preemption, or when copy-on-write replaced a block the workers already hold (it is then also listed
   in `finished_req_ids`, which workers apply first); otherwise as a `CachedRequestData` delta.
 
+Pipeline parallelism: the engine keeps up to pipeline_parallel_size steps in flight and passes
+`schedule(skip=...)` the requests of those steps: a request is never in two in-flight steps (its
+next token is not known until its step left the last stage), so the next step is built from the
+others.
+
 Call `abort_requests`/`finish_requests` between steps. With overlapped steps that is while a step is
 in flight: its blocks may be freed and handed out again at once, because the workers run steps in
 order, so a step scheduled later reads or writes them only after the step in flight wrote them.
@@ -58,6 +63,7 @@ class Scheduler:
         # The requests each recent schedule() ran, by id(SchedulerOutput): an output arriving after
         # its request was aborted and its id reused must not reach the new request.
         self._step_requests: OrderedDict[int, dict[str, Request]] = OrderedDict()
+        self.max_unread_steps = 4   # raised by an engine that keeps more steps in flight (pipeline)
         # Speculative decoding (cluster/core/spec.py): None when off.
         self.spec = (SpecDecoding(speculative_config, scheduler_config.max_model_len)
                      if speculative_config is not None else None)
@@ -165,7 +171,8 @@ class Scheduler:
         self._forget(request.request_id)
 
     # -- scheduling ----------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, skip: frozenset[str] | set[str] = frozenset()) -> SchedulerOutput:
+        """The next step; requests in `skip` (in a step still in flight) are left out of it."""
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}
         preempted = False
@@ -174,6 +181,9 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:
             request = running[i]
+            if skip and request.request_id in skip:
+                i += 1
+                continue
             if request.num_output_placeholders and self._ends_in_flight(request):
                 ending += 1
                 i += 1
@@ -197,11 +207,12 @@ class Scheduler:
         if not preempted:
             # A request ending with its tokens in flight leaves its seat now: its successor is
             # admitted in this step, as it would be without the overlap.
-            self._admit_waiting(budget, scheduled, self.config.max_num_seqs + ending)
+            self._admit_waiting(budget, scheduled, self.config.max_num_seqs + ending, skip)
         output = self._build_output(scheduled)
         self._advance(scheduled)
-        self._step_requests[id(output)] = {rid: self.requests[rid] for rid in scheduled}
-        while len(self._step_requests) > 4:     # steps whose output was never read
+        if scheduled:   # (an empty step has no output to match; a pipeline builds one per fill)
+            self._step_requests[id(output)] = {rid: self.requests[rid] for rid in scheduled}
+        while len(self._step_requests) > self.max_unread_steps:     # steps whose output was never read
             self._step_requests.popitem(last=False)
         return output
 
@@ -244,14 +255,15 @@ class Scheduler:
         pending = request.num_output_placeholders
         return self._ends_by_length(request, request.num_tokens + pending, request.num_output_tokens + pending)
 
-    def _admit_waiting(self, budget: int, scheduled: dict[str, int], max_running: int) -> None:
+    def _admit_waiting(self, budget: int, scheduled: dict[str, int], max_running: int,
+                       skip: frozenset[str] | set[str] = frozenset()) -> None:
         bm = self.block_manager
         loras = self._running_loras()
         j = 0
         while j < len(self.waiting) and budget > 0 and len(self.running) < max_running:
             request = self.waiting[j]
-            if request.num_output_placeholders:
-                break   # preempted with a token in flight: it resumes once that token is known
+            if request.num_output_placeholders or request.request_id in skip:
+                break   # preempted while in flight: it resumes once that step (or token) is read
             lora = request.lora_request
             if lora is not None and (lora.lora_int_id in self.loras_loading or self.max_loras and
                                      lora.lora_int_id not in loras and len(loras) >= self.max_loras):

@@ -1,10 +1,15 @@
-"""The Ray executor: one replica sharded over `tensor_parallel_size` Ray actors.
+"""The Ray executor: one replica sharded over tensor_parallel_size x pipeline_parallel_size Ray actors.
 
 Start-up: the replica's placement group (cluster/executors/placement.py: the one the driver
 placed this core in, else one of its own; a stage's ranks share a bundle, so a node); one
-`WorkerActor` per rank; torch.distributed over NCCL (gloo on
-CPU) at a `tcp://` address on rank 0's node that the executor picks; every rank loads
-its shard and profiles; the KV cache gets the minimum block count over ranks.
+`WorkerActor` per rank, ranks stage-major (rank = stage * tp + tp_rank); torch.distributed over
+NCCL (gloo on CPU) at a `tcp://` address on rank 0's node that the executor picks; every rank
+loads its shard (its stage's layers) and profiles; the KV cache gets the minimum block count
+over ranks. The step's output comes from the last stage's first rank.
+
+Pipeline parallelism: `execute_model_async` returns as soon as a step is submitted, so the
+engine core keeps up to pipeline_parallel_size steps in flight; each actor runs its calls
+in submission order, so stage 0 runs step N+1 while stage 1 runs step N.
 
 Per step the driver sends one `SchedulerOutput` (new requests whole, running ones as
 deltas) to every rank and reads the sampled tokens from rank 0. Two transports:
@@ -36,20 +41,37 @@ from pagedray.cluster.executors.ray_utils import WorkerActor, forwarded_env, ini
 from pagedray.models.registry import ModelRegistry
 from pagedray.common.messages import ModelRunnerOutput, SchedulerOutput
 from pagedray.common import envs
+from pagedray.workers.step_output import StepOutput
 
 logger = logging.getLogger(__name__)
 
 TRANSPORTS = ("calls", "dag")
 
 
-def default_transport(device_type: str) -> str:
+def default_transport(device_type: str, pipeline_parallel_size: int = 1) -> str:
     """Compiled graphs on GPU: 0.46 ms of driver overhead per decode step at TP=2 against 1.37 ms for
     actor calls (2xH200, docs/perf-notes/history.md). Actor calls on CPU, where the compiled graph's
-    polling actors (~30% of a core each, even idle) would take cores from the ranks' compute."""
-    choice = envs.ray_transport() or ("dag" if device_type == "cuda" else "calls")
+    polling actors (~30% of a core each, even idle) would take cores from the ranks' compute.
+    Actor calls under pipeline parallelism: they let several steps be in flight (see the module doc)."""
+    default = "dag" if device_type == "cuda" and pipeline_parallel_size == 1 else "calls"
+    choice = envs.ray_transport() or default
     if choice not in TRANSPORTS:
         raise ValueError(f"PAGEDRAY_RAY_TRANSPORT must be one of {TRANSPORTS}, got {choice!r}")
     return choice
+
+
+class _RayStep(StepOutput):
+    """A step submitted to every rank; `get()` waits for all of them (any failure raises)."""
+
+    def __init__(self, executor: "RayExecutor", refs: list) -> None:
+        super().__init__([], None)
+        self._executor, self._refs = executor, refs
+
+    def get(self) -> ModelRunnerOutput:
+        if self._result is None:
+            outs = self._executor._wait(self._refs, self._executor.step_timeout_s, "a step")
+            self._result = outs[self._executor.output_rank]
+        return self._result
 
 
 class RayExecutor(Executor):
@@ -58,10 +80,15 @@ class RayExecutor(Executor):
         self.config = config
         self.worker_cls = worker_cls   # the rank actor's class (vLLM's worker_cls): WorkerActor or a subclass
         self.tp = config.parallel.tensor_parallel_size
+        self.pp = config.parallel.pipeline_parallel_size
+        self.world = self.tp * self.pp
+        self.output_rank = (self.pp - 1) * self.tp   # the last stage's first rank samples
         device_type = config.device.device_type
-        self.transport = transport or default_transport(device_type)
+        self.transport = transport or default_transport(device_type, self.pp)
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.transport == "dag" and self.pp > 1:
+            raise ValueError("transport 'dag' runs one step at a time; pipeline_parallel_size > 1 needs 'calls'")
         # A step longer than this is a hang (e.g. a collective whose peer is wedged, not dead).
         self.step_timeout_s = step_timeout_s or envs.ray_step_timeout_s()
         self.startup_timeout_s = envs.ray_startup_timeout_s()
@@ -82,7 +109,7 @@ class RayExecutor(Executor):
     def _start(self, device_type: str) -> None:
         resource = "GPU" if device_type == "cuda" else "CPU"
         init_ray()
-        shape = ReplicaShape.of(self.tp, getattr(self.config.parallel, "pipeline_parallel_size", 1), resource)
+        shape = ReplicaShape.of(self.tp, self.pp, resource)
         try:   # the replica's group when a driver placed this core in one, else one of our own
             self.placement_group, self._own_group = replica_placement_group(
                 shape, envs.ray_placement_timeout_s())
@@ -101,8 +128,8 @@ class RayExecutor(Executor):
         if self.transport == "dag":
             self._dag = self._compile_dag()
         self._started = True
-        logger.info("ray executor: tp=%d on %s, %d KV blocks per rank, transport=%s",
-                    self.tp, init_method, num_blocks, self.transport)
+        logger.info("ray executor: tp=%d pp=%d on %s, %d KV blocks per rank, transport=%s",
+                    self.tp, self.pp, init_method, num_blocks, self.transport)
 
     def _start_ranks(self, resource: str, shape: ReplicaShape, attempts: int = 3) -> tuple[str, int]:
         """One actor per rank, and rank 0's rendezvous address. Ranks that die before holding anything
@@ -116,7 +143,7 @@ class RayExecutor(Executor):
             self.workers = [
                 actor_cls.options(**per_rank, scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.placement_group, placement_group_bundle_index=shape.bundle_index(rank))).remote(rank, env)
-                for rank in range(self.tp)]
+                for rank in range(self.world)]
             try:
                 if len(group_nodes(self.placement_group)) > 1:   # collectives cross nodes: the node IP's interface
                     self._wait([w.use_node_interface.remote() for w in self.workers], 60.0, "choosing the interface")
@@ -140,17 +167,26 @@ class RayExecutor(Executor):
 
     # -- one step ------------------------------------------------------------
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        if self._dag is None:
+            return self.execute_model_async(sched).get()
+        self._check_usable()
+        try:
+            return ray.get(self._dag.execute(sched), timeout=self.step_timeout_s)[self.output_rank]
+        except Exception as exc:
+            raise self._fail("a step", exc) from exc
+
+    def execute_model_async(self, sched: SchedulerOutput) -> StepOutput:
+        """Submit the step to every rank and return; `get()` waits for it (actor calls only)."""
+        if self._dag is not None:
+            return StepOutput.done(self.execute_model(sched))
+        self._check_usable()
+        return _RayStep(self, [w.execute_model.remote(sched) for w in self.workers])
+
+    def _check_usable(self) -> None:
         if self._failure is not None:
             raise ExecutorError(f"the executor has failed before: {self._failure}")
         if self._closed:
             raise ExecutorError("the executor is shut down")
-        if self._dag is None:
-            outs = self._wait([w.execute_model.remote(sched) for w in self.workers], self.step_timeout_s, "a step")
-            return outs[0]
-        try:
-            return ray.get(self._dag.execute(sched), timeout=self.step_timeout_s)[0]
-        except Exception as exc:
-            raise self._fail("a step", exc) from exc
 
     def _wait(self, refs: list, timeout: float, what: str) -> list:
         """All results in order; the first failure of any rank raises at once, even while others block."""
@@ -174,7 +210,7 @@ class RayExecutor(Executor):
         if isinstance(cause, ValueError) and not self._started:  # bad configuration, e.g. heads % tp
             return ValueError(str(cause))
         dead = self._dead_ranks()
-        who = f"rank(s) {dead} of {self.tp} died" if dead else "a rank failed"
+        who = f"rank(s) {dead} of {self.world} died" if dead else "a rank failed"
         self._failure = f"{who} during {what}: {type(cause).__name__}: {_why(cause)}"
         return ExecutorError(f"tensor-parallel worker failure: {self._failure}; the replica cannot continue "
                              f"(shut this executor down and build a new one)")

@@ -177,6 +177,12 @@ class WorkerActor:
     def ping(self) -> int:
         return os.getpid()
 
+    def take_stage_times(self):
+        """This rank's pipeline-stage times since the last call (workers/pipeline_stage.py), or None
+        without pipeline parallelism."""
+        io = self.worker.runner.stage_io if self.worker is not None else None
+        return io.take_times() if io is not None else None
+
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 

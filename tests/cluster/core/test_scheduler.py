@@ -8,7 +8,7 @@ outputs or trips an assertion, and every run is checked against a reference gene
 """
 import subprocess
 import sys
-from collections import defaultdict
+from collections import defaultdict, deque
 
 import pytest
 
@@ -439,3 +439,54 @@ def test_a_request_ending_in_flight_gives_its_seat_to_the_next_at_once():
     assert sched.num_running == 2 and len(s3.num_scheduled_tokens) <= 1
     sched.update_from_output(s2, ModelRunnerOutput({"a": 8}))
     assert a.status is RequestStatus.FINISHED_LENGTH and sched.num_running == 1
+
+
+# -- pipeline parallelism: steps in flight, none sharing a request (schedule(skip=...)) ----------
+def drive_pipelined(sched, worker, depth: int, max_steps: int = 4000) -> tuple[dict[str, list[int]], int]:
+    """Keep up to `depth` steps in flight (the fake worker runs a step when it is submitted, as the
+    stages would, in order); read the oldest. Returns the outputs and the most steps in flight."""
+    outputs, pipeline, peak = defaultdict(list), deque(), 0
+    for _ in range(max_steps):
+        while len(pipeline) < depth:
+            busy = {rid for so, _ in pipeline for rid in so.num_scheduled_tokens}
+            so = sched.schedule(skip=busy)
+            if so.is_empty and not so.finished_req_ids:
+                break
+            assert not busy & set(so.num_scheduled_tokens), "a request in two in-flight steps"
+            pipeline.append((so, worker.execute(so)))
+        peak = max(peak, len(pipeline))
+        if not pipeline:
+            break
+        so, out = pipeline.popleft()
+        for req, toks in sched.update_from_output(so, out):
+            outputs[req.request_id] += toks
+    assert not sched.has_unfinished_requests(), "the scheduler stopped making progress"
+    bm = sched.block_manager
+    assert bm.num_free_blocks == bm.num_blocks, "blocks leaked"
+    return dict(outputs), peak
+
+
+@pytest.mark.parametrize("depth,num_blocks", [(2, 64), (2, 12), (4, 12)])
+def test_pipelined_steps_match_reference(depth, num_blocks):
+    sched, worker = make_scheduler(num_blocks=num_blocks, max_num_seqs=4, budget=10, max_model_len=64)
+    sched.max_unread_steps = depth + 1
+    reqs = workload()
+    for rid, prompt, params in reqs:
+        add(sched, rid, prompt, **params)
+    outputs, peak = drive_pipelined(sched, worker, depth)
+    assert peak == depth
+    for rid, prompt, params in reqs:
+        assert outputs[rid] == reference(rid, prompt, SamplingParams(**params), 64), rid
+    if num_blocks == 12:
+        assert sched.num_preemptions > 0
+
+
+def test_skip_leaves_requests_out_and_holds_the_queue_head():
+    sched, _ = make_scheduler(max_num_seqs=4, budget=32)
+    add(sched, "a", [1, 2, 3], max_tokens=4)
+    first = sched.schedule()
+    assert set(first.num_scheduled_tokens) == {"a"}
+    add(sched, "b", [4, 5], max_tokens=4)
+    second = sched.schedule(skip={"a"})
+    assert set(second.num_scheduled_tokens) == {"b"}      # a is in flight: only b runs
+    assert sched.schedule(skip={"a", "b"}).is_empty

@@ -1,0 +1,155 @@
+"""Pipeline parallelism through the engine on the Ray executor (CPU, gloo): Llama at PP=2 and Mixtral
+(MoE) at TP=2 x PP=2 against HF transformers; steps in flight; a killed stage; bad sizes.
+
+One local Ray instance (4 CPUs) serves the whole module.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import pytest
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+import ray  # noqa: E402
+
+from testkit.hf_compare import assert_greedy_match, engine_greedy  # noqa: E402
+from testkit.hf_reference import hf_greedy  # noqa: E402
+from testkit.tiny_models import load_hf_model  # noqa: E402
+from testkit.tiny_tokenizer import make_tiny_tokenizer  # noqa: E402
+
+from pagedray.cluster import LLM, SamplingParams  # noqa: E402
+from pagedray.cluster.engine import EngineDeadError  # noqa: E402
+from pagedray.models.conformance import tiny_config  # noqa: E402
+
+NUM_CPUS = 4
+# A dense GQA Llama and a Mixtral (top-2 of 4 experts, sliding window), 2 layers each: one per stage.
+ARCHS = {"llama": ("LlamaForCausalLM", "gqa_untied"), "mixtral": ("MixtralForCausalLM", "top2_of_4_sliding")}
+# Small blocks, cache and token budget: chunked prefill and preemption both happen.
+ENGINE_KW = dict(device="cpu", block_size=4, num_kv_blocks=24, max_num_batched_tokens=16)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, logprobs=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local():
+    ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _save_checkpoint(arch: str, case: str, path) -> str:
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    getattr(transformers, arch)(tiny_config(arch, case)).float().save_pretrained(path, safe_serialization=True)
+    make_tiny_tokenizer(path, 320)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return {name: _save_checkpoint(*row, tmp_path_factory.mktemp(name)) for name, row in ARCHS.items()}
+
+
+def _prompts(n: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 320) for _ in range(rng.randrange(3, 40))] for _ in range(n)]
+
+
+def _generate(llm: LLM, prompts: list[list[int]]):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    return [engine_greedy(o.outputs[0]) for o in outs]
+
+
+def _watch_in_flight(executor) -> dict:
+    """Wrap the executor's submit: record the most steps in flight at once, and fail if a request is
+    in two of them."""
+    seen = {"peak": 0, "overlap": []}
+    in_flight: list[set[str]] = []
+    submit = executor.execute_model_async
+
+    def watched(sched):
+        ids = set(sched.num_scheduled_tokens)
+        seen["overlap"] += [ids & other for other in in_flight if ids & other]
+        step = submit(sched)
+        in_flight.append(ids)
+        seen["peak"] = max(seen["peak"], len(in_flight))
+        get = step.get
+
+        def done():
+            out = get()
+            if ids in in_flight:
+                in_flight.remove(ids)
+            return out
+        step.get = done
+        return step
+    executor.execute_model_async = watched
+    return seen
+
+
+def _kv_shapes(executor) -> list[tuple]:
+    return ray.get([w.__ray_call__.remote(lambda self: [tuple(c.shape) for c in self.worker.cache.kv_caches])
+                    for w in executor.workers])
+
+
+def test_pp2_matches_hf_then_a_killed_stage_fails_fast(checkpoints):
+    """Llama at PP=2: two steps in flight, none sharing a request, each stage holding its one layer's
+    KV cache; greedy output equals HF's. Then stage 1 is killed: the engine fails within seconds."""
+    path = checkpoints["llama"]
+    prompts = _prompts(6, seed=4)
+    llm = LLM(path, executor="ray", pipeline_parallel_size=2, **ENGINE_KW)
+    try:
+        executor = llm.llm_engine.executor
+        assert executor.transport == "calls" and executor.output_rank == 1
+        seen = _watch_in_flight(executor)
+        got = _generate(llm, prompts)
+        assert seen["peak"] == 2, "the engine never kept two steps in flight"
+        assert not seen["overlap"], f"requests in two in-flight steps: {seen['overlap']}"
+        assert llm.llm_engine.get_stats().num_preemptions > 0
+        # Each stage holds the KV cache of its one layer (24 blocks, both KV heads).
+        assert _kv_shapes(executor) == [[(2, 24, 2, 4, 16)]] * 2
+        # Stage 1 gone: stage 0 cannot hand it the next step.
+        os.kill(ray.get(executor.workers[1].ping.remote()), signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError, match=r"rank\(s\) \[1\] of 2 died"):
+            _generate(llm, _prompts(3, seed=5))
+        assert time.monotonic() - start < 10
+    finally:
+        llm.shutdown()
+    hf = load_hf_model(path)
+    for i, (ours, p) in enumerate(zip(got, prompts)):
+        assert_greedy_match(ours, hf_greedy(hf, p, GREEDY.max_tokens), what=f"llama PP=2 prompt {i} vs HF")
+
+
+def test_tp2_pp2_moe_matches_hf(checkpoints):
+    """Mixtral at TP=2 x PP=2 (4 ranks): the experts split over each stage's 2 ranks."""
+    path = checkpoints["mixtral"]
+    prompts = _prompts(4, seed=11)
+    llm = LLM(path, executor="ray", tensor_parallel_size=2, pipeline_parallel_size=2, **ENGINE_KW)
+    try:
+        executor = llm.llm_engine.executor
+        assert executor.output_rank == 2   # rank = stage * tp + tp_rank: stage 1, tp rank 0
+        got = _generate(llm, prompts)
+        # One layer per stage, one KV head per TP rank.
+        assert _kv_shapes(executor) == [[(2, 24, 1, 4, 16)]] * 4
+    finally:
+        llm.shutdown()
+    hf = load_hf_model(path)
+    for i, (ours, p) in enumerate(zip(got, prompts)):
+        assert_greedy_match(ours, hf_greedy(hf, p, GREEDY.max_tokens), what=f"mixtral TP=2 x PP=2 prompt {i} vs HF")
+
+
+def test_bad_pipeline_sizes_are_value_errors(checkpoints):
+    path = checkpoints["llama"]
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size \(3\) is larger than the model's "
+                                         r"num_hidden_layers \(2\)"):
+        LLM(path, executor="ray", pipeline_parallel_size=3, **ENGINE_KW)
+    with pytest.raises(ValueError, match="executor='local' runs one process"):
+        LLM(path, pipeline_parallel_size=2, **ENGINE_KW)
+    with pytest.raises(ValueError, match="pipeline_parallel_size must be >= 1"):
+        LLM(path, executor="ray", pipeline_parallel_size=0, **ENGINE_KW)
