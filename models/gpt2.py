@@ -18,7 +18,8 @@ from pagedray.models.layers.attention import Attention, AttentionMetadata
 from pagedray.models.layers.causal_lm import CausalLM
 from pagedray.models.layers.layernorm import LayerNorm
 from pagedray.models.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from pagedray.models.layers.pipeline import IntermediateTensors, PPMissing, StageLayers, current_stage
+from pagedray.models.layers.pipeline import (IntermediateTensors, PPMissing, StageLayers, current_stage,
+                                             missing_prefixes)
 from pagedray.models.layers.position_embedding import LearnedPositionalEmbedding
 from pagedray.models.layers.vocab_embedding import VocabParallelEmbedding
 from pagedray.models.layers.weights import materialize
@@ -110,11 +111,14 @@ class GPT2LMHeadModel(CausalLM):
 
     def hf_layout(self, weights: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
         """Checkpoint tensors renamed and transposed into nn.Linear's layout."""
+        other_stages = missing_prefixes(self)   # dropped here, before a transpose would read them
         for name, weight in weights:
             if name.endswith(_MASK_BUFFERS):
                 continue
             if not name.startswith(("transformer.", "lm_head.")):
                 name = f"transformer.{name}"  # the original openai-community/gpt2 files have no prefix
+            if name.startswith(other_stages):
+                continue
             if name.endswith(_CONV1D_WEIGHTS):
                 # Materialised whole (each rank reads the full matrix): Conv1D stores [in, out].
                 weight = materialize(weight).t()
