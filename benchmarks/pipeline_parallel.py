@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import tempfile
-import time
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
