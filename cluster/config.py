@@ -81,6 +81,10 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
     cache = CacheConfig(block_size, gpu_memory_utilization, num_kv_blocks, enable_prefix_caching,
                         cache_dtype=kv_cache_dtype)
     cache.check_device(device_config.device_type)
+    if parallel.pipeline_parallel_size > 1 and (enable_lora or speculative is not None):
+        raise ValueError(f"pipeline_parallel_size={parallel.pipeline_parallel_size} cannot be combined with "
+                         f"{'enable_lora' if enable_lora else 'speculative_config'} yet (only plain decoding "
+                         f"runs in stages)")
     if enable_lora and speculative is not None:
         raise ValueError("enable_lora cannot be combined with speculative_config yet (the proposers and the "
                          "verification batch do not carry the requests' adapters)")

@@ -151,5 +151,7 @@ def test_bad_pipeline_sizes_are_value_errors(checkpoints):
         LLM(path, executor="ray", pipeline_parallel_size=3, **ENGINE_KW)
     with pytest.raises(ValueError, match="executor='local' runs one process"):
         LLM(path, pipeline_parallel_size=2, **ENGINE_KW)
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2 cannot be combined with enable_lora"):
+        LLM(path, executor="ray", pipeline_parallel_size=2, enable_lora=True, **ENGINE_KW)
     with pytest.raises(ValueError, match="pipeline_parallel_size must be >= 1"):
         LLM(path, executor="ray", pipeline_parallel_size=0, **ENGINE_KW)
