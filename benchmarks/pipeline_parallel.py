@@ -15,7 +15,8 @@ given is the mean over stages. On a CPU the waits are real blocking (gloo); on a
 are queued, so read the CPU figures only.
 
     python benchmarks/pipeline_parallel.py --device cpu --shape small --requests 16 --output-len 32
-    python benchmarks/pipeline_parallel.py --device cpu --shape small --record   # appends to RESULTS.md
+
+Every run is recorded (benchmarks/records/; `python benchmarks/records.py` regenerates RESULTS.md).
 """
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=256)
     p.add_argument("--num-kv-blocks", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    p.add_argument("--results", default=None, help="also append the table to this markdown file (the run is always recorded)")
     args = p.parse_args()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     results = []
@@ -111,9 +112,13 @@ def main() -> None:
     table = markdown_table(["run", "steps in flight", "output tok/s", "vs pp1", "stage busy (0 / 1)",
                             "bubble"], rows)
     print(table)
-    if args.record:
-        append_results(f"Pipeline parallelism on CPU ({args.shape}, {args.requests} requests x "
-                       f"{args.input_len}+{args.output_len} tokens, max_num_seqs {args.max_num_seqs})", table)
+    pp2 = results[-1]
+    figures = {"pp2 vs pp1": round(pp2["tok_s"] / base, 3), "pp2 bubble": round(pp2["bubble"], 3),
+               "pp2-serial bubble": round(results[1]["bubble"], 3), "pp1 output tok/s": round(base, 1),
+               "pp2 output tok/s": round(pp2["tok_s"], 1)}
+    append_results(f"pipeline parallelism, {args.device}, {args.shape}, {args.requests} x "
+                   f"{args.input_len}/{args.output_len}, max_num_seqs {args.max_num_seqs}", table, args.results,
+                   figures=figures, headline="pp2 vs pp1")
 
 
 if __name__ == "__main__":
