@@ -1,8 +1,8 @@
 """The batched LoRA kernels in Triton (see lora.py): shrink x -> x A^T and expand y += (x A^T) B^T,
 each token with its own slot's A and B.
 
-Tokens arrive sorted by slot (`order`), so a tile of BLOCK_T tokens holds a contiguous range of
-slots, mostly one: a program walks only the slots of its tile (from its first token's to its
+Tokens arrive sorted by slot (`order`), so a tile of BLOCK_T tokens (16 in decode batches, 64 in
+prefill) holds a contiguous range of slots, mostly one: a program walks only the slots of its tile (from its first token's to its
 last's), gathering its tokens' rows through `order` and writing only the rows of the slot in
 hand, so every output row is written by exactly one program (no atomics, deterministic). The
 shrink's long reduction (hidden or intermediate size) is split over K into `splits` partial sums
@@ -17,7 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_T = 16
+def _block_t(num_tokens: int) -> int:
+    """Tokens per tile: 16 for decode batches; 64 for prefill, so each B tile is read 4x less often."""
+    return 16 if num_tokens <= 128 else 64
 
 
 @triton.jit
@@ -101,15 +103,16 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, indices: torch.Tensor, order: 
         raise ValueError("lora_shrink needs row-major x and A")
     block_k = 64
     # A decode batch is a few tiles: split the reduction so that there are enough programs.
-    splits = max(1, min(8, k // 512)) if num_tokens <= 8 * BLOCK_T else 1
+    block_t = _block_t(num_tokens)
+    splits = max(1, min(8, k // 512)) if num_tokens <= 128 else 1
     k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     splits = triton.cdiv(k, k_per_split)
     out = torch.empty(splits, num_tokens, r, dtype=torch.float32, device=x.device)
     if num_tokens:
-        grid = (triton.cdiv(num_tokens, BLOCK_T), splits)
+        grid = (triton.cdiv(num_tokens, block_t), splits)
         _shrink_kernel[grid](x, a, indices, order, out, num_tokens, r, k, k_per_split,
                              x.stride(0), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
-                             IEEE=x.dtype == torch.float32, BLOCK_T=BLOCK_T, BLOCK_R=_block_r(r), BLOCK_K=block_k)
+                             IEEE=x.dtype == torch.float32, BLOCK_T=block_t, BLOCK_R=_block_r(r), BLOCK_K=block_k)
     return out
 
 
@@ -121,10 +124,10 @@ def lora_expand(partials: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, 
     if b.stride(2) != 1 or y.stride(1) != 1:
         raise ValueError("lora_expand needs row-major B and y")
     if num_tokens:
-        block_n = 64
-        grid = (triton.cdiv(num_tokens, BLOCK_T), triton.cdiv(n, block_n))
+        block_n, block_t = 64, _block_t(num_tokens)
+        grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(n, block_n))
         _expand_kernel[grid](partials, b, indices, order, y, num_tokens, n, r, splits,
                              partials.stride(0), partials.stride(1), b.stride(0), b.stride(1), y.stride(0),
-                             IEEE=b.dtype == torch.float32, BLOCK_T=BLOCK_T, BLOCK_N=block_n,
+                             IEEE=b.dtype == torch.float32, BLOCK_T=block_t, BLOCK_N=block_n,
                              BLOCK_R=_block_r(r))
     return y
