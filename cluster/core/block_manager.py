@@ -37,7 +37,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def check_fits_kv_cache(num_tokens: int, num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
-                        num_blocks: int, block_size: int) -> None:
+                        num_blocks: int, block_size: int, lookahead: int = 0) -> None:
     """ValueError when a request could outgrow the whole KV cache (it could never finish).
 
     The one capacity check: the front's validation and the scheduler both call it. A request of
@@ -45,11 +45,12 @@ def check_fits_kv_cache(num_tokens: int, num_prompt_tokens: int, max_tokens: int
     last sampled one, whose K/V is never computed.
     """
     final = max_model_len if max_tokens is None else min(max_model_len, num_prompt_tokens + max_tokens)
-    needed = max(num_tokens, final - 1)
+    needed = max(num_tokens, final - 1) + lookahead
     capacity = num_blocks * block_size
     if needed > capacity:
+        extra = f" (with {lookahead} lookahead slots of speculative decoding)" if lookahead else ""
         raise ValueError(f"max_tokens={max_tokens} cannot fit: the prompt ({num_prompt_tokens} tokens) plus "
-                         f"max_tokens may need {needed} tokens of KV cache, above its capacity of {capacity} "
+                         f"max_tokens may need {needed} tokens of KV cache{extra}, above its capacity of {capacity} "
                          f"tokens ({num_blocks} blocks of {block_size}): lower max_tokens")
 
 

@@ -101,7 +101,8 @@ class Scheduler:
         bm = self.block_manager
         try:
             check_fits_kv_cache(request.num_tokens, request.num_prompt_tokens, request.sampling_params.max_tokens,
-                                self.config.max_model_len, bm.num_blocks, bm.block_size)
+                                self.config.max_model_len, bm.num_blocks, bm.block_size,
+                                self.spec.num_lookahead_slots if self.spec is not None else 0)
         except ValueError as exc:
             raise ValueError(f"request {request.request_id!r}: {exc}") from None
 

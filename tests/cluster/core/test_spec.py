@@ -157,3 +157,15 @@ def test_proposals_respect_max_tokens_and_stop_tokens():
     got = drive(sched, worker)
     assert got["a"] == ref[:7]
     assert got["b"] == ref[:ref.index(ref[9]) + 1]
+
+
+def test_a_request_that_cannot_fit_with_the_lookahead_slots_is_refused(tmp_path):
+    """A drafter reserves k lookahead slots: a request whose longest length plus them exceeds the
+    whole cache could never run, and is refused when added (not left to stall)."""
+    (tmp_path / "config.json").write_text("{}")
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128)
+    spec = SpeculativeConfig("draft_model", 4, model=str(tmp_path))
+    sched = Scheduler(cfg, BS, 8, False, spec)                       # 32 slots
+    sched.add_request(Request("fits", list(range(10)), SamplingParams(max_tokens=18)))   # 27 + 4 slots
+    with pytest.raises(ValueError, match="lookahead"):
+        sched.add_request(Request("too long", list(range(10)), SamplingParams(max_tokens=20)))  # 29 + 4
