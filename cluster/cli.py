@@ -428,12 +428,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_grpc_logs() -> None:
+    """gRPC's C core logs to stderr on its own ("Got goaway", "add_port.cc"), into a client's streamed
+    text; the CLI's own errors say what failed, once. Before grpc is imported; GRPC_VERBOSITY wins."""
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand; a user's mistake (bad flag value, model folder, device, file, port) is one
     line on stderr and exit code 2, not a traceback."""
     args = build_parser().parse_args(argv)
-    # gRPC's C core logs to stderr on its own ("Got goaway", "add_port.cc"): our errors say it once.
-    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    quiet_grpc_logs()
     try:
         return args.func(args)
     except (ValueError, OSError, ImportError) as exc:

@@ -2,6 +2,7 @@
 traceback; help pages show the defaults."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -174,3 +175,32 @@ def test_serve_setting_errors_are_one_line_from_a_real_process(extra, says, mode
     """Checked before an engine process starts, so none of its log lines (a traceback) comes first."""
     code, err = _serve_exit(["--model", model_path, "--port", "0", *extra])
     assert code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
+
+
+_BIND_TAKEN = """
+import socket, sys
+from concurrent import futures
+if sys.argv[1] == "cli":
+    from pagedray.cluster.cli import quiet_grpc_logs
+    quiet_grpc_logs()
+import grpc
+taken = socket.socket(); taken.bind(("127.0.0.1", 0)); taken.listen()
+server = grpc.server(futures.ThreadPoolExecutor(1), options=[("grpc.so_reuseport", 0)])
+try:
+    server.add_insecure_port(f"127.0.0.1:{taken.getsockname()[1]}")
+except RuntimeError:
+    print("refused")
+"""
+
+
+def test_grpc_library_log_lines_stay_out_of_the_cli_output():
+    """gRPC's C core logs a failed bind itself (add_port.cc) at its default level; every CLI command
+    turns that off first (its own error says it once)."""
+    def stderr(mode: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+        done = subprocess.run([sys.executable, "-c", _BIND_TAKEN, mode], capture_output=True, text=True,
+                              timeout=120, env=env)
+        assert done.stdout.strip() == "refused", done
+        return done.stderr
+    assert "add_port.cc" in stderr("plain")     # what a user saw before
+    assert stderr("cli") == ""
