@@ -35,9 +35,12 @@ Piece = tuple[int, int, int]
 class LoRAContext:
     """The step's token -> slot map, shared by every LoRA layer (persistent buffers: graph-safe).
 
-    `indices[t]` is token t's slot (-1: no adapter); `order` the tokens sorted by slot. `active`
-    is False in a step without adapters, whose eager forward then skips LoRA entirely; it starts
-    True so that profiling and graph capture include the LoRA kernels (a replay always runs them).
+    `indices[t]` is token t's slot (-1: no adapter); `order` the tokens sorted by slot. Past the
+    last step's tokens they hold -1 and the identity, so a replayed decode graph (whose batch is
+    padded up to its bucket) sees every row exactly once and its padding rows without an adapter.
+    `active` is False in a step without adapters, whose eager forward then skips LoRA entirely; it
+    starts True so that profiling and graph capture include the LoRA kernels (a replay always runs
+    them).
     """
 
     def __init__(self, max_loras: int, max_lora_rank: int, max_num_tokens: int, device: torch.device) -> None:
@@ -45,6 +48,7 @@ class LoRAContext:
         self.indices = torch.full((max_num_tokens,), -1, dtype=torch.int32, device=device)
         self.order = torch.arange(max_num_tokens, dtype=torch.int32, device=device)
         self.active = True
+        self._written = 0   # rows [0, _written) may differ from -1 / the identity
 
     def set_tokens(self, slots: np.ndarray) -> None:
         """This step's slot per flat token (int array, -1 for none)."""
@@ -53,14 +57,20 @@ class LoRAContext:
             raise ValueError(f"a step of {n} tokens is above the LoRA buffers' max_num_tokens="
                              f"{self.indices.shape[0]}")
         self.active = bool(n) and bool((slots >= 0).any())
-        if not self.active:
+        m = max(n if self.active else 0, self._written)   # also reset what the last step left
+        if m == 0:
             return
-        host = torch.empty(2, n, dtype=torch.int32, pin_memory=self.indices.is_cuda)
-        host[0].numpy()[:] = slots
-        host[1].numpy()[:] = np.argsort(slots, kind="stable")
+        host = torch.empty(2, m, dtype=torch.int32, pin_memory=self.indices.is_cuda)
+        rows = host.numpy()
+        rows[0] = -1
+        rows[1] = np.arange(m)
+        if self.active:
+            rows[0, :n] = slots
+            rows[1, :n] = np.argsort(slots, kind="stable")
         dev = host.to(self.indices.device, non_blocking=True)   # stream-ordered after the step in flight
-        self.indices[:n].copy_(dev[0])
-        self.order[:n].copy_(dev[1])
+        self.indices[:m].copy_(dev[0])
+        self.order[:m].copy_(dev[1])
+        self._written = n if self.active else 0
 
 
 class LoRALinear(nn.Module):
