@@ -18,6 +18,7 @@ import torch
 
 from pagedray.common.lora import WEIGHTS_FILE, check_base_model, read_adapter_config
 from pagedray.models.layers.lora import LoRALinear
+from pagedray.models.layers.pipeline import PPMissing
 
 # Keys of a saved PEFT LoRA: base_model.model.<module>.lora_{A,B}[.<adapter name>].weight
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -31,8 +32,24 @@ class LoRAWeights:
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
+def on_other_stage(model: torch.nn.Module | None, module: str) -> bool:
+    """Whether `module` lies under a layer this pipeline stage does not hold (a PPMissing placeholder)."""
+    sub = model
+    for part in module.split("."):
+        if sub is None:
+            return False
+        if isinstance(sub, PPMissing):
+            return True
+        if part.isdigit() and isinstance(sub, torch.nn.ModuleList):
+            sub = sub[int(part)] if int(part) < len(sub) else None
+        else:
+            sub = getattr(sub, part, None)
+    return isinstance(sub, PPMissing)
+
+
 def load_lora_weights(path: str, name: str, layers: dict[str, LoRALinear], hf_config, max_lora_rank: int,
-                      dtype: torch.dtype) -> LoRAWeights:
+                      dtype: torch.dtype, model: torch.nn.Module | None = None) -> LoRAWeights:
+    """`model`: the stage's model under pipeline parallelism, whose other stages' layers are skipped."""
     from safetensors.torch import load_file
     config = read_adapter_config(path, name, max_lora_rank)
     check_base_model(config, hf_config, name)
@@ -51,6 +68,8 @@ def load_lora_weights(path: str, name: str, layers: dict[str, LoRALinear], hf_co
         if m is None:
             raise ValueError(f"LoRA adapter {name!r}: tensor {key!r} is not a LoRA A/B weight (not supported)")
         if m["module"] not in groups:
+            if on_other_stage(model, m["module"]):
+                continue   # another pipeline stage's layer: that stage loads it
             raise ValueError(f"LoRA adapter {name!r} targets module {m['module']!r}, which the model has no "
                              f"LoRA layer for (supported: {supported})")
         pairs.setdefault(m["module"], {})[m["ab"]] = tensor

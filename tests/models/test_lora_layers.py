@@ -28,3 +28,14 @@ def test_buffers_past_the_step_are_reset_for_padded_graph_batches():
     ctx.set_tokens(np.array([-1, -1], dtype=np.int32))           # no adapter: eager skips, graphs see none
     assert not ctx.active
     assert ctx.indices.eq(-1).all() and ctx.order.tolist() == list(range(64))
+
+
+def test_adapter_tensors_of_another_pipeline_stage_are_recognised():
+    from pagedray.models.layers.pipeline import PPMissing
+    from pagedray.models.lora_adapter import on_other_stage
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2), PPMissing()])
+    assert on_other_stage(model, "model.layers.1.self_attn.q_proj")        # skipped: stage 1 loads it
+    assert not on_other_stage(model, "model.layers.0.self_attn.q_proj")    # ours: must have a LoRA layer
+    assert not on_other_stage(model, "model.layers.7.self_attn.q_proj")    # past the model: refused

@@ -72,7 +72,8 @@ class LoRAManager:
 
     def _parse(self, request: LoRARequest) -> LoRAWeights:
         return load_lora_weights(request.lora_path, request.lora_name, self.layers,
-                                 getattr(self.model, "config", None), self.config.max_lora_rank, self.dtype)
+                                 getattr(self.model, "config", None), self.config.max_lora_rank, self.dtype,
+                                 model=self.model)
 
     def _cache(self, lora_int_id: int, weights: LoRAWeights) -> None:
         self.host[lora_int_id] = weights
