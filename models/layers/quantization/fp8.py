@@ -68,9 +68,9 @@ class Fp8LinearMethod:
         cols = 1
         if cfg.weight_strategy == "block":
             cols = -(-k // cfg.block_size[1])
-            if isinstance(layer, RowParallelLinear) and layer.tp_size > 1 and k % cfg.block_size[1]:
-                raise ValueError(f"{type(layer).__name__}: its {k} input columns per rank are not whole "
-                                 f"weight blocks of {cfg.block_size[1]} (tensor_parallel_size={layer.tp_size})")
+            if k % cfg.block_size[1]:  # the kernels and dequantize() read the k-block size off [N, Kb]
+                raise ValueError(f"{type(layer).__name__}: its {k} input columns (per rank, tensor_parallel_size="
+                                 f"{layer.tp_size}) are not whole weight blocks of {cfg.block_size[1]}")
         shape = (n, cols) if cfg.weight_strategy == "block" else (n,)
         scale = nn.Parameter(torch.ones(shape, dtype=torch.float32, device=device), requires_grad=False)
         layer.register_parameter(cfg.scale_name, set_weight_loader(
