@@ -150,6 +150,16 @@ def _small_draft(args, root: str) -> str:
     return root
 
 
+def _eagle_head(args, root: str, eagle3: bool) -> str:
+    """config.json of a one-layer EAGLE / EAGLE-3 head for the shape (random weights: load_format dummy)."""
+    import transformers
+    cls_name, kwargs = SHAPES[args.shape]
+    arch = "LlamaForCausalLMEagle3" if eagle3 else "LlamaForCausalLM"
+    getattr(transformers, cls_name)(**dict(kwargs, num_hidden_layers=1, architectures=[arch]),
+                                    dtype="bfloat16").save_pretrained(root)
+    return root
+
+
 def part_8b(args, batch: int) -> tuple[str, list]:
     from pagedray.cluster import LLM
     tmp = tempfile.mkdtemp()
@@ -174,7 +184,13 @@ def part_8b(args, batch: int) -> tuple[str, list]:
                                                      "num_speculative_tokens": k}, None),
                  ("draft model, 2 layers, another head", {"method": "draft_model",
                                                          "model": _small_draft(args, f"{tmp}/draft"),
-                                                         "num_speculative_tokens": k}, None)]
+                                                         "num_speculative_tokens": k}, None),
+                 ("EAGLE head, random weights (its overhead)",
+                  {"method": "eagle", "model": _eagle_head(args, f"{tmp}/eagle", False), "num_speculative_tokens": k},
+                  None),
+                 ("EAGLE-3 head, random weights (its overhead)",
+                  {"method": "eagle3", "model": _eagle_head(args, f"{tmp}/eagle3", True), "num_speculative_tokens": k},
+                  None)]
     for name, cfg, propose in runs:
         llm = LLM(target, **kw, speculative_config=cfg)
         if propose is not None:
