@@ -78,7 +78,8 @@ class SpecDecodeRunner:
         tokens: list[list[int]] = []
         out = ModelRunnerOutput({}, prompt_logprobs=prompt_logprobs)
         if groups:
-            logits = runner.model.compute_logits(hidden[inputs.logits_rows])
+            every_row = len(inputs.logits_rows) == inputs.num_tokens    # (then they are all, in order)
+            logits = runner.model.compute_logits(hidden if every_row else hidden[inputs.logits_rows])
             if not runner.sample:
                 return StepOutput.done(ModelRunnerOutput({}))
             rows = [runner.requests[rid].sampling_row for rid, _, _ in groups]
