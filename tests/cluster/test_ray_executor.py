@@ -180,3 +180,19 @@ def test_executors_back_to_back_and_ranks_dying_at_start_up(checkpoints, monkeyp
     finally:
         second.shutdown()
     _assert_released()
+
+
+def test_tp2_with_ngram_speculation_matches_tp1(checkpoints):
+    """n-gram proposals verified across 2 ranks (rank 0 samples): greedy output as without speculation."""
+    path = checkpoints["llama"]
+    prompts = [p * 3 for p in _prompts(4, seed=5)]          # repeated text: the lookup finds matches
+    local = _generate(LLM(path, **ENGINE_KW), prompts)
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    llm = LLM(path, executor="ray", tensor_parallel_size=2, speculative_config=spec, **ENGINE_KW)
+    try:
+        distributed = _generate(llm, prompts)
+        assert llm.llm_engine.get_stats().spec_num_draft_tokens > 0
+    finally:
+        llm.shutdown()
+    _assert_released()
+    _assert_same(distributed, local, abs=1e-5)
