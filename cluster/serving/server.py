@@ -309,7 +309,8 @@ class GenerateServer:
 
     def __init__(self, frontend: Frontend, model_name: str, *, host: str = "127.0.0.1", port: int = 50051,
                  auth_token: str | None = None, tls_cert: bytes | None = None, tls_key: bytes | None = None,
-                 metrics_port: int | None = None, chat_template: str | None = None) -> None:
+                 metrics_port: int | None = None, chat_template: str | None = None,
+                 metrics_header_timeout: float = 10.0) -> None:
         token = checked_token(auth_token, tls_cert, tls_key)
         self.frontend = frontend
         self.host, self.requested_port = host, port
@@ -324,6 +325,7 @@ class GenerateServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_http: MetricsServer | None = None
+        self.metrics_header_timeout = metrics_header_timeout   # a scrape must send its request head within it
 
     async def start(self) -> None:
         pb_grpc.add_GenerationServicer_to_server(self.service, self.server)
@@ -332,7 +334,8 @@ class GenerateServer:
                                             self.server)
         self.port = self._bind(f"{self.host}:{self.requested_port}")
         if self.requested_metrics_port is not None:
-            self._metrics_http = MetricsServer(self.frontend.metrics.registry, self.host, self.requested_metrics_port)
+            self._metrics_http = MetricsServer(self.frontend.metrics.registry, self.host, self.requested_metrics_port,
+                                               header_timeout=self.metrics_header_timeout)
             self.metrics_port = await self._metrics_http.start()
         self.frontend.router.on_change(self._on_replicas_changed)
         await self.server.start()

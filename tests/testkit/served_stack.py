@@ -34,7 +34,8 @@ class ServedStack:
         self.client = InprocClient.for_model(ckpt, name="inproc", device="cpu", max_num_seqs=max_num_seqs,
                                              **engine_kwargs)
         self.frontend = await Frontend.start_with([self.client])
-        self.grpc = GenerateServer(self.frontend, "tiny", port=0, metrics_port=0, chat_template=chat_template)
+        self.grpc = GenerateServer(self.frontend, "tiny", port=0, metrics_port=0, chat_template=chat_template,
+                                   metrics_header_timeout=1.0)
         await self.grpc.start()
         self.http = HttpServer(self.frontend, "tiny", port=0, chat_template=chat_template, **http_kwargs)
         await self.http.start()
