@@ -72,6 +72,9 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     p.add_argument("--http-port", type=int,
                    help="also serve the OpenAI-compatible HTTP API on this port (0 picks one, logged when ready)")
+    p.add_argument("--tool-call-parser", choices=("hermes", "llama3_json"), default=None,
+                   help="how /v1/chat/completions finds tool calls in the model's text for tool_choice "
+                        "auto: hermes (<tool_call> JSON: Qwen 2.5/3, Hermes) or llama3_json (Llama 3.1/3.2)")
     p.add_argument("--chat-template", type=Path,
                    help="Jinja chat template file, for models whose tokenizer has none (or to replace it)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
@@ -286,7 +289,8 @@ async def _start_http(server, name: str, args: argparse.Namespace, auth_token, c
     from pagedray.cluster.serving.http_server import HttpServer
     frontend = server.frontend
     http = HttpServer(frontend, name, host=args.host, port=args.http_port, auth_token=auth_token,
-                      tls_cert=args.tls_cert, tls_key=args.tls_key, chat_template=chat_template)
+                      tls_cert=args.tls_cert, tls_key=args.tls_key, chat_template=chat_template,
+                      tool_call_parser=args.tool_call_parser)
     await http.start()
     return http
 

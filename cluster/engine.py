@@ -33,6 +33,8 @@ class LLMEngine:
                                                                                  config.model.tokenizer)
         self.input_processor = InputProcessor(self.tokenizer, self.core.info)
         self.output_processor = OutputProcessor(self.tokenizer)
+        # Requests the core refused after taking them (e.g. a grammar that does not compile): id -> why.
+        self.refused: dict[str, str] = {}
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "LLMEngine":
@@ -91,6 +93,7 @@ class LLMEngine:
         for state in processed.advanced:
             if state.error is not None:
                 logger.warning("request %s refused by the engine core: %s", state.request_id, state.error)
+                self.refused[state.request_id] = state.error
         return [s.make_output(delta=False) for s in processed.advanced if s.finished or not finished_only]
 
     # -- health and stats ----------------------------------------------------

@@ -75,7 +75,11 @@ class LLM:
             for rid, prompt, params, lora in zip(request_ids, prompts, params_list, loras):
                 engine.add_request(rid, prompt, params, lora)
                 added.append(rid)
-            return self._run(request_ids, use_tqdm)
+            outputs = self._run(request_ids, use_tqdm)
+            refused = [engine.refused.pop(rid) for rid in request_ids if rid in engine.refused]
+            if refused:   # (a grammar that does not compile is found by the core)
+                raise ValueError(refused[0])
+            return outputs
         finally:
             # On a bad prompt (or Ctrl-C) nothing may stay queued or hold KV blocks.
             engine.abort_request([rid for rid in added if rid in engine.output_processor.requests])

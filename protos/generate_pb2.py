@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0egenerate.proto\x12\x0bpagedray.v1\"\xef\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x31\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x15.pagedray.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\x06 \x01(\x0b\x32\x19.pagedray.v1.ChatMessagesH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.pagedray.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x11\n\tlora_name\x18\x14 \x01(\tB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.pagedray.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xcd\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x06 \x01(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x0e\n\x01n\x18\n \x01(\x05H\x05\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0b \x01(\x05H\x06\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\x0f \x01(\x03H\x08\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\r\n\x0b_max_tokensB\x04\n\x02_nB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"w\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x17.pagedray.v1.Completion\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.pagedray.v1.Usage\"\x9b\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.pagedray.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.pagedray.v1.FinishReason\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.pagedray.v1.TopLogprob\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.pagedray.v1.ModelInfo\"\x94\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x1c\n\x14tensor_parallel_size\x18\x04 \x01(\x05\x12\x10\n\x08replicas\x18\x05 \x01(\x05\x12\x0e\n\x06parent\x18\x14 \x01(\t\x12\x0c\n\x04root\x18\x15 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xf5\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.pagedray.v1.GenerateRequest\x1a\x1d.pagedray.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x1c.pagedray.v1.GenerateRequest\x1a\x1d.pagedray.v1.GenerateResponse0\x01\x12M\n\nListModels\x12\x1e.pagedray.v1.ListModelsRequest\x1a\x1f.pagedray.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0egenerate.proto\x12\x0bpagedray.v1\"\xef\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x31\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x15.pagedray.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\x06 \x01(\x0b\x32\x19.pagedray.v1.ChatMessagesH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.pagedray.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x11\n\tlora_name\x18\x14 \x01(\tB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.pagedray.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xfb\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x06 \x01(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x0e\n\x01n\x18\n \x01(\x05H\x05\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0b \x01(\x05H\x06\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\x0f \x01(\x03H\x08\x88\x01\x01\x12:\n\x12structured_outputs\x18\x10 \x01(\x0b\x32\x1e.pagedray.v1.StructuredOutputs\x12>\n\nlogit_bias\x18\x11 \x03(\x0b\x32*.pagedray.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\r\n\x0b_max_tokensB\x04\n\x02_nB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x8e\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12&\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x14.pagedray.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x42\x06\n\x04kind\"\x19\n\x07\x43hoices\x12\x0e\n\x06values\x18\x01 \x03(\t\"w\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x17.pagedray.v1.Completion\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.pagedray.v1.Usage\"\x9b\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.pagedray.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.pagedray.v1.FinishReason\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.pagedray.v1.TopLogprob\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.pagedray.v1.ModelInfo\"\x94\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x1c\n\x14tensor_parallel_size\x18\x04 \x01(\x05\x12\x10\n\x08replicas\x18\x05 \x01(\x05\x12\x0e\n\x06parent\x18\x14 \x01(\t\x12\x0c\n\x04root\x18\x15 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xf5\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.pagedray.v1.GenerateRequest\x1a\x1d.pagedray.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x1c.pagedray.v1.GenerateRequest\x1a\x1d.pagedray.v1.GenerateResponse0\x01\x12M\n\nListModels\x12\x1e.pagedray.v1.ListModelsRequest\x1a\x1f.pagedray.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1622
-  _globals['_FINISHREASON']._serialized_end=1742
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=1968
+  _globals['_FINISHREASON']._serialized_end=2088
   _globals['_GENERATEREQUEST']._serialized_start=32
   _globals['_GENERATEREQUEST']._serialized_end=271
   _globals['_TOKENIDS']._serialized_start=273
@@ -42,23 +44,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=358
   _globals['_CHATMESSAGE']._serialized_end=402
   _globals['_SAMPLINGPARAMS']._serialized_start=405
-  _globals['_SAMPLINGPARAMS']._serialized_end=866
-  _globals['_GENERATERESPONSE']._serialized_start=868
-  _globals['_GENERATERESPONSE']._serialized_end=987
-  _globals['_COMPLETION']._serialized_start=990
-  _globals['_COMPLETION']._serialized_end=1145
-  _globals['_TOKENLOGPROB']._serialized_start=1147
-  _globals['_TOKENLOGPROB']._serialized_end=1234
-  _globals['_TOPLOGPROB']._serialized_start=1236
-  _globals['_TOPLOGPROB']._serialized_end=1297
-  _globals['_USAGE']._serialized_start=1299
-  _globals['_USAGE']._serialized_end=1386
-  _globals['_LISTMODELSREQUEST']._serialized_start=1388
-  _globals['_LISTMODELSREQUEST']._serialized_end=1407
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1409
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1469
-  _globals['_MODELINFO']._serialized_start=1472
-  _globals['_MODELINFO']._serialized_end=1620
-  _globals['_GENERATION']._serialized_start=1745
-  _globals['_GENERATION']._serialized_end=1990
+  _globals['_SAMPLINGPARAMS']._serialized_end=1040
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=880
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=928
+  _globals['_STRUCTUREDOUTPUTS']._serialized_start=1043
+  _globals['_STRUCTUREDOUTPUTS']._serialized_end=1185
+  _globals['_CHOICES']._serialized_start=1187
+  _globals['_CHOICES']._serialized_end=1212
+  _globals['_GENERATERESPONSE']._serialized_start=1214
+  _globals['_GENERATERESPONSE']._serialized_end=1333
+  _globals['_COMPLETION']._serialized_start=1336
+  _globals['_COMPLETION']._serialized_end=1491
+  _globals['_TOKENLOGPROB']._serialized_start=1493
+  _globals['_TOKENLOGPROB']._serialized_end=1580
+  _globals['_TOPLOGPROB']._serialized_start=1582
+  _globals['_TOPLOGPROB']._serialized_end=1643
+  _globals['_USAGE']._serialized_start=1645
+  _globals['_USAGE']._serialized_end=1732
+  _globals['_LISTMODELSREQUEST']._serialized_start=1734
+  _globals['_LISTMODELSREQUEST']._serialized_end=1753
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1755
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1815
+  _globals['_MODELINFO']._serialized_start=1818
+  _globals['_MODELINFO']._serialized_end=1966
+  _globals['_GENERATION']._serialized_start=2091
+  _globals['_GENERATION']._serialized_end=2336
 # @@protoc_insertion_point(module_scope)

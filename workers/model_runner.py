@@ -309,7 +309,8 @@ class ModelRunner:
 
     def _sampling_rows(self, inputs: StepInputs) -> list[SamplingRow]:
         """The rows of this step's samples; a row whose previous token is in flight counts it, and
-        when it has penalties the host waits for that token's id (penalties count the ids)."""
+        when it has penalties or a grammar the host waits for that token's id (the step's forward
+        is already queued, so the device keeps busy meanwhile)."""
         requests = self.requests
         rows = [requests[r].sampling_row for r in inputs.sample_req_ids]
         if inputs.pending_req_ids:
@@ -317,7 +318,7 @@ class ModelRunner:
             for rid in inputs.pending_req_ids:
                 row = requests[rid].sampling_row
                 row.num_pending = 1
-                if row.has_penalty:
+                if row.has_penalty or row.params.structured_outputs is not None:   # (a grammar advances by it)
                     row.pending_token_ids = [last.token_list()[last.rows[rid]]]
         return rows
 

@@ -62,6 +62,9 @@ class SamplingRow:
     # when penalties need them (the runner then waits for them).
     num_pending: int = 0
     pending_token_ids: list[int] = field(default_factory=list)
+    # Constrained decoding: the request's grammar matcher (workers/structured_output.py), built
+    # at its first constrained step from the outputs so far.
+    grammar: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         p = self.params
@@ -145,6 +148,9 @@ class Sampler:
         # The last per-row temperatures of the fused path on the device: batches keep them for many steps.
         self._temps: tuple[tuple, torch.Tensor] | None = None
         self._greedy: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # Grammar masks and logit biases (workers/structured_output.LogitsConstraints), applied to a
+        # step's logits before anything else reads them; set by the Worker.
+        self.constraints: Callable[[torch.Tensor, list[SamplingRow]], torch.Tensor] | None = None
 
     def _global_generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -156,6 +162,9 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> DeviceSample:
         want_logprobs = [r.params.logprobs for r in rows]
+        if self.constraints is not None and any(r.params.constrains_logits for r in rows):
+            # A mask sets -inf, which the penalties below keep: masking first equals masking after them.
+            logits = self.constraints(logits, rows)
         if all(r.argmax_only and not r.masks_min_tokens for r in rows):
             # The common greedy batch: one vocab-wide pass, the race kernel's greedy scan where it
             # runs (torch.argmax's single-block reduction is the slower pass on CUDA).

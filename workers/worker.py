@@ -87,6 +87,9 @@ class Worker:
         if self.speculative_config is not None:
             from pagedray.workers.spec_decode import make_spec_runner
             self.runner.spec = make_spec_runner(self)
+        if self.rank == 0:   # the sampling rank: grammar masks and logit biases (compiled lazily)
+            from pagedray.workers.structured_output import LogitsConstraints, backend_for
+            self.runner.sampler.constraints = LogitsConstraints(backend_for(mc.tokenizer, mc.vocab_size))
 
     # 3. profile
     def num_kv_blocks(self) -> int:

@@ -32,6 +32,7 @@ from typing import Iterable
 from pagedray.cluster.config import EngineConfig, build_engine_config
 from pagedray.cluster.core.messages import (CoreOutput, CoreOutputs, CoreRequest, EngineInfo, EngineStats,
                                             completion_id)
+from pagedray.cluster.core.grammar_gate import GrammarGate
 from pagedray.cluster.core.request import Request, RequestStatus
 from pagedray.cluster.core.scheduler import Scheduler
 from pagedray.cluster.core.validation import apply_defaults, check_request, child_params
@@ -74,6 +75,8 @@ class EngineCore:
         self._parents: dict[str, _Parent] = {}
         self._child_of: dict[str, tuple[_Parent, int]] = {}   # sequence id -> (its request, completion index)
         self._refused: list[CoreOutput] = []                  # sent with the next step
+        # Requests whose grammar compiles (structured outputs) wait there, out of the scheduler.
+        self.grammars = GrammarGate(lambda: _grammar_backend(config))
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.dead: BaseException | None = None
@@ -100,9 +103,33 @@ class EngineCore:
         output whose `error` says why; it never raises for a bad request."""
         for req in requests:
             try:
+                if self.grammars.needs(req):
+                    self._check(req)
+                    self.grammars.hold(req)   # joins the scheduler once its grammar has compiled
+                else:
+                    self._add(req)
+            except (ValueError, TypeError) as exc:
+                self._refuse(req, str(exc))
+
+    def _refuse(self, req: CoreRequest, error: str) -> None:
+        self._refused.append(CoreOutput(req.request_id, 0, [], finish_reason="abort", error=error))
+
+    def _check(self, req: CoreRequest) -> None:
+        if req.request_id in self._parents or req.request_id in self._child_of:
+            raise ValueError(f"request_id {req.request_id!r} is already in use")
+        apply_defaults(req.params, len(req.prompt_token_ids), self.info.max_model_len, self.info.eos_token_ids)
+        check_request(req.prompt_token_ids, req.params, self.info, len(req.output_token_ids))
+
+    def _admit_compiled(self) -> None:
+        """Requests whose grammar compiled join the scheduler; those that failed are refused."""
+        compiled, refused = self.grammars.ready()
+        for req, error in refused:
+            self._refuse(req, error)
+        for req in compiled:
+            try:
                 self._add(req)
             except (ValueError, TypeError) as exc:
-                self._refused.append(CoreOutput(req.request_id, 0, [], finish_reason="abort", error=str(exc)))
+                self._refuse(req, str(exc))
 
     def _add(self, req: CoreRequest) -> None:
         rid, params, prompt = req.request_id, req.params, req.prompt_token_ids
@@ -153,6 +180,8 @@ class EngineCore:
     def abort(self, request_ids: Iterable[str]) -> None:
         """Stop requests (a request id: all its completions; a `completion_id`: that one) and free
         their blocks. Unknown or finished ids are ignored; no output is sent for them."""
+        request_ids = list(request_ids)
+        self.grammars.abort(request_ids)
         for rid in request_ids:
             parent = self._parents.get(rid)
             children = parent.children if parent is not None else None
@@ -179,7 +208,7 @@ class EngineCore:
             self._parents.pop(parent.request_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._parents or self._refused)
+        return bool(self._parents or self._refused or self.grammars)
 
     # -- the loop ------------------------------------------------------------
     def step(self) -> CoreOutputs:
@@ -193,6 +222,10 @@ class EngineCore:
             raise EngineDeadError(f"the engine core has failed: {self.dead}")
         if self.loras.loading:
             self._poll_loras()
+        if self.grammars:
+            if not self._parents and not self._refused and self._in_flight is None:
+                self.grammars.wait(0.01)   # nothing else to run: do not spin while a grammar compiles
+            self._admit_compiled()
         outputs, self._refused = self._refused, []
         if self.pipeline_depth > 1:
             launched = self._fill_pipeline()
@@ -303,6 +336,12 @@ class EngineCore:
 def _read_step(step: StepOutput):
     """The step's output (bound: an executor's StepOutput subclass may read it its own way)."""
     return step.get()
+
+
+def _grammar_backend(config: EngineConfig):
+    """The grammar backend of this engine's tokenizer (shared with a worker in this process)."""
+    from pagedray.workers.structured_output import backend_for
+    return backend_for(config.model.tokenizer, config.model.vocab_size)
 
 
 def _engine_info(config: EngineConfig, num_kv_blocks: int) -> EngineInfo:

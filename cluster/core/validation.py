@@ -52,6 +52,8 @@ def check_request(prompt_token_ids: list[int], params: SamplingParams, info: Eng
     outside = [t for t in params.stop_token_ids if t >= vocab and t != params.eos_token_id and t not in info.eos_token_ids]
     if outside:
         raise ValueError(f"stop_token_ids holds token id {outside[0]} outside the vocabulary [0, {vocab})")
+    if params.logit_bias and max(params.logit_bias) >= vocab:
+        raise ValueError(f"logit_bias holds token id {max(params.logit_bias)} outside the vocabulary [0, {vocab})")
 
 
 def child_params(params: SamplingParams, index: int) -> SamplingParams:

@@ -26,14 +26,14 @@ def load_chat_template(path: str | Path) -> str:
     return text
 
 
-def normalize_messages(messages: Any) -> list[dict[str, str]]:
+def normalize_messages(messages: Any) -> list[dict]:
     """OpenAI-style messages as [{'role', 'content'}] with text content; ValueError names the bad one."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {role, content} objects")
     return [_normalize_one(i, m) for i, m in enumerate(messages)]
 
 
-def _normalize_one(i: int, message: Any) -> dict[str, str]:
+def _normalize_one(i: int, message: Any) -> dict:
     if not isinstance(message, dict):
         raise ValueError(f"messages[{i}] must be an object with role and content")
     role = message.get("role")
@@ -53,7 +53,21 @@ def _normalize_one(i: int, message: Any) -> dict[str, str]:
     if not isinstance(content, str):
         raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
     check_text(f"messages[{i}].content", content)
-    return {"role": role, "content": content}
+    out = {"role": role, "content": content}
+    # Tool calls go back through the template: the assistant's calls, the tool's answer to one.
+    calls = message.get("tool_calls")
+    if calls is not None and role == "assistant":
+        if not isinstance(calls, list) or any(not isinstance(c, dict) or not isinstance(c.get("function"), dict)
+                                              for c in calls):
+            raise ValueError(f"messages[{i}].tool_calls must be a list of {{id, type, function: {{name, "
+                             "arguments}}}} objects")
+        out["tool_calls"] = calls
+    for key in ("tool_call_id", "name"):
+        if isinstance(message.get(key), str):
+            out[key] = message[key]
+    if role == "tool" and "tool_call_id" not in out:
+        raise ValueError(f"messages[{i}] (role tool) must have a tool_call_id")
+    return out
 
 
 class ChatRenderer:
@@ -73,9 +87,11 @@ class ChatRenderer:
     def has_template(self) -> bool:
         return self.template is not None or bool(getattr(self._source, "chat_template", None))
 
-    def render(self, messages: Any) -> str:
-        """The prompt text for `messages`, ending with the assistant's generation prompt."""
-        messages = normalize_messages(messages)
+    def render(self, messages: Any, tools: list[dict] | None = None) -> str:
+        """The prompt text for `messages` (and the `tools` the model may call), ending with the
+        assistant's generation prompt."""
+        from pagedray.cluster.serving.tool_calls import template_messages
+        messages = template_messages(normalize_messages(messages))
         if self._source is None:
             raise ValueError("messages: this model has no tokenizer, so chat is not available")
         if not self.has_template:
@@ -83,16 +99,16 @@ class ChatRenderer:
                              "start the server with --chat-template FILE")
         try:
             return self._own().apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                   add_generation_prompt=True)
+                                                   add_generation_prompt=True, tools=tools)
         except Exception as exc:  # a Jinja error in the template (e.g. raise_exception on role order)
             raise ValueError(f"messages: the chat template failed to render them: {exc}") from exc
 
-    def prompt(self, messages: Any) -> dict:
+    def prompt(self, messages: Any, tools: list[dict] | None = None) -> dict:
         """The engine prompt for `messages`: text and token ids, tokenized once here."""
-        text = self.render(messages)
+        text = self.render(messages, tools)
         return {"prompt": text, "prompt_token_ids": list(self._own().encode(text, add_special_tokens=False))}
 
-    async def prompt_async(self, messages: Any, input_processor=None) -> dict:
+    async def prompt_async(self, messages: Any, input_processor=None, tools: list[dict] | None = None) -> dict:
         """`prompt()` on this renderer's one thread (so its tokenizer copy is never shared): a long
         conversation does not stall the event loop's other streams while it renders and tokenizes.
         With the front's `input_processor`, a conversation whose text alone could not fit
@@ -101,7 +117,13 @@ class ChatRenderer:
         check_chat_size(messages, input_processor)
         if self._pool is None:
             self._pool = BoundedPool(1, MAX_QUEUED_RENDERS, "chat-template")
-        return await self._pool.run(self.prompt, messages)
+        return await self._pool.run(self.prompt, messages, tools)
+
+    async def run(self, fn, *args) -> Any:
+        """fn(tokenizer, *args) on this renderer's thread, with its own tokenizer copy."""
+        if self._pool is None:
+            self._pool = BoundedPool(1, MAX_QUEUED_RENDERS, "chat-template")
+        return await self._pool.run(lambda: fn(self._own(), *args))
 
     def _own(self) -> Any:
         if self._tokenizer is None:

@@ -2,6 +2,7 @@
 
     GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health,
     POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter (vLLM's; behind the token like the rest)
+    GET /v1/models/{model}, POST /tokenize, POST /detokenize (vLLM's shapes)
 
 Requests go through the same frontend as gRPC (one tokenizer, one detokenizer, one set of
 metrics); this module only translates (see openai_protocol). Errors come back in OpenAI's JSON
@@ -33,6 +34,8 @@ from pagedray.cluster.serving.lora_registry import LoRARegistry
 from pagedray.cluster.serving.openai_protocol import (OpenAIError, ParsedRequest, ResponseBuilder,
                                                       bad_request, check_model, parse_chat,
                                                       parse_completion, render_error)
+from pagedray.cluster.serving.tool_calls import TOOL_CALL_PARSERS, parse_tools
+from pagedray.cluster.serving import tokenize_routes
 
 logger = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode   # a few times faster than json.dumps, per stream chunk
@@ -100,8 +103,12 @@ class HttpServer:
                  auth_token: str | None = None, tls_cert: str | Path | None = None,
                  tls_key: str | Path | None = None, chat_template: str | None = None,
                  header_timeout: float = HEADER_TIMEOUT_S, body_timeout: float = BODY_TIMEOUT_S,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+                 max_connections: int = MAX_CONNECTIONS, tool_call_parser: str | None = None) -> None:
         self._token = checked_token(auth_token, tls_cert, tls_key)
+        if tool_call_parser is not None and tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
+                             f"got {tool_call_parser!r}")
+        self.tool_call_parser = tool_call_parser
         self.frontend, self.model_name = frontend, model_name
         self.loras = getattr(frontend, "loras", None)
         if self.loras is None:   # (test fakes have none)
@@ -124,6 +131,9 @@ class HttpServer:
         app = web.Application(middlewares=[self._errors, self._auth], client_max_size=64 << 20)
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model}", self.model)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/load_lora_adapter", self.load_lora_adapter)
@@ -180,13 +190,21 @@ class HttpServer:
         return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
 
     async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": self._model_cards()})
+
+    def _model_cards(self) -> list[dict]:
         info = self.frontend.info
         model = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "pagedray",
                  "root": info.model, "parent": None, "max_model_len": info.max_model_len}
         adapters = [{"id": lora.lora_name, "object": "model", "created": 0, "owned_by": "pagedray",
                      "root": lora.lora_path, "parent": self.model_name, "max_model_len": info.max_model_len}
                     for lora in self.loras]
-        return web.json_response({"object": "list", "data": [model, *adapters]})
+        return [model, *adapters]
+
+    async def model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{model} (`client.models.retrieve`): its card, or 404 naming it."""
+        name, _ = self._model({"model": request.match_info["model"]})
+        return web.json_response(next(card for card in self._model_cards() if card["id"] == name))
 
     def _model(self, body: dict):
         """(the name `model` asked for, its LoRARequest or None for the base model); 404 if unknown."""
@@ -197,6 +215,16 @@ class HttpServer:
         check_model(body, self.model_name)
         return self.model_name, None
 
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        self._model(body)
+        return web.json_response(await tokenize_routes.tokenize(body, self.frontend, self.chat))
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        self._model(body)
+        return web.json_response(tokenize_routes.detokenize(body, self.frontend, self.strings))
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
         name, lora = self._model(body)
@@ -206,13 +234,18 @@ class HttpServer:
         body = await self._body(request)
         name, lora = self._model(body)
         try:
+            tools = parse_tools(body, self.tool_call_parser)
+        except ValueError as exc:
+            raise bad_request(exc, body, {"tool": "tools"}) from exc
+        try:
             inputs = getattr(self.frontend, "input_processor", None)   # the byte bound, before rendering
-            prompt = await self.chat.prompt_async(body.get("messages"), inputs)
+            prompt = await self.chat.prompt_async(body.get("messages"), inputs, tools.tools if tools else None)
         except ValueError as exc:
             raise render_error(exc) from exc
         except QueueFullError as exc:
             raise _engine_error(exc, body, {}) from exc
-        return await self._serve(request, body, parse_chat(body, name, prompt), chat=True, model=name, lora=lora)
+        parsed = parse_chat(body, name, prompt, tools, self.tool_call_parser)
+        return await self._serve(request, body, parsed, chat=True, model=name, lora=lora)
 
     async def load_lora_adapter(self, request: web.Request) -> web.Response:
         body = await self._body(request)

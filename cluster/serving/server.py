@@ -72,7 +72,21 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
         raise ValueError(f"n must be <= {MAX_N}, got {kwargs['n']}")
     if kwargs.get("logprobs") is not None and kwargs["logprobs"] > MAX_LOGPROBS:
         raise ValueError(f"logprobs must be <= {MAX_LOGPROBS}, got {kwargs['logprobs']}")
+    if s.HasField("structured_outputs"):
+        kwargs["structured_outputs"] = structured_from_proto(s.structured_outputs)
+    if s.logit_bias:
+        kwargs["logit_bias"] = {token: _f32(bias) for token, bias in s.logit_bias.items()}
     return SamplingParams(**kwargs)
+
+
+def structured_from_proto(so: pb.StructuredOutputs) -> dict:
+    """The proto's oneof as StructuredOutputsParams' fields (SamplingParams checks them)."""
+    kind = so.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("structured_outputs must set one of json, regex, choice, grammar, json_object")
+    if kind == "choice":
+        return {"choice": list(so.choice.values)}
+    return {kind: getattr(so, kind)}
 
 
 def parse_request(request: pb.GenerateRequest, served_model: str,

@@ -99,9 +99,13 @@ def test_token_prompts_echo_n_and_logprobs(served):
     first = out.choices[0]
     assert [c.index for c in out.choices] == [0, 1]
     assert first.text.endswith(want.completions[0].text) and len(first.text) > len(want.completions[0].text)
-    assert first.logprobs.token_logprobs == pytest.approx([t.logprob for t in want.completions[0].logprobs],
-                                                          abs=1e-5)
-    assert all(len(top) <= 3 for top in first.logprobs.top_logprobs)
+    # echo: the prompt's tokens come first (the first has no logprob), then the generated ones.
+    lps = first.logprobs.token_logprobs
+    assert lps[0] is None and all(isinstance(v, float) for v in lps[1:len(ids)])
+    assert lps[len(ids):] == pytest.approx([t.logprob for t in want.completions[0].logprobs], abs=1e-5)
+    # The sampled token and the top 3 (the same token when it is among them).
+    tops, tokens = first.logprobs.top_logprobs, first.logprobs.tokens
+    assert all(len(top) <= 4 and token in top for token, top in zip(tokens[1:], tops[1:]))
     sampled = served.client.completions.create(model="tiny", prompt="Hello", max_tokens=8, n=3, seed=4,
                                                temperature=1.0)
     assert [c.index for c in sampled.choices] == [0, 1, 2] and sampled.usage.completion_tokens == 24
