@@ -10,7 +10,8 @@ grammar sees in a real vocabulary; no tokenizer is downloaded). `ignore_eos` kee
 to exactly --output-len tokens; the schema (an open-ended array of records) never forces an end
 that early, so every token of a constrained request is masked. Runs are alternated
 (unconstrained, constrained, ...) --repeats times; medians are reported. The goal (issue 24):
-constrained within 10 % of unconstrained at 256 concurrent requests.
+constrained within 10 % of unconstrained at 256 concurrent requests. Every run writes a record
+(benchmarks/records/; `python benchmarks/records.py` regenerates RESULTS.md).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from common import SHAPES, append_results, markdown_table, random_prompts, stamp, write_config
+from common import SHAPES, append_results, markdown_table, random_prompts, write_config
 
 SCHEMA = {"type": "object", "properties": {
     "records": {"type": "array", "items": {"type": "object", "properties": {
@@ -132,12 +133,13 @@ def main(argv=None) -> int:
     compile_table = markdown_table(["schema fields", "schema chars", "compile s (cold)"], compile_rows)
     print(table)
     print(compile_table)
-    if args.record:
-        append_results(f"Structured outputs ({args.shape}, {args.num_requests} requests x {args.input_len}+"
-                       f"{args.output_len} tokens, temperature {args.temperature})",
-                       f"{stamp()}\n\n`python benchmarks/structured_outputs.py {' '.join(argv or sys.argv[1:])}`"
-                       f"\n\n{table}\n\nGrammar compile time, large JSON schema (vocab {vocab}):\n\n"
-                       f"{compile_table}\n")
+    medians = {name: statistics.median(t) for name, t in runs.items()}
+    figures = {"constrained vs unconstrained %": round((medians["json schema"] / base - 1) * 100, 1),
+               "unconstrained tok/s": round(tokens / base), "json schema tok/s": round(tokens / medians["json schema"])}
+    figures.update({f"compile s ({row[0]} fields)": float(row[2]) for row in compile_rows})
+    append_results(f"{args.shape}, {args.num_requests} x {args.input_len}/{args.output_len}, json schema vs free",
+                   f"{table}\n\nGrammar compile time, large JSON schema (vocab {vocab}):\n\n{compile_table}",
+                   args.results, figures=figures, anchors={"target": "<= 10 % slower at 256 concurrent"})
     return 0
 
 
@@ -153,7 +155,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--compile-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[50, 200, 800])
-    p.add_argument("--record", action="store_true", help="append the tables to benchmarks/RESULTS.md")
+    p.add_argument("--results", default=None, help="also append the tables to this markdown file")
     return p.parse_args(argv)
 
 

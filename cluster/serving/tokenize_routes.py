@@ -35,7 +35,8 @@ async def tokenize(body: dict, frontend: Any, chat: Any) -> dict:
         if not _flag(body, "add_generation_prompt", True):
             raise OpenAIError(400, "add_generation_prompt: only true is supported", param="add_generation_prompt")
         try:
-            ids = (await chat.prompt_async(body["messages"], body.get("tools")))["prompt_token_ids"]
+            ids = (await chat.prompt_async(body["messages"], getattr(frontend, "input_processor", None),
+                                           tools=body.get("tools")))["prompt_token_ids"]
         except ValueError as exc:
             raise OpenAIError(400, str(exc), param="messages") from exc
     else:
