@@ -220,18 +220,20 @@ async def _run(model: str, kwargs: dict, name: str, args: argparse.Namespace, sc
 async def _run_server(frontend, name: str, args: argparse.Namespace, autoscaler=None) -> int:
     from pagedray.cluster.serving.server import GenerateServer
     auth_token, chat_template = args.auth_token, args.chat_template_text
-    register_lora_modules(frontend, name, args)
-    server = GenerateServer(
-        frontend, name, host=args.host, port=args.port, auth_token=auth_token,
-        tls_cert=args.tls_cert_pem, tls_key=args.tls_key_pem,
-        metrics_port=args.metrics_port, chat_template=chat_template)
-    try:
+    server = None
+    try:   # whatever fails here (a setting, a port taken), the engines must not outlive us (nor hang the exit)
+        register_lora_modules(frontend, name, args)
+        server = GenerateServer(
+            frontend, name, host=args.host, port=args.port, auth_token=auth_token,
+            tls_cert=args.tls_cert_pem, tls_key=args.tls_key_pem,
+            metrics_port=args.metrics_port, chat_template=chat_template)
         await server.start()
         http = await _start_http(server, name, args, auth_token, chat_template)
-    except BaseException:   # e.g. the port is taken: the engines must not outlive us (nor hang the exit)
+    except BaseException:
         if autoscaler is not None:
             await autoscaler.stop()
-        await server.server.stop(0)
+        if server is not None:
+            await server.server.stop(0)
         await frontend.shutdown()
         raise
     stop = asyncio.Event()

@@ -204,3 +204,24 @@ def test_grpc_library_log_lines_stay_out_of_the_cli_output():
         return done.stderr
     assert "add_port.cc" in stderr("plain")     # what a user saw before
     assert stderr("cli") == ""
+
+
+def test_a_server_that_cannot_be_built_shuts_its_engines_down():
+    """Anything failing between the engines' start and the server's (a setting serve could not check
+    first) stops the engines: a live engine process would otherwise hold the exit forever."""
+    import asyncio
+    from pagedray.cluster.cli import _run_server
+    from pagedray.cluster.serving.lora_registry import LoRARegistry
+
+    class Frontend:
+        loras, closed = LoRARegistry(), False
+
+        async def shutdown(self):
+            self.closed = True
+
+    args = build_parser().parse_args(["serve", "--port", "0"])
+    args.auth_token, args.chat_template_text, args.tls_cert_pem, args.tls_key_pem = "  ", None, None, None
+    frontend = Frontend()
+    with pytest.raises(ValueError, match="auth_token must not be empty"):
+        asyncio.run(_run_server(frontend, "m", args))
+    assert frontend.closed
