@@ -113,6 +113,7 @@ def _row(name: str, r: dict, base: dict) -> list:
             acc, alen]
 
 
+RUNS = ("oracle", "random", "ngram", "draft_identical", "draft_small", "eagle", "eagle3")
 HEADER = ["run", "ms / output token (per request)", "output tok/s", "speed-up", "acceptance", "mean acceptance length"]
 
 
@@ -176,23 +177,24 @@ def part_8b(args, batch: int) -> tuple[str, list]:
     ngram = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1, "prompt_lookup_max": 4}
     def own_output(prompts_, tokens):
         reference.update((tuple(p["prompt_token_ids"]), t) for p, t in zip(prompts_, tokens))
-    runs = [("oracle proposals (acceptance 1, free drafter)", ngram, _oracle(reference)),
-            ("random proposals (acceptance ~0, free drafter)", ngram, _random(vocab)),
-            ("n-gram", ngram, None)]
-    if batch == 1:
-        runs += [("draft model, identical weights", {"method": "draft_model", "model": target,
-                                                     "num_speculative_tokens": k}, None),
-                 ("draft model, 2 layers, another head", {"method": "draft_model",
-                                                         "model": _small_draft(args, f"{tmp}/draft"),
-                                                         "num_speculative_tokens": k}, None),
-                 ("EAGLE head, random weights (its overhead)",
-                  {"method": "eagle", "model": _eagle_head(args, f"{tmp}/eagle", False), "num_speculative_tokens": k},
-                  None),
-                 ("EAGLE-3 head, random weights (its overhead)",
-                  {"method": "eagle3", "model": _eagle_head(args, f"{tmp}/eagle3", True), "num_speculative_tokens": k},
-                  None)]
-    for name, cfg, propose in runs:
-        llm = LLM(target, **kw, speculative_config=cfg)
+    runs = {"oracle": ("oracle proposals (acceptance 1, free drafter)", lambda: ngram, _oracle(reference)),
+            "random": ("random proposals (acceptance ~0, free drafter)", lambda: ngram, _random(vocab)),
+            "ngram": ("n-gram", lambda: ngram, None),
+            "draft_identical": ("draft model, identical weights",
+                                lambda: {"method": "draft_model", "model": target, "num_speculative_tokens": k}, None),
+            "draft_small": ("draft model, 2 layers, another head",
+                            lambda: {"method": "draft_model", "model": _small_draft(args, f"{tmp}/draft"),
+                                     "num_speculative_tokens": k}, None),
+            "eagle": ("EAGLE head, random weights (its overhead)",
+                      lambda: {"method": "eagle", "model": _eagle_head(args, f"{tmp}/eagle", False),
+                               "num_speculative_tokens": k}, None),
+            "eagle3": ("EAGLE-3 head, random weights (its overhead)",
+                       lambda: {"method": "eagle3", "model": _eagle_head(args, f"{tmp}/eagle3", True),
+                                "num_speculative_tokens": k}, None)}
+    chosen = args.runs.split(",") if args.runs else (list(runs) if batch == 1 else ["oracle", "random", "ngram"])
+    for key in chosen:
+        name, cfg, propose = runs[key]
+        llm = LLM(target, **kw, speculative_config=cfg())
         if propose is not None:
             _patch_proposals(llm, propose)
         oracle = name.startswith("oracle")
@@ -214,9 +216,15 @@ def main() -> None:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--batch", type=int, default=64, help="--part batch64's batch size")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--runs", help="--part 8b/batch64: comma-separated subset of oracle, random, ngram, draft_identical, "
+                                  "draft_small, eagle, eagle3 (default: all at batch 1; oracle, random, ngram at batch 64); "
+                                  "the baseline always runs")
     args = p.parse_args()
     if args.output_len < 2:
         raise ValueError(f"--output-len must be >= 2, got {args.output_len}")
+    unknown = [r for r in (args.runs or "").split(",") if r and r not in RUNS]
+    if unknown:
+        raise ValueError(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
     if args.part == "smollm2":
         title, rows = part_smollm2(args)
     else:
