@@ -378,3 +378,17 @@ def test_prometheus_counters_take_vllm_names(target):
     assert f"pagedray_spec_decode_num_drafts_total {float(stats.spec_num_drafts)}" in text
     per_pos = stats.spec_num_accepted_tokens_per_pos
     assert f'pagedray_spec_decode_num_accepted_tokens_per_pos_total{{position="0"}} {float(per_pos[0])}' in text
+
+
+def test_prompt_logprobs_through_chunked_prefill_with_a_drafter(target, base):
+    """Prompt logprobs come from the prefill chunks of a speculating engine as without speculation."""
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, prompt_logprobs=2)
+    prompt = {"prompt_token_ids": list(range(30, 60))}
+    llm = LLM(target, device="cpu", block_size=4, max_num_batched_tokens=8,
+              speculative_config={"method": "draft_model", "model": target, "num_speculative_tokens": 3})
+    a = llm.generate(prompt, sp, use_tqdm=False)[0]
+    b = base.generate(prompt, sp, use_tqdm=False)[0]
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    assert a.prompt_logprobs[0] is None and len(a.prompt_logprobs) == len(b.prompt_logprobs) == 30
+    for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+        assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-5 for t in x)
