@@ -169,9 +169,9 @@ def test_grpc_chat_renders_on_the_chat_thread_not_the_event_loop(stack, keeps_se
     threads = []
     real = stack.grpc.service.chat.prompt
 
-    def spy(messages):
+    def spy(*args, **kwargs):
         threads.append(threading.current_thread().name)
-        return real(messages)
+        return real(*args, **kwargs)
     stack.grpc.service.chat.prompt = spy
     try:
         messages = [pb.ChatMessage(role="user", content=f"m{i}") for i in range(20)]
@@ -186,7 +186,7 @@ def test_grpc_chat_renders_on_the_chat_thread_not_the_event_loop(stack, keeps_se
 def test_chat_over_the_byte_bound_is_refused_before_rendering(stack, keeps_serving):
     rendered = []
     for renderer in (stack.grpc.service.chat, stack.http.chat):
-        renderer.prompt = lambda messages, real=renderer.prompt: rendered.append(1) or real(messages)
+        renderer.prompt = lambda *args, real=renderer.prompt: rendered.append(1) or real(*args)
     try:
         big = "word " * 200_000   # 1 MB: far more tokens than max_model_len=256
         error = _grpc_error(stack.stub.Generate, pb.GenerateRequest(chat=pb.ChatMessages(
