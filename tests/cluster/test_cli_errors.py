@@ -225,3 +225,9 @@ def test_a_server_that_cannot_be_built_shuts_its_engines_down():
     with pytest.raises(ValueError, match="auth_token must not be empty"):
         asyncio.run(_run_server(frontend, "m", args))
     assert frontend.closed
+
+
+def test_pipeline_parallel_needs_the_ray_executor(capsys, model_path):
+    line = _one_line_error(capsys, ["serve", "--model", model_path, "--pipeline-parallel-size", "2"])
+    assert "pipeline_parallel_size must be 1, got 1 and 2 (use executor='ray')" in line
+    assert "--pipeline-parallel-size PIPELINE_PARALLEL_SIZE pipeline stages per replica" in _help("serve")
