@@ -11,7 +11,7 @@ adapter_model.safetensors) to a temporary folder. Each configuration runs in its
 (one engine per process, so each gets the whole card):
   base        the base model, engine without LoRA (what the adapters are compared with)
   lora-mixed  enable_lora, max_loras = --num-adapters; request i runs adapter i % N
-  lora-none   enable_lora, no request names an adapter (the cost of LoRA being on)
+  lora-none   enable_lora, no request names an adapter (the cost of LoRA being on; with --lora-none)
 and batch-1 decode (one request, --decode-tokens tokens, greedy) after the throughput run: in
 `base` without an adapter, in `lora-mixed` with one. Throughput runs
 have prefix caching off, ignore_eos, temperature 1.0 (vLLM's benchmark), a warm-up first.
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         adapter_dir = os.path.join(tmp, "adapters")
         for i in range(args.num_adapters):
             write_adapter(os.path.join(adapter_dir, f"a{i}"), model_dir, cfg, args.rank, seed=i)
-        for config in ("base", "lora-mixed", "lora-none"):
+        for config in ("base", "lora-mixed") + (("lora-none",) if args.lora_none else ()):
             cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--config", config,
                    "--model-dir", model_dir, "--adapter-dir", adapter_dir]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -136,7 +136,7 @@ def report(args, results: dict) -> None:
         return tokens / seconds
     base = tps("base")
     rows = [[name, f"{results[name]['throughput'][0]:.1f}", f"{tps(name):.0f}", f"{tps(name) / base:.3f}"]
-            for name in ("base", "lora-mixed", "lora-none")]
+            for name in ("base", "lora-mixed", "lora-none") if name in results]
     table = markdown_table(["configuration", "seconds", "output tok/s", "vs base"], rows)
     decode = markdown_table(["batch-1 decode", "ms/token", "vs base"], [
         ["base", f"{results['base']['decode'] * 1e3:.2f}", "1.000"],
@@ -165,6 +165,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--warmup-requests", type=int, default=16)
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per configuration")
+    p.add_argument("--lora-none", action="store_true",
+                   help="also run the LoRA engine with no adapter in any request (one more engine start-up)")
     p.add_argument("--results", default=None, help="also append the tables to this markdown file (the run is always recorded)")
     # Set by main() for the per-configuration subprocesses.
     p.add_argument("--config", choices=["base", "lora-mixed", "lora-none"], help=argparse.SUPPRESS)
