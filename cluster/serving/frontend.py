@@ -234,7 +234,7 @@ class Frontend:
     async def generate(self, prompt: str | dict, params: SamplingParams | None = None,
                        request_id: str | None = None, *, final_only: bool = False,
                        lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
-        """Delta outputs until the request finishes (see PLAN.md "Frontend API"); with `final_only`,
+        """Delta outputs until the request finishes (each holds only what is new); with `final_only`,
         one cumulative output when it finishes (unary replies: the request state already holds it).
 
         Raises ValueError (bad input), QueueFullError, EngineDeadError (no replica, or the request

@@ -76,11 +76,6 @@ class ServingMetrics:
         """A gauge whose value `read()` returns at each scrape (replaces one of the same name)."""
         self.extra_gauges[name] = (doc, read)
 
-    # Called from the engine thread and the event loop; prometheus_client is thread-safe.
-    def on_step(self, stats: Any) -> None:
-        if stats is not None:
-            self.throughput.record(stats.generation_tokens_total)
-
     def observe_ttft(self, seconds: float) -> None:
         self.ttft.observe(seconds)
 

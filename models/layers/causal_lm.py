@@ -1,7 +1,7 @@
 """`CausalLM`: the `*ForCausalLM` wrapper every model file shares.
 
 It holds the decoder stack and the LM head (or, when tied, the token
-embedding itself), and provides the three entry points of DESIGN.md:
+embedding itself), and provides the three entry points of docs/design.md:
 `forward`, `compute_logits` and `load_weights` through
 `packed_modules_mapping`. A model file only builds its stack and says how
 its checkpoint differs from its module tree.
