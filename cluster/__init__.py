@@ -3,7 +3,10 @@ if __name__ != "pagedray.cluster":  # found as a bare `cluster` from the reposit
     from pagedray.kernels.import_guard import step_aside
     step_aside(__name__, __path__)
 from pagedray.common.lora import LoRARequest
+from pagedray.common.openmp import prefer_passive_wait
 from pagedray.common.sampling_params import SamplingParams
+
+prefer_passive_wait()   # before anything here loads torch (common/openmp.py says why)
 
 __all__ = ["LLM", "LLMEngine", "LoRARequest", "SamplingParams", "RequestOutput", "CompletionOutput"]
 

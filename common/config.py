@@ -14,6 +14,18 @@ CHECKPOINT_QUANTIZATIONS = ("compressed-tensors", "fp8")
 CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
+def from_fields(cls: type, value: dict[str, Any], name: str) -> Any:
+    """`cls(**value)` for a dataclass given as a dict (an LLM keyword, or a field of a start-up
+    message), refusing keys that are not its fields with a ValueError that names them."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a dict, got {type(value).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"{name} has unknown field(s) {unknown}; known: {sorted(known)}")
+    return cls(**value)
+
+
 def check_checkpoint_folder(model: str) -> None:
     """A model is a local HF checkpoint folder: nothing is fetched from a model hub."""
     import os
@@ -245,15 +257,7 @@ class KernelOptions:
         an engine core's start-up message), or None for the defaults."""
         if value is None:
             return cls()
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, dict):
-            raise ValueError(f"kernel_options must be a KernelOptions or a dict, got {type(value).__name__}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - names)
-        if unknown:
-            raise ValueError(f"kernel_options has no field(s) {unknown}; fields: {sorted(names)}")
-        return cls(**value)
+        return value if isinstance(value, cls) else from_fields(cls, value, "kernel_options")
 
     @classmethod
     def parse(cls, items: list[str]) -> "KernelOptions":

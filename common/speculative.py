@@ -5,8 +5,10 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from pagedray.common.config import from_fields
 
 METHODS = ("ngram", "draft_model", "eagle", "eagle3")
 # More proposals than this per step buy nothing (acceptance decays geometrically) and each
@@ -30,13 +32,7 @@ class SpeculativeConfig:
     def from_dict(cls, value: "dict[str, Any] | SpeculativeConfig | None") -> "SpeculativeConfig | None":
         if value is None or isinstance(value, SpeculativeConfig):
             return value
-        if not isinstance(value, dict):
-            raise ValueError(f"speculative_config must be a dict, got {type(value).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"speculative_config has unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**value)
+        return from_fields(cls, value, "speculative_config")
 
     def __post_init__(self) -> None:
         if self.method is None and self.model is not None:

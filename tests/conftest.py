@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import pytest
 
+from pagedray.common.openmp import prefer_passive_wait
+
+prefer_passive_wait()   # before any test module loads torch: OpenMP threads sleep at barriers on a busy box
+
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:

@@ -37,3 +37,19 @@ def test_bad_values_name_the_variable(monkeypatch):
         envs.replica_startup_timeout_s()
     monkeypatch.delenv("PAGEDRAY_RAY_STEP_TIMEOUT_S")
     assert envs.ray_step_timeout_s() == 300.0
+
+
+def _policy_after_import(env: dict, code: str = "import pagedray.cluster") -> str:
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in {**os.environ, **env}.items() if v is not None}   # None: unset
+    out = subprocess.run([sys.executable, "-c", f"{code}; import os; print(os.environ.get('OMP_WAIT_POLICY'))"],
+                         env=env, capture_output=True, text=True, timeout=120, cwd="/")
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_the_engine_makes_openmp_threads_wait_passively_unless_told_otherwise():
+    assert _policy_after_import({"OMP_WAIT_POLICY": None}) == "PASSIVE"
+    assert _policy_after_import({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"

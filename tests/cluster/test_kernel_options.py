@@ -65,7 +65,7 @@ def test_bad_options_name_the_field():
         KernelOptions.parse(["skinny_gemm_max_m=9"])
     with pytest.raises(ValueError, match=r"attention_variant keys must be among .*'WARPS'"):
         KernelOptions(attention_variant={"WARPS": 2})
-    with pytest.raises(ValueError, match=r"kernel_options has no field\(s\) \['fused'\]"):
+    with pytest.raises(ValueError, match=r"kernel_options has unknown field\(s\) \['fused'\]"):
         KernelOptions.of({"fused": True})
     assert KernelOptions.parse(["split_mixed_steps=0", "attention_variant.NUM_WARPS=8"]) == KernelOptions(
         split_mixed_steps=False, attention_variant={"NUM_WARPS": 8})
