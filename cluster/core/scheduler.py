@@ -28,6 +28,10 @@ Pipeline parallelism: the engine keeps up to pipeline_parallel_size steps in fli
 next token is not known until its step left the last stage), so the next step is built from the
 others.
 
+Speculative decoding (cluster/core/spec.py): a request at its decode point runs its proposals too
+(`scheduled_spec_decode_tokens`, in the budget and in KV slots, plus a drafter's lookahead slots);
+its output brings 1 to k + 1 tokens, and the slots of the rejected proposals are given back.
+
 Call `abort_requests`/`finish_requests` between steps. With overlapped steps that is while a step is
 in flight: its blocks may be freed and handed out again at once, because the workers run steps in
 order, so a step scheduled later reads or writes them only after the step in flight wrote them.
