@@ -34,6 +34,8 @@ def served(tmp_path_factory):
     ckpt = make_tiny_llama(folder / "ckpt")
     paths = {n: make_peft_adapter(ckpt, str(folder / n), seed=s, r=r)
              for n, s, r in (("a", 1, 8), ("b", 2, 4), ("big", 3, 16))}
+    other = make_tiny_llama(folder / "other", tokenizer=False, hidden_size=32, intermediate_size=64)
+    paths["foreign"] = make_peft_adapter(other, str(folder / "foreign"), seed=4, r=4, targets=["q_proj"])
     (folder / "token").write_text(TOKEN + "\n")
     proc = ServeProcess(["--port", "0", "--http-port", "0", "--device", "cpu", "--model", ckpt,
                          "--served-model-name", "tiny", "--block-size", "4", "--num-kv-blocks", "512",
@@ -114,3 +116,9 @@ def test_load_and_unload_while_a_stream_runs(served):
     assert _post(ready, "/v1/load_lora_adapter", {"lora_name": "b", "lora_path": paths["b"]})[0] == 400
     assert _post(ready, "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": paths["a"]})[0] == 200
     assert client.completions.create(model="a", prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text
+    # An adapter of another base model passes the front's config check; the engine refuses its first request (400),
+    # parsing it off the step loop, and goes on serving.
+    assert _post(ready, "/v1/load_lora_adapter", {"lora_name": "foreign", "lora_path": paths["foreign"]})[0] == 200
+    with pytest.raises(openai.BadRequestError, match="another base model"):
+        client.completions.create(model="foreign", prompt=PROMPT, max_tokens=2)
+    assert client.completions.create(model="b", prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text
