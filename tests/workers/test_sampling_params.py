@@ -70,5 +70,5 @@ def test_min_tokens_above_max_tokens():
 def test_accepted_edges():
     for kwargs in [dict(top_p=1e-9), dict(min_p=0.0), dict(min_p=1.0), dict(presence_penalty=-2.0),
                    dict(frequency_penalty=2.0), dict(repetition_penalty=5.0), dict(seed=-3),
-                   dict(seed=2**70), dict(logprobs=0), dict(prompt_logprobs=0), dict(top_k=1)]:
+                   dict(seed=2**63 - 1), dict(seed=-2**63), dict(logprobs=0), dict(prompt_logprobs=0), dict(top_k=1)]:
         SamplingParams(**kwargs)
