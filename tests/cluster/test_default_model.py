@@ -68,6 +68,28 @@ def test_greedy_answers_paris(llm):
 
 
 @needs_package
+def test_structured_outputs_with_the_real_vocabulary(llm):
+    """xgrammar over SmolLM2's 49k-token byte-level vocabulary: a JSON schema (chat-templated prompt)
+    validates, and a choice answers the question."""
+    import jsonschema
+    from pagedray.cluster import SamplingParams
+    from pagedray.common.sampling_params import StructuredOutputsParams as SO
+    schema = {"type": "object", "properties": {"city": {"type": "string", "pattern": "^[A-Z][a-z]{1,12}$"},
+                                               "country": {"type": "string", "pattern": "^[A-Z][a-z]{1,12}$"}},
+              "required": ["city", "country"], "additionalProperties": False}
+    prompt = llm.get_tokenizer().apply_chat_template(
+        [{"role": "user", "content": "Name the capital of France and its country, as JSON."}],
+        tokenize=False, add_generation_prompt=True)
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, structured_outputs=SO(json=schema)),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop"
+    jsonschema.validate(json.loads(out.text), schema)
+    answer = llm.generate("Q: What is the capital of France?\nA:", SamplingParams(
+        temperature=0, max_tokens=8, structured_outputs=SO(choice=[" Paris", " Rome", " Berlin"])), use_tqdm=False)
+    assert answer[0].outputs[0].text == " Paris"
+
+
+@needs_package
 def test_greedy_tokens_equal_hf_transformers(converted, llm):
     import torch
     from testkit.hf_compare import assert_greedy_match, engine_greedy
