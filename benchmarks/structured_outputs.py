@@ -56,16 +56,16 @@ def write_tokenizer(path: str, vocab_size: int, eos_id: int, seed: int = 0) -> N
     letters = "etaoinshrdlucmfwypvbgkqjxz" * 3 + "ETAOINSHRDL0123456789{}[]\":,.-_ Ġ"
     pieces = [c if c != " " else "Ġ" for c in letters if (c if c != " " else "Ġ") in vocab]
     target = vocab_size - 1   # one id left for eos
-    made: list[str] = []
+    short: list[str] = []   # made pieces that may still grow (real vocabularies: mostly 2-10 characters)
     while len(vocab) < target:
-        a = rng.choice(pieces) if rng.random() < 0.5 or not made else made[-1 - rng.randrange(min(2000, len(made)))]
-        b = rng.choice(pieces)
-        new = a + b
-        if new in vocab or len(new) > 16:
+        a = rng.choice(pieces) if rng.random() < 0.2 or not short else rng.choice(short)
+        new = a + rng.choice(pieces)
+        if new in vocab:
             continue
         vocab[new] = len(vocab)
-        made.append(new)
-        merges.append((a, b))
+        merges.append((a, new[len(a):]))
+        if len(new) < 10:
+            short.append(new)
     specials = {"</s>": eos_id}
     ordered = {tok: (i if i < eos_id else i + 1) for tok, i in vocab.items()}
     ordered.update(specials)
