@@ -109,6 +109,8 @@ def _common(body: dict, known: set[str], aliases: dict[str, str]) -> tuple[dict,
         if not 0 <= prompt_logprobs <= MAX_LOGPROBS:
             raise OpenAIError(400, f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {prompt_logprobs}",
                               param="prompt_logprobs")
+        if stream:   # (a stream has no place for them: refused rather than dropped)
+            raise OpenAIError(400, "prompt_logprobs is not supported with stream: true", param="prompt_logprobs")
         kwargs["prompt_logprobs"] = prompt_logprobs
     return kwargs, stream, include_usage
 
@@ -189,6 +191,9 @@ def parse_chat(body: dict, served_model: str, prompt: dict, tools: ToolRequest |
         raise OpenAIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}] and needs logprobs: true, "
                                f"got {top}", param="top_logprobs")
     num_logprobs = (top or 0) if wants else None
+    if wants and stream and tools is not None:
+        raise OpenAIError(400, "logprobs are not supported in a stream with tools (held-back content has "
+                               "none to send): drop stream or logprobs", param="logprobs")
     if num_logprobs is not None:
         kwargs["logprobs"] = num_logprobs
     return ParsedRequest([prompt], _sampling(kwargs, body, aliases), stream, include_usage, num_logprobs,

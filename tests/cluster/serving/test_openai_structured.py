@@ -107,6 +107,7 @@ def test_vllm_structured_outputs_extra(served):
     ({"guided_json": {"type": "object"}}, "guided_json"),        # an unknown field: never dropped silently
     ({"logit_bias": {"999999": 5}}, "logit_bias"),
     ({"logit_bias": {"5": 500}}, "logit_bias"),
+    ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
 ])
 def test_bad_constraints_are_400_naming_the_parameter(served, extra, param):
     client, _, _ = served
