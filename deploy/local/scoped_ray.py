@@ -9,6 +9,11 @@ started from that shell, tmux) inherits it. `stop(scope)` ends exactly those.
 
 As a command (`deploy/local/bin/ray`, first on PATH in the node's shell): `ray stop [--force]`
 stops the scope of `$PAGEDRAY_RAY_SCOPE`; any other arguments go to Ray's own CLI.
+
+On the head of a multi-machine local-provider cluster (deploy/local-multinode.yaml), `ray stop`
+first runs `ray stop` on each worker the launcher config lists: `ray down` runs `ray stop` on the
+head only and Ray's local provider merely forgets the workers, whose raylets and agents would
+otherwise outlive the cluster.
 """
 from __future__ import annotations
 
@@ -41,14 +46,39 @@ def _ancestors(pid: int) -> set[int]:
     return seen
 
 
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process now."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):   # gone meanwhile
+                pass
+    return parents
+
+
 def processes(scope: str) -> list[int]:
-    """PIDs of the processes in `scope`, except this process and its ancestors."""
+    """PIDs of the processes in `scope` and their descendants, except this process and its ancestors.
+    Descendants: `ray::DashboardAgent` and `RuntimeEnvAgent` (children of the raylet) blank their
+    /proc/PID/environ when they rename themselves, so the scope cannot be read from them."""
     if not scope:
         raise ValueError(f"{SCOPE_VAR} is empty: no cluster to stop")
     entry = f"{SCOPE_VAR}={scope}".encode()
     skip = _ancestors(os.getpid())
-    return [pid for pid in (int(d) for d in os.listdir("/proc") if d.isdigit())
-            if pid not in skip and _environ_has(pid, entry)]
+    parents = _parents()
+    scoped = {pid for pid in parents if pid not in skip and _environ_has(pid, entry)}
+    children: dict[int, list[int]] = {}
+    for pid, parent in parents.items():
+        children.setdefault(parent, []).append(pid)
+    todo = list(scoped)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in scoped and child not in skip:
+                scoped.add(child)
+                todo.append(child)
+    return sorted(scoped)
 
 
 def stop(scope: str, grace_s: float = 3.0) -> list[int]:
@@ -75,6 +105,35 @@ def _signal(pids: list[int], sig: int) -> None:
             pass
 
 
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"   # where `ray up` leaves the launcher config on the head
+BOOTSTRAP_KEY = "~/ray_bootstrap_key.pem"
+
+
+def stop_workers(argv: list[str], timeout_s: float = 60.0) -> None:
+    """On a local-provider head: `ray stop` on every listed worker, over the launcher's SSH key."""
+    import subprocess
+    path = os.path.expanduser(BOOTSTRAP_CONFIG)
+    if not os.path.exists(path):
+        return
+    import yaml
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    provider = config.get("provider") or {}
+    if provider.get("type") != "local" or not provider.get("worker_ips"):
+        return
+    user = (config.get("auth") or {}).get("ssh_user", "root")
+    key = os.path.expanduser(BOOTSTRAP_KEY)
+    ssh = ["ssh", "-i", key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+           "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR"]
+    remote = "bash --login -c 'source ~/.bashrc; " + " ".join(["ray", *argv]) + "'"
+    calls = [subprocess.Popen([*ssh, f"{user}@{ip}", remote]) for ip in provider["worker_ips"]]
+    for call in calls:
+        try:
+            call.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            call.kill()
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["stop"]:
         scope = os.environ.get(SCOPE_VAR, "")
@@ -82,6 +141,7 @@ def main(argv: list[str]) -> int:
             print(f"ray stop: {SCOPE_VAR} is not set; refusing to stop every Ray process on this host",
                   file=sys.stderr)
             return 1
+        stop_workers(argv)
         pids = stop(scope, grace_s=0 if "--force" in argv or "-f" in argv else 3.0)
         print(f"Stopped {len(pids)} process(es) of Ray scope {scope}.")
         return 0

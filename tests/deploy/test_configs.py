@@ -31,7 +31,8 @@ def _doc(docs: list[dict], kind: str) -> dict:
 
 
 def test_the_repository_configs_pass():
-    paths = [str(DEPLOY / "cluster-gpu.yaml"), str(DEPLOY / "local-cluster.yaml"), *map(str, KUBERAY)]
+    paths = [str(DEPLOY / "cluster-gpu.yaml"), str(DEPLOY / "local-cluster.yaml"), str(DEPLOY / "local-multinode.yaml"),
+             *map(str, KUBERAY)]
     done = subprocess.run([sys.executable, str(DEPLOY / "check_config.py"), *paths], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
