@@ -139,7 +139,105 @@ def replicas_node_kill(args: dict) -> dict:
     return asyncio.run(_replicas_node_kill(args))
 
 
-SCENARIOS = {"tp_across_nodes": tp_across_nodes, "replicas_node_kill": replicas_node_kill}
+def _http_completion(port: int, prompt: str, max_tokens: int) -> str:
+    import urllib.request
+    body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return json.loads(reply.read())["choices"][0]["text"]
+
+
+def pp_serve(args: dict) -> dict:
+    """`pagedray serve` of one PP=2 replica whose stages must sit on two nodes (each worker has one CPU
+    free), answering gRPC and HTTP; the offline engine here for reference."""
+    import grpc
+    from testkit.grpc_cases import make_request
+    from testkit.serve_process import ServeProcess
+    from pagedray.cluster import LLM, SamplingParams
+    from pagedray.cluster.executors.ray_utils import init_ray
+    from pagedray.protos import generate_pb2_grpc as pb_grpc
+    prompt, tokens = "hello world", 10
+    ref = LLM(args["ckpt"], device="cpu")
+    want = ref.generate([prompt], SamplingParams(temperature=0, max_tokens=tokens), use_tqdm=False)[0].outputs[0]
+    ref.shutdown()
+    init_ray()
+    hold = _reserve_one_cpu_per_worker()
+    server = ServeProcess(["--model", args["ckpt"], "--served-model-name", "tiny", "--device", "cpu",
+                           "--replica-backend", "ray", "--executor", "ray", "--pipeline-parallel-size", "2",
+                           "--host", "127.0.0.1", "--port", "50051", "--http-port", "8000", "--block-size", "4",
+                           "--num-kv-blocks", "256"])
+    try:
+        server.wait_for(r"ready: serving model 'tiny' on 127\.0\.0\.1:50051", timeout=300)
+        ranks = _actor_ips("WorkerActor")
+        with grpc.insecure_channel("127.0.0.1:50051") as channel:
+            reply = pb_grpc.GenerationStub(channel).Generate(
+                make_request(prompt, "pp0", temperature=0, max_tokens=tokens), timeout=120)
+        got_grpc = list(reply.completions[0].token_ids)
+        got_http = _http_completion(8000, prompt, tokens)
+    finally:
+        code = server.stop()
+        del hold
+    return {"want_ids": list(want.token_ids), "want_text": want.text, "grpc_ids": got_grpc, "http_text": got_http,
+            "rank_ips": ranks, "exit_code": code}
+
+
+async def _pp_node_kill(args: dict) -> dict:
+    """One PP=2 replica over two nodes behind the frontend (which replaces a dead client and parks its
+    requests meanwhile); one of its nodes killed mid-stream."""
+    import grpc
+    from testkit.migration_cases import (SLOW_CORE, finish_streams, open_streams, undisturbed, wait_until,
+                                         whole_streams)
+    from pagedray.cluster.executors.placement import Placer
+    from pagedray.cluster.executors.ray_utils import init_ray
+    from pagedray.cluster.serving.frontend import Frontend
+    from pagedray.cluster.serving.ray_client import RayClient
+    from pagedray.cluster.serving.server import GenerateServer
+    from pagedray.protos import generate_pb2_grpc as pb_grpc
+    want = undisturbed(args["ckpt"])
+    init_ray()
+    hold = _reserve_one_cpu_per_worker()
+    placer = Placer()
+    engine_kw = dict(device="cpu", block_size=4, num_kv_blocks=1024, executor="ray", pipeline_parallel_size=2,
+                     step_delay_s=0.05)
+    names = iter(f"pp{i}" for i in range(10))
+
+    async def make() -> RayClient:
+        return RayClient(args["ckpt"], engine_kw, name=next(names), core_factory=SLOW_CORE, startup_timeout_s=240,
+                         liveness_s=5.0, placer=placer)
+
+    frontend = await Frontend.start_with([await make()], client_factory=make, max_migrations=2)
+    ips = _node_ips()
+    first = frontend.router.replicas[0]
+    before = sorted(ips[n] for n in first.nodes)
+    server = GenerateServer(frontend, "tiny", host="127.0.0.1", port=0)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    calls = open_streams(pb_grpc.GenerationStub(channel))
+    firsts = [await call.read() for call in calls]
+    killed_ip = before[-1]
+    t_kill = time.monotonic()
+    kill_namespace(args["namespaces"][killed_ip])
+    rests = await finish_streams(calls)
+    errors = [repr(r) for r in rests if isinstance(r, BaseException)]
+    got = whole_streams(firsts, rests) if not errors else []
+    await wait_until(lambda: frontend.router.num_ready == 1 and first not in frontend.router.replicas, 120,
+                     "the replacement replica")
+    ips = _node_ips()
+    after = sorted(ips.get(n, n) for n in frontend.router.replicas[0].nodes)
+    await channel.close()
+    await server.stop(grace=2)
+    del hold
+    return {"want": want, "got": got, "errors": errors, "before": before, "after": after, "killed_ip": killed_ip,
+            "rebuilt_s": time.monotonic() - t_kill, "alive_ips": sorted(_alive_ips())}
+
+
+def pp_node_kill(args: dict) -> dict:
+    return asyncio.run(_pp_node_kill(args))
+
+
+SCENARIOS = {"tp_across_nodes": tp_across_nodes, "replicas_node_kill": replicas_node_kill, "pp_serve": pp_serve,
+             "pp_node_kill": pp_node_kill}
 
 if __name__ == "__main__":
     import logging
