@@ -138,6 +138,8 @@ class Autoscaler:
         self._names = (f"replica-{i}" for i in itertools.count())
         self._retry_at = 0.0
         self._loop_task: asyncio.Task | None = None
+        router.replaces_dead = lambda: self._loop_task is not None and not self._loop_task.done()
+        router.replicas_wanted = lambda: self.target
         router.metrics.add_gauge("pagedray_replicas_starting", "Replicas being created", lambda: len(self.starting))
         router.metrics.add_gauge("pagedray_replicas_target", "Replicas the autoscaler aims for", lambda: self.target)
 

@@ -323,8 +323,9 @@ class Frontend:
         try:
             client = self.router.choose(req.core.prompt_token_ids, lora_request=req.core.lora_request)
         except EngineDeadError as exc:
-            if self._replacing:
-                self._parked.append(req)    # a replacement is starting: start or resume there
+            if self._replacing or (cause is not None and self.router.replaces_dead is not None
+                                   and self.router.replaces_dead()):
+                self._park(req)    # a replacement is starting (ours, or the autoscaler's): resume there
                 return
             error = exc if cause is None else EngineDeadError(f"{exc}; the request's replica failed: {cause}")
             if raise_errors:
@@ -369,6 +370,18 @@ class Frontend:
         for req in [r for r in self._requests.values() if r.client is client and not r.state.finished]:
             self._migrate(req, error)
         self._spawn(client.shutdown())
+
+    PARK_TIMEOUT_S = 600.0   # a request moved off a dead replica waits this long for its replacement
+
+    def _park(self, req: _Request) -> None:
+        self._parked.append(req)
+
+        def expire() -> None:
+            if req in self._parked:
+                self._parked.remove(req)
+                self._fail(req, EngineDeadError(f"request {quote(req.client_id)}: no replica became ready "
+                                                f"within {self.PARK_TIMEOUT_S:g} s after its replica failed"))
+        asyncio.get_running_loop().call_later(self.PARK_TIMEOUT_S, expire)
 
     def _migrate(self, req: _Request, error: BaseException) -> None:
         self._unalias(req)

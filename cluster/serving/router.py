@@ -49,6 +49,10 @@ class Router:
         self._lora_clients: dict[int, set[str]] = {}   # lora_int_id -> clients that have run it
         self._rotation = 0
         self._callbacks: list[Callable[[], None]] = []
+        # Set by an Autoscaler while it runs: a dead replica's replacement is coming, so the frontend
+        # parks the requests it could not move (the only replica died) instead of failing them.
+        self.replaces_dead: Callable[[], bool] | None = None
+        self.replicas_wanted: Callable[[], int] | None = None   # the autoscaler's target (ListModels' total)
         self.metrics = metrics if metrics is not None else ServingMetrics()
         self.metrics.add_gauge("pagedray_replicas", "Replicas taking requests", lambda: self.num_ready)
         for client in clients:
@@ -95,6 +99,11 @@ class Router:
     @property
     def num_ready(self) -> int:
         return len(self.routable())
+
+    @property
+    def num_wanted(self) -> int:
+        """Replicas this server keeps: the autoscaler's target, else the clients it has."""
+        return self.replicas_wanted() if self.replicas_wanted is not None else len(self.replicas)
 
     @property
     def is_healthy(self) -> bool:

@@ -183,13 +183,14 @@ def pp_serve(args: dict) -> dict:
 
 
 async def _pp_node_kill(args: dict) -> dict:
-    """One PP=2 replica over two nodes behind the frontend (which replaces a dead client and parks its
-    requests meanwhile); one of its nodes killed mid-stream."""
+    """One PP=2 replica over two nodes behind the frontend and the autoscaler; one of its nodes killed
+    mid-stream."""
     import grpc
     from testkit.migration_cases import (SLOW_CORE, finish_streams, open_streams, undisturbed, wait_until,
                                          whole_streams)
     from pagedray.cluster.executors.placement import Placer
     from pagedray.cluster.executors.ray_utils import init_ray
+    from pagedray.cluster.serving.autoscaler import Autoscaler, AutoscalingConfig
     from pagedray.cluster.serving.frontend import Frontend
     from pagedray.cluster.serving.ray_client import RayClient
     from pagedray.cluster.serving.server import GenerateServer
@@ -200,13 +201,17 @@ async def _pp_node_kill(args: dict) -> dict:
     placer = Placer()
     engine_kw = dict(device="cpu", block_size=4, num_kv_blocks=1024, executor="ray", pipeline_parallel_size=2,
                      step_delay_s=0.05)
-    names = iter(f"pp{i}" for i in range(10))
 
-    async def make() -> RayClient:
-        return RayClient(args["ckpt"], engine_kw, name=next(names), core_factory=SLOW_CORE, startup_timeout_s=240,
+    def make(name: str) -> RayClient:
+        return RayClient(args["ckpt"], engine_kw, name=name, core_factory=SLOW_CORE, startup_timeout_s=240,
                          liveness_s=5.0, placer=placer)
 
-    frontend = await Frontend.start_with([await make()], client_factory=make, max_migrations=2)
+    # What `serve --replica-backend ray --replicas 1` runs: the autoscaler replaces the dead replica and
+    # the frontend parks the streams it could not move meanwhile.
+    frontend = Frontend(max_migrations=2)
+    scaling = AutoscalingConfig(min_replicas=1, max_replicas=1, interval_s=0.2, retry_delay_s=2.0)
+    autoscaler = Autoscaler(frontend.router, make, scaling)
+    await autoscaler.start()
     ips = _node_ips()
     first = frontend.router.replicas[0]
     before = sorted(ips[n] for n in first.nodes)
@@ -226,6 +231,7 @@ async def _pp_node_kill(args: dict) -> dict:
     ips = _node_ips()
     after = sorted(ips.get(n, n) for n in frontend.router.replicas[0].nodes)
     await channel.close()
+    await autoscaler.stop()
     await server.stop(grace=2)
     del hold
     return {"want": want, "got": got, "errors": errors, "before": before, "after": after, "killed_ip": killed_ip,
