@@ -190,6 +190,13 @@ async def run_client(kind: str, client, streams: int, tokens: int) -> dict:
     return _result(kind, streams, tokens, produced, time.perf_counter() - t0, time.process_time() - cpu0)
 
 
+def _median(runs: list[dict]) -> dict:
+    """The run of median throughput, with every run's figure beside it (a single short run at 128
+    streams is ~0.3 s on a GPU: one host hiccup moved it by a third; see RESULTS.md)."""
+    ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
+    return {**ordered[len(ordered) // 2], "runs_tokens_per_s": [r["tokens_per_s"] for r in runs]}
+
+
 async def _bench_clients(args, path: str, kw: dict) -> None:
     from pagedray.cluster.serving.process_client import ProcessClient
     from pagedray.cluster.serving.ray_client import RayClient
@@ -202,14 +209,16 @@ async def _bench_clients(args, path: str, kw: dict) -> None:
         await client.start()
         for streams in args.streams:
             await run_client(kind, client, streams, 8)   # warm-up (graphs, allocator)
-            emit({"device": args.device, "preset": args.preset, **await run_client(kind, client, streams, args.tokens)})
+            runs = [await run_client(kind, client, streams, args.tokens) for _ in range(args.repeats)]
+            emit({"device": args.device, "preset": args.preset, **_median(runs)})
         await client.shutdown()
 
 
 def bench_engine(args) -> None:
     from ray_step_overhead import make_model_dir
     path = make_model_dir(tempfile.mkdtemp(), args.preset, weights=False)
-    kw = dict(device=args.device, load_format="dummy", max_model_len=2048, gpu_memory_utilization=0.5)
+    kw = dict(device=args.device, load_format="dummy", max_model_len=2048, gpu_memory_utilization=0.5,
+              **json.loads(args.core_kwargs))
     if "ray" in args.clients:
         import ray
         ray.init(include_dashboard=False, log_to_driver=False)
@@ -218,7 +227,8 @@ def bench_engine(args) -> None:
         core = load_factory(args.core_factory)(path, **kw)
         for streams in args.streams:
             run_inproc(core, streams, 8)
-            emit({"device": args.device, "preset": args.preset, **run_inproc(core, streams, args.tokens)})
+            runs = [run_inproc(core, streams, args.tokens) for _ in range(args.repeats)]
+            emit({"device": args.device, "preset": args.preset, **_median(runs)})
         core.shutdown()
 
 
@@ -233,6 +243,9 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--clients", nargs="+", default=list(CLIENTS), choices=CLIENTS)
     ap.add_argument("--core-factory", default=DEFAULT_CORE_FACTORY)
+    ap.add_argument("--core-kwargs", default="{}", help="JSON: more keywords for the core (e.g. a fake "
+                    "core's step_delay_s, standing in for a GPU step that releases the GIL)")
+    ap.add_argument("--repeats", type=int, default=5, help="measured runs per point (the median is reported)")
     ap.add_argument("--ray-threads", type=int, default=None,
                     help="torch threads of the Ray actor's engine (default: RayClient's choice)")
     args = ap.parse_args()
