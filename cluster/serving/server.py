@@ -201,10 +201,12 @@ class GenerationService(pb_grpc.GenerationServicer):
         info = self.frontend.info
         model = pb.ModelInfo(name=self.model_name, architecture=info.architecture, max_model_len=info.max_model_len,
                              tensor_parallel_size=info.tensor_parallel_size,
-                             replicas=self.frontend.num_ready_replicas, root=info.model)
+                             replicas=self.frontend.num_ready_replicas,
+                             replicas_total=self.frontend.router.num_wanted, root=info.model)
         adapters = [pb.ModelInfo(name=lora.lora_name, architecture=info.architecture,
                                  max_model_len=info.max_model_len, tensor_parallel_size=info.tensor_parallel_size,
-                                 replicas=self.frontend.num_ready_replicas, parent=self.model_name,
+                                 replicas=self.frontend.num_ready_replicas,
+                                 replicas_total=self.frontend.router.num_wanted, parent=self.model_name,
                                  root=lora.lora_path)
                     for lora in getattr(self.frontend, "loras", ())]
         return pb.ListModelsResponse(models=[model, *adapters])

@@ -235,8 +235,8 @@ def test_unknown_model_is_not_found(ckpt):
     named, error, listed = asyncio.run(scenario())
     assert len(named.completions) == 1
     assert error.code() == grpc.StatusCode.NOT_FOUND and "gpt-9" in error.details()
-    assert [(m.name, m.architecture, m.max_model_len, m.tensor_parallel_size, m.replicas)
-            for m in listed.models] == [("tiny", "LlamaForCausalLM", MAX_LEN, 1, 1)]
+    assert [(m.name, m.architecture, m.max_model_len, m.tensor_parallel_size, m.replicas, m.replicas_total)
+            for m in listed.models] == [("tiny", "LlamaForCausalLM", MAX_LEN, 1, 1, 1)]
 
 
 def test_cancelled_stream_and_expired_deadline_free_all_blocks(ckpt):

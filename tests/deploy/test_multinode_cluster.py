@@ -69,11 +69,11 @@ def test_ray_up_submit_client_down_leaves_nothing(machines, tiny_llama):
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             done = run(["ray", "exec", *cluster, "pagedray client --address 127.0.0.1:50051 --list-models"], 120)
-            if done.returncode == 0 and '"replicas": 2' in done.stdout:
+            if done.returncode == 0 and '"replicas": 2' in done.stdout and '"replicasTotal": 2' in done.stdout:
                 listing = done.stdout
                 break
             time.sleep(5)
-        assert listing is not None, f"the server never had 2 replicas ready:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        assert listing is not None, f"the server never had 2 of 2 replicas ready:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
         mark("serving, 2 replicas")
         reply = _ok(run(["ray", "exec", *cluster, "pagedray client --address 127.0.0.1:50051 --token-ids 5,17,42,9 "
                          f"--max-tokens {TOKENS} --temperature 0 --json"], 120), "client")

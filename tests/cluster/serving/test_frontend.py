@@ -252,3 +252,34 @@ def test_no_client_left_is_engine_dead_and_a_factory_replaces_the_dead_one(tok):
         await frontend.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_when_a_replacement_is_coming_the_lone_replica_s_streams_wait_for_it(tok, monkeypatch):
+    """Under the autoscaler (Router.replaces_dead) a stream whose only replica died waits, then finishes
+    on the replacement with the same tokens; one that waits past PARK_TIMEOUT_S fails naming it."""
+    async def scenario():
+        frontend = await _frontend(tok)
+        frontend.router.replaces_dead = lambda: True
+        task = asyncio.get_running_loop().create_task(_collect(frontend, {"prompt_token_ids": [6]}, _greedy(50)))
+        while frontend.router.replicas[0].core.generated < 10:
+            await asyncio.sleep(0.005)
+        _kill(frontend.router.replicas[0])
+        while frontend.router.replicas:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.1)
+        assert not task.done()      # parked, not failed
+        replacement = InprocClient(lambda: FakeCore(step_delay_s=0.002), name="fake-new")
+        await replacement.start()
+        frontend.router.add_replica(replacement)
+        tokens, _, reason, _ = await task
+        assert tokens == _expected([6], 50) and reason == "length"
+        monkeypatch.setattr(Frontend, "PARK_TIMEOUT_S", 0.2)
+        stream = frontend.generate({"prompt_token_ids": [4]}, _greedy(250))
+        await stream.__anext__()
+        _kill(replacement)
+        with pytest.raises(EngineDeadError, match=r"no replica became ready within 0.2 s"):
+            async for _ in stream:
+                pass
+        await frontend.shutdown()
+
+    asyncio.run(scenario())
