@@ -40,7 +40,11 @@ from pagedray.common.sampling_params import SamplingParams  # noqa: E402
 CLIENTS = ("ray", "process", "inproc")   # in-process last: the other two free their GPU memory on exit
 
 
+RESULTS: list[dict] = []   # what --engine measured, for the record written at the end
+
+
 def emit(record: dict) -> None:
+    RESULTS.append(record)
     print(json.dumps(record), flush=True)
 
 
@@ -230,6 +234,31 @@ def bench_engine(args) -> None:
             runs = [run_inproc(core, streams, args.tokens) for _ in range(args.repeats)]
             emit({"device": args.device, "preset": args.preset, **_median(runs)})
         core.shutdown()
+    if args.core_factory == DEFAULT_CORE_FACTORY:
+        record_engine(args)
+
+
+def record_engine(args) -> None:
+    """One record (benchmarks/records/) for the most streams: each client against in-process."""
+    import common
+    streams = max(args.streams)
+    by_client = {r["client"]: r for r in RESULTS if r.get("streams") == streams and "client" in r}
+    base = by_client.get("inproc")
+    if base is None:
+        return
+    names = {"ray": "RayClient", "process": "ProcessClient"}
+    figures = {}
+    for kind in ("ray", "process"):
+        if kind in by_client:
+            figures[f"{names[kind]} / in-process"] = f"{by_client[kind]['tokens_per_s'] / base['tokens_per_s']:.2f}x"
+    for kind in ("ray", "process", "inproc"):
+        if kind in by_client:
+            label = names.get(kind, "in-process")
+            figures[f"{label} tok/s"] = round(by_client[kind]["tokens_per_s"])
+            figures[f"{label} runs (tok/s)"] = " / ".join(f"{x:,.0f}" for x in by_client[kind]["runs_tokens_per_s"])
+    model = "~1B Llama" if args.preset == "1b" else f"{args.preset} Llama"
+    common.record(f"{model}, {streams} streams x {args.tokens} tokens", figures,
+                  headline=next(iter(figures)) if figures else None)
 
 
 def main() -> None:
