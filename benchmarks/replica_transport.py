@@ -34,7 +34,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import msgspec  # noqa: E402
 
 from pagedray.cluster.core.messages import CoreOutput, CoreOutputs, CoreRequest, EngineStats  # noqa: E402
-from pagedray.cluster.core.process import DEFAULT_CORE_FACTORY, load_factory  # noqa: E402
+from pagedray.cluster.core.process import DEFAULT_CORE_FACTORY, freeze_heap, load_factory  # noqa: E402
 from pagedray.common.sampling_params import SamplingParams  # noqa: E402
 
 CLIENTS = ("ray", "process", "inproc")   # in-process last: the other two free their GPU memory on exit
@@ -211,6 +211,7 @@ async def _bench_clients(args, path: str, kw: dict) -> None:
         else:
             client = ProcessClient(path, kw, name="bench", core_factory=args.core_factory)
         await client.start()
+        freeze_heap()   # as `pagedray serve` does once started: see process.freeze_heap
         for streams in args.streams:
             await run_client(kind, client, streams, 8)   # warm-up (graphs, allocator)
             runs = [await run_client(kind, client, streams, args.tokens) for _ in range(args.repeats)]
@@ -229,6 +230,7 @@ def bench_engine(args) -> None:
     asyncio.run(_bench_clients(args, path, kw))
     if "inproc" in args.clients:
         core = load_factory(args.core_factory)(path, **kw)
+        freeze_heap()   # as the engine-core process and actor do once built
         for streams in args.streams:
             run_inproc(core, streams, 8)
             runs = [run_inproc(core, streams, args.tokens) for _ in range(args.repeats)]

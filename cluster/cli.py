@@ -243,6 +243,8 @@ async def _run_server(frontend, name: str, args: argparse.Namespace, autoscaler=
     metrics = f", metrics on http://{args.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     metrics += f", OpenAI HTTP API on {http.url}/v1" if http is not None else ""
     where = f"serving model {name!r} on {args.host}:{server.port} ({'tls' if args.tls_cert else 'plaintext'}){metrics}"
+    from pagedray.cluster.core.process import freeze_heap
+    freeze_heap()   # the front's start-up heap (torch, Ray, tokenizer) out of the collector's full passes
     announce = loop.create_task(_announce_ready(frontend, where, autoscaler, stop))
     await stop.wait()
     announce.cancel()
