@@ -87,7 +87,7 @@ class Worker:
         if self.speculative_config is not None:
             from pagedray.workers.spec_decode import make_spec_runner
             self.runner.spec = make_spec_runner(self)
-        if self.rank == 0:   # the sampling rank: grammar masks and logit biases (compiled lazily)
+        if self.runner.sample:   # the sampling rank (the last stage's first): grammar masks and logit biases
             from pagedray.workers.structured_output import LogitsConstraints, backend_for
             self.runner.sampler.constraints = LogitsConstraints(backend_for(mc.tokenizer, mc.vocab_size))
 

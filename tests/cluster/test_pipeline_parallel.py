@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import time
 
@@ -111,6 +112,10 @@ def test_pp2_matches_hf_then_a_killed_stage_fails_fast(checkpoints):
         assert seen["peak"] == 2, "the engine never kept two steps in flight"
         assert not seen["overlap"], f"requests in two in-flight steps: {seen['overlap']}"
         assert llm.llm_engine.get_stats().num_preemptions > 0
+        # Structured outputs: the sampling rank (the last stage) masks by the grammar.
+        coded = llm.generate({"prompt_token_ids": prompts[0]}, SamplingParams(
+            max_tokens=12, temperature=1.0, seed=1, structured_outputs={"regex": "[0-9]{3}-[a-z]{2}"}), use_tqdm=False)
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", coded[0].outputs[0].text), coded[0].outputs[0].text
         # Each stage holds the KV cache of its one layer (24 blocks, both KV heads).
         assert _kv_shapes(executor) == [[(2, 24, 2, 4, 16)]] * 2
         # Stage 1 gone: stage 0 cannot hand it the next step.
