@@ -65,6 +65,8 @@ class SamplingRow:
     # Constrained decoding: the request's grammar matcher (workers/structured_output.py), built
     # at its first constrained step from the outputs so far.
     grammar: object = field(default=None, repr=False)
+    # Whether the row has a grammar or a logit bias (the sampler's hook then runs for the step).
+    constrained: bool = field(init=False)
 
     def __post_init__(self) -> None:
         p = self.params
@@ -77,6 +79,7 @@ class SamplingRow:
         if p.eos_token_id is not None and not p.ignore_eos:
             banned.append(p.eos_token_id)
         self.min_tokens_banned = banned
+        self.constrained = p.constrains_logits
 
     @property
     def num_outputs(self) -> int:
@@ -162,7 +165,7 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> DeviceSample:
         want_logprobs = [r.params.logprobs for r in rows]
-        if self.constraints is not None and any(r.params.constrains_logits for r in rows):
+        if self.constraints is not None and any(r.constrained for r in rows):
             # A mask sets -inf, which the penalties below keep: masking first equals masking after them.
             logits = self.constraints(logits, rows)
         if all(r.argmax_only and not r.masks_min_tokens for r in rows):
