@@ -368,8 +368,9 @@ def test_serve_cli_with_ray_replicas(ray_local, ckpt):
 
 def test_more_than_one_replica_needs_the_ray_backend(capsys):
     from pagedray.cluster.cli import main
-    with pytest.raises(SystemExit, match="needs --replica-backend ray"):
-        main(["serve", "--model", "/nonexistent", "--replicas", "2"])
-    with pytest.raises(SystemExit, match="max_replicas"):
-        main(["serve", "--model", "/nonexistent", "--replica-backend", "ray", "--min-replicas", "3",
-              "--max-replicas", "2"])
+    # The CLI prints one `pagedray serve: error: ...` line and returns 2 (it no longer raises SystemExit).
+    assert main(["serve", "--model", "/nonexistent", "--replicas", "2"]) == 2
+    assert "needs --replica-backend ray" in capsys.readouterr().err
+    assert main(["serve", "--model", "/nonexistent", "--replica-backend", "ray", "--min-replicas", "3",
+                 "--max-replicas", "2"]) == 2
+    assert "--min-replicas 3 must be <= --max-replicas 2" in capsys.readouterr().err
