@@ -6,7 +6,6 @@ One local Ray instance (4 CPUs) serves the whole module.
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
 import time
@@ -22,44 +21,15 @@ import ray  # noqa: E402
 from testkit.hf_compare import assert_greedy_match, engine_greedy  # noqa: E402
 from testkit.hf_reference import hf_greedy  # noqa: E402
 from testkit.tiny_models import load_hf_model  # noqa: E402
-from testkit.tiny_tokenizer import make_tiny_tokenizer  # noqa: E402
+from testkit.ray_engine_cases import ARCHS, NUM_CPUS, checkpoints, random_prompts, ray_local  # noqa: E402,F401
 
 from pagedray.cluster import LLM, SamplingParams  # noqa: E402
 from pagedray.cluster.engine import EngineDeadError  # noqa: E402
-from pagedray.models.conformance import tiny_config  # noqa: E402
 
-NUM_CPUS = 4
 # A dense GQA Llama and a Mixtral (top-2 of 4 experts, sliding window), 2 layers each: one per stage.
-ARCHS = {"llama": ("LlamaForCausalLM", "gqa_untied"), "mixtral": ("MixtralForCausalLM", "top2_of_4_sliding")}
 # Small blocks, cache and token budget: chunked prefill and preemption both happen.
 ENGINE_KW = dict(device="cpu", block_size=4, num_kv_blocks=24, max_num_batched_tokens=16)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, logprobs=2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_local():
-    ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def _save_checkpoint(arch: str, case: str, path) -> str:
-    import torch
-    import transformers
-    torch.manual_seed(0)
-    getattr(transformers, arch)(tiny_config(arch, case)).float().save_pretrained(path, safe_serialization=True)
-    make_tiny_tokenizer(path, 320)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return {name: _save_checkpoint(*row, tmp_path_factory.mktemp(name)) for name, row in ARCHS.items()}
-
-
-def _prompts(n: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 320) for _ in range(rng.randrange(3, 40))] for _ in range(n)]
 
 
 def _generate(llm: LLM, prompts: list[list[int]]):
@@ -102,7 +72,7 @@ def test_pp2_matches_hf_then_a_killed_stage_fails_fast(checkpoints):
     """Llama at PP=2: two steps in flight, none sharing a request, each stage holding its one layer's
     KV cache; greedy output equals HF's. Then stage 1 is killed: the engine fails within seconds."""
     path = checkpoints["llama"]
-    prompts = _prompts(6, seed=4)
+    prompts = random_prompts(6, seed=4)
     llm = LLM(path, executor="ray", pipeline_parallel_size=2, **ENGINE_KW)
     try:
         executor = llm.llm_engine.executor
@@ -122,7 +92,7 @@ def test_pp2_matches_hf_then_a_killed_stage_fails_fast(checkpoints):
         os.kill(ray.get(executor.workers[1].ping.remote()), signal.SIGKILL)
         start = time.monotonic()
         with pytest.raises(EngineDeadError, match=r"rank\(s\) \[1\] of 2 died"):
-            _generate(llm, _prompts(3, seed=5))
+            _generate(llm, random_prompts(3, seed=5))
         assert time.monotonic() - start < 10
     finally:
         llm.shutdown()
@@ -134,7 +104,7 @@ def test_pp2_matches_hf_then_a_killed_stage_fails_fast(checkpoints):
 def test_tp2_pp2_moe_matches_hf(checkpoints):
     """Mixtral at TP=2 x PP=2 (4 ranks): the experts split over each stage's 2 ranks."""
     path = checkpoints["mixtral"]
-    prompts = _prompts(4, seed=11)
+    prompts = random_prompts(4, seed=11)
     llm = LLM(path, executor="ray", tensor_parallel_size=2, pipeline_parallel_size=2, **ENGINE_KW)
     try:
         executor = llm.llm_engine.executor

@@ -5,7 +5,6 @@ One local Ray instance (4 CPUs) serves the whole module; each executor takes 2 o
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
 import time
@@ -21,44 +20,12 @@ import ray  # noqa: E402
 from testkit.hf_compare import assert_greedy_match, engine_greedy  # noqa: E402
 from testkit.hf_reference import hf_greedy  # noqa: E402
 from testkit.tiny_models import load_hf_model  # noqa: E402
-from testkit.tiny_tokenizer import make_tiny_tokenizer  # noqa: E402
+from testkit.ray_engine_cases import ARCHS, NUM_CPUS, checkpoints, random_prompts, ray_local  # noqa: E402,F401
 
 from pagedray.cluster import LLM, SamplingParams  # noqa: E402
 from pagedray.cluster.engine import EngineDeadError  # noqa: E402
-from pagedray.models.conformance import tiny_config  # noqa: E402
-
-NUM_CPUS = 4
-
-# Two architectures of the registry, each from models/conformance.py: a dense GQA Llama (2 KV
-# heads: one per rank) and a Mixtral (4 experts sliced over the 2 ranks, top-2 routing, sliding window).
-ARCHS = {"llama": ("LlamaForCausalLM", "gqa_untied"), "mixtral": ("MixtralForCausalLM", "top2_of_4_sliding")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_local():
-    # address="local": always a fresh Ray of our own, even if another cluster runs on this machine.
-    ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def _save_checkpoint(arch: str, case: str, path) -> str:
-    import torch
-    import transformers
-    torch.manual_seed(0)
-    getattr(transformers, arch)(tiny_config(arch, case)).float().save_pretrained(path, safe_serialization=True)
-    make_tiny_tokenizer(path, 320)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return {name: _save_checkpoint(*row, tmp_path_factory.mktemp(name)) for name, row in ARCHS.items()}
-
-
-def _prompts(n: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 320) for _ in range(rng.randrange(3, 40))] for _ in range(n)]
 
 
 # Small blocks, a small cache and a small token budget: chunked prefill and preemption both happen,
@@ -99,7 +66,7 @@ def _assert_released() -> None:
 @pytest.mark.parametrize("arch,transport", [("llama", "calls"), ("mixtral", "dag")])
 def test_tp2_matches_tp1_and_hf(checkpoints, arch, transport, monkeypatch):
     path = checkpoints[arch]
-    prompts = _prompts(6, seed=len(arch))
+    prompts = random_prompts(6, seed=len(arch))
     local = _generate(LLM(path, **ENGINE_KW), prompts)
     monkeypatch.setenv("PAGEDRAY_RAY_TRANSPORT", transport)
     llm = LLM(path, executor="ray", tensor_parallel_size=2, **ENGINE_KW)
@@ -126,15 +93,15 @@ def test_killed_rank_fails_fast_and_leaks_nothing(checkpoints, transport, monkey
     monkeypatch.setenv("PAGEDRAY_RAY_TRANSPORT", transport)
     llm = LLM(path, executor="ray", tensor_parallel_size=2, **ENGINE_KW)
     executor = llm.llm_engine.executor
-    _generate(llm, _prompts(2, seed=3))
+    _generate(llm, random_prompts(2, seed=3))
     # SIGKILL, as the OOM killer would: rank 0 then blocks in its next all-reduce, waiting for rank 1.
     os.kill(ray.get(executor.workers[1].ping.remote()), signal.SIGKILL)
     start = time.monotonic()
     with pytest.raises(EngineDeadError, match=r"rank\(s\) \[1\] of 2 died"):
-        _generate(llm, _prompts(3, seed=4))
+        _generate(llm, random_prompts(3, seed=4))
     assert time.monotonic() - start < 10
     with pytest.raises(EngineDeadError):   # the engine stays dead, it does not retry on a broken replica
-        _generate(llm, _prompts(1, seed=5))
+        _generate(llm, random_prompts(1, seed=5))
     llm.shutdown()
     _assert_released()
 
@@ -146,7 +113,7 @@ def test_bad_tp_is_a_value_error_then_a_replica_rebuilds(checkpoints):
     with pytest.raises(ValueError, match="divisible by the tensor-parallel size"):
         LLM(path, executor="ray", tensor_parallel_size=3, **ENGINE_KW)
     _assert_released()
-    prompts = _prompts(2, seed=6)
+    prompts = random_prompts(2, seed=6)
     llm = LLM(path, executor="ray", tensor_parallel_size=2, **ENGINE_KW)
     try:
         _assert_same(_generate(llm, prompts), _generate(LLM(path, **ENGINE_KW), prompts), abs=1e-5)
@@ -185,7 +152,7 @@ def test_executors_back_to_back_and_ranks_dying_at_start_up(checkpoints, monkeyp
 def test_tp2_with_ngram_speculation_matches_tp1(checkpoints):
     """n-gram proposals verified across 2 ranks (rank 0 samples): greedy output as without speculation."""
     path = checkpoints["llama"]
-    prompts = [p * 3 for p in _prompts(4, seed=5)]          # repeated text: the lookup finds matches
+    prompts = [p * 3 for p in random_prompts(4, seed=5)]          # repeated text: the lookup finds matches
     local = _generate(LLM(path, **ENGINE_KW), prompts)
     spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
     llm = LLM(path, executor="ray", tensor_parallel_size=2, speculative_config=spec, **ENGINE_KW)
