@@ -60,8 +60,8 @@ def test_ray_up_submit_client_down_leaves_nothing(machines, tiny_llama):
             if nodes and nodes[-1] == "3":
                 break
             if time.monotonic() > deadline:
-                log = run(["ray", "exec", *cluster, "tail -n 60 $RAY_TMPDIR/ray/session_latest/logs/monitor.log"],
-                          120).stdout
+                logs = "cd $RAY_TMPDIR/ray/session_latest/logs && tail -n 30 monitor.out monitor.log"  # .out: updaters
+                log = run(["ray", "exec", *cluster, logs], 120).stdout
                 raise AssertionError(f"workers did not join: {nodes[-1:]}; the head's autoscaler said:\n{log}")
             time.sleep(3)
         mark("3 nodes up")

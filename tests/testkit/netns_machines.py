@@ -4,7 +4,11 @@ with its own sshd on port 22 and a home of its own.
 The home is a folder bind-mounted over /root in a mount namespace of the node, which its sshd and
 everything started through it (Ray, the driver, tmux) share: `~/ray_bootstrap_key.pem`, which the
 head's autoscaler hands to `ssh -i` unexpanded (ssh expands `~` from the password database, not
-$HOME), then lands in that node's own home, as on a real machine. Each node's `~/.bashrc` puts
+$HOME), then lands in that node's own home, as on a real machine. Likewise each node's Ray temp dir: a
+worker's `ray start --address` takes the head's temp-dir path (from the GCS) as its own, so all nodes use
+one path, `<tmp>/ray-tmp`, over which each node's mount namespace binds a folder of its own; were it one
+shared folder, workers starting together would race for the same session socket names (both raylets on
+`sockets/raylet.1`) and one `ray start` would time out. Each node's `~/.bashrc` puts
 deploy/local/bin (whose `ray stop` stops only this node's scope) and this venv first on PATH.
 Node 0 is the "laptop" that runs `ray up`; the others get the addresses of deploy/local-multinode.yaml.
 """
@@ -37,6 +41,11 @@ class SshMachines(Namespaces):
     def cluster_nodes(self) -> list[Node]:
         return self.nodes[1:]
 
+    @property
+    def ray_tmp(self) -> Path:
+        """RAY_TMPDIR on every node: the same path, a different folder on each (see the module doc)."""
+        return self.tmp / "ray-tmp"
+
     def home(self, node: Node) -> Path:
         return self.tmp / node.name / "home"
 
@@ -46,7 +55,9 @@ class SshMachines(Namespaces):
         home = shlex.quote(str(self.home(node)))
         keep = "".join(f"mkdir -p {home}/{name} && mount --bind /root/{name} {home}/{name} && "
                        for name in _ROOT_KEEP)
-        mount = f"{keep}mount --rbind {home} /root && exec \"$@\""
+        own_tmp = shlex.quote(str(self.tmp / node.name / "t"))
+        mount = (f"{keep}mount --rbind {home} /root && mount --bind {own_tmp} {shlex.quote(str(self.ray_tmp))} "
+                 f"&& exec \"$@\"")
         return ["ip", "netns", "exec", node.name, "unshare", "-m", "--propagation", "private",
                 "sh", "-c", mount, "sh", *argv]
 
@@ -56,7 +67,7 @@ class SshMachines(Namespaces):
         (home / ".ssh").mkdir(parents=True, mode=0o700)
         (folder / "t").mkdir()
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "host_key")], check=True)
-        env = {"PAGEDRAY_RAY_SCOPE": self.scopes[node.name], "RAY_TMPDIR": str(folder / "t"),
+        env = {"PAGEDRAY_RAY_SCOPE": self.scopes[node.name], "RAY_TMPDIR": str(self.ray_tmp),
                "TMUX_TMPDIR": str(folder), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
                "OMP_NUM_THREADS": "1", "HOME": "/root"}
         path = f"{REPO / 'deploy' / 'local' / 'bin'}:{Path(sys.executable).parent}"
@@ -81,6 +92,7 @@ PasswordAuthentication no
         try:
             key = self.tmp / "key"
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+            self.ray_tmp.mkdir()
             (self.tmp / "authorized_keys").write_text(Path(f"{key}.pub").read_text())
             Path("/run/sshd").mkdir(exist_ok=True)     # sshd's privilege-separation directory
             for node in self.nodes:
