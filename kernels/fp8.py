@@ -58,7 +58,10 @@ def to_fp8(x: torch.Tensor) -> torch.Tensor:
 def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (xq [M, K] e4m3, scale [M, 1] float32) with x ≈ xq · scale, scale = amax / 448."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
+    # A tensor divisor, not the Python float: PyTorch's CUDA division by a host scalar multiplies by
+    # its rounded reciprocal, one ulp off IEEE amax / 448 (what the CUDA kernel computes) for some rows.
+    fp8_max = torch.full((), FP8_MAX, dtype=torch.float32, device=x.device)
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / fp8_max).clamp(min=MIN_SCALE)
     return to_fp8(xf / scale), scale
 
 

@@ -6,13 +6,18 @@ pytest`, `python -c`, a Ray worker whose working directory is the driver's) has 
 `sys.path`, so a plain `import kernels` — which transformers does for Hugging Face's `kernels`
 package — would find our folder. Each folder's `__init__.py` calls `step_aside` when it is imported
 under its bare name: the installed package of that name replaces it in `sys.modules` (the import
-system returns whatever `sys.modules` holds once the module has run), or the import fails as it
-would without the folder. Our code is always imported as `pagedray.<folder>`, never by bare name.
+system returns whatever `sys.modules` holds once the module has run). With no such package the
+name becomes an empty namespace package (no `__file__`, no portions), which is what a stray folder
+without `__init__.py` gives: transformers' `_is_package_available` imports the name when it finds no
+distribution metadata and reads exactly that shape as "not installed", whereas raising from the import
+breaks `import transformers` (seen with transformers builds that probe Hugging Face's `kernels`
+without it installed). Our code is always imported as `pagedray.<folder>`, never by bare name.
 """
 import importlib.machinery
 import importlib.util
 import os
 import sys
+import types
 
 
 def _without(folder_parent: str) -> list[str]:
@@ -25,10 +30,8 @@ def step_aside(name: str, package_path: list[str]) -> None:
     folder = os.path.realpath(package_path[0])
     spec = importlib.machinery.PathFinder.find_spec(name, _without(os.path.dirname(folder)))
     if spec is None or spec.loader is None or _is_ours(spec, folder):
-        sys.modules.pop(name, None)
-        raise ModuleNotFoundError(
-            f"No module named {name!r} (the folder {folder} is pagedray.{os.path.basename(folder)}, "
-            "not a top-level package)", name=name)
+        sys.modules[name] = _empty_namespace(name)
+        return
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
@@ -36,6 +39,16 @@ def step_aside(name: str, package_path: list[str]) -> None:
     except BaseException:
         sys.modules.pop(name, None)
         raise
+
+
+def _empty_namespace(name: str) -> types.ModuleType:
+    """What `import name` gives for a folder without `__init__.py` and nothing in it."""
+    module = types.ModuleType(name, f"Not pagedray's folder: import pagedray.{name} (no installed {name!r}).")
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    module.__spec__.submodule_search_locations = []
+    module.__path__ = []
+    module.__file__ = None
+    return module
 
 
 def _is_ours(spec: importlib.machinery.ModuleSpec, folder: str) -> bool:

@@ -177,4 +177,7 @@ def test_fp8_cache_prefill_matches_reference(dtype):
     want = reference.paged_attention(q, kc, vc, table, seq_lens, query_lens, 0.088, k_scale=0.02, v_scale=0.01)
     got = prefill_triton.paged_prefill(q.cuda(), kc.cuda(), vc.cuda(), table.cuda(), seq_lens, query_lens, 0.088,
                                        k_scale=0.02, v_scale=0.01)
-    torch.testing.assert_close(got.cpu().float(), want.float(), rtol=2e-2, atol=2e-3)
+    # The kernel rounds the softmax weights to the model dtype for the tensor-core P·V product, as the
+    # bf16 cache's prefill does (tests/kernels/test_prefill_triton.py's tolerances): ~1 bf16 ulp.
+    atol, rtol = (2e-2, 1.6e-2) if dtype == torch.bfloat16 else (2e-3, 2e-2)
+    torch.testing.assert_close(got.cpu().float(), want.float(), rtol=rtol, atol=atol)
