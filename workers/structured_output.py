@@ -11,7 +11,9 @@ overlapped steps: the runner fetches it for these rows, as for penalties), fills
 for all constrained rows (xgrammar's batched fill), sends it to the device in one transfer and
 masks the logits there; `logit_bias` is added in the same pass. The matcher lives on the request's
 `SamplingRow`, so a request the workers drop (preempted, migrated, finished) loses it, and when it
-comes back its matcher is rebuilt from the outputs it carries.
+comes back its matcher is rebuilt from the outputs it carries. A speculative verification masks each
+of its k + 1 positions (`LogitsConstraints.speculative`: accept the proposals one by one, fill a mask
+before each, roll them back).
 """
 from __future__ import annotations
 
@@ -143,6 +145,27 @@ def _advance(state: GrammarState, tokens: list[int]) -> None:
                          "unconstrained", token)
 
 
+def _fill_chain(state: GrammarState, outputs: list[int], drafts: list[int], bitmask: torch.Tensor,
+                start: int, row0: int) -> list[int]:
+    """Fill bitmask rows start, start + 1, ... for the positions of one request's verification (its
+    next token, then after each proposal the grammar accepts); the logits rows they mask."""
+    _advance(state, outputs)
+    if state.failed:
+        return []
+    matcher, rows, accepted = state.matcher, [], 0
+    for j in range(len(drafts) + 1):
+        if matcher.is_terminated():
+            break
+        matcher.fill_next_token_bitmask(bitmask, start + len(rows))
+        rows.append(row0 + j)
+        if j == len(drafts) or not matcher.accept_token(drafts[j]):
+            break
+        accepted += 1
+    if accepted:
+        matcher.rollback(accepted)
+    return rows
+
+
 class LogitsConstraints:
     """The sampler's hook: grammar masks and logit biases of one step, applied on the device."""
 
@@ -182,6 +205,32 @@ class LogitsConstraints:
                 self._batch = xgr.BatchGrammarMatcher()
             self._batch.batch_fill_next_token_bitmask(states, bitmask)
         apply_token_bitmask(logits, bitmask.to(logits.device, non_blocking=True), masked)
+
+    def speculative(self, logits: torch.Tensor, rows: list, groups: list) -> torch.Tensor:
+        """A verification's masks (workers/spec_decode/rejection.py): `rows` has one row per logits
+        row, `groups` (req_id, first logits row, proposals) per request. Row j of a request is masked
+        by its grammar after its outputs and its first j proposals: the matcher accepts the
+        proposals one by one, filling a mask before each, then rolls them back (the tokens the step
+        keeps reach it next step as outputs). A proposal the grammar refuses has logit -inf, so it
+        is rejected and the rows after it are never read: they stay unmasked, as are rows after
+        the grammar has ended (the engine drops tokens after the stop). Logit biases apply to every row."""
+        grammar_groups = [(rows[row0], row0, drafts) for _, row0, drafts in groups
+                          if rows[row0].params.structured_outputs is not None]
+        if grammar_groups:
+            if self.backend is None:
+                raise ValueError("structured_outputs: this engine has no tokenizer to compile grammars with")
+            words = (logits.shape[-1] + 31) // 32
+            bitmask = self._buffer(sum(len(d) + 1 for _, _, d in grammar_groups), words, logits.is_cuda)
+            masked: list[int] = []
+            for row, row0, drafts in grammar_groups:
+                masked += _fill_chain(_state(row, self.backend), row.outputs_for_penalties(), drafts,
+                                      bitmask, len(masked), row0)
+            if masked:
+                apply_token_bitmask(logits, bitmask[:len(masked)].to(logits.device, non_blocking=True), masked)
+        bias_rows = [i for i, r in enumerate(rows) if r.params.logit_bias]
+        if bias_rows:
+            _add_bias(logits, rows, bias_rows)
+        return logits
 
     @staticmethod
     def _buffer(rows: int, words: int, pinned: bool) -> torch.Tensor:

@@ -103,10 +103,6 @@ class EngineCore:
         output whose `error` says why; it never raises for a bad request."""
         for req in requests:
             try:
-                if req.params.constrains_logits and self.config.speculative is not None:
-                    # The verifier (workers/spec_decode) samples without the grammar mask and the bias.
-                    raise ValueError("structured_outputs and logit_bias are not supported with speculative "
-                                     "decoding on this engine (start it without speculative_config)")
                 if self.grammars.needs(req):
                     self._check(req)
                     self.grammars.hold(req)   # joins the scheduler once its grammar has compiled

@@ -45,13 +45,17 @@ def verify(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow],
            groups: list[tuple[str, int, list[int]]]) -> tuple[list[list[int]], list[list[Logprobs] | None]]:
     """Per group: the tokens the step emits (accepted proposals, then one of the target's), and their
     logprobs when asked. `logits` [sum(k + 1), V]: each group's rows in order, the last one the bonus."""
-    if all(r.argmax_only and not r.masks_min_tokens for r in rows):
+    if all(r.argmax_only and not r.masks_min_tokens and not r.constrained for r in rows):
         # (past min_tokens at its first row, a row is past it at the later ones: no per-row views)
         same = [row for row, (_, _, drafts) in zip(rows, groups) for _ in range(len(drafts) + 1)]
         return _greedy(sampler, logits, same, groups), [None] * len(groups)
     erows = expand_rows(rows, groups)
     dev = logits.device
     logits = logits.float()
+    if any(r.constrained for r in rows):
+        # Grammar masks per verified position and logit biases, before anything reads the logits
+        # (the sampler's order); the sampler's own hook would mask every row alike.
+        logits = sampler.constraints.speculative(logits, erows, groups)
     want = [r.params.logprobs for r in erows]
     raw_lp = torch.log_softmax(logits, dim=-1) if any(w is not None for w in want) else None
     if any(r.has_penalty or r.masks_min_tokens for r in erows):
