@@ -55,6 +55,14 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-num-batched-tokens", type=int,
                    help="tokens in one step at most (default: max(2048, --max-num-seqs) with chunked prefill)")
+    p.add_argument("--tpot-target-ratio", type=float, default=None,
+                   help="prefill pacing: size the prefill next to running decodes from measured step times so "
+                        "their mean step time stays near this multiple of a decode-only step (e.g. 1.25; "
+                        "default: off)")
+    p.add_argument("--max-prefill-delay-ms", type=float, default=250.0,
+                   help="prefill pacing never holds a prompt back longer than this after its arrival")
+    p.add_argument("--min-prefill-chunk-tokens", type=int, default=64,
+                   help="prefill pacing gives a step no prefill rather than a smaller chunk")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--seed", type=int, default=0)
@@ -150,6 +158,8 @@ def _serve(args: argparse.Namespace) -> int:
                   max_num_seqs=args.max_num_seqs, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                   gpu_memory_utilization=args.gpu_memory_utilization,
                   max_num_batched_tokens=args.max_num_batched_tokens,
+                  tpot_target_ratio=args.tpot_target_ratio, max_prefill_delay_ms=args.max_prefill_delay_ms,
+                  min_prefill_chunk_tokens=args.min_prefill_chunk_tokens,
                   enable_prefix_caching=args.enable_prefix_caching,
                   enable_chunked_prefill=args.enable_chunked_prefill, seed=args.seed,
                   quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,

@@ -21,10 +21,20 @@ class SchedulerConfig:
     # Overlap the host with the device: schedule and launch step N+1 before reading step N's
     # sampled ids (vLLM V1's async scheduling). None: on for one local CUDA worker.
     async_scheduling: bool | None = None
+    # Prefill pacing (cluster/core/step_pacing.py): size the prefill admitted next to running decodes
+    # from measured step times so that the running streams' mean step time stays near this multiple
+    # of a decode-only step at their batch. None: off (the token budget alone decides, as vLLM).
+    tpot_target_ratio: float | None = None
+    # Pacing never holds a prompt back longer than this after its arrival (bounds the added TTFT).
+    max_prefill_delay_ms: float = 250.0
+    # Pacing gives a step no prefill rather than a chunk smaller than this (each mixed step has a
+    # fixed cost); a smaller pending prompt still goes whole.
+    min_prefill_chunk_tokens: int = 64
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        self._check_pacing()
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = (max(2048, self.max_num_seqs) if self.enable_chunked_prefill
                                            else max(self.max_model_len, self.max_num_seqs))
@@ -34,6 +44,18 @@ class SchedulerConfig:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than max_model_len "
                 f"({self.max_model_len}) with chunked prefill off: long prompts could never run")
+
+    def _check_pacing(self) -> None:
+        ratio = self.tpot_target_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or not 1.0 < ratio <= 100.0):
+            raise ValueError(f"tpot_target_ratio must be a number in (1, 100] or None (off), got {ratio!r}")
+        delay = self.max_prefill_delay_ms
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0.0 < delay <= 600_000.0:
+            raise ValueError(f"max_prefill_delay_ms must be in (0, 600000] ms, got {delay!r}")
+        chunk = self.min_prefill_chunk_tokens
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"min_prefill_chunk_tokens must be an integer >= 1, got {chunk!r}")
 
 
 @dataclass
@@ -61,7 +83,9 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
                         speculative_config: dict | SpeculativeConfig | None = None,
                         enable_lora: bool = False, max_loras: int = 1, max_lora_rank: int = 16,
                         max_cpu_loras: int | None = None,
-                        pipeline_parallel_size: int = 1) -> EngineConfig:
+                        pipeline_parallel_size: int = 1, tpot_target_ratio: float | None = None,
+                        max_prefill_delay_ms: float = 250.0,
+                        min_prefill_chunk_tokens: int = 64) -> EngineConfig:
     """The LLM(...) keywords, split into the per-concern configs."""
     model_config = ModelConfig(model, tokenizer, dtype, max_model_len, load_format, seed, enforce_eager,
                                quantization)
@@ -93,7 +117,8 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
         cache=cache,
         parallel=parallel,
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, model_config.max_model_len,
-                                  enable_chunked_prefill, async_scheduling),
+                                  enable_chunked_prefill, async_scheduling, tpot_target_ratio,
+                                  max_prefill_delay_ms, min_prefill_chunk_tokens),
         device=device_config,
         kernel=KernelOptions.of(kernel_options),
         speculative=speculative,

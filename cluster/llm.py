@@ -25,7 +25,8 @@ class LLM:
                  kv_cache_dtype: str = "auto", kernel_options: KernelOptions | dict | None = None,
                  speculative_config: dict | None = None, enable_lora: bool = False, max_loras: int = 1,
                  max_lora_rank: int = 16, max_cpu_loras: int | None = None,
-                 pipeline_parallel_size: int = 1) -> None:
+                 pipeline_parallel_size: int = 1, tpot_target_ratio: float | None = None,
+                 max_prefill_delay_ms: float = 250.0, min_prefill_chunk_tokens: int = 64) -> None:
         if model is None:
             from pagedray.cluster.default_model import default_model_path
             model = default_model_path()
@@ -40,7 +41,8 @@ class LLM:
             kv_cache_dtype=kv_cache_dtype, kernel_options=kernel_options,
             speculative_config=speculative_config, enable_lora=enable_lora, max_loras=max_loras,
             max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
-            pipeline_parallel_size=pipeline_parallel_size)
+            pipeline_parallel_size=pipeline_parallel_size, tpot_target_ratio=tpot_target_ratio,
+            max_prefill_delay_ms=max_prefill_delay_ms, min_prefill_chunk_tokens=min_prefill_chunk_tokens)
         self._ids = itertools.count()
 
     def get_tokenizer(self):

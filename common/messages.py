@@ -79,3 +79,6 @@ class ModelRunnerOutput:
     accepted_logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)
     # Proposals of the workers' draft model / EAGLE head for each request's next step.
     draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # The step's time on the device (from the previous step's end to this one's samples; on the CPU,
+    # its wall time), for the scheduler's prefill pacing; None when the runner did not time it.
+    step_time_s: float | None = None

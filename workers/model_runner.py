@@ -27,7 +27,7 @@ from pagedray.common.lora import LoRARequest
 from pagedray.common.messages import Logprobs, ModelRunnerOutput, SchedulerOutput
 from pagedray.workers.sampler import Sampler, SamplingRow, logprob_entries
 from pagedray.workers.pipeline_stage import StageIO
-from pagedray.workers.step_output import StepOutput
+from pagedray.workers.step_output import StepOutput, StepTimer
 from pagedray.common.sampling_params import SamplingParams
 
 
@@ -129,6 +129,8 @@ class ModelRunner:
         self.last_output: StepOutput | None = None   # the latest step that sampled
         self.spec = None   # SpecDecodeRunner when speculative decoding is on (workers/spec_decode/)
         self.lora = None   # a workers.lora.LoRAManager when LoRA is enabled
+        # Time each step for the scheduler's prefill pacing (two timing events, ~10 us of host a step).
+        self.time_steps = True
 
     # -- state ---------------------------------------------------------------
     def update_states(self, sched: SchedulerOutput) -> None:
@@ -276,6 +278,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model_async(self, sched: SchedulerOutput) -> StepOutput:
         """Queue the step; the result's `get()` waits for its sampled ids."""
+        timer = StepTimer(self.device) if self.time_steps else None
         self.update_states(sched)
         if sched.blocks_to_copy:
             ops.copy_blocks(self.kv_caches, sched.blocks_to_copy)
@@ -284,7 +287,7 @@ class ModelRunner:
         if sched.is_empty:
             return StepOutput.done(ModelRunnerOutput({}))
         if self.spec is not None and self.spec.handles(sched):
-            return self.spec.execute(self, sched)
+            return _timed(self.spec.execute(self, sched), timer)
         inputs = self.prepare_inputs(sched)
         if self.lora is not None:   # each token's adapter slot, in the flat batch's order
             self.lora.set_step([self.requests[r].lora_request for r in sched.num_scheduled_tokens],
@@ -300,7 +303,7 @@ class ModelRunner:
         if not self.sample:
             return StepOutput.done(ModelRunnerOutput({}))
         rows = self._sampling_rows(inputs)
-        out = StepOutput(inputs.sample_req_ids, self.sampler.sample(logits, rows), prompt_logprobs)
+        out = StepOutput(inputs.sample_req_ids, self.sampler.sample(logits, rows), prompt_logprobs, timer)
         for rid in inputs.pending_req_ids:
             row = self.requests[rid].sampling_row
             row.num_pending, row.pending_token_ids = 0, []
@@ -407,3 +410,11 @@ class ModelRunner:
             else self.model(input_ids, positions, empty_caches, meta)
         if self.stage.is_last:
             self.model.compute_logits(hidden[torch.tensor(qsl[1:], device=dev) - 1])
+
+
+def _timed(step: StepOutput, timer: StepTimer | None) -> StepOutput:
+    """A step that already ran to its end (speculative decoding syncs on its samples): its time."""
+    if timer is not None:
+        timer.stop()
+        step.get().step_time_s = timer.seconds()
+    return step

@@ -8,16 +8,51 @@ it on the device) and travel to pinned host memory in a non-blocking copy follow
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from pagedray.common.messages import Logprobs, ModelRunnerOutput
 from pagedray.workers.sampler import DeviceSample
 
 
+class StepTimer:
+    """A step's time for the scheduler's prefill pacing. On CUDA, timing events around the step's
+    device work: the start marker runs when the device reaches this step (the previous step's end,
+    or now if it idles), so the span includes launch gaps inside the step, as its running streams
+    feel it. On the CPU, the wall time (the step runs synchronously)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._start = self._end = None
+        self._seconds: float | None = None
+        if device.type == "cuda":
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._start is not None:
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._end.record()
+        else:
+            self._seconds = time.perf_counter() - self._t0
+
+    def seconds(self) -> float | None:
+        """After stop(); on CUDA, waits for the end marker (callers read it after the step's samples)."""
+        if self._end is not None and self._seconds is None:
+            self._end.synchronize()
+            self._seconds = self._start.elapsed_time(self._end) / 1000.0
+        return self._seconds
+
+
 class StepOutput:
     def __init__(self, req_ids: list[str], sample: DeviceSample | None,
-                 prompt_logprobs: dict[str, list[Logprobs]] | None = None) -> None:
+                 prompt_logprobs: dict[str, list[Logprobs]] | None = None, timer: StepTimer | None = None) -> None:
         self.req_ids = req_ids
+        self.timer = timer
+        if timer is not None:
+            timer.stop()   # before the copy's event: get() finds the step's end already passed
         self.sample = sample
         self.prompt_logprobs = prompt_logprobs or {}
         # Row of each sampling request in `token_ids` (the next step's inputs gather from it).
@@ -61,6 +96,7 @@ class StepOutput:
                 entries = self.sample.logprobs()
                 logprobs = {r: lp for r, lp in zip(self.req_ids, entries) if lp is not None}
             self._result = ModelRunnerOutput(dict(zip(self.req_ids, self.token_list())), logprobs,
-                                             self.prompt_logprobs)
+                                             self.prompt_logprobs,
+                                             step_time_s=self.timer.seconds() if self.timer is not None else None)
             self.sample = DeviceSample(self.sample.token_ids, None, [])   # free the logprobs
         return self._result

@@ -45,6 +45,7 @@ from pagedray.cluster.core.block_manager import BlockManager, check_fits_kv_cach
 from pagedray.cluster.config import SchedulerConfig
 from pagedray.cluster.core.request import Request, RequestStatus
 from pagedray.cluster.core.spec import SpecDecoding
+from pagedray.cluster.core.step_pacing import PrefillPacer
 from pagedray.common.messages import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 
 
@@ -73,6 +74,10 @@ class Scheduler:
                      if speculative_config is not None else None)
         self._spec_tokens: dict[str, list[int]] = {}    # this step's proposals, by request
         self._trimmed: dict[str, int] = {}              # block tables cut since sent: their new length
+        # Prefill chunks next to running decodes sized from step times (cluster/core/step_pacing.py).
+        self.pacer = (PrefillPacer(scheduler_config.tpot_target_ratio, scheduler_config.max_prefill_delay_ms,
+                                   scheduler_config.min_prefill_chunk_tokens)
+                      if scheduler_config.tpot_target_ratio is not None else None)
 
     # -- queries -------------------------------------------------------------
     @property
@@ -179,6 +184,8 @@ class Scheduler:
     def schedule(self, skip: frozenset[str] | set[str] = frozenset()) -> SchedulerOutput:
         """The next step; requests in `skip` (in a step still in flight) are left out of it."""
         budget = self.config.max_num_batched_tokens
+        plan = self.pacer.plan(self.running, self.waiting, budget, skip) if self.pacer is not None else None
+        prefill_left = plan.prefill_cap if plan is not None else budget   # prefill tokens this step may take
         scheduled: dict[str, int] = {}
         preempted = False
         running, allocate = self.running, self._allocate
@@ -194,6 +201,9 @@ class Scheduler:
                 i += 1
                 continue
             num_new = self._num_new_tokens(request, request.num_computed_tokens, budget)
+            if num_new > 1 and plan is not None:    # a chunked prefill's next chunk: within the paced cap
+                num_new = min(num_new, prefill_left)
+                prefill_left -= num_new
             if num_new == 0:
                 i += 1
                 continue
@@ -212,11 +222,13 @@ class Scheduler:
         if not preempted:
             # A request ending with its tokens in flight leaves its seat now: its successor is
             # admitted in this step, as it would be without the overlap.
-            self._admit_waiting(budget, scheduled, self.config.max_num_seqs + ending, skip)
+            self._admit_waiting(min(budget, prefill_left), scheduled, self.config.max_num_seqs + ending, skip)
         output = self._build_output(scheduled)
         self._advance(scheduled)
         if scheduled:   # (an empty step has no output to match; a pipeline builds one per fill)
             self._step_requests[id(output)] = {rid: self.requests[rid] for rid in scheduled}
+            if plan is not None:
+                self.pacer.scheduled(id(output), plan, output.total_num_scheduled_tokens, self.max_unread_steps)
         while len(self._step_requests) > self.max_unread_steps:     # steps whose output was never read
             self._step_requests.popitem(last=False)
         return output
@@ -334,6 +346,8 @@ class Scheduler:
         results: list[tuple[Request, list[int]]] = []
         requests, sampled = self.requests, runner_output.sampled_token_ids
         scheduled = self._step_requests.pop(id(scheduler_output), requests)
+        if self.pacer is not None:
+            self.pacer.observe(id(scheduler_output), runner_output.step_time_s)
         for rid in scheduler_output.num_scheduled_tokens:
             token = sampled.get(rid)
             if token is None:
