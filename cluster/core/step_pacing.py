@@ -14,10 +14,11 @@ its size. So the pacer learns what steps cost and spends a time budget instead:
   step at their batch and context. Each measured step with decodes adds (target - measured) to a
   credit, clamped to what `max_prefill_delay_ms` of steps at target pace leave for prefills
   (a window of that length keeps its streams' mean step time near the target).
-- A step with decodes and pending prefill work gets the largest chunk whose predicted step time
-  fits target + credit. Below `min_prefill_chunk_tokens` (and below the pending work) it gets none:
-  a sliver would pay the mixed step's fixed cost for little progress. Held-back arrivals then go in
-  together later, one fixed cost for several prompts.
+- A step with decodes and pending prefill work carries all of it (up to the token budget) once its
+  predicted step time fits target + credit; until then, a part only if that part is at least
+  `min_prefill_chunk_tokens` and the fit's knee (the chunk whose compute equals the mixed step's
+  fixed cost): a sliver would pay the fixed cost for little progress. Held-back arrivals thus go in
+  together, one fixed cost for several prompts.
 
 Never starves: once the oldest pending prefill (the waiting queue's head, or a running request in
 chunked prefill) has waited `max_prefill_delay_ms` since its arrival, the step gets the whole
@@ -27,12 +28,15 @@ Speculative proposals count as decode tokens.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from pagedray.cluster.core.request import Request
+
+logger = logging.getLogger(__name__)
 
 # Feature scales: keep the normal equations well conditioned (values of order 1).
 _TOKENS = 256.0
@@ -104,6 +108,8 @@ class StepShape:
     decode_tokens: int      # rows at their decode point (one token each, plus speculative proposals)
     prefill_tokens: int
     context_tokens: int     # tokens already in the cache of the scheduled rows (attention reads)
+    target_s: float | None = None    # the running streams' target step time when it was scheduled
+    charged_s: float | None = None   # its predicted time, charged to the credit until it is measured
 
 
 class StepTimeModel:
@@ -150,6 +156,13 @@ class StepTimeModel:
             return budget
         return min(budget, int((limit_s - at_zero) / per_token))
 
+    def knee_tokens(self, d: int, ctx: int) -> float:
+        """The chunk whose compute equals a mixed step's fixed cost (what any prefill adds to a
+        decode-only step): smaller chunks spend more on that fixed cost than on their tokens."""
+        fixed = self.mixed_step(d, 0, ctx) - self.decode_step(d, ctx)
+        per_token = self.mixed.coef[2] / _TOKENS
+        return fixed / per_token if fixed > 0 and per_token > 0 else 0.0
+
 
 @dataclass
 class PacingPlan:
@@ -173,6 +186,8 @@ class PrefillPacer:
         self._shapes: OrderedDict[int, StepShape] = OrderedDict()   # scheduled steps not read yet
         self.num_held_steps = 0      # steps where the cap held pending prefill back (stats, tests)
         self.num_forced_steps = 0    # steps given the whole budget because a prefill waited too long
+        self.log_interval_s = 10.0   # a summary line this often (benchmarks/serving.py reads it)
+        self._last_log = time.monotonic()
 
     # -- planning --------------------------------------------------------------
     def plan(self, running: Iterable[Request], waiting: Sequence[Request], budget: int,
@@ -202,31 +217,62 @@ class PrefillPacer:
         if self.clock() - oldest >= self.max_delay_s:
             self.num_forced_steps += 1
             return PacingPlan(budget, shape)
-        target = self.ratio * self.model.decode_step(d, ctx)
-        cap = self.model.max_prefill_tokens(d, ctx, target + self.credit_s, budget)
-        if cap < min(self.min_chunk, pending):
-            cap = 0
-        held = cap < min(pending, budget)
+        model, want = self.model, min(pending, budget)
+        limit = self.ratio * model.decode_step(d, ctx) + self.credit_s
+        if model.mixed_step(d, want, ctx) <= limit:
+            cap = budget     # all that is pending fits: take it (and any arrival since) in one step
+        else:
+            # Only part fits: a chunk of it only where it is worth a mixed step's fixed cost.
+            cap = model.max_prefill_tokens(d, ctx, limit, budget)
+            if cap < min(max(self.min_chunk, model.knee_tokens(d, ctx)), want):
+                cap = 0
+        held = cap < want
         self.num_held_steps += held
         return PacingPlan(cap, shape, held)
 
     # -- bookkeeping -----------------------------------------------------------
     def scheduled(self, key: int, plan: PacingPlan, total_tokens: int, max_unread: int) -> None:
-        """The step built from `plan` was scheduled with `total_tokens`; its time comes with its output."""
+        """The step built from `plan` was scheduled with `total_tokens`; its time comes with its output.
+
+        Its predicted cost is charged to the credit now and corrected when its time arrives, so that
+        steps scheduled before that (overlapped steps, a pipeline) do not spend the same credit twice."""
         shape = plan.shape
         shape.prefill_tokens = max(0, total_tokens - shape.decode_tokens)
+        model = self.model
+        if shape.decode_tokens and model.decode.count >= StepTimeModel.MIN_DECODE_STEPS:
+            d, p, ctx = shape.decode_tokens, shape.prefill_tokens, shape.context_tokens
+            shape.target_s = self.ratio * model.decode_step(d, ctx)
+            shape.charged_s = model.mixed_step(d, p, ctx) if p and model.ready else model.decode_step(d, ctx)
+            self._add_credit(shape.target_s - shape.charged_s)
         self._shapes[key] = shape
         while len(self._shapes) > max_unread:
             self._shapes.popitem(last=False)
 
     def observe(self, key: int, step_time_s: float | None) -> None:
-        """A step's measured time (None: not timed): update the fits and the credit."""
+        """A step's measured time (None: not timed): update the fits and correct the credit."""
         shape = self._shapes.pop(key, None)
-        if shape is None or step_time_s is None or step_time_s <= 0:
+        if shape is None:
             return
+        if step_time_s is None or step_time_s <= 0:
+            if shape.charged_s is not None:
+                self._add_credit(shape.charged_s - shape.target_s)     # nothing measured: undo the charge
+            return
+        if shape.charged_s is not None:
+            self._add_credit(shape.charged_s - step_time_s)
         model = self.model
-        if shape.decode_tokens and model.decode.count >= StepTimeModel.MIN_DECODE_STEPS:
-            target = self.ratio * model.decode_step(shape.decode_tokens, shape.context_tokens)
-            cap = self.credit_cap_s
-            self.credit_s = max(-cap, min(cap, self.credit_s + target - step_time_s))
         model.observe(shape, step_time_s)
+        if model.ready and time.monotonic() - self._last_log >= self.log_interval_s:
+            self._last_log = time.monotonic()
+            logger.info("%s", self.summary(shape))
+
+    def _add_credit(self, seconds: float) -> None:
+        cap = self.credit_cap_s
+        self.credit_s = max(-cap, min(cap, self.credit_s + seconds))
+
+    def summary(self, shape: StepShape) -> str:
+        """What the fits say at this step's batch and context (a log line)."""
+        d, ctx, m = max(1, shape.decode_tokens), shape.context_tokens, self.model
+        return (f"prefill pacing: decode-only step {1e3 * m.decode_step(d, ctx):.2f} ms at {d} decode tokens and "
+                f"{ctx} context tokens; with a 256-token prefill {1e3 * m.mixed_step(d, 256, ctx):.2f} ms, "
+                f"2048 tokens {1e3 * m.mixed_step(d, 2048, ctx):.2f} ms; steps held {self.num_held_steps}, "
+                f"forced {self.num_forced_steps}; credit {1e3 * self.credit_s:.1f} ms")

@@ -206,3 +206,48 @@ def test_plan_counts_proposals_as_decode_tokens_and_skips_in_flight():
     assert plan.prefill_cap == 64                            # fits not ready yet: the whole budget
     plan = pacer.plan(running + [prefilling], [], 64, skip={"d1"})
     assert plan.shape.decode_tokens == 1
+
+
+def _trained_pacer(credit_s: float) -> PrefillPacer:
+    """Fits of a GPU-like cost: decode-only 7 ms; any prefill 20 ms + 10 us a token."""
+    pacer = PrefillPacer(1.3, 250.0, 8, clock=lambda: 0.0, decay=1.0)
+    for i in range(20):
+        pacer.model.observe(StepShape(32 + i % 3, 0, 4096), 0.007)
+        p = 128 * (1 + i % 8)
+        pacer.model.observe(StepShape(32 + i % 3, p, 4096), 0.020 + 1e-5 * p)
+    pacer.credit_s = credit_s
+    return pacer
+
+
+def _running(n: int) -> list[Request]:
+    out = []
+    for i in range(n):
+        r = Request(f"d{i}", [1] * 128, SamplingParams(), arrival_time=0.0)
+        r.num_computed_tokens = 127
+        out.append(r)
+    return out
+
+
+def test_cap_takes_all_pending_once_it_fits_and_no_chunk_below_the_knee():
+    waiting = [Request("w", [1] * 300, SamplingParams(), arrival_time=0.0)]
+    # Target 1.3 x 7 ms = 9.1 ms; 300 tokens cost 23 ms: 13.9 ms of credit needed.
+    assert _trained_pacer(0.015).plan(_running(32), waiting, 2048).prefill_cap == 2048
+    # 12.5 ms of credit: a 21.6 ms step fits 160 prefill tokens, half the prompt; below the knee
+    # (13 ms of fixed cost / 10 us a token = 1300 tokens) such a chunk is not worth a mixed step.
+    held = _trained_pacer(0.0125)
+    plan = held.plan(_running(32), waiting, 2048)
+    assert plan.prefill_cap == 0 and plan.held and held.num_held_steps == 1
+
+
+def test_a_scheduled_step_spends_its_credit_before_its_time_arrives():
+    """Overlapped steps: a second step planned before the first one's time is read cannot spend the
+    same credit again; the measured time then settles the charge."""
+    pacer = _trained_pacer(0.015)
+    waiting = [Request("w", [1] * 300, SamplingParams(), arrival_time=0.0)]
+    first = pacer.plan(_running(32), waiting, 2048)
+    assert first.prefill_cap == 2048
+    pacer.scheduled(1, first, 32 + 300, max_unread=4)
+    assert pacer.credit_s == pytest.approx(0.015 + 0.0091 - 0.023, abs=1e-4)
+    assert pacer.plan(_running(32), waiting, 2048).prefill_cap == 0     # the next arrival waits
+    pacer.observe(1, 0.030)       # slower than predicted: the difference is charged too
+    assert pacer.credit_s == pytest.approx(0.015 + 0.0091 - 0.030, abs=1e-4)
