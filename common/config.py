@@ -206,8 +206,9 @@ class DeviceConfig:
             raise ValueError(f"device {self.device!r} is not on this machine{why}; devices here: {found}")
 
 
-_PREFILL_BACKENDS = ("triton", "reference")
+_PREFILL_BACKENDS = ("triton", "triton_flash", "reference")
 _ATTENTION_VARIANT_KEYS = ("SCORE_XPOSE", "PREFETCH", "TPG_MAX", "NUM_WARPS")
+_PREFILL_VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "NUM_WARPS", "NUM_STAGES", "SPLIT")  # kernels/prefill_flash.py
 _SKINNY_GEMM_MAX_M = 8   # rows the skinny GEMM kernel takes (kernels/gemv_cuda.MAX_M)
 
 
@@ -216,9 +217,13 @@ class KernelOptions:
     """Kernel and step tuning switches for A/B runs. They travel in the engine config to every
     worker (in-process, Ray actor, engine core in its own process), which installs them
     (`pagedray.kernels.options`) before it builds anything; the defaults are the measured best."""
-    # Prefill and mixed steps on GPU: "triton" (kernels/prefill_triton.py) or the PyTorch "reference".
+    # Prefill and mixed steps on GPU: "triton" (kernels/prefill_triton.py), "triton_flash" (the
+    # FlashAttention-style kernels/prefill_flash.py; benchmarks/prefill_attention.py) or the PyTorch "reference".
     # Triton: 341 us against 6.4 ms for the reference (H200, 8 prompts of 1024 tokens, 32/8x128 bf16).
     prefill_backend: str = "triton"
+    # triton_flash's tile constants (BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES, SPLIT); one not given takes
+    # the kernel's default (prefill_flash.DEFAULT_VARIANT).
+    prefill_variant: dict[str, int] = field(default_factory=dict)
     # Mixed steps: the leading decode rows through the decode kernel, the prompts through Triton.
     split_mixed_steps: bool = True
     # Linear layers at decode's few tokens: the skinny GEMM kernel instead of cuBLAS for at most
@@ -250,6 +255,12 @@ class KernelOptions:
         for name, value in self.attention_variant.items():
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"attention_variant[{name!r}] must be an integer >= 0, got {value!r}")
+        unknown = set(self.prefill_variant) - set(_PREFILL_VARIANT_KEYS)
+        if unknown:
+            raise ValueError(f"prefill_variant keys must be among {_PREFILL_VARIANT_KEYS}, got {sorted(unknown)}")
+        for name, value in self.prefill_variant.items():
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"prefill_variant[{name!r}] must be an integer >= 0, got {value!r}")
 
     @classmethod
     def of(cls, value: "KernelOptions | dict[str, Any] | None") -> "KernelOptions":
@@ -269,8 +280,9 @@ class KernelOptions:
             name, sep, text = item.partition("=")
             if not sep:
                 raise ValueError(f"kernel option {item!r} must be name=value")
-            if name.startswith("attention_variant."):
-                values.setdefault("attention_variant", {})[name.split(".", 1)[1]] = int(text)
+            if name.startswith(("attention_variant.", "prefill_variant.")):
+                group, key = name.split(".", 1)
+                values.setdefault(group, {})[key] = int(text)
             elif types.get(name) == "bool":
                 if text.lower() not in ("0", "1", "true", "false"):
                     raise ValueError(f"kernel option {name} must be 0/1/true/false, got {text!r}")

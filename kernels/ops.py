@@ -48,6 +48,17 @@ def triton_prefill():
     return prefill_triton
 
 
+def _prefill_launcher():
+    """paged_prefill of the selected backend (KernelOptions.prefill_backend), or None for the reference."""
+    backend = options().prefill_backend
+    if backend == "reference" or triton_prefill() is None:
+        return None
+    if backend == "triton_flash":
+        from pagedray.kernels import prefill_flash
+        return functools.partial(prefill_flash.paged_prefill, variant_overrides=options().prefill_variant)
+    return triton_prefill().paged_prefill
+
+
 def _decode_kernel_fits(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
     """Whether the CUDA decode kernel covers these shapes and this layout."""
     from pagedray.kernels import attention_cuda
@@ -91,20 +102,19 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         if num_decodes == len(query_lens) == query.shape[0]:
             return _decode(query, key_cache, value_cache, block_tables, seq_lens_tensor, seq_lens, scale,
                            extras)
-        triton_mod = triton_prefill() if options().prefill_backend == "triton" else None
-        if triton_mod is not None:
+        prefill = _prefill_launcher()
+        if prefill is not None:
             if not num_decodes or not options().split_mixed_steps:
-                return triton_mod.paged_prefill(query, key_cache, value_cache, block_tables, seq_lens,
-                                                query_lens, scale, *extras[:3], k_scale=k_scale, v_scale=v_scale)
+                return prefill(query, key_cache, value_cache, block_tables, seq_lens, query_lens, scale,
+                               *extras[:3], k_scale=k_scale, v_scale=v_scale)
             # A mixed batch: the decode rows through the decode kernel (one CTA per KV head serves
             # its whole query group), the rest through the prefill kernel, into one output.
             out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
             n = num_decodes
             _decode(query[:n], key_cache, value_cache, block_tables[:n], seq_lens_tensor[:n], seq_lens[:n],
                     scale, extras, out=out[:n])
-            triton_mod.paged_prefill(query[n:], key_cache, value_cache, block_tables, seq_lens[n:],
-                                     query_lens[n:], scale, *extras[:3], out=out[n:], table_row0=n,
-                                     k_scale=k_scale, v_scale=v_scale)
+            prefill(query[n:], key_cache, value_cache, block_tables, seq_lens[n:], query_lens[n:], scale,
+                    *extras[:3], out=out[n:], table_row0=n, k_scale=k_scale, v_scale=v_scale)
             return out
     return reference.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_lens,
                                      scale, sliding_window, alibi_slopes, logits_soft_cap, k_scale, v_scale)

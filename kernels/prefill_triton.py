@@ -100,15 +100,19 @@ def _prefill_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, meta_ptr, alibi_pt
              out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def _check(query, key_cache, value_cache, block_tables, seq_lens, query_lens, alibi_slopes):
-    C.check_cuda("query", query)
+def check_inputs(query, key_cache, value_cache, block_tables, seq_lens, query_lens, alibi_slopes,
+                 allow_cpu: bool = False) -> None:
+    """ValueError naming the argument for inputs the prefill kernels do not take. allow_cpu: tensors on
+    the CPU too (Triton's interpreter, TRITON_INTERPRET=1, in the tests)."""
     dev = query.device
+    check_device = (lambda name, t, d=None: _same_device(name, t, dev)) if allow_cpu else C.check_cuda
+    check_device("query", query)
     C.check_dtype("query", query, *DTYPES)
     C.check_dim("query", query, 3)
     if query.stride(2) != 1:
         raise ValueError(f"query must be dense in its last dimension, got strides {query.stride()}")
     for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
-        C.check_cuda(name, cache, dev)
+        check_device(name, cache, dev)
         C.check_dtype(name, cache, query.dtype,
                       *((torch.float8_e4m3fn,) if query.dtype in (torch.float16, torch.bfloat16) else ()))
         C.check_dim(name, cache, 4)
@@ -120,7 +124,7 @@ def _check(query, key_cache, value_cache, block_tables, seq_lens, query_lens, al
     if query.shape[1] % key_cache.shape[1]:
         raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key_cache heads "
                          f"({key_cache.shape[1]})")
-    C.check_cuda("block_tables", block_tables, dev)
+    check_device("block_tables", block_tables, dev)
     C.check_dtype("block_tables", block_tables, torch.int32)
     C.check_dim("block_tables", block_tables, 2)
     if block_tables.stride(1) != 1 or block_tables.shape[0] < len(seq_lens):
@@ -135,9 +139,16 @@ def _check(query, key_cache, value_cache, block_tables, seq_lens, query_lens, al
     if sum(query_lens) > query.shape[0]:
         raise ValueError(f"query has {query.shape[0]} rows, query_lens sum to {sum(query_lens)}")
     if alibi_slopes is not None:
-        C.check_cuda("alibi_slopes", alibi_slopes, dev)
+        check_device("alibi_slopes", alibi_slopes, dev)
         C.check_dtype("alibi_slopes", alibi_slopes, torch.float32)
         C.check_shape("alibi_slopes", alibi_slopes, (query.shape[1],))
+
+
+def _same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but query is on {device}")
 
 
 def paged_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -151,7 +162,7 @@ def paged_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     if not isinstance(table_row0, int) or not 0 <= table_row0 <= block_tables.shape[0] - len(seq_lens):
         raise ValueError(f"table_row0 must be an int in [0, {block_tables.shape[0] - len(seq_lens)}] "
                          f"(block_tables rows less sequences), got {table_row0!r}")
-    _check(query, key_cache, value_cache, block_tables[table_row0:], seq_lens, query_lens, alibi_slopes)
+    check_inputs(query, key_cache, value_cache, block_tables[table_row0:], seq_lens, query_lens, alibi_slopes)
     num_heads, head_size = query.shape[1], query.shape[2]
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device) if out is None else out
     block_m = 16 if max(query_lens, default=0) <= 16 else 64

@@ -20,7 +20,7 @@ from pagedray.kernels import options  # noqa: E402
 # Every field away from its default, so a worker that kept the defaults cannot pass.
 CHANGED = KernelOptions(prefill_backend="reference", split_mixed_steps=False, skinny_gemm=False,
                         skinny_gemm_max_m=4, fp8_skinny_gemm_max_m=2, fused_rotary_cache=False, fused_sampling=False,
-                        attention_variant={"NUM_WARPS": 8, "PREFETCH": 0})
+                        attention_variant={"NUM_WARPS": 8, "PREFETCH": 0}, prefill_variant={"BLOCK_N": 128})
 
 
 def test_every_field_differs_from_the_default():
@@ -67,5 +67,9 @@ def test_bad_options_name_the_field():
         KernelOptions(attention_variant={"WARPS": 2})
     with pytest.raises(ValueError, match=r"kernel_options has unknown field\(s\) \['fused'\]"):
         KernelOptions.of({"fused": True})
+    with pytest.raises(ValueError, match=r"prefill_variant keys must be among .*'TILE'"):
+        KernelOptions(prefill_variant={"TILE": 2})
     assert KernelOptions.parse(["split_mixed_steps=0", "attention_variant.NUM_WARPS=8"]) == KernelOptions(
         split_mixed_steps=False, attention_variant={"NUM_WARPS": 8})
+    assert KernelOptions.parse(["prefill_backend=triton_flash", "prefill_variant.BLOCK_N=128"]) == KernelOptions(
+        prefill_backend="triton_flash", prefill_variant={"BLOCK_N": 128})
