@@ -155,10 +155,12 @@ def paged_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                   block_tables: torch.Tensor, seq_lens: list[int], query_lens: list[int], scale: float,
                   sliding_window: int | None = None, alibi_slopes: torch.Tensor | None = None,
                   logits_soft_cap: float | None = None, *, out: torch.Tensor | None = None,
-                  table_row0: int = 0, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                  table_row0: int = 0, k_scale: float = 1.0, v_scale: float = 1.0,
+                  tile: dict[str, int] | None = None) -> torch.Tensor:
     """Same contract as `reference.paged_attention` (flat queries [T, H, D] -> [T, H, D]), except
     that sequence i's block table is row table_row0 + i of `block_tables`. An FP8 (e4m3) cache under
-    16-bit queries holds K / k_scale and V / v_scale; other caches ignore the scales."""
+    16-bit queries holds K / k_scale and V / v_scale; other caches ignore the scales. `tile` fixes
+    BLOCK_M / BLOCK_N / NUM_WARPS / NUM_STAGES in place of the choice below (benchmarks/prefill_attention.py)."""
     if not isinstance(table_row0, int) or not 0 <= table_row0 <= block_tables.shape[0] - len(seq_lens):
         raise ValueError(f"table_row0 must be an int in [0, {block_tables.shape[0] - len(seq_lens)}] "
                          f"(block_tables rows less sequences), got {table_row0!r}")
@@ -169,6 +171,8 @@ def paged_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     block_n = 32 if head_size > 128 else 64
     if query.dtype == torch.float32 and head_size > 128:  # fp32 tiles of 256 channels: keep shared memory in bounds
         block_m = min(block_m, 32)
+    tile = {"BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_WARPS": 4, "NUM_STAGES": 2, **(tile or {})}
+    block_m, block_n = tile["BLOCK_M"], tile["BLOCK_N"]
     tile_seq, tile_row = [], []
     for i, q_len in enumerate(query_lens):
         for m0 in range(0, q_len, block_m):
@@ -194,5 +198,5 @@ def paged_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=bool(logits_soft_cap),
         HAS_WINDOW=sliding_window is not None, IEEE=query.dtype == torch.float32,
         KV_FP8=key_cache.dtype == torch.float8_e4m3fn,
-        num_warps=4, num_stages=2)
+        num_warps=tile["NUM_WARPS"], num_stages=tile["NUM_STAGES"])
     return out
