@@ -251,3 +251,37 @@ def test_a_scheduled_step_spends_its_credit_before_its_time_arrives():
     assert pacer.plan(_running(32), waiting, 2048).prefill_cap == 0     # the next arrival waits
     pacer.observe(1, 0.030)       # slower than predicted: the difference is charged too
     assert pacer.credit_s == pytest.approx(0.015 + 0.0091 - 0.030, abs=1e-4)
+
+
+def test_pacing_under_a_pipeline_of_two_steps_matches_reference():
+    """Pipeline parallelism: two steps in flight, built with schedule(skip=...); the time of each
+    arrives when it is read, after the next one was planned."""
+    reqs = poisson_workload(n=30, output_len=24)
+    sim = Sim(1.3, max_num_seqs=8, budget=24)
+    sched, worker, pending, in_flight = sim.sched, sim.worker, sorted(reqs), []
+    sched.max_unread_steps = 3
+    for _ in range(20000):
+        while pending and pending[0][0] <= sim.now:
+            t, rid, prompt, params = pending.pop(0)
+            sched.add_request(Request(rid, prompt, SamplingParams(**params), arrival_time=t))
+        while len(in_flight) < 2:
+            busy = {rid for so, _ in in_flight for rid in so.num_scheduled_tokens}
+            so = sched.schedule(skip=busy)
+            if so.is_empty:
+                break
+            out = worker.execute(so)
+            out.step_time_s = fake_step_time(so)
+            in_flight.append((so, out))
+        if not in_flight:
+            if not pending:
+                break
+            sim.now = pending[0][0]
+            continue
+        so, out = in_flight.pop(0)
+        sim.now += out.step_time_s
+        for req, toks in sched.update_from_output(so, out):
+            sim.outputs[req.request_id] += toks
+    assert not pending and not sched.has_unfinished_requests()
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
+    check_outputs(sim, reqs)
+    assert sched.pacer.model.ready and sched.pacer.num_held_steps > 0
