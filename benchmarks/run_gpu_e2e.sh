@@ -6,7 +6,8 @@
 # overlap: overlapped vs not-overlapped steps alone (no HF peers, ~75 s); shared: 200 requests
 # (shared1000: the full 1000, ~2 min at 8B); tput8b includes both HF peers (~3 min) at the batch and budget
 # of the recorded figure; tput8b-profile: the default batch with the stage breakdown and a trace.
-# fp8, fp8tput, fp8kv: FP8 tests and benchmarks beside bf16 in the same call (not in the default list).
+# fp8, fp8tput, fp8kv: FP8 tests and benchmarks beside bf16 in the same call (not in the default list);
+# pacing: prefill pacing off vs on under Poisson load (not in the default list).
 # $OUT defaults to benchmarks/gpu-runs/<time>; each benchmark's record goes to $OUT/records (copy the files
 # into benchmarks/records/ and run `python benchmarks/records.py` to update RESULTS.md).
 set -u
@@ -59,6 +60,12 @@ run() {
                --output-len 256 --max-num-seqs 1024 --max-num-batched-tokens 16384 --warmup-requests 64 \
                --warmup-output-len 4 --quantization fp8 --kv-cache-dtype $kv --results "$R"
            done ;;
+    # Prefill pacing off vs on (issue 26): the CUDA step timer's test, then Poisson 20 req/s, 500 x 256/256, each
+    # side with a decode-only reference at its mean running batch (~2.5 min).
+    pacing) step pacing-tests 60 python3 -m pytest tests/cluster/core/test_step_pacing_engine.py -q --tb=short \
+              -p no:cacheprovider
+            step pacing 330 python3 benchmarks/serving.py --synthetic 8b --device cuda:0 --compare-pacing 1.25 \
+              --num-prompts 500 --input-len 256 --output-len 256 --request-rate 20 --json "$OUT/pacing.json" ;;
     tputqwen) step tputqwen 90 python3 benchmarks/throughput.py --shape qwen2.5-0.5b --hf-baseline --hf-engines generate \
                 --hf-timeout 30 --results "$R" ;;
   esac
