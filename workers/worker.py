@@ -199,3 +199,16 @@ class Worker:
         if dist.is_initialized():
             dist.destroy_process_group()
         reset_model_parallel()
+        self._release_device_memory()
+
+    def _release_device_memory(self) -> None:
+        """Give the weights, KV cache and graph pools back now, not whenever the collector finds the
+        worker: a process that builds one engine after another (tests, notebooks, a replica restarting
+        in its actor) profiles the next one's KV budget against what this one still holds."""
+        import gc
+
+        self.runner = None
+        self.cache = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -129,6 +129,7 @@ def test_gpu_kernels_and_graphs_match_peft(setup):
     outs = llm.generate([{"prompt_token_ids": p} for p, _ in cases], _params(), use_tqdm=False,
                         lora_request=[loras[n] if n else None for _, n in cases])
     assert graphs.num_replays > 0
+    llm.shutdown()
     for (prompt, name), out in zip(cases, outs):
         assert_greedy_match(engine_greedy(out.outputs[0]), refs[name][tuple(prompt)], atol=1e-3,
                             what=f"cuda {name} {prompt}")
