@@ -35,13 +35,18 @@ def _staggered(core: EngineCore, prompts: list[list[int]], every: int = 3) -> di
     return tokens
 
 
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+
+
 def test_step_times_flow_up_and_pacing_keeps_the_outputs(model_path):
+    """Greedy outputs: pacing off == on == on with speculative decoding (its proposals count as decode
+    tokens; the verifier's steps are timed too)."""
     prompts = [[1 + (7 * i + j) % 300 for j in range(20 + 3 * i)] for i in range(10)]
     outputs = []
-    for ratio in (None, 1.2):
+    for ratio, spec in ((None, None), (1.2, None), (1.2, NGRAM)):
         core = EngineCore.from_kwargs(model_path, device="cpu", block_size=4, num_kv_blocks=256,
                                       max_num_batched_tokens=24, tpot_target_ratio=ratio,
-                                      min_prefill_chunk_tokens=4)
+                                      min_prefill_chunk_tokens=4, speculative_config=spec)
         try:
             outputs.append(_staggered(core, prompts))
             pacer = core.scheduler.pacer
@@ -51,9 +56,11 @@ def test_step_times_flow_up_and_pacing_keeps_the_outputs(model_path):
                 assert pacer.model.decode_step(4, 100) > 0
             else:
                 assert pacer is None
+            if spec is not None:
+                assert core.get_stats().spec_num_draft_tokens > 0
         finally:
             core.shutdown()
-    assert outputs[0] == outputs[1] and len(outputs[0]) == len(prompts)
+    assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) == len(prompts)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
