@@ -76,7 +76,7 @@ class Scheduler:
         self._trimmed: dict[str, int] = {}              # block tables cut since sent: their new length
         # Prefill chunks next to running decodes sized from step times (cluster/core/step_pacing.py).
         self.pacer = (PrefillPacer(scheduler_config.tpot_target_ratio, scheduler_config.max_prefill_delay_ms,
-                                   scheduler_config.min_prefill_chunk_tokens)
+                                   scheduler_config.min_prefill_chunk_tokens, speculative=self.spec is not None)
                       if scheduler_config.tpot_target_ratio is not None else None)
 
     # -- queries -------------------------------------------------------------

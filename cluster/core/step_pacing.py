@@ -32,11 +32,14 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from operator import attrgetter
+from typing import Callable, Sequence
 
 from pagedray.cluster.core.request import Request
 
 logger = logging.getLogger(__name__)
+
+_COMPUTED = attrgetter("num_computed_tokens")
 
 # Feature scales: keep the normal equations well conditioned (values of order 1).
 _TOKENS = 256.0
@@ -174,8 +177,9 @@ class PacingPlan:
 
 class PrefillPacer:
     def __init__(self, tpot_target_ratio: float, max_prefill_delay_ms: float, min_prefill_chunk_tokens: int,
-                 clock: Callable[[], float] = time.time, decay: float = 0.98) -> None:
+                 clock: Callable[[], float] = time.time, decay: float = 0.98, speculative: bool = False) -> None:
         self.ratio = tpot_target_ratio
+        self.speculative = speculative   # decode rows carry proposals: count them
         self.max_delay_s = max_prefill_delay_ms / 1000.0
         self.min_chunk = min_prefill_chunk_tokens
         self.clock = clock   # the clock of Request.arrival_time
@@ -190,23 +194,30 @@ class PrefillPacer:
         self._last_log = time.monotonic()
 
     # -- planning --------------------------------------------------------------
-    def plan(self, running: Iterable[Request], waiting: Sequence[Request], budget: int,
+    def plan(self, running: Sequence[Request], waiting: Sequence[Request], budget: int,
              skip: frozenset[str] | set[str] = frozenset()) -> PacingPlan:
-        """The prefill cap of the next step (before the scheduler builds it)."""
-        d = ctx = 0
-        pending = 0                  # prefill tokens of running requests in chunked prefill
+        """The prefill cap of the next step (before the scheduler builds it).
+
+        Costs O(running) in C-level sums, plus a walk over the newest running requests: those in
+        chunked prefill are always the newest (admission is first come first served, and nobody is
+        admitted behind a prefill the token budget or the cap cut), so the walk stops at the first
+        one at its decode point. (A pipeline may admit behind a prefill in flight, in `skip`; such a
+        prefill then counts as a decode here; the scheduler still caps its chunks.)"""
+        pending = prefilling = 0     # prefill tokens and requests of running requests in chunked prefill
         oldest: float | None = None  # arrival of the oldest request with prefill pending
-        for r in running:
+        for r in reversed(running):
             if skip and r.request_id in skip:
                 continue
             left = r.num_tokens + r.num_output_placeholders - r.num_computed_tokens
-            if left == 1:
-                d += 1 + len(r.spec_token_ids)
-                ctx += r.num_computed_tokens
-            elif left > 1:
-                pending += left
-                ctx += r.num_computed_tokens
-                oldest = r.arrival_time if oldest is None else min(oldest, r.arrival_time)
+            if left <= 1:
+                break
+            pending += left
+            prefilling += 1
+            oldest = r.arrival_time if oldest is None else min(oldest, r.arrival_time)
+        d = len(running) - prefilling - (len(skip) if skip else 0)
+        if self.speculative:
+            d += sum(len(r.spec_token_ids) for r in running if r.spec_token_ids and r.request_id not in skip)
+        ctx = sum(map(_COMPUTED, running))
         if waiting:
             head = waiting[0]
             pending += head.num_tokens

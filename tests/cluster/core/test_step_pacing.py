@@ -192,7 +192,7 @@ def test_pacing_with_preemption_and_prefix_caching_matches_reference(num_blocks,
 
 
 def test_plan_counts_proposals_as_decode_tokens_and_skips_in_flight():
-    pacer = PrefillPacer(1.3, 250.0, 8, clock=lambda: 0.0)
+    pacer = PrefillPacer(1.3, 250.0, 8, clock=lambda: 0.0, speculative=True)
     running = []
     for i, spec in enumerate(([], [5, 6, 7])):
         r = Request(f"d{i}", [1, 2, 3], SamplingParams(), arrival_time=0.0)
