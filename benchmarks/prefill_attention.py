@@ -5,7 +5,8 @@
 
 Causal bf16, llama3-8b attention (32 query / 8 KV heads x 128), block 16, contexts 512..16k with
 `--tokens` new tokens per launch (batch = tokens / context; fresh prompts), plus a chunked-prefill
-shape (512 new tokens over 3584 cached). For each kernel and tile (kernels/prefill_flash.py's
+shape (512 new tokens over 3584 cached); queries and the step's K/V are slices of one fused QKV
+tensor, as in the models. For each kernel and tile (kernels/prefill_flash.py's
 VARIANT_KEYS; the current kernels/prefill_triton.py with its own tiles as the baseline), TFLOP/s
 (4 * heads * head size * visible query-key pairs over the time of back-to-back launcher calls), and
 its max |Δ| against SDPA at 4k. Peers in the same run: bf16 torch.matmul (8192^3, the roofline) and
@@ -41,6 +42,12 @@ VARIANTS = [
     ("flash 64x64 w4 s3", "new", {"BLOCK_M": 64, "NUM_WARPS": 4}),
     ("flash 128x64 w4 s3", "new", {"NUM_WARPS": 4}),
     ("flash 128x64 w8 s3 unsplit", "new", {"SPLIT": 0}),
+    # The step's new K/V read from the step's tensors (by pointers; by TMA descriptors), not the block table.
+    ("flash 128x64 w8 s3 newkv", "new", {"NEW_KV": 1}),
+    ("flash 128x128 w8 s2 newkv", "new", {"BLOCK_N": 128, "NUM_STAGES": 2, "NEW_KV": 1}),
+    ("flash 128x64 w8 s3 tma", "new", {"NEW_KV": 2}),
+    ("flash 128x128 w8 s2 tma", "new", {"BLOCK_N": 128, "NUM_STAGES": 2, "NEW_KV": 2}),
+    ("flash 128x128 w8 s3 tma", "new", {"BLOCK_N": 128, "NEW_KV": 2}),
 ]
 
 
@@ -72,7 +79,14 @@ class Shape:
         self.kc = torch.randn(batch * per, KV_HEADS, BLOCK, HEAD, device=DEVICE, generator=g).to(DTYPE)
         self.vc = torch.randn(batch * per, KV_HEADS, BLOCK, HEAD, device=DEVICE, generator=g).to(DTYPE)
         self.bt = torch.randperm(batch * per, device=DEVICE, generator=g).to(torch.int32).view(batch, per)
-        self.q = torch.randn(batch * new, HEADS, HEAD, device=DEVICE, generator=g).to(DTYPE)
+        # q and the step's new K/V as slices of one fused QKV projection output, as the models pass them.
+        fused = torch.randn(batch * new, (HEADS + 2 * KV_HEADS) * HEAD, device=DEVICE, generator=g).to(DTYPE)
+        self.q = fused[:, :HEADS * HEAD].view(-1, HEADS, HEAD)
+        self.key = fused[:, HEADS * HEAD:(HEADS + KV_HEADS) * HEAD].view(-1, KV_HEADS, HEAD)
+        self.value = fused[:, (HEADS + KV_HEADS) * HEAD:].view(-1, KV_HEADS, HEAD)
+        k, v = self.dense_kv()
+        self.key.copy_(k[:, :, ctx - new:].transpose(1, 2).reshape(-1, KV_HEADS, HEAD))
+        self.value.copy_(v[:, :, ctx - new:].transpose(1, 2).reshape(-1, KV_HEADS, HEAD))
         self.seq_lens, self.query_lens = [ctx] * batch, [new] * batch
         self.pairs = batch * (new * (ctx - new) + new * (new + 1) // 2)   # visible (query, key) pairs
 
@@ -80,7 +94,7 @@ class Shape:
         return 4.0 * HEADS * HEAD * self.pairs
 
     def dense_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """[batch, KV_HEADS, ctx, HEAD] copies of the cache contents."""
+        """[batch, KV_HEADS, ctx, HEAD] copies of the cache contents (contiguous)."""
         def gather(cache):
             return cache[self.bt.long()].permute(0, 2, 1, 3, 4).reshape(self.batch, KV_HEADS, -1, HEAD)[:, :, :self.ctx]
         return gather(self.kc).contiguous(), gather(self.vc).contiguous()
@@ -91,14 +105,15 @@ class Shape:
             return lambda: prefill_triton.paged_prefill(self.q, self.kc, self.vc, self.bt, self.seq_lens,
                                                         self.query_lens, scale, tile=tile)
         return lambda: prefill_flash.paged_prefill(self.q, self.kc, self.vc, self.bt, self.seq_lens,
-                                                   self.query_lens, scale, variant_overrides=tile)
+                                                   self.query_lens, scale, variant_overrides=tile, key=self.key,
+                                                   value=self.value)
 
 
 def sdpa_call(shape: Shape, backend):
     """SDPA over dense K/V (fresh prompts only: its causal mask is top-left aligned)."""
     from torch.nn.attention import sdpa_kernel
     k, v = shape.dense_kv()
-    q = shape.q.view(shape.batch, shape.ctx, HEADS, HEAD).transpose(1, 2).contiguous()
+    q = shape.q.reshape(shape.batch, shape.ctx, HEADS, HEAD).transpose(1, 2).contiguous()
 
     def run():
         with sdpa_kernel([backend]):

@@ -208,7 +208,7 @@ class DeviceConfig:
 
 _PREFILL_BACKENDS = ("triton", "triton_flash", "reference")
 _ATTENTION_VARIANT_KEYS = ("SCORE_XPOSE", "PREFETCH", "TPG_MAX", "NUM_WARPS")
-_PREFILL_VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "NUM_WARPS", "NUM_STAGES", "SPLIT")  # kernels/prefill_flash.py
+_PREFILL_VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "NUM_WARPS", "NUM_STAGES", "SPLIT", "NEW_KV")  # kernels/prefill_flash.py
 _SKINNY_GEMM_MAX_M = 8   # rows the skinny GEMM kernel takes (kernels/gemv_cuda.MAX_M)
 
 
@@ -221,8 +221,8 @@ class KernelOptions:
     # FlashAttention-style kernels/prefill_flash.py; benchmarks/prefill_attention.py) or the PyTorch "reference".
     # Triton: 341 us against 6.4 ms for the reference (H200, 8 prompts of 1024 tokens, 32/8x128 bf16).
     prefill_backend: str = "triton"
-    # triton_flash's tile constants (BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES, SPLIT); one not given takes
-    # the kernel's default (prefill_flash.DEFAULT_VARIANT).
+    # triton_flash's tile constants (BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES, SPLIT, NEW_KV); one not given
+    # takes the kernel's default (prefill_flash.DEFAULT_VARIANT).
     prefill_variant: dict[str, int] = field(default_factory=dict)
     # Mixed steps: the leading decode rows through the decode kernel, the prompts through Triton.
     split_mixed_steps: bool = True

@@ -48,15 +48,32 @@ def triton_prefill():
     return prefill_triton
 
 
-def _prefill_launcher():
-    """paged_prefill of the selected backend (KernelOptions.prefill_backend), or None for the reference."""
+def _prefill_launcher(key: torch.Tensor | None, value: torch.Tensor | None):
+    """paged_prefill of the selected backend (KernelOptions.prefill_backend) as f(..., **kwargs), or None for
+    the reference. The flash kernel also takes the step's K/V (its NEW_KV variant reads them)."""
     backend = options().prefill_backend
     if backend == "reference" or triton_prefill() is None:
         return None
     if backend == "triton_flash":
         from pagedray.kernels import prefill_flash
-        return functools.partial(prefill_flash.paged_prefill, variant_overrides=options().prefill_variant)
+
+        def launch(query, *args, out=None, table_row0=0, **kwargs):
+            rows = slice(table_row0, None)  # a mixed step's prompt rows follow its table_row0 decode rows
+            return prefill_flash.paged_prefill(query, *args, out=out, table_row0=table_row0, **kwargs,
+                                               variant_overrides=options().prefill_variant,
+                                               key=None if key is None else key[rows],
+                                               value=None if value is None else value[rows])
+        return launch
     return triton_prefill().paged_prefill
+
+
+def prefill_reads_step_kv() -> bool:
+    """Whether prefill attention on the GPU reads the step's new K/V from the step's own tensors (the flash
+    kernel's NEW_KV variant), so the attention layer should pass the rotated key (not only the cache)."""
+    if options().prefill_backend != "triton_flash" or not cuda_available() or triton_prefill() is None:
+        return False
+    from pagedray.kernels import prefill_flash
+    return bool(prefill_flash.variant(options().prefill_variant, 1 << 30)["NEW_KV"])
 
 
 def _decode_kernel_fits(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
@@ -84,10 +101,12 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                     alibi_slopes: torch.Tensor | None = None,
                     logits_soft_cap: float | None = None, *,
                     seq_lens_tensor: torch.Tensor | None = None, k_scale: float = 1.0,
-                    v_scale: float = 1.0) -> torch.Tensor:
+                    v_scale: float = 1.0, key: torch.Tensor | None = None,
+                    value: torch.Tensor | None = None) -> torch.Tensor:
     """`reference.paged_attention`; seq_lens_tensor is the same lengths on the device (int32),
     which the CUDA decode kernel reads (built from `seq_lens` when not given). An FP8 cache
-    (k_scale, v_scale: its per-tensor scales) runs the reference."""
+    (k_scale, v_scale: its per-tensor scales) runs the reference. key/value: this step's new K/V
+    ([T, Hkv, D], rotated, row t the token of query row t; see `prefill_reads_step_kv`), or None."""
     if _cuda(query) and _cache_fits(query, key_cache):
         if alibi_slopes is not None and alibi_slopes.dtype != torch.float32:
             alibi_slopes = alibi_slopes.float()
@@ -102,7 +121,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         if num_decodes == len(query_lens) == query.shape[0]:
             return _decode(query, key_cache, value_cache, block_tables, seq_lens_tensor, seq_lens, scale,
                            extras)
-        prefill = _prefill_launcher()
+        prefill = _prefill_launcher(key, value)
         if prefill is not None:
             if not num_decodes or not options().split_mixed_steps:
                 return prefill(query, key_cache, value_cache, block_tables, seq_lens, query_lens, scale,

@@ -31,9 +31,12 @@ from pagedray.kernels import prefill_triton
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # The tile of a launch: rows per tile, keys per step, warps, pipeline stages; SPLIT 0 runs every key
-# block masked (the plain loop, for A/B runs). Keys not given take these defaults.
-VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "NUM_WARPS", "NUM_STAGES", "SPLIT")
-DEFAULT_VARIANT = {"BLOCK_M": 128, "BLOCK_N": 64, "NUM_WARPS": 8, "NUM_STAGES": 3, "SPLIT": 1}
+# block masked (the plain loop, for A/B runs); NEW_KV 1 reads this step's new keys and values from the
+# step's K/V tensors (given as `key`, `value`) instead of through the block table, 2 the same by TMA
+# descriptors (Hopper; power-of-two head sizes), 0 everything through the block table. Keys not given
+# take these defaults.
+VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "NUM_WARPS", "NUM_STAGES", "SPLIT", "NEW_KV")
+DEFAULT_VARIANT = {"BLOCK_M": 128, "BLOCK_N": 64, "NUM_WARPS": 8, "NUM_STAGES": 3, "SPLIT": 1, "NEW_KV": 0}
 # Batches whose longest query has at most this many rows take half-height tiles.
 SHORT_QUERY = 64
 
@@ -44,34 +47,62 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kvh, num_kv_heads, pos_q, offs_d, d_mask,
-                lo, hi, qk_scale, scale, soft_cap, window, slope,
+def _load_kv(k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift, kvh, num_kv_heads, start, hi, offs_d, d_mask,
+             HEAD_SIZE: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+             OFFS64: tl.constexpr, SOURCE: tl.constexpr, MASKED: tl.constexpr):
+    """K and V rows [start, start + BLOCK_N) as [BLOCK_N, HEAD_PAD]: SOURCE 0 from the paged cache through
+    the block table; 1 from this step's new K/V (row n + row_shift) by pointers; 2 the same by TMA
+    descriptors. MASKED: rows at or past hi read as 0 (TMA reads them: finite rows of the next sequence,
+    or zeros past the tensor, which the scores' mask drops)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < hi
+    if SOURCE == 2:
+        k = kn.load([start + row_shift, kvh * HEAD_SIZE])
+        v = vn.load([start + row_shift, kvh * HEAD_SIZE])
+    else:
+        if SOURCE == 0:
+            if MASKED:
+                blk = tl.load(table_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
+            else:
+                blk = tl.load(table_ptr + offs_n // BLOCK_SIZE)
+            if OFFS64:
+                blk = blk.to(tl.int64)
+            rows = (blk * num_kv_heads + kvh) * BLOCK_SIZE + offs_n % BLOCK_SIZE
+            offs = rows[:, None] * HEAD_SIZE + offs_d[None, :]
+            kp = k_ptr + offs
+            vp = v_ptr + offs
+        else:
+            rows = (offs_n + row_shift).to(tl.int64) * kn_stride_t + kvh * HEAD_SIZE
+            offs = rows[:, None] + offs_d[None, :]
+            kp = kn + offs
+            vp = vn + offs
+        if MASKED:
+            k = tl.load(kp, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+            v = tl.load(vp, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        elif EVEN_D:
+            k = tl.load(kp)
+            v = tl.load(vp)
+        else:
+            k = tl.load(kp, mask=d_mask[None, :], other=0.0)
+            v = tl.load(vp, mask=d_mask[None, :], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift, kvh, num_kv_heads,
+                pos_q, offs_d, d_mask, lo, hi, qk_scale, scale, soft_cap, window, slope,
                 HEAD_SIZE: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                 BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, KV_FP8: tl.constexpr, OFFS64: tl.constexpr, MASKED: tl.constexpr):
-    """Online softmax over the keys [lo, hi) in BLOCK_N steps. MASKED: apply the causal (and window)
-    mask and the bounds check at hi; else every row of the tile sees every key of [lo, hi)."""
+                HAS_WINDOW: tl.constexpr, KV_FP8: tl.constexpr, OFFS64: tl.constexpr, SOURCE: tl.constexpr,
+                MASKED: tl.constexpr):
+    """Online softmax over the keys [lo, hi) in BLOCK_N steps, read from SOURCE (`_load_kv`). MASKED:
+    apply the causal (and window) mask and the bounds check at hi; else every row of the tile sees
+    every key of [lo, hi)."""
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < hi
-        if MASKED:
-            blk = tl.load(table_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
-        else:
-            blk = tl.load(table_ptr + offs_n // BLOCK_SIZE)
-        if OFFS64:
-            blk = blk.to(tl.int64)
-        kv_rows = (blk * num_kv_heads + kvh) * BLOCK_SIZE + offs_n % BLOCK_SIZE
-        kv_offs = kv_rows[:, None] * HEAD_SIZE + offs_d[None, :]
-        if MASKED:
-            k = tl.load(k_ptr + kv_offs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-            v = tl.load(v_ptr + kv_offs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        elif EVEN_D:
-            k = tl.load(k_ptr + kv_offs)
-            v = tl.load(v_ptr + kv_offs)
-        else:
-            k = tl.load(k_ptr + kv_offs, mask=d_mask[None, :], other=0.0)
-            v = tl.load(v_ptr + kv_offs, mask=d_mask[None, :], other=0.0)
-        if KV_FP8:  # e4m3 widens exactly to 16 bits; the scales are applied outside the products
+        k, v = _load_kv(k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift, kvh, num_kv_heads, start, hi,
+                        offs_d, d_mask, HEAD_SIZE, EVEN_D, BLOCK_SIZE, BLOCK_N, OFFS64, SOURCE, MASKED)
+        if KV_FP8 and SOURCE == 0:  # e4m3 widens exactly to 16 bits; the scales are applied outside the products
             k = k.to(q.dtype)
             v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k))
@@ -86,7 +117,7 @@ def _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kvh, num_kv_heads, po
         else:
             factor = qk_scale
         if MASKED:
-            visible = (offs_n[None, :] <= pos_q[:, None]) & n_mask[None, :]
+            visible = (offs_n[None, :] <= pos_q[:, None]) & (offs_n < hi)[None, :]
             if HAS_WINDOW:
                 visible = visible & (offs_n[None, :] > pos_q[:, None] - window)
             s = tl.where(visible, s, float("-inf"))
@@ -106,15 +137,16 @@ def _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kvh, num_kv_heads, po
 
 # Step-varying integers are not specialised on (a recompile per new "== 1" / "% 16" pattern), as in
 # prefill_triton.
-@triton.jit(do_not_specialize=["q_stride_t", "o_stride_t", "bt_stride", "table_row0", "num_seqs", "num_tiles"])
-def _flash_prefill_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, meta_ptr, alibi_ptr,
-                          q_stride_t, q_stride_h, o_stride_t, o_stride_h, bt_stride, table_row0,
+@triton.jit(do_not_specialize=["q_stride_t", "o_stride_t", "bt_stride", "table_row0", "num_seqs", "num_tiles",
+                               "kn_stride_t"])
+def _flash_prefill_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, meta_ptr, alibi_ptr, kn, vn,
+                          q_stride_t, q_stride_h, o_stride_t, o_stride_h, bt_stride, table_row0, kn_stride_t,
                           num_seqs, num_tiles, num_heads, num_kv_heads, group, qk_scale, scale, soft_cap,
                           window, v_scale,
                           HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr,
                           HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, KV_FP8: tl.constexpr,
-                          OFFS64: tl.constexpr, SPLIT: tl.constexpr):
+                          OFFS64: tl.constexpr, SPLIT: tl.constexpr, NEW_KV: tl.constexpr):
     pid = tl.program_id(0)
     head = pid % num_heads
     tile = pid // num_heads
@@ -140,27 +172,41 @@ def _flash_prefill_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, meta_ptr, al
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(alibi_ptr + head)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+    lo = first * 0
     if HAS_WINDOW:
         lo = tl.maximum(0, first - window + 1) // BLOCK_N * BLOCK_N
-        full = lo
-    elif SPLIT:
-        lo = 0
-        full = (first + 1) // BLOCK_N * BLOCK_N     # blocks before the tile's first row: seen whole
-    else:
-        lo = 0
-        full = 0
-    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kvh, num_kv_heads, pos_q, offs_d,
-                                d_mask, lo, full, qk_scale, scale, soft_cap, window, slope,
-                                HEAD_SIZE, HEAD_SIZE == HEAD_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI, HAS_SOFTCAP,
-                                HAS_WINDOW, KV_FP8, OFFS64, False)
-    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kvh, num_kv_heads, pos_q, offs_d,
-                                d_mask, full, hi, qk_scale, scale, soft_cap, window, slope,
-                                HEAD_SIZE, HEAD_SIZE == HEAD_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI, HAS_SOFTCAP,
-                                HAS_WINDOW, KV_FP8, OFFS64, True)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, HEAD_PAD], 0.0, tl.float32)
+    # With NEW_KV the keys before this step's first new token come from the cache, every one seen by
+    # every row (only a window masks them), and the new ones from the step's K/V; else all from the cache.
+    b_lo = lo
+    row_shift = q_begin - (ctx - q_len)             # new key n is row n + row_shift of the step's K/V
+    if NEW_KV:
+        b_lo = tl.maximum(lo, ctx - q_len)
+        a_full = lo
+        if not HAS_WINDOW:
+            a_full = lo + (b_lo - lo) // BLOCK_N * BLOCK_N
+        acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift, kvh,
+                                    num_kv_heads, pos_q, offs_d, d_mask, lo, a_full, qk_scale, scale, soft_cap,
+                                    window, slope, HEAD_SIZE, HEAD_SIZE == HEAD_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI, HAS_SOFTCAP,
+                                    HAS_WINDOW, KV_FP8, OFFS64, 0, False)
+        acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift, kvh,
+                                    num_kv_heads, pos_q, offs_d, d_mask, a_full, b_lo, qk_scale, scale, soft_cap,
+                                    window, slope, HEAD_SIZE, HEAD_SIZE == HEAD_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI, HAS_SOFTCAP,
+                                    HAS_WINDOW, KV_FP8, OFFS64, 0, True)
+    b_full = b_lo
+    if SPLIT and not HAS_WINDOW:
+        b_full = b_lo + (first + 1 - b_lo) // BLOCK_N * BLOCK_N   # blocks before the tile's first row: seen whole
+    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift, kvh,
+                                num_kv_heads, pos_q, offs_d, d_mask, b_lo, b_full, qk_scale, scale, soft_cap, window,
+                                slope, HEAD_SIZE, HEAD_SIZE == HEAD_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI, HAS_SOFTCAP, HAS_WINDOW,
+                                KV_FP8, OFFS64, NEW_KV, False)
+    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift, kvh,
+                                num_kv_heads, pos_q, offs_d, d_mask, b_full, hi, qk_scale, scale, soft_cap, window,
+                                slope, HEAD_SIZE, HEAD_SIZE == HEAD_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI, HAS_SOFTCAP, HAS_WINDOW,
+                                KV_FP8, OFFS64, NEW_KV, True)
     out = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
     tl.store(out_ptr + rows[:, None] * o_stride_t + head * o_stride_h + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -178,7 +224,41 @@ def variant(overrides: dict[str, int] | None, max_query_len: int) -> dict[str, i
     for key in ("BLOCK_M", "BLOCK_N"):
         if chosen[key] not in (16, 32, 64, 128, 256):
             raise ValueError(f"prefill variant {key} must be a power of two in [16, 256], got {chosen[key]}")
+    if chosen["NEW_KV"] not in (0, 1, 2):
+        raise ValueError(f"prefill variant NEW_KV must be 0, 1 or 2, got {chosen['NEW_KV']}")
     return chosen
+
+
+def _tensor_descriptor():
+    """Triton's host-side TMA descriptor class (Triton >= 3.4), or None."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    return TensorDescriptor
+
+
+def _new_kv_source(mode: int, query, key, value, key_cache, block_n: int, rows: int):
+    """(NEW_KV, kn, vn, kn row stride) for the launch: the step's K/V ([T, Hkv, D] views, heads dense in a
+    row) by pointers or TMA descriptors, or mode 0 (the cache) where they are absent or the cache is FP8
+    (its K/V are the new ones quantized: the new rows must be read the same way as the prefix)."""
+    if not mode or key is None or value is None or key_cache.dtype == torch.float8_e4m3fn:
+        return 0, key_cache, key_cache, 0
+    num_kv_heads, head_size = key_cache.shape[1], key_cache.shape[3]
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype or t.device != query.device or t.dim() != 3 or t.shape[0] < rows \
+                or tuple(t.shape[1:]) != (num_kv_heads, head_size) or t.stride(2) != 1 or t.stride(1) != head_size:
+            raise ValueError(f"{name} must be [>= {rows}, {num_kv_heads}, {head_size}] {query.dtype} on {query.device} "
+                             f"with dense heads, got {tuple(t.shape)} {t.dtype} strides {t.stride()}")
+    if key.stride(0) != value.stride(0):
+        raise ValueError(f"key and value must share their row stride, got {key.stride(0)} and {value.stride(0)}")
+    descriptor = _tensor_descriptor() if mode == 2 else None
+    tma = (descriptor is not None and head_size == triton.next_power_of_2(head_size) and head_size >= 16
+           and key.data_ptr() % 16 == 0 and value.data_ptr() % 16 == 0 and key.stride(0) * key.element_size() % 16 == 0)
+    if not tma:
+        return 1, key, value, key.stride(0)
+    shape, strides, block = [key.shape[0], num_kv_heads * head_size], [key.stride(0), 1], [block_n, head_size]
+    return 2, descriptor(key, shape, strides, block), descriptor(value, shape, strides, block), key.stride(0)
 
 
 def covers(query: torch.Tensor, max_query_len: int, scale: float) -> bool:
@@ -202,9 +282,12 @@ def paged_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                   sliding_window: int | None = None, alibi_slopes: torch.Tensor | None = None,
                   logits_soft_cap: float | None = None, *, out: torch.Tensor | None = None,
                   table_row0: int = 0, k_scale: float = 1.0, v_scale: float = 1.0,
-                  variant_overrides: dict[str, int] | None = None) -> torch.Tensor:
+                  variant_overrides: dict[str, int] | None = None, key: torch.Tensor | None = None,
+                  value: torch.Tensor | None = None) -> torch.Tensor:
     """`prefill_triton.paged_prefill`'s contract; `variant_overrides` fixes tile constants (VARIANT_KEYS).
-    Launches this module's cases doesn't cover go to `prefill_triton`."""
+    `key`, `value`: this step's new K/V ([T, Hkv, D], row t the token of query row t, the same values
+    the cache holds for it), read in place of the cache under NEW_KV. Launches this module's cases
+    doesn't cover go to `prefill_triton`."""
     max_q = max(query_lens, default=0)
     if not covers(query, max_q, scale):
         return prefill_triton.paged_prefill(query, key_cache, value_cache, block_tables, seq_lens, query_lens,
@@ -229,16 +312,18 @@ def paged_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     fp8 = key_cache.dtype == torch.float8_e4m3fn
     k_scale, v_scale = (float(k_scale), float(v_scale)) if fp8 else (1.0, 1.0)
     num_kv_heads = key_cache.shape[1]
+    new_kv, kn, vn, kn_stride = _new_kv_source(cfg["NEW_KV"], query, key, value, key_cache, cfg["BLOCK_N"],
+                                               starts[-1])
     _flash_prefill_kernel[(len(tile_seq) * num_heads,)](
         out, query, key_cache, value_cache, block_tables, meta,
-        alibi_slopes if alibi_slopes is not None else meta,
+        alibi_slopes if alibi_slopes is not None else meta, kn, vn,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), table_row0,
-        len(query_lens), len(tile_seq), num_heads, num_kv_heads, num_heads // num_kv_heads,
+        kn_stride, len(query_lens), len(tile_seq), num_heads, num_kv_heads, num_heads // num_kv_heads,
         scale * k_scale * 1.4426950408889634, scale * k_scale, float(logits_soft_cap or 0.0),
         int(sliding_window or 0), v_scale,
         HEAD_SIZE=head_size, HEAD_PAD=max(16, triton.next_power_of_2(head_size)),
         BLOCK_SIZE=key_cache.shape[2], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=bool(logits_soft_cap),
         HAS_WINDOW=sliding_window is not None, KV_FP8=fp8, OFFS64=key_cache.numel() >= 2 ** 31,
-        SPLIT=bool(cfg["SPLIT"]), num_warps=cfg["NUM_WARPS"], num_stages=cfg["NUM_STAGES"])
+        SPLIT=bool(cfg["SPLIT"]), NEW_KV=new_kv, num_warps=cfg["NUM_WARPS"], num_stages=cfg["NUM_STAGES"])
     return out

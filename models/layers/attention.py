@@ -82,16 +82,21 @@ class Attention(nn.Module):
             out = self._attend_fresh(q, k, v, attn_metadata)
         else:
             k_scale, v_scale = self.kv_scales
-            if rotary is not None:
+            # The prefill kernel may read this step's K/V from k/v (then k must be the rotated key).
+            step_kv = not attn_metadata.is_decode_only and ops.prefill_reads_step_kv()
+            if rotary is not None and not step_kv:
                 q = ops.rotary_and_cache(positions, q, k, v, rotary.cos_sin_cache, rotary.is_neox_style,
                                          kv_cache[0], kv_cache[1], attn_metadata.slot_mapping, k_scale, v_scale)
             else:
+                if rotary is not None:
+                    q, k = rotary(positions, q, k)
                 ops.reshape_and_cache(k, v, kv_cache[0], kv_cache[1], attn_metadata.slot_mapping, k_scale, v_scale)
             out = ops.paged_attention(q, kv_cache[0], kv_cache[1], attn_metadata.block_tables,
                                       attn_metadata.seq_lens_list, attn_metadata.query_lens_list,
                                       self.scale, self.sliding_window, self.alibi_slopes,
                                       self.logits_soft_cap, seq_lens_tensor=attn_metadata.seq_lens,
-                                      k_scale=k_scale, v_scale=v_scale)
+                                      k_scale=k_scale, v_scale=v_scale, key=k if step_kv else None,
+                                      value=v if step_kv else None)
         return out.reshape(num_tokens, self.num_heads * self.head_size)
 
     def _attend_fresh(self, q, k, v, attn_metadata: AttentionMetadata) -> torch.Tensor:

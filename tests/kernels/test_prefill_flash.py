@@ -33,7 +33,7 @@ def test_interpreted_cases_match_the_reference():
     run = subprocess.run([sys.executable, "-m", "testkit.prefill_flash_cases"], env=env, capture_output=True,
                          text=True, timeout=500)
     assert run.returncode == 0, run.stdout + run.stderr[-4000:]
-    assert run.stdout.count("ok   ") == 7, run.stdout
+    assert run.stdout.count("ok   ") == 10, run.stdout
 
 
 def test_tiles_run_longest_first():
@@ -92,20 +92,35 @@ def test_gpu_fp16_and_the_routes_to_the_old_kernel(monkeypatch):
 
 
 @gpu
-def test_gpu_ops_takes_the_flash_kernel_when_selected(monkeypatch):
-    """prefill_backend="triton_flash": a mixed step's decode rows to the decode kernel, the rest here."""
+@pytest.mark.parametrize("new_kv", [0, 1])
+def test_gpu_ops_takes_the_flash_kernel_when_selected(monkeypatch, new_kv):
+    """prefill_backend="triton_flash": a mixed step's decode rows to the decode kernel, the rest here,
+    with the step's K/V rows after the decode rows."""
     from pagedray.kernels import ops, prefill_flash
-    set_kernel_options(monkeypatch, prefill_backend="triton_flash", prefill_variant={"BLOCK_N": 128})
+    variant = {"BLOCK_N": 128, "NEW_KV": new_kv}
+    set_kernel_options(monkeypatch, prefill_backend="triton_flash", prefill_variant=variant)
+    assert ops.prefill_reads_step_kv() == bool(new_kv)
     calls = []
     real = prefill_flash.paged_prefill
-    monkeypatch.setattr(prefill_flash, "paged_prefill",
-                        lambda q, *a, **k: calls.append((q.shape[0], k.get("variant_overrides"))) or real(q, *a, **k))
+    monkeypatch.setattr(prefill_flash, "paged_prefill", lambda q, *a, **k: calls.append(
+        (q.shape[0], k["variant_overrides"], k["key"].shape[0])) or real(q, *a, **k))
     torch.manual_seed(3)
     seq_lens, query_lens = [700, 9, 300, 40, 513], [1, 1, 300, 17, 64]
-    kc, vc, bt, _, _ = make_paged(seq_lens, 2, 128, 16, BF16, "cuda")
-    q = torch.randn(sum(query_lens), 12, 128, device="cuda").to(BF16)[:, :8]  # a fused-QKV slice
-    got = ops.paged_attention(q, kc, vc, bt, seq_lens, query_lens, 0.125,
+    kc, vc, bt, keys, values = make_paged(seq_lens, 2, 128, 16, BF16, "cuda")
+    fused = torch.randn(sum(query_lens), 12, 128, device="cuda").to(BF16)   # a fused QKV output
+    q, key, value = fused[:, :8], fused[:, 8:10], fused[:, 10:]
+    key[:] = torch.cat([k[s - n:] for k, s, n in zip(keys, seq_lens, query_lens)])
+    value[:] = torch.cat([v[s - n:] for v, s, n in zip(values, seq_lens, query_lens)])
+    got = ops.paged_attention(q, kc, vc, bt, seq_lens, query_lens, 0.125, key=key, value=value,
                               seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int32, device="cuda"))
-    assert calls == [(sum(query_lens) - 2, {"BLOCK_N": 128})]
+    rows = sum(query_lens) - 2
+    assert calls == [(rows, variant, rows)]
     want = reference.paged_attention(q, kc, vc, bt, seq_lens, query_lens, 0.125)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=1.6e-2)
+
+
+@gpu
+@pytest.mark.parametrize("variant", [{"NEW_KV": 1}, {"NEW_KV": 2}, {"NEW_KV": 2, "BLOCK_N": 128, "NUM_STAGES": 2}])
+@pytest.mark.parametrize("window", [None, 50])
+def test_gpu_new_kv_from_the_step_tensors(variant, window):
+    run_case("cuda", heads=32, kv_heads=8, head_size=128, cases=GPU_CASES, variant=variant, window=window)

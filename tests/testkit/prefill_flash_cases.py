@@ -25,10 +25,17 @@ SMALL_TILES = {"BLOCK_M": 32, "BLOCK_N": 16, "NUM_WARPS": 4, "NUM_STAGES": 1}
 
 def run_case(device: str, dtype=BF16, heads=4, kv_heads=2, head_size=64, block_size=16, cases=CPU_CASES,
              window=None, alibi=False, cap=None, fp8=False, variant=None, seed=7) -> None:
+    """With variant NEW_KV the step's new K/V go in too, as strided slices of one fused QKV-like tensor."""
     from pagedray.kernels import prefill_flash, reference
     torch.manual_seed(seed)
     seq_lens, query_lens = [c for c, _ in cases], [q for _, q in cases]
-    kc, vc, bt, _, _ = make_paged(seq_lens, kv_heads, head_size, block_size, dtype, device)
+    kc, vc, bt, keys, values = make_paged(seq_lens, kv_heads, head_size, block_size, dtype, device)
+    width = kv_heads * head_size
+    fused = torch.full((sum(query_lens), (heads + 2 * kv_heads) * head_size), float("nan"), dtype=dtype, device=device)
+    key = fused[:, heads * head_size:heads * head_size + width].view(-1, kv_heads, head_size)
+    value = fused[:, heads * head_size + width:].view(-1, kv_heads, head_size)
+    key[:], value[:] = (torch.cat([x[c - q:] for x, (c, q) in zip(keys, cases)]),
+                        torch.cat([x[c - q:] for x, (c, q) in zip(values, cases)]))
     scales = (1.0, 1.0)
     if fp8:  # the cache holds K / k_scale and V / v_scale in e4m3 (the NaN slots stay NaN)
         scales = (0.5, 2.0)
@@ -37,7 +44,8 @@ def run_case(device: str, dtype=BF16, heads=4, kv_heads=2, head_size=64, block_s
     slopes = alibi_slopes(heads).to(device) if alibi else None
     out = torch.full_like(q, float("nan"))
     got = prefill_flash.paged_prefill(q, kc, vc, bt, seq_lens, query_lens, head_size ** -0.5, window, slopes, cap,
-                                      out=out, k_scale=scales[0], v_scale=scales[1], variant_overrides=variant)
+                                      out=out, k_scale=scales[0], v_scale=scales[1], variant_overrides=variant,
+                                      key=key, value=value)
     want = reference.paged_attention(q, kc, vc, bt, seq_lens, query_lens, head_size ** -0.5, window, slopes, cap,
                                      *scales)
     atol, rtol, rel = TOL[dtype]
@@ -48,7 +56,8 @@ def run_case(device: str, dtype=BF16, heads=4, kv_heads=2, head_size=64, block_s
 
 
 # The interpreted set: both loops with several blocks each, a head size that is not a power of two,
-# block size 8, the plain (unsplit) loop, sliding window, ALiBi + soft-cap, an FP8 cache, MHA. In
+# block size 8, the plain (unsplit) loop, sliding window, ALiBi + soft-cap, an FP8 cache, MHA, the new
+# K/V read from the step's tensors (by pointers; by TMA descriptors, which the interpreter emulates). In
 # float16: the interpreter's bfloat16 tl.dot is wrong (Triton 3.9, NumPy 2.4: it multiplies the raw
 # 16-bit patterns); bfloat16 runs compiled in the GPU tests.
 INTERPRETED = [{"dtype": FP16, "variant": SMALL_TILES, **case} for case in (
@@ -59,6 +68,9 @@ INTERPRETED = [{"dtype": FP16, "variant": SMALL_TILES, **case} for case in (
     dict(alibi=True, cap=5.0),
     dict(fp8=True),
     dict(heads=2, kv_heads=2, block_size=32),
+    dict(variant={**SMALL_TILES, "NEW_KV": 1}),
+    dict(head_size=80, variant={**SMALL_TILES, "NEW_KV": 1}, window=20, alibi=True),
+    dict(variant={**SMALL_TILES, "NEW_KV": 2}, cap=5.0),
 )]
 
 
