@@ -26,10 +26,13 @@ def _generate(path: str, prompts: list[list[int]], **kernel_options):
     from pagedray.cluster import LLM, SamplingParams
     llm = LLM(path, device="cuda", dtype="float16", num_kv_blocks=256, max_num_seqs=8, max_num_batched_tokens=96,
               enable_prefix_caching=True, kernel_options=kernel_options)
-    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=2, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)   # caches the shared prefix
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [engine_greedy(o.outputs[0]) for o in outs]
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=2, ignore_eos=True)
+        llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)   # caches the shared prefix
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [engine_greedy(o.outputs[0]) for o in outs]
+    finally:
+        llm.llm_engine.shutdown()   # its weights and cache go back before the next engine is built
 
 
 @pytest.mark.parametrize("new_kv", [0, 2])
