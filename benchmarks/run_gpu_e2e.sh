@@ -60,10 +60,12 @@ run() {
                --output-len 256 --max-num-seqs 1024 --max-num-batched-tokens 16384 --warmup-requests 64 \
                --warmup-output-len 4 --quantization fp8 --kv-cache-dtype $kv --results "$R"
            done ;;
-    # Prefill pacing off vs on (issue 26): the CUDA step timer's test, then Poisson 20 req/s, 500 x 256/256, each
-    # side with a decode-only reference at its mean running batch (~2.5 min).
+    # Prefill pacing off vs on (issue 26): the CUDA step timer's test, what a mixed step costs next to 64 decodes
+    # (launch- or compute-bound: ~40 s), then Poisson 20 req/s, 500 x 256/256, each side with a decode-only
+    # reference at its mean running batch (~2.5 min).
     pacing) step pacing-tests 60 python3 -m pytest tests/cluster/core/test_step_pacing_engine.py -q --tb=short \
               -p no:cacheprovider
+            step mixed-steps 120 python3 benchmarks/mixed_steps.py --shape llama3-8b --batch 64 --context 384
             step pacing 330 python3 benchmarks/serving.py --synthetic 8b --device cuda:0 --compare-pacing 1.25 \
               --num-prompts 500 --input-len 256 --output-len 256 --request-rate 20 --json "$OUT/pacing.json" ;;
     tputqwen) step tputqwen 90 python3 benchmarks/throughput.py --shape qwen2.5-0.5b --hf-baseline --hf-engines generate \
