@@ -214,7 +214,7 @@ class PrefillPacer:
             pending += left
             prefilling += 1
             oldest = r.arrival_time if oldest is None else min(oldest, r.arrival_time)
-        d = len(running) - prefilling - (len(skip) if skip else 0)
+        d = max(0, len(running) - prefilling - (len(skip) if skip else 0))
         if self.speculative:
             d += sum(len(r.spec_token_ids) for r in running if r.spec_token_ids and r.request_id not in skip)
         ctx = sum(map(_COMPUTED, running))
