@@ -19,6 +19,10 @@ Policy (vLLM V1):
 - Then waiting requests, strictly first come first served: when the head of the queue cannot be
   admitted (token budget without chunked prefill, blocks, `max_num_seqs`), admission stops. Nothing
   is admitted in a step that preempted.
+- Prefill pacing (`tpot_target_ratio`, cluster/core/step_pacing.py): when set, a step with running
+  decodes carries prefill (chunks of running requests and admissions) only up to a cap chosen from
+  measured step times, so that the decodes' mean step time stays near the target; off, the token
+  budget alone decides.
 - Workers keep per-request state: a request travels whole (`NewRequestData`) the first time, after a
   preemption, or when copy-on-write replaced a block the workers already hold (it is then also listed
   in `finished_req_ids`, which workers apply first); otherwise as a `CachedRequestData` delta.
