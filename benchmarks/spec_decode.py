@@ -49,7 +49,7 @@ COPY_PROMPT = ("Here is a Python function:\n\n```python\n" + CODE + "```\n\nRewr
 
 
 def _free(llm) -> None:
-    del llm
+    llm.shutdown()   # gives the device memory back now (the caller's name still holds the engine)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
