@@ -38,6 +38,9 @@ VARIANTS = [
     ("flash 128x128 w8 s2 tma", "new", {"BLOCK_N": 128, "NUM_STAGES": 2, "NEW_KV": 2}),
     ("flash 128x128 w8 s2", "new", {"BLOCK_N": 128, "NUM_STAGES": 2}),
     ("flash 128x64 w8 s3 newkv", "new", {"NEW_KV": 1}),
+    # One warpgroup per CTA and two CTAs per SM (registers and shared memory fit two; see the report).
+    ("flash 64x64 w4 s2 tma", "new", {"BLOCK_M": 64, "NUM_WARPS": 4, "NUM_STAGES": 2, "NEW_KV": 2}),
+    ("flash 64x64 w4 s2", "new", {"BLOCK_M": 64, "NUM_WARPS": 4, "NUM_STAGES": 2}),
     ("flash 128x128 w8 s3 tma", "new", {"BLOCK_N": 128, "NEW_KV": 2}),
     ("flash 128x64 w8 s2", "new", {"NUM_STAGES": 2}),
     ("flash 128x64 w8 s4", "new", {"NUM_STAGES": 4}),

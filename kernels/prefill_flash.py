@@ -136,9 +136,9 @@ def _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, 
 
 
 # Step-varying integers are not specialised on (a recompile per new "== 1" / "% 16" pattern), as in
-# prefill_triton.
-@triton.jit(do_not_specialize=["q_stride_t", "o_stride_t", "bt_stride", "table_row0", "num_seqs", "num_tiles",
-                               "kn_stride_t"])
+# prefill_triton. The row strides of q, out and the step's K/V are: they are fixed by the model (a fused
+# QKV width), and knowing them multiples of 16 lets every row's load and store be 16-byte vectors.
+@triton.jit(do_not_specialize=["bt_stride", "table_row0", "num_seqs", "num_tiles"])
 def _flash_prefill_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, meta_ptr, alibi_ptr, kn, vn,
                           q_stride_t, q_stride_h, o_stride_t, o_stride_h, bt_stride, table_row0, kn_stride_t,
                           num_seqs, num_tiles, num_heads, num_kv_heads, group, qk_scale, scale, soft_cap,
