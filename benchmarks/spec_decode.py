@@ -194,14 +194,19 @@ def part_8b(args, batch: int) -> tuple[str, list]:
     chosen = args.runs.split(",") if args.runs else (list(runs) if batch == 1 else ["oracle", "random", "ngram"])
     for key in chosen:
         name, cfg, propose = runs[key]
-        llm = LLM(target, **kw, speculative_config=cfg())
-        if propose is not None:
-            _patch_proposals(llm, propose)
-        oracle = name.startswith("oracle")
-        r = _measure(llm, prompts, args.output_len, args.repeats,
-                     (lambda tokens: own_output(prompts, tokens)) if oracle else None)
-        rows.append(_row(f"{name}, k={k}", r, base))
-        _free(llm)
+        # A drafter's runs overlap steps by default (async scheduling); --serial-too adds the same run
+        # without the overlap beside it.
+        modes = [None, False] if args.serial_too and propose is None and key != "ngram" else [None]
+        for overlap in modes:
+            llm = LLM(target, **kw, speculative_config=cfg(), async_scheduling=overlap)
+            if propose is not None:
+                _patch_proposals(llm, propose)
+            oracle = name.startswith("oracle")
+            r = _measure(llm, prompts, args.output_len, args.repeats,
+                         (lambda tokens: own_output(prompts, tokens)) if oracle else None)
+            mode = "" if len(modes) == 1 else (", serial steps" if overlap is False else ", overlapped steps")
+            rows.append(_row(f"{name}, k={k}{mode}", r, base))
+            _free(llm)
     what = "(b) batch 1" if batch == 1 else f"(c) batch {batch}"
     return f"Speculative decoding {what}: {args.shape} (random weights), input {args.input_len}", rows
 
@@ -219,6 +224,8 @@ def main() -> None:
     p.add_argument("--runs", help="--part 8b/batch64: comma-separated subset of oracle, random, ngram, draft_identical, "
                                   "draft_small, eagle, eagle3 (default: all at batch 1; oracle, random, ngram at batch 64); "
                                   "the baseline always runs")
+    p.add_argument("--serial-too", action="store_true",
+                   help="--part 8b/batch64: each drafter run also without overlapped steps (async_scheduling=False)")
     args = p.parse_args()
     if args.output_len < 2:
         raise ValueError(f"--output-len must be >= 2, got {args.output_len}")

@@ -95,9 +95,12 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
     local = parallel.executor == "local" and parallel.world_size == 1
     if parallel.executor == "local":
         device_config.check_present()   # Ray workers check their own node's devices
-    speculative = _speculative(speculative_config, model_config, async_scheduling)
+    speculative = _speculative(speculative_config, model_config)
     if async_scheduling is None:
-        async_scheduling = local and device_config.device_type == "cuda" and speculative is None
+        # With speculation only where it overlaps something: a drafter's forwards (the n-gram
+        # lookup has no device work to hide the host's behind; cluster/core/spec.py).
+        async_scheduling = local and device_config.device_type == "cuda" and (
+            speculative is None or speculative.uses_draft_model)
     elif async_scheduling and not local:
         raise ValueError(f"async_scheduling needs the local executor at tensor_parallel_size=1, got "
                          f"executor={executor!r}, tensor_parallel_size={tensor_parallel_size}, "
@@ -126,16 +129,11 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
     )
 
 
-def _speculative(value, model_config: ModelConfig, async_scheduling: bool | None) -> SpeculativeConfig | None:
-    """The validated speculative config. Speculation needs each step's accepted tokens before the
-    next step is scheduled (its proposals and its KV accounting depend on them), so it runs with
-    async scheduling off."""
+def _speculative(value, model_config: ModelConfig) -> SpeculativeConfig | None:
+    """The validated speculative config."""
     spec = SpeculativeConfig.from_dict(value)
     if spec is None:
         return None
-    if async_scheduling:
-        raise ValueError("speculative_config needs async_scheduling off (each step's proposals depend on the "
-                         "previous step's accepted tokens); leave async_scheduling unset")
     if spec.uses_draft_model:
         from transformers import AutoConfig
         spec.check_target(model_config.hf_config, AutoConfig.from_pretrained(spec.model))

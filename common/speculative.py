@@ -107,5 +107,31 @@ class SpeculativeConfig:
                              f"an EAGLE head reads the target's hidden states")
 
 
+def ngram_propose(tokens: list[int], lookup_min: int, lookup_max: int, k: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the longest suffix of `tokens`
+    (between lookup_min and lookup_max tokens long) — prompt lookup decoding. [] when none matches."""
+    n = len(tokens)
+    if n < lookup_min + 1:
+        return []
+    last = tokens[-1]
+    best_len, best_end = 0, -1
+    # Scan right to left for earlier occurrences of the last token, then grow each match leftwards:
+    # the first match of full length wins (the most recent), else the longest one seen.
+    i = n - 2
+    while i >= 0:
+        if tokens[i] == last:
+            m = 1
+            while m < lookup_max and i - m >= 0 and tokens[i - m] == tokens[n - 1 - m]:
+                m += 1
+            if m > best_len:
+                best_len, best_end = m, i
+                if m == lookup_max:
+                    break
+        i -= 1
+    if best_len < lookup_min:
+        return []
+    return tokens[best_end + 1:best_end + 1 + k]
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

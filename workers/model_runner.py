@@ -134,6 +134,9 @@ class ModelRunner:
 
     # -- state ---------------------------------------------------------------
     def update_states(self, sched: SchedulerOutput) -> None:
+        spec = self.spec   # (speculation appends each step's tokens here before the driver sends them)
+        if spec is not None:
+            spec.before_update(self, sched)
         for req_id in sched.finished_req_ids:
             self._drop(req_id)
         for new in sched.scheduled_new_reqs:
@@ -145,7 +148,7 @@ class ModelRunner:
             self.requests[new.req_id] = state
         for delta in sched.scheduled_cached_reqs:
             state = self.requests[delta.req_id]
-            state.append_tokens(delta.new_token_ids)
+            state.append_tokens(delta.new_token_ids if spec is None else spec.unseen(delta))
             if delta.block_start is not None:   # the driver cut the table (speculative decoding)
                 self.block_table.table[state.table_row, delta.block_start:len(state.block_ids)] = 0
                 del state.block_ids[delta.block_start:]
@@ -153,6 +156,8 @@ class ModelRunner:
                 self.block_table.append(state.table_row, len(state.block_ids), delta.new_block_ids)
                 state.block_ids.extend(delta.new_block_ids)
             state.num_computed_tokens = delta.num_computed_tokens
+        if spec is not None:
+            spec.after_update(self, sched)
 
     def _drop(self, req_id: str) -> None:
         state = self.requests.pop(req_id, None)

@@ -74,7 +74,8 @@ class Scheduler:
         self._step_requests: OrderedDict[int, dict[str, Request]] = OrderedDict()
         self.max_unread_steps = 4   # raised by an engine that keeps more steps in flight (pipeline)
         # Speculative decoding (cluster/core/spec.py): None when off.
-        self.spec = (SpecDecoding(speculative_config, scheduler_config.max_model_len)
+        self.spec = (SpecDecoding(speculative_config, scheduler_config.max_model_len,
+                                  bool(scheduler_config.async_scheduling))
                      if speculative_config is not None else None)
         self._spec_tokens: dict[str, list[int]] = {}    # this step's proposals, by request
         self._trimmed: dict[str, int] = {}              # block tables cut since sent: their new length
@@ -165,6 +166,8 @@ class Scheduler:
         request.status = status
         self.block_manager.free(request.request_id)
         del self.requests[request.request_id]
+        if self.spec is not None:
+            self.spec.in_flight.pop(request.request_id, None)
         self._forget(request.request_id)
 
     def _forget(self, request_id: str) -> None:
@@ -211,7 +214,7 @@ class Scheduler:
             if num_new == 0:
                 i += 1
                 continue
-            if request.spec_token_ids:
+            if request.spec_token_ids or (request.num_output_placeholders and self.spec is not None):
                 drafts = self.spec.drafts_for(request, num_new, budget)
                 if drafts:
                     self._spec_tokens[request.request_id] = drafts
@@ -229,6 +232,8 @@ class Scheduler:
             self._admit_waiting(min(budget, prefill_left), scheduled, self.config.max_num_seqs + ending, skip)
         output = self._build_output(scheduled)
         self._advance(scheduled)
+        for rid, drafts in output.scheduled_spec_decode_tokens.items():
+            self.spec.advance(self.requests[rid], len(drafts))
         if scheduled:   # (an empty step has no output to match; a pipeline builds one per fill)
             self._step_requests[id(output)] = {rid: self.requests[rid] for rid in scheduled}
             if plan is not None:
@@ -250,8 +255,9 @@ class Scheduler:
     def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
         """Tokens to run this step: all that are left, cut to the budget only with chunked prefill (else 0)."""
         pending = request.num_output_placeholders
-        if pending and self._ends_in_flight(request):
-            return 0    # its tokens in flight end it: nothing more to compute
+        if pending and self._ends_by_length(request, request.num_tokens + pending,
+                                            request.num_output_tokens + pending):
+            return 0    # its tokens in flight end it (or may, when they verify proposals): nothing to compute
         left = request.num_tokens + pending - num_computed
         if left <= budget:
             return left
@@ -273,7 +279,10 @@ class Scheduler:
                 return True
 
     def _ends_in_flight(self, request: Request) -> bool:
+        """Whether its tokens in flight certainly end it (one per step: proposals may be rejected)."""
         pending = request.num_output_placeholders
+        if self.spec is not None and self.spec.in_flight:
+            pending -= self.spec.in_flight.get(request.request_id, 0)
         return self._ends_by_length(request, request.num_tokens + pending, request.num_output_tokens + pending)
 
     def _admit_waiting(self, budget: int, scheduled: dict[str, int], max_running: int,
@@ -377,7 +386,7 @@ class Scheduler:
         tokens = runner_output.accepted_token_ids.get(rid) or [token]
         num_drafts = len(sched.scheduled_spec_decode_tokens.get(rid, ()))
         new_tokens, status = self.spec.apply(request, tokens, num_drafts, self._stop_status)
-        if status is None:
+        if status is None and request.status is RequestStatus.RUNNING:
             self.spec.propose(request, runner_output.draft_token_ids.get(rid))
             sent = self._sent.get(rid)
             kept = self.block_manager.trim(rid, request.num_computed_tokens)

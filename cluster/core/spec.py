@@ -9,49 +9,38 @@ tokens drop by their count, and blocks past its computed tokens go back to the b
 
 Proposals come from the n-gram lookup here (the request's own tokens; nothing to run on a device),
 or from the workers' draft model / EAGLE head (`ModelRunnerOutput.draft_token_ids`).
+
+Overlapped steps (async scheduling, vLLM V1's placeholders): step N+1 is scheduled before step N's
+tokens are read. A request verifying k proposals in step N then holds 1 + k output placeholders
+(as if every proposal were accepted) and its computed tokens count all k; step N+1 runs its next
+token and up to k proposals whose ids the driver does not know: `spec_token_ids` holds placeholders
+(-1), and the workers take the proposals they made in step N (the n-gram lookup then runs on the
+workers too: it needs step N's tokens). The workers know step N's accepted count and place step
+N+1's tokens after the accepted ones; when step N is read here, the rejected count is taken off the
+computed tokens, as without the overlap. `in_flight` counts the proposals of unread steps, so a
+request's placeholders less those are the outputs it certainly gets (one per step).
 """
 from __future__ import annotations
 
 from typing import Callable
 
 from pagedray.cluster.core.request import Request, RequestStatus
-from pagedray.common.speculative import SpeculativeConfig
+from pagedray.common.speculative import SpeculativeConfig, ngram_propose
 
-
-def ngram_propose(tokens: list[int], lookup_min: int, lookup_max: int, k: int) -> list[int]:
-    """Up to k tokens that followed the latest earlier occurrence of the longest suffix of `tokens`
-    (between lookup_min and lookup_max tokens long) — prompt lookup decoding. [] when none matches."""
-    n = len(tokens)
-    if n < lookup_min + 1:
-        return []
-    last = tokens[-1]
-    best_len, best_end = 0, -1
-    # Scan right to left for earlier occurrences of the last token, then grow each match leftwards:
-    # the first match of full length wins (the most recent), else the longest one seen.
-    i = n - 2
-    while i >= 0:
-        if tokens[i] == last:
-            m = 1
-            while m < lookup_max and i - m >= 0 and tokens[i - m] == tokens[n - 1 - m]:
-                m += 1
-            if m > best_len:
-                best_len, best_end = m, i
-                if m == lookup_max:
-                    break
-        i -= 1
-    if best_len < lookup_min:
-        return []
-    return tokens[best_end + 1:best_end + 1 + k]
+__all__ = ["SpecDecoding", "ngram_propose"]
 
 
 class SpecDecoding:
     """The scheduler's speculation state: drafts per step, acceptance counters (vLLM's metrics)."""
 
-    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, overlapped: bool = False) -> None:
         self.config = config
         self.k = config.num_speculative_tokens
         self.max_model_len = max_model_len
         self.num_lookahead_slots = config.num_lookahead_slots
+        self.overlapped = overlapped
+        self._placeholders = [-1] * self.k     # proposals the workers made in the step in flight
+        self.in_flight: dict[str, int] = {}    # per request: proposals of its steps not read yet
         # vLLM's spec-decode counters: verification steps with proposals, proposals, accepted ones,
         # and the accepted count per proposal position.
         self.num_drafts = 0
@@ -61,15 +50,25 @@ class SpecDecoding:
 
     def drafts_for(self, request: Request, num_new: int, budget: int) -> list[int]:
         """The proposals a request verifies this step (cut to the budget and to its limits): only
-        at its decode point (one token left to run), never mid-prefill."""
+        at its decode point (one token left to run), never mid-prefill. With a step in flight
+        (overlapped steps) they are placeholders for the workers' own, and the limits count the
+        step's outputs as if all its proposals were accepted."""
         drafts = request.spec_token_ids
+        pending = request.num_output_placeholders
+        if not drafts and pending and self.overlapped:
+            drafts = request.spec_token_ids = self._placeholders
         if not drafts or num_new != 1:
             return []
-        limit = min(len(drafts), budget - 1, self.max_model_len - request.num_tokens)
+        limit = min(len(drafts), budget - 1, self.max_model_len - request.num_tokens - pending)
         max_tokens = request.sampling_params.max_tokens
         if max_tokens is not None:   # the verified tokens bring up to len(drafts) + 1 outputs
-            limit = min(limit, max_tokens - request.num_output_tokens - 1)
+            limit = min(limit, max_tokens - request.num_output_tokens - pending - 1)
         return drafts[:max(0, limit)]
+
+    def advance(self, request: Request, num_drafts: int) -> None:
+        """A step verifying `num_drafts` proposals was scheduled: its outputs may count them all."""
+        request.num_output_placeholders += num_drafts
+        self.in_flight[request.request_id] = self.in_flight.get(request.request_id, 0) + num_drafts
 
     def apply(self, request: Request, tokens: list[int], num_drafts: int,
               stop_status: Callable[[Request], RequestStatus | None]) -> tuple[list[int], RequestStatus | None]:
@@ -85,7 +84,12 @@ class SpecDecoding:
             self.num_accepted_tokens += accepted
             for pos in range(accepted):
                 self.num_accepted_tokens_per_pos[pos] += 1
-        request.num_computed_tokens -= num_drafts - accepted
+            request.num_output_placeholders -= num_drafts
+            left = self.in_flight.pop(request.request_id) - num_drafts
+            if left:
+                self.in_flight[request.request_id] = left
+        if request.status is RequestStatus.RUNNING:   # (preempted meanwhile: recomputed from 0)
+            request.num_computed_tokens -= num_drafts - accepted
         request.spec_token_ids = []
         for i, token in enumerate(tokens):
             request.append_output_token(token)
@@ -95,8 +99,11 @@ class SpecDecoding:
         return tokens, None
 
     def propose(self, request: Request, worker_drafts: list[int] | None) -> None:
-        """The proposals for the request's next step: the n-gram lookup, or the workers' drafts."""
-        if self.config.method == "ngram":
+        """The proposals for the request's next step: the n-gram lookup, or the workers' drafts.
+        None while another step of it is in flight (that step brings the next ones)."""
+        if request.num_output_placeholders:
+            return
+        if self.config.method == "ngram" and not self.overlapped:
             cfg = self.config
             request.spec_token_ids = ngram_propose(request.all_token_ids, cfg.prompt_lookup_min,
                                                    cfg.prompt_lookup_max, self.k)

@@ -21,6 +21,9 @@ class LocalExecutor(Executor):
         self.num_kv_blocks = num_blocks
         self.worker.initialize_cache(num_blocks)
         self.worker.capture_graphs()
+        if config.speculative is not None and config.scheduler.async_scheduling:
+            # Steps overlap: the driver schedules with placeholders for this worker's own proposals.
+            self.worker.runner.spec.overlapped = True
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(sched)

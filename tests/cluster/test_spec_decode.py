@@ -67,12 +67,18 @@ def _assert_nothing_held(llm: LLM) -> None:
     assert (stats.num_used_blocks, stats.num_running, stats.num_waiting) == (0, 0, 0)
 
 
+# Every behaviour below holds with steps overlapped (async scheduling: the next step is scheduled
+# with placeholders for the proposals before this one's tokens are read) and without.
+OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
 
 
+@OVERLAP
 @pytest.mark.parametrize("method", ["ngram", "draft_model", "draft_identical", "eagle", "eagle_bin", "eagle3"])
-def test_greedy_equals_the_engine_without_speculation_and_hf(target, draft, heads, base, method):
-    llm = LLM(target, device="cpu", block_size=4, speculative_config=_spec_configs(target, draft, heads)[method])
+def test_greedy_equals_the_engine_without_speculation_and_hf(target, draft, heads, base, method, overlap):
+    llm = LLM(target, device="cpu", block_size=4, async_scheduling=overlap,
+              speculative_config=_spec_configs(target, draft, heads)[method])
     ours = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     plain = base.generate(PROMPTS, GREEDY, use_tqdm=False)
     hf = load_hf_model(target)
@@ -92,12 +98,13 @@ def runner_spec_steps(llm: LLM) -> int:
     return llm.llm_engine.executor.worker.runner.spec.num_steps
 
 
-def test_ngram_is_accepted_on_repeated_text(tmp_path):
+@OVERLAP
+def test_ngram_is_accepted_on_repeated_text(tmp_path, overlap):
     """A sliding window of 3 makes a continuation depend on the last few tokens only: after a prompt
     that repeats an earlier context, the n-gram lookup proposes exactly the target's continuation."""
     model = make_tiny_llama(tmp_path / "window", arch="mistral", sliding_window=3)
     cfg = dict(NGRAM, prompt_lookup_max=4)
-    llm = LLM(model, device="cpu", block_size=4, speculative_config=cfg)
+    llm = LLM(model, device="cpu", block_size=4, speculative_config=cfg, async_scheduling=overlap)
     plain = LLM(model, device="cpu", block_size=4)
     p = PROMPTS[1]["prompt_token_ids"]
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -105,7 +112,9 @@ def test_ngram_is_accepted_on_repeated_text(tmp_path):
     repeated = {"prompt_token_ids": p + first + p[-6:]}
     assert _tokens(llm, repeated, sp)[0] == _tokens(plain, repeated, sp)[0] == first
     stats = llm.llm_engine.get_stats()
-    assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens > 12
+    # (Overlapped, a step whose lookup found fewer than k pads its proposals: those are rejected.)
+    assert stats.spec_num_accepted_tokens > 12
+    assert overlap or stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens
     assert sum(stats.spec_num_accepted_tokens_per_pos) == stats.spec_num_accepted_tokens
 
 
@@ -150,8 +159,10 @@ def small_vocab(tmp_path_factory):
 N_SAMPLES = 1500
 
 
-def _samples(model: str, params: list[SamplingParams], seed: int, spec: dict | None = None) -> list[list[int]]:
-    llm = LLM(model, device="cpu", block_size=4, max_num_seqs=1024, seed=seed, speculative_config=spec)
+def _samples(model: str, params: list[SamplingParams], seed: int, spec: dict | None = None,
+             overlap: bool = False) -> list[list[int]]:
+    llm = LLM(model, device="cpu", block_size=4, max_num_seqs=1024, seed=seed, speculative_config=spec,
+              async_scheduling=overlap)
     got = _tokens(llm, [{"prompt_token_ids": [31, 7, 12, 50, 3, 9, 40, 18, 61]}] * len(params), params)
     if spec is not None:
         stats = llm.llm_engine.get_stats()
@@ -159,7 +170,8 @@ def _samples(model: str, params: list[SamplingParams], seed: int, spec: dict | N
     return got
 
 
-def test_sampling_is_lossless_two_sample_test(small_vocab):
+@OVERLAP
+def test_sampling_is_lossless_two_sample_test(small_vocab, overlap):
     """N_SAMPLES draws of tokens 2-3 with and without speculation, for plain sampling and for every
     logits processor together: the same distributions (chi-square, p > 1e-3; seeds are fixed, so the
     test is deterministic). The draft is the target itself, whose greedy proposals are often but
@@ -169,7 +181,7 @@ def test_sampling_is_lossless_two_sample_test(small_vocab):
                             repetition_penalty=1.3, presence_penalty=0.2, frequency_penalty=0.1)]
     params = [kinds[i % 2] for i in range(2 * N_SAMPLES)]
     spec = {"method": "draft_model", "model": small_vocab, "num_speculative_tokens": 2}
-    got = _samples(small_vocab, params, 1, spec)
+    got = _samples(small_vocab, params, 1, spec, overlap)
     ref = _samples(small_vocab, params, 2)
     for kind in (0, 1):
         a, b = got[kind::2], ref[kind::2]
@@ -189,24 +201,28 @@ def test_two_sample_test_rejects_a_different_distribution(small_vocab):
 
 
 # -- seeds, mixed batches, preemption, n > 1 -------------------------------------------------------
-def test_seeded_requests_are_reproducible_across_batches_and_preemption(target, draft):
+@OVERLAP
+def test_seeded_requests_are_reproducible_across_batches_and_preemption(target, draft, overlap):
     cfg = {"method": "draft_model", "model": draft, "num_speculative_tokens": 3}
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=20, ignore_eos=True)
     noisy = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
     others = [{"prompt_token_ids": list(range(20, 20 + n))} for n in (3, 17, 9)]
-    llm = LLM(target, device="cpu", block_size=4, speculative_config=cfg)
+    llm = LLM(target, device="cpu", block_size=4, speculative_config=cfg, async_scheduling=overlap)
     alone = _tokens(llm, PROMPTS[1], seeded)[0]
     mixed = _tokens(llm, [others[0], PROMPTS[1], others[1]], [noisy, seeded, noisy])[1]
-    small = LLM(target, device="cpu", block_size=4, num_kv_blocks=16, speculative_config=cfg)
+    small = LLM(target, device="cpu", block_size=4, num_kv_blocks=16, speculative_config=cfg,
+                async_scheduling=overlap)
     tight = _tokens(small, others + [PROMPTS[1]], [noisy] * 3 + [seeded])[3]
     assert small.llm_engine.get_stats().num_preemptions > 0
     assert alone == mixed == tight
     _assert_nothing_held(small)
 
 
-def test_mixed_batch_of_speculating_greedy_sampled_and_prefilling_requests(target, base):
+@OVERLAP
+def test_mixed_batch_of_speculating_greedy_sampled_and_prefilling_requests(target, base, overlap):
     """Greedy requests next to sampled ones, long prompts chunked beside verifications."""
-    llm = LLM(target, device="cpu", block_size=4, max_num_batched_tokens=16, speculative_config=NGRAM)
+    llm = LLM(target, device="cpu", block_size=4, max_num_batched_tokens=16, speculative_config=NGRAM,
+              async_scheduling=overlap)
     long_prompt = {"prompt_token_ids": [(7 * i) % 300 + 3 for i in range(60)]}
     prompts = PROMPTS + [long_prompt, PROMPTS[0]]
     params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
@@ -221,23 +237,26 @@ def test_mixed_batch_of_speculating_greedy_sampled_and_prefilling_requests(targe
     _assert_nothing_held(llm)
 
 
+@OVERLAP
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
-def test_preemption_mid_speculation_keeps_greedy_outputs(target, draft, base, method):
+def test_preemption_mid_speculation_keeps_greedy_outputs(target, draft, base, method, overlap):
     cfg = NGRAM if method == "ngram" else {"method": "draft_model", "model": draft, "num_speculative_tokens": 3}
     prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9, 10] * 2 + [i]} for i in range(3, 8)]
     sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    small = LLM(target, device="cpu", block_size=4, num_kv_blocks=24, speculative_config=cfg)
+    small = LLM(target, device="cpu", block_size=4, num_kv_blocks=24, speculative_config=cfg,
+                async_scheduling=overlap)
     got = _tokens(small, prompts, sp)
     assert small.llm_engine.get_stats().num_preemptions > 0
     assert got == _tokens(base, prompts, sp)
     _assert_nothing_held(small)
 
 
-def test_n_greedy_children_with_a_draft_model(target, base):
+@OVERLAP
+def test_n_greedy_children_with_a_draft_model(target, base, overlap):
     """n > 1 forks the prompt's blocks copy-on-write: the drafter's cache is copied with the target's
     (a draft identical to the target then still has every proposal accepted)."""
-    llm = LLM(target, device="cpu", block_size=4, speculative_config={"method": "draft_model", "model": target,
-                                                                      "num_speculative_tokens": 3})
+    llm = LLM(target, device="cpu", block_size=4, async_scheduling=overlap,
+              speculative_config={"method": "draft_model", "model": target, "num_speculative_tokens": 3})
     for prompt in PROMPTS:
         single = _tokens(base, prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0]
         outs = llm.generate(prompt, SamplingParams(n=3, temperature=0, max_tokens=16, ignore_eos=True),
@@ -248,8 +267,9 @@ def test_n_greedy_children_with_a_draft_model(target, base):
     _assert_nothing_held(llm)
 
 
-def test_n_logprobs_and_stop_strings(target, base):
-    llm = LLM(target, device="cpu", block_size=4, speculative_config=NGRAM)
+@OVERLAP
+def test_n_logprobs_and_stop_strings(target, base, overlap):
+    llm = LLM(target, device="cpu", block_size=4, speculative_config=NGRAM, async_scheduling=overlap)
     # n > 1 greedy: every child equals the single greedy completion.
     single = _tokens(base, PROMPTS[0], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0]
     outs = llm.generate(PROMPTS[0], SamplingParams(n=3, temperature=0, max_tokens=16, ignore_eos=True),
@@ -275,11 +295,13 @@ def test_n_logprobs_and_stop_strings(target, base):
     _assert_nothing_held(llm)
 
 
-def test_migrated_request_resumes_mid_speculation(target, draft):
+@OVERLAP
+def test_migrated_request_resumes_mid_speculation(target, draft, overlap):
     """A core resumes a request from the tokens another core produced: the greedy stream goes on
     exactly as the undisturbed one."""
     cfg = {"method": "draft_model", "model": draft, "num_speculative_tokens": 3}
-    core = EngineCore.from_kwargs(target, device="cpu", block_size=4, speculative_config=cfg)
+    core = EngineCore.from_kwargs(target, device="cpu", block_size=4, speculative_config=cfg,
+                                  async_scheduling=overlap)
     prompt = PROMPTS[0]["prompt_token_ids"]
     sp = lambda: SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)  # noqa: E731
     whole = _run_core(core, [CoreRequest("a", prompt, sp())])["a"]
@@ -333,13 +355,14 @@ def test_serve_parses_speculative_config_json():
 
 
 # -- the drafter's cache ---------------------------------------------------------------------------
+@OVERLAP
 @pytest.mark.parametrize("method", ["draft_model", "eagle", "eagle3"])
-def test_drafter_cache_holds_every_verified_token(target, draft, heads, method):
+def test_drafter_cache_holds_every_verified_token(target, draft, heads, method, overlap):
     """Whatever was proposed and rejected, the drafter's last write at each position is the real
     token there (a draft model's input at p is token p; an EAGLE head's is token p + 1), through a
     chunked prefill: its K/V below a request's computed tokens is never stale."""
     llm = LLM(target, device="cpu", block_size=4, max_num_batched_tokens=8, enable_prefix_caching=False,
-              speculative_config=_spec_configs(target, draft, heads)[method])
+              speculative_config=_spec_configs(target, draft, heads)[method], async_scheduling=overlap)
     drafter = llm.llm_engine.executor.worker.runner.spec.drafter
     writes: dict[int, int] = {}
     forward = drafter.forward
@@ -380,11 +403,12 @@ def test_prometheus_counters_take_vllm_names(target):
     assert f'pagedray_spec_decode_num_accepted_tokens_per_pos_total{{position="0"}} {float(per_pos[0])}' in text
 
 
-def test_prompt_logprobs_through_chunked_prefill_with_a_drafter(target, base):
+@OVERLAP
+def test_prompt_logprobs_through_chunked_prefill_with_a_drafter(target, base, overlap):
     """Prompt logprobs come from the prefill chunks of a speculating engine as without speculation."""
     sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, prompt_logprobs=2)
     prompt = {"prompt_token_ids": list(range(30, 60))}
-    llm = LLM(target, device="cpu", block_size=4, max_num_batched_tokens=8,
+    llm = LLM(target, device="cpu", block_size=4, max_num_batched_tokens=8, async_scheduling=overlap,
               speculative_config={"method": "draft_model", "model": target, "num_speculative_tokens": 3})
     a = llm.generate(prompt, sp, use_tqdm=False)[0]
     b = base.generate(prompt, sp, use_tqdm=False)[0]
@@ -400,14 +424,15 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "pattern":
           "required": ["name", "age"], "additionalProperties": False}
 
 
+@OVERLAP
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
-def test_structured_outputs_greedy_equal_the_engine_without_speculation(target, draft, base, method):
+def test_structured_outputs_greedy_equal_the_engine_without_speculation(target, draft, base, method, overlap):
     """The verifier masks each verified position by the grammar after the proposals before it: greedy
     constrained outputs (JSON schema, regex, choice, logit_bias) equal the engine's without speculation,
     and a sampled one still parses."""
     from pagedray.common.sampling_params import StructuredOutputsParams as SO
     cfg = NGRAM if method == "ngram" else {"method": "draft_model", "model": draft, "num_speculative_tokens": 3}
-    llm = LLM(target, device="cpu", block_size=4, speculative_config=cfg)
+    llm = LLM(target, device="cpu", block_size=4, speculative_config=cfg, async_scheduling=overlap)
     greedy = dict(temperature=0, max_tokens=48)
     params = [SamplingParams(structured_outputs=SO(json=SCHEMA), **greedy),
               SamplingParams(structured_outputs=SO(regex=r"(ab )+cd"), **greedy),

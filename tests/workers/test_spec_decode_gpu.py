@@ -39,9 +39,9 @@ def _free_gpu():
     torch.cuda.empty_cache()
 
 
-def _run(target: str, cfg: dict, eager: bool):
+def _run(target: str, cfg: dict, eager: bool, overlap: bool | None = None):
     llm = LLM(target, dtype="float32", block_size=16, max_num_seqs=4, enforce_eager=eager,
-              gpu_memory_utilization=0.3, speculative_config=cfg)
+              gpu_memory_utilization=0.3, speculative_config=cfg, async_scheduling=overlap)
     greedy = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=2),
                           use_tqdm=False)
     stats = llm.llm_engine.get_stats()     # of the greedy requests
@@ -55,15 +55,19 @@ def _run(target: str, cfg: dict, eager: bool):
     return greedy, [list(o.outputs[0].token_ids) for o in seeded], replays, draft_replays, stats
 
 
+def _config(models, method: str) -> dict:
+    target, draft, eagle, eagle3 = models
+    return {"ngram": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
+                      "prompt_lookup_min": 1},
+            "draft_model": {"method": "draft_model", "model": draft, "num_speculative_tokens": 3},
+            "draft_identical": {"method": "draft_model", "model": target, "num_speculative_tokens": 4},
+            "eagle": {"method": "eagle", "model": eagle, "num_speculative_tokens": 3},
+            "eagle3": {"method": "eagle3", "model": eagle3, "num_speculative_tokens": 3}}[method]
+
+
 @pytest.mark.parametrize("method", ["ngram", "draft_model", "draft_identical", "eagle", "eagle3"])
 def test_verification_under_graphs_equals_eager(models, method):
-    target, draft, eagle, eagle3 = models
-    cfg = {"ngram": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
-                     "prompt_lookup_min": 1},
-           "draft_model": {"method": "draft_model", "model": draft, "num_speculative_tokens": 3},
-           "draft_identical": {"method": "draft_model", "model": target, "num_speculative_tokens": 4},
-           "eagle": {"method": "eagle", "model": eagle, "num_speculative_tokens": 3},
-           "eagle3": {"method": "eagle3", "model": eagle3, "num_speculative_tokens": 3}}[method]
+    target, cfg = models[0], _config(models, method)
     g_greedy, g_seeded, replays, draft_replays, stats = _run(target, cfg, eager=False)
     e_greedy, e_seeded, eager_replays, _, _ = _run(target, cfg, eager=True)
     # (EAGLE-3's target runs eagerly: its hooks read target layers, which a replay would skip.)
@@ -78,3 +82,17 @@ def test_verification_under_graphs_equals_eager(models, method):
                             what=f"{method}: graphs vs eager")
     # Seeded sampling: the same draws where the greedy tokens agree (fp32: no near-ties expected).
     assert g_seeded == e_seeded
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model", "eagle"])
+def test_overlapped_steps_equal_serial_steps_under_graphs(models, method):
+    """Async scheduling with speculation (placeholders for the proposals in flight, the workers'
+    own proposals read when the next step's inputs are built) gives the serial loop's tokens."""
+    target, cfg = models[0], _config(models, method)
+    o_greedy, o_seeded, replays, _, stats = _run(target, cfg, eager=False, overlap=True)
+    s_greedy, s_seeded, _, _, _ = _run(target, cfg, eager=False, overlap=False)
+    assert (replays > 0) and stats.spec_num_draft_tokens > 0
+    for o, s in zip(o_greedy, s_greedy):
+        assert_greedy_match(engine_greedy(o.outputs[0]), engine_greedy(s.outputs[0]), atol=1e-3,
+                            what=f"{method}: overlapped vs serial")
+    assert o_seeded == s_seeded

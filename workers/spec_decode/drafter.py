@@ -8,7 +8,8 @@ its own. Per step it
    that sampled, its verified positions and the new token — so its cache stays valid below the
    request's computed tokens (everything at and past them is rewritten by a later step);
 2. proposes k tokens greedily, one decode forward each, the proposals staying on the device; the
-   host reads all of them once, at the end.
+   host reads all of them once, when the next step's inputs or this step's output need them
+   (runner.Drafts), so the host's work meanwhile overlaps these forwards.
 
 Draft model: any registered architecture with the target's vocabulary; its own embeddings and head.
 EAGLE (Li et al. 2024): one decoder layer over fc([embed(next token), target feature]); the feature
@@ -52,7 +53,9 @@ class Drafter:
 
     # -- the loop ------------------------------------------------------------
     def propose(self, runner, inputs, target_hidden: torch.Tensor,
-                accepted: dict[str, list[int]]) -> dict[str, list[int]]:
+                accepted: dict[str, list[int]]) -> tuple[list[str], torch.Tensor, list[int]] | None:
+        """(requests, their proposals [requests, <= k] on the device, how many of each to keep), or
+        None when no request samples this step."""
         bs, table = runner.block_size, runner.block_table.table
         ids: list[int] = []
         rows: list[int] = []          # block-table row per sequence
@@ -77,7 +80,7 @@ class Drafter:
             if ids:
                 self._run(runner, ids, rows, starts, counts, table, bs, target_hidden, feature_rows)
             self.end_step()
-            return {}
+            return None
         hidden, feature = self._run(runner, ids, rows, starts, counts, table, bs, target_hidden, feature_rows)
         # (to_device: a plain torch.tensor(..., device=cuda) would wait for the queued work)
         last = to_device([r for _, r, _ in proposing], torch.int64, hidden.device)
@@ -94,10 +97,9 @@ class Drafter:
             hidden, feature = self._step(tokens, pos_d, meta, feature)
             tokens = self.logits_to_tokens(hidden)
             drafts.append(tokens)
-        host = torch.stack(drafts, dim=1).tolist()   # the proposals' one wait for the device
         self.end_step()
-        limit = self.max_model_len - first_pos
-        return {req_id: host[i][:max(0, int(limit[i]))] for i, (req_id, _, _) in enumerate(proposing)}
+        limit = (self.max_model_len - first_pos).tolist()
+        return [req_id for req_id, _, _ in proposing], torch.stack(drafts, dim=1), limit
 
     def _step(self, tokens, positions, meta, feature):
         if self.graphs is not None and feature is None and self.graphs.can_run(meta):

@@ -52,10 +52,12 @@ def build_spec_inputs(runner, sched) -> SpecStepInputs:
         state = runner.requests[req_id]
         start, tokens, row = state.num_computed_tokens, state.token_ids, state.table_row
         if start >= len(tokens):
-            raise RuntimeError(f"request {req_id!r}: its input token is not on the workers (speculative "
-                               "decoding runs without overlapped steps)")
+            raise RuntimeError(f"request {req_id!r}: its input token at position {start} is not on this worker "
+                               f"({len(tokens)} tokens known)")
         max_blocks = max(max_blocks, len(state.block_ids))
         drafts = proposals.get(req_id)
+        if drafts and drafts[0] < 0:   # the driver's placeholders (overlapped steps): this worker's own
+            drafts = runner.spec.own_drafts(req_id, len(drafts), tokens[-1])
         first = len(ids)
         spans.append((req_id, first, n, start))
         if drafts:

@@ -4,18 +4,72 @@
 drafter (draft model / EAGLE head) runs: the drafter must see every token the target computes.
 The target's forward is the runner's own (`_forward`: a decode-graph replay when the step is
 verifications and decodes only); the step waits for the device once, for the verified tokens, and
-the drafter's k proposals cost no further wait until the next step's output is read.
+the drafter's k proposals stay on the device (`Drafts`) until the next step's inputs or the step's
+output read them.
+
+This worker appends each step's emitted tokens to its requests at once (the driver's next delta
+then repeats them: `unseen` drops those), so its state always ends with the verified tokens.
+Overlapped steps (async scheduling; cluster/core/spec.py): the driver schedules step N+1 before it
+reads step N, counting step N's proposals as accepted and sending placeholders (-1) for step N+1's
+proposals. Here step N's emitted tokens and rejected count are known (`_unread`, until a delta
+shows the driver read them): step N+1's tokens start after the accepted ones (`after_update`
+lowers the driver's computed count by the rejected ones) and its proposals are this worker's own
+from step N (`own_drafts`; the n-gram lookup then runs here). Reading a drafter's proposals then
+waits for its forwards when step N+1's inputs are built, after the driver's work for step N+1 (and
+the reading of step N - 1) ran on the host meanwhile.
 """
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import dataclass
+
 import torch
 
-from pagedray.common.messages import ModelRunnerOutput, SchedulerOutput
-from pagedray.common.speculative import SpeculativeConfig
+from pagedray.common.messages import CachedRequestData, ModelRunnerOutput, SchedulerOutput
+from pagedray.common.speculative import SpeculativeConfig, ngram_propose
 from pagedray.kernels import ops
 from pagedray.workers.spec_decode.inputs import build_spec_inputs
 from pagedray.workers.spec_decode.rejection import verify
 from pagedray.workers.step_output import StepOutput
+
+
+@dataclass
+class _Emitted:
+    """A step's tokens for one request, appended here before the driver has read them."""
+    tokens: list[int]
+    rejected: int      # its proposals that were not accepted
+
+
+class Drafts:
+    """One step's proposals per request: a drafter's [requests, k] tensor on the device until first
+    read (one wait for all), or host lists (the n-gram lookup)."""
+
+    def __init__(self, req_ids: list[str], tensor: torch.Tensor | None = None, limits: list[int] | None = None,
+                 lists: list[list[int]] | None = None) -> None:
+        self.req_ids, self._tensor, self._limits, self._lists = req_ids, tensor, limits, lists
+        self._host: dict[str, list[int]] | None = None
+
+    def host(self) -> dict[str, list[int]]:
+        if self._host is None:
+            rows = self._lists if self._lists is not None else self._tensor.tolist()
+            limits = self._limits or [len(r) for r in rows]
+            self._host = {rid: row[:max(0, limit)] for rid, row, limit in zip(self.req_ids, rows, limits)}
+            self._tensor = None
+        return self._host
+
+
+class _SpecStepOutput(StepOutput):
+    """The step's output; its proposals are read from the device when it is read."""
+
+    def __init__(self, output: ModelRunnerOutput, drafts: Drafts | None) -> None:
+        super().__init__([], None)
+        self._result, self._drafts = output, drafts
+
+    def get(self) -> ModelRunnerOutput:
+        if self._drafts is not None:
+            self._result.draft_token_ids = self._drafts.host()
+            self._drafts = None
+        return self._result
 
 
 class SpecDecodeRunner:
@@ -23,9 +77,67 @@ class SpecDecodeRunner:
         self.config = config
         self.drafter = drafter
         self.num_steps = 0     # speculative steps run (tests read it)
+        # Set by the executor when the driver overlaps steps (async scheduling): every step runs here
+        # and proposes (the n-gram lookup too), for the driver's placeholders.
+        self.overlapped = False
+        self._unread: dict[str, deque[_Emitted]] = {}
+        self._resent: dict[str, list[int]] = {}
+        self._drafts: Drafts | None = None   # the last step's proposals
 
     def handles(self, sched: SchedulerOutput) -> bool:
-        return self.drafter is not None or bool(sched.scheduled_spec_decode_tokens)
+        return self.drafter is not None or self.overlapped or bool(sched.scheduled_spec_decode_tokens)
+
+    # -- the tokens this worker appended before the driver read them ----------------------------------
+    def before_update(self, runner, sched: SchedulerOutput) -> None:
+        """Requests the driver drops: forget their unread tokens, unless it resends them whole in the
+        same step (copy-on-write replaced a block): then keep their tokens for `after_update`."""
+        if not self._unread or not sched.finished_req_ids:
+            return
+        resent = {new.req_id for new in sched.scheduled_new_reqs}
+        for rid in sched.finished_req_ids:
+            if rid in self._unread:
+                if rid in resent and rid in runner.requests:
+                    self._resent[rid] = list(runner.requests[rid].token_ids)
+                else:
+                    del self._unread[rid]
+
+    def unseen(self, delta: CachedRequestData) -> list[int]:
+        """The delta's tokens not already appended here (those of the steps the driver read since)."""
+        unread = self._unread.get(delta.req_id)
+        if not unread:
+            return delta.new_token_ids
+        n = len(delta.new_token_ids)
+        while unread and n >= len(unread[0].tokens):
+            n -= len(unread.popleft().tokens)
+        if not unread:
+            del self._unread[delta.req_id]
+        elif n:
+            raise RuntimeError(f"request {delta.req_id!r}: the driver sent {len(delta.new_token_ids)} tokens, "
+                               "not whole steps of those this worker emitted")
+        return delta.new_token_ids[len(delta.new_token_ids) - n:] if n else []
+
+    def after_update(self, runner, sched: SchedulerOutput) -> None:
+        """Place this step after the accepted tokens of the steps the driver has not read."""
+        if not self._unread:
+            return
+        for new in sched.scheduled_new_reqs:
+            old = self._resent.pop(new.req_id, None)
+            if old is not None:   # resent whole: the driver's tokens, then the unread ones again
+                unread = self._unread[new.req_id]
+                n = len(new.token_ids) - (len(old) - sum(len(e.tokens) for e in unread))
+                while unread and n >= len(unread[0].tokens):
+                    n -= len(unread.popleft().tokens)
+                runner.requests[new.req_id].append_tokens(old[len(new.token_ids):])
+        for rid in sched.num_scheduled_tokens:
+            unread = self._unread.get(rid)
+            if unread:
+                runner.requests[rid].num_computed_tokens -= sum(e.rejected for e in unread)
+
+    def own_drafts(self, req_id: str, n: int, fill: int) -> list[int]:
+        """n proposals for the driver's placeholders: this worker's from the last step, padded with
+        `fill` where it made fewer (any proposal keeps the output exact; a wrong one is rejected)."""
+        drafts = self._drafts.host().get(req_id, []) if self._drafts is not None else []
+        return drafts[:n] + [fill] * (n - len(drafts))
 
     @property
     def has_draft_graphs(self) -> bool:
@@ -89,8 +201,25 @@ class SpecDecodeRunner:
                 out.accepted_token_ids[rid] = toks
                 if lp is not None:
                     out.accepted_logprobs[rid] = lp
+        drafts = None
         if self.drafter is not None:
             accepted = {rid: toks for (rid, _, _), toks in zip(groups, tokens)}
             with torch.inference_mode():
-                out.draft_token_ids = self.drafter.propose(runner, inputs, hidden, accepted)
-        return StepOutput.done(out)
+                proposed = self.drafter.propose(runner, inputs, hidden, accepted)
+            drafts = Drafts(*proposed) if proposed is not None else None
+        for (rid, _, proposals), toks in zip(groups, tokens):
+            runner.requests[rid].append_tokens(toks)
+            self._unread.setdefault(rid, deque()).append(_Emitted(toks, len(proposals) + 1 - len(toks)))
+        if self.overlapped and self.config.method == "ngram" and groups:
+            drafts = self._ngram(runner, groups)
+        self._drafts = drafts
+        return _SpecStepOutput(out, drafts)
+
+    def _ngram(self, runner, groups) -> Drafts:
+        """The n-gram lookup over each request's tokens (its new ones included), for the next step."""
+        cfg, k, lists = self.config, self.config.num_speculative_tokens, []
+        for rid, _, _ in groups:
+            # (uncut: the driver cuts the proposals it schedules to max_model_len and max_tokens)
+            lists.append(ngram_propose(runner.requests[rid].token_ids, cfg.prompt_lookup_min,
+                                       cfg.prompt_lookup_max, k))
+        return Drafts([rid for rid, _, _ in groups], lists=lists)
