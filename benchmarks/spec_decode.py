@@ -196,7 +196,7 @@ def part_8b(args, batch: int) -> tuple[str, list]:
         name, cfg, propose = runs[key]
         # A drafter's runs overlap steps by default (async scheduling); --serial-too adds the same run
         # without the overlap beside it.
-        modes = [None, False] if args.serial_too and propose is None and key != "ngram" else [None]
+        modes = [True, False] if args.serial_too and propose is None and key != "ngram" else [None]
         for overlap in modes:
             llm = LLM(target, **kw, speculative_config=cfg(), async_scheduling=overlap)
             if propose is not None:
@@ -204,7 +204,7 @@ def part_8b(args, batch: int) -> tuple[str, list]:
             oracle = name.startswith("oracle")
             r = _measure(llm, prompts, args.output_len, args.repeats,
                          (lambda tokens: own_output(prompts, tokens)) if oracle else None)
-            mode = "" if len(modes) == 1 else (", serial steps" if overlap is False else ", overlapped steps")
+            mode = "" if len(modes) == 1 else (", overlapped steps" if overlap else ", serial steps")
             rows.append(_row(f"{name}, k={k}{mode}", r, base))
             _free(llm)
     what = "(b) batch 1" if batch == 1 else f"(c) batch {batch}"
