@@ -67,13 +67,22 @@ def _prefill_launcher(key: torch.Tensor | None, value: torch.Tensor | None):
     return triton_prefill().paged_prefill
 
 
+_step_kv_answer: tuple[object, bool] = (None, False)   # (the options it was computed for, the answer)
+
+
 def prefill_reads_step_kv() -> bool:
     """Whether prefill attention on the GPU reads the step's new K/V from the step's own tensors (the flash
-    kernel's NEW_KV variant), so the attention layer should pass the rotated key (not only the cache)."""
-    if options().prefill_backend != "triton_flash" or not cuda_available() or triton_prefill() is None:
-        return False
-    from pagedray.kernels import prefill_flash
-    return bool(prefill_flash.variant(options().prefill_variant, 1 << 30)["NEW_KV"])
+    kernel's NEW_KV variant), so the attention layer should pass the rotated key (not only the cache).
+    Asked by every layer of every prefill step: answered once per installed options."""
+    global _step_kv_answer
+    opts = options()
+    if _step_kv_answer[0] is not opts:
+        reads = opts.prefill_backend == "triton_flash" and cuda_available() and triton_prefill() is not None
+        if reads:
+            from pagedray.kernels import prefill_flash
+            reads = bool(prefill_flash.variant(opts.prefill_variant, 1 << 30)["NEW_KV"])
+        _step_kv_answer = (opts, reads)
+    return _step_kv_answer[1]
 
 
 def _decode_kernel_fits(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
