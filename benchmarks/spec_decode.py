@@ -69,7 +69,9 @@ def _measure(llm, prompts, output_len: int, repeats: int, after_warmup=None) -> 
     if after_warmup is not None:
         after_warmup(warm)
     before = llm.llm_engine.get_stats()
-    t1 = min(_generate(llm, prompts, 1)[0] for _ in range(repeats))
+    # Twice at least: the first one-token run after the warm-up paid a one-off (a negative ms/token
+    # on an H100 with --repeats 1).
+    t1 = min(_generate(llm, prompts, 1)[0] for _ in range(max(2, repeats)))
     runs = [_generate(llm, prompts, output_len) for _ in range(repeats)]
     tn, tokens = min(r[0] for r in runs), runs[0][1]
     after = llm.llm_engine.get_stats()
@@ -99,6 +101,18 @@ def _oracle(reference: dict[tuple, list[int]]):
         n = request.num_output_tokens
         return ref[n:n + k]
     return propose
+
+
+def _settle_oracle(llm, prompts, output_len: int, reference: dict[tuple, list[int]], rounds: int = 8) -> None:
+    """Run with the oracle's proposals until its output is its reference: dummy weights leave many bf16
+    near-ties, which a 5-row verification resolves otherwise than the run the reference came from
+    (acceptance 0.435 on an H100 with one round). Once a run reproduces its reference every proposal
+    was accepted, and every later run verifies the same rows, so it reproduces it again."""
+    for _ in range(rounds):
+        tokens = _generate(llm, prompts, output_len)[1]
+        if all(reference[tuple(p["prompt_token_ids"])] == t for p, t in zip(prompts, tokens)):
+            return
+        reference.update((tuple(p["prompt_token_ids"]), t) for p, t in zip(prompts, tokens))
 
 
 def _random(vocab: int):
@@ -202,6 +216,8 @@ def part_8b(args, batch: int) -> tuple[str, list]:
             if propose is not None:
                 _patch_proposals(llm, propose)
             oracle = name.startswith("oracle")
+            if oracle:
+                _settle_oracle(llm, prompts, args.output_len, reference)
             r = _measure(llm, prompts, args.output_len, args.repeats,
                          (lambda tokens: own_output(prompts, tokens)) if oracle else None)
             mode = "" if len(modes) == 1 else (", overlapped steps" if overlap else ", serial steps")
