@@ -133,6 +133,13 @@ class SpecDecodeRunner:
             if unread:
                 runner.requests[rid].num_computed_tokens -= sum(e.rejected for e in unread)
 
+    def emitted(self, runner, groups, tokens: list[list[int]]) -> None:
+        """Append each verifying request's emitted tokens here now (its `_unread` until the driver's
+        delta shows it read them); `groups` as `verify` takes them."""
+        for (rid, _, proposals), toks in zip(groups, tokens):
+            runner.requests[rid].append_tokens(toks)
+            self._unread.setdefault(rid, deque()).append(_Emitted(toks, len(proposals) + 1 - len(toks)))
+
     def own_drafts(self, req_id: str, n: int, fill: int) -> list[int]:
         """n proposals for the driver's placeholders: this worker's from the last step, padded with
         `fill` where it made fewer (any proposal keeps the output exact; a wrong one is rejected)."""
@@ -207,9 +214,7 @@ class SpecDecodeRunner:
             with torch.inference_mode():
                 proposed = self.drafter.propose(runner, inputs, hidden, accepted)
             drafts = Drafts(*proposed) if proposed is not None else None
-        for (rid, _, proposals), toks in zip(groups, tokens):
-            runner.requests[rid].append_tokens(toks)
-            self._unread.setdefault(rid, deque()).append(_Emitted(toks, len(proposals) + 1 - len(toks)))
+        self.emitted(runner, groups, tokens)
         if self.overlapped and self.config.method == "ngram" and groups:
             drafts = self._ngram(runner, groups)
         self._drafts = drafts
