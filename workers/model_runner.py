@@ -292,7 +292,7 @@ class ModelRunner:
         if sched.is_empty:
             return StepOutput.done(ModelRunnerOutput({}))
         if self.spec is not None and self.spec.handles(sched):
-            return _timed(self.spec.execute(self, sched), timer)
+            return self.spec.execute(self, sched, timer)
         inputs = self.prepare_inputs(sched)
         if self.lora is not None:   # each token's adapter slot, in the flat batch's order
             self.lora.set_step([self.requests[r].lora_request for r in sched.num_scheduled_tokens],
@@ -415,11 +415,3 @@ class ModelRunner:
             else self.model(input_ids, positions, empty_caches, meta)
         if self.stage.is_last:
             self.model.compute_logits(hidden[torch.tensor(qsl[1:], device=dev) - 1])
-
-
-def _timed(step: StepOutput, timer: StepTimer | None) -> StepOutput:
-    """A step that already ran to its end (speculative decoding syncs on its samples): its time."""
-    if timer is not None:
-        timer.stop()
-        step.get().step_time_s = timer.seconds()
-    return step

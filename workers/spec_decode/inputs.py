@@ -12,7 +12,7 @@ Other requests of the step (prefill chunks, plain decodes) keep their usual one 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ class SpecStepInputs:
     # Per scheduled request: (req_id, first flat row, number of rows, start position), for a drafter.
     spans: list[tuple[str, int, int, int]]
     num_tokens: int
+    # Groups whose proposals are the drafter's of the last step, still on the device (overlapped
+    # steps): their input ids were gathered there; `groups` gets their ids once the forward is queued.
+    deferred: list[tuple[int, int]] = field(default_factory=list)   # (group index, proposals)
 
 
 def build_spec_inputs(runner, sched) -> SpecStepInputs:
@@ -47,6 +50,8 @@ def build_spec_inputs(runner, sched) -> SpecStepInputs:
     logits_rows: list[int] = []
     prompt_spans: list[tuple[str, int, int, int]] = []
     spans: list[tuple[str, int, int, int]] = []
+    fills: list[tuple[int, int, int]] = []    # (first flat row, row in the drafter's tensor, proposals)
+    deferred: list[tuple[int, int]] = []
     max_blocks = 0
     for req_id, n in sched.num_scheduled_tokens.items():
         state = runner.requests[req_id]
@@ -57,7 +62,13 @@ def build_spec_inputs(runner, sched) -> SpecStepInputs:
         max_blocks = max(max_blocks, len(state.block_ids))
         drafts = proposals.get(req_id)
         if drafts and drafts[0] < 0:   # the driver's placeholders (overlapped steps): this worker's own
-            drafts = runner.spec.own_drafts(req_id, len(drafts), tokens[-1])
+            row_in_drafts = runner.spec.device_draft_row(req_id, len(drafts))
+            if row_in_drafts is None:
+                drafts = runner.spec.own_drafts(req_id, len(drafts), tokens[-1])
+            else:      # gathered on the device below, without waiting for the drafter
+                fills.append((len(ids) + 1, row_in_drafts, len(drafts)))
+                deferred.append((len(groups), len(drafts)))
+                drafts = [0] * len(drafts)
         first = len(ids)
         spans.append((req_id, first, n, start))
         if drafts:
@@ -85,8 +96,16 @@ def build_spec_inputs(runner, sched) -> SpecStepInputs:
         if end >= len(tokens):
             groups.append((req_id, len(logits_rows), []))
             logits_rows.append(first + n - 1)
-    return _to_inputs(runner, ids, seq_rows, seq_starts, seq_counts, max_blocks, groups, logits_rows,
-                      prompt_spans, spans, bs)
+    inputs = _to_inputs(runner, ids, seq_rows, seq_starts, seq_counts, max_blocks, groups, logits_rows,
+                        prompt_spans, spans, bs)
+    if fills:
+        inputs.deferred = deferred
+        table = runner.spec.device_drafts()
+        dst = [row0 + j for row0, _, n in fills for j in range(n)]
+        src = [r * table.shape[1] + j for _, r, n in fills for j in range(n)]
+        index = runner._to_device([np.array(dst, dtype=np.int64), np.array(src, dtype=np.int64)], torch.int64)
+        inputs.input_ids[index[0]] = table.reshape(-1)[index[1]]
+    return inputs
 
 
 def _to_inputs(runner, ids, seq_rows, seq_starts, seq_counts, max_blocks, groups, logits_rows,

@@ -14,9 +14,10 @@ reads step N, counting step N's proposals as accepted and sending placeholders (
 proposals. Here step N's emitted tokens and rejected count are known (`_unread`, until a delta
 shows the driver read them): step N+1's tokens start after the accepted ones (`after_update`
 lowers the driver's computed count by the rejected ones) and its proposals are this worker's own
-from step N (`own_drafts`; the n-gram lookup then runs here). Reading a drafter's proposals then
-waits for its forwards when step N+1's inputs are built, after the driver's work for step N+1 (and
-the reading of step N - 1) ran on the host meanwhile.
+from step N (`own_drafts`; the n-gram lookup then runs here). A drafter's proposals are gathered into step N+1's
+input ids on the device and read to the host only once step N+1's forward is queued, so the host's
+work between the steps (the driver's scheduling of step N+1, its reading of step N - 1, this
+worker's input building) runs while the drafter's forwards do.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from pagedray.common.speculative import SpeculativeConfig, ngram_propose
 from pagedray.kernels import ops
 from pagedray.workers.spec_decode.inputs import build_spec_inputs
 from pagedray.workers.spec_decode.rejection import verify
-from pagedray.workers.step_output import StepOutput
+from pagedray.workers.step_output import StepOutput, StepTimer
 
 
 @dataclass
@@ -48,6 +49,16 @@ class Drafts:
                  lists: list[list[int]] | None = None) -> None:
         self.req_ids, self._tensor, self._limits, self._lists = req_ids, tensor, limits, lists
         self._host: dict[str, list[int]] | None = None
+        self._rows: dict[str, int] | None = None
+
+    def device_row(self, req_id: str, n: int) -> int | None:
+        """The request's row of the device tensor when it holds n proposals for it and is not read yet."""
+        if self._tensor is None or self._tensor.shape[1] < n:
+            return None
+        if self._rows is None:
+            self._rows = {rid: i for i, rid in enumerate(self.req_ids)}
+        i = self._rows.get(req_id)
+        return i if i is not None and self._limits[i] >= n else None
 
     def host(self) -> dict[str, list[int]]:
         if self._host is None:
@@ -59,16 +70,22 @@ class Drafts:
 
 
 class _SpecStepOutput(StepOutput):
-    """The step's output; its proposals are read from the device when it is read."""
+    """The step's output; its proposals (and its time, for prefill pacing) are read from the device
+    when it is read, not when the step is queued."""
 
-    def __init__(self, output: ModelRunnerOutput, drafts: Drafts | None) -> None:
+    def __init__(self, output: ModelRunnerOutput, drafts: Drafts | None, timer: StepTimer | None) -> None:
         super().__init__([], None)
-        self._result, self._drafts = output, drafts
+        self._result, self._drafts, self._timer = output, drafts, timer
+        if timer is not None:
+            timer.stop()   # (after everything the step queued, the drafter's forwards included)
 
     def get(self) -> ModelRunnerOutput:
         if self._drafts is not None:
             self._result.draft_token_ids = self._drafts.host()
             self._drafts = None
+        if self._timer is not None:
+            self._result.step_time_s = self._timer.seconds()
+            self._timer = None
         return self._result
 
 
@@ -140,6 +157,12 @@ class SpecDecodeRunner:
             runner.requests[rid].append_tokens(toks)
             self._unread.setdefault(rid, deque()).append(_Emitted(toks, len(proposals) + 1 - len(toks)))
 
+    def device_draft_row(self, req_id: str, n: int) -> int | None:
+        return self._drafts.device_row(req_id, n) if self._drafts is not None else None
+
+    def device_drafts(self) -> torch.Tensor:
+        return self._drafts._tensor
+
     def own_drafts(self, req_id: str, n: int, fill: int) -> list[int]:
         """n proposals for the driver's placeholders: this worker's from the last step, padded with
         `fill` where it made fewer (any proposal keeps the output exact; a wrong one is rejected)."""
@@ -184,7 +207,7 @@ class SpecDecodeRunner:
         if self.drafter is not None and self.drafter.kv_caches:
             ops.copy_blocks(self.drafter.kv_caches, src_to_dst)
 
-    def execute(self, runner, sched: SchedulerOutput) -> StepOutput:
+    def execute(self, runner, sched: SchedulerOutput, timer: StepTimer | None = None) -> StepOutput:
         self.num_steps += 1
         inputs = build_spec_inputs(runner, sched)
         if self.needs_eager_target:
@@ -192,6 +215,9 @@ class SpecDecodeRunner:
             hidden = runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.attn_metadata)
         else:
             hidden = runner._forward(inputs)
+        for g, n in inputs.deferred:   # the last step's proposals to the host, now that the forward is queued
+            rid, row0, _ = inputs.groups[g]
+            inputs.groups[g] = (rid, row0, self.own_drafts(rid, n, 0))
         prompt_logprobs = runner._prompt_logprobs(hidden, inputs.prompt_spans)
         groups = inputs.groups
         tokens: list[list[int]] = []
@@ -200,7 +226,7 @@ class SpecDecodeRunner:
             every_row = len(inputs.logits_rows) == inputs.num_tokens    # (then they are all, in order)
             logits = runner.model.compute_logits(hidden if every_row else hidden[inputs.logits_rows])
             if not runner.sample:
-                return StepOutput.done(ModelRunnerOutput({}))
+                return _SpecStepOutput(ModelRunnerOutput({}), None, timer)
             rows = [runner.requests[rid].sampling_row for rid, _, _ in groups]
             tokens, logprobs = verify(runner.sampler, logits, rows, groups)
             for (rid, _, _), toks, lp in zip(groups, tokens, logprobs):
@@ -218,7 +244,7 @@ class SpecDecodeRunner:
         if self.overlapped and self.config.method == "ngram" and groups:
             drafts = self._ngram(runner, groups)
         self._drafts = drafts
-        return _SpecStepOutput(out, drafts)
+        return _SpecStepOutput(out, drafts, timer)
 
     def _ngram(self, runner, groups) -> Drafts:
         """The n-gram lookup over each request's tokens (its new ones included), for the next step."""
