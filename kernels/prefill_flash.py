@@ -188,25 +188,25 @@ def _flash_prefill_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, meta_ptr, al
         a_full = lo
         if not HAS_WINDOW:
             a_full = lo + (b_lo - lo) // BLOCK_N * BLOCK_N
-        acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift, kvh,
-                                    num_kv_heads, pos_q, offs_d, d_mask, lo, a_full, qk_scale, scale, soft_cap,
-                                    window, slope, HEAD_SIZE, HEAD_SIZE == HEAD_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI, HAS_SOFTCAP,
-                                    HAS_WINDOW, KV_FP8, OFFS64, 0, False)
-        acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift, kvh,
-                                    num_kv_heads, pos_q, offs_d, d_mask, a_full, b_lo, qk_scale, scale, soft_cap,
-                                    window, slope, HEAD_SIZE, HEAD_SIZE == HEAD_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI, HAS_SOFTCAP,
-                                    HAS_WINDOW, KV_FP8, OFFS64, 0, True)
+        acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift,
+                                    kvh, num_kv_heads, pos_q, offs_d, d_mask, lo, a_full, qk_scale, scale, soft_cap,
+                                    window, slope, HEAD_SIZE, HEAD_SIZE == HEAD_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI,
+                                    HAS_SOFTCAP, HAS_WINDOW, KV_FP8, OFFS64, 0, False)
+        acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift,
+                                    kvh, num_kv_heads, pos_q, offs_d, d_mask, a_full, b_lo, qk_scale, scale, soft_cap,
+                                    window, slope, HEAD_SIZE, HEAD_SIZE == HEAD_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI,
+                                    HAS_SOFTCAP, HAS_WINDOW, KV_FP8, OFFS64, 0, True)
     b_full = b_lo
     if SPLIT and not HAS_WINDOW:
         b_full = b_lo + (first + 1 - b_lo) // BLOCK_N * BLOCK_N   # blocks before the tile's first row: seen whole
-    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift, kvh,
-                                num_kv_heads, pos_q, offs_d, d_mask, b_lo, b_full, qk_scale, scale, soft_cap, window,
-                                slope, HEAD_SIZE, HEAD_SIZE == HEAD_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI, HAS_SOFTCAP, HAS_WINDOW,
-                                KV_FP8, OFFS64, NEW_KV, False)
-    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift, kvh,
-                                num_kv_heads, pos_q, offs_d, d_mask, b_full, hi, qk_scale, scale, soft_cap, window,
-                                slope, HEAD_SIZE, HEAD_SIZE == HEAD_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI, HAS_SOFTCAP, HAS_WINDOW,
-                                KV_FP8, OFFS64, NEW_KV, True)
+    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift,
+                                kvh, num_kv_heads, pos_q, offs_d, d_mask, b_lo, b_full, qk_scale, scale, soft_cap,
+                                window, slope, HEAD_SIZE, HEAD_SIZE == HEAD_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI,
+                                HAS_SOFTCAP, HAS_WINDOW, KV_FP8, OFFS64, NEW_KV, False)
+    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift,
+                                kvh, num_kv_heads, pos_q, offs_d, d_mask, b_full, hi, qk_scale, scale, soft_cap,
+                                window, slope, HEAD_SIZE, HEAD_SIZE == HEAD_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI,
+                                HAS_SOFTCAP, HAS_WINDOW, KV_FP8, OFFS64, NEW_KV, True)
     out = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
     tl.store(out_ptr + rows[:, None] * o_stride_t + head * o_stride_h + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
