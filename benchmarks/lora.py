@@ -81,6 +81,8 @@ def run_config(args) -> dict:
           (lambda ps, n: timed_generate(llm, ps, 1.0, n))
     run(prompts[:args.warmup_requests], args.output_len)
     out = {"throughput": (run(prompts, args.output_len), len(prompts) * args.output_len)}
+    if args.profile_steps:
+        _profile(llm, prompts, loras, args)
     if args.config in ("base", "lora-mixed"):   # batch-1 decode on the same engine
         one = adapters[0] if args.config == "lora-mixed" else None
         params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=args.decode_tokens)
@@ -91,6 +93,26 @@ def run_config(args) -> dict:
         out["decode"] = (time.perf_counter() - start) / args.decode_tokens
     llm.shutdown()
     return out
+
+
+def _profile(llm, prompts, loras, args) -> None:
+    """GPU time per kernel over a decode-heavy run (max_num_seqs requests, --profile-steps tokens each),
+    printed to stderr: where LoRA's share of a step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pagedray.cluster import SamplingParams
+    n = args.max_num_seqs
+    params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=args.profile_steps)
+    batch = [{"prompt_token_ids": p[:32]} for p in prompts[:n]]
+    kwargs = {"lora_request": loras[:n]} if loras else {}
+    llm.generate(batch, params, use_tqdm=False, **kwargs)   # the 32-token prompts' shapes compiled
+    gpu = args.device.startswith("cuda")
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+        llm.generate(batch, params, use_tqdm=False, **kwargs)
+    print(f"== {args.config}: {n} requests x 32/{args.profile_steps}, {'GPU' if gpu else 'CPU'} time by kernel",
+          file=sys.stderr)
+    print(prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=18,
+                                    max_name_column_width=70), file=sys.stderr)
 
 
 def timed_lora(llm, prompts, output_len: int, loras) -> float:
@@ -121,6 +143,8 @@ def main(argv=None) -> int:
                    "--model-dir", model_dir, "--adapter-dir", adapter_dir]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if args.profile_steps:
+                print(proc.stderr[proc.stderr.find("== "):], file=sys.stderr)
             if proc.returncode or line is None:
                 print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
                 raise SystemExit(f"configuration {config} failed (exit {proc.returncode})")
@@ -167,6 +191,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per configuration")
     p.add_argument("--lora-none", action="store_true",
                    help="also run the LoRA engine with no adapter in any request (one more engine start-up)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="also print each configuration's GPU time by kernel over this many decode steps at max_num_seqs")
     p.add_argument("--results", default=None, help="also append the tables to this markdown file (the run is always recorded)")
     # Set by main() for the per-configuration subprocesses.
     p.add_argument("--config", choices=["base", "lora-mixed", "lora-none"], help=argparse.SUPPRESS)
