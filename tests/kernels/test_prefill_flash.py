@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 from testkit.kernel_cases import make_paged, set_kernel_options
-from testkit.prefill_flash_cases import FP16, run_case
+from testkit.prefill_flash_cases import FP16, FP32, run_case
 
 from pagedray.kernels import reference
 
@@ -80,7 +80,7 @@ def test_gpu_window_alibi_softcap_fp8(window, alibi, cap, fp8):
 
 @gpu
 def test_gpu_fp16_and_the_routes_to_the_old_kernel(monkeypatch):
-    """fp16 runs here; float32, head size 256 and decode-only rows go to prefill_triton."""
+    """fp16 runs here; head size 256, decode-only rows and float32 (the exact path) go to prefill_triton."""
     from pagedray.kernels import prefill_triton
     run_case("cuda", dtype=FP16, heads=8, kv_heads=2, head_size=128, cases=GPU_CASES)
     calls = []
@@ -88,7 +88,8 @@ def test_gpu_fp16_and_the_routes_to_the_old_kernel(monkeypatch):
     monkeypatch.setattr(prefill_triton, "paged_prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
     run_case("cuda", heads=4, kv_heads=2, head_size=256, cases=GPU_CASES)
     run_case("cuda", heads=4, kv_heads=2, cases=[(5, 1), (900, 1)])
-    assert calls == [1, 1]
+    run_case("cuda", dtype=FP32, heads=4, kv_heads=2, cases=GPU_CASES)
+    assert calls == [1, 1, 1]
 
 
 @gpu

@@ -15,7 +15,8 @@ import torch
 from testkit.kernel_cases import alibi_slopes, make_paged
 
 BF16, FP16 = torch.bfloat16, torch.float16
-TOL = {BF16: (2e-2, 1.6e-2, 1e-2), FP16: (2e-3, 2e-3, 2e-3)}
+FP32 = torch.float32
+TOL = {BF16: (2e-2, 1.6e-2, 1e-2), FP16: (2e-3, 2e-3, 2e-3), FP32: (1e-4, 1e-4, 1e-5)}
 # (context length, new query tokens): whole prompts, a chunk after a cached prefix, a prefix-cache
 # hit, a decode row inside a mixed batch; the longest query is over 16 rows, so the launch is this kernel's.
 CPU_CASES = [(70, 70), (150, 50), (61, 17), (40, 1)]
