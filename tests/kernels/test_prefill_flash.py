@@ -36,6 +36,16 @@ def test_interpreted_cases_match_the_reference():
     assert run.stdout.count("ok   ") == 10, run.stdout
 
 
+@pytest.mark.parametrize("new_kv", [0, 2])
+def test_compiles_for_hopper_with_wgmma_and_no_spills(new_kv):
+    """The default tile compiled for sm_90 here (Triton's bundled ptxas, no GPU): tensor-core wgmma, TMA
+    where NEW_KV=2 asks for it, no register spills, shared memory within an H100's 227 KiB."""
+    from testkit.prefill_flash_cases import compile_for_hopper
+    got = compile_for_hopper(new_kv=new_kv)
+    assert got["wgmma"] > 0 and got["spill_bytes"] == 0 and got["smem"] <= 227 * 1024, got
+    assert (got["tma"] > 0) == (new_kv == 2), got
+
+
 def test_tiles_run_longest_first():
     from pagedray.kernels.prefill_flash import tiles
     seqs, rows = tiles([300, 20, 64], [300, 500, 64], 128)

@@ -93,3 +93,43 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def compile_for_hopper(dtype: str = "bf16", head: int = 128, block_m: int = 128, block_n: int = 64, warps: int = 8,
+                       stages: int = 3, new_kv: int = 0) -> dict:
+    """prefill_flash's kernel compiled for sm_90 on this machine (no GPU: Triton's bundled ptxas), as the
+    launcher would specialise it: {"regs", "spill_bytes", "smem", "wgmma", "tma"}."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pagedray.kernels import prefill_flash
+    fn = prefill_flash._flash_prefill_kernel
+    consts = dict(HEAD_SIZE=head, HEAD_PAD=max(16, triton.next_power_of_2(head)), BLOCK_SIZE=16, BLOCK_M=block_m,
+                  BLOCK_N=block_n, HAS_ALIBI=False, HAS_SOFTCAP=False, HAS_WINDOW=False, KV_FP8=False, OFFS64=False,
+                  SPLIT=True, NEW_KV=new_kv)
+    step_kv = f"tensordesc<{dtype}[{block_n}, {head}]>" if new_kv == 2 else f"*{dtype}"
+    types = {"out_ptr": f"*{dtype}", "q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}",
+             "tables_ptr": "*i32", "meta_ptr": "*i32", "alibi_ptr": "*fp32", "kn": step_kv, "vn": step_kv,
+             "qk_scale": "fp32", "scale": "fp32", "soft_cap": "fp32", "v_scale": "fp32"}
+    signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    aligned = {"q_stride_t", "o_stride_t", "kn_stride_t", "q_stride_h", "o_stride_h"}  # as specialised at run time
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if signature[n].startswith("*") or n in aligned}
+    src = ASTSource(fn=fn, signature=signature, attrs=attrs,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    regs, stack = re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups()
+    ptx = kernel.asm["ptx"]
+    return {"regs": int(regs), "spill_bytes": int(stack), "smem": kernel.metadata.shared,
+            "wgmma": ptx.count("wgmma.mma_async"), "tma": ptx.count("cp.async.bulk.tensor")}
