@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 from testkit.kernel_cases import make_paged, set_kernel_options
-from testkit.prefill_flash_cases import FP16, FP32, run_case
+from testkit.prefill_flash_cases import FP16, FP32, INTERPRETER_UNUSABLE, run_case
 
 from pagedray.kernels import reference
 
@@ -32,6 +32,8 @@ def test_interpreted_cases_match_the_reference():
            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
     run = subprocess.run([sys.executable, "-m", "testkit.prefill_flash_cases"], env=env, capture_output=True,
                          text=True, timeout=500)
+    if run.returncode == INTERPRETER_UNUSABLE:   # an environment without a working interpreter (Triton < 3.6 under
+        pytest.skip(run.stdout.strip())            # NumPy >= 2.4); the GPU tests below run the same cases compiled
     assert run.returncode == 0, run.stdout + run.stderr[-4000:]
     assert run.stdout.count("ok   ") == 10, run.stdout
 

@@ -75,11 +75,39 @@ INTERPRETED = [{"dtype": FP16, "variant": SMALL_TILES, **case} for case in (
 )]
 
 
+INTERPRETER_UNUSABLE = 3   # main()'s exit code where this Triton's interpreter cannot run loops at all
+
+
+def _interpreter_runs_loops() -> str | None:
+    """None, or why this Triton's interpreter cannot run a loop with a runtime bound (Triton 3.5's calls
+    int() on 1-element arrays, which NumPy >= 2.4 refuses; Triton 3.9's squeezes them first)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(out_ptr, n):
+        total = 0
+        for _ in range(0, n, 1):
+            total += 1
+        tl.store(out_ptr, total)
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        probe[(1,)](out, 3)
+    except Exception as exc:  # the interpreter's own failure, whatever its type
+        import numpy
+        return f"Triton {triton.__version__}'s interpreter under NumPy {numpy.__version__}: {exc}"
+    return None if int(out) == 3 else f"Triton {triton.__version__}'s interpreter counted {int(out)} of 3"
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("set TRITON_INTERPRET=1 before starting (Triton reads it at import)", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
+    broken = _interpreter_runs_loops()
+    if broken:
+        print(f"interpreter unusable: {broken}", flush=True)
+        return INTERPRETER_UNUSABLE
     failed = 0
     for case in INTERPRETED:
         try:
