@@ -2,6 +2,8 @@
 
     python benchmarks/host_overhead.py                      # batch 1, 64, 256 x greedy/temperature x tokenizer
     python benchmarks/host_overhead.py --batch-sizes 256 --modes greedy --profile   # cProfile of one case
+    python benchmarks/host_overhead.py --arch qwen2 --vocab 151936 --batch-sizes 1024 --modes greedy \
+        --tokenizer no --loops overlapped --max-num-batched-tokens 16384 --baseline-option gc_threshold=0
 
 On the GPU a decode step is graph replay (GPU) plus host work during which the GPU idles
 (docs/perf-notes/history.md: 5.0 ms of 12.3 ms at batch 128 for the 8B shape). This script measures only that
@@ -23,6 +25,10 @@ wrapping the stage methods on the instances. Stages:
   engine_output      the rest of LLMEngine.step (detokenize, RequestOutput objects)
 The "LLM.generate" column times whole steps as LLM.generate drives them (it may ask the engine
 for less than the serving path needs); the stage columns are measured on `engine.step()`.
+Each case also counts the cyclic GC's collections during the timed steps (per step, and their
+time). --kernel-option sets engine switches (KernelOptions); --baseline-option NAME=VALUE runs every
+case again, in the same process, on an engine built with those switches instead (the GC threshold,
+process-wide, is set to each engine's own value before its cases).
 The tokenizer is a synthetic byte-level BPE with the same vocabulary size (decode cost, not
 quality). Torch runs with --threads threads (default 1) so that shared cores disturb less.
 """
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import inspect
 import io
 import itertools
@@ -45,7 +52,7 @@ import time
 
 import torch
 
-from common import append_results, markdown_table, require_min
+from common import KERNEL_OPTION_HELP, append_results, kernel_options, markdown_table, require_min
 from stage_timer import InstancePatches
 
 HIDDEN = 64
@@ -53,13 +60,15 @@ STAGES = ("schedule", "prepare_inputs", "forward_stub", "sampler", "runner_rest"
 
 
 # -- setup ---------------------------------------------------------------------------------------
-def write_model(path: pathlib.Path, vocab: int, max_len: int) -> str:
-    """A Llama config with a tiny body and the full vocabulary (dummy weights, no checkpoint)."""
+def write_model(path: pathlib.Path, vocab: int, max_len: int, arch: str = "llama") -> str:
+    """A Llama (or Qwen2) config with a tiny body and the full vocabulary (dummy weights, no checkpoint)."""
     import transformers
-    cfg = transformers.LlamaConfig(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                                   max_position_embeddings=max_len, bos_token_id=1, eos_token_id=2,
-                                   architectures=["LlamaForCausalLM"])
+    cls, name = (transformers.Qwen2Config, "Qwen2ForCausalLM") if arch == "qwen2" else (
+        transformers.LlamaConfig, "LlamaForCausalLM")
+    cfg = cls(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+              max_position_embeddings=max_len, bos_token_id=1, eos_token_id=2,
+              architectures=[name])
     cfg.save_pretrained(str(path))
     return str(path)
 
@@ -102,13 +111,19 @@ def _byte_symbols() -> dict[int, str]:
     return table
 
 
-def build_llm(model: str, tokenizer: str | None, args, max_len: int):
+def build_llm(model: str, tokenizer: str | None, args, max_len: int, options: list[str] | None = None):
     from pagedray.cluster import LLM
     blocks = args.max_batch * -(-max_len // 16) + 16
+    opts = kernel_options(args.kernel_option if options is None else options)
+    # The GC threshold is process-wide and engines only raise it: each engine's own, as in a process of its own.
+    gc.set_threshold(opts.gc_threshold or DEFAULT_GC_THRESHOLD[0], *DEFAULT_GC_THRESHOLD[1:])
     return LLM(model, tokenizer=tokenizer, load_format="dummy", dtype="float32", device="cpu",
                max_model_len=max_len, max_num_seqs=args.max_batch, num_kv_blocks=blocks,
                max_num_batched_tokens=args.max_num_batched_tokens,
-               enable_prefix_caching=False, seed=args.seed)
+               enable_prefix_caching=False, seed=args.seed, kernel_options=opts)
+
+
+DEFAULT_GC_THRESHOLD = gc.get_threshold()
 
 
 def stub_model(llm, vocab: int, max_rows: int, max_tokens: int, seed: int) -> None:
@@ -138,6 +153,10 @@ class Stages(InstancePatches):
         runner = engine.executor.worker.runner
         self.cur: dict[str, float] = {}
         self.steps: list[dict[str, float]] = []
+        self.gc_counts = [0, 0, 0]
+        self.gc_seconds = 0.0
+        self._gc_start = 0.0
+        gc.callbacks.append(self._on_gc)
         self._wrap(engine, "step", "step", close=True)
         self._wrap(engine.scheduler, "schedule", "schedule")
         self._wrap(engine.scheduler, "update_from_output", "update")
@@ -161,6 +180,18 @@ class Stages(InstancePatches):
                     self._close()
         self.patch(obj, name, timed)
 
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self.gc_counts[info["generation"]] += 1
+            self.gc_seconds += time.perf_counter() - self._gc_start
+
+    def restore(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+        super().restore()
+
     def _close(self) -> None:
         c = dict(self.cur)
         self.cur.clear()
@@ -175,6 +206,9 @@ class Stages(InstancePatches):
         out = {s: sum(st.get(s, 0.0) for st in self.steps) / n * 1e3 for s in STAGES}
         out["step"] = sum(st["step"] for st in self.steps) / n * 1e3
         out["step_median"] = statistics.median(st["step"] for st in self.steps) * 1e3
+        out["gc"] = self.gc_seconds / n * 1e3
+        out["gc_full"] = self.gc_counts[2] / n
+        out["gc_collections"] = sum(self.gc_counts) / n
         return out
 
 
@@ -237,29 +271,33 @@ def main(argv=None) -> int:
     rows, profiles = [], []
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
-        model = write_model(root / "model", args.vocab, max_len)
+        model = write_model(root / "model", args.vocab, max_len, args.arch)
         tok = write_tokenizer(root / "tok", args.vocab) if "yes" in args.tokenizer else None
-        for use_tok in args.tokenizer:
-            llm = build_llm(model, tok if use_tok == "yes" else None, args, max_len)
+        variants = [("engine", None)] + ([("baseline", args.baseline_option)] if args.baseline_option else [])
+        for (variant, options), use_tok in itertools.product(variants, args.tokenizer):
+            llm = build_llm(model, tok if use_tok == "yes" else None, args, max_len, options)
             stub_model(llm, args.vocab, args.max_batch, args.max_num_batched_tokens, args.seed)
             core = getattr(llm.llm_engine, "core", llm.llm_engine)
             for batch, mode, loop in itertools.product(args.batch_sizes, args.modes, args.loops):
                 core.async_scheduling = loop == "overlapped"
                 r = run_case(llm, batch, mode, args)
-                rows.append([batch, mode, use_tok, loop] + [f"{r[s]:.3f}" for s in STAGES]
+                rows.append([variant, batch, mode, use_tok, loop] + [f"{r[s]:.3f}" for s in STAGES]
                             + [f"{r['step']:.3f}", f"{r['step'] - r['sampler']:.3f}",
-                               f"{r['generate_step']:.3f}"])
-                print(json.dumps({"batch": batch, "mode": mode, "tokenizer": use_tok, "loop": loop,
-                                  **{k: round(v, 4) for k, v in r.items() if k != "profile"}}), flush=True)
+                               f"{r['generate_step']:.3f}", f"{r['gc']:.3f}", f"{r['gc_full']:.3f}"])
+                print(json.dumps({"variant": variant, "batch": batch, "mode": mode, "tokenizer": use_tok,
+                                  "loop": loop, **{k: round(v, 4) for k, v in r.items() if k != "profile"}}),
+                      flush=True)
                 if "profile" in r:
                     profiles.append(f"== batch {batch} {mode} tokenizer={use_tok}\n{r['profile']}")
             llm.shutdown()
-    header = (["batch", "sampling", "tokenizer", "loop"] + [f"{s} (ms)" for s in STAGES]
-              + ["step (ms)", "step - sampler (ms)", "LLM.generate step (ms)"])
+    header = (["engine", "batch", "sampling", "tokenizer", "loop"] + [f"{s} (ms)" for s in STAGES]
+              + ["step (ms)", "step - sampler (ms)", "LLM.generate step (ms)", "GC (ms)", "full GCs / step"])
     notes = (f"- CPU ({os.cpu_count()} cores, shared), torch threads {args.threads}; prompts of {args.input_len} "
              f"token ids; {args.warmup} warm-up decode steps, then means over {args.steps} decode-only steps; "
              f"vocab {args.vocab}; forward and logits stubbed; temperature mode = temperature 1.0, no "
-             f"top-k/top-p.{' ' + args.label if args.label else ''}")
+             f"top-k/top-p; model {args.arch}; kernel options {args.kernel_option or 'default'}"
+             f"{'; baseline: ' + ' '.join(args.baseline_option) if args.baseline_option else ''}."
+             f"{' ' + args.label if args.label else ''}")
     body = markdown_table(header, rows) + "\n\n" + notes
     print(body)
     for p in profiles:
@@ -281,6 +319,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--arch", choices=["llama", "qwen2"], default="llama", help="the tiny body's architecture")
+    p.add_argument("--kernel-option", action="append", default=[], help=KERNEL_OPTION_HELP)
+    p.add_argument("--baseline-option", action="append", default=[],
+                   help="NAME=VALUE: run every case again on an engine with these options (the baseline)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="print a cProfile of each case's timed steps")

@@ -8,6 +8,7 @@
 # of the recorded figure; tput8b-profile: the default batch with the stage breakdown and a trace.
 # fp8, fp8tput, fp8kv: FP8 tests and benchmarks beside bf16 in the same call (not in the default list);
 # pacing: prefill pacing off vs on under Poisson load (not in the default list).
+# tputqwen-ab: the Qwen shape on a baseline tree ($BASE_TREE) and on this one (not in the default list).
 # $OUT defaults to benchmarks/gpu-runs/<time>; each benchmark's record goes to $OUT/records (copy the files
 # into benchmarks/records/ and run `python benchmarks/records.py` to update RESULTS.md).
 set -u
@@ -68,6 +69,15 @@ run() {
             step mixed-steps 120 python3 benchmarks/mixed_steps.py --shape llama3-8b --batch 64 --context 384
             step pacing 330 python3 benchmarks/serving.py --synthetic 8b --device cuda:0 --compare-pacing 1.25 \
               --num-prompts 500 --input-len 256 --output-len 256 --request-rate 20 --json "$OUT/pacing.json" ;;
+    # Qwen2.5-0.5B shape at batch ~1000 (host-bound): the engine of $BASE_TREE (a `git archive` of the
+    # baseline commit $BASE_COMMIT; benchmarks/base_tree.sh), then this tree's, same settings, each with
+    # its GPU-idle fraction (~3 min).
+    tputqwen-ab) for side in base new; do
+                   pre=(); [ "$side" = base ] && pre=(env PAGEDRAY_COMMIT="${BASE_COMMIT:-base}" bash benchmarks/base_tree.sh "${BASE_TREE:-.base}")
+                   step "tputqwen-$side" 120 ${pre[@]+"${pre[@]}"} python3 benchmarks/throughput.py --shape qwen2.5-0.5b \
+                     --max-num-seqs 1024 --max-num-batched-tokens 16384 --warmup-requests 1024 --warmup-output-len 8 \
+                     --results "$R"
+                 done ;;
     tputqwen) step tputqwen 90 python3 benchmarks/throughput.py --shape qwen2.5-0.5b --hf-baseline --hf-engines generate \
                 --hf-timeout 30 --results "$R" ;;
   esac

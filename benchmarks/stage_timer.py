@@ -235,3 +235,70 @@ def gpu_idle_report(llm, prompts: list[list[int]], args, skip: int, steps: int, 
             sort_by="self_cuda_time_total" if hasattr(averages[0], "self_cuda_time_total")
             else "self_device_time_total", row_limit=top))
     return "\n".join(lines)
+
+
+class GpuIdleMeter(InstancePatches):
+    """The fraction of a run's wall time that the GPU is idle, cheaply enough for the headline run.
+
+    Two CUDA events per step (local executor): one recorded when the runner starts the step's
+    forward, one after the step's last device work is queued (the sampled ids' copy to the host).
+    On the one stream they bound the step's device work, so their sum is the GPU's busy time and
+    the rest of the wall time is idle: the GPU waiting for the host (between steps) or for nothing
+    (before the first and after the last). Launch gaps inside a step count as busy, so the idle
+    fraction is a lower bound; `gpu_idle_report` (torch.profiler) gives the exact one for a window.
+    The small input copies queued just before the forward count as idle. Where there is no CUDA
+    device or no local runner, `summary()` says "n/a".
+    """
+
+    def __init__(self, llm) -> None:
+        super().__init__()
+        worker = getattr(llm.llm_engine.executor, "worker", None)
+        runner = getattr(worker, "runner", None)
+        self.available = runner is not None and torch.cuda.is_available() and runner.device.type == "cuda"
+        self.steps: list[tuple[bool, object, object]] = []   # (decode-only, start event, end event)
+        self._start = None
+        if not self.available:
+            return
+        forward, execute = runner._forward, runner.execute_model_async
+
+        def timed_forward(*args, **kwargs):
+            if self._start is None:
+                self._start = torch.cuda.Event(enable_timing=True)
+                self._start.record()
+            return forward(*args, **kwargs)
+
+        def timed_execute(sched, *args, **kwargs):
+            self._start = None
+            result = execute(sched, *args, **kwargs)
+            if self._start is not None:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                counts = sched.num_scheduled_tokens.values()
+                self.steps.append((max(counts) == 1, self._start, end))
+                self._start = None
+            return result
+
+        self.patch(runner, "_forward", timed_forward)
+        self.patch(runner, "execute_model_async", timed_execute)
+
+    def summary(self, wall_s: float) -> dict:
+        """{"gpu_idle": fraction or "n/a", "gpu_busy_s", "decode_busy_ms", "decode_steps"} over a run
+        of wall_s seconds (call after the run; it waits for the device)."""
+        if not self.available or not self.steps:
+            return {"gpu_idle": "n/a"}
+        torch.cuda.synchronize()
+        busy = [(decode, start.elapsed_time(end) / 1e3) for decode, start, end in self.steps]
+        total = sum(t for _, t in busy)
+        decode = [t for d, t in busy if d]
+        return {"gpu_idle": max(0.0, 1.0 - total / wall_s), "gpu_busy_s": total,
+                "decode_busy_ms": sum(decode) / len(decode) * 1e3 if decode else float("nan"),
+                "decode_steps": len(decode)}
+
+
+def format_gpu_idle(stats: dict) -> str:
+    """The GPU-idle line of a run (see GpuIdleMeter.summary)."""
+    if stats.get("gpu_idle") == "n/a":
+        return "GPU idle: n/a (no CUDA device, or not the local executor)"
+    return (f"GPU idle {stats['gpu_idle']:.1%} of the run's wall time (busy {stats['gpu_busy_s']:.2f} s by "
+            f"CUDA events around each step's device work; a lower bound); decode-only steps: GPU busy "
+            f"{stats['decode_busy_ms']:.2f} ms each over {stats['decode_steps']} steps")

@@ -7,7 +7,9 @@
 Dummy (random) weights in the named shape, random prompt token ids, `ignore_eos`
 so every request yields exactly --output-len tokens, prefix caching off. Reports
 requests/s, output and total tokens/s, and the time over the compute floor
-(common.workload_flops over the bf16 matmul rate measured in this run).
+(common.workload_flops over the bf16 matmul rate measured in this run), and the fraction of
+the run's wall time the GPU was idle (stage_timer.GpuIdleMeter: two CUDA events per step; "n/a"
+on a CPU).
 --hf-baseline runs the same prompts through HF `generate` first, in a subprocess
 (hf_baseline.py), with --hf-num-requests requests (its rate is per batch, so it
 does not depend on N beyond that). --breakdown reruns a smaller set with a
@@ -28,7 +30,7 @@ import torch
 
 from common import (run_hf_baseline, SHAPES, append_results, copy_bandwidth, markdown_table, matmul_tflops, random_prompts,
                     KERNEL_OPTION_HELP, kernel_options, require_min, timed_generate, workload_flops, write_config)
-from stage_timer import StageTimer, gpu_idle_report, profile_steps
+from stage_timer import GpuIdleMeter, StageTimer, format_gpu_idle, gpu_idle_report, profile_steps
 
 
 
@@ -114,17 +116,19 @@ def main(argv=None) -> int:
             return 0
         replays0 = graph_replays(llm)
         variants0, allocs0 = triton_variants(), allocator_counts()
-        elapsed, blocked, counter = counted_run(llm, prompts, args)
+        elapsed, blocked, counter, idle = counted_run(llm, prompts, args)
         allocs = {k: v - allocs0.get(k, 0) for k, v in allocator_counts().items()}
         print(f"main run: {elapsed:.2f} s, host blocked {blocked:.2f} s; Triton prefill variants "
               f"compiled during it: {triton_variants() - variants0}; caching allocator during it: {allocs}",
               flush=True)
         print(counter.wall_summary(), flush=True)
+        print(format_gpu_idle(idle), flush=True)
         replays = graph_replays(llm) - replays0
         for again in range(1, args.main_runs):
-            t, again_blocked, again_counter = counted_run(llm, prompts, args)
+            t, again_blocked, again_counter, again_idle = counted_run(llm, prompts, args)
             print(f"main workload, run {again + 1} (not the reported figure): {t:.2f} s, host blocked "
-                  f"{again_blocked:.2f} s. {again_counter.wall_summary()}", flush=True)
+                  f"{again_blocked:.2f} s. {again_counter.wall_summary()} {format_gpu_idle(again_idle)}",
+                  flush=True)
         breakdown = _serial(llm, lambda: run_breakdown(llm, prompts, args)) if args.breakdown else None
         if args.gpu_idle and cuda:
             # A decode-only stretch (batch max_num_seqs) and a stretch across a wave's refill.
@@ -134,20 +138,22 @@ def main(argv=None) -> int:
                                   "window across a refill"), flush=True)
         _print_profiles(llm, prompts, args)
         llm.shutdown()
-    report(args, startup, (elapsed, blocked), counter, replays, tflops, bandwidth, hf, breakdown, serial)
+    report(args, startup, (elapsed, blocked), counter, replays, tflops, bandwidth, hf, breakdown, serial, idle)
     return 0
 
 
-def counted_run(llm, prompts: list[list[int]], args) -> tuple[float, float, StageTimer]:
-    """One run of the workload: its seconds, the seconds the host was blocked on the GPU, and the
-    step counter (step kinds, wall time between steps)."""
+def counted_run(llm, prompts: list[list[int]], args) -> tuple[float, float, StageTimer, dict]:
+    """One run of the workload: its seconds, the seconds the host was blocked on the GPU, the
+    step counter (step kinds, wall time between steps) and the GPU-idle figures (GpuIdleMeter)."""
     counter = StageTimer(llm, sync=False, count_only=True)
+    meter = GpuIdleMeter(llm)
     try:
         with HostWait() as wait:
             elapsed = generate(llm, prompts, args)
     finally:
+        meter.restore()
         counter.restore()
-    return elapsed, wait.seconds, counter
+    return elapsed, wait.seconds, counter, meter.summary(elapsed)
 
 
 def _print_profiles(llm, prompts, args) -> None:
@@ -194,21 +200,23 @@ def run_breakdown(llm, prompts, args) -> tuple[StageTimer, str]:
     return timer, trace
 
 
-def report(args, startup, timed, counter, replays, tflops, bandwidth, hf, breakdown, serial=()) -> None:
+def report(args, startup, timed, counter, replays, tflops, bandwidth, hf, breakdown, serial=(), idle=None) -> None:
     elapsed, wait = timed
     n, inp, out = args.num_requests, args.input_len, args.output_len
     floor_s = workload_flops(args.shape, n, inp, out) / (tflops * 1e12) if tflops else None
+    idle = idle or {"gpu_idle": "n/a"}
+    idle_cell = idle["gpu_idle"] if idle["gpu_idle"] == "n/a" else f"{idle['gpu_idle']:.1%}"
     header = ["engine", "requests", "time (s)", "req/s", "output tok/s", "total tok/s", "time / compute floor",
-              "host blocked on the GPU (s)"]
+              "host blocked on the GPU (s)", "GPU idle"]
     mode = " (eager)" if args.enforce_eager else ""
     mode += "" if args.no_async_scheduling or not args.device.startswith("cuda") else ", overlapped steps"
     rows = [["pagedray" + mode, n, f"{elapsed:.2f}", f"{n / elapsed:.2f}",
              f"{n * out / elapsed:.0f}", f"{n * (inp + out) / elapsed:.0f}",
-             f"{elapsed / floor_s:.2f}x" if floor_s else "-", f"{wait:.2f}"]]
+             f"{elapsed / floor_s:.2f}x" if floor_s else "-", f"{wait:.2f}", idle_cell]]
     for overlapped, t, w in serial:
         rows.append([f"pagedray, {'overlapped steps' if overlapped else 'steps not overlapped'} (same engine, "
                      "run before the main one)", n, f"{t:.2f}", f"{n / t:.2f}", f"{n * out / t:.0f}", f"{n * (inp + out) / t:.0f}",
-                     f"{t / floor_s:.2f}x" if floor_s else "-", f"{w:.2f}"])
+                     f"{t / floor_s:.2f}x" if floor_s else "-", f"{w:.2f}", "-"])
     for run in (hf or {}).get("runs", []):
         hf_floor = workload_flops(args.shape, run["num_requests"], inp, out) / (tflops * 1e12) if tflops else None
         how = (f"generate (batch {run['batch_size']})" if run["engine"] == "generate"
@@ -216,7 +224,7 @@ def report(args, startup, timed, counter, replays, tflops, bandwidth, hf, breakd
         rows.append([f"HF transformers {hf['transformers']} {how}",
                      run["num_requests"], f"{run['elapsed_s']:.2f}", f"{run['requests_per_s']:.2f}",
                      f"{run['output_tok_per_s']:.0f}", f"{run['total_tok_per_s']:.0f}",
-                     f"{run['elapsed_s'] / hf_floor:.2f}x" if hf_floor else "-", "-"])
+                     f"{run['elapsed_s'] / hf_floor:.2f}x" if hf_floor else "-", "-", "-"])
     table = markdown_table(header, rows)
     notes = [f"KV blocks {getattr(args, 'kv_blocks', '-')}; quantization={args.quantization}, kv_cache_dtype={args.kv_cache_dtype}.",
              f"Shape {args.shape}, dummy weights, {args.dtype}, {n} x {inp}/{out} tokens, ignore_eos, "
@@ -226,7 +234,8 @@ def report(args, startup, timed, counter, replays, tflops, bandwidth, hf, breakd
              f"Engine start-up (dummy load, profiling, KV allocation, graph capture): {startup:.1f} s "
              "(not in the time).",
              f"Steps: {counter.steps} ({counter.decode_steps} decode-only, {replays} served by CUDA graphs, "
-             f"{counter.steps - counter.decode_steps} with prefill tokens)."]
+             f"{counter.steps - counter.decode_steps} with prefill tokens).",
+             format_gpu_idle(idle) + "."]
     if tflops:
         notes.append(f"Ceilings measured in this run: bf16 8192^3 matmul {tflops:.0f} TFLOP/s, "
                      f"device copy {bandwidth:.0f} GB/s. Compute floor: {floor_s:.2f} s for "
@@ -242,7 +251,8 @@ def report(args, startup, timed, counter, replays, tflops, bandwidth, hf, breakd
         if trace and args.trace_file:
             pathlib.Path(args.trace_file).write_text(trace)
     print(body, flush=True)
-    figures = {"req/s": round(n / elapsed, 2), "output tok/s": round(n * out / elapsed), "time (s)": round(elapsed, 2)}
+    figures = {"req/s": round(n / elapsed, 2), "output tok/s": round(n * out / elapsed), "time (s)": round(elapsed, 2),
+               "GPU idle": idle_cell}
     if floor_s:
         figures["time / compute floor"] = f"{elapsed / floor_s:.2f}x"
     anchors = {f"HF {run['engine']} (same run)": f"{run['requests_per_s']:.2f} req/s" for run in (hf or {}).get("runs", [])}

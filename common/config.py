@@ -240,8 +240,16 @@ class KernelOptions:
     # Compile-time constants of paged_attention.cu fixed for every grid (SCORE_XPOSE, PREFETCH, TPG_MAX,
     # NUM_WARPS); one not given takes the measured default for the grid (attention_cuda.variant).
     attention_variant: dict[str, int] = field(default_factory=dict)
+    # The engine core's young-generation threshold of Python's cyclic GC (gc.set_threshold's first
+    # value, raised to it, never lowered; 0: leave the interpreter's). A decode step at batch ~1000
+    # allocates thousands of short-lived containers (reference counting frees them): at CPython's
+    # 700 they set off a collection every ~700, and the full ones walk every running request's
+    # token lists (1.2-3 ms a step and 20-50 ms pauses; benchmarks/host_overhead.py --gc-stats).
+    gc_threshold: int = 50_000
 
     def __post_init__(self) -> None:
+        if self.gc_threshold < 0:
+            raise ValueError(f"gc_threshold must be >= 0, got {self.gc_threshold}")
         if self.prefill_backend not in _PREFILL_BACKENDS:
             raise ValueError(f"prefill_backend must be one of {_PREFILL_BACKENDS}, got {self.prefill_backend!r}")
         if not 1 <= self.skinny_gemm_max_m <= _SKINNY_GEMM_MAX_M:

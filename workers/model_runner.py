@@ -48,9 +48,10 @@ class CachedRequestState:
                                         self.token_ids[self.num_prompt_tokens:])
 
     def append_tokens(self, new_token_ids: list[int]) -> None:
-        skip = max(0, self.num_prompt_tokens - len(self.token_ids))   # (only outputs arrive as deltas)
-        self.token_ids.extend(new_token_ids)
-        self.sampling_row.output_token_ids.extend(new_token_ids[skip:])
+        tokens = self.token_ids
+        skip = self.num_prompt_tokens - len(tokens)   # (only outputs arrive as deltas)
+        tokens.extend(new_token_ids)
+        self.sampling_row.output_token_ids.extend(new_token_ids[skip:] if skip > 0 else new_token_ids)
 
 
 class BlockTable:
@@ -146,8 +147,9 @@ class ModelRunner:
                                        lora_request=new.lora_request)
             state.table_row = self.block_table.add(state.block_ids)
             self.requests[new.req_id] = state
+        requests = self.requests
         for delta in sched.scheduled_cached_reqs:
-            state = self.requests[delta.req_id]
+            state = requests[delta.req_id]
             state.append_tokens(delta.new_token_ids if spec is None else spec.unseen(delta))
             if delta.block_start is not None:   # the driver cut the table (speculative decoding)
                 self.block_table.table[state.table_row, delta.block_start:len(state.block_ids)] = 0
@@ -179,7 +181,14 @@ class ModelRunner:
         pending: list[str] = []
         max_blocks = 0
         requests = self.requests
-        for req_id, n in sched.num_scheduled_tokens.items():
+        decode = (self._decode_rows(sched) if sched.total_num_scheduled_tokens == len(sched.num_scheduled_tokens)
+                  else None)
+        if decode is not None:
+            input_ids, table_rows, starts, fill_rows, fill_src, pending, max_blocks = decode
+            counts = [1] * len(starts)
+            sample_ids = list(sched.num_scheduled_tokens)
+            sample_rows = counts   # (only its length is read: every row samples)
+        for req_id, n in (sched.num_scheduled_tokens.items() if decode is None else ()):
             state = requests[req_id]
             start = state.num_computed_tokens
             end = start + n
@@ -242,6 +251,40 @@ class ModelRunner:
             max_query_len=max(counts), max_seq_len=max(seq_lens_list))
         return StepInputs(longs_d[0], longs_d[1], meta, sample_ids,
                           None if all_rows_sample else longs_d[-1], prompt_spans, pending)
+
+    def _decode_rows(self, sched: SchedulerOutput) -> tuple | None:
+        """prepare_inputs' per-request pass for a step where every request runs one token and
+        samples (a decode step): (input ids, table rows, starts, fill rows, their sources, pending
+        ids, max blocks). None when some request does not fit that (a one-token prompt chunk, a
+        missing sample): the general pass then handles the step."""
+        requests, last = self.requests, self.last_output
+        last_rows = last.rows if last is not None else {}
+        input_ids: list[int] = []
+        table_rows: list[int] = []
+        starts: list[int] = []
+        fill_rows: list[int] = []
+        fill_src: list[int] = []
+        pending: list[str] = []
+        max_blocks = 0
+        for i, req_id in enumerate(sched.num_scheduled_tokens):
+            state = requests[req_id]
+            start = state.num_computed_tokens
+            tokens = state.token_ids
+            if start == len(tokens) - 1:
+                input_ids.append(tokens[start])
+            else:   # its token is in flight: gathered on the device from the previous step's samples
+                row = last_rows.get(req_id) if start == len(tokens) else None
+                if row is None:
+                    return None
+                fill_rows.append(i)
+                fill_src.append(row)
+                pending.append(req_id)
+                input_ids.append(0)
+            table_rows.append(state.table_row)
+            starts.append(start)
+            if len(state.block_ids) > max_blocks:
+                max_blocks = len(state.block_ids)
+        return input_ids, table_rows, starts, fill_rows, fill_src, pending, max_blocks
 
     def _last_row(self, req_id: str, start: int, num_known: int) -> int:
         """Row of the request's in-flight token in the previous step's samples."""

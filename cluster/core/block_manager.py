@@ -104,6 +104,15 @@ class BlockManager:
         """The request's live block table, without a copy: read it, never change it."""
         return self._tables[request_id]
 
+    @property
+    def tables(self) -> dict[str, list[int]]:
+        """Every request's live block table by id, without copies: read them, never change them."""
+        return self._tables
+
+    def has_replaced(self) -> bool:
+        """Whether copy-on-write replaced a block of any request since its `take_replaced`."""
+        return bool(self._replaced)
+
     def take_replaced(self, request_id: str) -> int | None:
         """The lowest index of the request's table that copy-on-write replaced since the last call."""
         return self._replaced.pop(request_id, None) if self._replaced else None
@@ -199,10 +208,19 @@ class BlockManager:
         or None (nothing changed) when the free blocks do not suffice. `num_lookahead_tokens`
         more slots are reserved past them (speculative decoding: a step's proposals, unknown tokens).
         """
-        if num_new_tokens < 0:
-            raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         rid, bs = request.request_id, self.block_size
         table = self._tables.get(rid)
+        if num_new_tokens == 1 and table is not None and not num_lookahead_tokens and not computed_blocks:
+            # The common decode step, first: one token into a block the request alone holds.
+            pos = request.num_computed_tokens
+            index = pos // bs
+            if (index < len(table) and self._ref[table[index]] == 1
+                    and pos < len(request.all_token_ids) + request.num_output_placeholders):
+                if self.enable_prefix_caching:
+                    self._offer_full_blocks(request, pos + 1)
+                return []
+        if num_new_tokens < 0:
+            raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         if table is not None and not computed_blocks and self._fits_private(request, table, num_new_tokens,
                                                                             num_lookahead_tokens):
             # The common decode step: the tokens go into blocks the request alone holds.

@@ -91,6 +91,7 @@ class EngineCore:
         # no longer walked by the full collections a long run triggers, each a pause of the step loop.
         gc.collect()
         gc.freeze()
+        raise_gc_threshold(config.kernel.gc_threshold)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineCore":
@@ -242,15 +243,15 @@ class EngineCore:
         sched, step_out = launched
         runner_out = self._run_executor(_read_step, step_out)
         self._record_prompt_logprobs(sched, runner_out)
-        logprobs = runner_out.logprobs
+        logprobs, child_of, num_generated = runner_out.logprobs, self._child_of, 0
         for request, new_tokens in self.scheduler.update_from_output(sched, runner_out):
-            entry = self._child_of.get(request.request_id)
+            entry = child_of.get(request.request_id)
             if entry is None:
                 continue
             parent, index = entry
             if parent.pending and index == 0:
                 self._start_pending(parent)
-            self.generation_tokens_total += len(new_tokens)
+            num_generated += len(new_tokens)
             out = CoreOutput(parent.request_id, index, new_tokens)
             if request.sampling_params.logprobs is not None:
                 accepted = runner_out.accepted_logprobs.get(request.request_id)
@@ -265,6 +266,7 @@ class EngineCore:
                 out.stop_reason = request.stop_reason
                 self._end(parent, request)
             outputs.append(out)
+        self.generation_tokens_total += num_generated
         return CoreOutputs(outputs, self.get_stats(), time.monotonic())
 
     def _fill_pipeline(self) -> tuple[SchedulerOutput, StepOutput] | None:
@@ -331,6 +333,18 @@ class EngineCore:
     def shutdown(self) -> None:
         self.loras.shutdown()
         self.executor.shutdown()
+
+
+def raise_gc_threshold(threshold: int) -> None:
+    """Python's young-generation GC threshold raised to `threshold` (0: unchanged), process-wide.
+
+    The step loop's garbage is freed by reference counting; what a collection finds is the live
+    per-request state, which it then walks again and again. A higher threshold keeps collecting
+    cycles (every `threshold` net allocations) without walking that state every few hundred.
+    """
+    current = gc.get_threshold()
+    if threshold > current[0]:
+        gc.set_threshold(threshold, *current[1:])
 
 
 def _read_step(step: StepOutput):

@@ -71,6 +71,9 @@ class Request:
         self.spec_token_ids: list[int] = []
         # prompt + outputs, kept as one list so slices for the workers are cheap.
         self._all_token_ids = list(self.prompt_token_ids)
+        # The token count at which the request ends by length (set by the scheduler, which knows
+        # max_model_len; the sampling params never change once a request is added).
+        self.length_limit: int | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

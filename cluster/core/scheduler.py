@@ -53,6 +53,10 @@ from pagedray.cluster.core.step_pacing import PrefillPacer
 from pagedray.common.messages import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 
 
+# The new block ids of a delta that has none (most decode steps): one shared, immutable, empty value.
+_NO_BLOCKS: tuple[int, ...] = ()
+
+
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, block_size: int, num_kv_blocks: int,
                  enable_prefix_caching: bool, speculative_config=None,
@@ -230,8 +234,7 @@ class Scheduler:
             # A request ending with its tokens in flight leaves its seat now: its successor is
             # admitted in this step, as it would be without the overlap.
             self._admit_waiting(min(budget, prefill_left), scheduled, self.config.max_num_seqs + ending, skip)
-        output = self._build_output(scheduled)
-        self._advance(scheduled)
+        output = self._build_output(scheduled)   # (and counts the scheduled tokens as computed)
         for rid, drafts in output.scheduled_spec_decode_tokens.items():
             self.spec.advance(self.requests[rid], len(drafts))
         if scheduled:   # (an empty step has no output to match; a pipeline builds one per fill)
@@ -242,23 +245,12 @@ class Scheduler:
             self._step_requests.popitem(last=False)
         return output
 
-    def _advance(self, scheduled: dict[str, int]) -> None:
-        """Count the scheduled tokens as computed; a request that reaches the end of its tokens
-        (placeholders included) samples one, so it holds one more placeholder until it arrives."""
-        requests = self.requests
-        for rid, num in scheduled.items():
-            request = requests[rid]
-            request.num_computed_tokens += num
-            if request.num_computed_tokens >= request.num_tokens + request.num_output_placeholders:
-                request.num_output_placeholders += 1   # (past it by the proposals it verifies)
-
     def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
         """Tokens to run this step: all that are left, cut to the budget only with chunked prefill (else 0)."""
         pending = request.num_output_placeholders
-        if pending and self._ends_by_length(request, request.num_tokens + pending,
-                                            request.num_output_tokens + pending):
+        if pending and self._ends_by_length(request, len(request.all_token_ids) + pending):
             return 0    # its tokens in flight end it (or may, when they verify proposals): nothing to compute
-        left = request.num_tokens + pending - num_computed
+        left = len(request.all_token_ids) + pending - num_computed
         if left <= budget:
             return left
         return budget if self.config.enable_chunked_prefill else 0
@@ -283,7 +275,7 @@ class Scheduler:
         pending = request.num_output_placeholders
         if self.spec is not None and self.spec.in_flight:
             pending -= self.spec.in_flight.get(request.request_id, 0)
-        return self._ends_by_length(request, request.num_tokens + pending, request.num_output_tokens + pending)
+        return self._ends_by_length(request, len(request.all_token_ids) + pending)
 
     def _admit_waiting(self, budget: int, scheduled: dict[str, int], max_running: int,
                        skip: frozenset[str] | set[str] = frozenset()) -> None:
@@ -319,14 +311,18 @@ class Scheduler:
                 if self.max_loras else set())
 
     def _build_output(self, scheduled: dict[str, int]) -> SchedulerOutput:
+        """The step's message to the workers; then the scheduled tokens count as computed, and a
+        request that reaches the end of its tokens (placeholders included) samples one, so it holds
+        one more placeholder until it arrives (one pass over the requests for both)."""
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
         bm, requests, all_sent = self.block_manager, self.requests, self._sent
-        for rid in scheduled:
+        tables, any_replaced = bm.tables, bm.has_replaced()
+        for rid, num in scheduled.items():
             request = requests[rid]
-            table = bm.block_table(rid)
+            table = tables[rid]
             sent = all_sent.get(rid)
-            replaced = bm.take_replaced(rid)
+            replaced = bm.take_replaced(rid) if any_replaced else None
             if sent is not None and replaced is not None and replaced < sent[1]:
                 # Copy-on-write swapped a block the workers hold: resend the request whole.
                 self._finished_ids.add(rid)
@@ -339,10 +335,14 @@ class Scheduler:
             else:
                 start = self._trimmed.pop(rid, None) if self._trimmed else None
                 start = sent[1] if start is None else min(start, sent[1])
-                cached_reqs.append(CachedRequestData(rid, tokens[sent[0]:], table[start:],
+                cached_reqs.append(CachedRequestData(rid, tokens[sent[0]:],
+                                                     table[start:] if start < len(table) else _NO_BLOCKS,
                                                      request.num_computed_tokens,
                                                      None if start == sent[1] else start))
             all_sent[rid] = (len(tokens), len(table))
+            computed = request.num_computed_tokens = request.num_computed_tokens + num
+            if computed >= len(tokens) + request.num_output_placeholders:
+                request.num_output_placeholders += 1   # (past it by the proposals it verifies)
         finished, self._finished_ids = self._finished_ids, set()
         output = SchedulerOutput(new_reqs, cached_reqs, scheduled, sum(scheduled.values()), finished,
                                  self.block_manager.take_pending_copies())
@@ -357,23 +357,23 @@ class Scheduler:
         ids) for each that got one. A request finished or aborted since the schedule gets nothing;
         one preempted since (waiting, token in flight) keeps its token and resumes with it."""
         results: list[tuple[Request, list[int]]] = []
-        requests, sampled = self.requests, runner_output.sampled_token_ids
-        scheduled = self._step_requests.pop(id(scheduler_output), requests)
+        requests, spec, stop_status = self.requests, self.spec, self._stop_status
+        scheduled = self._step_requests.pop(id(scheduler_output), None)
+        if scheduled is None:   # (a step this scheduler no longer tracks)
+            scheduled = {rid: requests.get(rid) for rid in scheduler_output.num_scheduled_tokens}
         if self.pacer is not None:
             self.pacer.observe(id(scheduler_output), runner_output.step_time_s)
-        for rid in scheduler_output.num_scheduled_tokens:
-            token = sampled.get(rid)
-            if token is None:
-                continue    # mid-prefill: no sample
+        # The sampled ids come in the step's order; a request mid-prefill has none.
+        for rid, token in runner_output.sampled_token_ids.items():
             request = requests.get(rid)
             if request is None or request is not scheduled.get(rid):
                 continue    # finished or aborted since the schedule
             request.num_output_placeholders -= 1
-            if self.spec is not None:
+            if spec is not None:
                 new_tokens, status = self._apply_spec(request, scheduler_output, runner_output, token)
             else:
                 request.append_output_token(token)
-                new_tokens, status = [token], self._stop_status(request)
+                new_tokens, status = [token], stop_status(request)
             if status is not None:
                 self._finish(request, status)
             results.append((request, new_tokens))
@@ -396,19 +396,29 @@ class Scheduler:
 
     def _stop_status(self, request: Request) -> RequestStatus | None:
         """Token-level stops after a new token (stop strings are the engine's job). Length first, as vLLM."""
-        params = request.sampling_params
-        if self._ends_by_length(request, request.num_tokens, request.num_output_tokens):
+        if self._ends_by_length(request, len(request.all_token_ids)):
             return RequestStatus.FINISHED_LENGTH
-        if request.num_output_tokens < params.min_tokens:
+        params = request.sampling_params
+        outputs = request.output_token_ids
+        if params.min_tokens and len(outputs) < params.min_tokens:
             return None
-        last = request.output_token_ids[-1]
-        if not params.ignore_eos and params.eos_token_id is not None and last == params.eos_token_id:
+        last = outputs[-1]
+        if last == params.eos_token_id and not params.ignore_eos:   # (None never equals a token id)
             return RequestStatus.FINISHED_STOPPED
-        if last in params.stop_token_ids:
+        if params.stop_token_ids and last in params.stop_token_ids:
             request.stop_reason = last
             return RequestStatus.FINISHED_STOPPED
         return None
 
-    def _ends_by_length(self, request: Request, num_tokens: int, num_outputs: int) -> bool:
-        max_tokens = request.sampling_params.max_tokens
-        return num_tokens >= self.config.max_model_len or (max_tokens is not None and num_outputs >= max_tokens)
+    def _ends_by_length(self, request: Request, num_tokens: int) -> bool:
+        """Whether the request ends by length once it holds `num_tokens` tokens (prompt + outputs):
+        at max_model_len, or at the prompt plus max_tokens. The limit is kept on the request: this is
+        asked per request per step."""
+        limit = request.length_limit
+        if limit is None:
+            max_tokens = request.sampling_params.max_tokens
+            limit = self.config.max_model_len
+            if max_tokens is not None:
+                limit = min(limit, request.num_prompt_tokens + max_tokens)
+            request.length_limit = limit
+        return num_tokens >= limit

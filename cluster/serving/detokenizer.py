@@ -55,6 +55,29 @@ class IncrementalDetokenizer:
         self.text = ""
         self.stopped_on: str | None = None
         self._shown = 0   # chars already returned by add_tokens
+        # Tokens taken by `defer` and not decoded yet, and whether the request ended with them.
+        self._deferred: list[int] = []
+        self._deferred_final = False
+
+    @property
+    def can_defer(self) -> bool:
+        """Whether decoding may wait until the text is read: nothing decides on the text
+        meanwhile (no stop strings to find; no tokenizer is as good as none at all)."""
+        return not self.stop
+
+    def defer(self, token_ids: list[int], final: bool = False) -> None:
+        """`add_tokens` later, when the text is read (`flush`): one decode of the whole span
+        instead of two per step, off the step loop while nobody reads the text."""
+        self._deferred.extend(token_ids)
+        self._deferred_final = self._deferred_final or final
+
+    def flush(self) -> str:
+        """Decode the deferred tokens; the text that became safe to show (as `add_tokens`)."""
+        if not self._deferred and not self._deferred_final:
+            return ""
+        ids, self._deferred = self._deferred, []
+        final, self._deferred_final = self._deferred_final, False
+        return self.add_tokens(ids, final=final)
 
     def _decode(self, ids: list[int]) -> str:
         # A fast tokenizer's Rust backend decodes the same text as the transformers wrapper

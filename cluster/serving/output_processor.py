@@ -90,8 +90,14 @@ class RequestState:
             c.logprobs.extend(_logprob_dict(e) for e in out.new_logprobs)
         reason = out.finish_reason
         # Ended by eos or a stop token id: as vLLM, that token's text is not part of the output.
-        c.new_text += c.detokenizer.add_tokens(new[:-1] if reason == "stop" else new, final=reason is not None)
-        stopped = c.detokenizer.stopped_on is not None
+        detokenizer = c.detokenizer
+        if detokenizer.can_defer:   # decoded when an output is built (LLM.generate: once, at the end)
+            detokenizer.defer(new[:-1] if reason == "stop" else new, final=reason is not None)
+            if reason is not None:
+                self._finish(c, reason, now)
+            return False
+        c.new_text += detokenizer.add_tokens(new[:-1] if reason == "stop" else new, final=reason is not None)
+        stopped = detokenizer.stopped_on is not None
         if stopped:
             reason = "stop"   # as vLLM: a stop string wins over "length"
         if reason is not None:
@@ -117,6 +123,7 @@ class RequestState:
         since the last delta built, each with only its new tokens, text and logprobs."""
         completions = []
         for c in self.completions:
+            c.new_text += c.detokenizer.flush()
             if not delta:
                 completions.append(CompletionOutput(
                     c.index, c.detokenizer.visible_text(c.finished), list(c.token_ids),
