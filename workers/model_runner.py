@@ -350,28 +350,29 @@ class ModelRunner:
         logits = self.model.compute_logits(sampled)
         if not self.sample:
             return StepOutput.done(ModelRunnerOutput({}))
-        rows = self._sampling_rows(inputs)
+        rows, pending_rows = self._sampling_rows(inputs)
         out = StepOutput(inputs.sample_req_ids, self.sampler.sample(logits, rows), prompt_logprobs, timer)
-        for rid in inputs.pending_req_ids:
-            row = self.requests[rid].sampling_row
-            row.num_pending, row.pending_token_ids = 0, []
+        for row in pending_rows:
+            row.num_pending = 0
+            if row.pending_token_ids:
+                row.pending_token_ids = []
         self.last_output = out
         return out
 
-    def _sampling_rows(self, inputs: StepInputs) -> list[SamplingRow]:
-        """The rows of this step's samples; a row whose previous token is in flight counts it, and
-        when it has penalties or a grammar the host waits for that token's id (the step's forward
-        is already queued, so the device keeps busy meanwhile)."""
+    def _sampling_rows(self, inputs: StepInputs) -> tuple[list[SamplingRow], list[SamplingRow]]:
+        """The rows of this step's samples, and those whose previous token is in flight: such a row
+        counts it, and when it has penalties or a grammar the host waits for that token's id (the
+        step's forward is already queued, so the device keeps busy meanwhile)."""
         requests = self.requests
         rows = [requests[r].sampling_row for r in inputs.sample_req_ids]
-        if inputs.pending_req_ids:
+        pending = [requests[r].sampling_row for r in inputs.pending_req_ids]
+        if pending:
             last = self.last_output
-            for rid in inputs.pending_req_ids:
-                row = requests[rid].sampling_row
+            for rid, row in zip(inputs.pending_req_ids, pending):
                 row.num_pending = 1
                 if row.has_penalty or row.params.structured_outputs is not None:   # (a grammar advances by it)
                     row.pending_token_ids = [last.token_list()[last.rows[rid]]]
-        return rows
+        return rows, pending
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor | None:
         meta = inputs.attn_metadata

@@ -55,15 +55,12 @@ class IncrementalDetokenizer:
         self.text = ""
         self.stopped_on: str | None = None
         self._shown = 0   # chars already returned by add_tokens
+        # Whether decoding may wait until the text is read (`defer`): nothing decides on the text
+        # meanwhile, i.e. there are no stop strings to find (and there is text at all).
+        self.can_defer = not self.stop and tokenizer is not None
         # Tokens taken by `defer` and not decoded yet, and whether the request ended with them.
         self._deferred: list[int] = []
         self._deferred_final = False
-
-    @property
-    def can_defer(self) -> bool:
-        """Whether decoding may wait until the text is read: nothing decides on the text
-        meanwhile (no stop strings to find; no tokenizer is as good as none at all)."""
-        return not self.stop
 
     def defer(self, token_ids: list[int], final: bool = False) -> None:
         """`add_tokens` later, when the text is read (`flush`): one decode of the whole span

@@ -74,7 +74,7 @@ class RequestState:
     def apply(self, out: CoreOutput, now: float) -> bool:
         """Apply one completion's delta; True when a stop string ended a completion the core runs on."""
         c = self.completions[out.index]
-        if c.finished:
+        if c.finish_reason is not None:
             return False   # e.g. a token drawn before the core applied our abort
         if out.error is not None:
             self.error = out.error

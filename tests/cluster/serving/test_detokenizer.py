@@ -97,3 +97,23 @@ def test_skip_special_tokens(tok):
 def test_no_tokenizer_gives_no_text():
     detok = IncrementalDetokenizer(None, [1, 2, 3], stop=["x"])
     assert detok.add_tokens([4, 5], final=True) == "" and detok.text == ""
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_deferred_tokens_decode_to_the_streamed_text(tok, text):
+    """`defer` + `flush` (what the output processor does for a completion without stop strings
+    until its text is read): the same text as one add_tokens per token, flushed in any chunks."""
+    ids = tok.encode(text)
+    streamed, deltas = _stream(tok, "Say:", ids)
+    detok = IncrementalDetokenizer(tok, tok.encode("Say:"))
+    assert detok.can_defer and not IncrementalDetokenizer(tok, [], stop=["x"]).can_defer
+    assert not IncrementalDetokenizer(None, []).can_defer
+    shown = []
+    for i, t in enumerate(ids):
+        detok.defer([t], final=i == len(ids) - 1)
+        if i % 5 == 4:
+            shown.append(detok.flush())
+    shown.append(detok.flush())
+    assert "".join(shown) == "".join(deltas) == streamed.text == detok.text == text
+    assert "\ufffd" not in "".join(shown)
+    assert detok.flush() == ""

@@ -60,6 +60,23 @@ def test_a_delta_built_late_coalesces_every_step_since_the_last(tok):
     assert state.make_output(delta=True).outputs == []     # nothing new: nothing sent again
 
 
+
+def test_text_is_decoded_only_when_an_output_is_built(tok):
+    """Without stop strings a completion's text waits for make_output (LLM.generate builds one, at
+    the end): no decode per step, and the text is the streamed one."""
+    ids = tok.encode(TEXT)
+    proc = OutputProcessor(tok)
+    state = proc.add_request("a", None, [1], SamplingParams(max_tokens=len(ids)))
+    calls = []
+    detok = state.completions[0].detokenizer
+    original = detok.add_tokens
+    detok.add_tokens = lambda *a, **k: calls.append(a) or original(*a, **k)
+    _feed(proc, "a", ids)
+    assert calls == [] and state.finished
+    out = state.make_output(delta=False)
+    assert len(calls) == 1 and out.outputs[0].text == TEXT and out.outputs[0].finish_reason == "length"
+
+
 def test_a_stop_string_ends_the_completion_and_asks_for_its_abort(tok):
     ids = tok.encode(TEXT)
     proc = OutputProcessor(tok)
