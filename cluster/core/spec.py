@@ -100,8 +100,10 @@ class SpecDecoding:
 
     def propose(self, request: Request, worker_drafts: list[int] | None) -> None:
         """The proposals for the request's next step: the n-gram lookup, or the workers' drafts.
-        None while another step of it is in flight (that step brings the next ones)."""
+        Placeholders while another step of it is in flight (the workers hold that step's proposals;
+        the prefill pacer counts them as rows of the next step)."""
         if request.num_output_placeholders:
+            request.spec_token_ids = self._placeholders if self.overlapped else []
             return
         if self.config.method == "ngram" and not self.overlapped:
             cfg = self.config
