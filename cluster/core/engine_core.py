@@ -307,12 +307,13 @@ class EngineCore:
     def _start_pending(self, parent: _Parent) -> None:
         """Completion 0 just got its first token: fork the others from its prompt blocks.
 
-        When completion 0 already finished (a stop at its first token freed its blocks), they
+        When completion 0 already finished (a stop at its first token freed its blocks), or was
+        preempted while that token was in flight (overlapped steps: its blocks are gone too), they
         start as ordinary requests instead (prefix caching still shares the prompt's full blocks).
         """
         first = parent.children[0]
         for child in parent.pending:
-            if first.is_finished:
+            if first.status is not RequestStatus.RUNNING:
                 self.scheduler.add_request(child)
             else:
                 child.num_computed_tokens = parent.num_prompt_tokens - 1

@@ -62,6 +62,10 @@ def _tokens(llm: LLM, prompts, params) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
+def _completions(llm: LLM, prompts, params) -> list[list[list[int]]]:
+    return [[list(c.token_ids) for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
 def _assert_nothing_held(llm: LLM) -> None:
     stats = llm.llm_engine.get_stats()
     assert (stats.num_used_blocks, stats.num_running, stats.num_waiting) == (0, 0, 0)
@@ -216,6 +220,25 @@ def test_seeded_requests_are_reproducible_across_batches_and_preemption(target, 
     assert small.llm_engine.get_stats().num_preemptions > 0
     assert alone == mixed == tight
     _assert_nothing_held(small)
+
+
+@OVERLAP
+def test_seeded_sampling_emits_the_tokens_of_the_engine_without_speculation(target, base, overlap):
+    """Verification draws each position's token as the plain sampler does (with the seed's noise for
+    that output position) and accepts a proposal when they agree: a seeded request emits exactly what
+    it emits without speculation, however many proposals were accepted (a draft identical to the
+    target proposes its argmax, accepted where the draw agrees), with preemptions too."""
+    cfg = {"method": "draft_model", "model": target, "num_speculative_tokens": 3}
+    prompts = [PROMPTS[1], PROMPTS[0], {"prompt_token_ids": list(range(40, 58))}]
+    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=s, max_tokens=24, ignore_eos=True, n=1 + (s == 1),
+                             repetition_penalty=1.2 if s == 2 else 1.0) for s in range(3)]
+    want = _completions(base, prompts, params)
+    llm = LLM(target, device="cpu", block_size=4, num_kv_blocks=20, speculative_config=cfg,
+              async_scheduling=overlap)
+    assert _completions(llm, prompts, params) == want
+    stats = llm.llm_engine.get_stats()
+    assert stats.num_preemptions > 0 and stats.spec_num_accepted_tokens >= 10
+    _assert_nothing_held(llm)
 
 
 @OVERLAP
@@ -453,3 +476,28 @@ def test_structured_outputs_greedy_equal_the_engine_without_speculation(target, 
     # proposes without the grammar (masking it would cost a host round trip per proposal).
     assert stats.spec_num_draft_tokens > 0 and (stats.spec_num_accepted_tokens > 0 or method != "ngram")
     _assert_nothing_held(llm)
+
+
+def test_n_children_start_when_the_first_was_preempted_with_its_token_in_flight(target, draft, base):
+    """n > 1 forks completions 1.. from completion 0 when its first token arrives; with overlapped
+    steps completion 0 may have been preempted meanwhile (its blocks freed): the others then start
+    as ordinary requests, and every completion equals the engine's without speculation."""
+    cfg = {"method": "draft_model", "model": draft, "num_speculative_tokens": 3}
+    core = EngineCore.from_kwargs(target, device="cpu", block_size=4, speculative_config=cfg, async_scheduling=True)
+    params = lambda: SamplingParams(n=3, temperature=0.8, seed=5, max_tokens=12, ignore_eos=True)  # noqa: E731
+    prompt = PROMPTS[1]["prompt_token_ids"]
+    core.add([CoreRequest("a", prompt, params())])
+    assert core.step().outputs == []          # the prefill is in flight, not read
+    sched = core.scheduler
+    first = sched.running[-1]
+    sched.running.remove(first)
+    sched._preempt(first)                     # as when a later step's blocks do not fit
+    got: dict[int, list[int]] = {}
+    while core.has_unfinished_requests():
+        for out in core.step().outputs:
+            assert out.error is None, out.error
+            got.setdefault(out.index, []).extend(out.new_token_ids)
+    want = base.generate({"prompt_token_ids": prompt}, params(), use_tqdm=False)[0].outputs
+    assert [got[i] for i in range(3)] == [list(c.token_ids) for c in want]
+    assert sched.block_manager.num_used_blocks == 0
+    core.shutdown()

@@ -5,13 +5,16 @@ Rejection sampling (Leviathan et al.; Chen et al.) then reads: accept d with pro
 p is the target's distribution at that position after the request's own processing (penalties
 counting the earlier proposals as outputs, min_tokens, temperature, min-p, top-k, top-p — the
 non-speculative sampler's functions); at the first rejection draw from p with d removed
-(renormalised max(p - q, 0)); after k acceptances draw a bonus token from the last row's p. Each
-emitted token is then distributed exactly as the target's own sampler would draw it.
+(renormalised max(p - q, 0)); after k acceptances draw a bonus token from the last row's p.
 
-Greedy rows are the special case p = one-hot(argmax): accept while the proposal equals the argmax,
-then emit the argmax. Draws use the sampler's exponential race and its noise, so a seeded request
-takes its randomness from (seed, output position) and stays reproducible; its acceptance uniforms
-come from the same hash under another key. The host waits once per step, for all rows together.
+With a one-hot q that is the same as drawing t from p at every position and accepting d while
+t == d: t == d has probability p(d), and a t != d is distributed as p with d removed. So each row
+draws t exactly as the non-speculative sampler would (its exponential race, with the noise of the
+row's output position) and the step emits the accepted proposals and then the first t that differs
+(or the bonus row's t). Each emitted token is then distributed exactly as the target's own sampler
+draws it, and a seeded request (noise from (seed, output position)) emits the tokens it would emit
+without speculation, whatever was proposed, whatever the batch, preemption or overlap of steps did.
+Greedy rows are the case p = one-hot(argmax). The host waits once per step, for all rows together.
 """
 from __future__ import annotations
 
@@ -20,11 +23,8 @@ import copy
 import torch
 
 from pagedray.common.messages import Logprobs
-from pagedray.workers.sampler import (Sampler, SamplingRow, _row_keys, apply_penalties, filtered_probs,
-                                      logprob_entries, mask_min_tokens, seeded_uniform, to_device)
-
-# Keys a seeded request's acceptance uniforms apart from its sampling noise.
-_ACCEPT_SALT = 0x5EC0DE5EC0DE
+from pagedray.workers.sampler import (Sampler, SamplingRow, apply_penalties, filtered_probs, logprob_entries,
+                                      mask_min_tokens, to_device)
 
 
 def expand_rows(rows: list[SamplingRow], groups: list[tuple[str, int, list[int]]]) -> list[SamplingRow]:
@@ -66,18 +66,11 @@ def verify(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow],
     prop = to_device(proposal, torch.int64, dev)
     greedy = [r.params.greedy for r in erows]
     chosen = logits.argmax(dim=-1)
-    accept = chosen == prop
-    if not all(greedy):
+    if not all(greedy):   # every row's own draw, as the sampler's (`_general`) for that position
         probs = filtered_probs(logits, erows)
-        safe = prop.clamp(0, probs.shape[-1] - 1)
-        p_prop = probs.gather(1, safe[:, None]).squeeze(1).masked_fill(prop < 0, 0.0)
-        accept_s = _uniforms(sampler, erows, dev) < p_prop
-        # Where the proposal is rejected: draw from p without it (the bonus row removes nothing).
-        residual = probs.scatter(1, safe[:, None], 0.0).where((prop >= 0)[:, None], probs)
-        drawn = (residual / sampler._noise(residual, erows)).argmax(dim=-1)
-        is_greedy = to_device(greedy, torch.bool, dev)
-        chosen = torch.where(is_greedy, chosen, drawn)
-        accept = torch.where(is_greedy, accept, accept_s)
+        drawn = (probs / sampler._noise(probs, erows)).argmax(dim=-1)
+        chosen = torch.where(to_device(greedy, torch.bool, dev), chosen, drawn)
+    accept = chosen == prop
     host = torch.stack([chosen, accept.long()]).tolist()     # the step's one wait for the device
     tokens: list[list[int]] = []
     lp_rows: list[int] = []
@@ -108,16 +101,6 @@ def _greedy(sampler: Sampler, logits: torch.Tensor, erows: list[SamplingRow],
             a += 1
         tokens.append(drafts[:a] + [chosen[row0 + a]])
     return tokens
-
-
-def _uniforms(sampler: Sampler, erows: list[SamplingRow], dev: torch.device) -> torch.Tensor:
-    """One acceptance uniform per row: from the generator, or from the hash for seeded rows."""
-    u = torch.rand(len(erows), generator=sampler._global_generator(dev), device=dev, dtype=torch.float64)
-    seeded = [i for i, r in enumerate(erows) if r.params.seed is not None and not r.params.greedy]
-    if seeded:
-        keys = [_row_keys(erows[i].params.seed ^ _ACCEPT_SALT, erows[i].num_outputs) for i in seeded]
-        u[to_device(seeded, torch.int64, dev)] = seeded_uniform(to_device(keys, torch.int64, dev), 1)[:, 0]
-    return u
 
 
 def _logprobs(raw_lp, groups, rows, tokens, lp_rows, lp_ids, lp_want) -> list[list[Logprobs] | None]:
