@@ -26,7 +26,9 @@ wrapping the stage methods on the instances. Stages:
 The "LLM.generate" column times whole steps as LLM.generate drives them (it may ask the engine
 for less than the serving path needs); the stage columns are measured on `engine.step()`.
 Each case also counts the cyclic GC's collections during the timed steps (per step, and their
-time). --kernel-option sets engine switches (KernelOptions); --baseline-option NAME=VALUE runs every
+time), the CPU time of the LLM.generate steps (this thread's) and, over --opcode-steps more of them,
+the Python bytecodes a step runs (sys.settrace): on a shared machine, where other processes stretch
+wall and CPU times, that count is the figure to compare (C code is not in it). --kernel-option sets engine switches (KernelOptions); --baseline-option NAME=VALUE runs every
 case again, in the same process, on an engine built with those switches instead (the GC threshold,
 process-wide, is set to each engine's own value before its cases).
 The tokenizer is a synthetic byte-level BPE with the same vocabulary size (decode cost, not
@@ -116,7 +118,7 @@ def build_llm(model: str, tokenizer: str | None, args, max_len: int, options: li
     blocks = args.max_batch * -(-max_len // 16) + 16
     opts = kernel_options(args.kernel_option if options is None else options)
     # The GC threshold is process-wide and engines only raise it: each engine's own, as in a process of its own.
-    gc.set_threshold(opts.gc_threshold or DEFAULT_GC_THRESHOLD[0], *DEFAULT_GC_THRESHOLD[1:])
+    gc.set_threshold(getattr(opts, "gc_threshold", 0) or DEFAULT_GC_THRESHOLD[0], *DEFAULT_GC_THRESHOLD[1:])
     return LLM(model, tokenizer=tokenizer, load_format="dummy", dtype="float32", device="cpu",
                max_model_len=max_len, max_num_seqs=args.max_batch, num_kv_blocks=blocks,
                max_num_batched_tokens=args.max_num_batched_tokens,
@@ -212,14 +214,46 @@ class Stages(InstancePatches):
         return out
 
 
-def generate_step_ms(engine, steps: int) -> float:
-    """Mean time of a step as LLM.generate drives it (it asks for finished outputs only when
-    the engine offers that)."""
-    kwargs = {"finished_only": True} if "finished_only" in inspect.signature(engine.step).parameters else {}
-    start = time.perf_counter()
+def _generate_kwargs(engine) -> dict:
+    """How LLM.generate calls step (it asks for finished outputs only when the engine offers that)."""
+    return {"finished_only": True} if "finished_only" in inspect.signature(engine.step).parameters else {}
+
+
+def generate_step_ms(engine, steps: int) -> tuple[float, float]:
+    """Mean wall and CPU (this thread's) time of a step as LLM.generate drives it."""
+    kwargs = _generate_kwargs(engine)
+    start, cpu = time.perf_counter(), time.thread_time()
     for _ in range(steps):
         engine.step(**kwargs)
-    return (time.perf_counter() - start) / steps * 1e3
+    return (time.perf_counter() - start) / steps * 1e3, (time.thread_time() - cpu) / steps * 1e3
+
+
+def count_opcodes(engine, steps: int) -> tuple[float, list[tuple[str, float]]]:
+    """Python bytecodes run per step as LLM.generate drives it, and the functions that run the
+    most (per step): a measure of the host's interpreted work that other processes on a shared
+    machine cannot disturb (C code — numpy, torch, dict and list builtins — is not counted)."""
+    counts: dict[str, int] = {}
+
+    def per_opcode(frame, event, arg):
+        if event == "opcode":
+            code = frame.f_code
+            key = "/".join(code.co_filename.rsplit("/", 2)[-2:]) + ":" + code.co_name
+            counts[key] = counts.get(key, 0) + 1
+        return per_opcode
+
+    def per_call(frame, event, arg):
+        frame.f_trace_opcodes = True
+        return per_opcode
+
+    kwargs = _generate_kwargs(engine)
+    sys.settrace(per_call)
+    try:
+        for _ in range(steps):
+            engine.step(**kwargs)
+    finally:
+        sys.settrace(None)
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:10]
+    return sum(counts.values()) / steps, [(k, v / steps) for k, v in top]
 
 
 def run_case(llm, batch: int, mode: str, args) -> dict:
@@ -251,7 +285,9 @@ def run_case(llm, batch: int, mode: str, args) -> dict:
     finally:
         stages.restore()
     result = stages.summary()
-    result["generate_step"] = generate_step_ms(engine, args.steps)
+    result["generate_step"], result["generate_step_cpu"] = generate_step_ms(engine, args.steps)
+    if args.opcode_steps:
+        result["opcodes"], result["top_opcodes"] = count_opcodes(engine, args.opcode_steps)
     running = engine.scheduler.num_running
     if running != batch or any(r.is_finished for r in engine.scheduler.running):
         raise RuntimeError(f"batch {batch}: {running} requests still running after the timed steps")
@@ -283,15 +319,18 @@ def main(argv=None) -> int:
                 r = run_case(llm, batch, mode, args)
                 rows.append([variant, batch, mode, use_tok, loop] + [f"{r[s]:.3f}" for s in STAGES]
                             + [f"{r['step']:.3f}", f"{r['step'] - r['sampler']:.3f}",
-                               f"{r['generate_step']:.3f}", f"{r['gc']:.3f}", f"{r['gc_full']:.3f}"])
+                               f"{r['generate_step']:.3f}", f"{r['generate_step_cpu']:.3f}",
+                               f"{r['opcodes'] / 1e3:.0f}" if "opcodes" in r else "-",
+                               f"{r['gc']:.3f}", f"{r['gc_full']:.3f}"])
                 print(json.dumps({"variant": variant, "batch": batch, "mode": mode, "tokenizer": use_tok,
-                                  "loop": loop, **{k: round(v, 4) for k, v in r.items() if k != "profile"}}),
-                      flush=True)
+                                  "loop": loop, **{k: round(v, 4) if isinstance(v, float) else v
+                                                   for k, v in r.items() if k != "profile"}}), flush=True)
                 if "profile" in r:
                     profiles.append(f"== batch {batch} {mode} tokenizer={use_tok}\n{r['profile']}")
             llm.shutdown()
     header = (["engine", "batch", "sampling", "tokenizer", "loop"] + [f"{s} (ms)" for s in STAGES]
-              + ["step (ms)", "step - sampler (ms)", "LLM.generate step (ms)", "GC (ms)", "full GCs / step"])
+              + ["step (ms)", "step - sampler (ms)", "LLM.generate step (ms)", "its CPU time (ms)",
+                 "its Python bytecodes (thousands)", "GC (ms)", "full GCs / step"])
     notes = (f"- CPU ({os.cpu_count()} cores, shared), torch threads {args.threads}; prompts of {args.input_len} "
              f"token ids; {args.warmup} warm-up decode steps, then means over {args.steps} decode-only steps; "
              f"vocab {args.vocab}; forward and logits stubbed; temperature mode = temperature 1.0, no "
@@ -326,6 +365,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="print a cProfile of each case's timed steps")
+    p.add_argument("--opcode-steps", type=int, default=3,
+                   help="steps whose Python bytecodes are counted (sys.settrace; 0: none)")
     p.add_argument("--label", default="")
     p.add_argument("--results", default=None, help="also append the table to this markdown file (the run is always recorded in benchmarks/records/)")
     args = p.parse_args(argv)
@@ -337,7 +378,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.max_num_batched_tokens < args.max_batch:
         raise ValueError(f"--max-num-batched-tokens ({args.max_num_batched_tokens}) must be >= the largest "
                          f"batch ({args.max_batch})")
-    args.max_len = args.input_len + _prefill_steps(args) + args.warmup + 2 * args.steps + 16
+    args.max_len = args.input_len + _prefill_steps(args) + args.warmup + 2 * args.steps + args.opcode_steps + 16
     return args
 
 

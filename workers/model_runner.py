@@ -16,6 +16,8 @@ later delta like any other.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import attrgetter, getitem
 
 import numpy as np
 import torch
@@ -29,6 +31,23 @@ from pagedray.workers.sampler import Sampler, SamplingRow, logprob_entries
 from pagedray.workers.pipeline_stage import StageIO
 from pagedray.workers.step_output import StepOutput, StepTimer
 from pagedray.common.sampling_params import SamplingParams
+
+
+# Per-request fields read with map() over a step's requests: the loop runs in C, not in bytecode
+# (a decode step at batch ~1000 is bound by the host's per-request work).
+_NUM_COMPUTED = attrgetter("num_computed_tokens")
+_TOKEN_IDS = attrgetter("token_ids")
+_BLOCK_IDS = attrgetter("block_ids")
+_TABLE_ROW = attrgetter("table_row")
+_SAMPLING_ROW = attrgetter("sampling_row")
+_WAITS_FOR_IDS = attrgetter("has_penalty")
+_CONSTRAINED = attrgetter("constrained")
+
+
+def _set_all(objects: list, name: str, value) -> None:
+    """`obj.name = value` for each object, looped in C."""
+    for _ in map(setattr, objects, repeat(name), repeat(value)):
+        pass
 
 
 @dataclass
@@ -255,36 +274,40 @@ class ModelRunner:
     def _decode_rows(self, sched: SchedulerOutput) -> tuple | None:
         """prepare_inputs' per-request pass for a step where every request runs one token and
         samples (a decode step): (input ids, table rows, starts, fill rows, their sources, pending
-        ids, max blocks). None when some request does not fit that (a one-token prompt chunk, a
-        missing sample): the general pass then handles the step."""
-        requests, last = self.requests, self.last_output
-        last_rows = last.rows if last is not None else {}
-        input_ids: list[int] = []
-        table_rows: list[int] = []
-        starts: list[int] = []
-        fill_rows: list[int] = []
-        fill_src: list[int] = []
-        pending: list[str] = []
-        max_blocks = 0
-        for i, req_id in enumerate(sched.num_scheduled_tokens):
-            state = requests[req_id]
-            start = state.num_computed_tokens
-            tokens = state.token_ids
-            if start == len(tokens) - 1:
-                input_ids.append(tokens[start])
-            else:   # its token is in flight: gathered on the device from the previous step's samples
-                row = last_rows.get(req_id) if start == len(tokens) else None
-                if row is None:
-                    return None
-                fill_rows.append(i)
-                fill_src.append(row)
-                pending.append(req_id)
-                input_ids.append(0)
-            table_rows.append(state.table_row)
-            starts.append(start)
-            if len(state.block_ids) > max_blocks:
-                max_blocks = len(state.block_ids)
-        return input_ids, table_rows, starts, fill_rows, fill_src, pending, max_blocks
+        ids, max blocks), read with C loops (map) and numpy. None when some request does not fit
+        that (a one-token prompt chunk, a missing sample): the general pass then handles the step."""
+        ids = list(sched.num_scheduled_tokens)
+        states = list(map(self.requests.__getitem__, ids))
+        starts = list(map(_NUM_COMPUTED, states))
+        token_lists = list(map(_TOKEN_IDS, states))
+        known = list(map(len, token_lists))
+        table_rows = list(map(_TABLE_ROW, states))
+        max_blocks = max(map(len, map(_BLOCK_IDS, states)))
+        n = len(ids)
+        if starts == known:
+            # Every input token is in flight (the overlapped loop): gathered on the device from the
+            # previous step's samples.
+            last = self.last_output
+            src = list(map(last.rows.get, ids)) if last is not None else [None]
+            if None in src:
+                return None
+            return [0] * n, table_rows, starts, list(range(n)), src, ids, max_blocks
+        start_a, known_a = np.array(starts), np.array(known)
+        in_flight = start_a == known_a
+        if not np.all(in_flight | (start_a == known_a - 1)):
+            return None   # a one-token prompt chunk: it does not sample
+        if not in_flight.any():
+            return list(map(getitem, token_lists, starts)), table_rows, starts, [], [], [], max_blocks
+        fill_rows = np.flatnonzero(in_flight).tolist()
+        pending = [ids[i] for i in fill_rows]
+        last = self.last_output
+        src = list(map(last.rows.get, pending)) if last is not None else [None]
+        if None in src:
+            return None
+        input_ids = [0] * n
+        for i in np.flatnonzero(~in_flight).tolist():
+            input_ids[i] = token_lists[i][starts[i]]
+        return input_ids, table_rows, starts, fill_rows, src, pending, max_blocks
 
     def _last_row(self, req_id: str, start: int, num_known: int) -> int:
         """Row of the request's in-flight token in the previous step's samples."""
@@ -352,10 +375,12 @@ class ModelRunner:
             return StepOutput.done(ModelRunnerOutput({}))
         rows, pending_rows = self._sampling_rows(inputs)
         out = StepOutput(inputs.sample_req_ids, self.sampler.sample(logits, rows), prompt_logprobs, timer)
-        for row in pending_rows:
-            row.num_pending = 0
-            if row.pending_token_ids:
-                row.pending_token_ids = []
+        if pending_rows:
+            _set_all(pending_rows, "num_pending", 0)
+            if any(map(_WAITS_FOR_IDS, pending_rows)) or any(map(_CONSTRAINED, pending_rows)):
+                for row in pending_rows:
+                    if row.pending_token_ids:
+                        row.pending_token_ids = []
         self.last_output = out
         return out
 
@@ -363,15 +388,16 @@ class ModelRunner:
         """The rows of this step's samples, and those whose previous token is in flight: such a row
         counts it, and when it has penalties or a grammar the host waits for that token's id (the
         step's forward is already queued, so the device keeps busy meanwhile)."""
-        requests = self.requests
-        rows = [requests[r].sampling_row for r in inputs.sample_req_ids]
-        pending = [requests[r].sampling_row for r in inputs.pending_req_ids]
+        get = self.requests.__getitem__
+        rows = list(map(_SAMPLING_ROW, map(get, inputs.sample_req_ids)))
+        pending = list(map(_SAMPLING_ROW, map(get, inputs.pending_req_ids)))
         if pending:
-            last = self.last_output
-            for rid, row in zip(inputs.pending_req_ids, pending):
-                row.num_pending = 1
-                if row.has_penalty or row.params.structured_outputs is not None:   # (a grammar advances by it)
-                    row.pending_token_ids = [last.token_list()[last.rows[rid]]]
+            _set_all(pending, "num_pending", 1)
+            if any(map(_WAITS_FOR_IDS, pending)) or any(map(_CONSTRAINED, pending)):
+                last = self.last_output
+                for rid, row in zip(inputs.pending_req_ids, pending):
+                    if row.has_penalty or row.params.structured_outputs is not None:   # (a grammar advances by it)
+                        row.pending_token_ids = [last.token_list()[last.rows[rid]]]
         return rows, pending
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import torch
 
@@ -67,6 +68,12 @@ class SamplingRow:
     grammar: object = field(default=None, repr=False)
     # Whether the row has a grammar or a logit bias (the sampler's hook then runs for the step).
     constrained: bool = field(init=False)
+    # Whether min_tokens bans some tokens at some step (`masks_min_tokens` says whether at this one).
+    has_min_tokens: bool = field(init=False)
+    # A random draw keyed by the row's seed (the race samples such a row as greedy, then _general).
+    seeded_draw: bool = field(init=False)
+    # The row's temperature in the one-pass race (0: greedy, or seeded: drawn afterwards).
+    race_temperature: float = field(init=False)
 
     def __post_init__(self) -> None:
         p = self.params
@@ -80,6 +87,9 @@ class SamplingRow:
             banned.append(p.eos_token_id)
         self.min_tokens_banned = banned
         self.constrained = p.constrains_logits
+        self.has_min_tokens = bool(banned) and p.min_tokens > 0
+        self.seeded_draw = p.seed is not None and not p.greedy
+        self.race_temperature = 0.0 if p.greedy or p.seed is not None else p.temperature
 
     @property
     def num_outputs(self) -> int:
@@ -115,6 +125,17 @@ class DeviceSample:
 
     def to_host(self) -> SamplerOutput:
         return SamplerOutput(self.token_ids.tolist(), self.logprobs())
+
+
+# Row fields read with map() over a step's rows: the loop runs in C (a decode step at batch ~1000 is
+# bound by the host's per-row work).
+_WANT_LOGPROBS = attrgetter("params.logprobs")
+_CONSTRAINED = attrgetter("constrained")
+_ARGMAX_ONLY = attrgetter("argmax_only")
+_RACE_ONLY = attrgetter("race_only")
+_HAS_MIN_TOKENS = attrgetter("has_min_tokens")
+_SEEDED_DRAW = attrgetter("seeded_draw")
+_RACE_TEMPERATURE = attrgetter("race_temperature")
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -164,11 +185,12 @@ class Sampler:
         return self.sample(logits, rows).to_host()
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> DeviceSample:
-        want_logprobs = [r.params.logprobs for r in rows]
-        if self.constraints is not None and any(r.constrained for r in rows):
+        want_logprobs = list(map(_WANT_LOGPROBS, rows))
+        if self.constraints is not None and any(map(_CONSTRAINED, rows)):
             # A mask sets -inf, which the penalties below keep: masking first equals masking after them.
             logits = self.constraints(logits, rows)
-        if all(r.argmax_only and not r.masks_min_tokens for r in rows):
+        masking = any(map(_HAS_MIN_TOKENS, rows)) and any(r.masks_min_tokens for r in rows)
+        if not masking and all(map(_ARGMAX_ONLY, rows)):
             # The common greedy batch: one vocab-wide pass, the race kernel's greedy scan where it
             # runs (torch.argmax's single-block reduction is the slower pass on CUDA).
             # (argmax of bf16/fp16 logits equals that of their exact float32 conversion.)
@@ -177,7 +199,7 @@ class Sampler:
                 return DeviceSample(race(logits, *self._greedy_args(len(rows), logits.device)), None,
                                     want_logprobs)
             return DeviceSample(logits.argmax(dim=-1), None, want_logprobs)
-        race = fused_sampler(logits) if all(r.race_only and not r.masks_min_tokens for r in rows) else None
+        race = fused_sampler(logits) if not masking and all(map(_RACE_ONLY, rows)) else None
         if race is not None:
             return DeviceSample(self._race(race, logits, rows), None, want_logprobs)
         return DeviceSample(*self._general(logits, rows), want_logprobs)
@@ -209,10 +231,10 @@ class Sampler:
         race treats them as greedy meanwhile, the cheaper scan); their tokens depend on nothing else.
         """
         dev = logits.device
-        seeded = [i for i, r in enumerate(rows) if r.params.seed is not None and not r.params.greedy]
+        seeded = [i for i, r in enumerate(rows) if r.seeded_draw] if any(map(_SEEDED_DRAW, rows)) else []
         if len(seeded) == len(rows):
             return self._general(logits, rows)[0]
-        temps = [0.0 if r.params.greedy or r.params.seed is not None else r.params.temperature for r in rows]
+        temps = list(map(_RACE_TEMPERATURE, rows))
         keys = torch.randint(0, 1 << 32, (len(rows), 2), generator=self._global_generator(dev), device=dev)
         tokens = race(logits, self._device_temps(temps, dev), keys)
         if seeded:
