@@ -42,14 +42,22 @@ class _Emitted:
 
 
 class Drafts:
-    """One step's proposals per request: a drafter's [requests, k] tensor on the device until first
-    read (one wait for all), or host lists (the n-gram lookup)."""
+    """One step's proposals per request: a drafter's [requests, k] tensor on the device, or host
+    lists (the n-gram lookup). On CUDA the tensor travels to pinned host memory in a non-blocking
+    copy behind an event, so reading it waits for the drafter's forwards only, not for the work
+    queued since (the next step's forward)."""
 
     def __init__(self, req_ids: list[str], tensor: torch.Tensor | None = None, limits: list[int] | None = None,
                  lists: list[list[int]] | None = None) -> None:
         self.req_ids, self._tensor, self._limits, self._lists = req_ids, tensor, limits, lists
         self._host: dict[str, list[int]] | None = None
         self._rows: dict[str, int] | None = None
+        self._pinned = self._event = None
+        if tensor is not None and tensor.is_cuda:
+            self._pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._pinned.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
 
     def device_row(self, req_id: str, n: int) -> int | None:
         """The request's row of the device tensor when it holds n proposals for it and is not read yet."""
@@ -62,7 +70,13 @@ class Drafts:
 
     def host(self) -> dict[str, list[int]]:
         if self._host is None:
-            rows = self._lists if self._lists is not None else self._tensor.tolist()
+            if self._lists is not None:
+                rows = self._lists
+            elif self._pinned is not None:
+                self._event.synchronize()
+                rows = self._pinned.tolist()
+            else:
+                rows = self._tensor.tolist()
             limits = self._limits or [len(r) for r in rows]
             self._host = {rid: row[:max(0, limit)] for rid, row, limit in zip(self.req_ids, rows, limits)}
             self._tensor = None
