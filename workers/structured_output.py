@@ -156,14 +156,21 @@ def _fill_chain(state: GrammarState, outputs: list[int], drafts: list[int], bitm
     for j in range(len(drafts) + 1):
         if matcher.is_terminated():
             break
-        matcher.fill_next_token_bitmask(bitmask, start + len(rows))
+        row = start + len(rows)
+        matcher.fill_next_token_bitmask(bitmask, row)
         rows.append(row0 + j)
-        if j == len(drafts) or not matcher.accept_token(drafts[j]):
-            break
+        if j == len(drafts) or not _allowed(bitmask, row, drafts[j]) or not matcher.accept_token(drafts[j]):
+            break   # (the mask is asked first: xgrammar logs a warning for each special token it refuses)
         accepted += 1
     if accepted:
         matcher.rollback(accepted)
     return rows
+
+
+def _allowed(bitmask: torch.Tensor, row: int, token: int) -> bool:
+    """Whether the filled mask row allows `token` (xgrammar's layout; ids past it are not allowed)."""
+    word = token >> 5
+    return 0 <= word < bitmask.shape[1] and bool((int(bitmask[row, word]) >> (token & 31)) & 1)
 
 
 class LogitsConstraints:

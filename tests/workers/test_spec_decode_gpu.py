@@ -96,3 +96,30 @@ def test_overlapped_steps_equal_serial_steps_under_graphs(models, method):
         assert_greedy_match(engine_greedy(o.outputs[0]), engine_greedy(s.outputs[0]), atol=1e-3,
                             what=f"{method}: overlapped vs serial")
     assert o_seeded == s_seeded
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_structured_outputs_under_graphs_equal_no_speculation(models, method):
+    """A grammar's mask at each verified position (overlapped steps by default for the draft model):
+    greedy constrained outputs equal the engine's without speculation, and parse."""
+    import json
+
+    from pagedray.common.sampling_params import StructuredOutputsParams as SO
+    schema = {"type": "object", "properties": {"name": {"type": "string", "pattern": "^[A-Z][a-z]{0,7}$"},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+              "required": ["name", "age"], "additionalProperties": False}
+    params = [SamplingParams(temperature=0, max_tokens=48, logprobs=2, structured_outputs=so)
+              for so in (SO(json=schema), SO(regex=r"(ab )+cd"))]
+    prompts = ["The capital of France is", "Hello, my name is"]
+    kw = dict(dtype="float32", block_size=16, max_num_seqs=4, gpu_memory_utilization=0.3)
+    plain = LLM(models[0], **kw)
+    want = plain.generate(prompts, params, use_tqdm=False)
+    plain.shutdown()
+    llm = LLM(models[0], **kw, speculative_config=_config(models, method))
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.llm_engine.get_stats().spec_num_draft_tokens > 0
+    llm.shutdown()
+    for g, w in zip(got, want):
+        assert_greedy_match(engine_greedy(g.outputs[0]), engine_greedy(w.outputs[0]), atol=1e-3,
+                            what=f"{method}: grammar, speculation vs none")
+    json.loads(got[0].outputs[0].text)
