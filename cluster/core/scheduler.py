@@ -200,6 +200,8 @@ class Scheduler:
         scheduled: dict[str, int] = {}
         preempted = False
         running, allocate = self.running, self._allocate
+        # Without speculation the in-flight check below is _num_new_tokens' own: it need not run twice.
+        checked = self.spec is None
         ending = 0      # running requests that their tokens in flight end (overlapped steps)
         i = 0
         while i < len(running) and budget > 0:
@@ -211,7 +213,7 @@ class Scheduler:
                 ending += 1
                 i += 1
                 continue
-            num_new = self._num_new_tokens(request, request.num_computed_tokens, budget)
+            num_new = self._num_new_tokens(request, request.num_computed_tokens, budget, checked)
             if num_new > 1 and plan is not None:    # a chunked prefill's next chunk: within the paced cap
                 num_new = min(num_new, prefill_left)
                 prefill_left -= num_new
@@ -245,10 +247,11 @@ class Scheduler:
             self._step_requests.popitem(last=False)
         return output
 
-    def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
-        """Tokens to run this step: all that are left, cut to the budget only with chunked prefill (else 0)."""
+    def _num_new_tokens(self, request: Request, num_computed: int, budget: int, checked: bool = False) -> int:
+        """Tokens to run this step: all that are left, cut to the budget only with chunked prefill (else 0).
+        `checked`: the caller found that its tokens in flight do not end it."""
         pending = request.num_output_placeholders
-        if pending and self._ends_by_length(request, len(request.all_token_ids) + pending):
+        if pending and not checked and self._ends_by_length(request, len(request.all_token_ids) + pending):
             return 0    # its tokens in flight end it (or may, when they verify proposals): nothing to compute
         left = len(request.all_token_ids) + pending - num_computed
         if left <= budget:
@@ -256,8 +259,9 @@ class Scheduler:
         return budget if self.config.enable_chunked_prefill else 0
 
     def _allocate(self, request: Request, num_new: int, blocks: list[int] | None = None) -> list[int] | None:
-        lookahead = self.spec.num_lookahead_slots if self.spec is not None else 0
-        return self.block_manager.allocate_slots(request, num_new, blocks, lookahead)
+        if self.spec is None:
+            return self.block_manager.allocate_slots(request, num_new, blocks)
+        return self.block_manager.allocate_slots(request, num_new, blocks, self.spec.num_lookahead_slots)
 
     def _preempt_until_fits(self, request: Request, num_new: int) -> bool:
         """After allocate_slots failed: preempt the newest running requests until the request's slots
