@@ -56,7 +56,7 @@ class StepOutput:
         self.sample = sample
         self.prompt_logprobs = prompt_logprobs or {}
         # Row of each sampling request in `token_ids` (the next step's inputs gather from it).
-        self.rows = {rid: i for i, rid in enumerate(req_ids)}
+        self.rows = dict(zip(req_ids, range(len(req_ids))))
         self._host: torch.Tensor | None = None
         self._event: torch.cuda.Event | None = None
         self._token_list: list[int] | None = None

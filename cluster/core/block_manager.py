@@ -208,17 +208,10 @@ class BlockManager:
         or None (nothing changed) when the free blocks do not suffice. `num_lookahead_tokens`
         more slots are reserved past them (speculative decoding: a step's proposals, unknown tokens).
         """
+        if num_new_tokens == 1 and not num_lookahead_tokens and not computed_blocks and self.fits_one_token(request):
+            return []   # the common decode step, first
         rid, bs = request.request_id, self.block_size
         table = self._tables.get(rid)
-        if num_new_tokens == 1 and table is not None and not num_lookahead_tokens and not computed_blocks:
-            # The common decode step, first: one token into a block the request alone holds.
-            pos = request.num_computed_tokens
-            index = pos // bs
-            if (index < len(table) and self._ref[table[index]] == 1
-                    and pos < len(request.all_token_ids) + request.num_output_placeholders):
-                if self.enable_prefix_caching:
-                    self._offer_full_blocks(request, pos + 1)
-                return []
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         if table is not None and not computed_blocks and self._fits_private(request, table, num_new_tokens,
@@ -262,6 +255,22 @@ class BlockManager:
         if self.enable_prefix_caching:
             self._offer_full_blocks(request, end)
         return new_blocks
+
+    def fits_one_token(self, request: Request) -> bool:
+        """`allocate_slots(request, 1)` for a running request whose next token goes into a block it
+        alone holds (most decode steps): True, with nothing to allocate (prefix caching: the block is
+        offered once full). False: nothing changed, ask allocate_slots."""
+        table = self._tables.get(request.request_id)
+        if table is None:
+            return False
+        pos = request.num_computed_tokens
+        index = pos // self.block_size
+        if (index >= len(table) or self._ref[table[index]] != 1
+                or pos >= len(request.all_token_ids) + request.num_output_placeholders):
+            return False
+        if self.enable_prefix_caching:
+            self._offer_full_blocks(request, pos + 1)
+        return True
 
     def _fits_private(self, request: Request, table: list[int], num_new_tokens: int, lookahead: int = 0) -> bool:
         """Whether the next tokens need no new block and no copy (every block written has ref 1)."""

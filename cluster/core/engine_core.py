@@ -261,7 +261,7 @@ class EngineCore:
                 parent.first_sent = True
                 out.num_cached_tokens = request.num_cached_tokens
                 out.prompt_logprobs = parent.prompt_logprobs
-            if request.is_finished:
+            if request.status.is_finished:
                 out.finish_reason = request.status.finish_reason
                 out.stop_reason = request.stop_reason
                 self._end(parent, request)

@@ -202,6 +202,7 @@ class Scheduler:
         running, allocate = self.running, self._allocate
         # Without speculation the in-flight check below is _num_new_tokens' own: it need not run twice.
         checked = self.spec is None
+        fits_one = self.block_manager.fits_one_token
         ending = 0      # running requests that their tokens in flight end (overlapped steps)
         i = 0
         while i < len(running) and budget > 0:
@@ -225,8 +226,8 @@ class Scheduler:
                 if drafts:
                     self._spec_tokens[request.request_id] = drafts
                     num_new += len(drafts)
-            if allocate(request, num_new) is None:   # (a decode step almost never gets here)
-                preempted = True
+            if not (num_new == 1 and checked and fits_one(request)) and allocate(request, num_new) is None:
+                preempted = True   # (a decode step almost never gets here)
                 if not self._preempt_until_fits(request, num_new):
                     break
             scheduled[request.request_id] = num_new
@@ -240,7 +241,7 @@ class Scheduler:
         for rid, drafts in output.scheduled_spec_decode_tokens.items():
             self.spec.advance(self.requests[rid], len(drafts))
         if scheduled:   # (an empty step has no output to match; a pipeline builds one per fill)
-            self._step_requests[id(output)] = {rid: self.requests[rid] for rid in scheduled}
+            self._step_requests[id(output)] = dict(zip(scheduled, map(self.requests.__getitem__, scheduled)))
             if plan is not None:
                 self.pacer.scheduled(id(output), plan, output.total_num_scheduled_tokens, self.max_unread_steps)
         while len(self._step_requests) > self.max_unread_steps:     # steps whose output was never read
@@ -321,7 +322,7 @@ class Scheduler:
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
         bm, requests, all_sent = self.block_manager, self.requests, self._sent
-        tables, any_replaced = bm.tables, bm.has_replaced()
+        tables, any_replaced, trimmed = bm.tables, bm.has_replaced(), self._trimmed
         for rid, num in scheduled.items():
             request = requests[rid]
             table = tables[rid]
@@ -337,7 +338,7 @@ class Scheduler:
                                                request.sampling_params, list(table),
                                                request.num_computed_tokens, request.lora_request))
             else:
-                start = self._trimmed.pop(rid, None) if self._trimmed else None
+                start = trimmed.pop(rid, None) if trimmed else None
                 start = sent[1] if start is None else min(start, sent[1])
                 cached_reqs.append(CachedRequestData(rid, tokens[sent[0]:],
                                                      table[start:] if start < len(table) else _NO_BLOCKS,

@@ -92,9 +92,11 @@ class RequestState:
         # Ended by eos or a stop token id: as vLLM, that token's text is not part of the output.
         detokenizer = c.detokenizer
         if detokenizer.can_defer:   # decoded when an output is built (LLM.generate: once, at the end)
-            detokenizer.defer(new[:-1] if reason == "stop" else new, final=reason is not None)
-            if reason is not None:
-                self._finish(c, reason, now)
+            if reason is None:
+                detokenizer.defer(new)
+                return False
+            detokenizer.defer(new[:-1] if reason == "stop" else new, final=True)
+            self._finish(c, reason, now)
             return False
         c.new_text += detokenizer.add_tokens(new[:-1] if reason == "stop" else new, final=reason is not None)
         stopped = detokenizer.stopped_on is not None
