@@ -26,18 +26,18 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from testkit import conformance_kit, pp_checks
 from testkit.conformance_kit import PP_PREFIX, build_checkpoint, case_id
 from testkit.hf_compare import assert_greedy_match, engine_greedy, greedy_mismatch
 from testkit.hf_reference import hf_greedy
-from testkit.tiny_models import allocate_block_tables, build_attn_metadata, load_hf_model
+from testkit.tiny_models import edit_checkpoint, load_hf_model, prefill_logits
 from testkit.tp_checks import model_logits
 
 from pagedray.cluster import LLM, SamplingParams
-from pagedray.models import ModelRegistry, get_kv_cache_spec, get_model
+from pagedray.models import ModelRegistry, get_model
 from pagedray.models.conformance import CONFORMANCE, conformance_cases
 
 NO_ROW = "<no conformance row>"
@@ -159,23 +159,9 @@ def test_dummy_load(case):
     shapes = {n: p.shape for n, p in real.named_parameters()}
     assert {n: p.shape for n, p in dummy.named_parameters()} == shapes
     assert all(torch.isfinite(p).all() for p in dummy.parameters())
-    layers, kv_heads, head = get_kv_cache_spec(config, 1)
     prompt = list(range(3, 12))
-    tables = allocate_block_tables([len(prompt)], 4)
-    caches = [torch.zeros(2, 1 + len(tables[0]), kv_heads, 4, head) for _ in range(layers)]
-    meta, positions = build_attn_metadata([len(prompt)], [len(prompt)], tables, 4)
-    logits = dummy.compute_logits(dummy(torch.tensor(prompt), positions, caches, meta))
+    logits = prefill_logits(dummy, config, prompt)
     assert logits.shape == (len(prompt), config.vocab_size) and torch.isfinite(logits).all()
-
-
-def _edited(src: str, dst, edit) -> str:
-    """A copy of checkpoint `src` whose tensors went through `edit(dict) -> dict`."""
-    os.makedirs(dst, exist_ok=True)
-    with open(os.path.join(src, "config.json")) as f, open(os.path.join(dst, "config.json"), "w") as g:
-        g.write(f.read())
-    save_file(edit(load_file(os.path.join(src, "model.safetensors"))), os.path.join(dst, "model.safetensors"),
-              metadata={"format": "pt"})
-    return str(dst)
 
 
 def test_strict_load_names_the_bad_tensor(case, tmp_path):
@@ -191,7 +177,7 @@ def test_strict_load_names_the_bad_tensor(case, tmp_path):
     named = {"missing": victim, "unexpected": "model.not_a_layer.weight", "shape": victim}
     config = AutoConfig.from_pretrained(path)
     for kind, edit in bad.items():
-        ckpt = _edited(path, tmp_path / kind, edit)
+        ckpt = edit_checkpoint(path, tmp_path / kind, edit)
         with pytest.raises(ValueError) as err:
             get_model(config, ckpt, torch.float32, "cpu")
         assert named[kind] in str(err.value), f"{arch}/{name} {kind}: {err.value}"
@@ -203,7 +189,7 @@ def test_perturbed_layer_scale_breaks_the_rule(case, tmp_path):
     tensors = load_file(os.path.join(path, "model.safetensors"))
     scales = sorted(n for n, t in tensors.items() if t.dim() == 1 and n.endswith("weight"))
     victim = scales[len(scales) // 2]
-    broken = _edited(path, tmp_path / "broken", lambda t: {**t, victim: t[victim] * 1.01})
+    broken = edit_checkpoint(path, tmp_path / "broken", lambda t: {**t, victim: t[victim] * 1.01})
     hf = load_hf_model(path)
     prompts = _prompts(hf.config.vocab_size, seed=len(name))
     llm = LLM(broken, device="cpu", block_size=4, num_kv_blocks=64, max_num_batched_tokens=16)

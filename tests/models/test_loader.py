@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoConfig, LlamaConfig
 
-from testkit.tiny_models import allocate_block_tables, build_attn_metadata, load_hf_model, make_tiny_llama
+from testkit.tiny_models import edit_checkpoint, load_hf_model, make_tiny_llama, prefill_logits
 
 from pagedray.models import ModelRegistry, get_kv_cache_spec, get_model
 from pagedray.models.layers.weights import materialize, narrow
@@ -22,27 +22,8 @@ def ckpt(tiny_llama) -> str:
     return tiny_llama
 
 
-def _edit_checkpoint(src: str, dst, edit) -> str:
-    """Copy `src` to `dst` with its tensors passed through `edit(dict) -> dict`."""
-    os.makedirs(dst, exist_ok=True)
-    with open(os.path.join(src, "config.json")) as f, open(os.path.join(dst, "config.json"), "w") as g:
-        g.write(f.read())
-    tensors = edit(load_file(os.path.join(src, "model.safetensors")))
-    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
-    return str(dst)
-
-
 def _load(path: str, **kw):
     return get_model(AutoConfig.from_pretrained(path), path, torch.float32, CPU, **kw)
-
-
-@torch.no_grad()
-def _prompt_logits(model, config, prompt: list[int]) -> torch.Tensor:
-    layers, kv_heads, head = get_kv_cache_spec(config, 1)
-    tables = allocate_block_tables([len(prompt)], 4)
-    caches = [torch.zeros(2, 1 + len(tables[0]), kv_heads, 4, head) for _ in range(layers)]
-    meta, positions = build_attn_metadata([len(prompt)], [len(prompt)], tables, 4)
-    return model.compute_logits(model(torch.tensor(prompt), positions, caches, meta))
 
 
 def test_sharded_checkpoint_loads(tmp_path):
@@ -53,28 +34,28 @@ def test_sharded_checkpoint_loads(tmp_path):
     prompt = [3, 14, 15, 92, 65, 35]
     with torch.no_grad():
         expected = load_hf_model(path)(torch.tensor([prompt])).logits[0]
-    torch.testing.assert_close(_prompt_logits(_load(path), config, prompt), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(prefill_logits(_load(path), config, prompt), expected, atol=1e-4, rtol=0)
 
 
 def test_missing_weight_is_named(ckpt, tmp_path):
     name = "model.layers.1.mlp.up_proj.weight"
-    path = _edit_checkpoint(ckpt, tmp_path / "a", lambda t: {k: v for k, v in t.items() if k != name})
+    path = edit_checkpoint(ckpt, tmp_path / "a", lambda t: {k: v for k, v in t.items() if k != name})
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
         _load(path)
     # a wholly absent fused parameter is named by its checkpoint names too
     gone = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
             "model.layers.0.self_attn.v_proj.weight")
-    path = _edit_checkpoint(ckpt, tmp_path / "b", lambda t: {k: v for k, v in t.items() if k not in gone})
+    path = edit_checkpoint(ckpt, tmp_path / "b", lambda t: {k: v for k, v in t.items() if k not in gone})
     with pytest.raises(ValueError, match=r"q_proj.*k_proj.*v_proj"):
         _load(path)
-    path = _edit_checkpoint(ckpt, tmp_path / "c", lambda t: {k: v for k, v in t.items() if k != "lm_head.weight"})
+    path = edit_checkpoint(ckpt, tmp_path / "c", lambda t: {k: v for k, v in t.items() if k != "lm_head.weight"})
     with pytest.raises(ValueError, match=r"lm_head\.weight"):
         _load(path)
 
 
 def test_unexpected_weight_is_named(ckpt, tmp_path):
     extra = "model.layers.0.self_attn.extra_proj.weight"
-    path = _edit_checkpoint(ckpt, tmp_path / "x", lambda t: {**t, extra: torch.zeros(2, 2)})
+    path = edit_checkpoint(ckpt, tmp_path / "x", lambda t: {**t, extra: torch.zeros(2, 2)})
     with pytest.raises(ValueError, match=extra.replace(".", r"\.")):
         _load(path)
 
@@ -86,21 +67,21 @@ def test_ignorable_and_tied_extras_are_accepted(tmp_path):
         return {**t, "lm_head.weight": t["model.embed_tokens.weight"].clone(),
                 "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}
 
-    edited = _edit_checkpoint(path, tmp_path / "tied_extra", add)
+    edited = edit_checkpoint(path, tmp_path / "tied_extra", add)
     model = _load(edited)
     assert model.lm_head is model.model.embed_tokens
     config = AutoConfig.from_pretrained(path)
-    torch.testing.assert_close(_prompt_logits(model, config, [5, 6, 7]),
-                               _prompt_logits(_load(path), config, [5, 6, 7]))
+    torch.testing.assert_close(prefill_logits(model, config, [5, 6, 7]),
+                               prefill_logits(_load(path), config, [5, 6, 7]))
 
 
 def test_shape_mismatch_names_weight_and_shapes(ckpt, tmp_path):
     name = "model.layers.0.self_attn.k_proj.weight"
-    path = _edit_checkpoint(ckpt, tmp_path / "s", lambda t: {**t, name: torch.zeros(48, 64)})
+    path = edit_checkpoint(ckpt, tmp_path / "s", lambda t: {**t, name: torch.zeros(48, 64)})
     with pytest.raises(ValueError, match=rf"{name.replace('.', '[.]')}.*\(48, 64\).*\(32, 64\)"):
         _load(path)
     name = "model.norm.weight"
-    path = _edit_checkpoint(ckpt, tmp_path / "n", lambda t: {**t, name: torch.zeros(65)})
+    path = edit_checkpoint(ckpt, tmp_path / "n", lambda t: {**t, name: torch.zeros(65)})
     with pytest.raises(ValueError, match=rf"{name.replace('.', '[.]')}.*\(65,\).*\(64,\)"):
         _load(path)
 
@@ -127,9 +108,9 @@ def test_register_out_of_tree_model():
 
 def test_dummy_load_is_seeded_and_finite(ckpt):
     config = AutoConfig.from_pretrained(ckpt)
-    a = _prompt_logits(get_model(config, "", torch.float32, CPU, load_format="dummy", seed=0), config, [1, 2, 3])
-    b = _prompt_logits(get_model(config, "", torch.float32, CPU, load_format="dummy", seed=0), config, [1, 2, 3])
-    c = _prompt_logits(get_model(config, "", torch.float32, CPU, load_format="dummy", seed=1), config, [1, 2, 3])
+    a = prefill_logits(get_model(config, "", torch.float32, CPU, load_format="dummy", seed=0), config, [1, 2, 3])
+    b = prefill_logits(get_model(config, "", torch.float32, CPU, load_format="dummy", seed=0), config, [1, 2, 3])
+    c = prefill_logits(get_model(config, "", torch.float32, CPU, load_format="dummy", seed=1), config, [1, 2, 3])
     assert torch.isfinite(a).all() and a.abs().max() > 0
     assert torch.equal(a, b) and not torch.equal(a, c)
 

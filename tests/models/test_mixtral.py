@@ -6,10 +6,11 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from testkit.conformance_kit import build_checkpoint
+from testkit.tiny_models import edit_checkpoint
 
 from pagedray.models import get_model
 from pagedray.models.layers.moe import DOWN, GATE, UP, FusedMoE, load_weights_with_experts
@@ -20,15 +21,6 @@ PREFIX = "model.layers.1.block_sparse_moe.experts"
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> str:
     return build_checkpoint("MixtralForCausalLM", "top2_of_4_sliding", str(tmp_path_factory.mktemp("mixtral")))
-
-
-def _rewrite(src: str, dst, edit) -> str:
-    os.makedirs(dst, exist_ok=True)
-    with open(os.path.join(src, "config.json")) as f, open(os.path.join(dst, "config.json"), "w") as g:
-        g.write(f.read())
-    save_file(edit(load_file(os.path.join(src, "model.safetensors"))), os.path.join(dst, "model.safetensors"),
-              metadata={"format": "pt"})
-    return str(dst)
 
 
 @torch.no_grad()
@@ -49,7 +41,7 @@ def test_bad_expert_tensor_is_named(ckpt, tmp_path, kind):
         edit = lambda t: {n: v for n, v in t.items() if n != name}  # noqa: E731
     else:
         edit = lambda t: {**t, name: t[f"{PREFIX}.0.w1.weight"].clone()}  # noqa: E731
-    bad = _rewrite(ckpt, tmp_path / kind, edit)
+    bad = edit_checkpoint(ckpt, tmp_path / kind, edit)
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
         get_model(AutoConfig.from_pretrained(bad), bad, torch.float32, "cpu")
 

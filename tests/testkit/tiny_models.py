@@ -59,6 +59,19 @@ def make_tiny_llama(path: str | Path, tokenizer: bool = True, seed: int = 0, arc
     return str(path)
 
 
+def edit_checkpoint(src: str | Path, dst: str | Path, edit) -> str:
+    """A copy of single-file checkpoint `src` (config.json + model.safetensors) in `dst`, its tensors
+    passed through `edit(dict) -> dict`; returns `dst` as a str."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(src) / "config.json", Path(dst) / "config.json")
+    save_file(edit(load_file(Path(src) / "model.safetensors")), Path(dst) / "model.safetensors",
+              metadata={"format": "pt"})
+    return str(dst)
+
+
 def load_hf_model(path: str | Path):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
@@ -101,3 +114,14 @@ def allocate_block_tables(seq_lens: list[int], block_size: int) -> list[list[int
                 tables[i].append(next_id)
                 next_id += 1
     return tables
+
+
+@torch.no_grad()
+def prefill_logits(model, config, prompt: list[int], block_size: int = 4) -> torch.Tensor:
+    """Logits of one prompt's prefill through a pagedray model (TP=1), on a fresh paged KV cache."""
+    from pagedray.models import get_kv_cache_spec
+    layers, kv_heads, head = get_kv_cache_spec(config, 1)
+    tables = allocate_block_tables([len(prompt)], block_size)
+    caches = [torch.zeros(2, 1 + len(tables[0]), kv_heads, block_size, head) for _ in range(layers)]
+    meta, positions = build_attn_metadata([len(prompt)], [len(prompt)], tables, block_size)
+    return model.compute_logits(model(torch.tensor(prompt), positions, caches, meta))
