@@ -13,11 +13,16 @@ from pagedray.common.errors import EngineDeadError
 from pagedray.cluster.serving.router import Router
 
 
+def _routed(n: int, **router_kw) -> tuple[list[FakeReplica], Router, Held]:
+    """Fake replicas r0..r{n-1}, a Router over them, and a Held that routes requests through it."""
+    replicas = [FakeReplica(f"r{i}") for i in range(n)]
+    router = Router(replicas, **router_kw)
+    return replicas, router, Held(router)
+
+
 def test_least_loaded_with_rotation_among_equals():
     async def scenario():
-        replicas = [FakeReplica(f"r{i}") for i in range(3)]
-        router = Router(replicas)
-        held = Held(router)
+        _, router, held = _routed(3)
         # Idle replicas take turns (no prefix: 2-token prompts).
         firsts = [(await held.start(f"a{i}", tokens([i, i], []))).name for i in range(3)]
         assert sorted(firsts) == ["r0", "r1", "r2"]
@@ -38,9 +43,7 @@ def test_least_loaded_with_rotation_among_equals():
 
 def test_prefix_affinity_within_slack():
     async def scenario():
-        replicas = [FakeReplica(f"r{i}") for i in range(2)]
-        router = Router(replicas, affinity_slack=2)
-        held = Held(router)
+        _, router, held = _routed(2, affinity_slack=2)
         shared = list(range(10, 18))                     # two full blocks
         home = await held.start("p0", tokens(shared, [1]))
         # Same prefix: same replica while its load is within 2 of the least loaded (loads 1-0, 2-0).
@@ -62,9 +65,7 @@ def test_prefix_affinity_within_slack():
 
 def test_deepest_shared_prefix_wins():
     async def scenario():
-        replicas = [FakeReplica(f"r{i}") for i in range(2)]
-        router = Router(replicas, affinity_slack=8)
-        held = Held(router)
+        replicas, router, held = _routed(2, affinity_slack=8)
         a, b = list(range(20, 24)), list(range(30, 34))
         first = await held.start("x", tokens(a + b, []))
         await held.finish("x")
@@ -80,11 +81,9 @@ def test_deepest_shared_prefix_wins():
 
 def test_dead_and_dropped_clients_are_never_chosen():
     async def scenario():
-        replicas = [FakeReplica("r0"), FakeReplica("r1")]
-        router = Router(replicas)
+        replicas, router, held = _routed(2)
         changes = []
         router.on_change(lambda: changes.append(router.num_ready))
-        held = Held(router)
         replicas[0].error = EngineDeadError("gone")      # dead, not yet dropped: already skipped
         for i in range(3):
             assert (await held.start(f"a{i}", tokens([i, i], []))).name == "r1"
@@ -101,9 +100,7 @@ def test_dead_and_dropped_clients_are_never_chosen():
 
 def test_remove_replica_drains_then_shuts_down():
     async def scenario():
-        replicas = [FakeReplica("r0"), FakeReplica("r1")]
-        router = Router(replicas)
-        held = Held(router)
+        replicas, router, held = _routed(2)
         victim = await held.start("a", tokens([1, 2, 3, 4], []))
         removal = asyncio.get_running_loop().create_task(router.remove_replica(victim))
         await asyncio.sleep(0.1)
