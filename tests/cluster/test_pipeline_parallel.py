@@ -1,7 +1,8 @@
 """Pipeline parallelism through the engine on the Ray executor (CPU, gloo): Llama at PP=2 and Mixtral
 (MoE) at TP=2 x PP=2 against HF transformers; steps in flight; a killed stage; bad sizes.
 
-One local Ray instance (4 CPUs) serves the whole module.
+The checkpoints (testkit/ray_engine_cases.py) have 2 layers each: one per stage. One local Ray instance
+(4 CPUs) serves the whole module.
 """
 from __future__ import annotations
 
@@ -12,29 +13,18 @@ import time
 
 import pytest
 
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-os.environ["RAY_AUTH_MODE"] = "disabled"
-os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+# Before Ray: this module sets the variables Ray reads at import (traffic on 127.0.0.1).
+from testkit.ray_engine_cases import (ENGINE_KW, GREEDY, checkpoints, generate, random_prompts,  # noqa: F401
+                                      ray_local)
 
-import ray  # noqa: E402
+import ray
 
-from testkit.hf_compare import assert_greedy_match, engine_greedy  # noqa: E402
-from testkit.hf_reference import hf_greedy  # noqa: E402
-from testkit.tiny_models import load_hf_model  # noqa: E402
-from testkit.ray_engine_cases import ARCHS, NUM_CPUS, checkpoints, random_prompts, ray_local  # noqa: E402,F401
+from testkit.hf_compare import assert_greedy_match
+from testkit.hf_reference import hf_greedy
+from testkit.tiny_models import load_hf_model
 
-from pagedray.cluster import LLM, SamplingParams  # noqa: E402
-from pagedray.cluster.engine import EngineDeadError  # noqa: E402
-
-# A dense GQA Llama and a Mixtral (top-2 of 4 experts, sliding window), 2 layers each: one per stage.
-# Small blocks, cache and token budget: chunked prefill and preemption both happen.
-ENGINE_KW = dict(device="cpu", block_size=4, num_kv_blocks=24, max_num_batched_tokens=16)
-GREEDY = SamplingParams(temperature=0.0, max_tokens=10, logprobs=2)
-
-
-def _generate(llm: LLM, prompts: list[list[int]]):
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
-    return [engine_greedy(o.outputs[0]) for o in outs]
+from pagedray.cluster import LLM, SamplingParams
+from pagedray.cluster.engine import EngineDeadError
 
 
 def _watch_in_flight(executor) -> dict:
@@ -68,6 +58,12 @@ def _kv_shapes(executor) -> list[tuple]:
                     for w in executor.workers])
 
 
+def _assert_matches_hf(path: str, prompts: list[list[int]], got, what: str) -> None:
+    hf = load_hf_model(path)
+    for i, (ours, p) in enumerate(zip(got, prompts)):
+        assert_greedy_match(ours, hf_greedy(hf, p, GREEDY.max_tokens), what=f"{what} prompt {i} vs HF")
+
+
 def test_pp2_matches_hf_then_a_killed_stage_fails_fast(checkpoints):
     """Llama at PP=2: two steps in flight, none sharing a request, each stage holding its one layer's
     KV cache; greedy output equals HF's. Then stage 1 is killed: the engine fails within seconds."""
@@ -78,7 +74,7 @@ def test_pp2_matches_hf_then_a_killed_stage_fails_fast(checkpoints):
         executor = llm.llm_engine.executor
         assert executor.transport == "calls" and executor.output_rank == 1
         seen = _watch_in_flight(executor)
-        got = _generate(llm, prompts)
+        got = generate(llm, prompts)
         assert seen["peak"] == 2, "the engine never kept two steps in flight"
         assert not seen["overlap"], f"requests in two in-flight steps: {seen['overlap']}"
         assert llm.llm_engine.get_stats().num_preemptions > 0
@@ -92,13 +88,11 @@ def test_pp2_matches_hf_then_a_killed_stage_fails_fast(checkpoints):
         os.kill(ray.get(executor.workers[1].ping.remote()), signal.SIGKILL)
         start = time.monotonic()
         with pytest.raises(EngineDeadError, match=r"rank\(s\) \[1\] of 2 died"):
-            _generate(llm, random_prompts(3, seed=5))
+            generate(llm, random_prompts(3, seed=5))
         assert time.monotonic() - start < 10
     finally:
         llm.shutdown()
-    hf = load_hf_model(path)
-    for i, (ours, p) in enumerate(zip(got, prompts)):
-        assert_greedy_match(ours, hf_greedy(hf, p, GREEDY.max_tokens), what=f"llama PP=2 prompt {i} vs HF")
+    _assert_matches_hf(path, prompts, got, "llama PP=2")
 
 
 def test_tp2_pp2_moe_matches_hf(checkpoints):
@@ -109,14 +103,12 @@ def test_tp2_pp2_moe_matches_hf(checkpoints):
     try:
         executor = llm.llm_engine.executor
         assert executor.output_rank == 2   # rank = stage * tp + tp_rank: stage 1, tp rank 0
-        got = _generate(llm, prompts)
+        got = generate(llm, prompts)
         # One layer per stage, one KV head per TP rank.
         assert _kv_shapes(executor) == [[(2, 24, 1, 4, 16)]] * 4
     finally:
         llm.shutdown()
-    hf = load_hf_model(path)
-    for i, (ours, p) in enumerate(zip(got, prompts)):
-        assert_greedy_match(ours, hf_greedy(hf, p, GREEDY.max_tokens), what=f"mixtral TP=2 x PP=2 prompt {i} vs HF")
+    _assert_matches_hf(path, prompts, got, "mixtral TP=2 x PP=2")
 
 
 def test_bad_pipeline_sizes_are_value_errors(checkpoints):

@@ -11,32 +11,18 @@ import time
 
 import pytest
 
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-os.environ["RAY_AUTH_MODE"] = "disabled"
-os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+# Before Ray: this module sets the variables Ray reads at import (traffic on 127.0.0.1).
+from testkit.ray_engine_cases import (ENGINE_KW, GREEDY, NUM_CPUS, checkpoints, generate,  # noqa: F401
+                                      random_prompts, ray_local)
 
-import ray  # noqa: E402
+import ray
 
-from testkit.hf_compare import assert_greedy_match, engine_greedy  # noqa: E402
-from testkit.hf_reference import hf_greedy  # noqa: E402
-from testkit.tiny_models import load_hf_model  # noqa: E402
-from testkit.ray_engine_cases import ARCHS, NUM_CPUS, checkpoints, random_prompts, ray_local  # noqa: E402,F401
+from testkit.hf_compare import assert_greedy_match
+from testkit.hf_reference import hf_greedy
+from testkit.tiny_models import load_hf_model
 
-from pagedray.cluster import LLM, SamplingParams  # noqa: E402
-from pagedray.cluster.engine import EngineDeadError  # noqa: E402
-
-
-
-
-# Small blocks, a small cache and a small token budget: chunked prefill and preemption both happen,
-# so running requests travel as deltas and preempted ones come back whole.
-ENGINE_KW = dict(device="cpu", block_size=4, num_kv_blocks=24, max_num_batched_tokens=16)
-GREEDY = SamplingParams(temperature=0.0, max_tokens=10, logprobs=2)
-
-
-def _generate(llm: LLM, prompts: list[list[int]]):
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
-    return [engine_greedy(o.outputs[0]) for o in outs]
+from pagedray.cluster import LLM
+from pagedray.cluster.engine import EngineDeadError
 
 
 def _assert_same(got, want, abs: float) -> None:
@@ -67,13 +53,13 @@ def _assert_released() -> None:
 def test_tp2_matches_tp1_and_hf(checkpoints, arch, transport, monkeypatch):
     path = checkpoints[arch]
     prompts = random_prompts(6, seed=len(arch))
-    local = _generate(LLM(path, **ENGINE_KW), prompts)
+    local = generate(LLM(path, **ENGINE_KW), prompts)
     monkeypatch.setenv("PAGEDRAY_RAY_TRANSPORT", transport)
     llm = LLM(path, executor="ray", tensor_parallel_size=2, **ENGINE_KW)
     try:
         executor = llm.llm_engine.executor
         assert executor.transport == transport
-        distributed = _generate(llm, prompts)
+        distributed = generate(llm, prompts)
         assert llm.llm_engine.get_stats().num_preemptions > 0
         # Each rank holds all 24 blocks of its own KV heads: one of the 2.
         shapes = ray.get([w.__ray_call__.remote(lambda self: tuple(self.worker.cache.kv_caches[0].shape))
@@ -93,15 +79,15 @@ def test_killed_rank_fails_fast_and_leaks_nothing(checkpoints, transport, monkey
     monkeypatch.setenv("PAGEDRAY_RAY_TRANSPORT", transport)
     llm = LLM(path, executor="ray", tensor_parallel_size=2, **ENGINE_KW)
     executor = llm.llm_engine.executor
-    _generate(llm, random_prompts(2, seed=3))
+    generate(llm, random_prompts(2, seed=3))
     # SIGKILL, as the OOM killer would: rank 0 then blocks in its next all-reduce, waiting for rank 1.
     os.kill(ray.get(executor.workers[1].ping.remote()), signal.SIGKILL)
     start = time.monotonic()
     with pytest.raises(EngineDeadError, match=r"rank\(s\) \[1\] of 2 died"):
-        _generate(llm, random_prompts(3, seed=4))
+        generate(llm, random_prompts(3, seed=4))
     assert time.monotonic() - start < 10
     with pytest.raises(EngineDeadError):   # the engine stays dead, it does not retry on a broken replica
-        _generate(llm, random_prompts(1, seed=5))
+        generate(llm, random_prompts(1, seed=5))
     llm.shutdown()
     _assert_released()
 
@@ -116,7 +102,7 @@ def test_bad_tp_is_a_value_error_then_a_replica_rebuilds(checkpoints):
     prompts = random_prompts(2, seed=6)
     llm = LLM(path, executor="ray", tensor_parallel_size=2, **ENGINE_KW)
     try:
-        _assert_same(_generate(llm, prompts), _generate(LLM(path, **ENGINE_KW), prompts), abs=1e-5)
+        _assert_same(generate(llm, prompts), generate(LLM(path, **ENGINE_KW), prompts), abs=1e-5)
     finally:
         llm.shutdown()
     _assert_released()
@@ -153,11 +139,11 @@ def test_tp2_with_ngram_speculation_matches_tp1(checkpoints):
     """n-gram proposals verified across 2 ranks (rank 0 samples): greedy output as without speculation."""
     path = checkpoints["llama"]
     prompts = [p * 3 for p in random_prompts(4, seed=5)]          # repeated text: the lookup finds matches
-    local = _generate(LLM(path, **ENGINE_KW), prompts)
+    local = generate(LLM(path, **ENGINE_KW), prompts)
     spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
     llm = LLM(path, executor="ray", tensor_parallel_size=2, speculative_config=spec, **ENGINE_KW)
     try:
-        distributed = _generate(llm, prompts)
+        distributed = generate(llm, prompts)
         assert llm.llm_engine.get_stats().spec_num_draft_tokens > 0
     finally:
         llm.shutdown()
