@@ -5,7 +5,7 @@ import pytest
 
 from testkit.hf_compare import assert_greedy_match, engine_greedy
 from testkit.hf_reference import hf_greedy
-from testkit.tiny_models import load_hf_model, make_tiny_llama
+from testkit.tiny_models import load_hf_model
 
 from pagedray.cluster import LLM, SamplingParams
 
@@ -13,13 +13,8 @@ PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def llm(model_path):
-    return LLM(model_path, device="cpu", block_size=4)
+def llm(tiny_llama):
+    return LLM(tiny_llama, device="cpu", block_size=4)
 
 
 def _gen(llm: LLM, prompts, params: SamplingParams):
@@ -100,7 +95,7 @@ def test_max_tokens_gives_length(llm):
 
 
 # -- seeds -----------------------------------------------------------------------------------------
-def test_seeded_request_ignores_batch_order_composition_and_preemption(model_path, llm):
+def test_seeded_request_ignores_batch_order_composition_and_preemption(tiny_llama, llm):
     target = {"prompt_token_ids": [7, 8, 9, 10, 11]}
     others = [{"prompt_token_ids": list(range(20, 20 + n))} for n in (3, 17, 9)]
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=16, ignore_eos=True)
@@ -109,7 +104,7 @@ def test_seeded_request_ignores_batch_order_composition_and_preemption(model_pat
     mixed = _gen(llm, [others[0], target, others[1]], [noisy, params, noisy])[1].outputs[0].token_ids
     flipped = _gen(llm, [others[2], target], [SamplingParams(seed=3, max_tokens=16), params])
     # A cache of 12 blocks of 4 cannot hold all four sequences: some are preempted and recomputed.
-    small = LLM(model_path, device="cpu", block_size=4, num_kv_blocks=12)
+    small = LLM(tiny_llama, device="cpu", block_size=4, num_kv_blocks=12)
     tight = _gen(small, others + [target], [noisy] * 3 + [params])
     assert small.llm_engine.get_stats().num_preemptions > 0
     assert alone == mixed == flipped[1].outputs[0].token_ids == tight[3].outputs[0].token_ids
@@ -121,9 +116,9 @@ def test_seeded_request_ignores_batch_order_composition_and_preemption(model_pat
 # -- n > 1 -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("prefix_caching", [True, False])
 @pytest.mark.parametrize("prompt_len", [10, 8])
-def test_n_children_share_the_prompt_blocks(model_path, prompt_len, prefix_caching):
+def test_n_children_share_the_prompt_blocks(tiny_llama, prompt_len, prefix_caching):
     block_size, n = 4, 4
-    llm = LLM(model_path, device="cpu", block_size=block_size, enable_prefix_caching=prefix_caching)
+    llm = LLM(tiny_llama, device="cpu", block_size=block_size, enable_prefix_caching=prefix_caching)
     engine = llm.llm_engine
     bm = engine.scheduler.block_manager
     engine.add_request("r", {"prompt_token_ids": list(range(10, 10 + prompt_len))},
@@ -140,8 +135,8 @@ def test_n_children_share_the_prompt_blocks(model_path, prompt_len, prefix_cachi
     _assert_nothing_held(llm)
 
 
-def test_n_greedy_children_all_equal_hf(model_path, llm):
-    hf = load_hf_model(model_path)
+def test_n_greedy_children_all_equal_hf(tiny_llama, llm):
+    hf = load_hf_model(tiny_llama)
     prompt = [5, 17, 33, 101, 7, 250, 64, 12, 90, 44, 3]
     out = _gen(llm, {"prompt_token_ids": prompt},
                SamplingParams(n=4, temperature=0, max_tokens=10, ignore_eos=True, logprobs=2))[0]
@@ -151,10 +146,10 @@ def test_n_greedy_children_all_equal_hf(model_path, llm):
     assert [c.token_ids for c in out.outputs] == [first.tokens] * 4
 
 
-def test_n_seeded_samples_are_distinct_and_reproducible(model_path, llm):
+def test_n_seeded_samples_are_distinct_and_reproducible(tiny_llama, llm):
     params = SamplingParams(n=4, temperature=1.0, seed=21, max_tokens=12, ignore_eos=True)
     first = [c.token_ids for c in _gen(llm, PROMPT, params)[0].outputs]
-    other = LLM(model_path, device="cpu", block_size=16, enable_prefix_caching=False)
+    other = LLM(tiny_llama, device="cpu", block_size=16, enable_prefix_caching=False)
     again = _gen(other, ["Once upon a time", PROMPT], [SamplingParams(max_tokens=5), params])[1]
     assert [c.token_ids for c in again.outputs] == first
     assert len({tuple(t) for t in first}) == 4

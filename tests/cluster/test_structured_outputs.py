@@ -10,7 +10,6 @@ import time
 import jsonschema
 import pytest
 
-from testkit.tiny_models import make_tiny_llama
 
 from pagedray.cluster import LLM, SamplingParams
 from pagedray.cluster.core.engine_core import EngineCore
@@ -27,13 +26,8 @@ PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("so"))
-
-
-@pytest.fixture(scope="module")
-def llm(model_path):
-    return LLM(model_path, device="cpu", block_size=4)
+def llm(tiny_llama):
+    return LLM(tiny_llama, device="cpu", block_size=4)
 
 
 def _one(llm, so: SO, **kw) -> str:
@@ -78,10 +72,10 @@ def test_seeded_sampling_under_a_grammar_is_reproducible_and_n_gt_1(llm):
     assert len({c.text for c in first}) > 1
 
 
-def test_overlapped_steps_give_the_same_constrained_tokens(llm, model_path):
+def test_overlapped_steps_give_the_same_constrained_tokens(llm, tiny_llama):
     """Async scheduling (the next step launched before the last one's tokens are read): each
     grammar advances by the in-flight token, so seeded outputs equal the synchronous engine's."""
-    overlapped = LLM(model_path, device="cpu", block_size=4, async_scheduling=True)
+    overlapped = LLM(tiny_llama, device="cpu", block_size=4, async_scheduling=True)
     assert overlapped.llm_engine.core.async_scheduling
     params = [SamplingParams(n=2, temperature=1.0, seed=s, max_tokens=60, structured_outputs=SO(json=SCHEMA))
               for s in range(3)] + [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)]
@@ -129,8 +123,8 @@ def test_bad_constraints_are_refused_naming_the_field(llm, so, field):
     assert len(ok[0].outputs[0].token_ids) == 2
 
 
-def _core(model_path, **kw) -> EngineCore:
-    return EngineCore.from_kwargs(model_path, device="cpu", block_size=4, **kw)
+def _core(path: str, **kw) -> EngineCore:
+    return EngineCore.from_kwargs(path, device="cpu", block_size=4, **kw)
 
 
 def _run(core: EngineCore, requests: list[CoreRequest], limit: float = 120.0):
@@ -146,12 +140,12 @@ def _run(core: EngineCore, requests: list[CoreRequest], limit: float = 120.0):
     return tokens, errors
 
 
-def test_preemption_and_resume_rebuild_the_grammar_state(model_path):
+def test_preemption_and_resume_rebuild_the_grammar_state(tiny_llama):
     """A tiny KV cache preempts requests mid-grammar (recomputed from their tokens), and a request
     resumed with tokens produced elsewhere (a migration) continues its grammar: every output validates."""
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(model_path)
-    core = _core(model_path, num_kv_blocks=40, max_num_seqs=8)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    core = _core(tiny_llama, num_kv_blocks=40, max_num_seqs=8)
     prompt = tok.encode(PROMPT)
     params = [SamplingParams(temperature=1.0, seed=i, max_tokens=60, structured_outputs=SO(json=SCHEMA))
               for i in range(6)]
@@ -161,15 +155,15 @@ def test_preemption_and_resume_rebuild_the_grammar_state(model_path):
         jsonschema.validate(json.loads(tok.decode(ids, skip_special_tokens=True)), SCHEMA)
     # The same seeded request, resumed on a fresh core after 5 tokens, ends with the same tokens.
     whole = tokens["r0"]
-    fresh = _core(model_path)
+    fresh = _core(tiny_llama)
     rest, errors = _run(fresh, [CoreRequest("m", prompt, params[0].clone(), output_token_ids=whole[:5])])
     assert not errors and whole[:5] + rest["m"] == whole
 
 
-def test_a_slow_grammar_does_not_stall_other_requests(model_path, monkeypatch):
+def test_a_slow_grammar_does_not_stall_other_requests(tiny_llama, monkeypatch):
     """A grammar still compiling after compile_timeout_s is refused; meanwhile a free request runs."""
     from pagedray.workers import structured_output
-    core = _core(model_path)
+    core = _core(tiny_llama)
     core.grammars.compile_timeout_s = 0.5
     real = structured_output.GrammarBackend._compile
 
@@ -187,7 +181,7 @@ def test_a_slow_grammar_does_not_stall_other_requests(model_path, monkeypatch):
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
-def test_on_cuda_with_overlapped_steps(model_path):
+def test_on_cuda_with_overlapped_steps(tiny_llama):
     """On the GPU (async scheduling on by default, pinned bitmask transfers, the fused race sampler for
     the free rows): constrained outputs validate and seeded ones equal the synchronous engine's."""
     params = [SamplingParams(n=2, temperature=1.0, seed=s, max_tokens=60, structured_outputs=SO(json=SCHEMA))
@@ -196,7 +190,7 @@ def test_on_cuda_with_overlapped_steps(model_path):
     prompts = [PROMPT] * 5 + ["Hello"]
     outs = {}
     for overlap in (True, False):
-        llm = LLM(model_path, device="cuda", dtype="float32", async_scheduling=overlap)
+        llm = LLM(tiny_llama, device="cuda", dtype="float32", async_scheduling=overlap)
         assert llm.llm_engine.core.async_scheduling is overlap
         outs[overlap] = llm.generate(prompts, params, use_tqdm=False)
         llm.shutdown()
