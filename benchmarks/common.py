@@ -7,6 +7,7 @@ numbers they divide, never taken from a datasheet.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -41,6 +42,20 @@ SHAPES: dict[str, tuple[str, dict]] = {
         num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024,
         bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"])),
 }
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--shape (of SHAPES), --dtype and --device, as every script over these shapes takes them."""
+    p.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--device", default="cuda")
+
+
+def llama_config(sizes: dict, **extra):
+    """A transformers LlamaConfig of `sizes` (hidden_size, layers, heads, vocab_size...) for random or
+    dummy weights: BOS/EOS ids 1 and 2, `architectures` set (what the engine's registry reads)."""
+    from transformers import LlamaConfig
+    return LlamaConfig(**sizes, bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"], **extra)
 
 
 def write_config(shape: str, path: str | os.PathLike) -> str:

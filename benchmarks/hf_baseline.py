@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from common import SHAPES, random_prompts, require_min, write_config
+from common import SHAPES, add_model_flags, random_prompts, require_min, write_config
 
 
 def load_model(shape: str, dtype: torch.dtype, device: str):
@@ -145,7 +145,7 @@ def _engines(text: str) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["throughput", "latency"])
-    p.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
+    add_model_flags(p)
     p.add_argument("--hf-engine", type=_engines, default=["generate"],
                    help="comma list of generate (static batches), generate_batch (continuous batching)")
     p.add_argument("--num-requests", type=int, default=256, help="requests through generate")
@@ -156,8 +156,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--iters", type=int, default=1)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     require_min(args, 1, "num_requests", "cb_num_requests", "batch_size", "input_len", "iters")

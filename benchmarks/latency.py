@@ -23,8 +23,9 @@ import time
 import torch
 
 from decode_profile import graph_replay_ms
-from common import (run_hf_baseline, SHAPES, append_markdown, copy_bandwidth, kv_bytes_per_token, markdown_table, param_counts,
-                    random_prompts, record, require_min, timed_generate, write_config, KERNEL_OPTION_HELP, kernel_options)
+from common import (run_hf_baseline, SHAPES, add_model_flags, append_markdown, copy_bandwidth, kv_bytes_per_token,
+                    markdown_table, param_counts, random_prompts, record, require_min, timed_generate, write_config,
+                    KERNEL_OPTION_HELP, kernel_options)
 
 
 
@@ -151,16 +152,14 @@ def _variant(args) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
+    add_model_flags(p)
     p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--eager-iters", type=int, default=1)
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--quantization", choices=["fp8"], default=None, help="fp8: weights quantized at load")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
-    p.add_argument("--device", default="cuda")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf-baseline", action="store_true")

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from common import SHAPES, append_results, markdown_table, random_prompts, timed_generate, write_config
+from common import SHAPES, add_model_flags, append_results, markdown_table, random_prompts, timed_generate, write_config
 
 MODULES = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
@@ -176,15 +176,13 @@ def report(args, results: dict) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
+    add_model_flags(p)
     p.add_argument("--num-requests", type=int, default=1000)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--decode-tokens", type=int, default=256)
     p.add_argument("--num-adapters", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    p.add_argument("--device", default="cuda")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--warmup-requests", type=int, default=16)

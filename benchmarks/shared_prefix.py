@@ -16,7 +16,7 @@ import random
 import sys
 import tempfile
 
-from common import SHAPES, append_results, markdown_table, require_min, timed_generate, write_config
+from common import SHAPES, add_model_flags, append_results, markdown_table, require_min, timed_generate, write_config
 
 
 def prompts_for(args, vocab: int) -> list[list[int]]:
@@ -75,14 +75,12 @@ def report(args, results) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
+    add_model_flags(p)
     p.add_argument("--num-requests", type=int, default=1000)
     p.add_argument("--prefix-len", type=int, default=1024)
     p.add_argument("--suffix-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    p.add_argument("--device", default="cuda")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step (default: the engine's)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
