@@ -26,13 +26,13 @@ import json
 import os
 import tempfile
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from ray_loopback import keep_ray_on_loopback
+
+keep_ray_on_loopback()
 
 import ray  # noqa: E402
 
-from common import append_results, markdown_table, random_prompts, timed_generate  # noqa: E402
+from common import append_results, llama_config, markdown_table, random_prompts, timed_generate  # noqa: E402
 
 # Llama shapes small enough for a CPU; "small" gives each stage enough work per step to overlap.
 SHAPES = {
@@ -44,9 +44,7 @@ SHAPES = {
 
 
 def make_model_dir(path: str, shape: str) -> str:
-    from transformers import LlamaConfig
-    LlamaConfig(**SHAPES[shape], max_position_embeddings=1024, tie_word_embeddings=False,
-                bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"]).save_pretrained(path)
+    llama_config(SHAPES[shape], max_position_embeddings=1024, tie_word_embeddings=False).save_pretrained(path)
     return path
 
 

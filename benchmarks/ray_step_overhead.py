@@ -26,9 +26,9 @@ import statistics
 import tempfile
 import time
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from ray_loopback import keep_ray_on_loopback
+
+keep_ray_on_loopback()
 
 from pagedray.cluster.config import build_engine_config  # noqa: E402
 from pagedray.common.messages import CachedRequestData, NewRequestData, SchedulerOutput  # noqa: E402
@@ -48,9 +48,10 @@ PRESETS = {
 def make_model_dir(path: str, preset: str, weights: bool, seed: int = 0) -> str:
     """config.json (for load_format="dummy"), plus random fp32 safetensors when `weights`."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(**PRESETS[preset], max_position_embeddings=4096, tie_word_embeddings=False,
-                      initializer_range=0.05, bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"])
+    from transformers import LlamaForCausalLM
+
+    from common import llama_config
+    cfg = llama_config(PRESETS[preset], max_position_embeddings=4096, tie_word_embeddings=False, initializer_range=0.05)
     if not weights:
         cfg.save_pretrained(path)
         return path

@@ -27,9 +27,9 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from ray_loopback import keep_ray_on_loopback
+
+keep_ray_on_loopback()
 
 import msgspec  # noqa: E402
 

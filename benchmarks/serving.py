@@ -56,13 +56,16 @@ class RequestResult:
 
 def make_tiny_checkpoint(path: str, vocab: int = 512, max_len: int = 1024) -> str:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from common import llama_config
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
     from testkit.tiny_tokenizer import make_tiny_tokenizer
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_len,
-                                 bos_token_id=1, eos_token_id=2)).save_pretrained(path, safe_serialization=True)
+    sizes = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    model = LlamaForCausalLM(llama_config(sizes, max_position_embeddings=max_len))
+    model.save_pretrained(path, safe_serialization=True)
     make_tiny_tokenizer(path, vocab)
     return path
 
@@ -78,9 +81,8 @@ SYNTHETIC = {
 
 
 def make_synthetic_config(path: str, preset: str) -> str:
-    from transformers import LlamaConfig
-    LlamaConfig(**SYNTHETIC[preset], max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
-                architectures=["LlamaForCausalLM"], dtype="bfloat16").save_pretrained(path)
+    from common import llama_config
+    llama_config(SYNTHETIC[preset], max_position_embeddings=4096, dtype="bfloat16").save_pretrained(path)
     return path
 
 
