@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from testkit.launcher_tools import require_tools
 from testkit.ray_clusters import LOOPBACK_ENV, REPO, free_ports, head_port_args, scoped_ray
 
 from pagedray.cluster import LLM, SamplingParams
@@ -32,10 +32,7 @@ TOKENS = 12
 
 @pytest.fixture(scope="module")
 def node():
-    missing = [pkg for tool, pkg in TOOLS.items() if not shutil.which(tool)]
-    if missing:
-        pytest.fail(f"the launcher path needs {' '.join(missing)}: apt-get install -y {' '.join(missing)} "
-                    f"(.ci/run does)")
+    require_tools(TOOLS)
     out = subprocess.run([sys.executable, str(REPO / "deploy/local/node.py"), "up", "--num-cpus", "4"],
                          check=True, capture_output=True, text=True, timeout=60).stdout
     exports = dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines())

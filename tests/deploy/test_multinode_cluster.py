@@ -9,13 +9,13 @@ openssh-server, rsync and tmux (.ci/run installs them). Phase times are printed 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 import uuid
 
 import pytest
 
+from testkit.launcher_tools import require_tools
 from testkit.netns_cluster import netns_unavailable
 
 _why = netns_unavailable()
@@ -28,10 +28,7 @@ TOKENS = 12
 
 @pytest.fixture(scope="module")
 def machines():
-    missing = [pkg for tool, pkg in TOOLS.items() if not shutil.which(tool)]
-    if missing:
-        pytest.fail(f"the launcher path needs {' '.join(missing)}: apt-get install -y {' '.join(missing)} "
-                    f"(.ci/run does)")
+    require_tools(TOOLS)
     from testkit.netns_machines import SshMachines
     with SshMachines(4) as m:
         yield m
