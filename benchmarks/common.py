@@ -51,6 +51,14 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda")
 
 
+def add_workload_flags(p: argparse.ArgumentParser) -> None:
+    """The offline throughput workload: --num-requests prompts of --input-len random tokens, --output-len
+    tokens generated for each (1000 x 256/256 unless given)."""
+    p.add_argument("--num-requests", type=int, default=1000)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=256)
+
+
 def llama_config(sizes: dict, **extra):
     """A transformers LlamaConfig of `sizes` (hidden_size, layers, heads, vocab_size...) for random or
     dummy weights: BOS/EOS ids 1 and 2, `architectures` set (what the engine's registry reads)."""

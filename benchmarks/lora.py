@@ -28,7 +28,8 @@ import time
 
 import torch
 
-from common import SHAPES, add_model_flags, append_results, markdown_table, random_prompts, timed_generate, write_config
+from common import (SHAPES, add_model_flags, add_workload_flags, append_results, markdown_table, random_prompts,
+                    timed_generate, write_config)
 
 MODULES = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
@@ -177,9 +178,7 @@ def report(args, results: dict) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
-    p.add_argument("--num-requests", type=int, default=1000)
-    p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--output-len", type=int, default=256)
+    add_workload_flags(p)
     p.add_argument("--decode-tokens", type=int, default=256)
     p.add_argument("--num-adapters", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)

@@ -28,9 +28,9 @@ import time
 
 import torch
 
-from common import (run_hf_baseline, SHAPES, add_model_flags, append_results, copy_bandwidth, markdown_table,
-                    matmul_tflops, random_prompts, KERNEL_OPTION_HELP, kernel_options, require_min, timed_generate,
-                    workload_flops, write_config)
+from common import (run_hf_baseline, SHAPES, add_model_flags, add_workload_flags, append_results, copy_bandwidth,
+                    markdown_table, matmul_tflops, random_prompts, KERNEL_OPTION_HELP, kernel_options, require_min,
+                    timed_generate, workload_flops, write_config)
 from stage_timer import GpuIdleMeter, StageTimer, format_gpu_idle, gpu_idle_report, profile_steps
 
 
@@ -266,9 +266,7 @@ def report(args, startup, timed, counter, replays, tflops, bandwidth, hf, breakd
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
-    p.add_argument("--num-requests", type=int, default=1000)
-    p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--output-len", type=int, default=256)
+    add_workload_flags(p)
     p.add_argument("--temperature", type=float, default=1.0, help="vLLM's benchmark samples at 1.0")
     p.add_argument("--quantization", choices=["fp8"], default=None, help="fp8: weights quantized at load")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
