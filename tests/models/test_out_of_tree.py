@@ -1,11 +1,8 @@
 """An out-of-tree model class registered from user code runs through the engine (docs/adding_a_model.md)."""
 from __future__ import annotations
 
-import json
-import os
-import shutil
-
 from testkit.conformance_kit import build_checkpoint
+from testkit.tiny_models import copy_as_arch
 
 from pagedray.cluster import LLM, SamplingParams
 from pagedray.models import ModelRegistry
@@ -18,13 +15,7 @@ class MyNeoXForCausalLM(GPTNeoXForCausalLM):
 
 def test_user_registered_arch_generates_like_the_in_tree_one(tmp_path):
     src = build_checkpoint("GPTNeoXForCausalLM", "parallel_residual", str(tmp_path / "in_tree"))
-    dst = str(tmp_path / "user")
-    shutil.copytree(src, dst)
-    with open(os.path.join(dst, "config.json")) as f:
-        config = json.load(f)
-    config["architectures"] = ["MyNeoXForCausalLM"]
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(config, f)
+    dst = copy_as_arch(src, tmp_path / "user", "MyNeoXForCausalLM")
 
     assert "MyNeoXForCausalLM" not in ModelRegistry.get_supported_archs()
     ModelRegistry.register_model("MyNeoXForCausalLM", MyNeoXForCausalLM)

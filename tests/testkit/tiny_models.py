@@ -72,6 +72,19 @@ def edit_checkpoint(src: str | Path, dst: str | Path, edit) -> str:
     return str(dst)
 
 
+def copy_as_arch(src: str | Path, dst: str | Path, arch: str) -> str:
+    """A copy of checkpoint folder `src` in `dst` whose config.json names `arch` as its architecture (a
+    user's out-of-tree model class over the same weights); returns `dst` as a str."""
+    import json
+    import shutil
+    shutil.copytree(src, dst)
+    config_path = Path(dst) / "config.json"
+    config = json.loads(config_path.read_text())
+    config["architectures"] = [arch]
+    config_path.write_text(json.dumps(config))
+    return str(dst)
+
+
 def load_hf_model(path: str | Path):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()

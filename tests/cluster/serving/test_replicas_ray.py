@@ -8,11 +8,9 @@ replica-kill test comes last among those because it kills one of them (the front
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +32,7 @@ from testkit.hf_compare import assert_greedy_match, engine_greedy  # noqa: E402
 from testkit.migration_cases import (SERVING, VOCAB, finish_streams, open_streams, serving, undisturbed,  # noqa: E402
                              wait_until, watch_health, whole_streams)
 from testkit.ray_clusters import start_local_ray  # noqa: E402
+from testkit.tiny_models import copy_as_arch  # noqa: E402
 
 from pagedray.cluster import LLM, SamplingParams  # noqa: E402
 from pagedray.cluster.serving.autoscaler import Autoscaler, AutoscalingConfig  # noqa: E402
@@ -260,13 +259,7 @@ def test_autoscaler_scales_up_under_load_and_back_down(loop, ray_local, ckpt):
 def test_out_of_tree_model_reaches_the_replica_and_its_tp_workers(loop, ray_local, ckpt, tmp_path):
     """A class registered in the driver only runs in the replica actor and in both TP ranks."""
     from ray import cloudpickle   # Ray's own copy: registering with the standalone package would not count
-    user_ckpt = str(tmp_path / "user")
-    shutil.copytree(ckpt, user_ckpt)
-    with open(os.path.join(user_ckpt, "config.json")) as f:
-        config = json.load(f)
-    config["architectures"] = ["MyLlamaForCausalLM"]
-    with open(os.path.join(user_ckpt, "config.json"), "w") as f:
-        json.dump(config, f)
+    user_ckpt = copy_as_arch(ckpt, tmp_path / "user", "MyLlamaForCausalLM")
     prompts = [{"prompt_token_ids": [5, 9, 14, 33, 3]}, {"prompt_token_ids": list(range(40, 61))}]
     greedy = SamplingParams(temperature=0.0, max_tokens=6, logprobs=2)
     want = [engine_greedy(o.outputs[0]) for o in LLM(ckpt, **ENGINE_KW).generate(prompts, greedy, use_tqdm=False)]
