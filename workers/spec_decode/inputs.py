@@ -64,11 +64,14 @@ def build_spec_inputs(runner, sched) -> SpecStepInputs:
         if drafts and drafts[0] < 0:   # the driver's placeholders (overlapped steps): this worker's own
             row_in_drafts = runner.spec.device_draft_row(req_id, len(drafts))
             if row_in_drafts is None:
-                drafts = runner.spec.own_drafts(req_id, len(drafts), tokens[-1])
+                # (fewer where it made fewer: the rows of the missing ones are not run, and the
+                # driver counts them as rejected)
+                drafts = runner.spec.own_drafts(req_id, len(drafts))
             else:      # gathered on the device below, without waiting for the drafter
                 fills.append((len(ids) + 1, row_in_drafts, len(drafts)))
                 deferred.append((len(groups), len(drafts)))
                 drafts = [0] * len(drafts)
+            n = len(drafts) + 1
         first = len(ids)
         spans.append((req_id, first, n, start))
         if drafts:

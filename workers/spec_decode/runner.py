@@ -164,12 +164,14 @@ class SpecDecodeRunner:
             if unread:
                 runner.requests[rid].num_computed_tokens -= sum(e.rejected for e in unread)
 
-    def emitted(self, runner, groups, tokens: list[list[int]]) -> None:
-        """Append each verifying request's emitted tokens here now (its `_unread` until the driver's
-        delta shows it read them); `groups` as `verify` takes them."""
-        for (rid, _, proposals), toks in zip(groups, tokens):
+    def emitted(self, runner, groups, tokens: list[list[int]], scheduled: dict[str, list[int]]) -> None:
+        """Append each sampling request's emitted tokens here now (its `_unread` until the driver's
+        delta shows it read them); `groups` as `verify` takes them, `scheduled` the step's
+        proposals as the driver counts them (placeholders this worker had none for count as rejected)."""
+        for (rid, _, _), toks in zip(groups, tokens):
             runner.requests[rid].append_tokens(toks)
-            self._unread.setdefault(rid, deque()).append(_Emitted(toks, len(proposals) + 1 - len(toks)))
+            rejected = len(scheduled.get(rid, ())) + 1 - len(toks)
+            self._unread.setdefault(rid, deque()).append(_Emitted(toks, rejected))
 
     def device_draft_row(self, req_id: str, n: int) -> int | None:
         return self._drafts.device_row(req_id, n) if self._drafts is not None else None
@@ -177,11 +179,9 @@ class SpecDecodeRunner:
     def device_drafts(self) -> torch.Tensor:
         return self._drafts._tensor
 
-    def own_drafts(self, req_id: str, n: int, fill: int) -> list[int]:
-        """n proposals for the driver's placeholders: this worker's from the last step, padded with
-        `fill` where it made fewer (any proposal keeps the output exact; a wrong one is rejected)."""
-        drafts = self._drafts.host().get(req_id, []) if self._drafts is not None else []
-        return drafts[:n] + [fill] * (n - len(drafts))
+    def own_drafts(self, req_id: str, n: int) -> list[int]:
+        """Up to n proposals for the driver's placeholders: this worker's from the last step."""
+        return self._drafts.host().get(req_id, [])[:n] if self._drafts is not None else []
 
     @property
     def has_draft_graphs(self) -> bool:
@@ -231,7 +231,7 @@ class SpecDecodeRunner:
             hidden = runner._forward(inputs)
         for g, n in inputs.deferred:   # the last step's proposals to the host, now that the forward is queued
             rid, row0, _ = inputs.groups[g]
-            inputs.groups[g] = (rid, row0, self.own_drafts(rid, n, 0))
+            inputs.groups[g] = (rid, row0, self.own_drafts(rid, n))
         prompt_logprobs = runner._prompt_logprobs(hidden, inputs.prompt_spans)
         groups = inputs.groups
         tokens: list[list[int]] = []
@@ -254,7 +254,7 @@ class SpecDecodeRunner:
             with torch.inference_mode():
                 proposed = self.drafter.propose(runner, inputs, hidden, accepted)
             drafts = Drafts(*proposed) if proposed is not None else None
-        self.emitted(runner, groups, tokens)
+        self.emitted(runner, groups, tokens, sched.scheduled_spec_decode_tokens)
         if self.overlapped and self.config.method == "ngram" and groups:
             drafts = self._ngram(runner, groups)
         self._drafts = drafts

@@ -30,7 +30,7 @@ def _sched(new=(), cached=(), finished=(), drafts=None) -> SchedulerOutput:
 
 
 def _emit(runner: ModelRunner, tokens: list[int], num_drafts: int) -> None:
-    runner.spec.emitted(runner, [("r", 0, [0] * num_drafts)], [tokens])
+    runner.spec.emitted(runner, [("r", 0, [0] * num_drafts)], [tokens], {"r": [-1] * num_drafts})
 
 
 def test_unread_steps_place_the_next_one_and_deltas_do_not_repeat_tokens():
