@@ -265,9 +265,11 @@ def run_case(llm, batch: int, mode: str, args) -> dict:
     params = SamplingParams(temperature=0.0 if mode == "greedy" else 1.0, ignore_eos=True,
                             max_tokens=args.max_len - args.input_len)
     ids = [f"b{batch}-{mode}-{i}" for i in range(batch)]
+    # As LLM.generate adds them (final only: the core sends each request's tokens when it finishes).
+    final = {"final_only": True} if "final_only" in inspect.signature(engine.add_request).parameters else {}
     for rid in ids:
         prompt = [rng.randrange(3, vocab) for _ in range(args.input_len)]
-        engine.add_request(rid, {"prompt_token_ids": prompt}, params)
+        engine.add_request(rid, {"prompt_token_ids": prompt}, params, **final)
     while engine.scheduler.num_waiting or any(
             r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
         engine.step()

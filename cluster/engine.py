@@ -50,8 +50,12 @@ class LLMEngine:
 
     # -- requests ------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | dict, params: SamplingParams | None = None,
-                    lora_request: LoRARequest | None = None) -> None:
-        """Validate and queue a request; raises ValueError naming the bad field (or adapter)."""
+                    lora_request: LoRARequest | None = None, final_only: bool = False) -> None:
+        """Validate and queue a request; raises ValueError naming the bad field (or adapter).
+
+        final_only: the caller reads only the finished request (LLM.generate); where its outputs need
+        no text per step (no stop strings), the core then sends its tokens when it finishes instead
+        of one delta per step (CoreRequest.final_only)."""
         self._check_alive()
         if request_id in self.output_processor.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -59,6 +63,7 @@ class LLMEngine:
         if lora_request is not None:
             self.core.add_lora(lora_request)   # a bad adapter raises here, before anything is queued
         self.output_processor.add_request(request_id, text, request.prompt_token_ids, request.params)
+        request.final_only = final_only and not request.params.stop
         self.core.add([request])
 
     def add_lora(self, lora_request: LoRARequest) -> bool:

@@ -75,7 +75,7 @@ class LLM:
         added: list[str] = []
         try:
             for rid, prompt, params, lora in zip(request_ids, prompts, params_list, loras):
-                engine.add_request(rid, prompt, params, lora)
+                engine.add_request(rid, prompt, params, lora, final_only=True)
                 added.append(rid)
             outputs = self._run(request_ids, use_tqdm)
             refused = [engine.refused.pop(rid) for rid in request_ids if rid in engine.refused]

@@ -59,6 +59,8 @@ class _Parent:
     prompt_logprobs: list | None = None
     num_unfinished: int = 0
     first_sent: bool = False
+    # Final only (CoreRequest.final_only): per completion, how many of its outputs the front has.
+    emitted: list[int] | None = None
 
 
 class EngineCore:
@@ -151,6 +153,8 @@ class EngineCore:
             first.append_output_token(token)
         self.scheduler.add_request(first)   # raises before anything is registered
         parent = _Parent(rid, len(prompt), children, pending=children[1:], num_unfinished=len(children))
+        if req.final_only and params.logprobs is None:
+            parent.emitted = [len(req.output_token_ids)] + [0] * (len(children) - 1)
         if params.prompt_logprobs is not None and not req.output_token_ids:
             parent.prompt_logprobs = [None] * len(prompt)
         self._parents[rid] = parent
@@ -252,6 +256,13 @@ class EngineCore:
             if parent.pending and index == 0:
                 self._start_pending(parent)
             num_generated += len(new_tokens)
+            emitted = parent.emitted
+            if emitted is not None:
+                if not request.status.is_finished and (index or parent.first_sent):
+                    continue   # final only: its tokens wait in the request until it finishes
+                outputs_so_far = request.output_token_ids
+                new_tokens = outputs_so_far[emitted[index]:]
+                emitted[index] = len(outputs_so_far)
             out = CoreOutput(parent.request_id, index, new_tokens)
             if request.sampling_params.logprobs is not None:
                 accepted = runner_out.accepted_logprobs.get(request.request_id)

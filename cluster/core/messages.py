@@ -22,6 +22,11 @@ class CoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     output_token_ids: list[int] = []
     arrival_time: float = 0.0
     lora_request: LoRARequest | None = None   # the adapter to run with (None: the base model)
+    # The front reads only the finished request (vLLM's FINAL_ONLY output kind; LLM.generate): after
+    # each completion's first output (its first token, for TTFT) the core sends it nothing until it
+    # finishes, then every token since at once. The front asks for it only where it needs no text
+    # per step (no stop strings) and no logprobs.
+    final_only: bool = False
 
 
 def completion_id(request_id: str, index: int) -> str:

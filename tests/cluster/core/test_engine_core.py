@@ -130,3 +130,22 @@ def test_a_resumed_request_continues_its_own_stream(core, params):
 def test_resume_with_nothing_left_to_generate_is_refused(core):
     seen = _run(core, [CoreRequest("done", PROMPT, _greedy(4), output_token_ids=[5, 6, 7, 8])])
     assert seen[("done", 0)][1] == "abort" and "nothing is left" in seen[("done", 0)][2]
+
+
+def test_final_only_sends_the_first_token_then_everything_at_the_finish(core):
+    """CoreRequest.final_only (LLM.generate): a completion's first output as usual (TTFT), then one
+    more when it finishes with every token since; the same tokens as per-step deltas. With logprobs
+    the core keeps to per-step deltas; a resumed request gets only what follows its given tokens."""
+    def req(rid, params, final_only=True, given=()):
+        return CoreRequest(rid, PROMPT, params, list(given), final_only=final_only)
+    seen = _run(core, [req("delta", _greedy(), final_only=False), req("final", _greedy()),
+                       req("final-n", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=2, seed=1)),
+                       req("final-lp", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1))])
+    tokens = seen[("delta", 0)][0]
+    assert len(tokens) == 12 and seen[("delta", 0)][3] == 12
+    assert seen[("final", 0)][:2] == [tokens, "length"] and seen[("final", 0)][3] == 2
+    assert [seen[("final-n", i)][3] for i in (0, 1)] == [2, 1]
+    assert seen[("final-n", 0)][0] == seen[("final-n", 1)][0] == tokens
+    assert seen[("final-lp", 0)][:2] == [tokens, "length"] and seen[("final-lp", 0)][3] == 12
+    resumed = _run(core, [req("resumed", _greedy(), given=tokens[:5])])
+    assert resumed[("resumed", 0)][:2] == [tokens[5:], "length"] and resumed[("resumed", 0)][3] == 2
