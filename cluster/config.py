@@ -95,7 +95,7 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
     local = parallel.executor == "local" and parallel.world_size == 1
     if parallel.executor == "local":
         device_config.check_present()   # Ray workers check their own node's devices
-    speculative = _speculative(speculative_config, model_config)
+    speculative = _speculative(speculative_config, model_config, parallel.tensor_parallel_size)
     if async_scheduling is None:
         # With speculation only where it overlaps something: a drafter's forwards (the n-gram
         # lookup has no device work to hide the host's behind; cluster/core/spec.py).
@@ -129,14 +129,16 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
     )
 
 
-def _speculative(value, model_config: ModelConfig) -> SpeculativeConfig | None:
+def _speculative(value, model_config: ModelConfig, tp_size: int) -> SpeculativeConfig | None:
     """The validated speculative config."""
     spec = SpeculativeConfig.from_dict(value)
     if spec is None:
         return None
     if spec.uses_draft_model:
         from transformers import AutoConfig
-        spec.check_target(model_config.hf_config, AutoConfig.from_pretrained(spec.model))
+        draft = AutoConfig.from_pretrained(spec.model)
+        spec.check_target(model_config.hf_config, draft)
+        spec.check_tensor_parallel(draft, tp_size)
     return spec
 
 

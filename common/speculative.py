@@ -107,6 +107,18 @@ class SpeculativeConfig:
                              f"an EAGLE head reads the target's hidden states")
 
 
+    def check_tensor_parallel(self, draft_hf_config: Any, tp_size: int) -> None:
+        """A draft runs sharded over the target's tensor-parallel ranks: its attention heads must split
+        over them (KV heads may be replicated when there are fewer than ranks), as the target's do."""
+        heads = getattr(draft_hf_config, "num_attention_heads", None)
+        kv = getattr(draft_hf_config, "num_key_value_heads", None) or heads
+        if tp_size == 1 or not isinstance(heads, int):
+            return
+        if heads % tp_size or (kv % tp_size if kv >= tp_size else tp_size % kv):
+            raise ValueError(f"speculative_config.model {self.model!r} has num_attention_heads={heads} and "
+                             f"num_key_value_heads={kv}, which do not split over tensor_parallel_size="
+                             f"{tp_size}: the draft runs sharded over the target's ranks")
+
 def ngram_propose(tokens: list[int], lookup_min: int, lookup_max: int, k: int) -> list[int]:
     """Up to k tokens that followed the latest earlier occurrence of the longest suffix of `tokens`
     (between lookup_min and lookup_max tokens long) — prompt lookup decoding. [] when none matches."""

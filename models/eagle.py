@@ -11,7 +11,9 @@ decoder layer `midlayer.*` whose attention reads [input_layernorm(embed), hidden
 (q/k/v take 2h), its own `norm` and `lm_head` over a draft vocabulary mapped onto the target's by
 `d2t` (target id = draft id + d2t[draft id]); `t2d` is not needed for greedy proposals.
 
-Tensor parallelism is not supported (TP = 1): `fc` is a plain replicated linear.
+Under tensor parallelism the head shards as the target does: `fc` is replicated, the decoder layer's
+parallel layers split its heads and MLP, EAGLE-3's `lm_head` is vocabulary-parallel and its logits
+are gathered (every rank then maps the same argmax through the whole `d2t`).
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ import torch
 from torch import nn
 
 from pagedray.models.layers.layernorm import RMSNorm
-from pagedray.models.layers.linear import QKVParallelLinear
-from pagedray.models.layers.vocab_embedding import VocabParallelEmbedding
+from pagedray.models.layers.linear import QKVParallelLinear, ReplicatedLinear
+from pagedray.models.layers.logits import LogitsProcessor
+from pagedray.models.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedray.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from pagedray.models.utils import load_packed_weights
 
@@ -37,7 +40,7 @@ class EagleHead(nn.Module):
         h = config.hidden_size
         self.eagle3 = eagle3
         self.aux_layer_ids = aux_layer_ids if eagle3 else None
-        self.fc = nn.Linear(h * (len(aux_layer_ids) if eagle3 else 2), h, bias=fc_bias)
+        self.fc = ReplicatedLinear(h * (len(aux_layer_ids) if eagle3 else 2), h, bias=fc_bias)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, h) if own_embedding else None
         layer = LlamaDecoderLayer(config, 0)
         attn = layer.self_attn
@@ -51,7 +54,8 @@ class EagleHead(nn.Module):
             self.midlayer = layer
             self.norm = RMSNorm(h, config.rms_norm_eps)
             draft_vocab = getattr(config, "draft_vocab_size", None) or config.vocab_size
-            self.lm_head = nn.Linear(h, draft_vocab, bias=False)
+            self.lm_head = ParallelLMHead(draft_vocab, h)
+            self.logits_processor = LogitsProcessor(draft_vocab)
             self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.long), persistent=False)
         else:
             layer.input_layernorm = nn.Identity()   # EAGLE's first layer has no input norm
@@ -78,7 +82,7 @@ class EagleHead(nn.Module):
         """Greedy proposals in the target's vocabulary."""
         if not self.eagle3:
             return target.compute_logits(hidden).argmax(dim=-1)
-        draft = self.lm_head(hidden).argmax(dim=-1)
+        draft = self.logits_processor(self.lm_head, hidden).argmax(dim=-1)
         return draft + self.d2t[draft]
 
     @classmethod

@@ -100,6 +100,14 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+def tp_broadcast(x: torch.Tensor) -> torch.Tensor:
+    """Overwrite `x` on every TP rank with TP rank 0's (in place), e.g. the sampling rank's result."""
+    if get_tp_world_size() == 1:
+        return x
+    dist.broadcast(x, dist.get_rank() - get_tp_rank(), group=_tp_group())
+    return x
+
+
 def pp_send(tensors: dict[str, torch.Tensor]) -> None:
     """Send a stage's output to the same TP rank of the next stage (in name order)."""
     dst = dist.get_rank() + get_tp_world_size()

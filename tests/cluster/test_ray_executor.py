@@ -149,3 +149,51 @@ def test_tp2_with_ngram_speculation_matches_tp1(checkpoints):
         llm.shutdown()
     _assert_released()
     _assert_same(distributed, local, abs=1e-5)
+
+
+def _record_proposals(monkeypatch) -> dict[tuple[int, ...], list[int]]:
+    """The workers' proposals as the driver receives them, keyed by the request's tokens so far."""
+    from pagedray.cluster.core.spec import SpecDecoding
+    seen: dict[tuple[int, ...], list[int]] = {}
+    propose = SpecDecoding.propose
+
+    def recording(self, request, worker_drafts):
+        if worker_drafts:
+            seen[tuple(request.all_token_ids)] = list(worker_drafts)
+        return propose(self, request, worker_drafts)
+    monkeypatch.setattr(SpecDecoding, "propose", recording)
+    return seen
+
+
+@pytest.mark.parametrize("method", ["draft_model", "eagle3"])
+def test_tp2_with_a_drafter_matches_tp1(checkpoints, method, tmp_path, monkeypatch):
+    """A draft model (the target's own weights: every proposal is accepted) or an EAGLE-3 head, sharded
+    over 2 ranks with the target: greedy output as TP=1 without speculation, and the same proposals as
+    the unsharded drafter makes at TP=1 (EAGLE shares EAGLE-3's path but for the head's fc and LM head)."""
+    from testkit.eagle_heads import make_eagle_head
+    from transformers import AutoConfig
+    path = checkpoints["llama"]
+    prompts = random_prompts(4, seed=9)
+    model = path if method == "draft_model" else make_eagle_head(
+        tmp_path / "eagle3", AutoConfig.from_pretrained(path), eagle3=True, draft_vocab_size=160)
+    spec = {"method": method, "model": model, "num_speculative_tokens": 3}
+    plain = generate(LLM(path, **ENGINE_KW), prompts)
+    proposals = _record_proposals(monkeypatch)
+    generate(LLM(path, speculative_config=spec, **ENGINE_KW), prompts)
+    single = dict(proposals)
+    proposals.clear()
+    llm = LLM(path, executor="ray", tensor_parallel_size=2, speculative_config=spec, **ENGINE_KW)
+    try:
+        distributed = generate(llm, prompts)
+        stats = llm.llm_engine.get_stats()
+    finally:
+        llm.shutdown()
+    _assert_released()
+    _assert_same(distributed, plain, abs=1e-5)
+    # Keyed by the tokens so far: a near-tie the two runs broke apart would only drop keys.
+    common = single.keys() & proposals.keys()
+    assert len(common) >= 0.8 * len(single) > 0
+    assert {k: proposals[k] for k in common} == {k: single[k] for k in common}
+    assert stats.spec_num_draft_tokens > 0
+    if method == "draft_model":
+        assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens

@@ -372,6 +372,16 @@ def test_draft_of_another_vocabulary_is_refused(target, tmp_path):
                                                       "num_speculative_tokens": 2})
 
 
+def test_draft_whose_heads_do_not_split_over_the_tp_ranks_is_refused(target, tmp_path):
+    """At tensor_parallel_size > 1 the draft runs sharded with the target (tests/cluster/
+    test_ray_executor.py), so its heads must split over the ranks; refused with the config."""
+    from pagedray.cluster.config import build_engine_config
+    odd = make_tiny_llama(tmp_path / "odd", hidden_size=48, num_attention_heads=3, num_key_value_heads=3)
+    with pytest.raises(ValueError, match="num_attention_heads=3.*tensor_parallel_size=2"):
+        build_engine_config(target, device="cpu", executor="ray", tensor_parallel_size=2,
+                            speculative_config={"method": "draft_model", "model": odd,
+                                                "num_speculative_tokens": 2})
+
 def test_serve_parses_speculative_config_json():
     from pagedray.cluster.cli import build_parser
     args = build_parser().parse_args(["serve", "--speculative-config", json.dumps(NGRAM)])

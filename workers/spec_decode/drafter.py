@@ -223,12 +223,13 @@ def make_drafter(worker) -> Drafter:
     from pagedray.workers.cache_engine import KVCacheSpec
     config = worker.speculative_config
     mc = worker.model_config
-    if worker.parallel_config.tensor_parallel_size != 1:
-        raise ValueError(f"speculative_config.method {config.method!r} runs at tensor_parallel_size=1 only")
     hf = AutoConfig.from_pretrained(config.model)
+    # Under tensor parallelism the drafter's parallel layers shard it over the target's ranks and
+    # process group (their weight_loaders keep this rank's part); tensor_parallel.py says how the
+    # ranks stay in step.
     if config.method == "draft_model":
         model = get_model(hf, config.model, worker.dtype, worker.device, mc.load_format, mc.seed)
-        spec = get_kv_cache_spec(hf, 1)
+        spec = get_kv_cache_spec(hf, worker.parallel_config.tensor_parallel_size)
         drafter_cls, extra = ModelDrafter, ()
     else:
         from pagedray.models.eagle import EagleHead

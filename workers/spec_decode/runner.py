@@ -31,6 +31,7 @@ from pagedray.common.speculative import SpeculativeConfig, ngram_propose
 from pagedray.kernels import ops
 from pagedray.workers.spec_decode.inputs import build_spec_inputs
 from pagedray.workers.spec_decode.rejection import verify
+from pagedray.workers.spec_decode.tensor_parallel import share_verified
 from pagedray.workers.step_output import StepOutput, StepTimer
 
 
@@ -239,21 +240,27 @@ class SpecDecodeRunner:
         if groups:
             every_row = len(inputs.logits_rows) == inputs.num_tokens    # (then they are all, in order)
             logits = runner.model.compute_logits(hidden if every_row else hidden[inputs.logits_rows])
-            if not runner.sample:
+            if not runner.sample and self.drafter is None:
                 return _SpecStepOutput(ModelRunnerOutput({}), None, timer)
-            rows = [runner.requests[rid].sampling_row for rid, _, _ in groups]
-            tokens, logprobs = verify(runner.sampler, logits, rows, groups)
-            for (rid, _, _), toks, lp in zip(groups, tokens, logprobs):
-                out.sampled_token_ids[rid] = toks[0]
-                out.accepted_token_ids[rid] = toks
-                if lp is not None:
-                    out.accepted_logprobs[rid] = lp
+            if runner.sample:
+                rows = [runner.requests[rid].sampling_row for rid, _, _ in groups]
+                tokens, logprobs = verify(runner.sampler, logits, rows, groups)
+                for (rid, _, _), toks, lp in zip(groups, tokens, logprobs):
+                    out.sampled_token_ids[rid] = toks[0]
+                    out.accepted_token_ids[rid] = toks
+                    if lp is not None:
+                        out.accepted_logprobs[rid] = lp
+            if self.drafter is not None:   # every TP rank's drafter catches up on the sampling rank's tokens
+                tokens = share_verified(tokens if runner.sample else None, len(groups),
+                                        self.config.num_speculative_tokens + 1, hidden.device)
         drafts = None
         if self.drafter is not None:
             accepted = {rid: toks for (rid, _, _), toks in zip(groups, tokens)}
             with torch.inference_mode():
                 proposed = self.drafter.propose(runner, inputs, hidden, accepted)
             drafts = Drafts(*proposed) if proposed is not None else None
+            if not runner.sample:   # another TP rank: its shards of the drafter's forwards ran; rank 0 reports
+                return _SpecStepOutput(ModelRunnerOutput({}), None, timer)
         self.emitted(runner, groups, tokens, sched.scheduled_spec_decode_tokens)
         if self.overlapped and self.config.method == "ngram" and groups:
             drafts = self._ngram(runner, groups)
