@@ -18,6 +18,8 @@ import importlib.util
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -102,12 +104,22 @@ def convert_gguf(gguf_path: str | Path, target: str | Path) -> None:
 
 
 def _write_hf_folder(gguf_path: Path, out: Path) -> None:
-    try:
-        import gguf  # noqa: F401  (transformers needs both; fail early with the fix)
-        import accelerate  # noqa: F401
-    except ImportError as exc:
-        raise ImportError(f"converting the default model needs `gguf` and `accelerate` ({exc}): "
-                          f"{_INSTALL_HINT}") from exc
+    """Convert in a child process. Loading a GGUF through transformers' model classes leaves Triton's
+    compiler objects alive (through torch's dynamo, which transformers imports), and nanobind lists
+    each of them as a leak on stderr when that interpreter exits: a newcomer's first `pagedray
+    generate` ended in a page of them. The child's output is shown only if it fails; the serving
+    process also never holds the float32 copy."""
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:   # transformers needs both; fail early with the fix
+        raise ImportError(f"converting the default model needs `gguf` and `accelerate` (missing: "
+                          f"{', '.join(missing)}): {_INSTALL_HINT}")
+    proc = subprocess.run([sys.executable, "-m", "pagedray.cluster.default_model", str(gguf_path), str(out)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"converting {gguf_path.name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def _convert_here(gguf_path: Path, out: Path) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -155,3 +167,7 @@ def _parse_gguf_once():
         yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map_fn
+
+
+if __name__ == "__main__":   # the child of _write_hf_folder
+    _convert_here(Path(sys.argv[1]), Path(sys.argv[2]))
