@@ -112,9 +112,6 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
         raise ValueError(f"pipeline_parallel_size={parallel.pipeline_parallel_size} cannot be combined with "
                          f"{'enable_lora' if enable_lora else 'speculative_config'} yet (only plain decoding "
                          f"runs in stages)")
-    if enable_lora and speculative is not None:
-        raise ValueError("enable_lora cannot be combined with speculative_config yet (the proposers and the "
-                         "verification batch do not carry the requests' adapters)")
     return EngineConfig(
         model=model_config,
         cache=cache,

@@ -81,8 +81,9 @@ class Worker:
                                   sample=self.rank == self.output_rank, stage=stage)
         if self.lora_config is not None:   # before profiling: the slots take memory and time
             from pagedray.workers.lora import LoRAManager
+            # (its token buffers also cover the largest decode graph: a verification runs k + 1 rows)
             self.runner.lora = LoRAManager(model, self.lora_config,
-                                           max(self.max_num_batched_tokens, self.max_num_seqs), self.dtype,
+                                           max(self.max_num_batched_tokens, self._max_decode_rows()), self.dtype,
                                            self.device)
         if self.speculative_config is not None:
             from pagedray.workers.spec_decode import make_spec_runner

@@ -225,6 +225,12 @@ class SpecDecodeRunner:
     def execute(self, runner, sched: SchedulerOutput, timer: StepTimer | None = None) -> StepOutput:
         self.num_steps += 1
         inputs = build_spec_inputs(runner, sched)
+        if runner.lora is not None:
+            # Every row carries its request's adapter: a verification's k + 1 pseudo-sequences too.
+            # (The drafter runs without adapters: a draft model is the base draft, as in vLLM, and an
+            # EAGLE head reads the target's hidden states, which include the adapter.)
+            runner.lora.set_step([runner.requests[rid].lora_request for rid, _, _, _ in inputs.spans],
+                                 [n for _, _, n, _ in inputs.spans])
         if self.needs_eager_target:
             # EAGLE-3 reads target layers through hooks, which a graph replay does not run.
             hidden = runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.attn_metadata)
