@@ -169,6 +169,9 @@ class LoRALinear(nn.Module):
             if self.row_parallel and not self.base.input_is_parallel and self.tp_size > 1:
                 xin = x.narrow(-1, self.tp_rank * self.in_per_rank, self.in_per_rank)
             n = xin.shape[0]
+            if n > ctx.indices.shape[0]:   # (a kernel would read past the slot map: refuse, at capture too)
+                raise ValueError(f"a forward of {n} tokens is above the LoRA buffers' max_num_tokens="
+                                 f"{ctx.indices.shape[0]}")
             lora_delta(y, xin.contiguous(), self.lora_a, self.lora_b, ctx.indices[:n], ctx.order[:n])
         if self.row_parallel and self.reduce_results:
             y = tp_all_reduce(y)
