@@ -112,6 +112,7 @@ class Scheduler:
         if request.num_tokens > max_len:
             raise ValueError(f"request {rid!r} has {request.num_tokens} tokens, above max_model_len={max_len}")
         self._check_fits_cache(request)
+        self._set_length_limit(request)
         self.requests[rid] = request
         self.waiting.append(request)
 
@@ -142,6 +143,7 @@ class Scheduler:
             raise ValueError(f"fork_request: the child's first num_computed_tokens={k} tokens must be computed "
                              "tokens of the parent, and the child must have a token left to compute")
         self._check_fits_cache(child)
+        self._set_length_limit(child)
         self.block_manager.fork(parent_id, child.request_id, k)
         # Copy the block the child writes next now, so the parent (already on the workers) never has
         # to swap a block; if no block is free, allocate_slots copies it later.
@@ -280,7 +282,7 @@ class Scheduler:
         pending = request.num_output_placeholders
         if self.spec is not None and self.spec.in_flight:
             pending -= self.spec.in_flight.get(request.request_id, 0)
-        return self._ends_by_length(request, len(request.all_token_ids) + pending)
+        return len(request.all_token_ids) + pending >= request.length_limit   # (_ends_by_length, inline)
 
     def _admit_waiting(self, budget: int, scheduled: dict[str, int], max_running: int,
                        skip: frozenset[str] | set[str] = frozenset()) -> None:
@@ -401,7 +403,7 @@ class Scheduler:
 
     def _stop_status(self, request: Request) -> RequestStatus | None:
         """Token-level stops after a new token (stop strings are the engine's job). Length first, as vLLM."""
-        if self._ends_by_length(request, len(request.all_token_ids)):
+        if len(request.all_token_ids) >= request.length_limit:   # (_ends_by_length, inline)
             return RequestStatus.FINISHED_LENGTH
         params = request.sampling_params
         outputs = request.output_token_ids
@@ -416,14 +418,14 @@ class Scheduler:
         return None
 
     def _ends_by_length(self, request: Request, num_tokens: int) -> bool:
-        """Whether the request ends by length once it holds `num_tokens` tokens (prompt + outputs):
-        at max_model_len, or at the prompt plus max_tokens. The limit is kept on the request: this is
-        asked per request per step."""
-        limit = request.length_limit
-        if limit is None:
-            max_tokens = request.sampling_params.max_tokens
-            limit = self.config.max_model_len
-            if max_tokens is not None:
-                limit = min(limit, request.num_prompt_tokens + max_tokens)
-            request.length_limit = limit
-        return num_tokens >= limit
+        """Whether the request ends by length once it holds `num_tokens` tokens (prompt + outputs)."""
+        return num_tokens >= request.length_limit
+
+    def _set_length_limit(self, request: Request) -> None:
+        """Keep on the request the token count at which it ends by length: max_model_len, or the
+        prompt plus max_tokens (asked per request per step; its params never change once added)."""
+        max_tokens = request.sampling_params.max_tokens
+        limit = self.config.max_model_len
+        if max_tokens is not None:
+            limit = min(limit, request.num_prompt_tokens + max_tokens)
+        request.length_limit = limit
