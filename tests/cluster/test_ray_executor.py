@@ -165,17 +165,18 @@ def _record_proposals(monkeypatch) -> dict[tuple[int, ...], list[int]]:
     return seen
 
 
-@pytest.mark.parametrize("method", ["draft_model", "eagle3"])
+@pytest.mark.parametrize("method", ["draft_model", "eagle", "eagle3"])
 def test_tp2_with_a_drafter_matches_tp1(checkpoints, method, tmp_path, monkeypatch):
-    """A draft model (the target's own weights: every proposal is accepted) or an EAGLE-3 head, sharded
-    over 2 ranks with the target: greedy output as TP=1 without speculation, and the same proposals as
-    the unsharded drafter makes at TP=1 (EAGLE shares EAGLE-3's path but for the head's fc and LM head)."""
+    """A draft model (the target's own weights: every proposal is accepted) or an EAGLE / EAGLE-3 head,
+    sharded over 2 ranks with the target: greedy output as TP=1 without speculation, and the same
+    proposals as the unsharded drafter makes at TP=1."""
     from testkit.eagle_heads import make_eagle_head
     from transformers import AutoConfig
     path = checkpoints["llama"]
     prompts = random_prompts(4, seed=9)
     model = path if method == "draft_model" else make_eagle_head(
-        tmp_path / "eagle3", AutoConfig.from_pretrained(path), eagle3=True, draft_vocab_size=160)
+        tmp_path / method, AutoConfig.from_pretrained(path), eagle3=method == "eagle3",
+        draft_vocab_size=160 if method == "eagle3" else None)
     spec = {"method": method, "model": model, "num_speculative_tokens": 3}
     plain = generate(LLM(path, **ENGINE_KW), prompts)
     proposals = _record_proposals(monkeypatch)

@@ -26,5 +26,7 @@ def share_verified(tokens: list[list[int]] | None, num_groups: int, width: int,
     buf = np.full((num_groups, width), -1, dtype=np.int64)   # token ids are >= 0: -1 pads
     for i, toks in enumerate(tokens or ()):
         buf[i, :len(toks)] = toks
-    shared = tp_broadcast(torch.from_numpy(buf).to(device)).tolist()
-    return [[t for t in row if t >= 0] for row in shared]
+    shared = tp_broadcast(torch.from_numpy(buf).to(device))
+    if tokens is not None:   # the sampling rank has them already: no wait for the broadcast here
+        return tokens
+    return [[t for t in row if t >= 0] for row in shared.tolist()]
