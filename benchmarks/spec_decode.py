@@ -5,6 +5,7 @@ one run, with the measured acceptance.
     python benchmarks/spec_decode.py --part 8b                 # (b) 8B shape, batch 1, k=4
     python benchmarks/spec_decode.py --part batch64            # (c) 8B shape, batch 64 throughput
     python benchmarks/spec_decode.py --part 8b --shape tiny --device cpu --output-len 8   # CPU check
+    python benchmarks/spec_decode.py --part 8b --tensor-parallel-size 2 --runs draft_identical,eagle3
 
 (a) SmolLM2 (real weights) greedy at batch 1 on a "repeat this code with one change" prompt, n-gram
     proposals (k=4, prompt_lookup 1..4) against the same engine without speculation.
@@ -182,6 +183,8 @@ def part_8b(args, batch: int) -> tuple[str, list]:
     vocab = SHAPES[args.shape][1]["vocab_size"]
     prompts = [{"prompt_token_ids": p} for p in random_prompts(batch, args.input_len, vocab)]
     kw = dict(device=args.device, load_format="dummy", max_num_seqs=batch, max_model_len=args.input_len + 2 * args.output_len + 16)
+    if args.tensor_parallel_size > 1:   # the drafters shard with the target (Ray executor)
+        kw.update(executor="ray", tensor_parallel_size=args.tensor_parallel_size)
     k = args.k
     llm = LLM(target, **kw)
     base = _measure(llm, prompts, args.output_len, args.repeats)
@@ -210,7 +213,8 @@ def part_8b(args, batch: int) -> tuple[str, list]:
         name, cfg, propose = runs[key]
         # A drafter's runs overlap steps by default (async scheduling); --serial-too adds the same run
         # without the overlap beside it.
-        modes = [True, False] if args.serial_too and propose is None and key != "ngram" else [None]
+        modes = [True, False] if args.serial_too and propose is None and key != "ngram" \
+            and args.tensor_parallel_size == 1 else [None]
         for overlap in modes:
             llm = LLM(target, **kw, speculative_config=cfg(), async_scheduling=overlap)
             if propose is not None:
@@ -224,7 +228,8 @@ def part_8b(args, batch: int) -> tuple[str, list]:
             rows.append(_row(f"{name}, k={k}{mode}", r, base))
             _free(llm)
     what = "(b) batch 1" if batch == 1 else f"(c) batch {batch}"
-    return f"Speculative decoding {what}: {args.shape} (random weights), input {args.input_len}", rows
+    tp = f", tensor_parallel_size={args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
+    return f"Speculative decoding {what}: {args.shape} (random weights), input {args.input_len}{tp}", rows
 
 
 def main() -> None:
@@ -240,6 +245,9 @@ def main() -> None:
     p.add_argument("--runs", help="--part 8b/batch64: comma-separated subset of oracle, random, ngram, draft_identical, "
                                   "draft_small, eagle, eagle3 (default: all at batch 1; oracle, random, ngram at batch 64); "
                                   "the baseline always runs")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="--part 8b/batch64: target and drafter sharded over this many GPUs (Ray executor; "
+                        "steps are not overlapped there)")
     p.add_argument("--serial-too", action="store_true",
                    help="--part 8b/batch64: each drafter run also without overlapped steps (async_scheduling=False)")
     args = p.parse_args()
