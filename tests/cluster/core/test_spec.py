@@ -169,3 +169,27 @@ def test_a_request_that_cannot_fit_with_the_lookahead_slots_is_refused(tmp_path)
     sched.add_request(Request("fits", list(range(10)), SamplingParams(max_tokens=18)))   # 27 + 4 slots
     with pytest.raises(ValueError, match="lookahead"):
         sched.add_request(Request("too long", list(range(10)), SamplingParams(max_tokens=20)))  # 29 + 4
+
+
+def test_verifying_requests_hold_their_adapters_slot():
+    """LoRA at max_loras=1: a verifying request's adapter counts as any running request's, so no step
+    mixes two adapters; the other adapter's request waits (a request without one runs meanwhile)."""
+    from pagedray.common.lora import LoRARequest
+    cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128)
+    spec = SpeculativeConfig("ngram", 3, prompt_lookup_min=1, prompt_lookup_max=3)
+    sched, worker = Scheduler(cfg, BS, 64, False, spec, max_loras=1), SpecWorker(64)
+    loras = {"a": LoRARequest("a", 1, "/a"), "b": LoRARequest("b", 2, "/b"), "none": None}
+    prompts = {rid: [3 + i, 4, 5, 6, 3 + i, 4, 5] for i, rid in enumerate(loras)}
+    for rid, prompt in prompts.items():
+        sched.add_request(Request(rid, prompt, SamplingParams(max_tokens=12, ignore_eos=True),
+                                  lora_request=loras[rid]))
+    outputs, waited = defaultdict(list), 0
+    while sched.has_unfinished_requests():
+        so = sched.schedule()
+        assert len({loras[r].lora_int_id for r in so.num_scheduled_tokens if loras[r]}) <= 1
+        if so.scheduled_spec_decode_tokens.get("a") and "none" in so.num_scheduled_tokens:
+            waited += any(r.request_id == "b" for r in sched.waiting)
+        for req, toks in sched.update_from_output(so, worker.execute(so)):
+            outputs[req.request_id] += toks
+    assert waited > 0
+    assert dict(outputs) == {rid: reference(p, 12) for rid, p in prompts.items()}
