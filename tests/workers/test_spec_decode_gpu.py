@@ -125,10 +125,12 @@ def test_structured_outputs_under_graphs_equal_no_speculation(models, method):
     json.loads(got[0].outputs[0].text)
 
 
-def test_lora_verification_under_graphs_equals_eager(models, tmp_path):
-    """LoRA adapters with n-gram speculation, a batch of two adapters and none: verification steps
-    replayed from graphs (the LoRA slot map set for every row of the bucket) equal eager, greedy and
-    seeded. Graphs go up to max_num_seqs * (k + 1) = 256 rows, above the 128-token budget."""
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_lora_verification_under_graphs_equals_eager(models, tmp_path, method):
+    """LoRA adapters with speculation (n-gram serial; the draft model, adapter-free, overlapped by
+    default here), a batch of two adapters and none: verification steps replayed from graphs (the LoRA
+    slot map set for every row of the bucket) equal eager, greedy and seeded. Graphs go up to
+    max_num_seqs * (k + 1) = 256 rows, above the 128-token budget."""
     from testkit.lora_adapters import make_peft_adapter
 
     from pagedray.cluster import LoRARequest
@@ -142,7 +144,7 @@ def test_lora_verification_under_graphs_equals_eager(models, tmp_path):
     def run(eager: bool):
         llm = LLM(target, dtype="float32", block_size=16, max_num_seqs=64, max_num_batched_tokens=128,
                   enforce_eager=eager, gpu_memory_utilization=0.3, enable_lora=True, max_loras=2,
-                  speculative_config=_config(models, "ngram"))
+                  speculative_config=_config(models, method))
         greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=2),
                               use_tqdm=False, lora_request=lora_requests)
         seeded = llm.generate(prompts, SamplingParams(temperature=0.8, seed=7, max_tokens=32, ignore_eos=True),
@@ -158,7 +160,7 @@ def test_lora_verification_under_graphs_equals_eager(models, tmp_path):
     assert replays > 0 and eager_replays == 0 and steps > 0 and stats.spec_num_draft_tokens > 0
     for i, (g, e) in enumerate(zip(g_greedy, e_greedy)):
         assert_greedy_match(engine_greedy(g.outputs[0]), engine_greedy(e.outputs[0]), atol=1e-3,
-                            what=f"LoRA {lora_requests[i] and lora_requests[i].lora_name} + ngram: graphs vs eager")
+                            what=f"LoRA {lora_requests[i] and lora_requests[i].lora_name} + {method}: graphs vs eager")
     assert g_seeded == e_seeded
     # (the adapters matter: otherwise equal outputs would prove nothing about the slot map)
     assert g_greedy[1].outputs[0].token_ids != g_greedy[0].outputs[0].token_ids
