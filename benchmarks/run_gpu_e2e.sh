@@ -9,6 +9,7 @@
 # fp8, fp8tput, fp8kv: FP8 tests and benchmarks beside bf16 in the same call (not in the default list);
 # pacing: prefill pacing off vs on under Poisson load (not in the default list).
 # tputqwen-ab: the Qwen shape on a baseline tree ($BASE_TREE) and on this one (not in the default list).
+# flash, loraprof, spec: what is still unmeasured from 2026-12-05 (not in the default list).
 # $OUT defaults to benchmarks/gpu-runs/<time>; each benchmark's record goes to $OUT/records (copy the files
 # into benchmarks/records/ and run `python benchmarks/records.py` to update RESULTS.md).
 set -u
@@ -78,6 +79,21 @@ run() {
                      --max-num-seqs 1024 --max-num-batched-tokens 16384 --warmup-requests 1024 --warmup-output-len 8 \
                      --results "$R"
                  done ;;
+    # What the session of 2026-12-05 could not run (its device time ran out), in the order to run it:
+    # the flash prefill kernel in the engine (the gate to making it the default), LoRA's kernel profile,
+    # speculative decoding's open figures, then the issue-26 runs above (tput8b with the flash kernel).
+    flash) step flash-tests 200 python3 -m pytest tests/kernels/test_prefill_flash.py tests/workers/test_gpu_prefill_flash.py \
+             tests/kernels/test_prefill_triton.py -q --tb=short -p no:cacheprovider
+           step flash-tput 220 python3 benchmarks/throughput.py --shape llama3-8b --max-num-seqs 1024 \
+             --max-num-batched-tokens 16384 --warmup-requests 1024 --warmup-output-len 8 --results "$R" \
+             --kernel-option prefill_backend=triton_flash --kernel-option prefill_variant.BLOCK_N=128 \
+             --kernel-option prefill_variant.NEW_KV=2 ;;
+    loraprof) step lora-gpu-tests 120 python3 -m pytest tests/workers/test_spec_decode_gpu.py -k lora -q --tb=short \
+                -p no:cacheprovider
+              step loraprof 200 python3 benchmarks/lora.py --shape llama3-8b --num-requests 300 --profile-steps 24 ;;
+    # (--part smollm2 needs the default model, whose 93 MB GGUF does not fit the lent machines' 64 MiB transfer.)
+    spec) step spec-drafts 420 python3 benchmarks/spec_decode.py --part 8b --runs draft_identical,draft_small,eagle --serial-too
+          step spec-batch64 300 python3 benchmarks/spec_decode.py --part batch64 --runs oracle,random,ngram ;;
     tputqwen) step tputqwen 90 python3 benchmarks/throughput.py --shape qwen2.5-0.5b --hf-baseline --hf-engines generate \
                 --hf-timeout 30 --results "$R" ;;
   esac
