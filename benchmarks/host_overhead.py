@@ -2,6 +2,8 @@
 
     python benchmarks/host_overhead.py                      # batch 1, 64, 256 x greedy/temperature x tokenizer
     python benchmarks/host_overhead.py --batch-sizes 256 --modes greedy --profile   # cProfile of one case
+    python benchmarks/host_overhead.py --batch-sizes 1 64 --modes greedy --tokenizer no --loops serial overlapped \
+        --speculation none wrong right --vocab 128256 --max-num-batched-tokens 512   # speculation's host work
     python benchmarks/host_overhead.py --arch qwen2 --vocab 151936 --batch-sizes 1024 --modes greedy \
         --tokenizer no --loops overlapped --max-num-batched-tokens 16384 --baseline-option gc_threshold=0
 
@@ -31,6 +33,10 @@ the Python bytecodes a step runs (sys.settrace): on a shared machine, where othe
 wall and CPU times, that count is the figure to compare (C code is not in it). --kernel-option sets engine switches (KernelOptions); --baseline-option NAME=VALUE runs every
 case again, in the same process, on an engine built with those switches instead (the GC threshold,
 process-wide, is set to each engine's own value before its cases).
+--speculation wrong/right runs n-gram speculation (k = --spec-k) whose lookup is replaced by proposals that
+the target always rejects / always accepts (every stubbed logits row's argmax is one token, SPEC_TOKEN):
+the lookup's own cost is not in it (as in spec_decode.py's random/oracle runs); `ngram` keeps the real
+lookup. Serial steps look up on the driver, overlapped ones on the worker (both are patched).
 The tokenizer is a synthetic byte-level BPE with the same vocabulary size (decode cost, not
 quality). Torch runs with --threads threads (default 1) so that shared cores disturb less.
 """
@@ -58,6 +64,7 @@ from common import KERNEL_OPTION_HELP, append_results, kernel_options, markdown_
 from stage_timer import InstancePatches
 
 HIDDEN = 64
+SPEC_TOKEN = 7      # every logits row's argmax under --speculation wrong/right
 STAGES = ("schedule", "prepare_inputs", "forward_stub", "sampler", "runner_rest", "update", "engine_output")
 
 
@@ -113,7 +120,8 @@ def _byte_symbols() -> dict[int, str]:
     return table
 
 
-def build_llm(model: str, tokenizer: str | None, args, max_len: int, options: list[str] | None = None):
+def build_llm(model: str, tokenizer: str | None, args, max_len: int, options: list[str] | None = None,
+              speculation: str = "none"):
     from pagedray.cluster import LLM
     blocks = args.max_batch * -(-max_len // 16) + 16
     opts = kernel_options(args.kernel_option if options is None else options)
@@ -122,18 +130,54 @@ def build_llm(model: str, tokenizer: str | None, args, max_len: int, options: li
     return LLM(model, tokenizer=tokenizer, load_format="dummy", dtype="float32", device="cpu",
                max_model_len=max_len, max_num_seqs=args.max_batch, num_kv_blocks=blocks,
                max_num_batched_tokens=args.max_num_batched_tokens,
-               enable_prefix_caching=False, seed=args.seed, kernel_options=opts)
+               enable_prefix_caching=False, seed=args.seed, kernel_options=opts,
+               speculative_config=None if speculation == "none" else {
+                   "method": "ngram", "num_speculative_tokens": args.spec_k,
+                   "prompt_lookup_min": 1, "prompt_lookup_max": 4})
+
+
+def patch_proposals(speculation: str):
+    """Replace the n-gram lookup (driver's and worker's) by proposals the stubbed target always
+    rejects ("wrong") or accepts ("right"); undo with the returned function. "ngram": the real one."""
+    import pagedray.cluster.core.spec as driver_spec
+    import pagedray.workers.spec_decode.runner as worker_spec
+    if speculation not in ("wrong", "right"):
+        return lambda: None
+    token = SPEC_TOKEN if speculation == "right" else SPEC_TOKEN + 1
+    originals = driver_spec.ngram_propose, worker_spec.ngram_propose
+
+    def propose(tokens, lookup_min, lookup_max, k):
+        return [token] * k
+    driver_spec.ngram_propose = worker_spec.ngram_propose = propose
+
+    def undo():
+        driver_spec.ngram_propose, worker_spec.ngram_propose = originals
+    return undo
+
+
+def set_overlap(llm, overlapped: bool) -> None:
+    """The engine's loop: the core's switch, and under speculation the scheduler's and the worker's
+    (what the local executor sets at construction for async_scheduling)."""
+    engine = llm.llm_engine
+    core = getattr(engine, "core", engine)
+    core.async_scheduling = overlapped
+    if engine.scheduler.spec is not None:
+        engine.scheduler.spec.overlapped = overlapped
+        engine.executor.worker.runner.spec.overlapped = overlapped
 
 
 DEFAULT_GC_THRESHOLD = gc.get_threshold()
 
 
-def stub_model(llm, vocab: int, max_rows: int, max_tokens: int, seed: int) -> None:
-    """Replace the forward and the logits by slices of preallocated tensors (on the instances)."""
+def stub_model(llm, vocab: int, max_rows: int, max_tokens: int, seed: int, one_argmax: bool = False) -> None:
+    """Replace the forward and the logits by slices of preallocated tensors (on the instances);
+    `one_argmax`: every row's argmax is SPEC_TOKEN (speculation's proposals are then right or wrong)."""
     runner = llm.llm_engine.executor.worker.runner
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.zeros(max(max_rows, max_tokens), HIDDEN)
     logits = torch.randn(max_rows, vocab, generator=gen)
+    if one_argmax:
+        logits[:, SPEC_TOKEN] = 100.0
 
     def forward(inputs):
         return hidden[:inputs.input_ids.shape[0]]
@@ -228,17 +272,83 @@ def generate_step_ms(engine, steps: int) -> tuple[float, float]:
     return (time.perf_counter() - start) / steps * 1e3, (time.thread_time() - cpu) / steps * 1e3
 
 
-def count_opcodes(engine, steps: int) -> tuple[float, list[tuple[str, float]]]:
-    """Python bytecodes run per step as LLM.generate drives it, and the functions that run the
-    most (per step): a measure of the host's interpreted work that other processes on a shared
-    machine cannot disturb (C code — numpy, torch, dict and list builtins — is not counted)."""
+class DeviceModel:
+    """Which of the host's work a GPU would wait for (the "exposed" bytecodes), modelling the device as
+    busy from a forward's launch until the host waits for that step's sampled ids, and the forward
+    as longer than the host's work: a wait for the latest launched step leaves the device idle until
+    the next launch. (Serial steps: everything from the wait to the next launch; overlapped plain
+    steps: nothing; speculation: from the read of the verified tokens to the next launch.)"""
+
+    def __init__(self, engine) -> None:
+        self._undo: list[tuple[object, str, object]] = []
+        from pagedray.workers.spec_decode import runner as spec_runner
+        from pagedray.workers.step_output import StepOutput
+        runner = engine.executor.worker.runner
+        self.exposed = False
+        self.launches = 0
+        forward = runner._forward
+
+        def launched(inputs):
+            self.exposed = False
+            self.launches += 1
+            return forward(inputs)
+        self.patch(runner, "_forward", launched)
+        waits = [(StepOutput, "token_list", lambda obj: obj._token_list is None and obj.sample is not None)]
+        if hasattr(spec_runner, "_Pending"):   # (a base tree may read the verified tokens at once)
+            waits.append((spec_runner._Pending, "run", lambda obj: obj.finish is not None))
+        for cls, name, waits_now in waits:
+            self._stamp(cls)
+            self._wait_on(cls, name, waits_now)
+        verify = spec_runner.verify
+
+        def waited_verify(*a, **kw):   # (at once, for the step just launched)
+            self.exposed = True
+            return verify(*a, **kw)
+        self.patch(spec_runner, "verify", waited_verify)
+
+    def patch(self, obj, name: str, replacement) -> None:
+        self._undo.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, replacement)
+
+    def restore(self) -> None:
+        for obj, name, original in reversed(self._undo):
+            setattr(obj, name, original)
+
+    def _stamp(self, cls) -> None:
+        """Objects of `cls` remember the launch they follow (the step they read)."""
+        init = cls.__init__
+
+        def stamped(obj, *a, **kw):
+            init(obj, *a, **kw)
+            obj._device_model_launch = self.launches
+        self.patch(cls, "__init__", stamped)
+
+    def _wait_on(self, cls, name: str, waits) -> None:
+        original = getattr(cls, name)
+
+        def wrapper(obj, *a, **kw):
+            if waits(obj) and getattr(obj, "_device_model_launch", 0) == self.launches:
+                self.exposed = True
+            return original(obj, *a, **kw)
+        self.patch(cls, name, wrapper)
+
+
+def count_opcodes(engine, steps: int) -> tuple[float, list[tuple[str, float]], float]:
+    """Python bytecodes run per step as LLM.generate drives it, the functions that run the most
+    (per step), and the bytecodes a GPU would wait for (`DeviceModel`): a measure of the host's
+    interpreted work that other processes on a shared machine cannot disturb (C code — numpy,
+    torch, dict and list builtins — is not counted)."""
     counts: dict[str, int] = {}
+    device = DeviceModel(engine)
+    exposed = [0]
 
     def per_opcode(frame, event, arg):
         if event == "opcode":
             code = frame.f_code
             key = "/".join(code.co_filename.rsplit("/", 2)[-2:]) + ":" + code.co_name
             counts[key] = counts.get(key, 0) + 1
+            if device.exposed:
+                exposed[0] += 1
         return per_opcode
 
     def per_call(frame, event, arg):
@@ -252,8 +362,18 @@ def count_opcodes(engine, steps: int) -> tuple[float, list[tuple[str, float]]]:
             engine.step(**kwargs)
     finally:
         sys.settrace(None)
+        device.restore()
     top = sorted(counts.items(), key=lambda kv: -kv[1])[:10]
-    return sum(counts.values()) / steps, [(k, v / steps) for k, v in top]
+    return sum(counts.values()) / steps, [(k, v / steps) for k, v in top], exposed[0] / steps
+
+
+_CASE = itertools.count()
+
+
+def spec_stats(llm) -> dict:
+    """The speculation counters so far (over every case of this engine)."""
+    spec = llm.llm_engine.scheduler.spec
+    return {"accepted": f"{spec.num_accepted_tokens}/{spec.num_draft_tokens}"}
 
 
 def run_case(llm, batch: int, mode: str, args) -> dict:
@@ -264,7 +384,8 @@ def run_case(llm, batch: int, mode: str, args) -> dict:
     # Nobody may finish while timed: the first admitted decode through the others' prefill too.
     params = SamplingParams(temperature=0.0 if mode == "greedy" else 1.0, ignore_eos=True,
                             max_tokens=args.max_len - args.input_len)
-    ids = [f"b{batch}-{mode}-{i}" for i in range(batch)]
+    # (ids unique over the cases: a worker may still hold a request aborted by the case before)
+    ids = [f"b{batch}-{mode}-{next(_CASE)}-{i}" for i in range(batch)]
     # As LLM.generate adds them (final only: the core sends each request's tokens when it finishes).
     final = {"final_only": True} if "final_only" in inspect.signature(engine.add_request).parameters else {}
     for rid in ids:
@@ -289,7 +410,7 @@ def run_case(llm, batch: int, mode: str, args) -> dict:
     result = stages.summary()
     result["generate_step"], result["generate_step_cpu"] = generate_step_ms(engine, args.steps)
     if args.opcode_steps:
-        result["opcodes"], result["top_opcodes"] = count_opcodes(engine, args.opcode_steps)
+        result["opcodes"], result["top_opcodes"], result["exposed_opcodes"] = count_opcodes(engine, args.opcode_steps)
     running = engine.scheduler.num_running
     if running != batch or any(r.is_finished for r in engine.scheduler.running):
         raise RuntimeError(f"batch {batch}: {running} requests still running after the timed steps")
@@ -312,32 +433,46 @@ def main(argv=None) -> int:
         model = write_model(root / "model", args.vocab, max_len, args.arch)
         tok = write_tokenizer(root / "tok", args.vocab) if "yes" in args.tokenizer else None
         variants = [("engine", None)] + ([("baseline", args.baseline_option)] if args.baseline_option else [])
-        for (variant, options), use_tok in itertools.product(variants, args.tokenizer):
-            llm = build_llm(model, tok if use_tok == "yes" else None, args, max_len, options)
-            stub_model(llm, args.vocab, args.max_batch, args.max_num_batched_tokens, args.seed)
-            core = getattr(llm.llm_engine, "core", llm.llm_engine)
-            for batch, mode, loop in itertools.product(args.batch_sizes, args.modes, args.loops):
-                core.async_scheduling = loop == "overlapped"
-                r = run_case(llm, batch, mode, args)
-                rows.append([variant, batch, mode, use_tok, loop] + [f"{r[s]:.3f}" for s in STAGES]
-                            + [f"{r['step']:.3f}", f"{r['step'] - r['sampler']:.3f}",
-                               f"{r['generate_step']:.3f}", f"{r['generate_step_cpu']:.3f}",
-                               f"{r['opcodes'] / 1e3:.0f}" if "opcodes" in r else "-",
-                               f"{r['gc']:.3f}", f"{r['gc_full']:.3f}"])
-                print(json.dumps({"variant": variant, "batch": batch, "mode": mode, "tokenizer": use_tok,
-                                  "loop": loop, **{k: round(v, 4) if isinstance(v, float) else v
-                                                   for k, v in r.items() if k != "profile"}}), flush=True)
-                if "profile" in r:
-                    profiles.append(f"== batch {batch} {mode} tokenizer={use_tok}\n{r['profile']}")
+        for (variant, options), use_tok, spec in itertools.product(variants, args.tokenizer, args.speculation):
+            llm = build_llm(model, tok if use_tok == "yes" else None, args, max_len, options, spec)
+            # (a verification's rows: up to k + 1 per request)
+            rows_max = args.max_batch * (args.spec_k + 1 if spec != "none" else 1)
+            stub_model(llm, args.vocab, rows_max, args.max_num_batched_tokens, args.seed, spec in ("wrong", "right"))
+            undo = patch_proposals(spec)
+            try:
+                for batch, mode, loop in itertools.product(args.batch_sizes, args.modes, args.loops):
+                    set_overlap(llm, loop == "overlapped")
+                    r = run_case(llm, batch, mode, args)
+                    if spec != "none":
+                        r.update(spec_stats(llm))
+                    rows.append([variant, batch, mode, use_tok, loop, spec, r.get("accepted", "-")]
+                                + [f"{r[s]:.3f}" for s in STAGES]
+                                + [f"{r['step']:.3f}", f"{r['step'] - r['sampler']:.3f}",
+                                   f"{r['generate_step']:.3f}", f"{r['generate_step_cpu']:.3f}",
+                                   f"{r['opcodes'] / 1e3:.1f}" if "opcodes" in r else "-",
+                                   f"{r['exposed_opcodes'] / 1e3:.1f}" if "opcodes" in r else "-",
+                                   f"{r['gc']:.3f}", f"{r['gc_full']:.3f}"])
+                    print(json.dumps({"variant": variant, "batch": batch, "mode": mode, "tokenizer": use_tok,
+                                      "loop": loop, "speculation": spec,
+                                      **{k: round(v, 4) if isinstance(v, float) else v
+                                         for k, v in r.items() if k != "profile"}}), flush=True)
+                    if "profile" in r:
+                        profiles.append(f"== batch {batch} {mode} tokenizer={use_tok} {loop} "
+                                        f"speculation={spec}\n{r['profile']}")
+            finally:
+                undo()
             llm.shutdown()
-    header = (["engine", "batch", "sampling", "tokenizer", "loop"] + [f"{s} (ms)" for s in STAGES]
+    header = (["engine", "batch", "sampling", "tokenizer", "loop", "speculation", "accepted / proposed"]
+              + [f"{s} (ms)" for s in STAGES]
               + ["step (ms)", "step - sampler (ms)", "LLM.generate step (ms)", "its CPU time (ms)",
-                 "its Python bytecodes (thousands)", "GC (ms)", "full GCs / step"])
+                 "its Python bytecodes (thousands)", "of them a GPU waits for (thousands)", "GC (ms)",
+                 "full GCs / step"])
     notes = (f"- CPU ({os.cpu_count()} cores, shared), torch threads {args.threads}; prompts of {args.input_len} "
              f"token ids; {args.warmup} warm-up decode steps, then means over {args.steps} decode-only steps; "
              f"vocab {args.vocab}; forward and logits stubbed; temperature mode = temperature 1.0, no "
              f"top-k/top-p; model {args.arch}; kernel options {args.kernel_option or 'default'}"
-             f"{'; baseline: ' + ' '.join(args.baseline_option) if args.baseline_option else ''}."
+             f"{'; baseline: ' + ' '.join(args.baseline_option) if args.baseline_option else ''}"
+             f"{f'; speculation: n-gram k={args.spec_k} (wrong/right: lookup replaced, proposals always rejected/accepted)' if set(args.speculation) - {'none'} else ''}."
              f"{' ' + args.label if args.label else ''}")
     body = markdown_table(header, rows) + "\n\n" + notes
     print(body)
@@ -355,6 +490,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", nargs="+", choices=["no", "yes"], default=["no", "yes"])
     p.add_argument("--loops", nargs="+", choices=["serial", "overlapped"], default=["serial"],
                    help="the engine's loop; on the CPU nothing overlaps, so 'overlapped' shows its extra host work")
+    p.add_argument("--speculation", nargs="+", choices=["none", "wrong", "right", "ngram"], default=["none"],
+                   help="n-gram speculation (k = --spec-k) with proposals always rejected / always accepted "
+                        "(the lookup replaced), or the real lookup; none: without speculation")
+    p.add_argument("--spec-k", type=int, default=4)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="the engine's step token budget")
     p.add_argument("--warmup", type=int, default=8)
@@ -372,7 +511,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label", default="")
     p.add_argument("--results", default=None, help="also append the table to this markdown file (the run is always recorded in benchmarks/records/)")
     args = p.parse_args(argv)
-    require_min(args, 1, "input_len", "steps", "vocab", "threads")
+    require_min(args, 1, "input_len", "steps", "vocab", "threads", "spec_k")
     require_min(args, 0, "warmup")
     if min(args.batch_sizes) < 1:
         raise ValueError(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
@@ -380,7 +519,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.max_num_batched_tokens < args.max_batch:
         raise ValueError(f"--max-num-batched-tokens ({args.max_num_batched_tokens}) must be >= the largest "
                          f"batch ({args.max_batch})")
-    args.max_len = args.input_len + _prefill_steps(args) + args.warmup + 2 * args.steps + args.opcode_steps + 16
+    # (a step emits up to k + 1 tokens under speculation)
+    per_step = args.spec_k + 1 if set(args.speculation) - {"none"} else 1
+    args.max_len = args.input_len + (_prefill_steps(args) + args.warmup + 2 * args.steps + args.opcode_steps + 16) * per_step
     return args
 
 

@@ -6,6 +6,7 @@ one run, with the measured acceptance.
     python benchmarks/spec_decode.py --part batch64            # (c) 8B shape, batch 64 throughput
     python benchmarks/spec_decode.py --part 8b --shape tiny --device cpu --output-len 8   # CPU check
     python benchmarks/spec_decode.py --part 8b --tensor-parallel-size 2 --runs draft_identical,eagle3
+    python benchmarks/spec_decode.py --part 8b --runs oracle,random --overlap   # overlapped vs serial steps
 
 (a) SmolLM2 (real weights) greedy at batch 1 on a "repeat this code with one change" prompt, n-gram
     proposals (k=4, prompt_lookup 1..4) against the same engine without speculation.
@@ -15,7 +16,8 @@ one run, with the measured acceptance.
     - draft_random: a 2-layer draft of the same shape whose LM head differs (acceptance ~0: overhead);
     - oracle: proposals read from the baseline's own greedy output (acceptance 1 at no drafting cost:
       the verification mechanism's ceiling); random: random proposals (its overhead alone). Both
-      replace the n-gram lookup's proposals in this process (benchmark-only; the engine is the same).
+      replace the n-gram lookup's proposals in this process (benchmark-only; the engine is the same);
+      --overlap runs them (and ngram) with overlapped steps too (the lookup then runs on the worker).
 (c) The 8B shape at batch 64: output tokens/s without speculation, with oracle proposals and with
     n-gram proposals (random prompts: few matches).
 Time per output token = (T(N) - T(1)) / (N - 1) over one generate of N and one of 1 token.
@@ -86,10 +88,26 @@ def _measure(llm, prompts, output_len: int, repeats: int, after_warmup=None) -> 
 
 
 def _patch_proposals(llm, propose) -> None:
-    """Replace the n-gram lookup's proposals in this in-process engine (benchmark-only)."""
+    """Replace the n-gram lookup's proposals in this in-process engine (benchmark-only): on the driver
+    for serial steps, on the worker for overlapped ones (async scheduling: the lookup runs there,
+    on the worker's tokens, the unread step's included). `propose(prompt, num_outputs, k)`."""
     spec = llm.llm_engine.scheduler.spec
+    worker_spec = llm.llm_engine.executor.worker.runner.spec
+    if worker_spec.overlapped:
+        from pagedray.workers.spec_decode.runner import Drafts
+
+        def lookup(runner, groups):
+            lists = []
+            for rid, _, _ in groups:
+                state = runner.requests[rid]
+                n = state.num_prompt_tokens
+                lists.append(propose(state.token_ids[:n], len(state.token_ids) - n, spec.k))
+            return Drafts([rid for rid, _, _ in groups], lists=lists)
+        worker_spec._ngram = lookup
+        return
+
     def hook(request, worker_drafts):
-        request.spec_token_ids = propose(request, spec.k)
+        request.spec_token_ids = propose(request.prompt_token_ids, request.num_output_tokens, spec.k)
     spec.propose = hook
 
 
@@ -97,10 +115,8 @@ def _oracle(reference: dict[tuple, list[int]]):
     """Proposals read from `reference` (prompt -> its greedy output), which the warm-up run replaces
     by this engine's own output (a bf16 near-tie may resolve otherwise in a 5-row verification than in
     the baseline's 1-row step, and the baseline's continuation would be wrong from there on)."""
-    def propose(request, k):
-        ref = reference[tuple(request.prompt_token_ids)]
-        n = request.num_output_tokens
-        return ref[n:n + k]
+    def propose(prompt, n, k):
+        return reference[tuple(prompt)][n:n + k]
     return propose
 
 
@@ -118,7 +134,7 @@ def _settle_oracle(llm, prompts, output_len: int, reference: dict[tuple, list[in
 
 def _random(vocab: int):
     rng = random.Random(0)
-    return lambda request, k: [rng.randrange(vocab) for _ in range(k)]
+    return lambda prompt, n, k: [rng.randrange(vocab) for _ in range(k)]
 
 
 def _row(name: str, r: dict, base: dict) -> list:
@@ -213,8 +229,10 @@ def part_8b(args, batch: int) -> tuple[str, list]:
         name, cfg, propose = runs[key]
         # A drafter's runs overlap steps by default (async scheduling); --serial-too adds the same run
         # without the overlap beside it.
-        modes = [True, False] if args.serial_too and propose is None and key != "ngram" \
-            and args.tensor_parallel_size == 1 else [None]
+        # --overlap: the n-gram runs (oracle, random, ngram) overlapped and serial side by side.
+        free = propose is not None or key == "ngram"
+        modes = [True, False] if args.tensor_parallel_size == 1 and (
+            args.serial_too and not free or args.overlap and free) else [None]
         for overlap in modes:
             llm = LLM(target, **kw, speculative_config=cfg(), async_scheduling=overlap)
             if propose is not None:
@@ -248,6 +266,9 @@ def main() -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="--part 8b/batch64: target and drafter sharded over this many GPUs (Ray executor; "
                         "steps are not overlapped there)")
+    p.add_argument("--overlap", action="store_true",
+                   help="--part 8b/batch64: the oracle, random and ngram runs (serial by default) also with "
+                        "overlapped steps (async_scheduling=True; the n-gram lookup, or its replacement, runs on the worker)")
     p.add_argument("--serial-too", action="store_true",
                    help="--part 8b/batch64: each drafter run also without overlapped steps (async_scheduling=False)")
     args = p.parse_args()

@@ -100,6 +100,11 @@ class Request:
         self.output_token_ids.append(token_id)
         self._all_token_ids.append(token_id)
 
+    def append_output_tokens(self, token_ids: list[int]) -> None:
+        """Several at once (a verification's accepted tokens, none of them a stop)."""
+        self.output_token_ids += token_ids
+        self._all_token_ids += token_ids
+
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, prompt={self.num_prompt_tokens}, "
                 f"outputs={self.num_output_tokens}, computed={self.num_computed_tokens}, {self.status.name})")

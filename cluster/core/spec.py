@@ -30,6 +30,17 @@ from pagedray.common.speculative import SpeculativeConfig, ngram_propose
 __all__ = ["SpecDecoding", "ngram_propose"]
 
 
+def _no_stop_among(request: Request, tokens: list[int]) -> bool:
+    """Whether appending `tokens` certainly hits no token-level stop (the scheduler's `_stop_status`:
+    the length limit, eos, stop_token_ids); False sends them through the per-token check."""
+    params = request.sampling_params
+    if request.length_limit is None or len(request.all_token_ids) + len(tokens) >= request.length_limit:
+        return False
+    if not params.ignore_eos and params.eos_token_id is not None and params.eos_token_id in tokens:
+        return False
+    return not params.stop_token_ids or set(params.stop_token_ids).isdisjoint(tokens)
+
+
 class SpecDecoding:
     """The scheduler's speculation state: drafts per step, acceptance counters (vLLM's metrics)."""
 
@@ -81,16 +92,22 @@ class SpecDecoding:
         if num_drafts:
             self.num_drafts += 1
             self.num_draft_tokens += num_drafts
-            self.num_accepted_tokens += accepted
-            for pos in range(accepted):
-                self.num_accepted_tokens_per_pos[pos] += 1
+            if accepted:
+                self.num_accepted_tokens += accepted
+                per_pos = self.num_accepted_tokens_per_pos
+                for pos in range(accepted):
+                    per_pos[pos] += 1
             request.num_output_placeholders -= num_drafts
-            left = self.in_flight.pop(request.request_id) - num_drafts
+            rid = request.request_id
+            left = self.in_flight.pop(rid) - num_drafts
             if left:
-                self.in_flight[request.request_id] = left
+                self.in_flight[rid] = left
         if request.status is RequestStatus.RUNNING:   # (preempted meanwhile: recomputed from 0)
             request.num_computed_tokens -= num_drafts - accepted
         request.spec_token_ids = []
+        if _no_stop_among(request, tokens):   # the common case: all of them, without a check each
+            request.append_output_tokens(tokens)
+            return tokens, None
         for i, token in enumerate(tokens):
             request.append_output_token(token)
             status = stop_status(request)

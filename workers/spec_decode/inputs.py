@@ -80,12 +80,12 @@ def build_spec_inputs(runner, sched) -> SpecStepInputs:
                                    f"at position {start} of {len(tokens)} known")
             ids.append(tokens[start])
             ids.extend(drafts)
-            for j in range(n):
-                seq_rows.append(row)
-                seq_starts.append(start + j)
-                seq_counts.append(1)
+            # (lists by C loops: this runs for every verifying request every step)
+            seq_rows += [row] * n
+            seq_starts += range(start, start + n)
+            seq_counts += [1] * n
             groups.append((req_id, len(logits_rows), list(drafts)))
-            logits_rows.extend(range(first, first + n))
+            logits_rows += range(first, first + n)
             continue
         end = start + n
         if state.sampling_params.prompt_logprobs is not None:

@@ -19,6 +19,7 @@ Greedy rows are the case p = one-hot(argmax). The host waits once per step, for 
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 
@@ -45,10 +46,8 @@ def verify(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow],
            groups: list[tuple[str, int, list[int]]]) -> tuple[list[list[int]], list[list[Logprobs] | None]]:
     """Per group: the tokens the step emits (accepted proposals, then one of the target's), and their
     logprobs when asked. `logits` [sum(k + 1), V]: each group's rows in order, the last one the bonus."""
-    if all(r.argmax_only and not r.masks_min_tokens and not r.constrained for r in rows):
-        # (past min_tokens at its first row, a row is past it at the later ones: no per-row views)
-        same = [row for row, (_, _, drafts) in zip(rows, groups) for _ in range(len(drafts) + 1)]
-        return _greedy(sampler, logits, same, groups), [None] * len(groups)
+    if _all_argmax(rows):
+        return _accept_prefix(_greedy_ids(sampler, logits, rows, groups).tolist(), groups), [None] * len(groups)
     erows = expand_rows(rows, groups)
     dev = logits.device
     logits = logits.float()
@@ -89,11 +88,32 @@ def verify(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow],
     return tokens, _logprobs(raw_lp, groups, rows, tokens, lp_rows, lp_ids, lp_want)
 
 
-def _greedy(sampler: Sampler, logits: torch.Tensor, erows: list[SamplingRow],
-            groups: list[tuple[str, int, list[int]]]) -> list[list[int]]:
-    """The common all-greedy step: the sampler's argmax pass (its fastest on the device), the
-    comparison with the proposals on the host after the one wait."""
-    chosen = sampler.sample(logits, erows).token_ids.tolist()
+def verify_later(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow],
+                 groups: list[tuple[str, int, list[int]]]) -> Callable[[], tuple[list[list[int]], list]]:
+    """`verify`, with the host's one wait for the device deferred to the returned call where the
+    step is all greedy (its argmax is queued now and read later: the host's work in between runs
+    while the forward does); other steps are verified now."""
+    if not _all_argmax(rows):
+        result = verify(sampler, logits, rows, groups)
+        return lambda: result
+    chosen = _greedy_ids(sampler, logits, rows, groups)
+    return lambda: (_accept_prefix(chosen.tolist(), groups), [None] * len(groups))
+
+
+def _all_argmax(rows: list[SamplingRow]) -> bool:
+    return all(r.argmax_only and not r.masks_min_tokens and not r.constrained for r in rows)
+
+
+def _greedy_ids(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow],
+                groups: list[tuple[str, int, list[int]]]) -> torch.Tensor:
+    """The common all-greedy step: the sampler's argmax pass (its fastest on the device), queued.
+    (Past min_tokens at its first row, a row is past it at the later ones: no per-row views.)"""
+    same = [row for row, (_, _, drafts) in zip(rows, groups) for _ in range(len(drafts) + 1)]
+    return sampler.sample(logits, same).token_ids
+
+
+def _accept_prefix(chosen: list[int], groups: list[tuple[str, int, list[int]]]) -> list[list[int]]:
+    """Per group: its proposals while they equal the argmax, then the first argmax that differs."""
     tokens = []
     for _, row0, drafts in groups:
         a = 0

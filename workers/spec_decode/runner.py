@@ -30,7 +30,7 @@ from pagedray.common.messages import CachedRequestData, ModelRunnerOutput, Sched
 from pagedray.common.speculative import SpeculativeConfig, ngram_propose
 from pagedray.kernels import ops
 from pagedray.workers.spec_decode.inputs import build_spec_inputs
-from pagedray.workers.spec_decode.rejection import verify
+from pagedray.workers.spec_decode.rejection import verify, verify_later
 from pagedray.workers.spec_decode.tensor_parallel import share_verified
 from pagedray.workers.step_output import StepOutput, StepTimer
 
@@ -84,17 +84,48 @@ class Drafts:
         return self._host
 
 
+class _Pending:
+    """A step without a drafter whose verified tokens are still on the device: the host reads them
+    (and appends them, and looks up the n-gram proposals) when the driver reads the step or when
+    the next step begins, whichever comes first — so the host's work in between (the driver's
+    output reading and scheduling) runs while the target's forward does."""
+
+    def __init__(self, spec: "SpecDecodeRunner", runner, groups, scheduled: dict[str, list[int]],
+                 finish, out: ModelRunnerOutput) -> None:
+        self.spec, self.runner, self.groups, self.scheduled = spec, runner, groups, scheduled
+        self.finish, self.out = finish, out
+
+    def run(self) -> None:
+        if self.finish is None:
+            return
+        finish, self.finish = self.finish, None
+        spec, groups = self.spec, self.groups
+        tokens, logprobs = finish()   # the step's one wait for the device
+        spec._fill(self.out, groups, tokens, logprobs)
+        spec.emitted(self.runner, groups, tokens, self.scheduled)
+        drafts = spec._ngram(self.runner, groups) if spec.overlapped and spec.config.method == "ngram" else None
+        spec._drafts = drafts
+        if drafts is not None:
+            self.out.draft_token_ids = drafts.host()
+        if spec._pending is self:
+            spec._pending = None
+
+
 class _SpecStepOutput(StepOutput):
     """The step's output; its proposals (and its time, for prefill pacing) are read from the device
     when it is read, not when the step is queued."""
 
-    def __init__(self, output: ModelRunnerOutput, drafts: Drafts | None, timer: StepTimer | None) -> None:
+    def __init__(self, output: ModelRunnerOutput, drafts: Drafts | None, timer: StepTimer | None,
+                 pending: _Pending | None = None) -> None:
         super().__init__([], None)
-        self._result, self._drafts, self._timer = output, drafts, timer
+        self._result, self._drafts, self._timer, self._pending = output, drafts, timer, pending
         if timer is not None:
             timer.stop()   # (after everything the step queued, the drafter's forwards included)
 
     def get(self) -> ModelRunnerOutput:
+        if self._pending is not None:
+            self._pending.run()
+            self._pending = None
         if self._drafts is not None:
             self._result.draft_token_ids = self._drafts.host()
             self._drafts = None
@@ -115,14 +146,18 @@ class SpecDecodeRunner:
         self._unread: dict[str, deque[_Emitted]] = {}
         self._resent: dict[str, list[int]] = {}
         self._drafts: Drafts | None = None   # the last step's proposals
+        self._pending: _Pending | None = None   # the last step, its verified tokens not read yet
 
     def handles(self, sched: SchedulerOutput) -> bool:
         return self.drafter is not None or self.overlapped or bool(sched.scheduled_spec_decode_tokens)
 
     # -- the tokens this worker appended before the driver read them ----------------------------------
     def before_update(self, runner, sched: SchedulerOutput) -> None:
-        """Requests the driver drops: forget their unread tokens, unless it resends them whole in the
-        same step (copy-on-write replaced a block): then keep their tokens for `after_update`."""
+        """The last step's verified tokens first (`_Pending`). Requests the driver drops: forget their
+        unread tokens, unless it resends them whole in the same step (copy-on-write replaced a block):
+        then keep their tokens for `after_update`."""
+        if self._pending is not None:
+            self._pending.run()
         if not self._unread or not sched.finished_req_ids:
             return
         resent = {new.req_id for new in sched.scheduled_new_reqs}
@@ -250,12 +285,13 @@ class SpecDecodeRunner:
                 return _SpecStepOutput(ModelRunnerOutput({}), None, timer)
             if runner.sample:
                 rows = [runner.requests[rid].sampling_row for rid, _, _ in groups]
+                if self.drafter is None:   # nothing waits for the verified tokens: read them later
+                    pending = _Pending(self, runner, groups, sched.scheduled_spec_decode_tokens,
+                                       verify_later(runner.sampler, logits, rows, groups), out)
+                    self._drafts, self._pending = None, pending
+                    return _SpecStepOutput(out, None, timer, pending)
                 tokens, logprobs = verify(runner.sampler, logits, rows, groups)
-                for (rid, _, _), toks, lp in zip(groups, tokens, logprobs):
-                    out.sampled_token_ids[rid] = toks[0]
-                    out.accepted_token_ids[rid] = toks
-                    if lp is not None:
-                        out.accepted_logprobs[rid] = lp
+                self._fill(out, groups, tokens, logprobs)
             if self.drafter is not None:   # every TP rank's drafter catches up on the sampling rank's tokens
                 tokens = share_verified(tokens if runner.sample else None, len(groups),
                                         self.config.num_speculative_tokens + 1, hidden.device)
@@ -272,6 +308,14 @@ class SpecDecodeRunner:
             drafts = self._ngram(runner, groups)
         self._drafts = drafts
         return _SpecStepOutput(out, drafts, timer)
+
+    @staticmethod
+    def _fill(out: ModelRunnerOutput, groups, tokens: list[list[int]], logprobs: list) -> None:
+        for (rid, _, _), toks, lp in zip(groups, tokens, logprobs):
+            out.sampled_token_ids[rid] = toks[0]
+            out.accepted_token_ids[rid] = toks
+            if lp is not None:
+                out.accepted_logprobs[rid] = lp
 
     def _ngram(self, runner, groups) -> Drafts:
         """The n-gram lookup over each request's tokens (its new ones included), for the next step."""

@@ -193,3 +193,37 @@ def test_verifying_requests_hold_their_adapters_slot():
             outputs[req.request_id] += toks
     assert waited > 0
     assert dict(outputs) == {rid: reference(p, 12) for rid, p in prompts.items()}
+
+
+@pytest.mark.parametrize("case", [
+    dict(),                                        # no stop among them: appended at once
+    dict(eos=7),                                   # eos mid-way
+    dict(eos=7, ignore_eos=True),
+    dict(eos=7, min_tokens=6),                     # eos before min_tokens: not a stop
+    dict(eos=6, min_tokens=2),                     # eos at exactly min_tokens
+    dict(stop=[9, 8]),
+    dict(max_tokens=3),                            # the length limit mid-way
+    dict(max_tokens=5),                            # ... at the last one
+])
+def test_a_verification_appends_the_tokens_the_per_token_stops_keep(case):
+    """`SpecDecoding.apply` appends a verification's tokens in one go when none can stop the request;
+    it must equal appending them one by one with the scheduler's stop check."""
+    sched, _ = make()
+    params = SamplingParams(max_tokens=case.get("max_tokens", 50), ignore_eos=case.get("ignore_eos", False),
+                            min_tokens=case.get("min_tokens", 0), stop_token_ids=case.get("stop"))
+    params.eos_token_id = case.get("eos")
+    tokens = [5, 6, 7, 8, 9]
+    got_req, want_req = (Request(rid, [1, 2, 3], params) for rid in ("got", "want"))
+    for req in (got_req, want_req):
+        sched._set_length_limit(req)
+    want, want_status = [], None
+    for tok in tokens:
+        want_req.append_output_token(tok)
+        want.append(tok)
+        want_status = sched._stop_status(want_req)
+        if want_status is not None:
+            break
+    got, status = sched.spec.apply(got_req, list(tokens), 0, sched._stop_status)
+    assert (got, status) == (want, want_status)
+    assert got_req.output_token_ids == want and got_req.all_token_ids == [1, 2, 3] + want
+    assert got_req.stop_reason == want_req.stop_reason
