@@ -340,7 +340,7 @@ def count_opcodes(engine, steps: int) -> tuple[float, list[tuple[str, float]], f
     torch, dict and list builtins — is not counted)."""
     counts: dict[str, int] = {}
     device = DeviceModel(engine)
-    exposed = [0]
+    exposed, exposed_counts = [0], {}
 
     def per_opcode(frame, event, arg):
         if event == "opcode":
@@ -349,6 +349,7 @@ def count_opcodes(engine, steps: int) -> tuple[float, list[tuple[str, float]], f
             counts[key] = counts.get(key, 0) + 1
             if device.exposed:
                 exposed[0] += 1
+                exposed_counts[key] = exposed_counts.get(key, 0) + 1
         return per_opcode
 
     def per_call(frame, event, arg):
@@ -364,7 +365,9 @@ def count_opcodes(engine, steps: int) -> tuple[float, list[tuple[str, float]], f
         sys.settrace(None)
         device.restore()
     top = sorted(counts.items(), key=lambda kv: -kv[1])[:10]
-    return sum(counts.values()) / steps, [(k, v / steps) for k, v in top], exposed[0] / steps
+    top_exposed = sorted(exposed_counts.items(), key=lambda kv: -kv[1])[:10]
+    return (sum(counts.values()) / steps, [(k, v / steps) for k, v in top], exposed[0] / steps,
+            [(k, v / steps) for k, v in top_exposed])
 
 
 _CASE = itertools.count()
@@ -410,7 +413,8 @@ def run_case(llm, batch: int, mode: str, args) -> dict:
     result = stages.summary()
     result["generate_step"], result["generate_step_cpu"] = generate_step_ms(engine, args.steps)
     if args.opcode_steps:
-        result["opcodes"], result["top_opcodes"], result["exposed_opcodes"] = count_opcodes(engine, args.opcode_steps)
+        (result["opcodes"], result["top_opcodes"], result["exposed_opcodes"],
+         result["top_exposed_opcodes"]) = count_opcodes(engine, args.opcode_steps)
     running = engine.scheduler.num_running
     if running != batch or any(r.is_finished for r in engine.scheduler.running):
         raise RuntimeError(f"batch {batch}: {running} requests still running after the timed steps")

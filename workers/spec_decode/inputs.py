@@ -53,15 +53,21 @@ def build_spec_inputs(runner, sched) -> SpecStepInputs:
     fills: list[tuple[int, int, int]] = []    # (first flat row, row in the drafter's tensor, proposals)
     deferred: list[tuple[int, int]] = []
     max_blocks = 0
+    requests = runner.requests
+    # The n-gram lookup's proposals of the last step, for the driver's placeholders (overlapped steps).
+    host_drafts = runner.spec.host_drafts() if proposals else None
     for req_id, n in sched.num_scheduled_tokens.items():
-        state = runner.requests[req_id]
+        state = requests[req_id]
         start, tokens, row = state.num_computed_tokens, state.token_ids, state.table_row
         if start >= len(tokens):
             raise RuntimeError(f"request {req_id!r}: its input token at position {start} is not on this worker "
                                f"({len(tokens)} tokens known)")
         max_blocks = max(max_blocks, len(state.block_ids))
         drafts = proposals.get(req_id)
-        if drafts and drafts[0] < 0:   # the driver's placeholders (overlapped steps): this worker's own
+        if drafts and drafts[0] < 0 and host_drafts is not None:   # placeholders for the lookup's proposals
+            drafts = host_drafts.get(req_id, ())[:len(drafts)]   # (fewer where it made fewer, as below)
+            n = len(drafts) + 1
+        elif drafts and drafts[0] < 0:   # the driver's placeholders (overlapped steps): this worker's own
             row_in_drafts = runner.spec.device_draft_row(req_id, len(drafts))
             if row_in_drafts is None:
                 # (fewer where it made fewer: the rows of the missing ones are not run, and the

@@ -22,7 +22,8 @@ worker's input building) runs while the drafter's forwards do.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from operator import itemgetter
+from typing import NamedTuple
 
 import torch
 
@@ -35,11 +36,14 @@ from pagedray.workers.spec_decode.tensor_parallel import share_verified
 from pagedray.workers.step_output import StepOutput, StepTimer
 
 
-@dataclass
-class _Emitted:
-    """A step's tokens for one request, appended here before the driver has read them."""
+class _Emitted(NamedTuple):
+    """A step's tokens for one request, appended here before the driver has read them (a tuple:
+    one is made per request per step)."""
     tokens: list[int]
     rejected: int      # its proposals that were not accepted
+
+
+_REJECTED = itemgetter(1)
 
 
 class Drafts:
@@ -195,25 +199,37 @@ class SpecDecodeRunner:
                 while unread and n >= len(unread[0].tokens):
                     n -= len(unread.popleft().tokens)
                 runner.requests[new.req_id].append_tokens(old[len(new.token_ids):])
+        get, requests = self._unread.get, runner.requests
         for rid in sched.num_scheduled_tokens:
-            unread = self._unread.get(rid)
+            unread = get(rid)
             if unread:
-                runner.requests[rid].num_computed_tokens -= sum(e.rejected for e in unread)
+                requests[rid].num_computed_tokens -= sum(map(_REJECTED, unread))
 
     def emitted(self, runner, groups, tokens: list[list[int]], scheduled: dict[str, list[int]]) -> None:
         """Append each sampling request's emitted tokens here now (its `_unread` until the driver's
         delta shows it read them); `groups` as `verify` takes them, `scheduled` the step's
         proposals as the driver counts them (placeholders this worker had none for count as rejected)."""
+        requests, unread, get = runner.requests, self._unread, scheduled.get
         for (rid, _, _), toks in zip(groups, tokens):
-            runner.requests[rid].append_tokens(toks)
-            rejected = len(scheduled.get(rid, ())) + 1 - len(toks)
-            self._unread.setdefault(rid, deque()).append(_Emitted(toks, rejected))
+            requests[rid].append_tokens(toks)
+            # (a plain tuple: _Emitted's fields, without its constructor's Python frame)
+            entry = tuple.__new__(_Emitted, (toks, len(get(rid, ())) + 1 - len(toks)))
+            steps = unread.get(rid)
+            if steps is None:
+                unread[rid] = deque((entry,))
+            else:
+                steps.append(entry)
 
     def device_draft_row(self, req_id: str, n: int) -> int | None:
         return self._drafts.device_row(req_id, n) if self._drafts is not None else None
 
     def device_drafts(self) -> torch.Tensor:
         return self._drafts._tensor
+
+    def host_drafts(self) -> dict[str, list[int]] | None:
+        """The last step's proposals on the host when they are host lists (the n-gram lookup's), else None."""
+        drafts = self._drafts
+        return drafts.host() if drafts is not None and drafts._lists is not None else None
 
     def own_drafts(self, req_id: str, n: int) -> list[int]:
         """Up to n proposals for the driver's placeholders: this worker's from the last step."""
