@@ -127,19 +127,24 @@ def ngram_propose(tokens: list[int], lookup_min: int, lookup_max: int, k: int) -
         return []
     last = tokens[-1]
     best_len, best_end = 0, -1
-    # Scan right to left for earlier occurrences of the last token, then grow each match leftwards:
+    # Earlier occurrences of the last token, right to left (found by C scans of the reversed list:
+    # this runs for every request every step, over its whole context), each match grown leftwards:
     # the first match of full length wins (the most recent), else the longest one seen.
-    i = n - 2
-    while i >= 0:
-        if tokens[i] == last:
-            m = 1
-            while m < lookup_max and i - m >= 0 and tokens[i - m] == tokens[n - 1 - m]:
-                m += 1
-            if m > best_len:
-                best_len, best_end = m, i
-                if m == lookup_max:
-                    break
-        i -= 1
+    rev = tokens[::-1]
+    j = 0
+    while True:
+        try:
+            j = rev.index(last, j + 1)
+        except ValueError:
+            break
+        i = n - 1 - j
+        m = 1
+        while m < lookup_max and i - m >= 0 and tokens[i - m] == tokens[n - 1 - m]:
+            m += 1
+        if m > best_len:
+            best_len, best_end = m, i
+            if m == lookup_max:
+                break
     if best_len < lookup_min:
         return []
     return tokens[best_end + 1:best_end + 1 + k]

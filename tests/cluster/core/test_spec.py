@@ -227,3 +227,28 @@ def test_a_verification_appends_the_tokens_the_per_token_stops_keep(case):
     assert (got, status) == (want, want_status)
     assert got_req.output_token_ids == want and got_req.all_token_ids == [1, 2, 3] + want
     assert got_req.stop_reason == want_req.stop_reason
+
+
+def _ngram_by_scan(tokens, lookup_min, lookup_max, k):
+    """The lookup by its definition: every earlier end position, right to left."""
+    n = len(tokens)
+    best_len, best_end = 0, -1
+    for i in range(n - 2, -1, -1):
+        m = 0
+        while m < lookup_max and i - m >= 0 and tokens[i - m] == tokens[n - 1 - m]:
+            m += 1
+        if m > best_len:
+            best_len, best_end = m, i
+            if m == lookup_max:
+                break
+    return tokens[best_end + 1:best_end + 1 + k] if best_len >= max(1, lookup_min) and n > lookup_min else []
+
+
+def test_ngram_propose_equals_a_scan_of_every_position():
+    import random
+    rng = random.Random(0)
+    for trial in range(400):
+        tokens = [rng.randrange(rng.choice([2, 4, 30])) for _ in range(rng.randrange(1, 60))]
+        lo = rng.randint(1, 3)
+        hi = rng.randint(lo, 5)
+        assert ngram_propose(tokens, lo, hi, 4) == _ngram_by_scan(tokens, lo, hi, 4), (tokens, lo, hi)
