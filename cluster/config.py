@@ -97,8 +97,9 @@ def build_engine_config(model: str, *, tokenizer: str | None = None, dtype: str 
         device_config.check_present()   # Ray workers check their own node's devices
     speculative = _speculative(speculative_config, model_config, parallel.tensor_parallel_size)
     if async_scheduling is None:
-        # With speculation only where it overlaps something: a drafter's forwards (the n-gram
-        # lookup has no device work to hide the host's behind; cluster/core/spec.py).
+        # With speculation, for the drafters (their forwards hide the host's work). n-gram: the
+        # driver's work would hide behind the verification's forward (its read is deferred), but
+        # off until a GPU measures it (spec_decode.py --overlap; host_overhead.py --speculation).
         async_scheduling = local and device_config.device_type == "cuda" and (
             speculative is None or speculative.uses_draft_model)
     elif async_scheduling and not local:

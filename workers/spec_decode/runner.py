@@ -5,7 +5,9 @@ drafter (draft model / EAGLE head) runs: the drafter must see every token the ta
 The target's forward is the runner's own (`_forward`: a decode-graph replay when the step is
 verifications and decodes only); the step waits for the device once, for the verified tokens, and
 the drafter's k proposals stay on the device (`Drafts`) until the next step's inputs or the step's
-output read them.
+output read them. Without a drafter nothing in the step needs the verified tokens, so the wait comes
+later (`_Pending`): when the driver reads the step or the next step begins — with overlapped steps
+the driver's reading of the previous step and its scheduling of the next then run during the forward.
 
 This worker appends each step's emitted tokens to its requests at once (the driver's next delta
 then repeats them: `unseen` drops those), so its state always ends with the verified tokens.
