@@ -10,6 +10,7 @@
 # pacing: prefill pacing off vs on under Poisson load (not in the default list).
 # tputqwen-ab: the Qwen shape on a baseline tree ($BASE_TREE) and on this one (not in the default list).
 # flash, loraprof, spec: what is still unmeasured from 2026-12-05 (not in the default list).
+# specoverlap: n-gram speculation with overlapped vs serial steps (oracle/random proposals; not in the default list).
 # $OUT defaults to benchmarks/gpu-runs/<time>; each benchmark's record goes to $OUT/records (copy the files
 # into benchmarks/records/ and run `python benchmarks/records.py` to update RESULTS.md).
 set -u
@@ -94,6 +95,11 @@ run() {
     # (--part smollm2 needs the default model, whose 93 MB GGUF does not fit the lent machines' 64 MiB transfer.)
     spec) step spec-drafts 420 python3 benchmarks/spec_decode.py --part 8b --runs draft_identical,draft_small,eagle --serial-too
           step spec-batch64 300 python3 benchmarks/spec_decode.py --part batch64 --runs oracle,random,ngram ;;
+    # n-gram speculation's deferred verification read (h27host): its GPU tests, then oracle/random proposals
+    # overlapped vs serial at batch 1 beside the baseline (the <= 5 % goal with acceptance 0).
+    specoverlap) step spec-ngram-gpu-tests 150 python3 -m pytest tests/workers/test_spec_decode_gpu.py -k ngram -q \
+                   --tb=short -p no:cacheprovider
+                 step spec-overlap 420 python3 benchmarks/spec_decode.py --part 8b --runs oracle,random --overlap ;;
     tputqwen) step tputqwen 90 python3 benchmarks/throughput.py --shape qwen2.5-0.5b --hf-baseline --hf-engines generate \
                 --hf-timeout 30 --results "$R" ;;
   esac
