@@ -333,11 +333,12 @@ class DeviceModel:
         self.patch(cls, name, wrapper)
 
 
-def count_opcodes(engine, steps: int) -> tuple[float, list[tuple[str, float]], float]:
+def count_opcodes(engine, steps: int) -> dict:
     """Python bytecodes run per step as LLM.generate drives it, the functions that run the most
     (per step), and the bytecodes a GPU would wait for (`DeviceModel`): a measure of the host's
     interpreted work that other processes on a shared machine cannot disturb (C code — numpy,
-    torch, dict and list builtins — is not counted)."""
+    torch, dict and list builtins — is not counted; its calls are, as `c_calls`: a torch op's
+    dispatch costs microseconds on the host, a bytecode tens of nanoseconds)."""
     counts: dict[str, int] = {}
     device = DeviceModel(engine)
     exposed, exposed_counts = [0], {}
@@ -356,18 +357,34 @@ def count_opcodes(engine, steps: int) -> tuple[float, list[tuple[str, float]], f
         frame.f_trace_opcodes = True
         return per_opcode
 
+    c_calls = [0, 0]   # calls of C functions (torch ops, numpy, builtins), and those a GPU waits for
+
+    exposed_c: dict[str, int] = {}
+
+    def per_c_call(frame, event, arg):
+        if event == "c_call":
+            c_calls[0] += 1
+            if device.exposed:
+                c_calls[1] += 1
+                key = getattr(arg, "__qualname__", None) or getattr(arg, "__name__", "?")
+                exposed_c[key] = exposed_c.get(key, 0) + 1
+
     kwargs = _generate_kwargs(engine)
     sys.settrace(per_call)
+    sys.setprofile(per_c_call)
     try:
         for _ in range(steps):
             engine.step(**kwargs)
     finally:
+        sys.setprofile(None)
         sys.settrace(None)
         device.restore()
     top = sorted(counts.items(), key=lambda kv: -kv[1])[:10]
     top_exposed = sorted(exposed_counts.items(), key=lambda kv: -kv[1])[:10]
-    return (sum(counts.values()) / steps, [(k, v / steps) for k, v in top], exposed[0] / steps,
-            [(k, v / steps) for k, v in top_exposed])
+    return {"opcodes": sum(counts.values()) / steps, "top_opcodes": [(k, v / steps) for k, v in top],
+            "exposed_opcodes": exposed[0] / steps, "top_exposed_opcodes": [(k, v / steps) for k, v in top_exposed],
+            "c_calls": c_calls[0] / steps, "exposed_c_calls": c_calls[1] / steps,
+            "top_exposed_c_calls": [(k, v / steps) for k, v in sorted(exposed_c.items(), key=lambda kv: -kv[1])[:15]]}
 
 
 _CASE = itertools.count()
@@ -413,8 +430,7 @@ def run_case(llm, batch: int, mode: str, args) -> dict:
     result = stages.summary()
     result["generate_step"], result["generate_step_cpu"] = generate_step_ms(engine, args.steps)
     if args.opcode_steps:
-        (result["opcodes"], result["top_opcodes"], result["exposed_opcodes"],
-         result["top_exposed_opcodes"]) = count_opcodes(engine, args.opcode_steps)
+        result.update(count_opcodes(engine, args.opcode_steps))
     running = engine.scheduler.num_running
     if running != batch or any(r.is_finished for r in engine.scheduler.running):
         raise RuntimeError(f"batch {batch}: {running} requests still running after the timed steps")
@@ -455,6 +471,7 @@ def main(argv=None) -> int:
                                    f"{r['generate_step']:.3f}", f"{r['generate_step_cpu']:.3f}",
                                    f"{r['opcodes'] / 1e3:.1f}" if "opcodes" in r else "-",
                                    f"{r['exposed_opcodes'] / 1e3:.1f}" if "opcodes" in r else "-",
+                                   f"{r['c_calls']:.0f} / {r['exposed_c_calls']:.0f}" if "opcodes" in r else "-",
                                    f"{r['gc']:.3f}", f"{r['gc_full']:.3f}"])
                     print(json.dumps({"variant": variant, "batch": batch, "mode": mode, "tokenizer": use_tok,
                                       "loop": loop, "speculation": spec,
@@ -469,7 +486,8 @@ def main(argv=None) -> int:
     header = (["engine", "batch", "sampling", "tokenizer", "loop", "speculation", "accepted / proposed"]
               + [f"{s} (ms)" for s in STAGES]
               + ["step (ms)", "step - sampler (ms)", "LLM.generate step (ms)", "its CPU time (ms)",
-                 "its Python bytecodes (thousands)", "of them a GPU waits for (thousands)", "GC (ms)",
+                 "its Python bytecodes (thousands)", "of them a GPU waits for (thousands)",
+                 "C calls (torch ops, numpy, builtins) / those a GPU waits for", "GC (ms)",
                  "full GCs / step"])
     notes = (f"- CPU ({os.cpu_count()} cores, shared), torch threads {args.threads}; prompts of {args.input_len} "
              f"token ids; {args.warmup} warm-up decode steps, then means over {args.steps} decode-only steps; "
