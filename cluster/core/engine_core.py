@@ -136,10 +136,7 @@ class EngineCore:
 
     def _add(self, req: CoreRequest) -> None:
         rid, params, prompt = req.request_id, req.params, req.prompt_token_ids
-        if rid in self._parents or rid in self._child_of:
-            raise ValueError(f"request_id {rid!r} is already in use")
-        apply_defaults(params, len(prompt), self.info.max_model_len, self.info.eos_token_ids)
-        check_request(prompt, params, self.info, len(req.output_token_ids))
+        self._check(req)   # again for a request that waited for its grammar: its id may be taken since
         if req.output_token_ids and params.n > 1:
             raise ValueError("a resumed request must have n=1: resume each completion under its completion_id")
         if req.lora_request is not None:
