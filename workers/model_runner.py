@@ -44,6 +44,11 @@ _WAITS_FOR_IDS = attrgetter("has_penalty")
 _CONSTRAINED = attrgetter("constrained")
 
 
+def _may_wait_for_ids(rows: list) -> bool:
+    """Whether some row's sampling reads its in-flight token's id (penalties, a grammar or a bias)."""
+    return any(map(_WAITS_FOR_IDS, rows)) or any(map(_CONSTRAINED, rows))
+
+
 def _set_all(objects: list, name: str, value) -> None:
     """`obj.name = value` for each object, looped in C."""
     for _ in map(setattr, objects, repeat(name), repeat(value)):
@@ -377,7 +382,7 @@ class ModelRunner:
         out = StepOutput(inputs.sample_req_ids, self.sampler.sample(logits, rows), prompt_logprobs, timer)
         if pending_rows:
             _set_all(pending_rows, "num_pending", 0)
-            if any(map(_WAITS_FOR_IDS, pending_rows)) or any(map(_CONSTRAINED, pending_rows)):
+            if _may_wait_for_ids(pending_rows):
                 for row in pending_rows:
                     if row.pending_token_ids:
                         row.pending_token_ids = []
@@ -393,7 +398,7 @@ class ModelRunner:
         pending = list(map(_SAMPLING_ROW, map(get, inputs.pending_req_ids)))
         if pending:
             _set_all(pending, "num_pending", 1)
-            if any(map(_WAITS_FOR_IDS, pending)) or any(map(_CONSTRAINED, pending)):
+            if _may_wait_for_ids(pending):
                 last = self.last_output
                 for rid, row in zip(inputs.pending_req_ids, pending):
                     if row.has_penalty or row.params.structured_outputs is not None:   # (a grammar advances by it)
