@@ -25,13 +25,10 @@ Time per output token = (T(N) - T(1)) / (N - 1) over one generate of N and one o
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import random
 import tempfile
 import time
-
-import torch
 
 from common import SHAPES, append_results, markdown_table, random_prompts, write_config
 
@@ -49,13 +46,6 @@ CODE = '''def moving_average(values, window):
 '''
 COPY_PROMPT = ("Here is a Python function:\n\n```python\n" + CODE + "```\n\nRewrite it exactly as it is, "
                "but rename the function to `rolling_mean`:\n\n```python\n")
-
-
-def _free(llm) -> None:
-    llm.shutdown()   # gives the device memory back now (the caller's name still holds the engine)
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _generate(llm, prompts, max_tokens: int) -> tuple[float, list[list[int]]]:
@@ -157,7 +147,7 @@ def part_smollm2(args) -> tuple[str, list]:
     prompt = base_llm.get_tokenizer().encode(COPY_PROMPT)
     prompts = [{"prompt_token_ids": prompt}]
     base = _measure(base_llm, prompts, args.output_len, args.repeats)
-    _free(base_llm)
+    base_llm.shutdown()   # its device memory back before the next engine profiles
     rows = [_row("no speculation", base, base)]
     for k in (2, 4):
         llm = LLM(model, **kw, speculative_config={"method": "ngram", "num_speculative_tokens": k,
@@ -165,7 +155,7 @@ def part_smollm2(args) -> tuple[str, list]:
         r = _measure(llm, prompts, args.output_len, args.repeats)
         same = r["tokens"] == base["tokens"]
         rows.append(_row(f"ngram k={k} (same tokens: {same})", r, base))
-        _free(llm)
+        llm.shutdown()
     return "Speculative decoding (a): SmolLM2-135M, batch 1, n-gram on a copying prompt", rows
 
 
@@ -204,7 +194,7 @@ def part_8b(args, batch: int) -> tuple[str, list]:
     k = args.k
     llm = LLM(target, **kw)
     base = _measure(llm, prompts, args.output_len, args.repeats)
-    _free(llm)
+    llm.shutdown()
     reference = {tuple(p["prompt_token_ids"]): t for p, t in zip(prompts, base["tokens"])}
     rows = [_row("no speculation", base, base)]
     ngram = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1, "prompt_lookup_max": 4}
@@ -244,7 +234,7 @@ def part_8b(args, batch: int) -> tuple[str, list]:
                          (lambda tokens: own_output(prompts, tokens)) if oracle else None)
             mode = "" if len(modes) == 1 else (", overlapped steps" if overlap else ", serial steps")
             rows.append(_row(f"{name}, k={k}{mode}", r, base))
-            _free(llm)
+            llm.shutdown()
     what = "(b) batch 1" if batch == 1 else f"(c) batch {batch}"
     tp = f", tensor_parallel_size={args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
     return f"Speculative decoding {what}: {args.shape} (random weights), input {args.input_len}{tp}", rows
