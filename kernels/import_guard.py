@@ -44,8 +44,7 @@ def step_aside(name: str, package_path: list[str]) -> None:
 def _empty_namespace(name: str) -> types.ModuleType:
     """What `import name` gives for a folder without `__init__.py` and nothing in it."""
     module = types.ModuleType(name, f"Not pagedray's folder: import pagedray.{name} (no installed {name!r}).")
-    module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
-    module.__spec__.submodule_search_locations = []
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)   # no portions
     module.__path__ = []
     module.__file__ = None
     return module
