@@ -90,6 +90,13 @@ class Drafts:
         return self._host
 
 
+def _drop_read_steps(unread: deque, n: int) -> int:
+    """Forget the oldest unread steps that `n` tokens the driver sent cover whole; the tokens left over."""
+    while unread and n >= len(unread[0].tokens):
+        n -= len(unread.popleft().tokens)
+    return n
+
+
 class _Pending:
     """A step without a drafter whose verified tokens are still on the device: the host reads them
     (and appends them, and looks up the n-gram proposals) when the driver reads the step or when
@@ -179,9 +186,7 @@ class SpecDecodeRunner:
         unread = self._unread.get(delta.req_id)
         if not unread:
             return delta.new_token_ids
-        n = len(delta.new_token_ids)
-        while unread and n >= len(unread[0].tokens):
-            n -= len(unread.popleft().tokens)
+        n = _drop_read_steps(unread, len(delta.new_token_ids))
         if not unread:
             del self._unread[delta.req_id]
         elif n:
@@ -197,9 +202,7 @@ class SpecDecodeRunner:
             old = self._resent.pop(new.req_id, None)
             if old is not None:   # resent whole: the driver's tokens, then the unread ones again
                 unread = self._unread[new.req_id]
-                n = len(new.token_ids) - (len(old) - sum(len(e.tokens) for e in unread))
-                while unread and n >= len(unread[0].tokens):
-                    n -= len(unread.popleft().tokens)
+                _drop_read_steps(unread, len(new.token_ids) - (len(old) - sum(len(e.tokens) for e in unread)))
                 runner.requests[new.req_id].append_tokens(old[len(new.token_ids):])
         get, requests = self._unread.get, runner.requests
         for rid in sched.num_scheduled_tokens:
