@@ -13,30 +13,25 @@ place; tokens without an adapter (slot -1) are skipped and their rows left untou
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from pagedray.kernels import _compile as C
 
 def _block_t(num_tokens: int) -> int:
     """Tokens per tile: 16 for decode batches; 64 for prefill, so each B tile is read 4x less often."""
     return 16 if num_tokens <= 512 else 64
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8   # the interpreter (CPU tests): a few splits, as a small GPU would get
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _shrink_splits(num_tokens: int, k: int, block_k: int, device: torch.device) -> int:
+def _shrink_splits(num_tokens: int, k: int, block_k: int, x: torch.Tensor) -> int:
     """Partial sums along K so the grid covers the GPU: a decode batch is a handful of tiles, and one
     program per tile walking all of K left all but a few SMs idle (measured: 8 adapters at batch 256
     ran at 0.61x the base model on an H100). At least 2 BLOCK_K steps per split."""
     tiles = triton.cdiv(num_tokens, _block_t(num_tokens))
-    return max(1, min(triton.cdiv(_num_sms(device), tiles), k // (2 * block_k)))
+    # (under the interpreter, CPU tests: a few splits, as a small GPU would get)
+    sms = C.num_sms(C.device_of(x)) if x.is_cuda else 8
+    return max(1, min(triton.cdiv(sms, tiles), k // (2 * block_k)))
 
 
 @triton.jit
@@ -121,7 +116,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, indices: torch.Tensor, order: 
     block_k = 64
     # A decode batch is a few tiles: split the reduction so that there are enough programs.
     block_t = _block_t(num_tokens)
-    splits = _shrink_splits(num_tokens, k, block_k, x.device)
+    splits = _shrink_splits(num_tokens, k, block_k, x)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     splits = triton.cdiv(k, k_per_split)
     out = torch.empty(splits, num_tokens, r, dtype=torch.float32, device=x.device)
