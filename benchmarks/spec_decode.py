@@ -48,6 +48,18 @@ COPY_PROMPT = ("Here is a Python function:\n\n```python\n" + CODE + "```\n\nRewr
                "but rename the function to `rolling_mean`:\n\n```python\n")
 
 
+def _shutdown(llm) -> None:
+    """Shut the engine down; on CUDA, say what the process still holds (the next engine profiles
+    its KV budget against it)."""
+    llm.shutdown()
+    import torch
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        print(f"after shutdown: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated, "
+              f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB reserved, {(total - free) / 2**30:.2f} GiB "
+              f"in use on the device", flush=True)
+
+
 def _generate(llm, prompts, max_tokens: int) -> tuple[float, list[list[int]]]:
     from pagedray.cluster import SamplingParams
     sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -194,7 +206,7 @@ def part_8b(args, batch: int) -> tuple[str, list]:
     k = args.k
     llm = LLM(target, **kw)
     base = _measure(llm, prompts, args.output_len, args.repeats)
-    llm.shutdown()
+    _shutdown(llm)
     reference = {tuple(p["prompt_token_ids"]): t for p, t in zip(prompts, base["tokens"])}
     rows = [_row("no speculation", base, base)]
     ngram = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1, "prompt_lookup_max": 4}
@@ -234,7 +246,7 @@ def part_8b(args, batch: int) -> tuple[str, list]:
                          (lambda tokens: own_output(prompts, tokens)) if oracle else None)
             mode = "" if len(modes) == 1 else (", overlapped steps" if overlap else ", serial steps")
             rows.append(_row(f"{name}, k={k}{mode}", r, base))
-            llm.shutdown()
+            _shutdown(llm)
     what = "(b) batch 1" if batch == 1 else f"(c) batch {batch}"
     tp = f", tensor_parallel_size={args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
     return f"Speculative decoding {what}: {args.shape} (random weights), input {args.input_len}{tp}", rows

@@ -99,6 +99,8 @@ class Worker:
             return self.cache_config.num_kv_blocks
         return self.determine_num_available_blocks()
 
+    kv_budget_detail = ""   # the last profile's figures, for the executor's error
+
     def determine_num_available_blocks(self) -> int:
         """KV blocks this rank can afford after a worst-case forward."""
         spec = self.kv_spec
@@ -117,10 +119,17 @@ class Worker:
         # other processes on the same GPU (they are not ours to take).
         outside = total - free - torch.cuda.memory_reserved(self.device)
         budget = total * self.cache_config.gpu_memory_utilization - peak - outside
-        budget -= self.graph_memory_reserve()
+        graphs = self.graph_memory_reserve()
+        budget -= graphs
         num_blocks = int(budget // self._bytes_per_block())
+        gib = 2**30
+        # The figures the executor's "no memory left" error names (one of them is the culprit).
+        self.kv_budget_detail = (f"; rank {self.rank}: {total / gib:.2f} GiB total, peak allocated "
+                                 f"{peak / gib:.2f} GiB (weights + the profile forward), outside this "
+                                 f"process's allocator {outside / gib:.2f} GiB, graph reserve "
+                                 f"{graphs / gib:.2f} GiB -> KV budget {budget / gib:.2f} GiB")
         logger.info("rank %d: peak %.2f GiB, KV budget %.2f GiB -> %d blocks", self.rank,
-                    peak / 2**30, budget / 2**30, num_blocks)
+                    peak / gib, budget / gib, num_blocks)
         torch.cuda.empty_cache()
         return max(0, num_blocks)
 

@@ -340,6 +340,11 @@ class EngineCore:
             **(sched.spec.stats() if sched.spec is not None else {}))
 
     def shutdown(self) -> None:
+        # Steps still queued hold device tensors and, for a speculative step whose tokens are read
+        # late, the worker's model runner: drop them first, or the weights and KV cache outlive the
+        # executor's shutdown (measured: the next engine in the process found no memory for its KV).
+        self._in_flight = None
+        self._pipeline.clear()
         self.loras.shutdown()
         self.executor.shutdown()
 

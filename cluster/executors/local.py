@@ -17,7 +17,7 @@ class LocalExecutor(Executor):
         self.worker.init_device()
         self.worker.load_model()
         num_blocks = self.worker.num_kv_blocks()
-        check_num_kv_blocks(num_blocks, config.cache)
+        check_num_kv_blocks(num_blocks, config.cache, self.worker.kv_budget_detail)
         self.num_kv_blocks = num_blocks
         self.worker.initialize_cache(num_blocks)
         self.worker.capture_graphs()
