@@ -1,5 +1,6 @@
 """Shutting an engine down lets its model go: nothing the core still holds (a queued step, a
-speculative step whose tokens are read late) keeps the weights and KV cache alive, so a process
+speculative step whose tokens are read late, the objects start-up froze for the collector) keeps
+the weights and KV cache alive, so a process
 that builds one engine after another (tests, notebooks, benchmarks) profiles the next one's KV
 budget against free memory."""
 from __future__ import annotations
@@ -27,6 +28,7 @@ def test_model_is_freed_after_shutdown(model_path, speculative_config, async_sch
     llm = LLM(model_path, device="cpu", block_size=4, async_scheduling=async_scheduling,
               speculative_config=speculative_config)
     worker = llm.llm_engine.core.executor.worker
+    worker.runner.cycle = worker.runner   # as the CUDA graph runners' closures make one on a GPU
     model = weakref.ref(worker.runner.model)
     kv = weakref.ref(worker.cache.kv_caches[0])
     prompts = [{"prompt_token_ids": [1, 5, 9, 5, 9, 5, 9, 5]}, {"prompt_token_ids": [3, 4, 3, 4, 3]}]
