@@ -47,7 +47,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _load_kv(k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift, kvh, num_kv_heads, start, hi, offs_d, d_mask,
+def _load_kv(k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, vn_stride_t, row_shift, kvh, num_kv_heads, start, hi, offs_d, d_mask,
              HEAD_SIZE: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
              OFFS64: tl.constexpr, SOURCE: tl.constexpr, MASKED: tl.constexpr):
     """K and V rows [start, start + BLOCK_N) as [BLOCK_N, HEAD_PAD]: SOURCE 0 from the paged cache through
@@ -72,10 +72,9 @@ def _load_kv(k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift, kvh, num_k
             kp = k_ptr + offs
             vp = v_ptr + offs
         else:
-            rows = (offs_n + row_shift).to(tl.int64) * kn_stride_t + kvh * HEAD_SIZE
-            offs = rows[:, None] + offs_d[None, :]
-            kp = kn + offs
-            vp = vn + offs
+            rows = (offs_n + row_shift).to(tl.int64)
+            kp = kn + (rows * kn_stride_t + kvh * HEAD_SIZE)[:, None] + offs_d[None, :]
+            vp = vn + (rows * vn_stride_t + kvh * HEAD_SIZE)[:, None] + offs_d[None, :]
         if MASKED:
             k = tl.load(kp, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
             v = tl.load(vp, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
@@ -89,7 +88,7 @@ def _load_kv(k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift, kvh, num_k
 
 
 @triton.jit
-def _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift, kvh, num_kv_heads,
+def _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, vn_stride_t, row_shift, kvh, num_kv_heads,
                 pos_q, offs_d, d_mask, lo, hi, qk_scale, scale, soft_cap, window, slope,
                 HEAD_SIZE: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                 BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -100,7 +99,7 @@ def _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, 
     every key of [lo, hi)."""
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        k, v = _load_kv(k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift, kvh, num_kv_heads, start, hi,
+        k, v = _load_kv(k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, vn_stride_t, row_shift, kvh, num_kv_heads, start, hi,
                         offs_d, d_mask, HEAD_SIZE, EVEN_D, BLOCK_SIZE, BLOCK_N, OFFS64, SOURCE, MASKED)
         if KV_FP8 and SOURCE == 0:  # e4m3 widens exactly to 16 bits; the scales are applied outside the products
             k = k.to(q.dtype)
@@ -140,7 +139,7 @@ def _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, 
 # QKV width), and knowing them multiples of 16 lets every row's load and store be 16-byte vectors.
 @triton.jit(do_not_specialize=["bt_stride", "table_row0", "num_seqs", "num_tiles"])
 def _flash_prefill_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, meta_ptr, alibi_ptr, kn, vn,
-                          q_stride_t, q_stride_h, o_stride_t, o_stride_h, bt_stride, table_row0, kn_stride_t,
+                          q_stride_t, q_stride_h, o_stride_t, o_stride_h, bt_stride, table_row0, kn_stride_t, vn_stride_t,
                           num_seqs, num_tiles, num_heads, num_kv_heads, group, qk_scale, scale, soft_cap,
                           window, v_scale,
                           HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -188,22 +187,22 @@ def _flash_prefill_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, meta_ptr, al
         a_full = lo
         if not HAS_WINDOW:
             a_full = lo + (b_lo - lo) // BLOCK_N * BLOCK_N
-        acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift,
+        acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, vn_stride_t, row_shift,
                                     kvh, num_kv_heads, pos_q, offs_d, d_mask, lo, a_full, qk_scale, scale, soft_cap,
                                     window, slope, HEAD_SIZE, HEAD_SIZE == HEAD_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI,
                                     HAS_SOFTCAP, HAS_WINDOW, KV_FP8, OFFS64, 0, False)
-        acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift,
+        acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, vn_stride_t, row_shift,
                                     kvh, num_kv_heads, pos_q, offs_d, d_mask, a_full, b_lo, qk_scale, scale, soft_cap,
                                     window, slope, HEAD_SIZE, HEAD_SIZE == HEAD_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI,
                                     HAS_SOFTCAP, HAS_WINDOW, KV_FP8, OFFS64, 0, True)
     b_full = b_lo
     if SPLIT and not HAS_WINDOW:
         b_full = b_lo + (first + 1 - b_lo) // BLOCK_N * BLOCK_N   # blocks before the tile's first row: seen whole
-    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift,
+    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, vn_stride_t, row_shift,
                                 kvh, num_kv_heads, pos_q, offs_d, d_mask, b_lo, b_full, qk_scale, scale, soft_cap,
                                 window, slope, HEAD_SIZE, HEAD_SIZE == HEAD_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI,
                                 HAS_SOFTCAP, HAS_WINDOW, KV_FP8, OFFS64, NEW_KV, False)
-    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, row_shift,
+    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, kn, vn, kn_stride_t, vn_stride_t, row_shift,
                                 kvh, num_kv_heads, pos_q, offs_d, d_mask, b_full, hi, qk_scale, scale, soft_cap,
                                 window, slope, HEAD_SIZE, HEAD_SIZE == HEAD_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI,
                                 HAS_SOFTCAP, HAS_WINDOW, KV_FP8, OFFS64, NEW_KV, True)
@@ -239,26 +238,26 @@ def _tensor_descriptor():
 
 
 def _new_kv_source(mode: int, query, key, value, key_cache, block_n: int, rows: int):
-    """(NEW_KV, kn, vn, kn row stride) for the launch: the step's K/V ([T, Hkv, D] views, heads dense in a
+    """(NEW_KV, kn, vn, kn row stride, vn row stride) for the launch: the step's K/V ([T, Hkv, D] views, heads dense in a
     row) by pointers or TMA descriptors, or mode 0 (the cache) where they are absent or the cache is FP8
     (its K/V are the new ones quantized: the new rows must be read the same way as the prefix)."""
     if not mode or key is None or value is None or key_cache.dtype == torch.float8_e4m3fn:
-        return 0, key_cache, key_cache, 0
+        return 0, key_cache, key_cache, 0, 0
     num_kv_heads, head_size = key_cache.shape[1], key_cache.shape[3]
     for name, t in (("key", key), ("value", value)):
         if t.dtype != query.dtype or t.device != query.device or t.dim() != 3 or t.shape[0] < rows \
                 or tuple(t.shape[1:]) != (num_kv_heads, head_size) or t.stride(2) != 1 or t.stride(1) != head_size:
             raise ValueError(f"{name} must be [>= {rows}, {num_kv_heads}, {head_size}] {query.dtype} on {query.device} "
                              f"with dense heads, got {tuple(t.shape)} {t.dtype} strides {t.stride()}")
-    if key.stride(0) != value.stride(0):
-        raise ValueError(f"key and value must share their row stride, got {key.stride(0)} and {value.stride(0)}")
+    # (K and V may have different row strides: the rotary kernel writes K anew, V stays a view of QKV.)
     descriptor = _tensor_descriptor() if mode == 2 else None
     tma = (descriptor is not None and head_size == triton.next_power_of_2(head_size) and head_size >= 16
-           and key.data_ptr() % 16 == 0 and value.data_ptr() % 16 == 0 and key.stride(0) * key.element_size() % 16 == 0)
+           and all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in (key, value)))
     if not tma:
-        return 1, key, value, key.stride(0)
-    shape, strides, block = [key.shape[0], num_kv_heads * head_size], [key.stride(0), 1], [block_n, head_size]
-    return 2, descriptor(key, shape, strides, block), descriptor(value, shape, strides, block), key.stride(0)
+        return 1, key, value, key.stride(0), value.stride(0)
+    shape, block = [key.shape[0], num_kv_heads * head_size], [block_n, head_size]
+    return (2, descriptor(key, shape, [key.stride(0), 1], block), descriptor(value, shape, [value.stride(0), 1], block),
+            key.stride(0), value.stride(0))
 
 
 def covers(query: torch.Tensor, max_query_len: int, scale: float) -> bool:
@@ -312,13 +311,13 @@ def paged_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     fp8 = key_cache.dtype == torch.float8_e4m3fn
     k_scale, v_scale = (float(k_scale), float(v_scale)) if fp8 else (1.0, 1.0)
     num_kv_heads = key_cache.shape[1]
-    new_kv, kn, vn, kn_stride = _new_kv_source(cfg["NEW_KV"], query, key, value, key_cache, cfg["BLOCK_N"],
+    new_kv, kn, vn, kn_stride, vn_stride = _new_kv_source(cfg["NEW_KV"], query, key, value, key_cache, cfg["BLOCK_N"],
                                                starts[-1])
     _flash_prefill_kernel[(len(tile_seq) * num_heads,)](
         out, query, key_cache, value_cache, block_tables, meta,
         alibi_slopes if alibi_slopes is not None else meta, kn, vn,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), table_row0,
-        kn_stride, len(query_lens), len(tile_seq), num_heads, num_kv_heads, num_heads // num_kv_heads,
+        kn_stride, vn_stride, len(query_lens), len(tile_seq), num_heads, num_kv_heads, num_heads // num_kv_heads,
         scale * k_scale * 1.4426950408889634, scale * k_scale, float(logits_soft_cap or 0.0),
         int(sliding_window or 0), v_scale,
         HEAD_SIZE=head_size, HEAD_PAD=max(16, triton.next_power_of_2(head_size)),

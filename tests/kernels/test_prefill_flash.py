@@ -35,7 +35,7 @@ def test_interpreted_cases_match_the_reference():
     if run.returncode == INTERPRETER_UNUSABLE:   # an environment without a working interpreter (Triton < 3.6 under
         pytest.skip(run.stdout.strip())            # NumPy >= 2.4); the GPU tests below run the same cases compiled
     assert run.returncode == 0, run.stdout + run.stderr[-4000:]
-    assert run.stdout.count("ok   ") == 10, run.stdout
+    assert run.stdout.count("ok   ") == 12, run.stdout
 
 
 @pytest.mark.parametrize("new_kv", [0, 2])
@@ -135,5 +135,7 @@ def test_gpu_ops_takes_the_flash_kernel_when_selected(monkeypatch, new_kv):
 @gpu
 @pytest.mark.parametrize("variant", [{"NEW_KV": 1}, {"NEW_KV": 2}, {"NEW_KV": 2, "BLOCK_N": 128, "NUM_STAGES": 2}])
 @pytest.mark.parametrize("window", [None, 50])
-def test_gpu_new_kv_from_the_step_tensors(variant, window):
-    run_case("cuda", heads=32, kv_heads=8, head_size=128, cases=GPU_CASES, variant=variant, window=window)
+@pytest.mark.parametrize("own_key", [False, True], ids=["fused", "own_key"])
+def test_gpu_new_kv_from_the_step_tensors(variant, window, own_key):
+    run_case("cuda", heads=32, kv_heads=8, head_size=128, cases=GPU_CASES, variant=variant, window=window,
+             own_key=own_key)

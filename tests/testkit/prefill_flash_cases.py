@@ -25,8 +25,9 @@ SMALL_TILES = {"BLOCK_M": 32, "BLOCK_N": 16, "NUM_WARPS": 4, "NUM_STAGES": 1}
 
 
 def run_case(device: str, dtype=BF16, heads=4, kv_heads=2, head_size=64, block_size=16, cases=CPU_CASES,
-             window=None, alibi=False, cap=None, fp8=False, variant=None, seed=7) -> None:
-    """With variant NEW_KV the step's new K/V go in too, as strided slices of one fused QKV-like tensor."""
+             window=None, alibi=False, cap=None, fp8=False, variant=None, seed=7, own_key=False) -> None:
+    """With variant NEW_KV the step's new K/V go in too, as strided slices of one fused QKV-like tensor
+    (own_key: K a dense tensor of its own, as the rotary kernel writes it, V still the fused slice)."""
     from pagedray.kernels import prefill_flash, reference
     torch.manual_seed(seed)
     seq_lens, query_lens = [c for c, _ in cases], [q for _, q in cases]
@@ -37,6 +38,8 @@ def run_case(device: str, dtype=BF16, heads=4, kv_heads=2, head_size=64, block_s
     value = fused[:, heads * head_size + width:].view(-1, kv_heads, head_size)
     key[:], value[:] = (torch.cat([x[c - q:] for x, (c, q) in zip(keys, cases)]),
                         torch.cat([x[c - q:] for x, (c, q) in zip(values, cases)]))
+    if own_key:
+        key = key.contiguous()
     scales = (1.0, 1.0)
     if fp8:  # the cache holds K / k_scale and V / v_scale in e4m3 (the NaN slots stay NaN)
         scales = (0.5, 2.0)
@@ -72,6 +75,8 @@ INTERPRETED = [{"dtype": FP16, "variant": SMALL_TILES, **case} for case in (
     dict(variant={**SMALL_TILES, "NEW_KV": 1}),
     dict(head_size=80, variant={**SMALL_TILES, "NEW_KV": 1}, window=20, alibi=True),
     dict(variant={**SMALL_TILES, "NEW_KV": 2}, cap=5.0),
+    dict(variant={**SMALL_TILES, "NEW_KV": 1}, own_key=True),
+    dict(variant={**SMALL_TILES, "NEW_KV": 2}, own_key=True),
 )]
 
 
