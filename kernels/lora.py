@@ -3,7 +3,8 @@
 A LoRA layer adds y[t] += (x[t] A[s]^T) B[s]^T with s = indices[t], its token's device slot
 (-1: none; that row is left untouched), A and B stacked per slot ([slots, R, K], [slots, N, R]).
 Two batched calls (SGMV/BGMV style), both indexed per token:
-  lora_shrink(x, A, indices, order) -> partial sums [splits, T, R] of x A^T, in fp32
+  lora_shrink(x, A, indices, order) -> partial sums [splits, T, R] of x A^T, in fp32 (one, finished,
+    from the reference and the Triton shrink, which adds up its split-K partials itself)
   lora_expand(partials, B, indices, order, y): y += (sum of the partials) B^T, in place
 `order` is the tokens sorted by slot (computed once per step on the host), which lets a kernel
 tile hold mostly one adapter's tokens. On CUDA with Triton the kernels of `lora_triton.py` run;
