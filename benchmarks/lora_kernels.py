@@ -6,11 +6,13 @@
     TRITON_INTERPRET=1 python benchmarks/lora_kernels.py --device cpu    (smoke: tiny shapes, interpreter)
 
 Shapes (TP=1): qkv (K 4096 -> N 6144, packed R = 3 x rank), o (4096 -> 4096, R = rank), gate_up
-(4096 -> 28672, R = 2 x rank), down (14336 -> 4096, R = rank); T tokens spread evenly over --slots
+(4096 -> 28672, R = 2 x rank), down (14336 -> 4096, R = rank), a packed layer's B block-diagonal over
+its groups as the layers build it (the new expand is told the groups and reads only those blocks; the
+old read all of B); T tokens spread evenly over --slots
 adapters (sorted by slot, as the model runner sorts them), every token with an adapter. Each kernel is
 timed as a CUDA-graph replay of calls that cycle through enough copies of x, A, B and y to exceed the
 L2 cache (each layer's weights arrive cold in a forward), median of trials. "Must move" counts x, the
-A/B rows of the slots in use, y read and written, and the fp32 [T, R] in between once; GB/s is that
+A rows and B blocks of the slots in use, y read and written, and the fp32 [T, R] in between once; GB/s is that
 over the time, against a 1 GiB device copy measured in the same run (bytes read + written). The last
 lines add the four pairs up x 32 layers: the LoRA cost of one forward at each batch size.
 --sweep also times other tiles of the new kernels (for tuning; a few minutes).
@@ -18,6 +20,7 @@ lines add the four pairs up x 32 layers: the LoRA cost of one forward at each ba
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import statistics
 import sys
@@ -28,9 +31,10 @@ import torch
 from common import append_results, markdown_table
 
 LAYERS = 32
-# name -> (K, N, R multiple of the rank)
-SHAPES_8B = {"qkv": (4096, 6144, 3), "o": (4096, 4096, 1), "gate_up": (4096, 28672, 2), "down": (14336, 4096, 1)}
-SHAPES_TINY = {"qkv": (256, 384, 3), "down": (512, 128, 1)}
+# name -> (K, N, packed groups' output sizes: R = rank x groups, B block-diagonal over them)
+SHAPES_8B = {"qkv": (4096, 6144, (4096, 1024, 1024)), "o": (4096, 4096, (4096,)), "gate_up": (4096, 28672, (14336, 14336)),
+             "down": (14336, 4096, (4096,))}
+SHAPES_TINY = {"qkv": (256, 384, (256, 64, 64)), "down": (512, 128, (128,))}
 L2_BYTES = 50 << 20
 
 
@@ -81,30 +85,39 @@ def copy_bandwidth() -> float:
 class Case:
     """`copies` sets of (x, A, B, y) of one shape, T tokens over `slots` adapters."""
 
-    def __init__(self, tokens: int, slots: int, r: int, k: int, n: int, device: str, dtype=torch.bfloat16,
-                 min_bytes: int = 0) -> None:
-        self.tokens, self.slots, self.r, self.k, self.n = tokens, slots, r, k, n
+    def __init__(self, tokens: int, slots: int, rank: int, k: int, groups: tuple[int, ...], device: str,
+                 dtype=torch.bfloat16, min_bytes: int = 0) -> None:
+        n, r = sum(groups), rank * len(groups)
+        self.tokens, self.slots, self.r, self.k, self.n, self.rank = tokens, slots, r, k, n, rank
+        self.slices = groups if len(groups) > 1 else None
         per_set = (tokens * (k + n) + slots * r * (k + n)) * 2
         self.copies = max(1, min(64, math.ceil(min_bytes / per_set)))
         g = torch.Generator().manual_seed(0)
         self.x = [torch.randn(tokens, k, generator=g).to(device, dtype) for _ in range(self.copies)]
         self.a = [(torch.randn(slots, r, k, generator=g) / k ** 0.5).to(device, dtype) for _ in range(self.copies)]
-        self.b = [(torch.randn(slots, n, r, generator=g) / r ** 0.5).to(device, dtype) for _ in range(self.copies)]
+        mask = torch.zeros(n, r)   # a packed layer's B: each group's rows over its own rank columns
+        for i, size in enumerate(groups):
+            start = sum(groups[:i])
+            mask[start:start + size, i * rank:(i + 1) * rank] = 1
+        self.b = [(torch.randn(slots, n, r, generator=g) * mask / rank ** 0.5).to(device, dtype)
+                  for _ in range(self.copies)]
         self.y = [torch.randn(tokens, n, generator=g).to(device, dtype) for _ in range(self.copies)]
         idx = (torch.arange(tokens) * slots // max(tokens, 1)).to(torch.int32)   # sorted, evenly spread
         self.idx, self.order = idx.to(device), torch.arange(tokens, dtype=torch.int32).to(device)
         self.used = min(slots, tokens)
 
     def bytes(self, which: str) -> int:
+        """x, the slots' A and the blocks of their B (a packed layer's zeros need no reading), y twice,
+        the fp32 [T, R] once each way."""
         t, k, n, r, u = self.tokens, self.k, self.n, self.r, self.used
         shrink = 2 * t * k + 2 * u * r * k + 4 * t * r
-        expand = 4 * t * n + 2 * u * n * r + 4 * t * r
+        expand = 4 * t * n + 2 * u * n * self.rank + 4 * t * r
         return {"shrink": shrink, "expand": expand, "pair": shrink + expand}[which]
 
     def calls(self, mod, shrink_cfg=None, expand_cfg=None) -> dict:
         """{"shrink", "expand", "pair"}: fn(i) launching on copy i % copies."""
         kw_s = {"config": shrink_cfg} if shrink_cfg else {}
-        kw_e = {"config": expand_cfg} if expand_cfg else {}
+        kw_e = self.expand_kw(mod, expand_cfg)
         parts = [mod.lora_shrink(self.x[c], self.a[c], self.idx, self.order, **kw_s) for c in range(self.copies)]
         m = self.copies
         return {
@@ -116,12 +129,20 @@ class Case:
                                               self.y[i % m], **kw_e),
         }
 
+    def expand_kw(self, mod, cfg=None) -> dict:
+        """The new expand is told a packed layer's groups (and reads only their blocks of B), as the layers
+        tell it; the old one had no such argument."""
+        kw = {"config": cfg} if cfg else {}
+        if self.slices and "slices" in inspect.signature(mod.lora_expand).parameters:
+            kw["slices"] = self.slices
+        return kw
+
     def error(self, mod) -> float:
         """max |Δ| of one shrink + expand against the PyTorch reference (fp32), copy 0."""
         from pagedray.kernels.lora import lora_expand_reference, lora_shrink_reference
         y = self.y[0].clone()
         got = mod.lora_expand(mod.lora_shrink(self.x[0], self.a[0], self.idx, self.order), self.b[0], self.idx,
-                              self.order, y.clone())
+                              self.order, y.clone(), **self.expand_kw(mod))
         ref = lora_expand_reference(lora_shrink_reference(self.x[0], self.a[0], self.idx), self.b[0], self.idx,
                                     y.float().clone())
         return (got.float() - ref).abs().max().item()
@@ -138,9 +159,9 @@ def run_cpu(args) -> None:
     from pagedray.kernels import lora_triton as new
     old = old_module()
     rows = []
-    for name, (k, n, mult) in SHAPES_TINY.items():
+    for name, (k, n, groups) in SHAPES_TINY.items():
         for tokens in (1, 16):
-            case = Case(tokens, 3, mult * 8, k, n, "cpu", dtype=torch.float16)
+            case = Case(tokens, 3, 8, k, groups, "cpu", dtype=torch.float16)
             for label, mod in (("old", old), ("new", new)):
                 err = case.error(mod)
                 if not err < 5e-2:
@@ -191,8 +212,8 @@ def main() -> None:
     tokens_list = [int(t) for t in args.tokens.split(",")]
     rows, per_forward, figures = [], {}, {}
     for tokens in tokens_list:
-        for name, (k, n, mult) in SHAPES_8B.items():
-            case = Case(tokens, args.slots, mult * args.rank, k, n, "cuda", min_bytes=4 * L2_BYTES)
+        for name, (k, n, groups) in SHAPES_8B.items():
+            case = Case(tokens, args.slots, args.rank, k, groups, "cuda", min_bytes=4 * L2_BYTES)
             times = {}
             errors = {label: case.error(mod) for label, mod in (("old", old), ("new", new))}   # (before timing
             for label, mod in (("old", old), ("new", new)):                                   # adds into y)

@@ -13,7 +13,8 @@ order, so the result does not depend on which program came last, and resets the 
 next launch): the shrink returns the finished [1, T, R], and each expand program reads its tile's
 rows of it once instead of every split's (before: the partials cost more traffic than y itself).
 The expand is one load and one store of a [BLOCK_T, BLOCK_N] tile of y per program, with the tile's
-slots' deltas summed in registers in between; tile sizes follow the token count so that the grid
+slots' deltas summed in registers in between (of a packed layer's block-diagonal B, each output column
+reads only its group's block: `slices`); tile sizes follow the token count so that the grid
 fills the GPU while B is re-read as little as possible (each tile reads B once per slot it holds).
 Grids and arguments depend only on the token count and the stacks' shapes, so the launches are
 captured in CUDA graphs as they are and replay with the indices changed in place.
@@ -95,14 +96,19 @@ def _shrink_kernel(x_ptr, a_ptr, idx_ptr, order_ptr, part_ptr, out_ptr, count_pt
 
 @triton.jit(do_not_specialize=["num_tokens", "splits"])
 def _expand_kernel(p_ptr, b_ptr, idx_ptr, order_ptr, y_ptr, num_tokens, N, R, splits,
-                   p_stride_split, p_stride_t, b_stride_s, b_stride_n, y_stride,
-                   IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                   p_stride_split, p_stride_t, b_stride_s, b_stride_n, y_stride, end0, end1, end2,
+                   IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   GROUP_R: tl.constexpr):
     rows, slots, t_in, lo, hi = _tile(idx_ptr, order_ptr, num_tokens, BLOCK_T)
     has = t_in & (slots >= 0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_in = offs_n < N
     offs_r = tl.arange(0, BLOCK_R)
     r_in = offs_r < R
+    b_mask = n_in[None, :] & r_in[:, None]
+    if GROUP_R > 0:   # packed groups: output column n reads only its group's GROUP_R columns of B
+        group_n = (offs_n >= end0).to(tl.int32) + (offs_n >= end1).to(tl.int32) + (offs_n >= end2).to(tl.int32)
+        b_mask = b_mask & ((offs_r // GROUP_R)[:, None] == group_n[None, :])
     if hi >= 0:   # (a tile without adapters has nothing to do)
         y_ptrs = y_ptr + rows[:, None] * y_stride + offs_n[None, :]
         out_mask = has[:, None] & n_in[None, :]
@@ -113,8 +119,8 @@ def _expand_kernel(p_ptr, b_ptr, idx_ptr, order_ptr, y_ptr, num_tokens, N, R, sp
                          mask=has[:, None] & r_in[None, :], other=0.0)
         delta = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         for s in range(lo, hi + 1):   # each row takes its own slot's product (the others add zeros)
-            b = tl.load(b_ptr + s * b_stride_s + offs_n[None, :] * b_stride_n + offs_r[:, None],
-                        mask=n_in[None, :] & r_in[:, None], other=0.0)
+            b = tl.load(b_ptr + s * b_stride_s + offs_n[None, :] * b_stride_n + offs_r[:, None], mask=b_mask,
+                        other=0.0)
             vs = tl.where((slots == s)[:, None], v, 0.0)
             if IEEE:
                 delta += tl.dot(vs, b, input_precision="ieee")
@@ -229,18 +235,33 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, indices: torch.Tensor, order: 
     return out
 
 
+def check_slices(slices: tuple[int, ...] | None, n: int, r: int) -> None:
+    if slices is None:
+        return
+    if not 1 <= len(slices) <= 4 or sum(slices) != n or r % len(slices) or min(slices) <= 0:
+        raise ValueError(f"lora_expand slices={tuple(slices)} must be 1 to 4 positive output sizes adding up to "
+                         f"B's {n} rows, over B's {r} columns split evenly")
+
+
 def lora_expand(partials: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, order: torch.Tensor,
-                y: torch.Tensor, config: ExpandConfig | None = None) -> torch.Tensor:
-    """y[t] += (sum of the partials)[t] @ B[slot(t)]^T in place."""
+                y: torch.Tensor, slices: tuple[int, ...] | None = None,
+                config: ExpandConfig | None = None) -> torch.Tensor:
+    """y[t] += (sum of the partials)[t] @ B[slot(t)]^T in place. `slices`: B is block-diagonal, output
+    rows in consecutive groups of these sizes each over its own equal share of B's columns (a packed
+    qkv/gate_up layer); only those blocks are read (the rest counts as zero)."""
     splits, num_tokens, r = partials.shape
     _, n, _ = b.shape
     if b.stride(2) != 1 or y.stride(1) != 1 or partials.stride(2) != 1:
         raise ValueError("lora_expand needs row-major partials, B and y")
+    check_slices(slices, n, r)
     if num_tokens:
         cfg = config or expand_config(num_tokens, n, _sms(y))
         grid = (triton.cdiv(num_tokens, cfg.block_t), triton.cdiv(n, cfg.block_n))
+        ends = [sum(slices[:i + 1]) for i in range(len(slices) - 1)] if slices else []
+        ends += [n] * (3 - len(ends))
+        group_r = r // len(slices) if slices and len(slices) > 1 else 0
         _expand_kernel[grid](partials, b, indices, order, y, num_tokens, n, r, splits,
-                             partials.stride(0), partials.stride(1), b.stride(0), b.stride(1), y.stride(0),
+                             partials.stride(0), partials.stride(1), b.stride(0), b.stride(1), y.stride(0), *ends,
                              IEEE=b.dtype == torch.float32, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
-                             BLOCK_R=_block_r(r), num_warps=cfg.num_warps)
+                             BLOCK_R=_block_r(r), GROUP_R=group_r, num_warps=cfg.num_warps)
     return y

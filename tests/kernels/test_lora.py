@@ -51,6 +51,7 @@ def test_interpreted_cases_match_the_reference():
     ("shrink", dict(SPLIT=False, BLOCK_T=64, BLOCK_R=16, BLOCK_K=128, RED=1), 4),  # prefill
     ("expand", dict(BLOCK_T=64, BLOCK_N=128, BLOCK_R=32), 8),                      # decode batch 256, gate_up
     ("expand", dict(BLOCK_T=16, BLOCK_N=64, BLOCK_R=64), 4),                       # small batches
+    ("expand", dict(BLOCK_T=32, BLOCK_N=128, BLOCK_R=64, GROUP_R=16), 4),          # packed qkv, its blocks of B
 ])
 def test_kernels_compile_for_hopper_on_tensor_cores_without_spills(kernel, consts, warps):
     """As launched on an H100 (Triton's bundled ptxas, no GPU): tensor-core products, no register spills;
@@ -81,17 +82,30 @@ def test_tiles_fill_an_h100_and_cover_k(tokens, k, n, r):
     assert programs >= 264 or (e.block_t, e.block_n) == (16, 32), e
 
 
+def test_expand_refuses_slices_that_do_not_tile_b():
+    pytest.importorskip("triton")
+    from pagedray.kernels import lora_triton as L
+    x, a, b, idx, order, y = make_case(4, 2, 48, 32, 96, torch.float32, "cpu")
+    part = torch.zeros(1, 4, 48)
+    for bad in [(32, 32), (32, 32, 16, 8, 8), (96, 0)]:   # not adding up to N; over 4 groups; an empty one
+        with pytest.raises(ValueError, match="slices"):
+            L.lora_expand(part, b, idx, order, y, bad)
+
+
 # -- CUDA ---------------------------------------------------------------------------------------------
-SHAPES = [(1, 1, 16, 4096, 48), (1, 8, 48, 4096, 6144), (7, 4, 48, 512, 6144), (16, 8, 32, 4096, 28672),
-          (64, 8, 8, 4096, 4100), (256, 8, 32, 4096, 28672), (256, 8, 16, 14336, 4096), (33, 3, 64, 4096, 16),
-          (100, 8, 16, 14336, 4096), (1030, 8, 64, 4096, 6144), (2048, 8, 16, 14336, 4096)]
+QKV, GATE_UP = (4096, 1024, 1024), (14336, 14336)
+SHAPES = [(1, 1, 16, 4096, 48, None), (1, 8, 48, 4096, 6144, QKV), (7, 4, 48, 512, 6144, None),
+          (16, 8, 32, 4096, 28672, GATE_UP), (64, 8, 8, 4096, 4100, None), (256, 8, 32, 4096, 28672, None),
+          (256, 8, 48, 4096, 6144, QKV), (256, 8, 16, 14336, 4096, None), (33, 3, 64, 4096, 16, None),
+          (100, 8, 16, 14336, 4096, None), (1030, 8, 64, 4096, 6144, (4000, 1072, 1072)),
+          (2048, 8, 16, 14336, 4096, None)]
 
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("tokens,slots,rank,k,n", SHAPES)
-def test_triton_matches_reference(dtype, tokens, slots, rank, k, n):
-    run_case("cuda", tokens, slots, rank, k, n, dtype)
+@pytest.mark.parametrize("tokens,slots,rank,k,n,slices", SHAPES)
+def test_triton_matches_reference(dtype, tokens, slots, rank, k, n, slices):
+    run_case("cuda", tokens, slots, rank, k, n, dtype, slices=slices)
     if dtype == torch.bfloat16:   # and the layers' entry point
         x, a, b, idx, order, y = make_case(tokens, slots, rank, k, n, dtype, "cuda")
         rows = idx >= 0

@@ -30,6 +30,15 @@ def make_case(tokens: int, slots: int, rank: int, k: int, n: int, dtype, device,
     return x, a, b, idx.to(device), order.to(device), torch.randn(tokens, n, generator=gen).to(device, dtype)
 
 
+def block_diagonal(slices, rank: int) -> torch.Tensor:
+    """[N, R] 0/1: output group g's rows over B's columns g * R / groups onwards."""
+    mask = torch.zeros(sum(slices), rank)
+    share = rank // len(slices)
+    for g, (start, size) in enumerate(zip([sum(slices[:i]) for i in range(len(slices))], slices)):
+        mask[start:start + size, g * share:(g + 1) * share] = 1
+    return mask
+
+
 def per_token(y, x, a, b, idx) -> torch.Tensor:
     out = y.float().clone()
     for t, s in enumerate(idx.tolist()):
@@ -39,11 +48,14 @@ def per_token(y, x, a, b, idx) -> torch.Tensor:
 
 
 def run_case(device: str, tokens: int, slots: int, rank: int, k: int, n: int, dtype=FP16, shrink=None, expand=None,
-             seed: int = 0) -> None:
-    """`shrink`/`expand`: dicts of ShrinkConfig/ExpandConfig fields overriding the launchers' choice."""
+             seed: int = 0, slices=None) -> None:
+    """`shrink`/`expand`: dicts of ShrinkConfig/ExpandConfig fields overriding the launchers' choice;
+    `slices`: a packed layer's groups, passed to the expand with a dense B whose off-block entries the
+    kernel must not read (the reference gets B with them zeroed, as a packed layer's B is)."""
     from pagedray.kernels import lora_triton as L
     from pagedray.kernels.lora import lora_expand_reference, lora_shrink_reference
-    x, a, b, idx, order, y = make_case(tokens, slots, rank, k, n, dtype, device, seed)
+    x, a, b_in, idx, order, y = make_case(tokens, slots, rank, k, n, dtype, device, seed)
+    b = b_in * block_diagonal(slices, rank).to(device, dtype) if slices else b_in
     s_cfg = L.ShrinkConfig(**{**vars(L.shrink_config(tokens, k, rank, L._sms(x))), **shrink}) if shrink else None
     e_cfg = L.ExpandConfig(**{**vars(L.expand_config(tokens, n, L._sms(x))), **expand}) if expand else None
     rows = idx >= 0
@@ -56,17 +68,17 @@ def run_case(device: str, tokens: int, slots: int, rank: int, k: int, n: int, dt
     # finished last (a fresh input, so that a stale buffer cannot pass for a result).
     again = L.lora_shrink(2 * x, a, idx, order, config=s_cfg)
     assert torch.equal(again[0][rows], 2 * got[0][rows]), "a second launch summed differently"
-    out = L.lora_expand(ref, b, idx, order, y.clone(), config=e_cfg)
+    out = L.lora_expand(ref, b_in, idx, order, y.clone(), slices, config=e_cfg)
     want = lora_expand_reference(ref, b, idx, y.clone())
     torch.testing.assert_close(out.float(), want.float(), atol=5 * tol, rtol=tol)
     assert torch.equal(out[~rows], y[~rows]), "a row without an adapter changed"
-    whole = L.lora_expand(got, b, idx, order, y.clone(), config=e_cfg)
+    whole = L.lora_expand(got, b_in, idx, order, y.clone(), slices, config=e_cfg)
     torch.testing.assert_close(whole.float()[rows], per_token(y, x, a, b, idx)[rows], atol=10 * tol, rtol=tol)
     assert torch.equal(whole[~rows], y[~rows]), "a row without an adapter changed"
 
 
 # The interpreted set: a single token, a few, a full decode batch and a prefill over tiles of 64, with
-# ranks 8/16/64 and a packed 3r = 48, N not a multiple of any block; K split into several programs whose
+# ranks 8/16/64 and a packed 3r = 48 (also with its block-diagonal B), N not a multiple of any block; K split into several programs whose
 # last one adds the partials (also several partials per load, and an unsplit K); in float16 and float32
 # (the interpreter's bfloat16 tl.dot multiplies the raw 16-bit patterns: bfloat16 runs on the GPU).
 INTERPRETED = [
@@ -79,6 +91,10 @@ INTERPRETED = [
     dict(tokens=40, slots=3, rank=16, k=512, n=130, shrink=dict(splits=1, k_per_split=512),
          expand=dict(block_t=32, block_n=64)),
     dict(tokens=33, slots=2, rank=48, k=96, n=70, dtype=FP32, expand=dict(block_t=64, block_n=32)),
+    # packed layers' block-diagonal B (groups straddling blocks; qkv-like 3, gate_up-like 2, 4)
+    dict(tokens=20, slots=3, rank=48, k=128, n=112, slices=(64, 24, 24), expand=dict(block_n=32)),
+    dict(tokens=9, slots=2, rank=32, k=128, n=100, dtype=FP32, slices=(50, 50)),
+    dict(tokens=5, slots=2, rank=32, k=64, n=41, slices=(10, 11, 10, 10), expand=dict(block_n=16)),
 ]
 
 
@@ -122,7 +138,7 @@ def compile_for_hopper(kernel: str, dtype: str = "bf16", num_warps: int = 4, num
     fn = L._shrink_kernel if kernel == "shrink" else L._expand_kernel
     types = {"x_ptr": f"*{dtype}", "a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "idx_ptr": "*i32",
              "order_ptr": "*i32", "part_ptr": "*fp32", "out_ptr": "*fp32", "p_ptr": "*fp32", "count_ptr": "*i32"}
-    consts = {"IEEE": dtype == "fp32", **consts}
+    consts = {"IEEE": dtype == "fp32", **({"GROUP_R": 0} if kernel == "expand" else {}), **consts}
     signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     aligned = {n for n in fn.arg_names if "stride" in n or n in ("K", "N", "k_per_split")}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
