@@ -127,14 +127,17 @@ def start_server(args, extra: list[str] = (), keep: list[str] | None = None) -> 
     if args.num_kv_blocks:
         cmd += ["--num-kv-blocks", str(args.num_kv_blocks)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
     for line in proc.stderr:
+        seen = (seen + [line])[-20:]
         match = re.search(r"ready: serving model .*? on (\S+:\d+)", line)
         if match:
             kept = keep if keep is not None else []
             threading.Thread(target=lambda: [kept.append(x.strip()) for x in proc.stderr if "prefill pacing" in x],
                              daemon=True).start()
             return proc, match.group(1), line
-    raise RuntimeError(f"server exited with {proc.wait()} before it was ready")
+    raise RuntimeError(f"server exited with {proc.wait()} before it was ready; {' '.join(cmd)}\n"
+                       + "".join(seen))
 
 
 async def one_request(stub, pb, prompt: list[int], output_len: int) -> RequestResult:

@@ -36,7 +36,9 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # descriptors (Hopper; power-of-two head sizes), 0 everything through the block table. Keys not given
 # take these defaults.
 VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "NUM_WARPS", "NUM_STAGES", "SPLIT", "NEW_KV")
-DEFAULT_VARIANT = {"BLOCK_M": 128, "BLOCK_N": 64, "NUM_WARPS": 8, "NUM_STAGES": 3, "SPLIT": 1, "NEW_KV": 0}
+# (128 x 128 tiles, 3 stages, the step's K/V by TMA: the best of benchmarks/prefill_attention.py's sweep on an
+# H100 from 2k to 16k; NEW_KV falls back to pointers, then to the cache, where TMA or the tensors are absent.)
+DEFAULT_VARIANT = {"BLOCK_M": 128, "BLOCK_N": 128, "NUM_WARPS": 8, "NUM_STAGES": 3, "SPLIT": 1, "NEW_KV": 2}
 # Batches whose longest query has at most this many rows take half-height tiles.
 SHORT_QUERY = 64
 
