@@ -114,10 +114,12 @@ class Case:
         expand = 4 * t * n + 2 * u * n * self.rank + 4 * t * r
         return {"shrink": shrink, "expand": expand, "pair": shrink + expand}[which]
 
-    def calls(self, mod, shrink_cfg=None, expand_cfg=None) -> dict:
+    def calls(self, mod, shrink_cfg=None, expand_cfg=None, pdl: bool = False) -> dict:
         """{"shrink", "expand", "pair"}: fn(i) launching on copy i % copies."""
         kw_s = {"config": shrink_cfg} if shrink_cfg else {}
         kw_e = self.expand_kw(mod, expand_cfg)
+        if pdl:
+            kw_s["pdl"] = kw_e["pdl"] = True
         parts = [mod.lora_shrink(self.x[c], self.a[c], self.idx, self.order, **kw_s) for c in range(self.copies)]
         m = self.copies
         return {
@@ -137,12 +139,13 @@ class Case:
             kw["slices"] = self.slices
         return kw
 
-    def error(self, mod) -> float:
+    def error(self, mod, pdl: bool = False) -> float:
         """max |Δ| of one shrink + expand against the PyTorch reference (fp32), copy 0."""
         from pagedray.kernels.lora import lora_expand_reference, lora_shrink_reference
         y = self.y[0].clone()
-        got = mod.lora_expand(mod.lora_shrink(self.x[0], self.a[0], self.idx, self.order), self.b[0], self.idx,
-                              self.order, y.clone(), **self.expand_kw(mod))
+        kw = {"pdl": True} if pdl else {}
+        got = mod.lora_expand(mod.lora_shrink(self.x[0], self.a[0], self.idx, self.order, **kw), self.b[0], self.idx,
+                              self.order, y.clone(), **self.expand_kw(mod), **kw)
         ref = lora_expand_reference(lora_shrink_reference(self.x[0], self.a[0], self.idx), self.b[0], self.idx,
                                     y.float().clone())
         return (got.float() - ref).abs().max().item()
@@ -210,18 +213,30 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e9:.0f} GB/s (read + write), {sms} SMs; "
           f"torch {torch.__version__}", flush=True)
     tokens_list = [int(t) for t in args.tokens.split(",")]
-    rows, per_forward, figures = [], {}, {}
+    rows, per_forward, figures, done = [], {}, {}, {}
     for tokens in tokens_list:
         for name, (k, n, groups) in SHAPES_8B.items():
             case = Case(tokens, args.slots, args.rank, k, groups, "cuda", min_bytes=4 * L2_BYTES)
             times = {}
-            errors = {label: case.error(mod) for label, mod in (("old", old), ("new", new))}   # (before timing
-            for label, mod in (("old", old), ("new", new)):                                   # adds into y)
+            errors = {}   # (before any timing adds into y)
+            for label, mod in (("old", old), ("new", new), ("new pdl", new)):
+                try:
+                    errors[label] = case.error(mod, pdl=label.endswith("pdl"))
+                except Exception as exc:   # (PDL needs Hopper)
+                    print(f"T={tokens} {name} {label}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            for label, mod in (("old", old), ("new", new), ("new pdl", new)):
+                if label not in errors:
+                    continue
                 err = errors[label]
-                fns = case.calls(mod)
-                for which in ("shrink", "expand", "pair"):
-                    times[(label, which)] = bench(fns[which], reps=case.copies * max(1, 16 // case.copies))
+                try:
+                    fns = case.calls(mod, pdl=label.endswith("pdl"))
+                    for which in ("shrink", "expand", "pair"):
+                        times[(label, which)] = bench(fns[which], reps=case.copies * max(1, 16 // case.copies))
+                except Exception as exc:   # (PDL needs Hopper, and CUDA-graph capture of it)
+                    print(f"T={tokens} {name} {label}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                    continue
                 per_forward[(label, tokens)] = per_forward.get((label, tokens), 0.0) + times[(label, "pair")] * LAYERS
+                done[(label, tokens)] = done.get((label, tokens), 0) + 1
                 cells = []
                 for which in ("shrink", "expand", "pair"):
                     ms = times[(label, which)]
@@ -246,8 +261,10 @@ def main() -> None:
     lines = []
     for tokens in tokens_list:
         o, nw = per_forward[("old", tokens)], per_forward[("new", tokens)]
+        pdl = per_forward.get(("new pdl", tokens))
+        pdl_text = f", new with PDL {pdl:.3f} ms" if pdl and done[("new pdl", tokens)] == len(SHAPES_8B) else ""
         lines.append(f"T={tokens}: LoRA per forward (4 linears x {LAYERS} layers) old {o:.3f} ms, new {nw:.3f} ms "
-                     f"({o / nw:.2f}x)")
+                     f"({o / nw:.2f}x){pdl_text}")
         figures[f"new ms/forward T={tokens}"] = round(nw, 3)
         figures[f"old ms/forward T={tokens}"] = round(o, 3)
     body += "\n\n" + "\n".join(f"- {line}" for line in lines)

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from pagedray.kernels import _compile as C
+from pagedray.kernels import options
 
 
 @triton.jit
@@ -47,7 +48,10 @@ def _tile(idx_ptr, order_ptr, num_tokens, BLOCK_T: tl.constexpr):
 def _shrink_kernel(x_ptr, a_ptr, idx_ptr, order_ptr, part_ptr, out_ptr, count_ptr, num_tokens, R, K,
                    k_per_split, splits, x_stride, a_stride_s, a_stride_r, part_stride_split, part_stride_t,
                    out_stride_t, IEEE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, RED: tl.constexpr):
+                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, RED: tl.constexpr, PDL: tl.constexpr):
+    if PDL:   # launched before the previous kernel ended: wait for it, then let the expand launch early
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     rows, slots, t_in, lo, hi = _tile(idx_ptr, order_ptr, num_tokens, BLOCK_T)
     split = tl.program_id(1)
     k_begin = split * k_per_split
@@ -98,7 +102,7 @@ def _shrink_kernel(x_ptr, a_ptr, idx_ptr, order_ptr, part_ptr, out_ptr, count_pt
 def _expand_kernel(p_ptr, b_ptr, idx_ptr, order_ptr, y_ptr, num_tokens, N, R, splits,
                    p_stride_split, p_stride_t, b_stride_s, b_stride_n, y_stride, end0, end1, end2,
                    IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                   GROUP_R: tl.constexpr):
+                   GROUP_R: tl.constexpr, PDL: tl.constexpr):
     rows, slots, t_in, lo, hi = _tile(idx_ptr, order_ptr, num_tokens, BLOCK_T)
     has = t_in & (slots >= 0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -113,6 +117,8 @@ def _expand_kernel(p_ptr, b_ptr, idx_ptr, order_ptr, y_ptr, num_tokens, N, R, sp
         y_ptrs = y_ptr + rows[:, None] * y_stride + offs_n[None, :]
         out_mask = has[:, None] & n_in[None, :]
         y = tl.load(y_ptrs, mask=out_mask, other=0.0)
+        if PDL:   # (the shrink waited for everything before it: only its own sums are not ready yet)
+            tl.extra.cuda.gdc_wait()
         v = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
         for split in range(0, splits):   # one for the Triton shrink (it finishes its sums itself)
             v += tl.load(p_ptr + split * p_stride_split + rows[:, None] * p_stride_t + offs_r[None, :],
@@ -211,10 +217,19 @@ def _counters(device: torch.device) -> torch.Tensor:
         return buf
 
 
+def _pdl(t: torch.Tensor, pdl: bool | None) -> bool:
+    """Programmatic dependent launch (KernelOptions.lora_pdl; Hopper and later): each kernel is launched
+    while the one before it still runs and waits for it in-kernel (griddepcontrol), so the launch gap
+    between the shrink and its expand is hidden and the expand loads y before the shrink's sums are in."""
+    if pdl is None:
+        pdl = options.current().lora_pdl
+    return bool(pdl) and t.is_cuda and torch.cuda.get_device_capability(C.device_of(t))[0] >= 9
+
+
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, indices: torch.Tensor, order: torch.Tensor,
-                config: ShrinkConfig | None = None) -> torch.Tensor:
+                config: ShrinkConfig | None = None, pdl: bool | None = None) -> torch.Tensor:
     """x A^T per token as [1, T, R] fp32 (the sum of its partials); rows of tokens without a slot unset.
-    `config` overrides the tiles (benchmarks and tests)."""
+    `config` overrides the tiles, `pdl` KernelOptions.lora_pdl (benchmarks and tests)."""
     num_tokens, k = x.shape
     _, r, _ = a.shape
     if x.stride(1) != 1 or a.stride(2) != 1:
@@ -226,12 +241,13 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, indices: torch.Tensor, order: 
     if num_tokens:
         device = C.device_of(x) if x.is_cuda else x.device
         counters = _counters(device) if split else buf
+        use_pdl = _pdl(x, pdl)
         grid = (triton.cdiv(num_tokens, cfg.block_t), cfg.splits)
         _shrink_kernel[grid](x, a, indices, order, buf, out, counters, num_tokens, r, k, cfg.k_per_split,
                              cfg.splits, x.stride(0), a.stride(0), a.stride(1), buf.stride(0), buf.stride(1),
                              out.stride(1), IEEE=x.dtype == torch.float32, SPLIT=split, BLOCK_T=cfg.block_t,
-                             BLOCK_R=_block_r(r), BLOCK_K=cfg.block_k, RED=cfg.red, num_warps=cfg.num_warps,
-                             num_stages=cfg.num_stages)
+                             BLOCK_R=_block_r(r), BLOCK_K=cfg.block_k, RED=cfg.red, PDL=use_pdl,
+                             num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl)
     return out
 
 
@@ -245,7 +261,7 @@ def check_slices(slices: tuple[int, ...] | None, n: int, r: int) -> None:
 
 def lora_expand(partials: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, order: torch.Tensor,
                 y: torch.Tensor, slices: tuple[int, ...] | None = None,
-                config: ExpandConfig | None = None) -> torch.Tensor:
+                config: ExpandConfig | None = None, pdl: bool | None = None) -> torch.Tensor:
     """y[t] += (sum of the partials)[t] @ B[slot(t)]^T in place. `slices`: B is block-diagonal, output
     rows in consecutive groups of these sizes each over its own equal share of B's columns (a packed
     qkv/gate_up layer); only those blocks are read (the rest counts as zero)."""
@@ -260,8 +276,10 @@ def lora_expand(partials: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, 
         ends = [sum(slices[:i + 1]) for i in range(len(slices) - 1)] if slices else []
         ends += [n] * (3 - len(ends))
         group_r = r // len(slices) if slices and len(slices) > 1 else 0
+        use_pdl = _pdl(y, pdl)
         _expand_kernel[grid](partials, b, indices, order, y, num_tokens, n, r, splits,
                              partials.stride(0), partials.stride(1), b.stride(0), b.stride(1), y.stride(0), *ends,
                              IEEE=b.dtype == torch.float32, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
-                             BLOCK_R=_block_r(r), GROUP_R=group_r, num_warps=cfg.num_warps)
+                             BLOCK_R=_block_r(r), GROUP_R=group_r, PDL=use_pdl, num_warps=cfg.num_warps,
+                             launch_pdl=use_pdl)
     return y

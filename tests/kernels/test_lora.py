@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from testkit.kernel_cases import set_kernel_options
 from testkit.lora_cases import INTERPRETER_UNUSABLE, INTERPRETED, make_case, per_token, run_case
 
 from pagedray.kernels.lora import lora_delta
@@ -52,14 +53,19 @@ def test_interpreted_cases_match_the_reference():
     ("expand", dict(BLOCK_T=64, BLOCK_N=128, BLOCK_R=32), 8),                      # decode batch 256, gate_up
     ("expand", dict(BLOCK_T=16, BLOCK_N=64, BLOCK_R=64), 4),                       # small batches
     ("expand", dict(BLOCK_T=32, BLOCK_N=128, BLOCK_R=64, GROUP_R=16), 4),          # packed qkv, its blocks of B
+    ("shrink", dict(SPLIT=True, BLOCK_T=16, BLOCK_R=16, BLOCK_K=128, RED=8, PDL=True), 4),   # lora_pdl
+    ("expand", dict(BLOCK_T=64, BLOCK_N=128, BLOCK_R=32, GROUP_R=16, PDL=True), 8),
 ])
 def test_kernels_compile_for_hopper_on_tensor_cores_without_spills(kernel, consts, warps):
     """As launched on an H100 (Triton's bundled ptxas, no GPU): tensor-core products, no register spills;
-    the split shrink takes its tile's ticket with a GPU-scope acquire-release atomic after a barrier."""
+    the split shrink takes its tile's ticket with a GPU-scope acquire-release atomic after a barrier; with
+    PDL both wait for the kernel before them, and the shrink lets its expand launch."""
     pytest.importorskip("triton")
     from testkit.lora_cases import compile_for_hopper
     got = compile_for_hopper(kernel, num_warps=warps, **consts)
     assert got["mma"] > 0 and got["spill_bytes"] == 0 and got["smem"] <= 227 * 1024, {**got, "ptx": None}
+    waits = {"griddepcontrol.wait": 1, "griddepcontrol.launch_dependents": int(kernel == "shrink")}
+    assert {k: got["ptx"].count(k) for k in waits} == (waits if consts.get("PDL") else dict.fromkeys(waits, 0))
     if consts.get("SPLIT"):
         assert re.search(r"bar\.sync[^\n]*\n(?:[^\n]*\n){0,12}[^\n]*atom\.global\.gpu\.acq_rel\.add", got["ptx"])
 
@@ -113,10 +119,22 @@ def test_triton_matches_reference(dtype, tokens, slots, rank, k, n, slices):
         torch.testing.assert_close(whole.float()[rows], per_token(y, x, a, b, idx)[rows], atol=0.3, rtol=3e-2)
 
 
+needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                                  reason="programmatic dependent launch needs Hopper or later")
+
+
+@needs_hopper
+@pytest.mark.parametrize("tokens,slots,rank,k,n,slices", [SHAPES[1], SHAPES[6], SHAPES[10]])
+def test_triton_with_programmatic_dependent_launch_matches_reference(tokens, slots, rank, k, n, slices):
+    run_case("cuda", tokens, slots, rank, k, n, torch.bfloat16, slices=slices, pdl=True)
+
+
 @needs_cuda
+@pytest.mark.parametrize("pdl", [False, pytest.param(True, marks=needs_hopper)])
 @pytest.mark.parametrize("tokens,rank,k,n", [(1, 16, 4096, 28672), (8, 32, 4096, 2048), (64, 32, 4096, 2048),
                                              (256, 48, 4096, 6144), (700, 16, 14336, 4096)])
-def test_triton_under_cuda_graph_follows_indices_changed_in_place(tokens, rank, k, n):
+def test_triton_under_cuda_graph_follows_indices_changed_in_place(tokens, rank, k, n, pdl, monkeypatch):
+    set_kernel_options(monkeypatch, lora_pdl=pdl)
     slots = 4
     x, a, b, idx, order, y = make_case(tokens, slots, rank, k, n, torch.bfloat16, "cuda")
     out = y.clone()

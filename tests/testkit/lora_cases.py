@@ -48,10 +48,11 @@ def per_token(y, x, a, b, idx) -> torch.Tensor:
 
 
 def run_case(device: str, tokens: int, slots: int, rank: int, k: int, n: int, dtype=FP16, shrink=None, expand=None,
-             seed: int = 0, slices=None) -> None:
+             seed: int = 0, slices=None, pdl: bool = False) -> None:
     """`shrink`/`expand`: dicts of ShrinkConfig/ExpandConfig fields overriding the launchers' choice;
     `slices`: a packed layer's groups, passed to the expand with a dense B whose off-block entries the
-    kernel must not read (the reference gets B with them zeroed, as a packed layer's B is)."""
+    kernel must not read (the reference gets B with them zeroed, as a packed layer's B is); `pdl`: both
+    kernels launched with programmatic dependent launch."""
     from pagedray.kernels import lora_triton as L
     from pagedray.kernels.lora import lora_expand_reference, lora_shrink_reference
     x, a, b_in, idx, order, y = make_case(tokens, slots, rank, k, n, dtype, device, seed)
@@ -61,18 +62,18 @@ def run_case(device: str, tokens: int, slots: int, rank: int, k: int, n: int, dt
     rows = idx >= 0
     tol = TOL[dtype]
     ref = lora_shrink_reference(x, a, idx)
-    got = L.lora_shrink(x, a, idx, order, config=s_cfg)
+    got = L.lora_shrink(x, a, idx, order, config=s_cfg, pdl=pdl)
     assert got.shape == ref.shape, (got.shape, ref.shape)
     torch.testing.assert_close(got[0][rows], ref[0][rows], atol=tol, rtol=tol)
     # A second launch (the counters must be back at zero) on 2x: exactly twice the sums, whichever program
     # finished last (a fresh input, so that a stale buffer cannot pass for a result).
-    again = L.lora_shrink(2 * x, a, idx, order, config=s_cfg)
+    again = L.lora_shrink(2 * x, a, idx, order, config=s_cfg, pdl=pdl)
     assert torch.equal(again[0][rows], 2 * got[0][rows]), "a second launch summed differently"
-    out = L.lora_expand(ref, b_in, idx, order, y.clone(), slices, config=e_cfg)
+    out = L.lora_expand(ref, b_in, idx, order, y.clone(), slices, config=e_cfg, pdl=pdl)
     want = lora_expand_reference(ref, b, idx, y.clone())
     torch.testing.assert_close(out.float(), want.float(), atol=5 * tol, rtol=tol)
     assert torch.equal(out[~rows], y[~rows]), "a row without an adapter changed"
-    whole = L.lora_expand(got, b_in, idx, order, y.clone(), slices, config=e_cfg)
+    whole = L.lora_expand(got, b_in, idx, order, y.clone(), slices, config=e_cfg, pdl=pdl)
     torch.testing.assert_close(whole.float()[rows], per_token(y, x, a, b, idx)[rows], atol=10 * tol, rtol=tol)
     assert torch.equal(whole[~rows], y[~rows]), "a row without an adapter changed"
 
@@ -138,7 +139,7 @@ def compile_for_hopper(kernel: str, dtype: str = "bf16", num_warps: int = 4, num
     fn = L._shrink_kernel if kernel == "shrink" else L._expand_kernel
     types = {"x_ptr": f"*{dtype}", "a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "idx_ptr": "*i32",
              "order_ptr": "*i32", "part_ptr": "*fp32", "out_ptr": "*fp32", "p_ptr": "*fp32", "count_ptr": "*i32"}
-    consts = {"IEEE": dtype == "fp32", **({"GROUP_R": 0} if kernel == "expand" else {}), **consts}
+    consts = {"IEEE": dtype == "fp32", "PDL": False, **({"GROUP_R": 0} if kernel == "expand" else {}), **consts}
     signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     aligned = {n for n in fn.arg_names if "stride" in n or n in ("K", "N", "k_per_split")}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
