@@ -133,7 +133,9 @@ def build_llm(model: str, tokenizer: str | None, args, max_len: int, options: li
                enable_prefix_caching=False, seed=args.seed, kernel_options=opts,
                speculative_config=None if speculation == "none" else {
                    "method": "ngram", "num_speculative_tokens": args.spec_k,
-                   "prompt_lookup_min": 1, "prompt_lookup_max": 4})
+                   "prompt_lookup_min": 1, "prompt_lookup_max": 4,
+                   # every step verifies (the host work of a verification is what is measured)
+                   "backoff_after_failed_steps": 0})
 
 
 def patch_proposals(speculation: str):

@@ -7,6 +7,7 @@ one run, with the measured acceptance.
     python benchmarks/spec_decode.py --part 8b --shape tiny --device cpu --output-len 8   # CPU check
     python benchmarks/spec_decode.py --part 8b --tensor-parallel-size 2 --runs draft_identical,eagle3
     python benchmarks/spec_decode.py --part 8b --runs oracle,random --overlap   # overlapped vs serial steps
+    python benchmarks/spec_decode.py --part 8b --runs oracle,random --overlap --backoff-off-too
 
 (a) SmolLM2 (real weights) greedy at batch 1 on a "repeat this code with one change" prompt, n-gram
     proposals (k=4, prompt_lookup 1..4) against the same engine without speculation.
@@ -18,9 +19,14 @@ one run, with the measured acceptance.
       the verification mechanism's ceiling); random: random proposals (its overhead alone). Both
       replace the n-gram lookup's proposals in this process (benchmark-only; the engine is the same);
       --overlap runs them (and ngram) with overlapped steps too (the lookup then runs on the worker).
+    Speculation backs off per request whose proposals keep failing (speculative_config's default
+    backoff_after_failed_steps=4, backoff_max_steps=64): "back-off on" rows are what users get; with
+    --backoff-off-too every run but oracle (acceptance 1 never backs off) runs again with back-off
+    off ("back-off off": every step verifies, the raw cost of a verification).
 (c) The 8B shape at batch 64: output tokens/s without speculation, with oracle proposals and with
     n-gram proposals (random prompts: few matches).
 Time per output token = (T(N) - T(1)) / (N - 1) over one generate of N and one of 1 token.
+"verifying steps / token": the timed run's steps with proposals per output token and request.
 """
 from __future__ import annotations
 
@@ -83,7 +89,9 @@ def _measure(llm, prompts, output_len: int, repeats: int, after_warmup=None) -> 
     drafts = after.spec_num_draft_tokens - before.spec_num_draft_tokens
     accepted = after.spec_num_accepted_tokens - before.spec_num_accepted_tokens
     steps = after.spec_num_drafts - before.spec_num_drafts
-    return {"ms_per_token": 1e3 * (tn - t1) / (output_len - 1),
+    # (steps with proposals of the timed runs: one-token runs make none)
+    verifying = steps / (len(prompts) * output_len * len(runs))
+    return {"ms_per_token": 1e3 * (tn - t1) / (output_len - 1), "verifying": verifying,
             "tokens_per_s": len(prompts) * (output_len - 1) / (tn - t1),
             "acceptance": accepted / drafts if drafts else None,
             "mean_accept_len": 1 + accepted / steps if steps else None, "tokens": tokens}
@@ -108,9 +116,8 @@ def _patch_proposals(llm, propose) -> None:
         worker_spec._ngram = lookup
         return
 
-    def hook(request, worker_drafts):
-        request.spec_token_ids = propose(request.prompt_token_ids, request.num_output_tokens, spec.k)
-    spec.propose = hook
+    # (the lookup only: the back-off still decides which steps propose)
+    spec.lookup = lambda request: propose(request.prompt_token_ids, request.num_output_tokens, spec.k)
 
 
 def _oracle(reference: dict[tuple, list[int]]):
@@ -142,12 +149,14 @@ def _random(vocab: int):
 def _row(name: str, r: dict, base: dict) -> list:
     acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.3f}"
     alen = "-" if r["mean_accept_len"] is None else f"{r['mean_accept_len']:.2f}"
+    verifying = f"{r['verifying']:.3f}" if r.get("verifying") else "-"
     return [name, f"{r['ms_per_token']:.2f}", f"{r['tokens_per_s']:.0f}", f"{base['ms_per_token'] / r['ms_per_token']:.2f}x",
-            acc, alen]
+            acc, alen, verifying]
 
 
 RUNS = ("oracle", "random", "ngram", "draft_identical", "draft_small", "eagle", "eagle3")
-HEADER = ["run", "ms / output token (per request)", "output tok/s", "speed-up", "acceptance", "mean acceptance length"]
+HEADER = ["run", "ms / output token (per request)", "output tok/s", "speed-up", "acceptance", "mean acceptance length",
+          "verifying steps / token"]
 
 
 def part_smollm2(args) -> tuple[str, list]:
@@ -235,8 +244,12 @@ def part_8b(args, batch: int) -> tuple[str, list]:
         free = propose is not None or key == "ngram"
         modes = [True, False] if args.tensor_parallel_size == 1 and (
             args.serial_too and not free or args.overlap and free) else [None]
-        for overlap in modes:
-            llm = LLM(target, **kw, speculative_config=cfg(), async_scheduling=overlap)
+        # --backoff-off-too: beside the default (back-off on), every step verifying (its raw overhead);
+        # the oracle's proposals are all accepted, so back-off never changes it.
+        backoffs = [True, False] if args.backoff_off_too and key != "oracle" else [None]
+        for overlap, backoff in ((o, b) for o in modes for b in backoffs):
+            spec = cfg() if backoff is not False else dict(cfg(), backoff_after_failed_steps=0)
+            llm = LLM(target, **kw, speculative_config=spec, async_scheduling=overlap)
             if propose is not None:
                 _patch_proposals(llm, propose)
             oracle = name.startswith("oracle")
@@ -245,6 +258,8 @@ def part_8b(args, batch: int) -> tuple[str, list]:
             r = _measure(llm, prompts, args.output_len, args.repeats,
                          (lambda tokens: own_output(prompts, tokens)) if oracle else None)
             mode = "" if len(modes) == 1 else (", overlapped steps" if overlap else ", serial steps")
+            if backoff is not None:
+                mode += ", back-off on" if backoff else ", back-off off (every step verifies)"
             rows.append(_row(f"{name}, k={k}{mode}", r, base))
             _shutdown(llm)
     what = "(b) batch 1" if batch == 1 else f"(c) batch {batch}"
@@ -271,6 +286,9 @@ def main() -> None:
     p.add_argument("--overlap", action="store_true",
                    help="--part 8b/batch64: the oracle, random and ngram runs (serial by default) also with "
                         "overlapped steps (async_scheduling=True; the n-gram lookup, or its replacement, runs on the worker)")
+    p.add_argument("--backoff-off-too", action="store_true",
+                   help="--part 8b/batch64: each run but oracle also with speculation's back-off off "
+                        "(backoff_after_failed_steps=0: every step verifies, the raw overhead of a verification)")
     p.add_argument("--serial-too", action="store_true",
                    help="--part 8b/batch64: each drafter run also without overlapped steps (async_scheduling=False)")
     args = p.parse_args()

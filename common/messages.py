@@ -54,6 +54,9 @@ class SchedulerOutput:
     # Speculative decoding: req_id -> the proposals it verifies this step (counted in its
     # num_scheduled_tokens after its one known token).
     scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
+    # Speculation backed off (cluster/core/spec_backoff.py): requests whose next step certainly
+    # verifies nothing, so the workers' proposer need not draft for them in this step.
+    spec_skip_draft_req_ids: set[str] = field(default_factory=set)
 
     @property
     def is_empty(self) -> bool:

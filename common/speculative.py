@@ -16,6 +16,9 @@ METHODS = ("ngram", "draft_model", "eagle", "eagle3")
 MAX_SPECULATIVE_TOKENS = 16
 # The n-gram lookup scans the request's tokens backwards for each length; keep it short.
 MAX_PROMPT_LOOKUP = 64
+# Back-off (cluster/core/spec_backoff.py): a longer pause than this between probes would leave a
+# request that starts to repeat itself (where proposals pay) without speculation for too long.
+MAX_BACKOFF_STEPS = 1024
 
 
 @dataclass
@@ -27,6 +30,12 @@ class SpeculativeConfig:
     prompt_lookup_max: int | None = None      # n-gram only: longest suffix matched
     # EAGLE-3: the target layers whose outputs the head reads (None: vLLM's (2, L/2, L-3)).
     eagle_aux_hidden_state_layer_ids: list[int] | None = None
+    # Back-off (cluster/core/spec_backoff.py; not a vLLM field): after this many verifications in a
+    # row that accepted none of a request's proposals, it proposes nothing for a pause of as many
+    # steps, then probes with one verification; each failed probe doubles the pause, up to
+    # backoff_max_steps; an accepted proposal ends it. 0: every step verifies (vLLM's behaviour).
+    backoff_after_failed_steps: int = 4
+    backoff_max_steps: int = 64
 
     @classmethod
     def from_dict(cls, value: "dict[str, Any] | SpeculativeConfig | None") -> "SpeculativeConfig | None":
@@ -43,10 +52,20 @@ class SpeculativeConfig:
         if not _is_int(k) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"speculative_config.num_speculative_tokens must be an integer in "
                              f"[1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+        self._check_backoff()
         if self.method == "ngram":
             self._check_ngram()
         else:
             self._check_draft()
+
+    def _check_backoff(self) -> None:
+        after, most = self.backoff_after_failed_steps, self.backoff_max_steps
+        if not _is_int(after) or not 0 <= after <= MAX_BACKOFF_STEPS:
+            raise ValueError(f"speculative_config.backoff_after_failed_steps must be an integer in "
+                             f"[0, {MAX_BACKOFF_STEPS}] (0: never back off), got {after!r}")
+        if not _is_int(most) or not 1 <= most <= MAX_BACKOFF_STEPS:
+            raise ValueError(f"speculative_config.backoff_max_steps must be an integer in "
+                             f"[1, {MAX_BACKOFF_STEPS}], got {most!r}")
 
     def _check_ngram(self) -> None:
         if self.model is not None:

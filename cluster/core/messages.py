@@ -68,6 +68,8 @@ class EngineStats(msgspec.Struct, omit_defaults=True):
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_num_accepted_tokens_per_pos: list[int] = []
+    # Request-steps run without proposals because the request's speculation was backed off.
+    spec_num_backed_off_steps: int = 0
 
 
 class CoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -174,6 +174,7 @@ class Scheduler:
         del self.requests[request.request_id]
         if self.spec is not None:
             self.spec.in_flight.pop(request.request_id, None)
+            self.spec.backoff.forget(request.request_id)
         self._forget(request.request_id)
 
     def _forget(self, request_id: str) -> None:
@@ -242,6 +243,8 @@ class Scheduler:
         output = self._build_output(scheduled)   # (and counts the scheduled tokens as computed)
         for rid, drafts in output.scheduled_spec_decode_tokens.items():
             self.spec.advance(self.requests[rid], len(drafts))
+        if self.spec is not None and self.spec.backoff._state:
+            output.spec_skip_draft_req_ids = self.spec.skip_drafting(scheduled)
         if scheduled:   # (an empty step has no output to match; a pipeline builds one per fill)
             self._step_requests[id(output)] = dict(zip(scheduled, map(self.requests.__getitem__, scheduled)))
             if plan is not None:

@@ -19,12 +19,17 @@ workers too: it needs step N's tokens). The workers know step N's accepted count
 N+1's tokens after the accepted ones; when step N is read here, the rejected count is taken off the
 computed tokens, as without the overlap. `in_flight` counts the proposals of unread steps, so a
 request's placeholders less those are the outputs it certainly gets (one per step).
+
+Back-off (cluster/core/spec_backoff.py): a request whose verifications keep accepting nothing stops
+proposing for a while; the decision is made here and travels with the step (no proposals scheduled,
+and `SchedulerOutput.spec_skip_draft_req_ids` for the workers' proposer).
 """
 from __future__ import annotations
 
 from typing import Callable
 
 from pagedray.cluster.core.request import Request, RequestStatus
+from pagedray.cluster.core.spec_backoff import SpecBackOff
 from pagedray.common.speculative import SpeculativeConfig, ngram_propose
 
 __all__ = ["SpecDecoding", "ngram_propose"]
@@ -58,6 +63,7 @@ class SpecDecoding:
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         self.num_accepted_tokens_per_pos = [0] * self.k
+        self.backoff = SpecBackOff(config.backoff_after_failed_steps, config.backoff_max_steps)
 
     def drafts_for(self, request: Request, num_new: int, budget: int) -> list[int]:
         """The proposals a request verifies this step (cut to the budget and to its limits): only
@@ -69,6 +75,11 @@ class SpecDecoding:
         if not drafts and pending and self.overlapped:
             drafts = request.spec_token_ids = self._placeholders
         if not drafts or num_new != 1:
+            return []
+        backoff = self.backoff
+        if backoff._state and not backoff.wants_proposals(request.request_id,
+                                                          self.in_flight.get(request.request_id, 0)):
+            request.spec_token_ids = []   # (a pause: the prefill pacer counts no proposal rows)
             return []
         limit = min(len(drafts), budget - 1, self.max_model_len - request.num_tokens - pending)
         max_tokens = request.sampling_params.max_tokens
@@ -90,6 +101,7 @@ class SpecDecoding:
         """
         accepted = len(tokens) - 1
         if num_drafts:
+            self.backoff.verified(request.request_id, accepted)
             self.num_drafts += 1
             self.num_draft_tokens += num_drafts
             if accepted:
@@ -102,6 +114,8 @@ class SpecDecoding:
             left = self.in_flight.pop(rid) - num_drafts
             if left:
                 self.in_flight[rid] = left
+        elif self.backoff._state:
+            self.backoff.ran_plain(request.request_id)
         if request.status is RequestStatus.RUNNING:   # (preempted meanwhile: recomputed from 0)
             request.num_computed_tokens -= num_drafts - accepted
         request.spec_token_ids = []
@@ -119,17 +133,32 @@ class SpecDecoding:
         """The proposals for the request's next step: the n-gram lookup, or the workers' drafts.
         Placeholders while another step of it is in flight (the workers hold that step's proposals;
         the prefill pacer counts them as rows of the next step)."""
+        paused = bool(self.backoff._state) and self.backoff.paused(request.request_id)
         if request.num_output_placeholders:
-            request.spec_token_ids = self._placeholders if self.overlapped else []
+            request.spec_token_ids = self._placeholders if self.overlapped and not paused else []
             return
-        if self.config.method == "ngram" and not self.overlapped:
-            cfg = self.config
-            request.spec_token_ids = ngram_propose(request.all_token_ids, cfg.prompt_lookup_min,
-                                                   cfg.prompt_lookup_max, self.k)
+        if paused:
+            request.spec_token_ids = []    # (no lookup either)
+        elif self.config.method == "ngram" and not self.overlapped:
+            request.spec_token_ids = self.lookup(request)
         else:
             request.spec_token_ids = list(worker_drafts or ())
+
+    def lookup(self, request: Request) -> list[int]:
+        """The n-gram lookup's proposals for the request's next step (serial steps)."""
+        cfg = self.config
+        return ngram_propose(request.all_token_ids, cfg.prompt_lookup_min, cfg.prompt_lookup_max, self.k)
+
+    def skip_drafting(self, scheduled: dict[str, int]) -> set[str]:
+        """Scheduled requests whose next step certainly verifies nothing (a pause): the workers'
+        proposer (drafter, or the n-gram lookup of overlapped steps) skips them this step."""
+        backoff = self.backoff
+        if not backoff._state:
+            return set()
+        return {rid for rid in backoff._state if rid in scheduled and backoff.skips_drafting(rid)}
 
     def stats(self) -> dict:
         return {"spec_num_drafts": self.num_drafts, "spec_num_draft_tokens": self.num_draft_tokens,
                 "spec_num_accepted_tokens": self.num_accepted_tokens,
-                "spec_num_accepted_tokens_per_pos": list(self.num_accepted_tokens_per_pos)}
+                "spec_num_accepted_tokens_per_pos": list(self.num_accepted_tokens_per_pos),
+                "spec_num_backed_off_steps": self.backoff.num_backed_off_steps}

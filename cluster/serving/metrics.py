@@ -148,7 +148,10 @@ def _spec_decode_counters(stats):
             ("pagedray_spec_decode_num_drafts", "Verification steps with proposals", stats.spec_num_drafts),
             ("pagedray_spec_decode_num_draft_tokens", "Proposed tokens", stats.spec_num_draft_tokens),
             ("pagedray_spec_decode_num_accepted_tokens", "Accepted proposed tokens",
-             stats.spec_num_accepted_tokens)):
+             stats.spec_num_accepted_tokens),
+            ("pagedray_spec_decode_num_backed_off_steps",
+             "Request-steps without proposals because the request's speculation was backed off "
+             "(speculative_config.backoff_after_failed_steps)", stats.spec_num_backed_off_steps)):
         yield CounterMetricFamily(name, doc, value=float(value))
     per_pos = CounterMetricFamily("pagedray_spec_decode_num_accepted_tokens_per_pos",
                                   "Accepted proposed tokens by position", labels=["position"])

@@ -45,10 +45,16 @@ def setup(tmp_path_factory):
     return base, str(root / "draft"), loras, cases, refs
 
 
+# (every step with proposals verifies: the random models accept almost none, which would back
+# speculation off, cluster/core/spec_backoff.py)
+EVERY_STEP = {"backoff_after_failed_steps": 0}
+
+
 def _spec(method: str, draft: str) -> dict:
     if method == "ngram":
-        return {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
-    return {"method": "draft_model", "model": draft, "num_speculative_tokens": K}
+        return {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+                **EVERY_STEP}
+    return {"method": "draft_model", "model": draft, "num_speculative_tokens": K, **EVERY_STEP}
 
 
 def _llm(base: str, spec: dict | None, overlap: bool = False, max_loras: int = 2) -> LLM:
@@ -118,7 +124,7 @@ def test_eagle_heads_over_adapted_targets_are_lossless(setup, plain, tmp_path, m
     from transformers import AutoConfig
     base, _, loras, cases, _ = setup
     head = make_eagle_head(tmp_path / method, AutoConfig.from_pretrained(base), eagle3=method == "eagle3")
-    llm = _llm(base, {"method": method, "model": head, "num_speculative_tokens": K})
+    llm = _llm(base, {"method": method, "model": head, "num_speculative_tokens": K, **EVERY_STEP})
     for (_, name), out, want in zip(cases, _generate(llm, cases, loras, GREEDY), plain):
         assert_greedy_match(engine_greedy(out.outputs[0]), engine_greedy(want.outputs[0]),
                             what=f"{method} {name} vs no speculation")

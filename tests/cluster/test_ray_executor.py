@@ -140,7 +140,8 @@ def test_tp2_with_ngram_speculation_matches_tp1(checkpoints):
     path = checkpoints["llama"]
     prompts = [p * 3 for p in random_prompts(4, seed=5)]          # repeated text: the lookup finds matches
     local = generate(LLM(path, **ENGINE_KW), prompts)
-    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+            "backoff_after_failed_steps": 0}    # (every step with proposals verifies)
     llm = LLM(path, executor="ray", tensor_parallel_size=2, speculative_config=spec, **ENGINE_KW)
     try:
         distributed = generate(llm, prompts)
@@ -177,7 +178,8 @@ def test_tp2_with_a_drafter_matches_tp1(checkpoints, method, tmp_path, monkeypat
     model = path if method == "draft_model" else make_eagle_head(
         tmp_path / method, AutoConfig.from_pretrained(path), eagle3=method == "eagle3",
         draft_vocab_size=160 if method == "eagle3" else None)
-    spec = {"method": method, "model": model, "num_speculative_tokens": 3}
+    # (every step verifies: the random drafts' proposals fail, which would back speculation off)
+    spec = {"method": method, "model": model, "num_speculative_tokens": 3, "backoff_after_failed_steps": 0}
     plain = generate(LLM(path, **ENGINE_KW), prompts)
     proposals = _record_proposals(monkeypatch)
     generate(LLM(path, speculative_config=spec, **ENGINE_KW), prompts)

@@ -19,7 +19,11 @@ from pagedray.cluster.core.messages import CoreRequest
 # A repetitive prompt (n-gram lookups find matches) and an arbitrary one.
 PROMPTS = [{"prompt_token_ids": [5, 6, 7, 8, 9, 10] * 3 + [5, 6]},
            {"prompt_token_ids": [31, 77, 12, 250, 3, 99, 140, 18, 61]}]
-NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+# Every test here verifies proposals at every step they are made: the tiny random models accept
+# almost none, which would back speculation off after a few steps (cluster/core/spec_backoff.py,
+# tested in test_spec_backoff.py).
+EVERY_STEP = {"backoff_after_failed_steps": 0}
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3, **EVERY_STEP}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +53,7 @@ def base(target):
 
 
 def _spec_configs(target, draft, heads) -> dict[str, dict]:
-    k = {"num_speculative_tokens": 3}
+    k = {"num_speculative_tokens": 3, **EVERY_STEP}
     return {"ngram": NGRAM,
             "draft_model": {"method": "draft_model", "model": draft, **k},
             "draft_identical": {"method": "draft_model", "model": target, **k},
@@ -185,7 +189,7 @@ def test_sampling_is_lossless_two_sample_test(small_vocab, overlap):
              SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.8, top_k=20, top_p=0.9, min_p=0.02,
                             repetition_penalty=1.3, presence_penalty=0.2, frequency_penalty=0.1)]
     params = [kinds[i % 2] for i in range(2 * N_SAMPLES)]
-    spec = {"method": "draft_model", "model": small_vocab, "num_speculative_tokens": 2}
+    spec = {"method": "draft_model", "model": small_vocab, "num_speculative_tokens": 2, **EVERY_STEP}
     got = _samples(small_vocab, params, 1, spec, overlap)
     ref = _samples(small_vocab, params, 2)
     for kind in (0, 1):
@@ -208,7 +212,7 @@ def test_two_sample_test_rejects_a_different_distribution(small_vocab):
 # -- seeds, mixed batches, preemption, n > 1 -------------------------------------------------------
 @OVERLAP
 def test_seeded_requests_are_reproducible_across_batches_and_preemption(target, draft, overlap):
-    cfg = {"method": "draft_model", "model": draft, "num_speculative_tokens": 3}
+    cfg = {"method": "draft_model", "model": draft, "num_speculative_tokens": 3, **EVERY_STEP}
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=20, ignore_eos=True)
     noisy = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
     others = [{"prompt_token_ids": list(range(20, 20 + n))} for n in (3, 17, 9)]
@@ -229,7 +233,7 @@ def test_seeded_sampling_emits_the_tokens_of_the_engine_without_speculation(targ
     that output position) and accepts a proposal when they agree: a seeded request emits exactly what
     it emits without speculation, however many proposals were accepted (a draft identical to the
     target proposes its argmax, accepted where the draw agrees), with preemptions too."""
-    cfg = {"method": "draft_model", "model": target, "num_speculative_tokens": 3}
+    cfg = {"method": "draft_model", "model": target, "num_speculative_tokens": 3, **EVERY_STEP}
     prompts = [PROMPTS[1], PROMPTS[0], {"prompt_token_ids": list(range(40, 58))}]
     params = [SamplingParams(temperature=0.9, top_p=0.95, seed=s, max_tokens=24, ignore_eos=True, n=1 + (s == 1),
                              repetition_penalty=1.2 if s == 2 else 1.0) for s in range(3)]
@@ -264,7 +268,8 @@ def test_mixed_batch_of_speculating_greedy_sampled_and_prefilling_requests(targe
 @OVERLAP
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
 def test_preemption_mid_speculation_keeps_greedy_outputs(target, draft, base, method, overlap):
-    cfg = NGRAM if method == "ngram" else {"method": "draft_model", "model": draft, "num_speculative_tokens": 3}
+    cfg = NGRAM if method == "ngram" else {"method": "draft_model", "model": draft, "num_speculative_tokens": 3,
+                                           **EVERY_STEP}
     prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9, 10] * 2 + [i]} for i in range(3, 8)]
     sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     small = LLM(target, device="cpu", block_size=4, num_kv_blocks=24, speculative_config=cfg,
@@ -280,7 +285,7 @@ def test_n_greedy_children_with_a_draft_model(target, base, overlap):
     """n > 1 forks the prompt's blocks copy-on-write: the drafter's cache is copied with the target's
     (a draft identical to the target then still has every proposal accepted)."""
     llm = LLM(target, device="cpu", block_size=4, async_scheduling=overlap,
-              speculative_config={"method": "draft_model", "model": target, "num_speculative_tokens": 3})
+              speculative_config={"method": "draft_model", "model": target, "num_speculative_tokens": 3, **EVERY_STEP})
     for prompt in PROMPTS:
         single = _tokens(base, prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0]
         outs = llm.generate(prompt, SamplingParams(n=3, temperature=0, max_tokens=16, ignore_eos=True),
@@ -323,7 +328,7 @@ def test_n_logprobs_and_stop_strings(target, base, overlap):
 def test_migrated_request_resumes_mid_speculation(target, draft, overlap):
     """A core resumes a request from the tokens another core produced: the greedy stream goes on
     exactly as the undisturbed one."""
-    cfg = {"method": "draft_model", "model": draft, "num_speculative_tokens": 3}
+    cfg = {"method": "draft_model", "model": draft, "num_speculative_tokens": 3, **EVERY_STEP}
     core = EngineCore.from_kwargs(target, device="cpu", block_size=4, speculative_config=cfg,
                                   async_scheduling=overlap)
     prompt = PROMPTS[0]["prompt_token_ids"]
@@ -422,7 +427,7 @@ def test_prometheus_counters_take_vllm_names(target):
     from pagedray.cluster.core.messages import sum_stats
     from pagedray.cluster.serving.metrics import ServingMetrics
     llm = LLM(target, device="cpu", block_size=4,
-              speculative_config={"method": "draft_model", "model": target, "num_speculative_tokens": 3})
+              speculative_config={"method": "draft_model", "model": target, "num_speculative_tokens": 3, **EVERY_STEP})
     _tokens(llm, PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     stats = sum_stats([llm.llm_engine.get_stats()] * 2)
     metrics = ServingMetrics()
@@ -443,7 +448,7 @@ def test_prompt_logprobs_through_chunked_prefill_with_a_drafter(target, base, ov
     sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, prompt_logprobs=2)
     prompt = {"prompt_token_ids": list(range(30, 60))}
     llm = LLM(target, device="cpu", block_size=4, max_num_batched_tokens=8, async_scheduling=overlap,
-              speculative_config={"method": "draft_model", "model": target, "num_speculative_tokens": 3})
+              speculative_config={"method": "draft_model", "model": target, "num_speculative_tokens": 3, **EVERY_STEP})
     a = llm.generate(prompt, sp, use_tqdm=False)[0]
     b = base.generate(prompt, sp, use_tqdm=False)[0]
     assert a.outputs[0].token_ids == b.outputs[0].token_ids
@@ -465,7 +470,8 @@ def test_structured_outputs_greedy_equal_the_engine_without_speculation(target, 
     constrained outputs (JSON schema, regex, choice, logit_bias) equal the engine's without speculation,
     and a sampled one still parses."""
     from pagedray.common.sampling_params import StructuredOutputsParams as SO
-    cfg = NGRAM if method == "ngram" else {"method": "draft_model", "model": draft, "num_speculative_tokens": 3}
+    cfg = NGRAM if method == "ngram" else {"method": "draft_model", "model": draft, "num_speculative_tokens": 3,
+                                           **EVERY_STEP}
     llm = LLM(target, device="cpu", block_size=4, speculative_config=cfg, async_scheduling=overlap)
     greedy = dict(temperature=0, max_tokens=48)
     params = [SamplingParams(structured_outputs=SO(json=SCHEMA), **greedy),
@@ -493,7 +499,7 @@ def test_n_children_start_when_the_first_was_preempted_with_its_token_in_flight(
     """n > 1 forks completions 1.. from completion 0 when its first token arrives; with overlapped
     steps completion 0 may have been preempted meanwhile (its blocks freed): the others then start
     as ordinary requests, and every completion equals the engine's without speculation."""
-    cfg = {"method": "draft_model", "model": draft, "num_speculative_tokens": 3}
+    cfg = {"method": "draft_model", "model": draft, "num_speculative_tokens": 3, **EVERY_STEP}
     core = EngineCore.from_kwargs(target, device="cpu", block_size=4, speculative_config=cfg, async_scheduling=True)
     params = lambda: SamplingParams(n=3, temperature=0.8, seed=5, max_tokens=12, ignore_eos=True)  # noqa: E731
     prompt = PROMPTS[1]["prompt_token_ids"]

@@ -46,7 +46,7 @@ def test_tp2_drafter_under_graphs_matches_tp1(target, method, tmp_path):
     model = target if method == "draft_identical" else make_eagle_head(
         tmp_path / method, AutoConfig.from_pretrained(target), eagle3=method == "eagle3")
     spec = {"method": "draft_model" if method == "draft_identical" else method, "model": model,
-            "num_speculative_tokens": 3}
+            "num_speculative_tokens": 3, "backoff_after_failed_steps": 0}   # (every step verifies)
     plain, _ = _greedy(LLM(target, **KW))
     tp2, stats = _greedy(LLM(target, executor="ray", tensor_parallel_size=2, speculative_config=spec, **KW))
     for i, (got, want) in enumerate(zip(tp2, plain, strict=True)):

@@ -57,12 +57,14 @@ def _run(target: str, cfg: dict, eager: bool, overlap: bool | None = None):
 
 def _config(models, method: str) -> dict:
     target, draft, eagle, eagle3 = models
+    # (every step with proposals verifies: the random drafts' fail, which would back speculation off)
+    every_step = {"backoff_after_failed_steps": 0}
     return {"ngram": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
-                      "prompt_lookup_min": 1},
-            "draft_model": {"method": "draft_model", "model": draft, "num_speculative_tokens": 3},
-            "draft_identical": {"method": "draft_model", "model": target, "num_speculative_tokens": 4},
-            "eagle": {"method": "eagle", "model": eagle, "num_speculative_tokens": 3},
-            "eagle3": {"method": "eagle3", "model": eagle3, "num_speculative_tokens": 3}}[method]
+                      "prompt_lookup_min": 1, **every_step},
+            "draft_model": {"method": "draft_model", "model": draft, "num_speculative_tokens": 3, **every_step},
+            "draft_identical": {"method": "draft_model", "model": target, "num_speculative_tokens": 4, **every_step},
+            "eagle": {"method": "eagle", "model": eagle, "num_speculative_tokens": 3, **every_step},
+            "eagle3": {"method": "eagle3", "model": eagle3, "num_speculative_tokens": 3, **every_step}}[method]
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model", "draft_identical", "eagle", "eagle3"])

@@ -52,10 +52,11 @@ class Drafter:
         return self.model.compute_logits(hidden).argmax(dim=-1)
 
     # -- the loop ------------------------------------------------------------
-    def propose(self, runner, inputs, target_hidden: torch.Tensor,
-                accepted: dict[str, list[int]]) -> tuple[list[str], torch.Tensor, list[int]] | None:
+    def propose(self, runner, inputs, target_hidden: torch.Tensor, accepted: dict[str, list[int]],
+                skip: set[str] = frozenset()) -> tuple[list[str], torch.Tensor, list[int]] | None:
         """(requests, their proposals [requests, <= k] on the device, how many of each to keep), or
-        None when no request samples this step."""
+        None when no request samples this step, or all that do are in `skip` (their speculation is
+        backed off: they catch up, which keeps the cache valid for a later probe, but draft nothing)."""
         bs, table = runner.block_size, runner.block_table.table
         ids: list[int] = []
         rows: list[int] = []          # block-table row per sequence
@@ -74,7 +75,7 @@ class Drafter:
             rows.append(state.table_row)
             starts.append(start)
             counts.append(len(toks))
-            if new is not None:
+            if new is not None and req_id not in skip:
                 proposing.append((req_id, len(ids) - 1, start + len(toks)))
         if not proposing:
             if ids:

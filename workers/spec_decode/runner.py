@@ -103,9 +103,9 @@ class _Pending:
     the next step begins, whichever comes first — so the host's work in between (the driver's
     output reading and scheduling) runs while the target's forward does."""
 
-    def __init__(self, spec: "SpecDecodeRunner", runner, groups, scheduled: dict[str, list[int]],
+    def __init__(self, spec: "SpecDecodeRunner", runner, groups, sched: SchedulerOutput,
                  finish, out: ModelRunnerOutput) -> None:
-        self.spec, self.runner, self.groups, self.scheduled = spec, runner, groups, scheduled
+        self.spec, self.runner, self.groups, self.sched = spec, runner, groups, sched
         self.finish, self.out = finish, out
 
     def run(self) -> None:
@@ -115,8 +115,8 @@ class _Pending:
         spec, groups = self.spec, self.groups
         tokens, logprobs = finish()   # the step's one wait for the device
         spec._fill(self.out, groups, tokens, logprobs)
-        spec.emitted(self.runner, groups, tokens, self.scheduled)
-        drafts = spec._ngram(self.runner, groups) if spec.overlapped and spec.config.method == "ngram" else None
+        spec.emitted(self.runner, groups, tokens, self.sched.scheduled_spec_decode_tokens)
+        drafts = spec._lookup(self.runner, groups, self.sched)
         spec._drafts = drafts
         if drafts is not None:
             self.out.draft_token_ids = drafts.host()
@@ -307,7 +307,7 @@ class SpecDecodeRunner:
             if runner.sample:
                 rows = [runner.requests[rid].sampling_row for rid, _, _ in groups]
                 if self.drafter is None:   # nothing waits for the verified tokens: read them later
-                    pending = _Pending(self, runner, groups, sched.scheduled_spec_decode_tokens,
+                    pending = _Pending(self, runner, groups, sched,
                                        verify_later(runner.sampler, logits, rows, groups), out)
                     self._drafts, self._pending = None, pending
                     return _SpecStepOutput(out, None, timer, pending)
@@ -320,13 +320,14 @@ class SpecDecodeRunner:
         if self.drafter is not None:
             accepted = {rid: toks for (rid, _, _), toks in zip(groups, tokens)}
             with torch.inference_mode():
-                proposed = self.drafter.propose(runner, inputs, hidden, accepted)
+                # (requests whose speculation is backed off get no proposals: the driver says so)
+                proposed = self.drafter.propose(runner, inputs, hidden, accepted, sched.spec_skip_draft_req_ids)
             drafts = Drafts(*proposed) if proposed is not None else None
             if not runner.sample:   # another TP rank: its shards of the drafter's forwards ran; rank 0 reports
                 return _SpecStepOutput(ModelRunnerOutput({}), None, timer)
         self.emitted(runner, groups, tokens, sched.scheduled_spec_decode_tokens)
-        if self.overlapped and self.config.method == "ngram" and groups:
-            drafts = self._ngram(runner, groups)
+        if self.drafter is None:
+            drafts = self._lookup(runner, groups, sched)
         self._drafts = drafts
         return _SpecStepOutput(out, drafts, timer)
 
@@ -337,6 +338,14 @@ class SpecDecodeRunner:
             out.accepted_token_ids[rid] = toks
             if lp is not None:
                 out.accepted_logprobs[rid] = lp
+
+    def _lookup(self, runner, groups, sched: SchedulerOutput) -> Drafts | None:
+        """The worker's n-gram proposals for the next step (overlapped steps only), but for the
+        requests whose speculation the driver backed off."""
+        if not (self.overlapped and self.config.method == "ngram" and groups):
+            return None
+        skip = sched.spec_skip_draft_req_ids
+        return self._ngram(runner, [g for g in groups if g[0] not in skip] if skip else groups)
 
     def _ngram(self, runner, groups) -> Drafts:
         """The n-gram lookup over each request's tokens (its new ones included), for the next step."""

@@ -82,7 +82,8 @@ def reference(prompt: list[int], max_tokens: int) -> list[int]:
 
 def make(num_blocks=64, budget=32, k=3, max_num_seqs=8, caching=False):
     cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=128)
-    spec = SpeculativeConfig("ngram", k, prompt_lookup_min=1, prompt_lookup_max=3)
+    # (every step with proposals verifies: no back-off, cluster/core/spec_backoff.py)
+    spec = SpeculativeConfig("ngram", k, prompt_lookup_min=1, prompt_lookup_max=3, backoff_after_failed_steps=0)
     return Scheduler(cfg, BS, num_blocks, caching, spec), SpecWorker(num_blocks)
 
 
@@ -176,7 +177,7 @@ def test_verifying_requests_hold_their_adapters_slot():
     mixes two adapters; the other adapter's request waits (a request without one runs meanwhile)."""
     from pagedray.common.lora import LoRARequest
     cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128)
-    spec = SpeculativeConfig("ngram", 3, prompt_lookup_min=1, prompt_lookup_max=3)
+    spec = SpeculativeConfig("ngram", 3, prompt_lookup_min=1, prompt_lookup_max=3, backoff_after_failed_steps=0)
     sched, worker = Scheduler(cfg, BS, 64, False, spec, max_loras=1), SpecWorker(64)
     loras = {"a": LoRARequest("a", 1, "/a"), "b": LoRARequest("b", 2, "/b"), "none": None}
     prompts = {rid: [3 + i, 4, 5, 6, 3 + i, 4, 5] for i, rid in enumerate(loras)}

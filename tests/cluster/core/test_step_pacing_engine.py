@@ -35,7 +35,8 @@ def _staggered(core: EngineCore, prompts: list[list[int]], every: int = 3) -> di
     return tokens
 
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+         "backoff_after_failed_steps": 0}   # (every step with proposals verifies)
 
 
 def test_step_times_flow_up_and_pacing_keeps_the_outputs(model_path):
