@@ -193,6 +193,30 @@ def test_a_drafter_drafts_nothing_for_a_paused_request(target, tmp_path, base, o
     assert f"pagedray_spec_decode_num_backed_off_steps_total {float(stats.spec_num_backed_off_steps)}" in text
 
 
+@OVERLAP
+def test_preemption_stop_strings_and_n_under_back_off(target, base, overlap):
+    """Requests preempted while backed off (or mid-probe), n > 1 and stop strings: greedy outputs and
+    texts equal the engine's without speculation, and no block is held after."""
+    llm = LLM(target, device="cpu", block_size=4, num_kv_blocks=24, speculative_config=NGRAM,
+              async_scheduling=overlap)
+    _patch_lookup(llm, lambda prompt, n: [1] * K)   # (mostly wrong)
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9, 10] * 2 + [i]} for i in range(3, 8)]
+    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
+    assert got == [list(o.outputs[0].token_ids) for o in base.generate(prompts, sp, use_tqdm=False)]
+    stats = llm.llm_engine.get_stats()
+    assert stats.num_preemptions > 0 and stats.spec_num_backed_off_steps > 0
+    n2 = SamplingParams(n=2, temperature=0, max_tokens=24, ignore_eos=True)
+    outs = llm.generate(prompts[0], n2, use_tqdm=False)[0].outputs
+    assert [list(o.token_ids) for o in outs] == [got[0][:24]] * 2
+    text = base.generate(prompts[1], sp, use_tqdm=False)[0].outputs[0].text
+    stop = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=text[-12:-9])
+    a, b = (e.generate(prompts[1], stop, use_tqdm=False)[0].outputs[0] for e in (llm, base))
+    assert (a.text, a.finish_reason) == (b.text, "stop")
+    assert not llm.llm_engine.scheduler.spec.backoff._state
+    assert llm.llm_engine.get_stats().num_used_blocks == 0
+
+
 def test_off_verifies_every_step(target, reference):
     """backoff_after_failed_steps=0: every decode step verifies, however often it fails."""
     llm = LLM(target, device="cpu", block_size=4, speculative_config=dict(NGRAM, backoff_after_failed_steps=0))
