@@ -20,6 +20,7 @@ lines add the four pairs up x 32 layers: the LoRA cost of one forward at each ba
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import math
 import statistics
@@ -175,15 +176,17 @@ def run_cpu(args) -> None:
 
 
 def sweep_configs(new, case: Case, sms: int) -> tuple[list, list]:
-    s0 = new.shrink_config(case.tokens, case.k, case.r, sms)
+    s0 = new.shrink_config(case.tokens, case.k, case.r, sms, case.slots)
     shrinks = [s0]
     for bk, mult in ((64, 1), (128, 2), (128, 0.5), (256, 1)):
         splits = max(1, int(s0.splits * mult))
         kps = math.ceil(math.ceil(case.k / splits) / bk) * bk
         cfg = new.ShrinkConfig(s0.block_t, bk, math.ceil(case.k / kps), kps,
-                               max(1, min(triton_next_pow2(math.ceil(case.k / kps)), s0.red)))
+                               max(1, min(triton_next_pow2(math.ceil(case.k / kps)), s0.red)), s0.slot_par)
         if cfg not in shrinks:
             shrinks.append(cfg)
+    if s0.slot_par > 1:
+        shrinks.append(dataclasses.replace(s0, slot_par=1))
     e0 = new.expand_config(case.tokens, case.n, sms)
     expands = [e0] + [new.ExpandConfig(bt, bn, w) for bt in (16, 32, 64) for bn in (64, 128, 256) for w in (4, 8)
                       if (bt, bn, w) != (e0.block_t, e0.block_n, e0.num_warps) and bt <= max(16, case.tokens)]

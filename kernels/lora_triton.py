@@ -62,7 +62,7 @@ def _shrink_kernel(x_ptr, a_ptr, idx_ptr, order_ptr, part_ptr, out_ptr, count_pt
         dst = part_ptr + split * part_stride_split + rows[:, None] * part_stride_t + offs_r[None, :]
     else:
         dst = out_ptr + rows[:, None] * out_stride_t + offs_r[None, :]
-    for s in range(lo, hi + 1):
+    for s in range(lo + tl.program_id(2), hi + 1, tl.num_programs(2)):   # (the tile's slots over grid axis 2)
         mine = t_in & (slots == s)
         acc = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
         a_base = a_ptr + s * a_stride_s
@@ -80,10 +80,10 @@ def _shrink_kernel(x_ptr, a_ptr, idx_ptr, order_ptr, part_ptr, out_ptr, count_pt
         tl.store(dst, acc, mask=mine[:, None] & r_in[None, :])
     if SPLIT:
         # Every thread's partial is stored before one thread takes the tile's ticket (release, GPU scope);
-        # the last of the `splits` programs (acquire) adds all of them up in split order.
+        # the last of the tile's splits x slot-group programs (acquire) adds them up in split order.
         tl.debug_barrier()
         ticket = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
-        if ticket == splits - 1:
+        if ticket == splits * tl.num_programs(2) - 1:
             keep = t_in & (slots >= 0)
             offs_s = tl.arange(0, RED)
             total = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
@@ -151,6 +151,7 @@ class ShrinkConfig:
     splits: int       # programs per token tile along K (1: no partials, no counter)
     k_per_split: int
     red: int          # partials the finishing program adds per load
+    slot_par: int = 1   # programs per (tile, split), each taking every slot_par-th of the tile's slots
     num_warps: int = 4
     num_stages: int = 2
 
@@ -168,10 +169,12 @@ _MAX_REDUCE = 32768
 _MAX_COUNTERS = 4096
 
 
-def shrink_config(num_tokens: int, k: int, r: int, sms: int, block_k: int = 128) -> ShrinkConfig:
+def shrink_config(num_tokens: int, k: int, r: int, sms: int, num_slots: int = 1, block_k: int = 128) -> ShrinkConfig:
     """Tiles of 16 tokens up to 512 (decode), 64 above (prefill: A re-read less often); then as many
     K splits as bring the grid to ~2 programs per SM, each split at least one BLOCK_K step, with the
-    finishing program's reduction bounded."""
+    finishing program's reduction bounded; then, where that is still short, the slots of a tile over
+    several programs (16 tokens over 8 adapters: one program streaming 8 slots' A one after the other
+    took 8 load latencies)."""
     block_t = 16 if num_tokens <= 512 else 64
     tiles = triton.cdiv(num_tokens, block_t)
     rows = min(num_tokens, block_t)
@@ -182,19 +185,23 @@ def shrink_config(num_tokens: int, k: int, r: int, sms: int, block_k: int = 128)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     splits = triton.cdiv(k, k_per_split)
     red = max(1, min(triton.next_power_of_2(splits), 8192 // (block_t * block_r)))
-    return ShrinkConfig(block_t, block_k, splits, k_per_split, red)
+    slot_par = max(1, min(num_slots, rows, triton.cdiv(2 * sms, tiles * splits)))
+    return ShrinkConfig(block_t, block_k, splits, k_per_split, red, slot_par)
+
+
+# Expand tiles (BLOCK_T, BLOCK_N) from the largest down: fewer token tiles re-read B less often (each
+# reads the blocks of every slot it holds); 64 columns (128 bytes of a bf16 row) still load whole lines.
+_EXPAND_TILES = ((64, 128), (32, 128), (64, 64), (16, 128), (32, 64), (16, 64), (16, 32))
 
 
 def expand_config(num_tokens: int, n: int, sms: int) -> ExpandConfig:
-    """The largest token tile (fewest re-reads of B) whose grid still has ~2 programs per SM, with
-    128-column blocks of y (256-byte row segments in bf16); narrower blocks where even 16-token tiles
-    leave SMs idle (small N at small batches)."""
-    for block_n in (128, 64, 32):
-        for block_t in (64, 32, 16):
-            if block_t > 16 and block_t > num_tokens:
-                continue
-            if triton.cdiv(num_tokens, block_t) * triton.cdiv(n, block_n) >= 2 * sms:
-                return ExpandConfig(block_t, block_n, 8 if block_t * block_n >= 8192 else 4)
+    """The first of _EXPAND_TILES whose grid covers the SMs (a decode-sized expand is one or two
+    loads per program: more, smaller programs only add overhead); the smallest where none does."""
+    for block_t, block_n in _EXPAND_TILES:
+        if block_t > 16 and block_t > num_tokens:
+            continue
+        if triton.cdiv(num_tokens, block_t) * triton.cdiv(n, block_n) >= sms - sms // 8:
+            return ExpandConfig(block_t, block_n, 8 if block_t * block_n >= 8192 else 4)
     return ExpandConfig(16, 32, 4)
 
 
@@ -234,7 +241,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, indices: torch.Tensor, order: 
     _, r, _ = a.shape
     if x.stride(1) != 1 or a.stride(2) != 1:
         raise ValueError("lora_shrink needs row-major x and A")
-    cfg = config or shrink_config(num_tokens, k, r, _sms(x))
+    cfg = config or shrink_config(num_tokens, k, r, _sms(x), a.shape[0])
     split = cfg.splits > 1
     buf = torch.empty(cfg.splits + 1 if split else 1, num_tokens, r, dtype=torch.float32, device=x.device)
     out = buf[-1:]
@@ -242,7 +249,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, indices: torch.Tensor, order: 
         device = C.device_of(x) if x.is_cuda else x.device
         counters = _counters(device) if split else buf
         use_pdl = _pdl(x, pdl)
-        grid = (triton.cdiv(num_tokens, cfg.block_t), cfg.splits)
+        grid = (triton.cdiv(num_tokens, cfg.block_t), cfg.splits, cfg.slot_par)
         _shrink_kernel[grid](x, a, indices, order, buf, out, counters, num_tokens, r, k, cfg.k_per_split,
                              cfg.splits, x.stride(0), a.stride(0), a.stride(1), buf.stride(0), buf.stride(1),
                              out.stride(1), IEEE=x.dtype == torch.float32, SPLIT=split, BLOCK_T=cfg.block_t,

@@ -57,7 +57,7 @@ def run_case(device: str, tokens: int, slots: int, rank: int, k: int, n: int, dt
     from pagedray.kernels.lora import lora_expand_reference, lora_shrink_reference
     x, a, b_in, idx, order, y = make_case(tokens, slots, rank, k, n, dtype, device, seed)
     b = b_in * block_diagonal(slices, rank).to(device, dtype) if slices else b_in
-    s_cfg = L.ShrinkConfig(**{**vars(L.shrink_config(tokens, k, rank, L._sms(x))), **shrink}) if shrink else None
+    s_cfg = L.ShrinkConfig(**{**vars(L.shrink_config(tokens, k, rank, L._sms(x), slots)), **shrink}) if shrink else None
     e_cfg = L.ExpandConfig(**{**vars(L.expand_config(tokens, n, L._sms(x))), **expand}) if expand else None
     rows = idx >= 0
     tol = TOL[dtype]
@@ -79,8 +79,9 @@ def run_case(device: str, tokens: int, slots: int, rank: int, k: int, n: int, dt
 
 
 # The interpreted set: a single token, a few, a full decode batch and a prefill over tiles of 64, with
-# ranks 8/16/64 and a packed 3r = 48 (also with its block-diagonal B), N not a multiple of any block; K split into several programs whose
-# last one adds the partials (also several partials per load, and an unsplit K); in float16 and float32
+# ranks 8/16/64 and a packed 3r = 48 (also with its block-diagonal B), N not a multiple of any block; K
+# split into several programs whose last one adds the partials (also several partials per load, and an
+# unsplit K); a tile's slots spread over several programs; in float16 and float32
 # (the interpreter's bfloat16 tl.dot multiplies the raw 16-bit patterns: bfloat16 runs on the GPU).
 INTERPRETED = [
     dict(tokens=1, slots=1, rank=16, k=512, n=48),
@@ -91,6 +92,9 @@ INTERPRETED = [
     dict(tokens=40, slots=3, rank=16, k=512, n=130, shrink=dict(block_k=32, splits=16, k_per_split=32, red=4)),
     dict(tokens=40, slots=3, rank=16, k=512, n=130, shrink=dict(splits=1, k_per_split=512),
          expand=dict(block_t=32, block_n=64)),
+    # a tile's slots over several programs (16 tokens over 8 adapters), with and without K splits
+    dict(tokens=16, slots=8, rank=16, k=256, n=64, shrink=dict(splits=2, k_per_split=128, slot_par=3)),
+    dict(tokens=16, slots=8, rank=8, k=256, n=64, dtype=FP32, shrink=dict(splits=1, k_per_split=256, slot_par=4)),
     dict(tokens=33, slots=2, rank=48, k=96, n=70, dtype=FP32, expand=dict(block_t=64, block_n=32)),
     # packed layers' block-diagonal B (groups straddling blocks; qkv-like 3, gate_up-like 2, 4)
     dict(tokens=20, slots=3, rank=48, k=128, n=112, slices=(64, 24, 24), expand=dict(block_n=32)),
