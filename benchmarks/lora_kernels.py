@@ -175,26 +175,30 @@ def run_cpu(args) -> None:
     print("cpu smoke ok (interpreter: no timings)")
 
 
-def sweep_configs(new, case: Case, sms: int) -> tuple[list, list]:
-    s0 = new.shrink_config(case.tokens, case.k, case.r, sms, case.slots)
-    shrinks = [s0]
-    for bk, mult in ((64, 1), (128, 2), (128, 0.5), (256, 1)):
-        splits = max(1, int(s0.splits * mult))
-        kps = math.ceil(math.ceil(case.k / splits) / bk) * bk
-        cfg = new.ShrinkConfig(s0.block_t, bk, math.ceil(case.k / kps), kps,
-                               max(1, min(triton_next_pow2(math.ceil(case.k / kps)), s0.red)), s0.slot_par)
-        if cfg not in shrinks:
-            shrinks.append(cfg)
-    if s0.slot_par > 1:
-        shrinks.append(dataclasses.replace(s0, slot_par=1))
-    e0 = new.expand_config(case.tokens, case.n, sms)
-    expands = [e0] + [new.ExpandConfig(bt, bn, w) for bt in (16, 32, 64) for bn in (64, 128, 256) for w in (4, 8)
-                      if (bt, bn, w) != (e0.block_t, e0.block_n, e0.num_warps) and bt <= max(16, case.tokens)]
-    return shrinks, expands
-
-
 def triton_next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
+
+
+def sweep_configs(new, case: Case, sms: int) -> tuple[list, list]:
+    """The launchers' choice first, then its neighbours: fewer/more K splits (one reduction pass of the
+    finishing program; BLOCK_K 64), other slot spreads and warp counts; expand tiles and warps."""
+    s0 = new.shrink_config(case.tokens, case.k, case.r, sms, case.slots)
+
+    def shrink(block_k=s0.block_k, splits=s0.splits, slot_par=s0.slot_par, num_warps=s0.num_warps):
+        kps = -(-(-(-case.k // max(1, splits))) // block_k) * block_k
+        splits = -(-case.k // kps)
+        red = max(1, min(triton_next_pow2(splits), 8192 // (s0.block_t * new._block_r(case.r))))
+        return new.ShrinkConfig(s0.block_t, block_k, splits, kps, red, slot_par, num_warps)
+    shrinks = [s0]
+    for cfg in (shrink(splits=s0.splits // 2), shrink(splits=s0.splits // 4), shrink(splits=s0.red),
+                shrink(block_k=64, splits=2 * s0.splits), shrink(slot_par=1), shrink(slot_par=2 * s0.slot_par),
+                shrink(num_warps=2), shrink(num_warps=8)):
+        if cfg not in shrinks and cfg.slot_par <= case.slots:
+            shrinks.append(cfg)
+    e0 = new.expand_config(case.tokens, case.n, sms)
+    expands = [e0] + [new.ExpandConfig(bt, bn, w) for bt in (16, 32, 64) for bn in (32, 64, 128, 256) for w in (4, 8)
+                      if (bt, bn, w) != (e0.block_t, e0.block_n, e0.num_warps) and bt <= max(16, case.tokens)]
+    return shrinks, expands
 
 
 def main() -> None:
