@@ -134,8 +134,9 @@ def build_llm(model: str, tokenizer: str | None, args, max_len: int, options: li
                speculative_config=None if speculation == "none" else {
                    "method": "ngram", "num_speculative_tokens": args.spec_k,
                    "prompt_lookup_min": 1, "prompt_lookup_max": 4,
-                   # every step verifies (the host work of a verification is what is measured)
-                   "backoff_after_failed_steps": 0})
+                   # every step verifies (the host work of a verification is what is measured), but
+                   # under wrong-backoff: the default back-off (mostly plain steps, a probe now and then)
+                   **({} if speculation == "wrong-backoff" else {"backoff_after_failed_steps": 0})})
 
 
 def patch_proposals(speculation: str):
@@ -143,7 +144,7 @@ def patch_proposals(speculation: str):
     rejects ("wrong") or accepts ("right"); undo with the returned function. "ngram": the real one."""
     import pagedray.cluster.core.spec as driver_spec
     import pagedray.workers.spec_decode.runner as worker_spec
-    if speculation not in ("wrong", "right"):
+    if speculation not in ("wrong", "right", "wrong-backoff"):
         return lambda: None
     token = SPEC_TOKEN if speculation == "right" else SPEC_TOKEN + 1
     originals = driver_spec.ngram_propose, worker_spec.ngram_propose
@@ -459,7 +460,8 @@ def main(argv=None) -> int:
             llm = build_llm(model, tok if use_tok == "yes" else None, args, max_len, options, spec)
             # (a verification's rows: up to k + 1 per request)
             rows_max = args.max_batch * (args.spec_k + 1 if spec != "none" else 1)
-            stub_model(llm, args.vocab, rows_max, args.max_num_batched_tokens, args.seed, spec in ("wrong", "right"))
+            stub_model(llm, args.vocab, rows_max, args.max_num_batched_tokens, args.seed,
+                       spec in ("wrong", "right", "wrong-backoff"))
             undo = patch_proposals(spec)
             try:
                 for batch, mode, loop in itertools.product(args.batch_sizes, args.modes, args.loops):
@@ -514,9 +516,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", nargs="+", choices=["no", "yes"], default=["no", "yes"])
     p.add_argument("--loops", nargs="+", choices=["serial", "overlapped"], default=["serial"],
                    help="the engine's loop; on the CPU nothing overlaps, so 'overlapped' shows its extra host work")
-    p.add_argument("--speculation", nargs="+", choices=["none", "wrong", "right", "ngram"], default=["none"],
+    p.add_argument("--speculation", nargs="+", choices=["none", "wrong", "right", "ngram", "wrong-backoff"],
+                   default=["none"],
                    help="n-gram speculation (k = --spec-k) with proposals always rejected / always accepted "
-                        "(the lookup replaced), or the real lookup; none: without speculation")
+                        "(the lookup replaced), or the real lookup; none: without speculation; every step with "
+                        "proposals verifies (back-off off), but wrong-backoff: always rejected with the default "
+                        "back-off (speculative_config.backoff_after_failed_steps)")
     p.add_argument("--spec-k", type=int, default=4)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="the engine's step token budget")

@@ -166,3 +166,39 @@ def test_lora_verification_under_graphs_equals_eager(models, tmp_path, method):
     assert g_seeded == e_seeded
     # (the adapters matter: otherwise equal outputs would prove nothing about the slot map)
     assert g_greedy[1].outputs[0].token_ids != g_greedy[0].outputs[0].token_ids
+
+
+def test_backed_off_overlapped_steps_under_graphs_equal_no_speculation(models):
+    """n-gram proposals that always fail, overlapped, with the default back-off: most steps are paused
+    ones, which (greedy without logprobs: argmax only) start before the last step is read, their input
+    tokens gathered on the device from its argmax (workers/spec_decode/inputs.py), and replay the
+    decode graphs. Their tokens equal those of the same requests with logprobs (read at every step),
+    which equal the engine's without speculation; seeded ones equal it too."""
+    from pagedray.workers.spec_decode.runner import Drafts
+    target = models[0]
+    kw = dict(dtype="float32", block_size=16, max_num_seqs=4, gpu_memory_utilization=0.3)
+    with_lp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=2)
+    seeded = SamplingParams(temperature=0.8, seed=7, max_tokens=48, ignore_eos=True)
+    llm = LLM(target, **kw)
+    plain = llm.generate(PROMPTS, with_lp, use_tqdm=False)
+    plain_seeded = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, seeded, use_tqdm=False)]
+    llm.shutdown()
+    cfg = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    llm = LLM(target, **kw, speculative_config=cfg, async_scheduling=True)
+    spec = llm.llm_engine.executor.worker.runner.spec
+    spec._ngram = lambda runner, groups: Drafts([g[0] for g in groups], lists=[[1, 1, 1] for _ in groups])
+    deferred = []
+    can_defer = spec._can_defer
+    spec._can_defer = lambda pending, sched: deferred.append(can_defer(pending, sched)) or deferred[-1]
+    ours_lp = llm.generate(PROMPTS, with_lp, use_tqdm=False)
+    assert not any(deferred)   # (logprobs: every step is read before the next starts)
+    ours = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True), use_tqdm=False)
+    ours_seeded = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, seeded, use_tqdm=False)]
+    stats, replays = llm.llm_engine.get_stats(), llm.llm_engine.executor.worker.runner.graphs.num_replays
+    llm.shutdown()
+    for o, lp, p in zip(ours, ours_lp, plain):
+        assert_greedy_match(engine_greedy(lp.outputs[0]), engine_greedy(p.outputs[0]), atol=1e-3,
+                            what="backed off, overlapped, graphs")
+        assert list(o.outputs[0].token_ids) == list(lp.outputs[0].token_ids)
+    assert ours_seeded == plain_seeded
+    assert stats.spec_num_backed_off_steps > 0 and sum(deferred) > 20 and replays > 0

@@ -56,9 +56,24 @@ def build_spec_inputs(runner, sched) -> SpecStepInputs:
     requests = runner.requests
     # The n-gram lookup's proposals of the last step, for the driver's placeholders (overlapped steps).
     host_drafts = runner.spec.host_drafts() if proposals else None
+    # The last step, not read yet, whose argmax is each request's input token (runner._can_defer).
+    last = runner.spec.deferred_rows()
+    token_fills: list[tuple[int, int]] = []    # (flat row, row in the last step's argmax)
     for req_id, n in sched.num_scheduled_tokens.items():
         state = requests[req_id]
         start, tokens, row = state.num_computed_tokens, state.token_ids, state.table_row
+        if last is not None and start == len(tokens) and n == 1 and req_id in last[0]:
+            # Its input token is the last step's argmax, still on the device: gathered below.
+            token_fills.append((len(ids), last[0][req_id]))
+            spans.append((req_id, len(ids), 1, start))
+            max_blocks = max(max_blocks, len(state.block_ids))
+            groups.append((req_id, len(logits_rows), []))
+            logits_rows.append(len(ids))
+            ids.append(0)
+            seq_rows.append(row)
+            seq_starts.append(start)
+            seq_counts.append(1)
+            continue
         if start >= len(tokens):
             raise RuntimeError(f"request {req_id!r}: its input token at position {start} is not on this worker "
                                f"({len(tokens)} tokens known)")
@@ -107,6 +122,10 @@ def build_spec_inputs(runner, sched) -> SpecStepInputs:
             logits_rows.append(first + n - 1)
     inputs = _to_inputs(runner, ids, seq_rows, seq_starts, seq_counts, max_blocks, groups, logits_rows,
                         prompt_spans, spans, bs)
+    if token_fills:
+        index = runner._to_device([np.array([r for r, _ in token_fills], dtype=np.int64),
+                                   np.array([s for _, s in token_fills], dtype=np.int64)], torch.int64)
+        inputs.input_ids[index[0]] = last[1][index[1]]
     if fills:
         inputs.deferred = deferred
         table = runner.spec.device_drafts()

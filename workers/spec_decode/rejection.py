@@ -19,7 +19,6 @@ Greedy rows are the case p = one-hot(argmax). The host waits once per step, for 
 from __future__ import annotations
 
 import copy
-from typing import Callable
 
 import torch
 
@@ -88,16 +87,40 @@ def verify(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow],
     return tokens, _logprobs(raw_lp, groups, rows, tokens, lp_rows, lp_ids, lp_want)
 
 
+class LaterTokens:
+    """`verify`'s result, read when called. An all-greedy step's argmax per logits row stays on the
+    device (`chosen`: the next step's inputs may gather from it there) and travels to pinned host
+    memory in a non-blocking copy behind an event, so reading it waits for this step only, not for
+    work queued since; other steps were verified at once (`chosen` None)."""
+
+    def __init__(self, groups, chosen: torch.Tensor | None = None, result=None) -> None:
+        self.groups, self.chosen, self._result = groups, chosen, result
+        self._pinned = self._event = None
+        if chosen is not None and chosen.is_cuda:
+            self._pinned = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
+            self._pinned.copy_(chosen, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def __call__(self) -> tuple[list[list[int]], list]:
+        if self._result is None:
+            if self._event is not None:
+                self._event.synchronize()
+                ids = self._pinned.tolist()
+            else:
+                ids = self.chosen.tolist()
+            self._result = (_accept_prefix(ids, self.groups), [None] * len(self.groups))
+        return self._result
+
+
 def verify_later(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow],
-                 groups: list[tuple[str, int, list[int]]]) -> Callable[[], tuple[list[list[int]], list]]:
+                 groups: list[tuple[str, int, list[int]]]) -> LaterTokens:
     """`verify`, with the host's one wait for the device deferred to the returned call where the
     step is all greedy (its argmax is queued now and read later: the host's work in between runs
     while the forward does); other steps are verified now."""
     if not _all_argmax(rows):
-        result = verify(sampler, logits, rows, groups)
-        return lambda: result
-    chosen = _greedy_ids(sampler, logits, rows, groups)
-    return lambda: (_accept_prefix(chosen.tolist(), groups), [None] * len(groups))
+        return LaterTokens(groups, result=verify(sampler, logits, rows, groups))
+    return LaterTokens(groups, _greedy_ids(sampler, logits, rows, groups))
 
 
 def _all_argmax(rows: list[SamplingRow]) -> bool:

@@ -33,7 +33,7 @@ from pagedray.common.messages import CachedRequestData, ModelRunnerOutput, Sched
 from pagedray.common.speculative import SpeculativeConfig, ngram_propose
 from pagedray.kernels import ops
 from pagedray.workers.spec_decode.inputs import build_spec_inputs
-from pagedray.workers.spec_decode.rejection import verify, verify_later
+from pagedray.workers.spec_decode.rejection import LaterTokens, verify, verify_later
 from pagedray.workers.spec_decode.tensor_parallel import share_verified
 from pagedray.workers.step_output import StepOutput, StepTimer
 
@@ -101,16 +101,32 @@ class _Pending:
     """A step without a drafter whose verified tokens are still on the device: the host reads them
     (and appends them, and looks up the n-gram proposals) when the driver reads the step or when
     the next step begins, whichever comes first — so the host's work in between (the driver's
-    output reading and scheduling) runs while the target's forward does."""
+    output reading and scheduling) runs while the target's forward does.
+
+    A step that verified nothing (every request plain, e.g. its speculation backed off) followed
+    by a step that verifies nothing either is not read when the next step begins (overlapped
+    steps): each request's next input token is the step's argmax, gathered on the device
+    (`SpecDecodeRunner.before_update`), and the next step's read runs this one's first (`prev`)."""
 
     def __init__(self, spec: "SpecDecodeRunner", runner, groups, sched: SchedulerOutput,
-                 finish, out: ModelRunnerOutput) -> None:
+                 finish: LaterTokens, out: ModelRunnerOutput) -> None:
         self.spec, self.runner, self.groups, self.sched = spec, runner, groups, sched
         self.finish, self.out = finish, out
+        self.chosen = finish.chosen     # the argmax per logits row on the device (None: read already)
+        # Nothing scheduled to verify (as the driver counts: placeholders this worker had no proposal
+        # for are rejections, which move the next step's positions).
+        self.plain = not sched.scheduled_spec_decode_tokens
+        self.prev: _Pending | None = None   # an earlier step not read yet
+
+    def rows(self) -> dict[str, int]:
+        return {rid: row0 for rid, row0, _ in self.groups}
 
     def run(self) -> None:
         if self.finish is None:
             return
+        if self.prev is not None:   # (its tokens come first)
+            prev, self.prev = self.prev, None
+            prev.run()
         finish, self.finish = self.finish, None
         spec, groups = self.spec, self.groups
         tokens, logprobs = finish()   # the step's one wait for the device
@@ -160,6 +176,8 @@ class SpecDecodeRunner:
         self._resent: dict[str, list[int]] = {}
         self._drafts: Drafts | None = None   # the last step's proposals
         self._pending: _Pending | None = None   # the last step, its verified tokens not read yet
+        # The last step when this one gathers its input tokens from it on the device (not read yet).
+        self._deferred: _Pending | None = None
 
     def handles(self, sched: SchedulerOutput) -> bool:
         return self.drafter is not None or self.overlapped or bool(sched.scheduled_spec_decode_tokens)
@@ -169,8 +187,12 @@ class SpecDecodeRunner:
         """The last step's verified tokens first (`_Pending`). Requests the driver drops: forget their
         unread tokens, unless it resends them whole in the same step (copy-on-write replaced a block):
         then keep their tokens for `after_update`."""
+        self._deferred = None
         if self._pending is not None:
-            self._pending.run()
+            if self._can_defer(self._pending, sched):
+                self._deferred = self._pending
+            else:
+                self._pending.run()
         if not self._unread or not sched.finished_req_ids:
             return
         resent = {new.req_id for new in sched.scheduled_new_reqs}
@@ -180,6 +202,25 @@ class SpecDecodeRunner:
                     self._resent[rid] = list(runner.requests[rid].token_ids)
                 else:
                     del self._unread[rid]
+
+    def _can_defer(self, pending: _Pending, sched: SchedulerOutput) -> bool:
+        """Whether this step may start before the last one is read: both verify nothing, and this
+        one runs one token of each of the last step's requests (so every position is known and
+        each input token is the last step's argmax, on the device)."""
+        if not (self.overlapped and pending.plain and pending.chosen is not None
+                and (pending.prev is None or pending.prev.finish is None)   # (one unread step at most)
+                and not sched.scheduled_spec_decode_tokens and not sched.finished_req_ids
+                and not sched.scheduled_new_reqs and self.drafter is None
+                and sched.total_num_scheduled_tokens == len(sched.num_scheduled_tokens)):
+            return False
+        rows = pending.rows()
+        return all(rid in rows for rid in sched.num_scheduled_tokens)
+
+    def deferred_rows(self) -> tuple[dict[str, int], torch.Tensor] | None:
+        """(request -> its row, the argmax per row on the device) of the unread last step whose
+        tokens are this step's inputs, or None."""
+        d = self._deferred
+        return (d.rows(), d.chosen) if d is not None else None
 
     def unseen(self, delta: CachedRequestData) -> list[int]:
         """The delta's tokens not already appended here (those of the steps the driver read since)."""
@@ -281,6 +322,7 @@ class SpecDecodeRunner:
     def execute(self, runner, sched: SchedulerOutput, timer: StepTimer | None = None) -> StepOutput:
         self.num_steps += 1
         inputs = build_spec_inputs(runner, sched)
+        deferred, self._deferred = self._deferred, None
         if runner.lora is not None:
             # Every row carries its request's adapter: a verification's k + 1 pseudo-sequences too.
             # (The drafter runs without adapters: a draft model is the base draft, as in vLLM, and an
@@ -309,6 +351,7 @@ class SpecDecodeRunner:
                 if self.drafter is None:   # nothing waits for the verified tokens: read them later
                     pending = _Pending(self, runner, groups, sched,
                                        verify_later(runner.sampler, logits, rows, groups), out)
+                    pending.prev = deferred
                     self._drafts, self._pending = None, pending
                     return _SpecStepOutput(out, None, timer, pending)
                 tokens, logprobs = verify(runner.sampler, logits, rows, groups)
@@ -316,6 +359,8 @@ class SpecDecodeRunner:
             if self.drafter is not None:   # every TP rank's drafter catches up on the sampling rank's tokens
                 tokens = share_verified(tokens if runner.sample else None, len(groups),
                                         self.config.num_speculative_tokens + 1, hidden.device)
+        if deferred is not None:   # (its tokens before this step's; such a step is a _Pending's anyway)
+            deferred.run()
         drafts = None
         if self.drafter is not None:
             accepted = {rid: toks for (rid, _, _), toks in zip(groups, tokens)}
