@@ -93,16 +93,19 @@ class Case:
         self.slices = groups if len(groups) > 1 else None
         per_set = (tokens * (k + n) + slots * r * (k + n)) * 2
         self.copies = max(1, min(64, math.ceil(min_bytes / per_set)))
-        g = torch.Generator().manual_seed(0)
-        self.x = [torch.randn(tokens, k, generator=g).to(device, dtype) for _ in range(self.copies)]
-        self.a = [(torch.randn(slots, r, k, generator=g) / k ** 0.5).to(device, dtype) for _ in range(self.copies)]
-        mask = torch.zeros(n, r)   # a packed layer's B: each group's rows over its own rank columns
+        g = torch.Generator(device=device).manual_seed(0)   # (drawn on the device: ~200 MB of copies)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=g, device=device)
+        self.x = [randn(tokens, k).to(dtype) for _ in range(self.copies)]
+        self.a = [(randn(slots, r, k) / k ** 0.5).to(dtype) for _ in range(self.copies)]
+        mask = torch.zeros(n, r, device=device)   # a packed layer's B: each group's rows over its own rank columns
         for i, size in enumerate(groups):
             start = sum(groups[:i])
             mask[start:start + size, i * rank:(i + 1) * rank] = 1
-        self.b = [(torch.randn(slots, n, r, generator=g) * mask / rank ** 0.5).to(device, dtype)
+        self.b = [(randn(slots, n, r) * mask / rank ** 0.5).to(dtype)
                   for _ in range(self.copies)]
-        self.y = [torch.randn(tokens, n, generator=g).to(device, dtype) for _ in range(self.copies)]
+        self.y = [randn(tokens, n).to(dtype) for _ in range(self.copies)]
         idx = (torch.arange(tokens) * slots // max(tokens, 1)).to(torch.int32)   # sorted, evenly spread
         self.idx, self.order = idx.to(device), torch.arange(tokens, dtype=torch.int32).to(device)
         self.used = min(slots, tokens)

@@ -21,6 +21,7 @@ captured in CUDA graphs as they are and replay with the indices changed in place
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -169,6 +170,7 @@ _MAX_REDUCE = 32768
 _MAX_COUNTERS = 4096
 
 
+@functools.lru_cache(maxsize=4096)   # (per forward: a launch per layer with the same few shapes)
 def shrink_config(num_tokens: int, k: int, r: int, sms: int, num_slots: int = 1, block_k: int = 128) -> ShrinkConfig:
     """Tiles of 16 tokens up to 512 (decode), 64 above (prefill: A re-read less often); then as many
     K splits as bring the grid to ~2 programs per SM, each split at least one BLOCK_K step, with the
@@ -194,6 +196,7 @@ def shrink_config(num_tokens: int, k: int, r: int, sms: int, num_slots: int = 1,
 _EXPAND_TILES = ((64, 128), (32, 128), (64, 64), (16, 128), (32, 64), (16, 64), (16, 32))
 
 
+@functools.lru_cache(maxsize=4096)
 def expand_config(num_tokens: int, n: int, sms: int) -> ExpandConfig:
     """The first of _EXPAND_TILES whose grid covers the SMs (a decode-sized expand is one or two
     loads per program: more, smaller programs only add overhead); the smallest where none does."""
