@@ -217,6 +217,25 @@ def test_preemption_stop_strings_and_n_under_back_off(target, base, overlap):
     assert llm.llm_engine.get_stats().num_used_blocks == 0
 
 
+def test_paused_overlapped_steps_start_before_the_last_is_read(target, base, reference):
+    """Overlapped, greedy without logprobs (argmax only): a paused step after a paused step is queued
+    before the last one is read, its input tokens gathered on the device from that step's argmax;
+    the tokens equal those read at every step (with logprobs: nothing is deferred) and the engine's
+    without speculation."""
+    llm = LLM(target, device="cpu", block_size=4, speculative_config=NGRAM, async_scheduling=True)
+    _patch_lookup(llm, _wrong(reference))
+    spec = llm.llm_engine.executor.worker.runner.spec
+    can_defer, deferred = spec._can_defer, []
+    spec._can_defer = lambda pending, sched: deferred.append(can_defer(pending, sched)) or deferred[-1]
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    read_each_step = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    assert not any(deferred)
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ours = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
+    assert sum(deferred) >= 20
+    assert ours == read_each_step == [reference[tuple(p)] for p in PROMPTS]
+
+
 def test_off_verifies_every_step(target, reference):
     """backoff_after_failed_steps=0: every decode step verifies, however often it fails."""
     llm = LLM(target, device="cpu", block_size=4, speculative_config=dict(NGRAM, backoff_after_failed_steps=0))
