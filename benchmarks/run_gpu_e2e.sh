@@ -11,6 +11,7 @@
 # tputqwen-ab: the Qwen shape on a baseline tree ($BASE_TREE) and on this one (not in the default list).
 # flash, loraprof, spec: what is still unmeasured from 2026-12-05 (not in the default list).
 # specoverlap: n-gram speculation with overlapped vs serial steps (oracle/random proposals; not in the default list).
+# specbackoff: speculation's per-request back-off, on vs off, overlapped and serial (not in the default list).
 # $OUT defaults to benchmarks/gpu-runs/<time>; each benchmark's record goes to $OUT/records (copy the files
 # into benchmarks/records/ and run `python benchmarks/records.py` to update RESULTS.md).
 set -u
@@ -100,6 +101,12 @@ run() {
     specoverlap) step spec-ngram-gpu-tests 150 python3 -m pytest tests/workers/test_spec_decode_gpu.py -k ngram -q \
                    --tb=short -p no:cacheprovider
                  step spec-overlap 420 python3 benchmarks/spec_decode.py --part 8b --runs oracle,random --overlap ;;
+    # back-off of failing proposals (h27back): the GPU test of deferred paused steps under graphs, then
+    # oracle/random at batch 1 with back-off on (the default) and off (every step verifies) beside the baseline.
+    specbackoff) step spec-backoff-gpu-tests 150 python3 -m pytest tests/workers/test_spec_decode_gpu.py -k "ngram or backed_off" \
+                   -q --tb=short -p no:cacheprovider
+                 step spec-backoff 600 python3 benchmarks/spec_decode.py --part 8b --runs oracle,random --overlap \
+                   --backoff-off-too --repeats 1 ;;
     tputqwen) step tputqwen 90 python3 benchmarks/throughput.py --shape qwen2.5-0.5b --hf-baseline --hf-engines generate \
                 --hf-timeout 30 --results "$R" ;;
   esac
