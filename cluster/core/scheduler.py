@@ -243,7 +243,7 @@ class Scheduler:
         output = self._build_output(scheduled)   # (and counts the scheduled tokens as computed)
         for rid, drafts in output.scheduled_spec_decode_tokens.items():
             self.spec.advance(self.requests[rid], len(drafts))
-        if self.spec is not None and self.spec.backoff._state:
+        if self.spec is not None and self.spec.backoff.state:
             output.spec_skip_draft_req_ids = self.spec.skip_drafting(scheduled)
         if scheduled:   # (an empty step has no output to match; a pipeline builds one per fill)
             self._step_requests[id(output)] = dict(zip(scheduled, map(self.requests.__getitem__, scheduled)))

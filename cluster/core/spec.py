@@ -77,7 +77,7 @@ class SpecDecoding:
         if not drafts or num_new != 1:
             return []
         backoff = self.backoff
-        if backoff._state and not backoff.wants_proposals(request.request_id,
+        if backoff.state and not backoff.wants_proposals(request.request_id,
                                                           self.in_flight.get(request.request_id, 0)):
             request.spec_token_ids = []   # (a pause: the prefill pacer counts no proposal rows)
             return []
@@ -114,7 +114,7 @@ class SpecDecoding:
             left = self.in_flight.pop(rid) - num_drafts
             if left:
                 self.in_flight[rid] = left
-        elif self.backoff._state:
+        elif self.backoff.state:
             self.backoff.ran_plain(request.request_id)
         if request.status is RequestStatus.RUNNING:   # (preempted meanwhile: recomputed from 0)
             request.num_computed_tokens -= num_drafts - accepted
@@ -133,7 +133,7 @@ class SpecDecoding:
         """The proposals for the request's next step: the n-gram lookup, or the workers' drafts.
         Placeholders while another step of it is in flight (the workers hold that step's proposals;
         the prefill pacer counts them as rows of the next step)."""
-        paused = bool(self.backoff._state) and self.backoff.paused(request.request_id)
+        paused = bool(self.backoff.state) and self.backoff.paused(request.request_id)
         if request.num_output_placeholders:
             request.spec_token_ids = self._placeholders if self.overlapped and not paused else []
             return
@@ -153,9 +153,9 @@ class SpecDecoding:
         """Scheduled requests whose next step certainly verifies nothing (a pause): the workers'
         proposer (drafter, or the n-gram lookup of overlapped steps) skips them this step."""
         backoff = self.backoff
-        if not backoff._state:
+        if not backoff.state:
             return set()
-        return {rid for rid in backoff._state if rid in scheduled and backoff.skips_drafting(rid)}
+        return {rid for rid in backoff.state if rid in scheduled and backoff.skips_drafting(rid)}
 
     def stats(self) -> dict:
         return {"spec_num_drafts": self.num_drafts, "spec_num_draft_tokens": self.num_draft_tokens,

@@ -28,18 +28,19 @@ class SpecBackOff:
     def __init__(self, after: int, max_steps: int) -> None:
         self.after = after            # 0: never back off
         self.max_steps = max_steps
-        self._state: dict[str, list[int]] = {}
+        # Only requests whose last verification failed; callers test it first (empty: nothing to do).
+        self.state: dict[str, list[int]] = {}
         self.num_backed_off_steps = 0   # request-steps run without proposals by a pause (a metric)
 
     def paused(self, request_id: str) -> bool:
         """Whether the request proposes nothing in its next step."""
-        state = self._state.get(request_id)
+        state = self.state.get(request_id)
         return state is not None and state[2] > 0
 
     def wants_proposals(self, request_id: str, in_flight: int) -> bool:
         """Whether the request's next step may verify proposals; `in_flight`: its proposals in steps
         not read yet (overlapped steps), so a probe in flight is waited for, not repeated."""
-        state = self._state.get(request_id)
+        state = self.state.get(request_id)
         if state is None:
             return True
         return state[2] == 0 and not (in_flight and state[0] >= self.after)
@@ -48,18 +49,18 @@ class SpecBackOff:
         """Whether a step scheduled now certainly leaves the request's NEXT step without proposals
         too (its pause has 2+ steps left; overlapped, the step in flight takes off at most one), so
         the workers' proposer need not draft for it in this step."""
-        state = self._state.get(request_id)
+        state = self.state.get(request_id)
         return state is not None and state[2] >= 2
 
     def verified(self, request_id: str, accepted: int) -> None:
         """A verification of the request was read: `accepted` of its proposals were."""
         if accepted or not self.after:
-            if self._state:
-                self._state.pop(request_id, None)
+            if self.state:
+                self.state.pop(request_id, None)
             return
-        state = self._state.get(request_id)
+        state = self.state.get(request_id)
         if state is None:
-            state = self._state[request_id] = [0, 0, 0]
+            state = self.state[request_id] = [0, 0, 0]
         elif state[2]:
             return      # in flight when its pause began: no probe
         state[0] += 1
@@ -69,10 +70,10 @@ class SpecBackOff:
 
     def ran_plain(self, request_id: str) -> None:
         """A step of the request without proposals was read."""
-        state = self._state.get(request_id)
+        state = self.state.get(request_id)
         if state is not None and state[2]:
             state[2] -= 1
             self.num_backed_off_steps += 1
 
     def forget(self, request_id: str) -> None:
-        self._state.pop(request_id, None)
+        self.state.pop(request_id, None)

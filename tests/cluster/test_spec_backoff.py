@@ -134,7 +134,7 @@ def test_an_accepted_probe_resumes_speculation_every_step(target, base, referenc
         assert any(not d for d, _ in got[:resumed]), "a pause came before the accepted probe"
         after = got[resumed + 1 + (1 if overlap else 0):-1]   # (the last step: max_tokens leaves no room)
         assert after and all(d for d, _ in after), got
-    assert not llm.llm_engine.scheduler.spec.backoff._state
+    assert not llm.llm_engine.scheduler.spec.backoff.state
 
 
 @OVERLAP
@@ -213,7 +213,7 @@ def test_preemption_stop_strings_and_n_under_back_off(target, base, overlap):
     stop = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=text[-12:-9])
     a, b = (e.generate(prompts[1], stop, use_tqdm=False)[0].outputs[0] for e in (llm, base))
     assert (a.text, a.finish_reason) == (b.text, "stop")
-    assert not llm.llm_engine.scheduler.spec.backoff._state
+    assert not llm.llm_engine.scheduler.spec.backoff.state
     assert llm.llm_engine.get_stats().num_used_blocks == 0
 
 
