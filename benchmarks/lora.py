@@ -28,8 +28,8 @@ import time
 
 import torch
 
-from common import (KERNEL_OPTION_HELP, SHAPES, add_model_flags, add_workload_flags, append_results, kernel_options,
-                    markdown_table, random_prompts, timed_generate, write_config)
+from common import (SHAPES, add_model_flags, add_workload_flags, append_results, markdown_table, random_prompts,
+                    timed_generate, write_config)
 
 MODULES = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
@@ -75,7 +75,7 @@ def run_config(args) -> dict:
                   enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization, seed=0)
     if lora:
         kwargs.update(enable_lora=True, max_loras=args.num_adapters, max_lora_rank=args.rank)
-    llm = LLM(args.model_dir, kernel_options=kernel_options(args.kernel_option), **kwargs)
+    llm = LLM(args.model_dir, **kwargs)
     prompts = random_prompts(args.num_requests, args.input_len, cfg["vocab_size"])
     loras = [adapters[i % len(adapters)] for i in range(len(prompts))] if args.config == "lora-mixed" else None
     run = (lambda ps, n: timed_lora(llm, ps, n, loras[:len(ps)])) if loras else \
@@ -169,8 +169,7 @@ def report(args, results: dict) -> None:
          f"{results['lora-mixed']['decode'] / results['base']['decode']:.3f}"]])
     body = (f"{args.num_requests} requests x {args.input_len}/{args.output_len} tokens, {args.shape} dummy "
             f"weights ({args.dtype}), {args.num_adapters} rank-{args.rank} adapters on q/k/v/o/gate/up/down, "
-            f"max_loras={args.num_adapters}; lora-mixed: request i runs adapter i mod {args.num_adapters}"
-            f"{'; kernel options ' + ' '.join(args.kernel_option) if args.kernel_option else ''}.\n\n"
+            f"max_loras={args.num_adapters}; lora-mixed: request i runs adapter i mod {args.num_adapters}.\n\n"
             f"{table}\n\n{decode}\n")
     print(body)
     append_results("Multi-LoRA: throughput over adapters and batch-1 decode (benchmarks/lora.py)", body, args.results)
@@ -192,7 +191,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-steps", type=int, default=0,
                    help="also print each configuration's GPU time by kernel over this many decode steps at max_num_seqs")
     p.add_argument("--results", default=None, help="also append the tables to this markdown file (the run is always recorded)")
-    p.add_argument("--kernel-option", action="append", default=[], help=KERNEL_OPTION_HELP + " (e.g. lora_pdl=1)")
     # Set by main() for the per-configuration subprocesses.
     p.add_argument("--config", choices=["base", "lora-mixed", "lora-none"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)

@@ -239,9 +239,6 @@ class KernelOptions:
     fused_rotary_cache: bool = True
     # One-pass CUDA sampling (kernels/sample.cu) for greedy and temperature-only batches (benchmarks/sampling.py).
     fused_sampling: bool = True
-    # The LoRA shrink/expand launched with programmatic dependent launch (Hopper+): each waits for the
-    # kernel before it in-kernel, hiding the launch gap (benchmarks/lora_kernels.py measures both).
-    lora_pdl: bool = False
     # Compile-time constants of paged_attention.cu fixed for every grid (SCORE_XPOSE, PREFETCH, TPG_MAX,
     # NUM_WARPS); one not given takes the measured default for the grid (attention_cuda.variant).
     attention_variant: dict[str, int] = field(default_factory=dict)

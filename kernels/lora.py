@@ -3,9 +3,8 @@
 A LoRA layer adds y[t] += (x[t] A[s]^T) B[s]^T with s = indices[t], its token's device slot
 (-1: none; that row is left untouched), A and B stacked per slot ([slots, R, K], [slots, N, R]).
 Two batched calls (SGMV/BGMV style), both indexed per token:
-  lora_shrink(x, A, indices, order) -> partial sums [splits, T, R] of x A^T, in fp32 (one, finished,
-    from the reference and the Triton shrink, which adds up its split-K partials itself)
-  lora_expand(partials, B, indices, order, y[, slices]): y += (sum of the partials) B^T, in place
+  lora_shrink(x, A, indices, order) -> partial sums [splits, T, R] of x A^T, in fp32
+  lora_expand(partials, B, indices, order, y): y += (sum of the partials) B^T, in place
 `order` is the tokens sorted by slot (computed once per step on the host), which lets a kernel
 tile hold mostly one adapter's tokens. On CUDA with Triton the kernels of `lora_triton.py` run;
 elsewhere the PyTorch reference below (the oracle of the kernel tests).
@@ -59,19 +58,16 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, indices: torch.Tensor, order: 
 
 
 def lora_expand(partials: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, order: torch.Tensor,
-                y: torch.Tensor, slices: tuple[int, ...] | None = None) -> torch.Tensor:
-    """`slices`: B is block-diagonal over these consecutive output sizes (a packed layer, each group over
-    an equal share of B's columns): the kernel reads only those blocks; the reference multiplies the
-    zeros around them."""
+                y: torch.Tensor) -> torch.Tensor:
     if y.is_cuda and _triton() is not None:
-        return _triton().lora_expand(partials, b, indices, order, y, slices)
+        return _triton().lora_expand(partials, b, indices, order, y)
     return lora_expand_reference(partials, b, indices, y)
 
 
 def lora_delta(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-               indices: torch.Tensor, order: torch.Tensor, slices: tuple[int, ...] | None = None) -> torch.Tensor:
+               indices: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """y[t] += (x[t] @ A[s]^T) @ B[s]^T with s = indices[t], in place (the scale is folded into B)."""
-    return lora_expand(lora_shrink(x, lora_a, indices, order), lora_b, indices, order, y, slices)
+    return lora_expand(lora_shrink(x, lora_a, indices, order), lora_b, indices, order, y)
 
 
 __all__ = ["lora_shrink", "lora_expand", "lora_delta", "lora_shrink_reference", "lora_expand_reference"]

@@ -89,7 +89,6 @@ class LoRALinear(nn.Module):
         else:
             self.in_per_rank = base.input_size
             self.out_per_rank = sum(rows for _, _, rows in self.pieces(None if len(groups) > 1 else groups[0][1]))
-        self.slices = self._slices()
         width = len(groups) * ctx.max_lora_rank
         self.register_buffer("lora_a", torch.zeros(ctx.max_loras, width, self.in_per_rank, dtype=dtype,
                                                    device=device), persistent=False)
@@ -121,21 +120,6 @@ class LoRALinear(nn.Module):
             return out
         rows = base.output_size // tp
         return [(rank * rows, 0, rows)]
-
-    def _slices(self) -> tuple[int, ...] | None:
-        """This rank's output rows per group when the groups own consecutive row ranges in order (B is
-        block-diagonal over them: the expand reads only those blocks); None for one group."""
-        if self.row_parallel or len(self.groups) == 1:
-            return None
-        sizes, at = [], 0
-        for _, shard_id in self.groups:
-            ranges = sorted((dst, rows) for _, dst, rows in self.pieces(shard_id))
-            for dst, rows in ranges:
-                if dst != at:
-                    return None
-                at += rows
-            sizes.append(sum(rows for _, rows in ranges))
-        return tuple(sizes) if at == self.out_per_rank and len(sizes) <= 4 and min(sizes) > 0 else None
 
     def _qkv_piece(self, sid: str) -> tuple[list[Piece], int]:
         offset, rows, start, total = self.base._shard_layout(sid)
@@ -188,7 +172,7 @@ class LoRALinear(nn.Module):
             if n > ctx.indices.shape[0]:   # (a kernel would read past the slot map: refuse, at capture too)
                 raise ValueError(f"a forward of {n} tokens is above the LoRA buffers' max_num_tokens="
                                  f"{ctx.indices.shape[0]}")
-            lora_delta(y, xin.contiguous(), self.lora_a, self.lora_b, ctx.indices[:n], ctx.order[:n], self.slices)
+            lora_delta(y, xin.contiguous(), self.lora_a, self.lora_b, ctx.indices[:n], ctx.order[:n])
         if self.row_parallel and self.reduce_results:
             y = tp_all_reduce(y)
         return y

@@ -20,7 +20,7 @@ from pagedray.kernels import options  # noqa: E402
 # Every field away from its default, so a worker that kept the defaults cannot pass.
 CHANGED = KernelOptions(prefill_backend="reference", split_mixed_steps=False, skinny_gemm=False,
                         skinny_gemm_max_m=4, fp8_skinny_gemm_max_m=2, fused_rotary_cache=False, fused_sampling=False,
-                        lora_pdl=True, attention_variant={"NUM_WARPS": 8, "PREFETCH": 0}, prefill_variant={"BLOCK_N": 128},
+                        attention_variant={"NUM_WARPS": 8, "PREFETCH": 0}, prefill_variant={"BLOCK_N": 128},
                         gc_threshold=1000)
 
 

@@ -39,25 +39,3 @@ def test_adapter_tensors_of_another_pipeline_stage_are_recognised():
     assert on_other_stage(model, "model.layers.1.self_attn.q_proj")        # skipped: stage 1 loads it
     assert not on_other_stage(model, "model.layers.0.self_attn.q_proj")    # ours: must have a LoRA layer
     assert not on_other_stage(model, "model.layers.7.self_attn.q_proj")    # past the model: refused
-
-
-def test_packed_layers_name_the_blocks_their_b_stack_fills():
-    """A packed layer's `slices` (the expand reads only those blocks of B) are exactly the blocks that
-    `build` fills: zero everywhere else, each group's rows over its own max_lora_rank columns."""
-    from pagedray.models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-    from pagedray.models.layers.lora import LoRALinear
-    from testkit.lora_cases import block_diagonal
-    ctx = LoRAContext(max_loras=2, max_lora_rank=8, max_num_tokens=4, device=torch.device("cpu"))
-    qkv = QKVParallelLinear(32, 8, 4, 2, bias=False)
-    gate_up = MergedColumnParallelLinear(32, [48, 48], bias=False)
-    cases = [(qkv, [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")], (32, 16, 16)),
-             (gate_up, [("gate_proj", 0), ("up_proj", 1)], (48, 48))]
-    for base, groups, want in cases:
-        layer = LoRALinear(base, ctx, groups, torch.float32, torch.device("cpu"))
-        assert layer.slices == want
-        parts = {g: (torch.randn(8, 32), torch.randn(layer.full_b_rows(sid), 8)) for g, (_, sid) in enumerate(groups)}
-        _, b = layer.build(parts)
-        assert b.ne(0).sum() == b.numel() // len(groups)          # the blocks are full...
-        assert torch.equal(b * block_diagonal(want, b.shape[1]), b)  # ...and nothing lies outside them
-    assert LoRALinear(RowParallelLinear(32, 16, bias=False), ctx, [("o_proj", None)], torch.float32,
-                      torch.device("cpu")).slices is None
