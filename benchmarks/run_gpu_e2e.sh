@@ -67,6 +67,8 @@ run() {
     # Prefill pacing off vs on (issue 26): the CUDA step timer's test, what a mixed step costs next to 64 decodes
     # (launch- or compute-bound: ~40 s), then Poisson 20 req/s, 500 x 256/256, each side with a decode-only
     # reference at its mean running batch (~2.5 min).
+    # (pacing's server is `pagedray serve`: the device needs grpcio, grpcio-health-checking, grpcio-reflection
+    # and protobuf — carry their cp312 wheels; without them the server exits with 2, as on 2026-12-05.)
     pacing) step pacing-tests 60 python3 -m pytest tests/cluster/core/test_step_pacing_engine.py -q --tb=short \
               -p no:cacheprovider
             step mixed-steps 120 python3 benchmarks/mixed_steps.py --shape llama3-8b --batch 64 --context 384
