@@ -7,6 +7,7 @@ one run, with the measured acceptance.
     python benchmarks/spec_decode.py --part 8b --shape tiny --device cpu --output-len 8   # CPU check
     python benchmarks/spec_decode.py --part 8b --tensor-parallel-size 2 --runs draft_identical,eagle3
     python benchmarks/spec_decode.py --part 8b --runs oracle,random --overlap   # overlapped vs serial steps
+    python benchmarks/spec_decode.py --part 8b --runs random --backoff-off-too --profile   # kernels of a verification
     python benchmarks/spec_decode.py --part 8b --runs oracle,random --overlap --backoff-off-too
 
 (a) SmolLM2 (real weights) greedy at batch 1 on a "repeat this code with one change" prompt, n-gram
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import tempfile
 import time
 
@@ -95,6 +97,20 @@ def _measure(llm, prompts, output_len: int, repeats: int, after_warmup=None) -> 
             "tokens_per_s": len(prompts) * (output_len - 1) / (tn - t1),
             "acceptance": accepted / drafts if drafts else None,
             "mean_accept_len": 1 + accepted / steps if steps else None, "tokens": tokens}
+
+
+def _profile(llm, prompts, output_len: int, label: str) -> None:
+    """--profile: device (or CPU) time by kernel over one timed generate, printed to stderr — where a
+    verification step's extra time goes against the plain engine's step."""
+    from torch.profiler import ProfilerActivity, profile
+    import torch
+    gpu = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+        _generate(llm, prompts, output_len)
+    print(f"== {label}: {len(prompts)} x {output_len} tokens, {'GPU' if gpu else 'CPU'} time by kernel",
+          file=sys.stderr)
+    print(prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=20,
+                                    max_name_column_width=70), file=sys.stderr, flush=True)
 
 
 def _patch_proposals(llm, propose) -> None:
@@ -215,6 +231,8 @@ def part_8b(args, batch: int) -> tuple[str, list]:
     k = args.k
     llm = LLM(target, **kw)
     base = _measure(llm, prompts, args.output_len, args.repeats)
+    if args.profile:
+        _profile(llm, prompts, args.output_len, "no speculation")
     _shutdown(llm)
     reference = {tuple(p["prompt_token_ids"]): t for p, t in zip(prompts, base["tokens"])}
     rows = [_row("no speculation", base, base)]
@@ -261,6 +279,8 @@ def part_8b(args, batch: int) -> tuple[str, list]:
             if backoff is not None:
                 mode += ", back-off on" if backoff else ", back-off off (every step verifies)"
             rows.append(_row(f"{name}, k={k}{mode}", r, base))
+            if args.profile:
+                _profile(llm, prompts, args.output_len, f"{name}, k={k}{mode}")
             _shutdown(llm)
     what = "(b) batch 1" if batch == 1 else f"(c) batch {batch}"
     tp = f", tensor_parallel_size={args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
@@ -286,6 +306,9 @@ def main() -> None:
     p.add_argument("--overlap", action="store_true",
                    help="--part 8b/batch64: the oracle, random and ngram runs (serial by default) also with "
                         "overlapped steps (async_scheduling=True; the n-gram lookup, or its replacement, runs on the worker)")
+    p.add_argument("--profile", action="store_true",
+                   help="--part 8b/batch64: after each row's timing, its time by kernel over one more generate "
+                        "(stderr): where a verification step's extra time goes")
     p.add_argument("--backoff-off-too", action="store_true",
                    help="--part 8b/batch64: each run but oracle also with speculation's back-off off "
                         "(backoff_after_failed_steps=0: every step verifies, the raw overhead of a verification)")
