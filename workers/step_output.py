@@ -16,6 +16,25 @@ from pagedray.common.messages import Logprobs, ModelRunnerOutput
 from pagedray.workers.sampler import DeviceSample
 
 
+class HostCopy:
+    """A device tensor on its way to pinned host memory: a non-blocking copy queued now, behind an
+    event, so `tolist()` waits for the work queued before the copy only, not for what was queued
+    since (the next step's forward). A CPU tensor is read as it is."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._tensor, self._event = tensor, None
+        if tensor.is_cuda:
+            self._tensor = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._tensor.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def tolist(self) -> list:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._tensor.tolist()
+
+
 class StepTimer:
     """A step's time for the scheduler's prefill pacing. On CUDA, timing events around the step's
     device work: the start marker runs when the device reaches this step (the previous step's end,
@@ -57,16 +76,9 @@ class StepOutput:
         self.prompt_logprobs = prompt_logprobs or {}
         # Row of each sampling request in `token_ids` (the next step's inputs gather from it).
         self.rows = dict(zip(req_ids, range(len(req_ids))))
-        self._host: torch.Tensor | None = None
-        self._event: torch.cuda.Event | None = None
         self._token_list: list[int] | None = None
         self._result: ModelRunnerOutput | None = None
-        if sample is not None and sample.token_ids.is_cuda:
-            ids = sample.token_ids
-            self._host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-            self._host.copy_(ids, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
+        self._host = HostCopy(sample.token_ids) if sample is not None else None
 
     @classmethod
     def done(cls, output: ModelRunnerOutput) -> "StepOutput":
@@ -82,11 +94,7 @@ class StepOutput:
     def token_list(self) -> list[int]:
         """The sampled ids on the host (waits for the copy)."""
         if self._token_list is None:
-            if self._event is not None:
-                self._event.synchronize()
-                self._token_list = self._host.tolist()
-            else:
-                self._token_list = self.sample.token_ids.tolist()
+            self._token_list = self._host.tolist()
         return self._token_list
 
     def get(self) -> ModelRunnerOutput:

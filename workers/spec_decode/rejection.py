@@ -25,6 +25,7 @@ import torch
 from pagedray.common.messages import Logprobs
 from pagedray.workers.sampler import (Sampler, SamplingRow, apply_penalties, filtered_probs, logprob_entries,
                                       mask_min_tokens, to_device)
+from pagedray.workers.step_output import HostCopy
 
 
 def expand_rows(rows: list[SamplingRow], groups: list[tuple[str, int, list[int]]]) -> list[SamplingRow]:
@@ -95,21 +96,11 @@ class LaterTokens:
 
     def __init__(self, groups, chosen: torch.Tensor | None = None, result=None) -> None:
         self.groups, self.chosen, self._result = groups, chosen, result
-        self._pinned = self._event = None
-        if chosen is not None and chosen.is_cuda:
-            self._pinned = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
-            self._pinned.copy_(chosen, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
+        self._host = HostCopy(chosen) if chosen is not None else None
 
     def __call__(self) -> tuple[list[list[int]], list]:
         if self._result is None:
-            if self._event is not None:
-                self._event.synchronize()
-                ids = self._pinned.tolist()
-            else:
-                ids = self.chosen.tolist()
-            self._result = (_accept_prefix(ids, self.groups), [None] * len(self.groups))
+            self._result = (_accept_prefix(self._host.tolist(), self.groups), [None] * len(self.groups))
         return self._result
 
 

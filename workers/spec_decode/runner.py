@@ -35,7 +35,7 @@ from pagedray.kernels import ops
 from pagedray.workers.spec_decode.inputs import build_spec_inputs
 from pagedray.workers.spec_decode.rejection import LaterTokens, verify, verify_later
 from pagedray.workers.spec_decode.tensor_parallel import share_verified
-from pagedray.workers.step_output import StepOutput, StepTimer
+from pagedray.workers.step_output import HostCopy, StepOutput, StepTimer
 
 
 class _Emitted(NamedTuple):
@@ -59,12 +59,7 @@ class Drafts:
         self.req_ids, self._tensor, self._limits, self._lists = req_ids, tensor, limits, lists
         self._host: dict[str, list[int]] | None = None
         self._rows: dict[str, int] | None = None
-        self._pinned = self._event = None
-        if tensor is not None and tensor.is_cuda:
-            self._pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            self._pinned.copy_(tensor, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
+        self._copy = HostCopy(tensor) if tensor is not None else None
 
     def device_row(self, req_id: str, n: int) -> int | None:
         """The request's row of the device tensor when it holds n proposals for it and is not read yet."""
@@ -77,16 +72,10 @@ class Drafts:
 
     def host(self) -> dict[str, list[int]]:
         if self._host is None:
-            if self._lists is not None:
-                rows = self._lists
-            elif self._pinned is not None:
-                self._event.synchronize()
-                rows = self._pinned.tolist()
-            else:
-                rows = self._tensor.tolist()
+            rows = self._lists if self._lists is not None else self._copy.tolist()
             limits = self._limits or [len(r) for r in rows]
             self._host = {rid: row[:max(0, limit)] for rid, row, limit in zip(self.req_ids, rows, limits)}
-            self._tensor = None
+            self._tensor = self._copy = None
         return self._host
 
 
