@@ -62,23 +62,14 @@ def build_spec_inputs(runner, sched) -> SpecStepInputs:
     for req_id, n in sched.num_scheduled_tokens.items():
         state = requests[req_id]
         start, tokens, row = state.num_computed_tokens, state.token_ids, state.table_row
-        if last is not None and start == len(tokens) and n == 1 and req_id in last[0]:
-            # Its input token is the last step's argmax, still on the device: gathered below.
+        from_last = last is not None and start == len(tokens) and n == 1 and req_id in last[0]
+        if from_last:   # its input token is the last step's argmax, still on the device: gathered below
             token_fills.append((len(ids), last[0][req_id]))
-            spans.append((req_id, len(ids), 1, start))
-            max_blocks = max(max_blocks, len(state.block_ids))
-            groups.append((req_id, len(logits_rows), []))
-            logits_rows.append(len(ids))
-            ids.append(0)
-            seq_rows.append(row)
-            seq_starts.append(start)
-            seq_counts.append(1)
-            continue
-        if start >= len(tokens):
+        elif start >= len(tokens):
             raise RuntimeError(f"request {req_id!r}: its input token at position {start} is not on this worker "
                                f"({len(tokens)} tokens known)")
         max_blocks = max(max_blocks, len(state.block_ids))
-        drafts = proposals.get(req_id)
+        drafts = proposals.get(req_id)   # (none where from_last: that step verifies nothing)
         if drafts and drafts[0] < 0 and host_drafts is not None:   # placeholders for the lookup's proposals
             drafts = host_drafts.get(req_id, ())[:len(drafts)]   # (fewer where it made fewer, as below)
             n = len(drafts) + 1
@@ -113,7 +104,7 @@ def build_spec_inputs(runner, sched) -> SpecStepInputs:
             num_prompt_lp = min(end, state.num_prompt_tokens - 1) - start
             if num_prompt_lp > 0:
                 prompt_spans.append((req_id, first, start, num_prompt_lp))
-        ids.extend(tokens[start:end])
+        ids.extend((0,) if from_last else tokens[start:end])
         seq_rows.append(row)
         seq_starts.append(start)
         seq_counts.append(n)
