@@ -106,9 +106,13 @@ class _Pending:
         # for are rejections, which move the next step's positions).
         self.plain = not sched.scheduled_spec_decode_tokens
         self.prev: _Pending | None = None   # an earlier step not read yet
+        self._rows: dict[str, int] | None = None
 
     def rows(self) -> dict[str, int]:
-        return {rid: row0 for rid, row0, _ in self.groups}
+        """Each request's logits row (asked by `_can_defer`, then by the next step's inputs)."""
+        if self._rows is None:
+            self._rows = {rid: row0 for rid, row0, _ in self.groups}
+        return self._rows
 
     def run(self) -> None:
         if self.finish is None:
