@@ -99,7 +99,7 @@ def run_config(args) -> dict:
 def _profile(llm, prompts, loras, args) -> None:
     """GPU time per kernel over a decode-heavy run (max_num_seqs requests, --profile-steps tokens each),
     printed to stderr: where LoRA's share of a step goes."""
-    from torch.profiler import ProfilerActivity, profile
+    from stage_timer import kernel_table
 
     from pagedray.cluster import SamplingParams
     n = args.max_num_seqs
@@ -107,13 +107,9 @@ def _profile(llm, prompts, loras, args) -> None:
     batch = [{"prompt_token_ids": p[:32]} for p in prompts[:n]]
     kwargs = {"lora_request": loras[:n]} if loras else {}
     llm.generate(batch, params, use_tqdm=False, **kwargs)   # the 32-token prompts' shapes compiled
-    gpu = args.device.startswith("cuda")
-    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
-        llm.generate(batch, params, use_tqdm=False, **kwargs)
-    print(f"== {args.config}: {n} requests x 32/{args.profile_steps}, {'GPU' if gpu else 'CPU'} time by kernel",
-          file=sys.stderr)
-    print(prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=18,
-                                    max_name_column_width=70), file=sys.stderr)
+    print(kernel_table(lambda: llm.generate(batch, params, use_tqdm=False, **kwargs),
+                       f"{args.config}: {n} requests x 32/{args.profile_steps}", args.device.startswith("cuda"),
+                       rows=18), file=sys.stderr)
 
 
 def timed_lora(llm, prompts, output_len: int, loras) -> float:

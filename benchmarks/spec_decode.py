@@ -102,15 +102,10 @@ def _measure(llm, prompts, output_len: int, repeats: int, after_warmup=None) -> 
 def _profile(llm, prompts, output_len: int, label: str) -> None:
     """--profile: device (or CPU) time by kernel over one timed generate, printed to stderr — where a
     verification step's extra time goes against the plain engine's step."""
-    from torch.profiler import ProfilerActivity, profile
     import torch
-    gpu = torch.cuda.is_available()
-    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
-        _generate(llm, prompts, output_len)
-    print(f"== {label}: {len(prompts)} x {output_len} tokens, {'GPU' if gpu else 'CPU'} time by kernel",
-          file=sys.stderr)
-    print(prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=20,
-                                    max_name_column_width=70), file=sys.stderr, flush=True)
+    from stage_timer import kernel_table
+    print(kernel_table(lambda: _generate(llm, prompts, output_len), f"{label}: {len(prompts)} x {output_len} tokens",
+                       torch.cuda.is_available()), file=sys.stderr, flush=True)
 
 
 def _patch_proposals(llm, propose) -> None:

@@ -160,6 +160,16 @@ def profile_steps(llm, prompts: list[list[int]], args, decode_steps: int = 3, mi
     return "\n\n".join(out)
 
 
+def kernel_table(run, title: str, gpu: bool, rows: int = 20) -> str:
+    """`run()` under torch.profiler: its time by kernel (the GPU's, else the CPU's), under `title`."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+        run()
+    return (f"== {title}, {'GPU' if gpu else 'CPU'} time by kernel\n"
+            + prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=rows,
+                                        max_name_column_width=70))
+
+
 def _prefilling(engine) -> bool:
     return any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running)
 
