@@ -12,6 +12,8 @@ adapter_model.safetensors) to a temporary folder. Each configuration runs in its
   base        the base model, engine without LoRA (what the adapters are compared with)
   lora-mixed  enable_lora, max_loras = --num-adapters; request i runs adapter i % N
   lora-none   enable_lora, no request names an adapter (the cost of LoRA being on; with --lora-none)
+  lora-kernels  lora-mixed with every forward on the per-token Triton kernels, none on the dense
+              GEMMs (KernelOptions.lora_dense_min_tokens; with --kernels-too)
 and batch-1 decode (one request, --decode-tokens tokens, greedy) after the throughput run: in
 `base` without an adapter, in `lora-mixed` with one. Throughput runs
 have prefix caching off, ignore_eos, temperature 1.0 (vLLM's benchmark), a warm-up first.
@@ -28,8 +30,8 @@ import time
 
 import torch
 
-from common import (SHAPES, add_model_flags, add_workload_flags, append_results, markdown_table, random_prompts,
-                    timed_generate, write_config)
+from common import (KERNEL_OPTION_HELP, SHAPES, add_model_flags, add_workload_flags, append_results, kernel_options,
+                    markdown_table, random_prompts, timed_generate, write_config)
 
 MODULES = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
@@ -70,22 +72,25 @@ def run_config(args) -> dict:
     cfg = SHAPES[args.shape][1]
     adapters = [LoRARequest(f"a{i}", i + 1, os.path.join(args.adapter_dir, f"a{i}")) for i in range(args.num_adapters)]
     lora = args.config != "base"
+    mixed = args.config in ("lora-mixed", "lora-kernels")
+    items = args.kernel_option + (["lora_dense_min_tokens=1073741824"] if args.config == "lora-kernels" else [])
     kwargs = dict(load_format="dummy", dtype=args.dtype, device=args.device,
                   max_model_len=args.input_len + args.output_len, max_num_seqs=args.max_num_seqs,
-                  enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization, seed=0)
+                  enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization, seed=0,
+                  kernel_options=kernel_options(items))
     if lora:
         kwargs.update(enable_lora=True, max_loras=args.num_adapters, max_lora_rank=args.rank)
     llm = LLM(args.model_dir, **kwargs)
     prompts = random_prompts(args.num_requests, args.input_len, cfg["vocab_size"])
-    loras = [adapters[i % len(adapters)] for i in range(len(prompts))] if args.config == "lora-mixed" else None
+    loras = [adapters[i % len(adapters)] for i in range(len(prompts))] if mixed else None
     run = (lambda ps, n: timed_lora(llm, ps, n, loras[:len(ps)])) if loras else \
           (lambda ps, n: timed_generate(llm, ps, 1.0, n))
     run(prompts[:args.warmup_requests], args.output_len)
     out = {"throughput": (run(prompts, args.output_len), len(prompts) * args.output_len)}
     if args.profile_steps:
         _profile(llm, prompts, loras, args)
-    if args.config in ("base", "lora-mixed"):   # batch-1 decode on the same engine
-        one = adapters[0] if args.config == "lora-mixed" else None
+    if args.config != "lora-none":   # batch-1 decode on the same engine
+        one = adapters[0] if mixed else None
         params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=args.decode_tokens)
         prompt = [{"prompt_token_ids": prompts[0]}]
         llm.generate(prompt, params, use_tqdm=False, lora_request=one)   # warm-up
@@ -135,7 +140,8 @@ def main(argv=None) -> int:
         adapter_dir = os.path.join(tmp, "adapters")
         for i in range(args.num_adapters):
             write_adapter(os.path.join(adapter_dir, f"a{i}"), model_dir, cfg, args.rank, seed=i)
-        for config in ("base", "lora-mixed") + (("lora-none",) if args.lora_none else ()):
+        for config in ("base", "lora-mixed") + (("lora-kernels",) if args.kernels_too else ()) + \
+                      (("lora-none",) if args.lora_none else ()):
             cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--config", config,
                    "--model-dir", model_dir, "--adapter-dir", adapter_dir]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -156,13 +162,14 @@ def report(args, results: dict) -> None:
         seconds, tokens = results[name]["throughput"]
         return tokens / seconds
     base = tps("base")
+    names = [name for name in ("base", "lora-mixed", "lora-kernels", "lora-none") if name in results]
     rows = [[name, f"{results[name]['throughput'][0]:.1f}", f"{tps(name):.0f}", f"{tps(name) / base:.3f}"]
-            for name in ("base", "lora-mixed", "lora-none") if name in results]
+            for name in names]
     table = markdown_table(["configuration", "seconds", "output tok/s", "vs base"], rows)
+    decoded = [name for name in names if "decode" in results[name]]
     decode = markdown_table(["batch-1 decode", "ms/token", "vs base"], [
-        ["base", f"{results['base']['decode'] * 1e3:.2f}", "1.000"],
-        ["one adapter", f"{results['lora-mixed']['decode'] * 1e3:.2f}",
-         f"{results['lora-mixed']['decode'] / results['base']['decode']:.3f}"]])
+        [name if name == "base" else f"one adapter ({name})", f"{results[name]['decode'] * 1e3:.2f}",
+         f"{results[name]['decode'] / results['base']['decode']:.3f}"] for name in decoded])
     body = (f"{args.num_requests} requests x {args.input_len}/{args.output_len} tokens, {args.shape} dummy "
             f"weights ({args.dtype}), {args.num_adapters} rank-{args.rank} adapters on q/k/v/o/gate/up/down, "
             f"max_loras={args.num_adapters}; lora-mixed: request i runs adapter i mod {args.num_adapters}.\n\n"
@@ -182,13 +189,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--warmup-requests", type=int, default=16)
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per configuration")
+    p.add_argument("--kernels-too", action="store_true",
+                   help="also run lora-mixed with the per-token kernels only (no dense GEMMs), for A/B")
+    p.add_argument("--kernel-option", action="append", default=[], help=KERNEL_OPTION_HELP)
     p.add_argument("--lora-none", action="store_true",
                    help="also run the LoRA engine with no adapter in any request (one more engine start-up)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="also print each configuration's GPU time by kernel over this many decode steps at max_num_seqs")
     p.add_argument("--results", default=None, help="also append the tables to this markdown file (the run is always recorded)")
     # Set by main() for the per-configuration subprocesses.
-    p.add_argument("--config", choices=["base", "lora-mixed", "lora-none"], help=argparse.SUPPRESS)
+    p.add_argument("--config", choices=["base", "lora-mixed", "lora-kernels", "lora-none"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--adapter-dir", help=argparse.SUPPRESS)
     return p.parse_args(argv)

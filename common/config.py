@@ -248,10 +248,16 @@ class KernelOptions:
     # 700 they set off a collection every ~700, and the full ones walk every running request's
     # token lists (1.2-3 ms a step and 20-50 ms pauses; benchmarks/host_overhead.py --gc-stats).
     gc_threshold: int = 50_000
+    # LoRA layers: a forward of at least this many tokens adds the adapters' deltas with two dense GEMMs
+    # over every device slot (kernels/lora.py: lora_delta_dense), fewer tokens with the per-token Triton
+    # kernels (each reads only its own adapter). 0: always dense.
+    lora_dense_min_tokens: int = 64
 
     def __post_init__(self) -> None:
         if self.gc_threshold < 0:
             raise ValueError(f"gc_threshold must be >= 0, got {self.gc_threshold}")
+        if self.lora_dense_min_tokens < 0:
+            raise ValueError(f"lora_dense_min_tokens must be >= 0, got {self.lora_dense_min_tokens}")
         if self.prefill_backend not in _PREFILL_BACKENDS:
             raise ValueError(f"prefill_backend must be one of {_PREFILL_BACKENDS}, got {self.prefill_backend!r}")
         if not 1 <= self.skinny_gemm_max_m <= _SKINNY_GEMM_MAX_M:

@@ -1,13 +1,21 @@
 """Batched LoRA for a whole step: every token applies its own adapter (or none) in one pass.
 
-A LoRA layer adds y[t] += (x[t] A[s]^T) B[s]^T with s = indices[t], its token's device slot
-(-1: none; that row is left untouched), A and B stacked per slot ([slots, R, K], [slots, N, R]).
-Two batched calls (SGMV/BGMV style), both indexed per token:
-  lora_shrink(x, A, indices, order) -> partial sums [splits, T, R] of x A^T, in fp32
-  lora_expand(partials, B, indices, order, y): y += (sum of the partials) B^T, in place
-`order` is the tokens sorted by slot (computed once per step on the host), which lets a kernel
-tile hold mostly one adapter's tokens. On CUDA with Triton the kernels of `lora_triton.py` run;
-elsewhere the PyTorch reference below (the oracle of the kernel tests).
+A LoRA layer adds y[t] += (x[t] A[s]^T) B[s] with s = indices[t], its token's device slot
+(-1: none; that row is left untouched), A and B stacked per slot ([slots, R, K], [slots, R, N]:
+B is stored transposed, each slot's rows of R contiguous, so that all slots together are one
+[slots * R, N] matrix). Two ways, chosen per forward by its token count:
+- Per-token kernels (SGMV/BGMV style), for few tokens: each token reads only its own slot.
+    lora_shrink(x, A, indices, order) -> partial sums [splits, T, R] of x A^T, in fp32
+    lora_expand(partials, B, indices, order, y): y += (sum of the partials) B, in place
+  `order` is the tokens sorted by slot (computed once per step on the host), which lets a kernel
+  tile hold mostly one adapter's tokens. On CUDA with Triton the kernels of `lora_triton.py` run;
+  elsewhere the PyTorch reference below (the oracle of the kernel tests).
+- Dense over all slots (`lora_delta_dense`), for many tokens: x times every slot's A in one GEMM,
+  the columns of slots other than the token's zeroed by the step's one-hot `mask` [T, slots], then
+  one GEMM with every slot's B accumulated into y. It does `slots` times the LoRA FLOPs, but in
+  cuBLAS GEMMs at full speed and without a read-modify-write of y of its own (the accumulate is the
+  GEMM's epilogue), which the per-token kernels could not match once a step has more than a few
+  dozen tokens (KernelOptions.lora_dense_min_tokens; benchmarks/lora_kernels.py).
 """
 from __future__ import annotations
 
@@ -15,6 +23,8 @@ import functools
 import logging
 
 import torch
+
+from pagedray.kernels import options
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +45,7 @@ def lora_expand_reference(partials: torch.Tensor, b: torch.Tensor, indices: torc
     for slot in range(b.shape[0]):
         rows = (indices == slot).nonzero().squeeze(1)
         if rows.numel():
-            delta = shrunk.index_select(0, rows) @ b[slot].float().t()
+            delta = shrunk.index_select(0, rows) @ b[slot].float()
             y.index_copy_(0, rows, (y.index_select(0, rows).float() + delta).to(y.dtype))
     return y
 
@@ -64,10 +74,34 @@ def lora_expand(partials: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, 
     return lora_expand_reference(partials, b, indices, y)
 
 
+def lora_delta_dense(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """y += ((x A_all^T) * mask) B_all in place: every slot at once, `mask` [T, slots] one-hot per token
+    (a row of zeros: no adapter). The product x A^T is rounded to y's dtype, as PEFT's layers do."""
+    slots, r, k = lora_a.shape
+    n = lora_b.shape[2]
+    tokens = x.shape[0]
+    if mask.shape != (tokens, slots) or lora_b.shape != (slots, r, n) or y.shape != (tokens, n):
+        raise ValueError(f"lora_delta_dense: x {tuple(x.shape)}, A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)}, "
+                         f"y {tuple(y.shape)} and mask {tuple(mask.shape)} do not fit together")
+    shrunk = torch.mm(x, lora_a.view(slots * r, k).t())
+    shrunk.view(tokens, slots, r).mul_(mask.unsqueeze(2))
+    return y.addmm_(shrunk, lora_b.view(slots * r, n))
+
+
 def lora_delta(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-               indices: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """y[t] += (x[t] @ A[s]^T) @ B[s]^T with s = indices[t], in place (the scale is folded into B)."""
+               indices: torch.Tensor, order: torch.Tensor, mask: torch.Tensor | None = None,
+               dense_min_tokens: int | None = None) -> torch.Tensor:
+    """y[t] += (x[t] @ A[s]^T) @ B[s] with s = indices[t], in place (the scale is folded into B).
+
+    A forward of at least `dense_min_tokens` tokens (default: the kernel option) takes the dense
+    path, which needs the step's `mask`."""
+    if dense_min_tokens is None:
+        dense_min_tokens = options.current().lora_dense_min_tokens
+    if mask is not None and x.shape[0] >= dense_min_tokens:
+        return lora_delta_dense(y, x, lora_a, lora_b, mask)
     return lora_expand(lora_shrink(x, lora_a, indices, order), lora_b, indices, order, y)
 
 
-__all__ = ["lora_shrink", "lora_expand", "lora_delta", "lora_shrink_reference", "lora_expand_reference"]
+__all__ = ["lora_shrink", "lora_expand", "lora_delta", "lora_delta_dense", "lora_shrink_reference",
+           "lora_expand_reference"]

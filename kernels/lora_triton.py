@@ -1,5 +1,5 @@
 """The batched LoRA kernels in Triton (see lora.py): shrink x -> x A^T and expand y += (x A^T) B^T,
-each token with its own slot's A and B.
+each token with its own slot's A [slots, R, K] and B [slots, R, N].
 
 Tokens arrive sorted by slot (`order`), so a tile of BLOCK_T tokens (16 in decode batches, 64 in
 prefill) holds a contiguous range of slots, mostly one: a program walks only the slots of its tile (from its first token's to its
@@ -77,7 +77,7 @@ def _shrink_kernel(x_ptr, a_ptr, idx_ptr, order_ptr, out_ptr, num_tokens, R, K, 
 
 @triton.jit(do_not_specialize=["num_tokens"])
 def _expand_kernel(p_ptr, b_ptr, idx_ptr, order_ptr, y_ptr, num_tokens, N, R, splits,
-                   p_stride_split, p_stride_t, b_stride_s, b_stride_n, y_stride,
+                   p_stride_split, p_stride_t, b_stride_s, b_stride_r, y_stride,
                    IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     rows, slots, t_in, lo, hi = _tile(idx_ptr, order_ptr, num_tokens, BLOCK_T)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -91,7 +91,7 @@ def _expand_kernel(p_ptr, b_ptr, idx_ptr, order_ptr, y_ptr, num_tokens, N, R, sp
         for split in range(0, splits):   # the shrink's partial sums
             v += tl.load(p_ptr + split * p_stride_split + rows[:, None] * p_stride_t + offs_r[None, :],
                          mask=keep, other=0.0)
-        b = tl.load(b_ptr + s * b_stride_s + offs_n[None, :] * b_stride_n + offs_r[:, None],
+        b = tl.load(b_ptr + s * b_stride_s + offs_n[None, :] + offs_r[:, None] * b_stride_r,
                     mask=n_in[None, :] & r_in[:, None], other=0.0)
         if IEEE:
             delta = tl.dot(v, b, input_precision="ieee")
@@ -130,9 +130,9 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, indices: torch.Tensor, order: 
 
 def lora_expand(partials: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, order: torch.Tensor,
                 y: torch.Tensor) -> torch.Tensor:
-    """y[t] += (sum of the partials)[t] @ B[slot(t)]^T in place."""
+    """y[t] += (sum of the partials)[t] @ B[slot(t)] in place (B: [slots, R, N])."""
     splits, num_tokens, r = partials.shape
-    _, n, _ = b.shape
+    _, _, n = b.shape
     if b.stride(2) != 1 or y.stride(1) != 1:
         raise ValueError("lora_expand needs row-major B and y")
     if num_tokens:

@@ -3,8 +3,9 @@
 `apply_lora(model, ...)` wraps every column- and row-parallel linear layer of a built model
 (q/k/v/o and the MLP; the LM head and embeddings are left alone) in a `LoRALinear` that adds,
 per token, its adapter's delta (x A^T) B^T to the base output. All layers share one
-`LoRAContext` holding the step's token -> slot indices, so a batch mixes adapters (and tokens
-without one) and each layer's delta is two batched kernel calls (kernels/lora.py).
+`LoRAContext` holding the step's token -> slot map (indices, their order, a one-hot mask), so a
+batch mixes adapters (and tokens without one); each layer's delta is two batched kernel calls or,
+for a forward of many tokens, two dense GEMMs over every slot (kernels/lora.py).
 
 Sharding follows the base layer: a column-parallel layer keeps A whole and its B rows of the
 output it owns (per q/k/v or gate/up part, exactly as its weight_loader places the base
@@ -13,7 +14,8 @@ partial delta before the layer's one all-reduce (the sum over ranks of x_r A_r^T
 
 A slot's stacks hold `groups` blocks of max_lora_rank: one per checkpoint module fused into
 the layer (q, k, v of qkv_proj), with B block-diagonal over them; ranks below the maximum are
-zero-padded, and the scale (lora_alpha / r) is folded into B.
+zero-padded, and the scale (lora_alpha / r) is folded into B. B is kept transposed ([slots,
+width, out]), so that every slot's B together is one [slots * width, out] matrix.
 """
 from __future__ import annotations
 
@@ -35,18 +37,22 @@ Piece = tuple[int, int, int]
 class LoRAContext:
     """The step's token -> slot map, shared by every LoRA layer (persistent buffers: graph-safe).
 
-    `indices[t]` is token t's slot (-1: no adapter); `order` the tokens sorted by slot. Past the
-    last step's tokens they hold -1 and the identity, so a replayed decode graph (whose batch is
-    padded up to its bucket) sees every row exactly once and its padding rows without an adapter.
+    `indices[t]` is token t's slot (-1: no adapter); `order` the tokens sorted by slot; `mask[t]`
+    the one-hot row of token t's slot (zeros: none). Past the last step's tokens they hold -1, the
+    identity and zeros, so a replayed decode graph (whose batch is padded up to its bucket) sees
+    every row exactly once and its padding rows without an adapter.
     `active` is False in a step without adapters, whose eager forward then skips LoRA entirely; it
     starts True so that profiling and graph capture include the LoRA kernels (a replay always runs
     them).
     """
 
-    def __init__(self, max_loras: int, max_lora_rank: int, max_num_tokens: int, device: torch.device) -> None:
+    def __init__(self, max_loras: int, max_lora_rank: int, max_num_tokens: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
         self.indices = torch.full((max_num_tokens,), -1, dtype=torch.int32, device=device)
         self.order = torch.arange(max_num_tokens, dtype=torch.int32, device=device)
+        self.mask = torch.zeros(max_num_tokens, max_loras, dtype=dtype, device=device)
+        self._slot_ids = torch.arange(max_loras, dtype=torch.int32, device=device)
         self.active = True
         self._written = 0   # rows [0, _written) may differ from -1 / the identity
 
@@ -70,6 +76,8 @@ class LoRAContext:
         dev = host.to(self.indices.device, non_blocking=True)   # stream-ordered after the step in flight
         self.indices[:m].copy_(dev[0])
         self.order[:m].copy_(dev[1])
+        # The one-hot rows, built on the device from the indices (no host copy of T x slots).
+        self.mask[:m].copy_(self.indices[:m, None] == self._slot_ids)
         self._written = n if self.active else 0
 
 
@@ -92,7 +100,7 @@ class LoRALinear(nn.Module):
         width = len(groups) * ctx.max_lora_rank
         self.register_buffer("lora_a", torch.zeros(ctx.max_loras, width, self.in_per_rank, dtype=dtype,
                                                    device=device), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(ctx.max_loras, self.out_per_rank, width, dtype=dtype,
+        self.register_buffer("lora_b", torch.zeros(ctx.max_loras, width, self.out_per_rank, dtype=dtype,
                                                    device=device), persistent=False)
 
     # -- sharding --------------------------------------------------------------
@@ -140,7 +148,7 @@ class LoRALinear(nn.Module):
         return a.narrow(1, self.tp_rank * self.in_per_rank, self.in_per_rank)
 
     def build(self, parts: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One adapter's (A, B) slot contents from {group: (full A [r, in], full scaled B [out, r])}."""
+        """One adapter's (A, B^T) slot contents from {group: (full A [r, in], full scaled B [out, r])}."""
         r_max = self.ctx.max_lora_rank
         a_cat = torch.zeros(self.lora_a.shape[1:], dtype=self.lora_a.dtype)
         b_cat = torch.zeros(self.lora_b.shape[1:], dtype=self.lora_b.dtype)
@@ -148,7 +156,7 @@ class LoRALinear(nn.Module):
             r = a.shape[0]
             a_cat[g * r_max:g * r_max + r] = self.shard_a(a)
             for src, dst, rows in self.pieces(self.groups[g][1]):
-                b_cat[dst:dst + rows, g * r_max:g * r_max + r] = b[src:src + rows]
+                b_cat[g * r_max:g * r_max + r, dst:dst + rows] = b[src:src + rows].t()
         return a_cat, b_cat
 
     def set_slot(self, slot: int, weights: tuple[torch.Tensor, torch.Tensor] | None) -> None:
@@ -172,7 +180,8 @@ class LoRALinear(nn.Module):
             if n > ctx.indices.shape[0]:   # (a kernel would read past the slot map: refuse, at capture too)
                 raise ValueError(f"a forward of {n} tokens is above the LoRA buffers' max_num_tokens="
                                  f"{ctx.indices.shape[0]}")
-            lora_delta(y, xin.contiguous(), self.lora_a, self.lora_b, ctx.indices[:n], ctx.order[:n])
+            lora_delta(y, xin.contiguous(), self.lora_a, self.lora_b, ctx.indices[:n], ctx.order[:n],
+                       ctx.mask[:n])
         if self.row_parallel and self.reduce_results:
             y = tp_all_reduce(y)
         return y
@@ -185,7 +194,7 @@ def apply_lora(model: nn.Module, max_loras: int, max_lora_rank: int, max_num_tok
     Module names are the model's (HF's: `model.layers.0.self_attn.qkv_proj`); the checkpoint
     names each layer holds (`...q_proj`) come from the model's packed_modules_mapping.
     """
-    ctx = LoRAContext(max_loras, max_lora_rank, max_num_tokens, device)
+    ctx = LoRAContext(max_loras, max_lora_rank, max_num_tokens, device, dtype)
     mapping = getattr(model, "packed_modules_mapping", {})
     head = getattr(model, "lm_head_name", "lm_head")
     targets = [(name, mod) for name, mod in model.named_modules()

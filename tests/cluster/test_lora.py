@@ -117,12 +117,27 @@ def test_lora_off_refuses_adapters(setup):
         llm.generate({"prompt_token_ids": [5, 6]}, use_tqdm=False, lora_request=loras["all8"])
 
 
+def test_dense_path_matches_peft(setup):
+    """Every forward through the dense GEMMs over all slots (decode steps too), mixed batch, CPU."""
+    base, loras, prompts, refs, _ = setup
+    llm = LLM(base, device="cpu", enable_lora=True, max_loras=3, max_lora_rank=16, block_size=4,
+              num_kv_blocks=200, kernel_options={"lora_dense_min_tokens": 0})
+    cases = [(p, name) for p in prompts for name in [None, *loras]]
+    outs = llm.generate([{"prompt_token_ids": p} for p, _ in cases], _params(), use_tqdm=False,
+                        lora_request=[loras[n] if n else None for _, n in cases])
+    llm.shutdown()
+    for (prompt, name), out in zip(cases, outs):
+        assert_greedy_match(engine_greedy(out.outputs[0]), refs[name][tuple(prompt)], what=f"dense {name} {prompt}")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_kernels_and_graphs_match_peft(setup):
-    """On CUDA: the Triton kernels in eager prefill and in the replayed decode graphs, fp32."""
+@pytest.mark.parametrize("dense_min_tokens", [64, 0])
+def test_gpu_kernels_and_graphs_match_peft(setup, dense_min_tokens):
+    """On CUDA: the Triton kernels (or the dense GEMMs) in eager prefill and in the replayed decode
+    graphs, fp32."""
     base, loras, prompts, refs, _ = setup
     llm = LLM(base, device="cuda", dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=16,
-              num_kv_blocks=256, max_num_seqs=8)
+              num_kv_blocks=256, max_num_seqs=8, kernel_options={"lora_dense_min_tokens": dense_min_tokens})
     graphs = llm.llm_engine.executor.worker.runner.graphs
     assert graphs is not None
     cases = [(p, name) for p in prompts for name in [None, *loras]]

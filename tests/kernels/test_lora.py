@@ -1,12 +1,12 @@
 """The batched LoRA kernels (kernels/lora.py): the reference against a per-token loop, and on CUDA
-the Triton shrink/expand against the reference, eagerly and replayed from a CUDA graph whose
-token -> slot indices change in place between replays."""
+the Triton shrink/expand and the dense path against the reference, eagerly and replayed from a
+CUDA graph whose token -> slot indices (and mask) change in place between replays."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pagedray.kernels.lora import lora_delta, lora_expand_reference, lora_shrink_reference
+from pagedray.kernels.lora import lora_delta, lora_delta_dense, lora_expand_reference, lora_shrink_reference
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need CUDA")
 
@@ -15,9 +15,13 @@ def _case(tokens: int, slots: int, rank: int, k: int, n: int, dtype, device, see
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, k, generator=gen).to(device, dtype)
     a = (torch.randn(slots, rank, k, generator=gen) / k ** 0.5).to(device, dtype)
-    b = (torch.randn(slots, n, rank, generator=gen) / rank ** 0.5).to(device, dtype)
+    b = (torch.randn(slots, rank, n, generator=gen) / rank ** 0.5).to(device, dtype)
     idx = torch.randint(-1, slots, (tokens,), generator=gen, dtype=torch.int32)
     return x, a, b, idx.to(device), _order(idx).to(device), torch.randn(tokens, n, generator=gen).to(device, dtype)
+
+
+def _mask(idx: torch.Tensor, slots: int, dtype) -> torch.Tensor:
+    return (idx[:, None] == torch.arange(slots, device=idx.device)).to(dtype)
 
 
 def _order(idx: torch.Tensor) -> torch.Tensor:
@@ -28,7 +32,7 @@ def _per_token(y, x, a, b, idx) -> torch.Tensor:
     out = y.float().clone()
     for t, s in enumerate(idx.tolist()):
         if s >= 0:
-            out[t] += (x[t].float() @ a[s].float().t()) @ b[s].float().t()
+            out[t] += (x[t].float() @ a[s].float().t()) @ b[s].float()
     return out
 
 
@@ -37,6 +41,33 @@ def test_reference_matches_a_per_token_loop():
     got = lora_delta(y.clone(), x, a, b, idx, order)
     torch.testing.assert_close(got, _per_token(y, x, a, b, idx), atol=1e-5, rtol=1e-5)
     assert torch.equal(got[idx < 0], y[idx < 0])   # rows without an adapter are untouched
+
+
+def test_dense_path_matches_a_per_token_loop():
+    x, a, b, idx, order, y = _case(37, 3, 8, 24, 40, torch.float32, "cpu", seed=1)
+    got = lora_delta_dense(y.clone(), x, a, b, _mask(idx, 3, x.dtype))
+    torch.testing.assert_close(got, _per_token(y, x, a, b, idx), atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[idx < 0], y[idx < 0])   # a zero mask row adds exact zeros
+    # lora_delta takes the dense path from dense_min_tokens on, and needs the mask for it
+    via = lora_delta(y.clone(), x, a, b, idx, order, _mask(idx, 3, x.dtype), dense_min_tokens=37)
+    torch.testing.assert_close(via, got, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="do not fit"):
+        lora_delta_dense(y.clone(), x, a, b, _mask(idx, 2, x.dtype))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,slots,rank,k,n", [(1, 1, 16, 4096, 48), (256, 8, 32, 4096, 28672),
+                                                  (100, 8, 48, 4096, 6144)])
+def test_dense_matches_per_token_kernels(dtype, tokens, slots, rank, k, n):
+    x, a, b, idx, order, y = _case(tokens, slots, rank, k, n, dtype, "cuda", seed=2)
+    dense = lora_delta_dense(y.clone(), x, a, b, _mask(idx, slots, dtype))
+    kernels = lora_delta(y.clone(), x, a, b, idx, order)
+    rows = idx >= 0
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(dense.float()[rows], _per_token(y, x, a, b, idx)[rows], atol=10 * tol, rtol=tol)
+    torch.testing.assert_close(dense.float(), kernels.float(), atol=10 * tol, rtol=tol)
+    assert torch.equal(dense[~rows], y[~rows])
 
 
 @needs_cuda
@@ -61,25 +92,28 @@ def test_triton_matches_reference(dtype, tokens, slots, rank, k, n):
 
 
 @needs_cuda
-@pytest.mark.parametrize("tokens", [8, 64])
-def test_triton_under_cuda_graph_follows_indices_changed_in_place(tokens):
+@pytest.mark.parametrize("tokens,dense", [(8, False), (64, False), (64, True)])
+def test_under_cuda_graph_follows_indices_changed_in_place(tokens, dense):
     slots = 4
     x, a, b, idx, order, y = _case(tokens, slots, 32, 4096, 2048, torch.bfloat16, "cuda")
+    mask = _mask(idx, slots, x.dtype)
+    threshold = 0 if dense else tokens + 1
     out = y.clone()
-    lora_delta(out, x, a, b, idx, order)   # compiles outside the capture
+    lora_delta(out, x, a, b, idx, order, mask, threshold)   # compiles outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        lora_delta(out, x, a, b, idx, order)
+        lora_delta(out, x, a, b, idx, order, mask, threshold)
     for seed in range(3):
         new_idx = torch.randint(-1, slots, (tokens,), generator=torch.Generator().manual_seed(100 + seed),
                                 dtype=torch.int32)
         idx.copy_(new_idx.cuda())
         order.copy_(_order(new_idx).cuda())
+        mask.copy_(_mask(new_idx, slots, x.dtype))
         out.copy_(y)
         graph.replay()
         torch.cuda.synchronize()
-        torch.testing.assert_close(out, lora_delta(y.clone(), x, a, b, idx, order), atol=0, rtol=0)
+        torch.testing.assert_close(out, lora_delta(y.clone(), x, a, b, idx, order, mask, threshold), atol=0, rtol=0)
         rows = new_idx.cuda() >= 0
         torch.testing.assert_close(out[rows].float(), _per_token(y, x, a, b, idx)[rows], atol=0.3, rtol=3e-2)
         assert torch.equal(out[~rows], y[~rows])

@@ -15,6 +15,9 @@ def _check(ctx: LoRAContext, slots: list[int], bucket: int) -> None:
     assert ctx.indices[:n].tolist() == slots
     assert ctx.indices[n:].eq(-1).all()                          # padding: no adapter
     assert [slots[r] for r in order[:n]] == sorted(slots)        # the step's tokens sorted by slot
+    one_hot = [[float(s == j) for j in range(ctx.max_loras)] for s in slots]
+    assert ctx.mask[:n].tolist() == one_hot                      # the dense path's per-token slot rows
+    assert ctx.mask[n:].eq(0).all()
 
 
 def test_buffers_past_the_step_are_reset_for_padded_graph_batches():
@@ -27,7 +30,7 @@ def test_buffers_past_the_step_are_reset_for_padded_graph_batches():
     _check(ctx, [2, -1, 0], 64)
     ctx.set_tokens(np.array([-1, -1], dtype=np.int32))           # no adapter: eager skips, graphs see none
     assert not ctx.active
-    assert ctx.indices.eq(-1).all() and ctx.order.tolist() == list(range(64))
+    assert ctx.indices.eq(-1).all() and ctx.order.tolist() == list(range(64)) and ctx.mask.eq(0).all()
 
 
 def test_adapter_tensors_of_another_pipeline_stage_are_recognised():
