@@ -1,16 +1,17 @@
 """The two ways of adding a step's LoRA deltas (kernels/lora.py) on llama3-8b's four LoRA'd linears,
 against the base layer's GEMM in the same run: per-token Triton kernels (shrink + expand, each
-token reads only its slot) and the dense path (two cuBLAS GEMMs over every slot, a one-hot mask).
+token reads only its slot) and the dense path (two cuBLAS GEMMs over every slot, a one-hot mask),
+added after the base GEMM or fused with it (the delta first, the base GEMM accumulating onto it).
 
-    python benchmarks/lora_kernels.py [--tokens 1,8,32,64,128,256,1024,4096] [--slots 8] [--rank 16]
+    python benchmarks/lora_kernels.py [--tokens 1,2,8,32,64,128,256,512,1024,4096] [--slots 8] [--rank 16]
 
 Shapes at TP=1: qkv (K 4096 -> N 6144, 3 groups of rank R), o (4096 -> 4096), gate_up (4096 -> 28672,
 2 groups), down (14336 -> 4096); B block-diagonal over a packed layer's groups, as the layers store
 it; T tokens spread evenly over the slots. Each call is timed as a CUDA-graph replay that cycles
 through enough copies of the operands to exceed the L2 cache (in a forward each layer's weights
 arrive cold), median of trials. The table sums the four linears x 32 layers: the cost of one
-forward at each token count; "lora/base" is the LoRA time over the base GEMMs' time.
-KernelOptions.lora_dense_min_tokens picks the path per forward from these figures.
+forward at each token count; "+path" is a path's time over the base GEMMs'; "chosen" the sum of
+the paths LoRALinear takes by the kernel options (KernelOptions.lora_*; chosen from these figures).
 """
 from __future__ import annotations
 
@@ -78,23 +79,29 @@ class Case:
 
 
 def time_case(case: Case) -> dict[str, float]:
-    from pagedray.kernels.lora import lora_delta
+    """ms per call: the base GEMM alone, and base + LoRA by each path (fused: the delta first, the base
+    GEMM accumulating onto it)."""
+    from pagedray.kernels.lora import lora_delta, lora_delta_dense, lora_linear_dense
     n = case.copies
     reps = max(n, 8)
 
     def base(i):
-        torch.mm(case.x[i % n], case.w[i % n].t(), out=case.y[i % n])
+        return torch.mm(case.x[i % n], case.w[i % n].t(), out=case.y[i % n])
+    paths = {"base": base,
+             "kernels": lambda i: lora_delta(base(i), case.x[i % n], case.a[i % n], case.b[i % n], case.idx,
+                                             case.order),
+             "dense": lambda i: lora_delta_dense(base(i), case.x[i % n], case.a[i % n], case.b[i % n], case.mask),
+             "fused": lambda i: lora_linear_dense(case.x[i % n], case.w[i % n], None, case.a[i % n], case.b[i % n],
+                                                  case.mask)}
+    return {name: replay_ms(fn, reps) for name, fn in paths.items()}
 
-    def path(threshold):
-        return lambda i: lora_delta(case.y[i % n], case.x[i % n], case.a[i % n], case.b[i % n], case.idx,
-                                    case.order, case.mask, threshold)
-    return {"base": replay_ms(base, reps), "kernels": replay_ms(path(1 << 30), reps),
-            "dense": replay_ms(path(0), reps)}
+
+PATHS = ("kernels", "dense", "fused")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", default="1,8,32,64,128,256,1024,4096")
+    p.add_argument("--tokens", default="1,2,8,32,64,128,256,512,1024,4096")
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--results", default=None, help="also append the table to this markdown file")
@@ -102,28 +109,30 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA device (the Triton kernels and CUDA graphs)", file=sys.stderr)
         return 2
-    shapes = SHAPES_8B
+    from pagedray.kernels.lora import lora_dense_wins
     rows, figures = [], {}
     for tokens in (int(t) for t in args.tokens.split(",")):
-        total = {"base": 0.0, "kernels": 0.0, "dense": 0.0}
-        per_layer = []
-        for name, (k, groups) in shapes.items():
+        base, extra, per_layer = 0.0, dict.fromkeys(PATHS + ("chosen",), 0.0), []
+        for name, (k, groups) in SHAPES_8B.items():
             t = time_case(Case(tokens, args.slots, args.rank, k, groups, "cuda"))
-            per_layer.append(f"{name} {t['kernels'] * 1e3:.1f}/{t['dense'] * 1e3:.1f}")
-            for key in total:
-                total[key] += t[key] * LAYERS
-        figures[f"T{tokens}_kernels_over_base"] = round(total["kernels"] / total["base"], 4)
-        figures[f"T{tokens}_dense_over_base"] = round(total["dense"] / total["base"], 4)
-        best = "dense" if total["dense"] < total["kernels"] else "kernels"
-        rows.append([tokens, f"{total['base']:.3f}", f"{total['kernels']:.3f}", f"{total['dense']:.3f}",
-                     f"{total['kernels'] / total['base']:.3f}", f"{total['dense'] / total['base']:.3f}", best,
-                     "; ".join(per_layer)])
+            cost = {path: (t[path] - t["base"]) * LAYERS for path in PATHS}
+            # what LoRALinear runs for an unquantized layer: the kernels, or the fused dense path
+            cost["chosen"] = cost["fused" if lora_dense_wins(tokens, k, sum(groups)) else "kernels"]
+            base += t["base"] * LAYERS
+            for path in extra:
+                extra[path] += cost[path]
+            per_layer.append(f"{name} " + "/".join(f"{cost[path] / LAYERS * 1e3:.1f}" for path in PATHS))
+        for path in extra:
+            figures[f"T{tokens}_{path}_over_base"] = round(extra[path] / base, 4)
+        rows.append([tokens, f"{base:.3f}", *(f"{extra[path]:.3f}" for path in extra),
+                     f"{extra['chosen'] / base:.3f}", "; ".join(per_layer)])
         print(rows[-1], flush=True)
-    header = ["T", "base GEMMs ms", "kernels ms", "dense ms", "kernels/base", "dense/base", "faster",
-              "per linear us (kernels/dense)"]
+    header = ["T", "base GEMMs ms", *(f"+{path} ms" for path in PATHS), "+chosen ms", "chosen/base",
+              "per linear +us (kernels/dense/fused)"]
     table = markdown_table(header, rows)
     print(f"\n{torch.cuda.get_device_name()}, {args.slots} slots of rank {args.rank}, bf16, one forward "
-          f"(4 linears x {LAYERS} layers):\n{table}")
+          f"(4 linears x {LAYERS} layers); '+' is the time over the base GEMMs, chosen: the default options' path "
+          f"per layer:\n{table}")
     append_results(f"LoRA deltas: per-token kernels vs dense GEMMs, {args.slots} slots of rank {args.rank} "
                    f"(benchmarks/lora_kernels.py)", table, args.results, figures=figures)
     return 0

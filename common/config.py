@@ -248,16 +248,25 @@ class KernelOptions:
     # 700 they set off a collection every ~700, and the full ones walk every running request's
     # token lists (1.2-3 ms a step and 20-50 ms pauses; benchmarks/host_overhead.py --gc-stats).
     gc_threshold: int = 50_000
-    # LoRA layers: a forward of at least this many tokens adds the adapters' deltas with two dense GEMMs
-    # over every device slot (kernels/lora.py: lora_delta_dense), fewer tokens with the per-token Triton
-    # kernels (each reads only its own adapter). 0: always dense.
-    lora_dense_min_tokens: int = 64
+    # LoRA layers: a forward of at least lora_dense_min_tokens tokens adds the adapters' deltas with dense
+    # GEMMs over every device slot (kernels/lora.py), fewer with the per-token Triton kernels (each token
+    # reads only its own adapter); but a layer whose output is narrower than twice its input (q/k/v, o,
+    # down) keeps the kernels from lora_narrow_kernels_min_tokens up to (not including) _max_tokens.
+    # H100, 8 slots of rank 16, llama3-8b's layers (benchmarks/lora_kernels.py, 2026-12-05): per forward,
+    # kernels / dense 1.10 / 1.33 ms at 1 token, 5.82 / 1.40 at 8, 2.08 / 1.54 at 64; at 256 o 7.8 / 11.8 us
+    # and down 11.7 / 14.7 a layer, gate_up 26.9 / 20.9. 0: always dense.
+    lora_dense_min_tokens: int = 2
+    lora_narrow_kernels_min_tokens: int = 128
+    lora_narrow_kernels_max_tokens: int = 1024
 
     def __post_init__(self) -> None:
         if self.gc_threshold < 0:
             raise ValueError(f"gc_threshold must be >= 0, got {self.gc_threshold}")
         if self.lora_dense_min_tokens < 0:
             raise ValueError(f"lora_dense_min_tokens must be >= 0, got {self.lora_dense_min_tokens}")
+        if not 0 <= self.lora_narrow_kernels_min_tokens <= self.lora_narrow_kernels_max_tokens:
+            raise ValueError(f"need 0 <= lora_narrow_kernels_min_tokens <= lora_narrow_kernels_max_tokens, got "
+                             f"{self.lora_narrow_kernels_min_tokens} and {self.lora_narrow_kernels_max_tokens}")
         if self.prefill_backend not in _PREFILL_BACKENDS:
             raise ValueError(f"prefill_backend must be one of {_PREFILL_BACKENDS}, got {self.prefill_backend!r}")
         if not 1 <= self.skinny_gemm_max_m <= _SKINNY_GEMM_MAX_M:

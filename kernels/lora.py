@@ -10,12 +10,13 @@ B is stored transposed, each slot's rows of R contiguous, so that all slots toge
   `order` is the tokens sorted by slot (computed once per step on the host), which lets a kernel
   tile hold mostly one adapter's tokens. On CUDA with Triton the kernels of `lora_triton.py` run;
   elsewhere the PyTorch reference below (the oracle of the kernel tests).
-- Dense over all slots (`lora_delta_dense`), for many tokens: x times every slot's A in one GEMM,
-  the columns of slots other than the token's zeroed by the step's one-hot `mask` [T, slots], then
-  one GEMM with every slot's B accumulated into y. It does `slots` times the LoRA FLOPs, but in
-  cuBLAS GEMMs at full speed and without a read-modify-write of y of its own (the accumulate is the
-  GEMM's epilogue), which the per-token kernels could not match once a step has more than a few
-  dozen tokens (KernelOptions.lora_dense_min_tokens; benchmarks/lora_kernels.py).
+- Dense over all slots, for more tokens: x times every slot's A in one GEMM, the columns of slots
+  other than the token's zeroed by the step's one-hot `mask` [T, slots], then one GEMM with every
+  slot's B (`lora_delta_dense` adds it to a layer's output; `lora_linear_dense` writes it first
+  and lets the base layer's GEMM accumulate onto it). It does `slots` times the LoRA FLOPs, in
+  three cuBLAS launches; measured faster than the per-token kernels from 2 tokens on, but for
+  layers whose output is narrower than twice their input at a few hundred tokens, where the
+  kernels' two launches win (`lora_dense_wins`: KernelOptions; benchmarks/lora_kernels.py).
 """
 from __future__ import annotations
 
@@ -74,34 +75,57 @@ def lora_expand(partials: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, 
     return lora_expand_reference(partials, b, indices, y)
 
 
+def _masked_shrink(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(x A_all^T) * mask, [T, slots * R]: each token's own slot's columns, the others zero."""
+    slots, r, k = lora_a.shape
+    tokens = x.shape[0]
+    if mask.shape != (tokens, slots) or lora_b.shape[:2] != (slots, r):
+        raise ValueError(f"LoRA dense path: x {tuple(x.shape)}, A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)} "
+                         f"and mask {tuple(mask.shape)} do not fit together")
+    shrunk = torch.mm(x, lora_a.view(slots * r, k).t())
+    shrunk.view(tokens, slots, r).mul_(mask.unsqueeze(2))
+    return shrunk
+
+
 def lora_delta_dense(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                      mask: torch.Tensor) -> torch.Tensor:
     """y += ((x A_all^T) * mask) B_all in place: every slot at once, `mask` [T, slots] one-hot per token
     (a row of zeros: no adapter). The product x A^T is rounded to y's dtype, as PEFT's layers do."""
-    slots, r, k = lora_a.shape
-    n = lora_b.shape[2]
-    tokens = x.shape[0]
-    if mask.shape != (tokens, slots) or lora_b.shape != (slots, r, n) or y.shape != (tokens, n):
-        raise ValueError(f"lora_delta_dense: x {tuple(x.shape)}, A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)}, "
-                         f"y {tuple(y.shape)} and mask {tuple(mask.shape)} do not fit together")
-    shrunk = torch.mm(x, lora_a.view(slots * r, k).t())
-    shrunk.view(tokens, slots, r).mul_(mask.unsqueeze(2))
+    shrunk = _masked_shrink(x, lora_a, lora_b, mask)
+    slots, r, n = lora_b.shape
+    if y.shape != (x.shape[0], n):
+        raise ValueError(f"LoRA dense path: y {tuple(y.shape)} is not [{x.shape[0]}, {n}]")
     return y.addmm_(shrunk, lora_b.view(slots * r, n))
 
 
-def lora_delta(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-               indices: torch.Tensor, order: torch.Tensor, mask: torch.Tensor | None = None,
-               dense_min_tokens: int | None = None) -> torch.Tensor:
-    """y[t] += (x[t] @ A[s]^T) @ B[s] with s = indices[t], in place (the scale is folded into B).
+def lora_linear_dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                      lora_b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x W^T + bias + the LoRA deltas, the delta first: the base GEMM then accumulates onto it in its
+    epilogue (beta=1), so the output is written by the delta's GEMM and read once by the base's, and
+    has no read-modify-write of its own (the cost of `lora_delta_dense` after the layer at many tokens)."""
+    shrunk = _masked_shrink(x, lora_a, lora_b, mask)
+    slots, r, n = lora_b.shape
+    stacked_b = lora_b.view(slots * r, n)
+    out = torch.mm(shrunk, stacked_b) if bias is None else torch.addmm(bias, shrunk, stacked_b)
+    return out.addmm_(x, weight.t())
 
-    A forward of at least `dense_min_tokens` tokens (default: the kernel option) takes the dense
-    path, which needs the step's `mask`."""
-    if dense_min_tokens is None:
-        dense_min_tokens = options.current().lora_dense_min_tokens
-    if mask is not None and x.shape[0] >= dense_min_tokens:
-        return lora_delta_dense(y, x, lora_a, lora_b, mask)
+
+def lora_dense_wins(tokens: int, in_features: int, out_features: int) -> bool:
+    """Whether a forward of `tokens` through a [in_features -> out_features] LoRA layer takes the dense
+    path, from the kernel options (benchmarks/lora_kernels.py measured both)."""
+    opts = options.current()
+    if tokens < opts.lora_dense_min_tokens:
+        return False
+    narrow = out_features < 2 * in_features
+    return not (narrow and opts.lora_narrow_kernels_min_tokens <= tokens < opts.lora_narrow_kernels_max_tokens)
+
+
+def lora_delta(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+               indices: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """y[t] += (x[t] @ A[s]^T) @ B[s] with s = indices[t], in place (the scale is folded into B): the
+    per-token kernels."""
     return lora_expand(lora_shrink(x, lora_a, indices, order), lora_b, indices, order, y)
 
 
-__all__ = ["lora_shrink", "lora_expand", "lora_delta", "lora_delta_dense", "lora_shrink_reference",
-           "lora_expand_reference"]
+__all__ = ["lora_shrink", "lora_expand", "lora_delta", "lora_delta_dense", "lora_linear_dense", "lora_dense_wins",
+           "lora_shrink_reference", "lora_expand_reference"]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pagedray.kernels.lora import lora_delta
+from pagedray.kernels.lora import lora_delta, lora_delta_dense, lora_dense_wins, lora_linear_dense
 from pagedray.models.layers.distributed import tp_all_reduce
 from pagedray.models.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
                                            RowParallelLinear)
@@ -170,18 +170,25 @@ class LoRALinear(nn.Module):
 
     # -- forward ---------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         ctx = self.ctx
-        if ctx.active:
+        if not ctx.active:
+            y = self.base(x)
+        else:
             xin = x
             if self.row_parallel and not self.base.input_is_parallel and self.tp_size > 1:
                 xin = x.narrow(-1, self.tp_rank * self.in_per_rank, self.in_per_rank)
+            xin = xin.contiguous()
             n = xin.shape[0]
             if n > ctx.indices.shape[0]:   # (a kernel would read past the slot map: refuse, at capture too)
                 raise ValueError(f"a forward of {n} tokens is above the LoRA buffers' max_num_tokens="
                                  f"{ctx.indices.shape[0]}")
-            lora_delta(y, xin.contiguous(), self.lora_a, self.lora_b, ctx.indices[:n], ctx.order[:n],
-                       ctx.mask[:n])
+            if not lora_dense_wins(n, self.in_per_rank, self.out_per_rank):
+                y = lora_delta(self.base(x), xin, self.lora_a, self.lora_b, ctx.indices[:n], ctx.order[:n])
+            elif self.base.quant_method is None:   # the base GEMM accumulates onto the delta
+                bias = self.base.bias if not self.row_parallel or self.tp_rank == 0 else None
+                y = lora_linear_dense(xin, self.base.weight, bias, self.lora_a, self.lora_b, ctx.mask[:n])
+            else:
+                y = lora_delta_dense(self.base(x), xin, self.lora_a, self.lora_b, ctx.mask[:n])
         if self.row_parallel and self.reduce_results:
             y = tp_all_reduce(y)
         return y

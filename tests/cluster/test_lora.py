@@ -118,7 +118,8 @@ def test_lora_off_refuses_adapters(setup):
 
 
 def test_dense_path_matches_peft(setup):
-    """Every forward through the dense GEMMs over all slots (decode steps too), mixed batch, CPU."""
+    """Every forward through the dense GEMMs over all slots (decode steps too; fused with the base
+    layer's GEMM), mixed batch, CPU."""
     base, loras, prompts, refs, _ = setup
     llm = LLM(base, device="cpu", enable_lora=True, max_loras=3, max_lora_rank=16, block_size=4,
               num_kv_blocks=200, kernel_options={"lora_dense_min_tokens": 0})
@@ -131,13 +132,15 @@ def test_dense_path_matches_peft(setup):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dense_min_tokens", [64, 0])
-def test_gpu_kernels_and_graphs_match_peft(setup, dense_min_tokens):
+@pytest.mark.parametrize("paths", [{}, {"lora_dense_min_tokens": 1 << 30},
+                                   {"lora_dense_min_tokens": 0, "lora_narrow_kernels_max_tokens": 0}],
+                         ids=["default", "kernels", "dense"])
+def test_gpu_kernels_and_graphs_match_peft(setup, paths):
     """On CUDA: the Triton kernels (or the dense GEMMs) in eager prefill and in the replayed decode
     graphs, fp32."""
     base, loras, prompts, refs, _ = setup
     llm = LLM(base, device="cuda", dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=16,
-              num_kv_blocks=256, max_num_seqs=8, kernel_options={"lora_dense_min_tokens": dense_min_tokens})
+              num_kv_blocks=256, max_num_seqs=8, kernel_options=paths)
     graphs = llm.llm_engine.executor.worker.runner.graphs
     assert graphs is not None
     cases = [(p, name) for p in prompts for name in [None, *loras]]

@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedray.kernels.lora import lora_delta, lora_delta_dense, lora_expand_reference, lora_shrink_reference
+from pagedray.common.config import KernelOptions
+from pagedray.kernels import options
+from pagedray.kernels.lora import (lora_delta, lora_delta_dense, lora_dense_wins, lora_expand_reference,
+                                   lora_linear_dense, lora_shrink_reference)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need CUDA")
 
@@ -45,14 +48,31 @@ def test_reference_matches_a_per_token_loop():
 
 def test_dense_path_matches_a_per_token_loop():
     x, a, b, idx, order, y = _case(37, 3, 8, 24, 40, torch.float32, "cpu", seed=1)
-    got = lora_delta_dense(y.clone(), x, a, b, _mask(idx, 3, x.dtype))
+    mask = _mask(idx, 3, x.dtype)
+    got = lora_delta_dense(y.clone(), x, a, b, mask)
     torch.testing.assert_close(got, _per_token(y, x, a, b, idx), atol=1e-5, rtol=1e-5)
     assert torch.equal(got[idx < 0], y[idx < 0])   # a zero mask row adds exact zeros
-    # lora_delta takes the dense path from dense_min_tokens on, and needs the mask for it
-    via = lora_delta(y.clone(), x, a, b, idx, order, _mask(idx, 3, x.dtype), dense_min_tokens=37)
-    torch.testing.assert_close(via, got, atol=0, rtol=0)
+    weight, bias = torch.randn(40, 24), torch.randn(40)
+    for b_ in (None, bias):   # the fused form: the delta first, the base GEMM accumulating onto it
+        base = torch.nn.functional.linear(x, weight, b_)
+        fused = lora_linear_dense(x, weight, b_, a, b, mask)
+        torch.testing.assert_close(fused, _per_token(base, x, a, b, idx), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="do not fit"):
         lora_delta_dense(y.clone(), x, a, b, _mask(idx, 2, x.dtype))
+
+
+def test_dense_path_is_chosen_by_the_kernel_options():
+    with options.override(lora_dense_min_tokens=2, lora_narrow_kernels_min_tokens=128,
+                          lora_narrow_kernels_max_tokens=1024):
+        assert not lora_dense_wins(1, 4096, 28672)                 # one token: its adapter alone
+        assert lora_dense_wins(2, 4096, 4096) and lora_dense_wins(127, 4096, 6144)
+        assert not lora_dense_wins(128, 4096, 6144) and not lora_dense_wins(1023, 14336, 4096)   # narrow
+        assert lora_dense_wins(256, 4096, 28672) and lora_dense_wins(1024, 4096, 4096)          # wide; many
+    with options.override(lora_dense_min_tokens=0, lora_narrow_kernels_min_tokens=0,
+                          lora_narrow_kernels_max_tokens=0):
+        assert lora_dense_wins(1, 4096, 4096) and lora_dense_wins(300, 4096, 4096)
+    with pytest.raises(ValueError, match="lora_narrow_kernels_min_tokens"):
+        KernelOptions(lora_narrow_kernels_min_tokens=10, lora_narrow_kernels_max_tokens=5)
 
 
 @needs_cuda
@@ -61,13 +81,19 @@ def test_dense_path_matches_a_per_token_loop():
                                                   (100, 8, 48, 4096, 6144)])
 def test_dense_matches_per_token_kernels(dtype, tokens, slots, rank, k, n):
     x, a, b, idx, order, y = _case(tokens, slots, rank, k, n, dtype, "cuda", seed=2)
-    dense = lora_delta_dense(y.clone(), x, a, b, _mask(idx, slots, dtype))
+    mask = _mask(idx, slots, dtype)
+    dense = lora_delta_dense(y.clone(), x, a, b, mask)
     kernels = lora_delta(y.clone(), x, a, b, idx, order)
     rows = idx >= 0
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(dense.float()[rows], _per_token(y, x, a, b, idx)[rows], atol=10 * tol, rtol=tol)
     torch.testing.assert_close(dense.float(), kernels.float(), atol=10 * tol, rtol=tol)
     assert torch.equal(dense[~rows], y[~rows])
+    weight = (torch.randn(n, k, generator=torch.Generator().manual_seed(3)) / k ** 0.5).to("cuda", dtype)
+    base = torch.nn.functional.linear(x, weight)
+    fused = lora_linear_dense(x, weight, None, a, b, mask)
+    torch.testing.assert_close(fused.float(), lora_delta_dense(base.clone(), x, a, b, mask).float(),
+                               atol=10 * tol, rtol=tol)
 
 
 @needs_cuda
@@ -97,13 +123,17 @@ def test_under_cuda_graph_follows_indices_changed_in_place(tokens, dense):
     slots = 4
     x, a, b, idx, order, y = _case(tokens, slots, 32, 4096, 2048, torch.bfloat16, "cuda")
     mask = _mask(idx, slots, x.dtype)
-    threshold = 0 if dense else tokens + 1
+
+    def delta(out):
+        if dense:
+            return lora_delta_dense(out, x, a, b, mask)
+        return lora_delta(out, x, a, b, idx, order)
     out = y.clone()
-    lora_delta(out, x, a, b, idx, order, mask, threshold)   # compiles outside the capture
+    delta(out)   # compiles outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        lora_delta(out, x, a, b, idx, order, mask, threshold)
+        delta(out)
     for seed in range(3):
         new_idx = torch.randint(-1, slots, (tokens,), generator=torch.Generator().manual_seed(100 + seed),
                                 dtype=torch.int32)
@@ -113,7 +143,7 @@ def test_under_cuda_graph_follows_indices_changed_in_place(tokens, dense):
         out.copy_(y)
         graph.replay()
         torch.cuda.synchronize()
-        torch.testing.assert_close(out, lora_delta(y.clone(), x, a, b, idx, order, mask, threshold), atol=0, rtol=0)
+        torch.testing.assert_close(out, delta(y.clone()), atol=0, rtol=0)
         rows = new_idx.cuda() >= 0
         torch.testing.assert_close(out[rows].float(), _per_token(y, x, a, b, idx)[rows], atol=0.3, rtol=3e-2)
         assert torch.equal(out[~rows], y[~rows])
