@@ -109,15 +109,14 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA device (the Triton kernels and CUDA graphs)", file=sys.stderr)
         return 2
-    from pagedray.kernels.lora import lora_dense_wins
+    from pagedray.kernels.lora import lora_path
     rows, figures = [], {}
     for tokens in (int(t) for t in args.tokens.split(",")):
         base, extra, per_layer = 0.0, dict.fromkeys(PATHS + ("chosen",), 0.0), []
         for name, (k, groups) in SHAPES_8B.items():
             t = time_case(Case(tokens, args.slots, args.rank, k, groups, "cuda"))
             cost = {path: (t[path] - t["base"]) * LAYERS for path in PATHS}
-            # what LoRALinear runs for an unquantized layer: the kernels, or the fused dense path
-            cost["chosen"] = cost["fused" if lora_dense_wins(tokens, k, sum(groups)) else "kernels"]
+            cost["chosen"] = cost[lora_path(tokens, k, sum(groups))]   # what LoRALinear runs (unquantized)
             base += t["base"] * LAYERS
             for path in extra:
                 extra[path] += cost[path]

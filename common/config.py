@@ -249,12 +249,13 @@ class KernelOptions:
     # token lists (1.2-3 ms a step and 20-50 ms pauses; benchmarks/host_overhead.py --gc-stats).
     gc_threshold: int = 50_000
     # LoRA layers: a forward of at least lora_dense_min_tokens tokens adds the adapters' deltas with dense
-    # GEMMs over every device slot (kernels/lora.py), fewer with the per-token Triton kernels (each token
-    # reads only its own adapter); but a layer whose output is narrower than twice its input (q/k/v, o,
-    # down) keeps the kernels from lora_narrow_kernels_min_tokens up to (not including) _max_tokens.
-    # H100, 8 slots of rank 16, llama3-8b's layers (benchmarks/lora_kernels.py, 2026-12-05): per forward,
-    # kernels / dense 1.10 / 1.33 ms at 1 token, 5.82 / 1.40 at 8, 2.08 / 1.54 at 64; at 256 o 7.8 / 11.8 us
-    # and down 11.7 / 14.7 a layer, gate_up 26.9 / 20.9. 0: always dense.
+    # GEMMs over every device slot (kernels/lora.py: lora_path), fewer with the per-token Triton kernels
+    # (each token reads only its own adapter); but a layer whose output is narrower than twice its input
+    # (q/k/v, o, down) keeps the kernels from lora_narrow_kernels_min_tokens up to (not including)
+    # _max_tokens. H100, 8 slots of rank 16, llama3-8b's layers (benchmarks/lora_kernels.py, 2026-12-05),
+    # LoRA ms per forward over the base GEMMs, kernels / dense: 1.21 / 1.66 at 1 token, 3.08 / 1.67 at 2,
+    # 6.41 / 1.71 at 8, 2.46 / 1.75 at 64; a layer at 256 tokens: o 9.2 / 12.2 us, gate_up 29.3 / 26.6.
+    # 0: always dense.
     lora_dense_min_tokens: int = 2
     lora_narrow_kernels_min_tokens: int = 128
     lora_narrow_kernels_max_tokens: int = 1024

@@ -16,7 +16,7 @@ B is stored transposed, each slot's rows of R contiguous, so that all slots toge
   and lets the base layer's GEMM accumulate onto it). It does `slots` times the LoRA FLOPs, in
   three cuBLAS launches; measured faster than the per-token kernels from 2 tokens on, but for
   layers whose output is narrower than twice their input at a few hundred tokens, where the
-  kernels' two launches win (`lora_dense_wins`: KernelOptions; benchmarks/lora_kernels.py).
+  kernels' two launches win (`lora_path`: KernelOptions; benchmarks/lora_kernels.py).
 """
 from __future__ import annotations
 
@@ -110,14 +110,20 @@ def lora_linear_dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return out.addmm_(x, weight.t())
 
 
-def lora_dense_wins(tokens: int, in_features: int, out_features: int) -> bool:
-    """Whether a forward of `tokens` through a [in_features -> out_features] LoRA layer takes the dense
-    path, from the kernel options (benchmarks/lora_kernels.py measured both)."""
+def lora_path(tokens: int, in_features: int, out_features: int, quantized: bool = False) -> str:
+    """How a LoRA layer [in_features -> out_features] adds the deltas of a forward of `tokens`:
+    "kernels" (per token), "dense" (`lora_delta_dense` after the layer) or "fused"
+    (`lora_linear_dense`), from the kernel options and the layer's shape. Measured on an H100
+    (benchmarks/lora_kernels.py): fused beats dense where the output is at least as wide as the input,
+    but a base GEMM accumulating into its output (beta=1) with a long reduction and a narrow output
+    (down: 14336 -> 4096) ran 5x slower at 4096 tokens; quantized layers have their own product."""
     opts = options.current()
     if tokens < opts.lora_dense_min_tokens:
-        return False
-    narrow = out_features < 2 * in_features
-    return not (narrow and opts.lora_narrow_kernels_min_tokens <= tokens < opts.lora_narrow_kernels_max_tokens)
+        return "kernels"
+    if out_features < 2 * in_features and \
+            opts.lora_narrow_kernels_min_tokens <= tokens < opts.lora_narrow_kernels_max_tokens:
+        return "kernels"
+    return "fused" if out_features >= in_features and not quantized else "dense"
 
 
 def lora_delta(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -127,5 +133,5 @@ def lora_delta(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: t
     return lora_expand(lora_shrink(x, lora_a, indices, order), lora_b, indices, order, y)
 
 
-__all__ = ["lora_shrink", "lora_expand", "lora_delta", "lora_delta_dense", "lora_linear_dense", "lora_dense_wins",
+__all__ = ["lora_shrink", "lora_expand", "lora_delta", "lora_delta_dense", "lora_linear_dense", "lora_path",
            "lora_shrink_reference", "lora_expand_reference"]

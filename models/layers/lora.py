@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pagedray.kernels.lora import lora_delta, lora_delta_dense, lora_dense_wins, lora_linear_dense
+from pagedray.kernels.lora import lora_delta, lora_delta_dense, lora_linear_dense, lora_path
 from pagedray.models.layers.distributed import tp_all_reduce
 from pagedray.models.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
                                            RowParallelLinear)
@@ -182,9 +182,10 @@ class LoRALinear(nn.Module):
             if n > ctx.indices.shape[0]:   # (a kernel would read past the slot map: refuse, at capture too)
                 raise ValueError(f"a forward of {n} tokens is above the LoRA buffers' max_num_tokens="
                                  f"{ctx.indices.shape[0]}")
-            if not lora_dense_wins(n, self.in_per_rank, self.out_per_rank):
+            path = lora_path(n, self.in_per_rank, self.out_per_rank, self.base.quant_method is not None)
+            if path == "kernels":
                 y = lora_delta(self.base(x), xin, self.lora_a, self.lora_b, ctx.indices[:n], ctx.order[:n])
-            elif self.base.quant_method is None:   # the base GEMM accumulates onto the delta
+            elif path == "fused":   # the base GEMM accumulates onto the delta
                 bias = self.base.bias if not self.row_parallel or self.tp_rank == 0 else None
                 y = lora_linear_dense(xin, self.base.weight, bias, self.lora_a, self.lora_b, ctx.mask[:n])
             else:

@@ -122,7 +122,8 @@ def test_dense_path_matches_peft(setup):
     layer's GEMM), mixed batch, CPU."""
     base, loras, prompts, refs, _ = setup
     llm = LLM(base, device="cpu", enable_lora=True, max_loras=3, max_lora_rank=16, block_size=4,
-              num_kv_blocks=200, kernel_options={"lora_dense_min_tokens": 0})
+              num_kv_blocks=200, kernel_options={"lora_dense_min_tokens": 0, "lora_narrow_kernels_min_tokens": 0,
+                                                 "lora_narrow_kernels_max_tokens": 0})
     cases = [(p, name) for p in prompts for name in [None, *loras]]
     outs = llm.generate([{"prompt_token_ids": p} for p, _ in cases], _params(), use_tqdm=False,
                         lora_request=[loras[n] if n else None for _, n in cases])
@@ -133,7 +134,8 @@ def test_dense_path_matches_peft(setup):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("paths", [{}, {"lora_dense_min_tokens": 1 << 30},
-                                   {"lora_dense_min_tokens": 0, "lora_narrow_kernels_max_tokens": 0}],
+                                   {"lora_dense_min_tokens": 0, "lora_narrow_kernels_min_tokens": 0,
+                                    "lora_narrow_kernels_max_tokens": 0}],
                          ids=["default", "kernels", "dense"])
 def test_gpu_kernels_and_graphs_match_peft(setup, paths):
     """On CUDA: the Triton kernels (or the dense GEMMs) in eager prefill and in the replayed decode

@@ -8,8 +8,8 @@ import torch
 
 from pagedray.common.config import KernelOptions
 from pagedray.kernels import options
-from pagedray.kernels.lora import (lora_delta, lora_delta_dense, lora_dense_wins, lora_expand_reference,
-                                   lora_linear_dense, lora_shrink_reference)
+from pagedray.kernels.lora import (lora_delta, lora_delta_dense, lora_expand_reference,
+                                   lora_linear_dense, lora_path, lora_shrink_reference)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need CUDA")
 
@@ -61,16 +61,18 @@ def test_dense_path_matches_a_per_token_loop():
         lora_delta_dense(y.clone(), x, a, b, _mask(idx, 2, x.dtype))
 
 
-def test_dense_path_is_chosen_by_the_kernel_options():
+def test_path_is_chosen_by_the_kernel_options_and_the_shape():
     with options.override(lora_dense_min_tokens=2, lora_narrow_kernels_min_tokens=128,
                           lora_narrow_kernels_max_tokens=1024):
-        assert not lora_dense_wins(1, 4096, 28672)                 # one token: its adapter alone
-        assert lora_dense_wins(2, 4096, 4096) and lora_dense_wins(127, 4096, 6144)
-        assert not lora_dense_wins(128, 4096, 6144) and not lora_dense_wins(1023, 14336, 4096)   # narrow
-        assert lora_dense_wins(256, 4096, 28672) and lora_dense_wins(1024, 4096, 4096)          # wide; many
+        assert lora_path(1, 4096, 28672) == "kernels"                     # one token: its adapter alone
+        assert lora_path(2, 4096, 4096) == lora_path(127, 4096, 6144) == "fused"
+        assert lora_path(64, 14336, 4096) == "dense"                      # narrow output, long reduction
+        assert lora_path(64, 4096, 6144, quantized=True) == "dense"       # the layer's own product first
+        assert lora_path(128, 4096, 6144) == lora_path(1023, 14336, 4096) == "kernels"   # narrow, mid-size
+        assert lora_path(256, 4096, 28672) == lora_path(1024, 4096, 4096) == "fused"     # wide; many tokens
     with options.override(lora_dense_min_tokens=0, lora_narrow_kernels_min_tokens=0,
                           lora_narrow_kernels_max_tokens=0):
-        assert lora_dense_wins(1, 4096, 4096) and lora_dense_wins(300, 4096, 4096)
+        assert lora_path(1, 4096, 4096) == lora_path(300, 4096, 4096) == "fused"
     with pytest.raises(ValueError, match="lora_narrow_kernels_min_tokens"):
         KernelOptions(lora_narrow_kernels_min_tokens=10, lora_narrow_kernels_max_tokens=5)
 
