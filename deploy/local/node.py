@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pwd
 import shlex
 import signal
 import socket
@@ -27,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import scoped_ray  # noqa: E402
 
-KEY = Path("~/.ssh/pagedray-local").expanduser()   # deploy/local-cluster.yaml names this key
+KEY_IN_HOME = ".ssh/pagedray-local"   # deploy/local-cluster.yaml names this key, as ~/.ssh/pagedray-local
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
@@ -52,14 +53,23 @@ def head_port_args(gcs_port: int | None = None) -> list[str]:
             f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}"]
 
 
-def _ensure_key() -> None:
-    if KEY.exists():
+def _key_paths() -> list[Path]:
+    """Where the YAML's `~/.ssh/pagedray-local` is read. Ray reads the key itself through $HOME
+    (os.path.expanduser: the config hash, the head's bootstrap key) but hands `ssh -i` the path
+    unexpanded, and ssh takes `~` from the password database. One path, unless $HOME was changed
+    (`env -i HOME=...`, a CI job's HOME): then both keys must open the node's sshd."""
+    homes = [Path.home(), Path(pwd.getpwuid(os.getuid()).pw_dir)]
+    return list(dict.fromkeys(home / KEY_IN_HOME for home in homes))
+
+
+def _ensure_key(key: Path) -> None:
+    if key.exists():
         return
-    KEY.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = KEY.with_name(f"{KEY.name}.{os.getpid()}")
+    key.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = key.with_name(f"{key.name}.{os.getpid()}")
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp)], check=True)
-    os.replace(f"{tmp}.pub", f"{KEY}.pub")
-    os.replace(tmp, KEY)   # last: a present key always has its .pub
+    os.replace(f"{tmp}.pub", f"{key}.pub")
+    os.replace(tmp, key)   # last: a present key always has its .pub
 
 
 def up(num_cpus: int | None) -> dict[str, str]:
@@ -67,8 +77,10 @@ def up(num_cpus: int | None) -> dict[str, str]:
     node = Path(f"/tmp/prl-{scope}")   # short: Ray's socket paths live under it
     home = node / "home"
     home.mkdir(parents=True)
-    _ensure_key()
-    (node / "authorized_keys").write_text(Path(f"{KEY}.pub").read_text())
+    keys = _key_paths()
+    for key in keys:
+        _ensure_key(key)
+    (node / "authorized_keys").write_text("".join(Path(f"{key}.pub").read_text().strip() + "\n" for key in keys))
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(node / "host_key")], check=True)
     ssh_port, = free_ports(1)
     gcs, = free_ports(1)
