@@ -39,6 +39,19 @@ def _ok(done, what: str) -> str:
     return done.stdout
 
 
+def _lines(stdout: str, start: str) -> list[str]:
+    """The lines of a `ray exec` command's own output that begin with `start`. Its stdout also holds the ray
+    CLI's log lines, before the command's output or — where Python buffers stdout (no PYTHONUNBUFFERED) —
+    after it, at exit."""
+    return [line.strip() for line in stdout.splitlines() if line.strip().startswith(start)]
+
+
+def _json_reply(stdout: str) -> dict:
+    """The JSON object a `ray exec` command printed (from a line that opens with `{`), the CLI's lines around it."""
+    text = "\n" + stdout.replace("\r", "")
+    return json.JSONDecoder().raw_decode(text, text.index("\n{") + 1)[0]
+
+
 def test_ray_up_submit_client_down_leaves_nothing(machines, tiny_llama):
     from pagedray.cluster import LLM, SamplingParams
     t0 = time.monotonic()
@@ -50,16 +63,18 @@ def test_ray_up_submit_client_down_leaves_nothing(machines, tiny_llama):
     try:
         _ok(run(["ray", "up", "-y", "--no-config-cache", *cluster], 300, **launcher_env), "ray up")
         mark("ray up")
-        count = "python -c 'import ray; ray.init(); print(sum(n[\"Alive\"] for n in ray.nodes()))'"
+        count = "python -c 'import ray; ray.init(); print(\"alive nodes:\", sum(n[\"Alive\"] for n in ray.nodes()))'"
         deadline = time.monotonic() + 180
         while True:     # the head's autoscaler launches the workers after `ray up` returns
-            nodes = run(["ray", "exec", *cluster, count], 120).stdout.strip().splitlines()
-            if nodes and nodes[-1] == "3":
+            done = run(["ray", "exec", *cluster, count], 120)
+            nodes = _lines(done.stdout, "alive nodes: ")
+            if nodes == ["alive nodes: 3"]:
                 break
             if time.monotonic() > deadline:
                 logs = "cd $RAY_TMPDIR/ray/session_latest/logs && tail -n 30 monitor.out monitor.log"  # .out: updaters
                 log = run(["ray", "exec", *cluster, logs], 120).stdout
-                raise AssertionError(f"workers did not join: {nodes[-1:]}; the head's autoscaler said:\n{log}")
+                raise AssertionError(f"workers did not join: {nodes or done.stderr[-2000:]}; the head's autoscaler "
+                                     f"said:\n{log}")
             time.sleep(3)
         mark("3 nodes up")
         _ok(run(["ray", "submit", "--tmux", *cluster, "deploy/serve.py", "--", "--model", tiny_llama,
@@ -77,7 +92,7 @@ def test_ray_up_submit_client_down_leaves_nothing(machines, tiny_llama):
         mark("serving, 2 replicas")
         reply = _ok(run(["ray", "exec", *cluster, "pagedray client --address 127.0.0.1:50051 --token-ids 5,17,42,9 "
                          f"--max-tokens {TOKENS} --temperature 0 --json"], 120), "client")
-        got = [int(t) for t in json.loads(reply[reply.index("{"):reply.rindex("}") + 1])["completions"][0]["tokenIds"]]
+        got = [int(t) for t in _json_reply(reply)["completions"][0]["tokenIds"]]
         offline = LLM(tiny_llama, device="cpu")
         want = offline.generate([{"prompt_token_ids": [5, 17, 42, 9]}], SamplingParams(temperature=0, max_tokens=TOKENS),
                                 use_tqdm=False)[0].outputs[0].token_ids
