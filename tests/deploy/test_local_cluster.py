@@ -28,6 +28,10 @@ from pagedray.cluster import LLM, SamplingParams
 TOOLS = {"/usr/sbin/sshd": "openssh-server", "rsync": "rsync", "nc": "netcat-openbsd", "tmux": "tmux"}
 BIN = Path(sys.executable).parent
 TOKENS = 12
+# The streamed request: long enough (~0.1 s of steps here) that it cannot all be generated while the server's event
+# loop waits for a CPU — a 12-token one takes ~20 ms, and under load came back as one merged reply (deltas that
+# queue up while the server is not running are merged, as they should be).
+STREAM_TOKENS = 96
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +99,15 @@ def test_ray_up_submit_client_scale_down(node, tmp_path_factory):
         offline = LLM(ckpt, device="cpu")
         params = SamplingParams(temperature=0.0, max_tokens=TOKENS)
         want_text = offline.generate(["hello world"], params, use_tqdm=False)[0].outputs[0].token_ids
-        want_ids = offline.generate([{"prompt_token_ids": [5, 17, 42, 9]}], params,
+        want_ids = offline.generate([{"prompt_token_ids": [5, 17, 42, 9]}],
+                                    SamplingParams(temperature=0.0, max_tokens=STREAM_TOKENS, ignore_eos=True),
                                     use_tqdm=False)[0].outputs[0].token_ids
         offline.shutdown()
         reply = json.loads(_client(env, address, *auth, "--prompt", "hello world", "--max-tokens", str(TOKENS),
                                    "--temperature", "0", "--json"))
         assert [int(t) for t in reply["completions"][0]["tokenIds"]] == want_text
-        lines = _client(env, address, *auth, "--token-ids", "5,17,42,9", "--max-tokens", str(TOKENS),
-                        "--temperature", "0", "--stream", "--json").splitlines()
+        lines = _client(env, address, *auth, "--token-ids", "5,17,42,9", "--max-tokens", str(STREAM_TOKENS),
+                        "--temperature", "0", "--ignore-eos", "--stream", "--json").splitlines()
         assert len(lines) > 1    # streamed, not one reply
         streamed = [int(t) for line in lines for c in json.loads(line)["completions"] for t in c.get("tokenIds", [])]
         assert streamed == want_ids
