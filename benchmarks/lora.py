@@ -175,7 +175,10 @@ def report(args, results: dict) -> None:
             f"max_loras={args.num_adapters}; lora-mixed: request i runs adapter i mod {args.num_adapters}.\n\n"
             f"{table}\n\n{decode}\n")
     print(body)
-    append_results("Multi-LoRA: throughput over adapters and batch-1 decode (benchmarks/lora.py)", body, args.results)
+    figures = {f"{name} vs base": round(tps(name) / base, 4) for name in names if name != "base"}
+    figures.update({f"batch-1 ms/token {name}": round(results[name]["decode"] * 1e3, 3) for name in decoded})
+    append_results("Multi-LoRA: throughput over adapters and batch-1 decode (benchmarks/lora.py)", body, args.results,
+                   figures=figures, headline="lora-mixed vs base")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
