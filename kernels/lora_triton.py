@@ -1,9 +1,9 @@
-"""The batched LoRA kernels in Triton (see lora.py): shrink x -> x A^T and expand y += (x A^T) B^T,
+"""The batched LoRA kernels in Triton (see lora.py): shrink x -> x A^T and expand y += (x A^T) B,
 each token with its own slot's A [slots, R, K] and B [slots, R, N].
 
 Tokens arrive sorted by slot (`order`), so a tile of BLOCK_T tokens (16 in decode batches, 64 in
-prefill) holds a contiguous range of slots, mostly one: a program walks only the slots of its tile (from its first token's to its
-last's), gathering its tokens' rows through `order` and writing only the rows of the slot in
+prefill) holds a contiguous range of slots, mostly one: a program walks only the slots of its tile
+(from its first token's to its last's), gathering its tokens' rows through `order` and writing only the rows of the slot in
 hand, so every output row is written by exactly one program (no atomics, deterministic). The
 shrink's long reduction (hidden or intermediate size) is split over K into `splits` partial sums
 (fp32, [splits, T, R]), which the expand adds up as it loads them: a decode batch of a few tiles
@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from pagedray.kernels import _compile as C
+
 
 def _block_t(num_tokens: int) -> int:
     """Tokens per tile: 16 for decode batches; 64 for prefill, so each B tile is read 4x less often."""
