@@ -37,6 +37,10 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded_weight: WeightLike, shard_id=None) -> None:
         raise NotImplementedError
 
+    def rank_bias(self) -> torch.Tensor | None:
+        """The bias this rank adds to its product (None: none)."""
+        return self.bias
+
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.quant_method is not None:
             return self.quant_method.apply(self, x, bias)
@@ -183,6 +187,10 @@ class RowParallelLinear(LinearBase):
         self.input_size, self.output_size = input_size, output_size
         self.input_is_parallel, self.reduce_results = input_is_parallel, reduce_results
 
+    def rank_bias(self) -> torch.Tensor | None:
+        """Rank 0's only: the all-reduce sums the partial products, and so would sum every rank's bias."""
+        return self.bias if self.tp_rank == 0 else None
+
     def weight_loader(self, param: nn.Parameter, loaded_weight: WeightLike, shard_id=None) -> None:
         if shard_id is not None:
             raise ValueError(f"{type(self).__name__} takes no shard_id, got {shard_id!r}")
@@ -196,8 +204,7 @@ class RowParallelLinear(LinearBase):
         if not self.input_is_parallel and self.tp_size > 1:
             cols = self.weight.shape[1]
             x = x.narrow(-1, self.tp_rank * cols, cols)
-        bias = self.bias if self.tp_rank == 0 else None
-        y = self._matmul(x, bias)
+        y = self._matmul(x, self.rank_bias())
         return tp_all_reduce(y) if self.reduce_results else y
 
 

@@ -186,8 +186,8 @@ class LoRALinear(nn.Module):
             if path == "kernels":
                 y = lora_delta(self.base(x), xin, self.lora_a, self.lora_b, ctx.indices[:n], ctx.order[:n])
             elif path == "fused":   # the base GEMM accumulates onto the delta
-                bias = self.base.bias if not self.row_parallel or self.tp_rank == 0 else None
-                y = lora_linear_dense(xin, self.base.weight, bias, self.lora_a, self.lora_b, ctx.mask[:n])
+                y = lora_linear_dense(xin, self.base.weight, self.base.rank_bias(), self.lora_a, self.lora_b,
+                                      ctx.mask[:n])
             else:
                 y = lora_delta_dense(self.base(x), xin, self.lora_a, self.lora_b, ctx.mask[:n])
         if self.row_parallel and self.reduce_results:
