@@ -91,10 +91,10 @@ def lora_delta_dense(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lor
                      mask: torch.Tensor) -> torch.Tensor:
     """y += ((x A_all^T) * mask) B_all in place: every slot at once, `mask` [T, slots] one-hot per token
     (a row of zeros: no adapter). The product x A^T is rounded to y's dtype, as PEFT's layers do."""
-    shrunk = _masked_shrink(x, lora_a, lora_b, mask)
     slots, r, n = lora_b.shape
     if y.shape != (x.shape[0], n):
         raise ValueError(f"LoRA dense path: y {tuple(y.shape)} is not [{x.shape[0]}, {n}]")
+    shrunk = _masked_shrink(x, lora_a, lora_b, mask)
     return y.addmm_(shrunk, lora_b.view(slots * r, n))
 
 
