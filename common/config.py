@@ -259,8 +259,14 @@ class KernelOptions:
     lora_dense_min_tokens: int = 2
     lora_narrow_kernels_min_tokens: int = 128
     lora_narrow_kernels_max_tokens: int = 1024
+    # Decode graphs of at least this many rows run as two half batches on two streams, one half's
+    # attention beside the other's projections (workers/cuda_graphs.py); 0: off. Only where one
+    # worker holds the whole model, without LoRA or speculation (their per-step state is whole-batch).
+    two_batch_overlap_min_batch: int = 0
 
     def __post_init__(self) -> None:
+        if self.two_batch_overlap_min_batch < 0:
+            raise ValueError(f"two_batch_overlap_min_batch must be >= 0, got {self.two_batch_overlap_min_batch}")
         if self.gc_threshold < 0:
             raise ValueError(f"gc_threshold must be >= 0, got {self.gc_threshold}")
         if self.lora_dense_min_tokens < 0:

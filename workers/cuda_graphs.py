@@ -9,6 +9,12 @@ write) and whose outputs are dropped.
 
 The attention kernel's grid depends only on the host-side max_seq_len, so each
 graph is captured at max_model_len and replays correctly for shorter contexts.
+
+Two-batch overlap (KernelOptions.two_batch_overlap_min_batch): at large batches a decode step is
+GEMMs (compute-bound) plus attention over the KV cache (bandwidth-bound), one after the other. A
+bucket of at least that many rows is captured as two half batches on two streams, the second
+half's attention in layer i waiting for the first half's, so that one half's attention can run
+beside the other half's projections (the schedule NanoFlow and SGLang's two-batch overlap use).
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import logging
 
 import torch
 
-from pagedray.models.layers.attention import AttentionMetadata
+from pagedray.models.layers.attention import Attention, AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +43,11 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], batch_sizes: list[int],
-                 max_seq_len: int, block_size: int, device: torch.device) -> None:
+                 max_seq_len: int, block_size: int, device: torch.device, two_batch_min: int = 0) -> None:
         self.model = model
+        # Buckets of at least this many rows are captured as two overlapped half batches (0: none).
+        self.two_batch_min = two_batch_min
+        self.side_stream = torch.cuda.Stream(device=device) if two_batch_min and device.type == "cuda" else None
         self.kv_caches = kv_caches
         self.batch_sizes = sorted(batch_sizes)
         self.max_seq_len = max_seq_len
@@ -55,15 +64,26 @@ class DecodeGraphs:
         self.pool = None
         self.num_replays = 0  # decode steps served by a graph (tests and benchmarks read it)
 
-    def _metadata(self, bs: int) -> AttentionMetadata:
+    def _metadata(self, start: int, end: int) -> AttentionMetadata:
+        n = end - start
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:bs], block_tables=self.block_tables[:bs],
-            seq_lens=self.seq_lens[:bs], query_start_loc=self.query_start_loc[:bs + 1],
-            seq_lens_list=[self.max_seq_len] * bs, query_lens_list=[1] * bs,
+            slot_mapping=self.slot_mapping[start:end], block_tables=self.block_tables[start:end],
+            seq_lens=self.seq_lens[start:end], query_start_loc=self.query_start_loc[:n + 1],
+            seq_lens_list=[self.max_seq_len] * n, query_lens_list=[1] * n,
             max_query_len=1, max_seq_len=self.max_seq_len)
 
+    def split_at(self, bs: int) -> int:
+        """Rows of the first half batch of a bucket (a multiple of 8), or 0 when it runs whole."""
+        if not self.two_batch_min or bs < max(self.two_batch_min, 16):
+            return 0
+        return bs // 16 * 8
+
     def _forward(self, bs: int) -> torch.Tensor:
-        return self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, self._metadata(bs))
+        split = self.split_at(bs)
+        if split:
+            return two_batch_forward(self.model, self.kv_caches, self.input_ids[:bs], self.positions[:bs],
+                                     self._metadata(0, split), self._metadata(split, bs), self.side_stream)
+        return self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, self._metadata(0, bs))
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -99,3 +119,44 @@ class DecodeGraphs:
         self.graphs[bs].replay()
         self.num_replays += 1
         return self.outputs[bs][:n]
+
+
+def two_batch_forward(model: torch.nn.Module, kv_caches: list[torch.Tensor], input_ids: torch.Tensor,
+                      positions: torch.Tensor, first: AttentionMetadata,
+                      second: AttentionMetadata, side: torch.cuda.Stream | None = None) -> torch.Tensor:
+    """The model over two half batches (rows [0, s) with `first`, [s, T) with `second`), the second
+    on a side stream whose attention in each layer waits for the first half's in that layer;
+    the hidden states of all rows, in order. On a CPU the halves simply run one after the other."""
+    split = first.num_seqs
+    if input_ids.device.type != "cuda":
+        return torch.cat([model(input_ids[:split], positions[:split], kv_caches, first),
+                          model(input_ids[split:], positions[split:], kv_caches, second)])
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    index = {id(m): i for i, m in enumerate(layers)}
+    done = [torch.cuda.Event() for _ in layers]
+    main = torch.cuda.current_stream()
+    side = side or torch.cuda.Stream(device=input_ids.device)
+    side.wait_stream(main)   # the fork: both halves start from the step's inputs
+
+    def record(module, args, output) -> None:
+        done[index[id(module)]].record()
+
+    def wait(module, args) -> None:
+        torch.cuda.current_stream().wait_event(done[index[id(module)]])
+
+    handles = [m.register_forward_hook(record) for m in layers]
+    try:
+        out_first = model(input_ids[:split], positions[:split], kv_caches, first)
+    finally:
+        for h in handles:
+            h.remove()
+    handles = [m.register_forward_pre_hook(wait) for m in layers]
+    try:
+        with torch.cuda.stream(side):
+            out_second = model(input_ids[split:], positions[split:], kv_caches, second)
+    finally:
+        for h in handles:
+            h.remove()
+    main.wait_stream(side)   # the join
+    out_second.record_stream(main)   # (read below on the main stream; allocated on the side one)
+    return torch.cat([out_first, out_second])
