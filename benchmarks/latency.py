@@ -79,6 +79,7 @@ def main(argv=None) -> int:
                   quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                   max_model_len=args.input_len + args.output_len, max_num_seqs=max(args.batch_sizes),
                   enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization,
+                  max_num_batched_tokens=args.max_num_batched_tokens,
                   kernel_options=kernel_options(args.kernel_option))
         startup = time.perf_counter() - start
         runner = llm.llm_engine.executor.worker.runner
@@ -161,6 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quantization", choices=["fp8"], default=None, help="fp8: weights quantized at load")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="the step token budget (prefills)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf-baseline", action="store_true")
     p.add_argument("--hf-timeout", type=float, default=600.0, help="seconds before the HF run is given up")
