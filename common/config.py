@@ -263,10 +263,15 @@ class KernelOptions:
     # attention beside the other's projections (workers/cuda_graphs.py); 0: off. Only where one
     # worker holds the whole model, without LoRA or speculation (their per-step state is whole-batch).
     two_batch_overlap_min_batch: int = 0
+    # Their GEMMs through cuBLASLt, told to leave this many SMs to the other half's kernels (0: cuBLAS's
+    # own choice of kernel and SMs).
+    two_batch_overlap_sm_carveout: int = 0
 
     def __post_init__(self) -> None:
         if self.two_batch_overlap_min_batch < 0:
             raise ValueError(f"two_batch_overlap_min_batch must be >= 0, got {self.two_batch_overlap_min_batch}")
+        if self.two_batch_overlap_sm_carveout < 0:
+            raise ValueError(f"two_batch_overlap_sm_carveout must be >= 0, got {self.two_batch_overlap_sm_carveout}")
         if self.gc_threshold < 0:
             raise ValueError(f"gc_threshold must be >= 0, got {self.gc_threshold}")
         if self.lora_dense_min_tokens < 0:

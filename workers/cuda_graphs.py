@@ -18,6 +18,7 @@ beside the other half's projections (the schedule NanoFlow and SGLang's two-batc
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -43,10 +44,13 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], batch_sizes: list[int],
-                 max_seq_len: int, block_size: int, device: torch.device, two_batch_min: int = 0) -> None:
+                 max_seq_len: int, block_size: int, device: torch.device, two_batch_min: int = 0,
+                 sm_carveout: int = 0) -> None:
         self.model = model
-        # Buckets of at least this many rows are captured as two overlapped half batches (0: none).
+        # Buckets of at least this many rows are captured as two overlapped half batches (0: none),
+        # their GEMMs through cuBLASLt targeting sm_carveout fewer SMs when that is > 0.
         self.two_batch_min = two_batch_min
+        self.sm_carveout = sm_carveout
         self.side_stream = torch.cuda.Stream(device=device) if two_batch_min and device.type == "cuda" else None
         self.kv_caches = kv_caches
         self.batch_sizes = sorted(batch_sizes)
@@ -89,11 +93,13 @@ class DecodeGraphs:
     def capture(self) -> None:
         # Largest first, so smaller graphs reuse the memory pool the largest one reserved.
         for bs in reversed(self.batch_sizes):
-            self._forward(bs)  # warm-up: compiles kernels, settles the allocator
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.outputs[bs] = self._forward(bs)
+            carveout = self.sm_carveout if self.split_at(bs) else 0
+            with gemm_sm_target(carveout > 0, carveout):
+                self._forward(bs)  # warm-up: compiles kernels, settles the allocator
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.outputs[bs] = self._forward(bs)
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[bs] = graph
@@ -119,6 +125,24 @@ class DecodeGraphs:
         self.graphs[bs].replay()
         self.num_replays += 1
         return self.outputs[bs][:n]
+
+
+@contextlib.contextmanager
+def gemm_sm_target(cublaslt: bool, carveout: int = 0):
+    """GEMMs issued in the body go through cuBLASLt (when `cublaslt`) and target `carveout` fewer
+    SMs than the device has (torch's experimental carveout; 0: all), so that a kernel on another
+    stream finds SMs free beside them. Process-wide while the body runs; a graph keeps what it captured."""
+    if not cublaslt:
+        yield
+        return
+    previous = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    torch._C._set_sm_carveout_experimental(carveout or None)
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(None)
+        torch.backends.cuda.preferred_blas_library(previous)
 
 
 def two_batch_forward(model: torch.nn.Module, kv_caches: list[torch.Tensor], input_ids: torch.Tensor,

@@ -185,7 +185,7 @@ class Worker:
             return
         from pagedray.workers.cuda_graphs import graph_batch_sizes
         self.runner.capture_graphs(graph_batch_sizes(self._max_decode_rows()), self.model_config.max_model_len,
-                                   self._two_batch_min())
+                                   self._two_batch_min(), kernel_option_state.current().two_batch_overlap_sm_carveout)
         if self.runner.spec is not None:
             self.runner.spec.capture_graphs(self.max_num_seqs, self.model_config.max_model_len,
                                             self.cache_config.block_size, self.device)

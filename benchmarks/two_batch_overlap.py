@@ -1,0 +1,99 @@
+"""Two-batch overlap of one decode graph at a large batch (workers/cuda_graphs.py), A/B in one process.
+
+    python benchmarks/two_batch_overlap.py [--shape llama3-8b] [--batch 1024] [--ctx 384] [--carveouts 16,32,48]
+
+One engine (eager, dummy weights) provides the model and its KV cache; the bucket is then captured
+as a graph several ways and each is timed by CUDA events over replays at a context of --ctx tokens
+a sequence (decode_profile's static inputs, no cache writes):
+  whole                       the engine's own capture
+  two batches                 two half batches on two streams (KernelOptions.two_batch_overlap_min_batch)
+  ... cuBLASLt                the same with torch's cuBLASLt path for every GEMM
+  ... cuBLASLt, carveout k    cuBLASLt told to target k fewer SMs (torch._C._set_sm_carveout_experimental),
+                              leaving k SMs to the other half's attention
+Each variant's hidden states are compared with the whole graph's (relative error). --profile adds
+the kernel breakdown of each variant (decode_profile.profile_replay).
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+
+from common import SHAPES, add_model_flags, copy_bandwidth, markdown_table, matmul_tflops, record, write_config
+from decode_profile import _set_context, graph_replay_ms, profile_replay
+
+BLOCK_SIZE = 16
+
+
+def variants(batch: int, carveouts: list[int]) -> list[tuple[str, int, bool, int]]:
+    """(name, two_batch_min, cuBLASLt, carveout)."""
+    rows = [("whole", 0, False, 0), ("whole, cuBLASLt", 0, True, 0), ("two batches", batch, False, 0),
+            ("two batches, cuBLASLt", batch, True, 0)]
+    return rows + [(f"two batches, cuBLASLt, carveout {k}", batch, True, k) for k in carveouts]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from pagedray.cluster import LLM
+    from pagedray.workers.cuda_graphs import DecodeGraphs, gemm_sm_target
+    bandwidth, tflops = copy_bandwidth(), matmul_tflops()
+    max_len = -(-(args.ctx + 16) // BLOCK_SIZE) * BLOCK_SIZE
+    with tempfile.TemporaryDirectory() as tmp:
+        llm = LLM(write_config(args.shape, tmp), load_format="dummy", dtype=args.dtype, device=args.device,
+                  max_model_len=max_len, max_num_seqs=8, enforce_eager=True, enable_prefix_caching=False,
+                  gpu_memory_utilization=args.gpu_memory_utilization)
+        runner = llm.llm_engine.executor.worker.runner
+        num_blocks = llm.llm_engine.num_kv_blocks
+        rows, reference, profiles = [], None, []
+        for name, two_batch_min, lt, carveout in variants(args.batch, args.carveouts):
+            graphs = DecodeGraphs(runner.model, runner.kv_caches, [args.batch], max_len, BLOCK_SIZE,
+                                  runner.device, two_batch_min)
+            _set_context(graphs, args.batch, args.ctx, num_blocks, BLOCK_SIZE)
+            with gemm_sm_target(lt, carveout):
+                graphs.capture()
+            ms = min(graph_replay_ms(graphs.graphs[args.batch]) for _ in range(args.repeats))
+            hidden = graphs.outputs[args.batch].float()
+            if reference is None:
+                reference = hidden.clone()
+            err = ((hidden - reference).norm() / reference.norm()).item()
+            rows.append([name, f"{ms:.2f}", f"{ms / float(rows[0][1]) if rows else 1.0:.3f}", f"{err:.1e}"])
+            print(" | ".join(rows[-1]), flush=True)
+            if args.profile:
+                _, kernels = profile_replay(graphs, args.batch, args.ctx, num_blocks, BLOCK_SIZE, 5)
+                profiles.append(f"#### {name}\n\n" + markdown_table(
+                    ["kernel", "launches", "µs / replay"], [[f"`{k}`", c, f"{t:.0f}"] for k, c, t in kernels[:8]]))
+            del graphs, hidden
+            torch.cuda.empty_cache()
+        llm.shutdown()
+    table = markdown_table(["graph", "replay (ms)", "vs whole", "hidden vs whole (rel. err)"], rows)
+    body = (table + f"\n\n- Shape {args.shape}, dummy weights, {args.dtype}, batch {args.batch}, context {args.ctx}; "
+            f"best of {args.repeats} medians of 20 replays. Ceilings in this run: copy {bandwidth:.0f} GB/s, "
+            f"bf16 matmul {tflops:.0f} TFLOP/s.")
+    if profiles:
+        body += "\n\n" + "\n\n".join(profiles)
+    print(body, flush=True)
+    record(f"{args.shape} decode graph, batch {args.batch}, two-batch overlap",
+           {name: float(ms) for name, ms, _, _ in rows}, body, headline="whole")
+    return 0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--ctx", type=int, default=384)
+    p.add_argument("--carveouts", type=lambda t: [int(x) for x in t.split(",") if x], default=[16, 32, 48])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    args = p.parse_args(argv)
+    if args.batch < 16 or args.batch % 16:
+        raise ValueError(f"--batch must be a multiple of 16 (two halves of whole 8-row groups), got {args.batch}")
+    if args.shape not in SHAPES:
+        raise ValueError(f"--shape must be one of {sorted(SHAPES)}")
+    return args
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
