@@ -262,6 +262,7 @@ class KernelOptions:
     # Decode graphs of at least this many rows run as two half batches on two streams, one half's
     # attention beside the other's projections (workers/cuda_graphs.py); 0: off. Only where one
     # worker holds the whole model, without LoRA or speculation (their per-step state is whole-batch).
+    # H100, llama3-8b at batch 1024, context 384: 43.0 ms a replay at 256 against 40.9 off (2026-12-06).
     two_batch_overlap_min_batch: int = 0
     # Their GEMMs through cuBLASLt, told to leave this many SMs to the other half's kernels (0: cuBLAS's
     # own choice of kernel and SMs).

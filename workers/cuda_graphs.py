@@ -14,7 +14,10 @@ Two-batch overlap (KernelOptions.two_batch_overlap_min_batch): at large batches 
 GEMMs (compute-bound) plus attention over the KV cache (bandwidth-bound), one after the other. A
 bucket of at least that many rows is captured as two half batches on two streams, the second
 half's attention in layer i waiting for the first half's, so that one half's attention can run
-beside the other half's projections (the schedule NanoFlow and SGLang's two-batch overlap use).
+beside the other half's projections (NanoFlow's nano-batches). Off by default: in this form it was
+slower (H100, batch 1024: 43.0 against 40.9 ms a replay; cuBLAS's kernels take every SM). With
+two_batch_overlap_sm_carveout the halves' GEMMs leave SMs to the other stream (not yet measured;
+benchmarks/two_batch_overlap.py).
 """
 from __future__ import annotations
 

@@ -193,9 +193,13 @@ class Worker:
     def _two_batch_min(self) -> int:
         """KernelOptions.two_batch_overlap_min_batch where it applies: one worker holds the whole model
         (no collectives on two streams) and no LoRA or speculation state spans the whole batch."""
-        if self.parallel_config.world_size > 1 or self.runner.lora is not None or self.runner.spec is not None:
+        wanted = kernel_option_state.current().two_batch_overlap_min_batch
+        if wanted and (self.parallel_config.world_size > 1 or self.runner.lora is not None
+                       or self.runner.spec is not None):
+            logger.warning("two_batch_overlap_min_batch=%d not applied: it needs one worker for the whole model, "
+                           "without LoRA or speculative decoding", wanted)
             return 0
-        return kernel_option_state.current().two_batch_overlap_min_batch
+        return wanted
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         out = self.runner.execute_model(sched)
