@@ -41,6 +41,10 @@ class LinearBase(nn.Module):
         """The bias this rank adds to its product (None: none)."""
         return self.bias
 
+    def rank_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The part of the layer's input this rank multiplies."""
+        return x
+
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.quant_method is not None:
             return self.quant_method.apply(self, x, bias)
@@ -191,6 +195,13 @@ class RowParallelLinear(LinearBase):
         """Rank 0's only: the all-reduce sums the partial products, and so would sum every rank's bias."""
         return self.bias if self.tp_rank == 0 else None
 
+    def rank_input(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's input columns; an input already split across ranks (input_is_parallel) as it is."""
+        if self.input_is_parallel or self.tp_size == 1:
+            return x
+        cols = self.weight.shape[1]
+        return x.narrow(-1, self.tp_rank * cols, cols)
+
     def weight_loader(self, param: nn.Parameter, loaded_weight: WeightLike, shard_id=None) -> None:
         if shard_id is not None:
             raise ValueError(f"{type(self).__name__} takes no shard_id, got {shard_id!r}")
@@ -201,10 +212,7 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(narrow(loaded_weight, 1, self.tp_rank * cols, cols))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.input_is_parallel and self.tp_size > 1:
-            cols = self.weight.shape[1]
-            x = x.narrow(-1, self.tp_rank * cols, cols)
-        y = self._matmul(x, self.rank_bias())
+        y = self._matmul(self.rank_input(x), self.rank_bias())
         return tp_all_reduce(y) if self.reduce_results else y
 
 

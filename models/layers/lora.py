@@ -174,10 +174,7 @@ class LoRALinear(nn.Module):
         if not ctx.active:
             y = self.base(x)
         else:
-            xin = x
-            if self.row_parallel and not self.base.input_is_parallel and self.tp_size > 1:
-                xin = x.narrow(-1, self.tp_rank * self.in_per_rank, self.in_per_rank)
-            xin = xin.contiguous()
+            xin = self.base.rank_input(x).contiguous()
             n = xin.shape[0]
             if n > ctx.indices.shape[0]:   # (a kernel would read past the slot map: refuse, at capture too)
                 raise ValueError(f"a forward of {n} tokens is above the LoRA buffers' max_num_tokens="
