@@ -95,7 +95,7 @@ def test_unknown_architecture_lists_supported(ckpt):
         ModelRegistry.resolve([])
 
 
-def test_register_out_of_tree_model():
+def test_register_out_of_tree_model(scoped_registry):
     class Toy(torch.nn.Module):
         def __init__(self, config):
             super().__init__()

@@ -13,7 +13,7 @@ class MyNeoXForCausalLM(GPTNeoXForCausalLM):
     """Stands in for a user's own model file: same weights, a name the package does not know."""
 
 
-def test_user_registered_arch_generates_like_the_in_tree_one(tmp_path):
+def test_user_registered_arch_generates_like_the_in_tree_one(tmp_path, scoped_registry):
     src = build_checkpoint("GPTNeoXForCausalLM", "parallel_residual", str(tmp_path / "in_tree"))
     dst = copy_as_arch(src, tmp_path / "user", "MyNeoXForCausalLM")
 
