@@ -25,3 +25,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def scoped_registry(monkeypatch):
+    """The process-wide ModelRegistry, restored after the test. A test that registers an out-of-tree
+    class takes this: left registered, the class reaches later tests' engines, which hand such
+    classes to their workers by pickling (a class local to a test, or from the tests' own modules,
+    cannot be loaded there)."""
+    from pagedray.models import ModelRegistry
+    monkeypatch.setattr(ModelRegistry, "_models", dict(ModelRegistry._models))
+    monkeypatch.setattr(ModelRegistry, "_user", set(ModelRegistry._user))
+    return ModelRegistry

@@ -256,7 +256,7 @@ def test_autoscaler_scales_up_under_load_and_back_down(loop, ray_local, ckpt):
     assert not actors_at_peak & _live_actors("CoreActor")
 
 
-def test_out_of_tree_model_reaches_the_replica_and_its_tp_workers(loop, ray_local, ckpt, tmp_path):
+def test_out_of_tree_model_reaches_the_replica_and_its_tp_workers(loop, ray_local, ckpt, tmp_path, scoped_registry):
     """A class registered in the driver only runs in the replica actor and in both TP ranks."""
     from ray import cloudpickle   # Ray's own copy: registering with the standalone package would not count
     user_ckpt = copy_as_arch(ckpt, tmp_path / "user", "MyLlamaForCausalLM")
