@@ -1,12 +1,14 @@
 """Two-batch overlap of one decode graph at a large batch (workers/cuda_graphs.py), A/B in one process.
 
     python benchmarks/two_batch_overlap.py [--shape llama3-8b] [--batch 1024] [--ctx 384] [--carveouts 16,32,48]
+        [--forms plain,pipelined]
 
 One engine (eager, dummy weights) provides the model and its KV cache; the bucket is then captured
 as a graph several ways and each is timed by CUDA events over replays at a context of --ctx tokens
 a sequence (decode_profile's static inputs, no cache writes):
-  whole                       the engine's own capture
-  two batches                 two half batches on two streams (KernelOptions.two_batch_overlap_min_batch)
+  whole                       the engine's own capture (and with torch's cuBLASLt path for every GEMM)
+  two batches, <form>         two half batches on two streams (KernelOptions.two_batch_overlap_min_batch)
+                              in the plain or the pipelined form (workers/two_batch.py)
   ... cuBLASLt                the same with torch's cuBLASLt path for every GEMM
   ... cuBLASLt, carveout k    cuBLASLt told to target k fewer SMs (torch._C._set_sm_carveout_experimental),
                               leaving k SMs to the other half's attention
@@ -26,17 +28,21 @@ from decode_profile import _set_context, graph_replay_ms, profile_replay
 BLOCK_SIZE = 16
 
 
-def variants(batch: int, carveouts: list[int]) -> list[tuple[str, int, bool, int]]:
-    """(name, two_batch_min, cuBLASLt, carveout)."""
-    rows = [("whole", 0, False, 0), ("whole, cuBLASLt", 0, True, 0), ("two batches", batch, False, 0),
-            ("two batches, cuBLASLt", batch, True, 0)]
-    return rows + [(f"two batches, cuBLASLt, carveout {k}", batch, True, k) for k in carveouts]
+def variants(batch: int, carveouts: list[int], forms: list[str]) -> list[tuple[str, int, bool, int, bool]]:
+    """(name, two_batch_min, cuBLASLt, carveout, pipelined)."""
+    rows = [("whole", 0, False, 0, False), ("whole, cuBLASLt", 0, True, 0, False)]
+    for form in forms:
+        name, pipelined = f"two batches, {form}", form == "pipelined"
+        rows += [(name, batch, False, 0, pipelined), (f"{name}, cuBLASLt", batch, True, 0, pipelined)]
+        rows += [(f"{name}, cuBLASLt, carveout {k}", batch, True, k, pipelined) for k in carveouts]
+    return rows
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pagedray.cluster import LLM
-    from pagedray.workers.cuda_graphs import DecodeGraphs, gemm_sm_target
+    from pagedray.workers.cuda_graphs import DecodeGraphs
+    from pagedray.workers.two_batch import gemm_sm_target
     bandwidth, tflops = copy_bandwidth(), matmul_tflops()
     max_len = -(-(args.ctx + 16) // BLOCK_SIZE) * BLOCK_SIZE
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,9 +52,9 @@ def main(argv=None) -> int:
         runner = llm.llm_engine.executor.worker.runner
         num_blocks = llm.llm_engine.num_kv_blocks
         times, rows, reference, profiles = {}, [], None, []
-        for name, two_batch_min, lt, carveout in variants(args.batch, args.carveouts):
+        for name, two_batch_min, lt, carveout, pipelined in variants(args.batch, args.carveouts, args.forms):
             graphs = DecodeGraphs(runner.model, runner.kv_caches, [args.batch], max_len, BLOCK_SIZE,
-                                  runner.device, two_batch_min)
+                                  runner.device, two_batch_min, pipelined=pipelined)
             _set_context(graphs, args.batch, args.ctx, num_blocks, BLOCK_SIZE)
             with gemm_sm_target(lt, carveout):
                 graphs.capture()
@@ -85,10 +91,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--ctx", type=int, default=384)
     p.add_argument("--carveouts", type=lambda t: [int(x) for x in t.split(",") if x], default=[16, 32, 48])
+    p.add_argument("--forms", type=lambda t: [f for f in t.split(",") if f], default=["plain", "pipelined"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     args = p.parse_args(argv)
+    if set(args.forms) - {"plain", "pipelined"}:
+        raise ValueError(f"--forms takes plain and/or pipelined, got {','.join(args.forms)}")
     if args.batch < 16 or args.batch % 16:
         raise ValueError(f"--batch must be a multiple of 16 (two halves of whole 8-row groups), got {args.batch}")
     return args

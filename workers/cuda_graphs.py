@@ -10,23 +10,18 @@ write) and whose outputs are dropped.
 The attention kernel's grid depends only on the host-side max_seq_len, so each
 graph is captured at max_model_len and replays correctly for shorter contexts.
 
-Two-batch overlap (KernelOptions.two_batch_overlap_min_batch): at large batches a decode step is
-GEMMs (compute-bound) plus attention over the KV cache (bandwidth-bound), one after the other. A
-bucket of at least that many rows is captured as two half batches on two streams, the second
-half's attention in layer i waiting for the first half's, so that one half's attention can run
-beside the other half's projections (NanoFlow's nano-batches). Off by default: in this form it was
-slower (H100, batch 1024: 43.0 against 40.9 ms a replay; cuBLAS's kernels take every SM). With
-two_batch_overlap_sm_carveout the halves' GEMMs leave SMs to the other stream (not yet measured;
-benchmarks/two_batch_overlap.py).
+Two-batch overlap (KernelOptions.two_batch_overlap_min_batch, off by default): a bucket of at
+least that many rows is captured as two half batches on two streams, so that one half's attention
+can run beside the other half's projections (workers/two_batch.py).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
 
-from pagedray.models.layers.attention import Attention, AttentionMetadata
+from pagedray.models.layers.attention import AttentionMetadata
+from pagedray.workers.two_batch import gemm_sm_target, two_batch_forward
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +43,14 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], batch_sizes: list[int],
                  max_seq_len: int, block_size: int, device: torch.device, two_batch_min: int = 0,
-                 sm_carveout: int = 0) -> None:
+                 sm_carveout: int = 0, pipelined: bool = True) -> None:
         self.model = model
         # Buckets of at least this many rows are captured as two overlapped half batches (0: none),
-        # their GEMMs through cuBLASLt targeting sm_carveout fewer SMs when that is > 0.
+        # in the pipelined or the plain form, their GEMMs through cuBLASLt targeting sm_carveout
+        # fewer SMs when that is > 0.
         self.two_batch_min = two_batch_min
         self.sm_carveout = sm_carveout
+        self.pipelined = pipelined
         self.side_stream = torch.cuda.Stream(device=device) if two_batch_min and device.type == "cuda" else None
         self.kv_caches = kv_caches
         self.batch_sizes = sorted(batch_sizes)
@@ -89,7 +86,8 @@ class DecodeGraphs:
         split = self.split_at(bs)
         if split:
             return two_batch_forward(self.model, self.kv_caches, self.input_ids[:bs], self.positions[:bs],
-                                     self._metadata(0, split), self._metadata(split, bs), self.side_stream)
+                                     self._metadata(0, split), self._metadata(split, bs), self.side_stream,
+                                     self.pipelined)
         return self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, self._metadata(0, bs))
 
     @torch.inference_mode()
@@ -128,62 +126,3 @@ class DecodeGraphs:
         self.graphs[bs].replay()
         self.num_replays += 1
         return self.outputs[bs][:n]
-
-
-@contextlib.contextmanager
-def gemm_sm_target(cublaslt: bool, carveout: int = 0):
-    """GEMMs issued in the body go through cuBLASLt (when `cublaslt`) and target `carveout` fewer
-    SMs than the device has (torch's experimental carveout; 0: all), so that a kernel on another
-    stream finds SMs free beside them. Process-wide while the body runs; a graph keeps what it captured."""
-    if not cublaslt:
-        yield
-        return
-    previous = torch.backends.cuda.preferred_blas_library()
-    torch.backends.cuda.preferred_blas_library("cublaslt")
-    torch._C._set_sm_carveout_experimental(carveout or None)
-    try:
-        yield
-    finally:
-        torch._C._set_sm_carveout_experimental(None)
-        torch.backends.cuda.preferred_blas_library(previous)
-
-
-def two_batch_forward(model: torch.nn.Module, kv_caches: list[torch.Tensor], input_ids: torch.Tensor,
-                      positions: torch.Tensor, first: AttentionMetadata,
-                      second: AttentionMetadata, side: torch.cuda.Stream | None = None) -> torch.Tensor:
-    """The model over two half batches (rows [0, s) with `first`, [s, T) with `second`), the second
-    on a side stream whose attention in each layer waits for the first half's in that layer;
-    the hidden states of all rows, in order. On a CPU the halves simply run one after the other."""
-    split = first.num_seqs
-    if input_ids.device.type != "cuda":
-        return torch.cat([model(input_ids[:split], positions[:split], kv_caches, first),
-                          model(input_ids[split:], positions[split:], kv_caches, second)])
-    layers = [m for m in model.modules() if isinstance(m, Attention)]
-    index = {id(m): i for i, m in enumerate(layers)}
-    done = [torch.cuda.Event() for _ in layers]
-    main = torch.cuda.current_stream()
-    side = side or torch.cuda.Stream(device=input_ids.device)
-    side.wait_stream(main)   # the fork: both halves start from the step's inputs
-
-    def record(module, args, output) -> None:
-        done[index[id(module)]].record()
-
-    def wait(module, args) -> None:
-        torch.cuda.current_stream().wait_event(done[index[id(module)]])
-
-    handles = [m.register_forward_hook(record) for m in layers]
-    try:
-        out_first = model(input_ids[:split], positions[:split], kv_caches, first)
-    finally:
-        for h in handles:
-            h.remove()
-    handles = [m.register_forward_pre_hook(wait) for m in layers]
-    try:
-        with torch.cuda.stream(side):
-            out_second = model(input_ids[split:], positions[split:], kv_caches, second)
-    finally:
-        for h in handles:
-            h.remove()
-    main.wait_stream(side)   # the join
-    out_second.record_stream(main)   # (read below on the main stream; allocated on the side one)
-    return torch.cat([out_first, out_second])
