@@ -23,7 +23,7 @@ import tempfile
 import torch
 
 from common import add_model_flags, copy_bandwidth, markdown_table, matmul_tflops, record, write_config
-from decode_profile import _set_context, graph_replay_ms, profile_replay
+from decode_profile import _set_context, graph_replay_ms, profile_replay, replay_us
 
 BLOCK_SIZE = 16
 
@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     from pagedray.workers.cuda_graphs import DecodeGraphs
     from pagedray.workers.two_batch import gemm_sm_target
     bandwidth, tflops = copy_bandwidth(), matmul_tflops()
+    gemm_rows = carveout_check(args.batch // 2, [0] + args.carveouts, torch.device(args.device), gemm_sm_target)
     max_len = -(-(args.ctx + 16) // BLOCK_SIZE) * BLOCK_SIZE
     with tempfile.TemporaryDirectory() as tmp:
         llm = LLM(write_config(args.shape, tmp), load_format="dummy", dtype=args.dtype, device=args.device,
@@ -77,12 +78,27 @@ def main(argv=None) -> int:
     body = (table + f"\n\n- Shape {args.shape}, dummy weights, {args.dtype}, batch {args.batch}, context {args.ctx}; "
             f"best of {args.repeats} medians of 20 replays. Ceilings in this run: copy {bandwidth:.0f} GB/s, "
             f"bf16 matmul {tflops:.0f} TFLOP/s.")
+    body += ("\n\nWhether the carveout reaches cuBLAS: one half batch's down_proj GEMM "
+             f"([{args.batch // 2}, 14336] x [14336, 4096], bf16, 4 weight copies) through cuBLASLt:\n\n"
+             + markdown_table(["SMs left free", "µs"], gemm_rows))
     if profiles:
         body += "\n\n" + "\n\n".join(profiles)
     print(body, flush=True)
     record(f"{args.shape} decode graph, batch {args.batch}, two-batch overlap",
            {name: round(ms, 3) for name, ms in times.items()}, body, headline="whole")
     return 0
+
+
+def carveout_check(rows: int, carveouts: list[int], device: torch.device, gemm_sm_target) -> list[list]:
+    """A GEMM's time through cuBLASLt at each carveout: it should grow as SMs are left free."""
+    x = torch.randn(rows, 14336, device=device, dtype=torch.bfloat16)
+    weights = [torch.randn(4096, 14336, device=device, dtype=torch.bfloat16) for _ in range(4)]
+    out = []
+    for k in carveouts:
+        with gemm_sm_target(True, k):
+            out.append([k, f"{replay_us(lambda a, w: torch.nn.functional.linear(a, w), x, weights):.1f}"])
+    print(markdown_table(["SMs left free", "µs"], out), flush=True)
+    return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
