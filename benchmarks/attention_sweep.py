@@ -23,9 +23,12 @@ from pagedray.kernels import options as kernel_options
 SHAPES = [(256, 128), (256, 384), (256, 512), (128, 1024), (64, 2048), (32, 384), (1, 512)]
 
 
-def run_shape(num_seqs: int, ctx: int, variants, partition: int | None, bandwidth: float) -> list[list]:
+def run_shape(num_seqs: int, ctx: int, variants, partition: int | None, bandwidth: float,
+              fp8: bool = False) -> list[list]:
     heads, kv_heads, head_size = 32, 8, 128
     kc, vc, bt = _paged(num_seqs, ctx, kv_heads, head_size, 16, torch.bfloat16)
+    if fp8:   # kv_cache_dtype="fp8": e4m3 values, unit scales
+        kc, vc = kc.to(attention_cuda.FP8_CACHE), vc.to(attention_cuda.FP8_CACHE)
     q = torch.randn(num_seqs, heads, head_size, device="cuda").to(torch.bfloat16)
     sl = torch.full((num_seqs,), ctx, dtype=torch.int32, device="cuda")
     nbytes = 2 * kc.element_size() * num_seqs * ctx * kv_heads * head_size
@@ -50,18 +53,22 @@ def run_shape(num_seqs: int, ctx: int, variants, partition: int | None, bandwidt
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=None)
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
+    ap.add_argument("--no-split", action="store_true", help="skip the forced two-pass rows")
     ap.add_argument("--shapes", default=None, type=lambda t: [tuple(int(v) for v in x.split(":")) for x in t.split(",")],
                     help="BATCH:CONTEXT,... (default: the throughput run's shapes above)")
     args = ap.parse_args()
     bandwidth = copy_bandwidth()
+    fp8 = args.kv_cache_dtype == "fp8"
     variants = list(itertools.product((2, 4, 8), (0, 1), (8, 4, 2)))
     rows = []
     for num_seqs, ctx in args.shapes or SHAPES:
-        rows += run_shape(num_seqs, ctx, variants, None, bandwidth)
-        if ctx >= 384:
-            rows += run_shape(num_seqs, ctx, [(4, None, None), (4, 0, 4), (2, 0, 4)], 256, bandwidth)
+        rows += run_shape(num_seqs, ctx, variants, None, bandwidth, fp8)
+        if ctx >= 384 and not args.no_split:
+            rows += run_shape(num_seqs, ctx, [(4, None, None), (4, 0, 4), (2, 0, 4)], 256, bandwidth, fp8)
     body = markdown_table(["shape", "variant", "µs", "GB/s", "of copy BW", "max|Δ| vs default"], rows)
-    body += (f"\n\n- One H200-class GPU, bf16, heads 32/8 x 128, block 16; copy bandwidth {bandwidth:.0f} GB/s "
+    body += (f"\n\n- {torch.cuda.get_device_name()}, bf16 queries, {'e4m3' if fp8 else 'bf16'} cache, heads 32/8 x 128, "
+             f"block 16; copy bandwidth {bandwidth:.0f} GB/s "
              "in this run; `None` entries: the launcher's choice (attention_cuda.variant).")
     print(body)
     append_results("Decode attention variants (benchmarks/attention_sweep.py)", body, args.results)
