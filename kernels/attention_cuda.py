@@ -38,11 +38,11 @@ FP8_QUERY_DTYPES = (torch.float16, torch.bfloat16)    # the query dtypes an FP8 
 MANY_CTAS_PER_SM = 6
 
 
-def variant(hpb: int, many_ctas: bool = False, few_ctas: bool = False) -> dict[str, int]:
+def variant(hpb: int, many_ctas: bool = False, few_ctas: bool = False, fp8: bool = False) -> dict[str, int]:
     """The -D constants of paged_attention.cu: the attention_variant option's entries, else the measured defaults."""
     default = {"SCORE_XPOSE": 1, "PREFETCH": int(hpb >= 2), "NUM_WARPS": NUM_WARPS, "TPG_MAX": None}
-    if many_ctas:
-        default.update(PREFETCH=0, NUM_WARPS=2, TPG_MAX=4)
+    if many_ctas:   # (an FP8 cache prefetches: 351 against 413 µs at batch 1024, context 384, H100)
+        default.update(PREFETCH=int(fp8), NUM_WARPS=2, TPG_MAX=4)
     elif few_ctas:
         default.update(PREFETCH=0, NUM_WARPS=8)
     chosen = {}
@@ -164,7 +164,7 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
     if not fp8:
         k_scale, v_scale = 1.0, 1.0
     defines = dict(SCALAR_T=C.CTYPE[query.dtype], HEAD_SIZE=head_size, BLOCK_SIZE=block_size, HPB=hpb,
-                   **variant(hpb, many_ctas, few_ctas), **({"CACHE_FP8": 1} if fp8 else {}))
+                   **variant(hpb, many_ctas, few_ctas, fp8), **({"CACHE_FP8": 1} if fp8 else {}))
     kernel = C.get_kernel("paged_attention.cu", "paged_decode", dev, **defines)
     max_parts = max(1, -(-max_seq_len // partition_size)) if partition_size else 1
     common = (C.ptr(query), C.ptr(key_cache), C.ptr(value_cache), C.ptr(block_tables), C.ptr(seq_lens),
