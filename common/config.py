@@ -259,20 +259,8 @@ class KernelOptions:
     lora_dense_min_tokens: int = 2
     lora_narrow_kernels_min_tokens: int = 128
     lora_narrow_kernels_max_tokens: int = 1024
-    # Decode graphs of at least this many rows run as two half batches on two streams, one half's
-    # attention beside the other's projections (workers/cuda_graphs.py); 0: off. Only where one
-    # worker holds the whole model, without LoRA or speculation (their per-step state is whole-batch).
-    # H100, llama3-8b at batch 1024, context 384: 43.0 ms a replay at 256 against 40.9 off (2026-12-06).
-    two_batch_overlap_min_batch: int = 0
-    # Their GEMMs through cuBLASLt, told to leave this many SMs to the other half's kernels (0: cuBLAS's
-    # own choice of kernel and SMs).
-    two_batch_overlap_sm_carveout: int = 0
 
     def __post_init__(self) -> None:
-        if self.two_batch_overlap_min_batch < 0:
-            raise ValueError(f"two_batch_overlap_min_batch must be >= 0, got {self.two_batch_overlap_min_batch}")
-        if self.two_batch_overlap_sm_carveout < 0:
-            raise ValueError(f"two_batch_overlap_sm_carveout must be >= 0, got {self.two_batch_overlap_sm_carveout}")
         if self.gc_threshold < 0:
             raise ValueError(f"gc_threshold must be >= 0, got {self.gc_threshold}")
         if self.lora_dense_min_tokens < 0:

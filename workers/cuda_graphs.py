@@ -9,10 +9,6 @@ write) and whose outputs are dropped.
 
 The attention kernel's grid depends only on the host-side max_seq_len, so each
 graph is captured at max_model_len and replays correctly for shorter contexts.
-
-Two-batch overlap (KernelOptions.two_batch_overlap_min_batch, off by default): a bucket of at
-least that many rows is captured as two half batches on two streams, so that one half's attention
-can run beside the other half's projections (workers/two_batch.py).
 """
 from __future__ import annotations
 
@@ -21,7 +17,6 @@ import logging
 import torch
 
 from pagedray.models.layers.attention import AttentionMetadata
-from pagedray.workers.two_batch import gemm_sm_target, two_batch_forward
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +37,8 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], batch_sizes: list[int],
-                 max_seq_len: int, block_size: int, device: torch.device, two_batch_min: int = 0,
-                 sm_carveout: int = 0, pipelined: bool = True) -> None:
+                 max_seq_len: int, block_size: int, device: torch.device) -> None:
         self.model = model
-        # Buckets of at least this many rows are captured as two overlapped half batches (0: none),
-        # in the pipelined or the plain form, their GEMMs through cuBLASLt targeting sm_carveout
-        # fewer SMs when that is > 0.
-        self.two_batch_min = two_batch_min
-        self.sm_carveout = sm_carveout
-        self.pipelined = pipelined
-        self.side_stream = torch.cuda.Stream(device=device) if two_batch_min and device.type == "cuda" else None
         self.kv_caches = kv_caches
         self.batch_sizes = sorted(batch_sizes)
         self.max_seq_len = max_seq_len
@@ -68,39 +55,25 @@ class DecodeGraphs:
         self.pool = None
         self.num_replays = 0  # decode steps served by a graph (tests and benchmarks read it)
 
-    def _metadata(self, start: int, end: int) -> AttentionMetadata:
-        n = end - start
+    def _metadata(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[start:end], block_tables=self.block_tables[start:end],
-            seq_lens=self.seq_lens[start:end], query_start_loc=self.query_start_loc[:n + 1],
-            seq_lens_list=[self.max_seq_len] * n, query_lens_list=[1] * n,
+            slot_mapping=self.slot_mapping[:bs], block_tables=self.block_tables[:bs],
+            seq_lens=self.seq_lens[:bs], query_start_loc=self.query_start_loc[:bs + 1],
+            seq_lens_list=[self.max_seq_len] * bs, query_lens_list=[1] * bs,
             max_query_len=1, max_seq_len=self.max_seq_len)
 
-    def split_at(self, bs: int) -> int:
-        """Rows of the first half batch of a bucket (a multiple of 8), or 0 when it runs whole."""
-        if not self.two_batch_min or bs < max(self.two_batch_min, 16):
-            return 0
-        return bs // 16 * 8
-
     def _forward(self, bs: int) -> torch.Tensor:
-        split = self.split_at(bs)
-        if split:
-            return two_batch_forward(self.model, self.kv_caches, self.input_ids[:bs], self.positions[:bs],
-                                     self._metadata(0, split), self._metadata(split, bs), self.side_stream,
-                                     self.pipelined)
-        return self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, self._metadata(0, bs))
+        return self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, self._metadata(bs))
 
     @torch.inference_mode()
     def capture(self) -> None:
         # Largest first, so smaller graphs reuse the memory pool the largest one reserved.
         for bs in reversed(self.batch_sizes):
-            carveout = self.sm_carveout if self.split_at(bs) else 0
-            with gemm_sm_target(carveout > 0, carveout):
-                self._forward(bs)  # warm-up: compiles kernels, settles the allocator
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    self.outputs[bs] = self._forward(bs)
+            self._forward(bs)  # warm-up: compiles kernels, settles the allocator
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.outputs[bs] = self._forward(bs)
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[bs] = graph

@@ -413,13 +413,11 @@ class ModelRunner:
             return self.graphs.run(inputs.input_ids, inputs.positions, meta)
         return self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
 
-    def capture_graphs(self, batch_sizes: list[int], max_seq_len: int, two_batch_min: int = 0,
-                       sm_carveout: int = 0) -> None:
-        """Capture decode graphs over the allocated KV cache (CUDA only); buckets of at least
-        two_batch_min rows as two overlapped half batches (0: none), see DecodeGraphs."""
+    def capture_graphs(self, batch_sizes: list[int], max_seq_len: int) -> None:
+        """Capture decode graphs over the allocated KV cache (CUDA only)."""
         from pagedray.workers.cuda_graphs import DecodeGraphs
         graphs = DecodeGraphs(self.model, self.kv_caches, batch_sizes, max_seq_len, self.block_size,
-                              self.device, two_batch_min, sm_carveout)
+                              self.device)
         graphs.capture()
         self.graphs = graphs
 

@@ -184,22 +184,10 @@ class Worker:
         if not self.graphs_enabled() or (self.runner.spec is not None and self.runner.spec.needs_eager_target):
             return
         from pagedray.workers.cuda_graphs import graph_batch_sizes
-        self.runner.capture_graphs(graph_batch_sizes(self._max_decode_rows()), self.model_config.max_model_len,
-                                   self._two_batch_min(), kernel_option_state.current().two_batch_overlap_sm_carveout)
+        self.runner.capture_graphs(graph_batch_sizes(self._max_decode_rows()), self.model_config.max_model_len)
         if self.runner.spec is not None:
             self.runner.spec.capture_graphs(self.max_num_seqs, self.model_config.max_model_len,
                                             self.cache_config.block_size, self.device)
-
-    def _two_batch_min(self) -> int:
-        """KernelOptions.two_batch_overlap_min_batch where it applies: one worker holds the whole model
-        (no collectives on two streams) and no LoRA or speculation state spans the whole batch."""
-        wanted = kernel_option_state.current().two_batch_overlap_min_batch
-        if wanted and (self.parallel_config.world_size > 1 or self.runner.lora is not None
-                       or self.runner.spec is not None):
-            logger.warning("two_batch_overlap_min_batch=%d not applied: it needs one worker for the whole model, "
-                           "without LoRA or speculative decoding", wanted)
-            return 0
-        return wanted
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         out = self.runner.execute_model(sched)

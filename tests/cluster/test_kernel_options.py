@@ -22,8 +22,7 @@ CHANGED = KernelOptions(prefill_backend="reference", split_mixed_steps=False, sk
                         skinny_gemm_max_m=4, fp8_skinny_gemm_max_m=2, fused_rotary_cache=False, fused_sampling=False,
                         attention_variant={"NUM_WARPS": 8, "PREFETCH": 0}, prefill_variant={"BLOCK_N": 128},
                         gc_threshold=1000, lora_dense_min_tokens=64, lora_narrow_kernels_min_tokens=256,
-                        lora_narrow_kernels_max_tokens=512, two_batch_overlap_min_batch=64,
-                        two_batch_overlap_sm_carveout=16)
+                        lora_narrow_kernels_max_tokens=512)
 
 
 def test_every_field_differs_from_the_default():

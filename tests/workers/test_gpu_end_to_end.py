@@ -8,7 +8,6 @@ a GPU the CUDA kernels must be usable (CuPy present): a missing kernel fails her
   (graph buckets with padding rows), prefix-cache hits and chunked prefill;
 - bf16: graphs equal eager bf16 bit for bit at a bucket batch size (same kernels,
   same shapes), and the graphs were replayed once per decode step;
-- two-batch overlap: graphs of half batches on two streams against the CPU reference path;
 - memory: KV cache plus graphs stay inside gpu_memory_utilization.
 """
 from __future__ import annotations
@@ -120,24 +119,6 @@ def test_bf16_graphs_equal_eager_exactly(checkpoint):
     assert _graphs(eager) is None
     e = _generate(eager, prompts, max_tokens)
     assert g == e   # the same computation, not a reference: bit for bit, ties included
-
-
-@pytest.mark.parametrize("carveout", [0, 8])
-def test_two_batch_overlap_graphs_match_cpu_reference(checkpoint, carveout):
-    """Buckets of 16+ rows captured as two half batches on two streams (KernelOptions
-    two_batch_overlap_min_batch), their GEMMs on all SMs or through cuBLASLt leaving 8 SMs free:
-    the same greedy tokens and logprobs as the CPU reference path, with batches that shrink
-    through split and whole buckets (24, 16: split; 8 and below: whole)."""
-    path, _ = checkpoint
-    prompts = _prompts(20, seed=5)
-    max_tokens = [6 + (i % 7) * 2 for i in range(20)]
-    gpu = _llm(path, device="cuda", dtype="float32", max_num_seqs=24,
-               kernel_options={"two_batch_overlap_min_batch": 16, "two_batch_overlap_sm_carveout": carveout})
-    graphs = _graphs(gpu)
-    assert [graphs.split_at(b) for b in (8, 16, 24)] == [0, 8, 8]
-    got = _generate(gpu, prompts, max_tokens)
-    assert graphs.num_replays == max(max_tokens) - 1
-    _assert_matches(got, _generate(_llm(path, device="cpu"), prompts, max_tokens), "the CPU reference path")
 
 
 def test_graph_memory_counted_in_utilization(checkpoint):
