@@ -1,8 +1,8 @@
 """Decode paged attention: the kernel's compile-time variants over the shapes a throughput run decodes.
 
-    python benchmarks/attention_sweep.py [--results FILE]
+    python benchmarks/attention_sweep.py [--results FILE] [--shapes B:CTX,...] [--kv-cache-dtype fp8] [--no-split]
 
-For each shape (batch x context, llama3-8b heads 32/8 x 128, bf16, block 16) and each variant
+For each shape (batch x context, llama3-8b heads 32/8 x 128, bf16 queries, a bf16 or an e4m3 cache, block 16) and each variant
 (warps per CTA, prefetch of the next tile, rows per lane group per tile), the kernel's time as
 CUDA-graph replays (benchmarks/kernels.bench) and its KV bytes over the copy bandwidth of the same
 run; each variant's output is checked against the launcher's default. The launcher's choice of one
