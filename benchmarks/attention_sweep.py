@@ -1,9 +1,11 @@
 """Decode paged attention: the kernel's compile-time variants over the shapes a throughput run decodes.
 
-    python benchmarks/attention_sweep.py [--results FILE] [--shapes B:CTX,...] [--kv-cache-dtype fp8] [--no-split]
+    python benchmarks/attention_sweep.py [--results FILE] [--shapes B:CTX,...] [--kv-cache-dtype fp8 [--fp8-half2 0,1]]
+                                         [--no-split]
 
 For each shape (batch x context, llama3-8b heads 32/8 x 128, bf16 queries, a bf16 or an e4m3 cache, block 16) and each variant
-(warps per CTA, prefetch of the next tile, rows per lane group per tile), the kernel's time as
+(warps per CTA, prefetch of the next tile, rows per lane group per tile; with an FP8 cache, products in
+float or in half2), the kernel's time as
 CUDA-graph replays (benchmarks/kernels.bench) and its KV bytes over the copy bandwidth of the same
 run; each variant's output is checked against the launcher's default. The launcher's choice of one
 or two passes is kept; `split` rows force two passes of 256 tokens.
@@ -38,13 +40,15 @@ def run_shape(num_seqs: int, ctx: int, variants, partition: int | None, bandwidt
                                                      partition_size=partition)
     want = call().float()
     rows = []
-    for warps, prefetch, tpg in variants:
-        fixed = {k: v for k, v in (("NUM_WARPS", warps), ("PREFETCH", prefetch), ("TPG_MAX", tpg)) if v is not None}
+    for warps, prefetch, tpg, half2 in variants:
+        fixed = {k: v for k, v in (("NUM_WARPS", warps), ("PREFETCH", prefetch), ("TPG_MAX", tpg),
+                                   ("FP8_HALF2", half2)) if v is not None}
         with kernel_options.override(attention_variant=fixed):
             err = (call().float() - want).abs().max().item()
             ms = bench(call)
         rows.append([f"B{num_seqs} ctx{ctx}" + (f" split{partition}" if partition else ""),
-                     f"warps {warps}, prefetch {prefetch}, tpg<={tpg}", f"{ms * 1e3:.1f}",
+                     f"warps {warps}, prefetch {prefetch}, tpg<={tpg}" + (f", half2 {half2}" if fp8 else ""),
+                     f"{ms * 1e3:.1f}",
                      f"{nbytes / ms / 1e6:.0f}", f"{nbytes / ms / 1e6 / bandwidth:.0%}", f"{err:.1e}"])
         print(" | ".join(map(str, rows[-1])), flush=True)
     return rows
@@ -55,17 +59,21 @@ def main() -> None:
     ap.add_argument("--results", default=None)
     ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     ap.add_argument("--no-split", action="store_true", help="skip the forced two-pass rows")
+    ap.add_argument("--fp8-half2", default=None, type=lambda t: [int(x) for x in t.split(",")],
+                    help="FP8 cache: FP8_HALF2 values to sweep, e.g. 0,1 (default: the launcher's choice)")
     ap.add_argument("--shapes", default=None, type=lambda t: [tuple(int(v) for v in x.split(":")) for x in t.split(",")],
                     help="BATCH:CONTEXT,... (default: the throughput run's shapes above)")
     args = ap.parse_args()
     bandwidth = copy_bandwidth()
     fp8 = args.kv_cache_dtype == "fp8"
-    variants = list(itertools.product((2, 4, 8), (0, 1), (8, 4, 2)))
+    half2s = (args.fp8_half2 or [None]) if fp8 else [None]
+    variants = list(itertools.product((2, 4, 8), (0, 1), (8, 4, 2), half2s))
     rows = []
     for num_seqs, ctx in args.shapes or SHAPES:
         rows += run_shape(num_seqs, ctx, variants, None, bandwidth, fp8)
         if ctx >= 384 and not args.no_split:
-            rows += run_shape(num_seqs, ctx, [(4, None, None), (4, 0, 4), (2, 0, 4)], 256, bandwidth, fp8)
+            forced = [(w, p, t, h) for (w, p, t) in [(4, None, None), (4, 0, 4), (2, 0, 4)] for h in half2s]
+            rows += run_shape(num_seqs, ctx, forced, 256, bandwidth, fp8)
     body = markdown_table(["shape", "variant", "µs", "GB/s", "of copy BW", "max|Δ| vs default"], rows)
     body += (f"\n\n- {torch.cuda.get_device_name()}, bf16 queries, {'e4m3' if fp8 else 'bf16'} cache, heads 32/8 x 128, "
              f"block 16; copy bandwidth {bandwidth:.0f} GB/s "

@@ -207,7 +207,7 @@ class DeviceConfig:
 
 
 _PREFILL_BACKENDS = ("triton", "triton_flash", "reference")
-_ATTENTION_VARIANT_KEYS = ("SCORE_XPOSE", "PREFETCH", "TPG_MAX", "NUM_WARPS")
+_ATTENTION_VARIANT_KEYS = ("SCORE_XPOSE", "PREFETCH", "TPG_MAX", "NUM_WARPS", "FP8_HALF2")
 _PREFILL_VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "NUM_WARPS", "NUM_STAGES", "SPLIT", "NEW_KV")  # kernels/prefill_flash.py
 _SKINNY_GEMM_MAX_M = 8   # rows the skinny GEMM kernel takes (kernels/gemv_cuda.MAX_M)
 
@@ -240,7 +240,7 @@ class KernelOptions:
     # One-pass CUDA sampling (kernels/sample.cu) for greedy and temperature-only batches (benchmarks/sampling.py).
     fused_sampling: bool = True
     # Compile-time constants of paged_attention.cu fixed for every grid (SCORE_XPOSE, PREFETCH, TPG_MAX,
-    # NUM_WARPS); one not given takes the measured default for the grid (attention_cuda.variant).
+    # NUM_WARPS, FP8_HALF2); one not given takes the measured default for the grid (attention_cuda.variant).
     attention_variant: dict[str, int] = field(default_factory=dict)
     # The engine core's young-generation threshold of Python's cyclic GC (gc.set_threshold's first
     # value, raised to it, never lowered; 0: leave the interpreter's). A decode step at batch ~1000

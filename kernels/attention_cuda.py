@@ -33,6 +33,7 @@ FP8_QUERY_DTYPES = (torch.float16, torch.bfloat16)    # the query dtypes an FP8 
 # fewer registers (2 warps, no prefetch, 4 rows per tile): more CTAs stay resident, which is what
 # short and medium contexts need; smaller grids keep the deeper pipeline (benchmarks/attention_sweep.py).
 # With an FP8 cache that grid still prefetches (H100, batch 1024, context 384: 351 against 413 µs).
+# FP8_HALF2 (an FP8 cache only): the products in half2 (paged_attention.cu says why).
 # A one-pass grid with fewer CTAs than SMs (batch 1 to a few) takes 8 warps and no prefetch: each
 # CTA's context is then shared by more warps (H200, batch 1, 32/8 heads: 4.8 against 6.2 µs at
 # context 64, 12.3 against 15.7 at 512).
@@ -41,7 +42,8 @@ MANY_CTAS_PER_SM = 6
 
 def variant(hpb: int, many_ctas: bool = False, few_ctas: bool = False, fp8: bool = False) -> dict[str, int]:
     """The -D constants of paged_attention.cu: the attention_variant option's entries, else the measured defaults."""
-    default = {"SCORE_XPOSE": 1, "PREFETCH": int(hpb >= 2), "NUM_WARPS": NUM_WARPS, "TPG_MAX": None}
+    default = {"SCORE_XPOSE": 1, "PREFETCH": int(hpb >= 2), "NUM_WARPS": NUM_WARPS, "TPG_MAX": None,
+               "FP8_HALF2": 1 if fp8 else None}
     if many_ctas:
         default.update(PREFETCH=int(fp8), NUM_WARPS=2, TPG_MAX=4)
     elif few_ctas:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from testkit.kernel_cases import set_kernel_options
 
 from pagedray.kernels import cuda_available
 from pagedray.kernels import fp8 as F8
@@ -153,8 +154,10 @@ def test_fp8_cache_write_is_bit_exact(dtype):
 @needs_fp8_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("seq_lens", [[1, 17, 300], [2000, 64]])   # one pass; split contexts
-def test_fp8_cache_decode_matches_reference(dtype, seq_lens):
+@pytest.mark.parametrize("half2", [0, 1])                          # products in float / in half2
+def test_fp8_cache_decode_matches_reference(monkeypatch, dtype, seq_lens, half2):
     from pagedray.kernels import attention_cuda, reference
+    set_kernel_options(monkeypatch, attention_variant={"FP8_HALF2": half2})
     k, v, slots, q, table, shape = _fp8_cache_case(dtype, seq_lens, [1] * len(seq_lens))
     kc, vc = torch.zeros(shape, dtype=torch.float8_e4m3fn), torch.zeros(shape, dtype=torch.float8_e4m3fn)
     reference.reshape_and_cache(k, v, kc, vc, slots, 0.02, 0.01)

@@ -131,6 +131,7 @@ def test_decode_variant_by_grid_size(monkeypatch, many, few, warps, prefetch):
     set_kernel_options(monkeypatch, attention_variant={})
     chosen = attention_cuda.variant(4, many, few)
     assert (chosen["NUM_WARPS"], chosen["PREFETCH"]) == (warps, prefetch)
+    assert "FP8_HALF2" not in chosen and attention_cuda.variant(4, many, few, fp8=True)["FP8_HALF2"] == 1
     set_kernel_options(monkeypatch, attention_variant={"NUM_WARPS": 1})
     assert attention_cuda.variant(4, many, few)["NUM_WARPS"] == 1   # a fixed entry wins
 
