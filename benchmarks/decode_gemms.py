@@ -1,0 +1,115 @@
+"""The decode step's four projections as cuBLAS runs them: alone, after an L2-flushing write, and inside a
+CUDA graph, with the kernel cuBLAS picked in each case.
+
+    python benchmarks/decode_gemms.py [--rows 1024,32] [--shape llama3-8b]
+
+Why: in the batch-1024 decode graph o_proj took 77.5 µs a layer (a 192x128 kernel) against 47.4 µs for a
+plain matmul of its shape (docs/perf-notes/history.md, "The batch-1024 decode graph"). Each case times
+`F.linear(x, W)` at the layer's shape, rows M, bf16: "warm" repeats it (W stays in L2 when it fits),
+"cold" writes a 256 MiB buffer before each product (timed apart and subtracted), both eager and replayed
+from a graph captured the same way; the kernel column names the GEMM kernel of each case (torch.profiler).
+FLOP rate against the 8192^3 matmul ceiling of the same run.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from common import SHAPES, append_results, markdown_table, matmul_tflops
+
+
+def projections(shape: str) -> dict[str, tuple[int, int]]:
+    cfg = SHAPES[shape][1]
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    d = h // cfg["num_attention_heads"]
+    qkv = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * d
+    return {"qkv_proj": (qkv, h), "o_proj": (h, h), "gate_up_proj": (2 * i, h), "down_proj": (h, i)}
+
+
+def timed(fn, graph: bool, reps: int = 20) -> float:
+    """Milliseconds per call of fn (median of 5 runs of `reps` calls), eager or replayed from one graph."""
+    fn()
+    torch.cuda.synchronize()
+    g = None
+    if graph:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                fn()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        if g is not None:
+            g.replay()
+        else:
+            for _ in range(reps):
+                fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / reps)
+    return sorted(times)[2]
+
+
+def kernel_name(fn, graph: bool) -> str:
+    """The longest-running GPU kernel of one call (eager) or of one capture's replay."""
+    from torch.profiler import ProfilerActivity, profile
+    g = None
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        g.replay() if g is not None else fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and "fill" not in e.key.lower()]
+    if not events:
+        return "?"
+    name = max(events, key=lambda e: e.device_time_total).key
+    return name if len(name) <= 60 else name[:57] + "..."
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--rows", default="1024,32", type=lambda t: [int(x) for x in t.split(",")])
+    ap.add_argument("--results", default=None)
+    args = ap.parse_args()
+    peak = matmul_tflops()
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    flush_ms = {g: timed(lambda: flush.fill_(1), g) for g in (False, True)}
+    rows = []
+    for m in args.rows:
+        for name, (n, k) in projections(args.shape).items():
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            linear = lambda: F.linear(x, w)   # noqa: E731  (what ops.linear runs at these rows)
+
+            def cold():
+                flush.fill_(1)
+                F.linear(x, w)
+            for graph in (False, True):
+                ms_warm = timed(linear, graph)
+                ms_cold = timed(cold, graph) - flush_ms[graph]
+                rows.append([f"M{m} {name} {n}x{k}", "graph" if graph else "eager", f"{ms_warm * 1e3:.1f}",
+                             f"{ms_cold * 1e3:.1f}", f"{2 * m * n * k / ms_cold / 1e9 / peak:.0%}",
+                             kernel_name(linear, graph), kernel_name(cold, graph)])
+                print(" | ".join(rows[-1]), flush=True)
+    body = markdown_table(["product", "mode", "warm µs", "cold µs", "cold of matmul peak", "kernel (warm)",
+                           "kernel (cold)"], rows)
+    body += (f"\n\n- {torch.cuda.get_device_name()}, bf16, shape {args.shape}; matmul ceiling {peak:.0f} TFLOP/s "
+             f"in this run; flush write {flush_ms[False] * 1e3:.0f} µs eager, {flush_ms[True] * 1e3:.0f} µs replayed.")
+    print(body)
+    append_results("Decode projections under cuBLAS (benchmarks/decode_gemms.py)", body, args.results)
+
+
+if __name__ == "__main__":
+    main()
