@@ -93,16 +93,16 @@ class DecodeDriver:
         new = [NewRequestData(rid, list(p), len(p), params, self._grow(rid, len(p) + 1), 0)
                for rid, p in self.prompts.items()]
         counts = {rid: len(p) for rid, p in self.prompts.items()}
-        return SchedulerOutput(new, [], counts, sum(counts.values()))
+        return SchedulerOutput(new, CachedRequestData(), counts, sum(counts.values()))
 
     def next_step(self, out) -> SchedulerOutput:
-        cached = []
+        cached = CachedRequestData()
         for rid in self.prompts:
             self.lens[rid] = len(self.prompts[rid]) + len(self.outputs[rid])
             token = out.sampled_token_ids[rid]
             self.outputs[rid].append(token)
             self.logprobs[rid].append(out.logprobs[rid][0][1])
-            cached.append(CachedRequestData(rid, [token], self._grow(rid, self.lens[rid] + 2), self.lens[rid]))
+            cached.append(rid, [token], self._grow(rid, self.lens[rid] + 2), self.lens[rid])
         counts = {rid: 1 for rid in self.prompts}
         return SchedulerOutput([], cached, counts, len(counts))
 

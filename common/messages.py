@@ -2,11 +2,12 @@
 
 Plain Python dataclasses, no torch: they cross process boundaries (Ray) as-is.
 A request travels whole the first step it is scheduled (`NewRequestData`) and
-as a delta afterwards (`CachedRequestData`); workers keep per-request state.
+as a delta afterwards (a row of `CachedRequestData`); workers keep per-request state.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple
 
 from pagedray.common.lora import LoRARequest
 from pagedray.common.sampling_params import SamplingParams
@@ -27,23 +28,61 @@ class NewRequestData:
     lora_request: LoRARequest | None = None   # the adapter it runs with (None: the base model)
 
 
-@dataclass
-class CachedRequestData:
-    """A running request the workers already hold: only what changed."""
+class CachedRow(NamedTuple):
+    """One request of a CachedRequestData (for the few readers that go request by request)."""
     req_id: str
-    # Tokens sampled since the request was last scheduled (appended by the driver).
     new_token_ids: list[int]
     new_block_ids: list[int]
     num_computed_tokens: int
-    # Set when the driver cut the request's block table (speculative decoding gave back the blocks
-    # of rejected proposals): `new_block_ids` replace the table from this index. None: appended.
-    block_start: int | None = None
+    block_start: int | None
+
+
+@dataclass
+class CachedRequestData:
+    """The running requests the workers already hold, one list a field (vLLM V1's layout): only what
+    changed since each was last sent. Columns, not one object a request: at batch ~1000 a decode step
+    builds and applies this for every running request, and per-request objects were a large part of
+    the step's host work (docs/perf-notes/history.md)."""
+    req_ids: list[str] = field(default_factory=list)
+    # Tokens sampled since the request was last scheduled (appended by the driver).
+    new_token_ids: list[list[int]] = field(default_factory=list)
+    new_block_ids: list[list[int]] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)
+    # Requests whose block table the driver cut (speculative decoding gave back the blocks of rejected
+    # proposals): req_id -> the index from which its new_block_ids replace the table. Others: appended.
+    block_starts: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.req_ids)
+
+    def append(self, req_id: str, new_token_ids: list[int], new_block_ids: list[int], num_computed_tokens: int,
+               block_start: int | None = None) -> None:
+        self.req_ids.append(req_id)
+        self.new_token_ids.append(new_token_ids)
+        self.new_block_ids.append(new_block_ids)
+        self.num_computed_tokens.append(num_computed_tokens)
+        if block_start is not None:
+            self.block_starts[req_id] = block_start
+
+    def rows(self) -> Iterator[CachedRow]:
+        starts = self.block_starts
+        for rid, tokens, blocks, computed in zip(self.req_ids, self.new_token_ids, self.new_block_ids,
+                                                 self.num_computed_tokens):
+            yield CachedRow(rid, tokens, blocks, computed, starts.get(rid))
+
+    @classmethod
+    def of(cls, *rows: tuple) -> CachedRequestData:
+        """From (req_id, new_token_ids, new_block_ids, num_computed_tokens[, block_start]) tuples."""
+        data = cls()
+        for row in rows:
+            data.append(*row)
+        return data
 
 
 @dataclass
 class SchedulerOutput:
     scheduled_new_reqs: list[NewRequestData]
-    scheduled_cached_reqs: list[CachedRequestData]
+    scheduled_cached_reqs: CachedRequestData
     # req_id -> number of tokens to run this step (prefill chunk or 1 for decode).
     num_scheduled_tokens: dict[str, int]
     total_num_scheduled_tokens: int

@@ -16,7 +16,7 @@ later delta like any other.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import compress, repeat
 from operator import attrgetter, getitem
 
 import numpy as np
@@ -26,7 +26,7 @@ from pagedray.models.layers.attention import AttentionMetadata
 from pagedray.models.layers.pipeline import PipelineStage
 from pagedray.kernels import ops
 from pagedray.common.lora import LoRARequest
-from pagedray.common.messages import Logprobs, ModelRunnerOutput, SchedulerOutput
+from pagedray.common.messages import CachedRequestData, Logprobs, ModelRunnerOutput, SchedulerOutput
 from pagedray.workers.sampler import Sampler, SamplingRow, logprob_entries
 from pagedray.workers.pipeline_stage import StageIO
 from pagedray.workers.step_output import StepOutput, StepTimer
@@ -51,7 +51,12 @@ def _may_wait_for_ids(rows: list) -> bool:
 
 def _set_all(objects: list, name: str, value) -> None:
     """`obj.name = value` for each object, looped in C."""
-    for _ in map(setattr, objects, repeat(name), repeat(value)):
+    _set_each(objects, name, repeat(value))
+
+
+def _set_each(objects: list, name: str, values) -> None:
+    """`obj.name = value` for each object and its value, looped in C."""
+    for _ in map(setattr, objects, repeat(name), values):
         pass
 
 
@@ -171,19 +176,27 @@ class ModelRunner:
                                        lora_request=new.lora_request)
             state.table_row = self.block_table.add(state.block_ids)
             self.requests[new.req_id] = state
-        requests = self.requests
-        for delta in sched.scheduled_cached_reqs:
-            state = requests[delta.req_id]
-            state.append_tokens(delta.new_token_ids if spec is None else spec.unseen(delta))
-            if delta.block_start is not None:   # the driver cut the table (speculative decoding)
-                self.block_table.table[state.table_row, delta.block_start:len(state.block_ids)] = 0
-                del state.block_ids[delta.block_start:]
-            if delta.new_block_ids:
-                self.block_table.append(state.table_row, len(state.block_ids), delta.new_block_ids)
-                state.block_ids.extend(delta.new_block_ids)
-            state.num_computed_tokens = delta.num_computed_tokens
+        self._apply_deltas(sched.scheduled_cached_reqs, spec)
         if spec is not None:
             spec.after_update(self, sched)
+
+    def _apply_deltas(self, cached: CachedRequestData, spec) -> None:
+        """The running requests' deltas, column by column; the per-request loops run in C (map) but for
+        the rows that carry blocks (one a block_size steps) or a cut table (speculative decoding)."""
+        if not cached.req_ids:
+            return
+        states = list(map(self.requests.__getitem__, cached.req_ids))
+        tokens = cached.new_token_ids if spec is None else list(map(spec.unseen, cached.req_ids, cached.new_token_ids))
+        for _ in map(CachedRequestState.append_tokens, states, tokens):
+            pass
+        for rid, start in cached.block_starts.items():   # the driver cut the table (speculative decoding)
+            state = self.requests[rid]
+            self.block_table.table[state.table_row, start:len(state.block_ids)] = 0
+            del state.block_ids[start:]
+        for state, blocks in compress(zip(states, cached.new_block_ids), cached.new_block_ids):
+            self.block_table.append(state.table_row, len(state.block_ids), blocks)
+            state.block_ids.extend(blocks)
+        _set_each(states, "num_computed_tokens", cached.num_computed_tokens)
 
     def _drop(self, req_id: str) -> None:
         state = self.requests.pop(req_id, None)

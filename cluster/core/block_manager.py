@@ -257,16 +257,16 @@ class BlockManager:
         return new_blocks
 
     def fits_one_token(self, request: Request) -> bool:
-        """`allocate_slots(request, 1)` for a running request whose next token goes into a block it
-        alone holds (most decode steps): True, with nothing to allocate (prefix caching: the block is
-        offered once full). False: nothing changed, ask allocate_slots."""
+        """`allocate_slots(request, 1)` for a running request that has one token to run (the caller
+        knows: that is its decode step) and whose next token goes into a block it alone holds: True,
+        with nothing to allocate (prefix caching: the block is offered once full). False: nothing
+        changed, ask allocate_slots."""
         table = self._tables.get(request.request_id)
         if table is None:
             return False
         pos = request.num_computed_tokens
         index = pos // self.block_size
-        if (index >= len(table) or self._ref[table[index]] != 1
-                or pos >= len(request.all_token_ids) + request.num_output_placeholders):
+        if index >= len(table) or self._ref[table[index]] != 1:
             return False
         if self.enable_prefix_caching:
             self._offer_full_blocks(request, pos + 1)

@@ -302,7 +302,8 @@ class EngineCore:
         if not runner_out.prompt_logprobs:
             return
         starts = {r.req_id: r.num_computed_tokens for r in sched.scheduled_new_reqs}
-        starts.update((r.req_id, r.num_computed_tokens) for r in sched.scheduled_cached_reqs)
+        cached = sched.scheduled_cached_reqs
+        starts.update(zip(cached.req_ids, cached.num_computed_tokens))
         for rid, entries in runner_out.prompt_logprobs.items():
             entry = self._child_of.get(rid)
             if entry is None or entry[0].prompt_logprobs is None or rid not in self.scheduler.requests:

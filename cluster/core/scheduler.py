@@ -25,7 +25,7 @@ Policy (vLLM V1):
   budget alone decides.
 - Workers keep per-request state: a request travels whole (`NewRequestData`) the first time, after a
   preemption, or when copy-on-write replaced a block the workers already hold (it is then also listed
-  in `finished_req_ids`, which workers apply first); otherwise as a `CachedRequestData` delta.
+  in `finished_req_ids`, which workers apply first); otherwise as a row of `CachedRequestData`.
 
 Pipeline parallelism: the engine keeps up to pipeline_parallel_size steps in flight and passes
 `schedule(skip=...)` the requests of those steps: a request is never in two in-flight steps (its
@@ -203,39 +203,48 @@ class Scheduler:
         scheduled: dict[str, int] = {}
         preempted = False
         running, allocate = self.running, self._allocate
-        # Without speculation the in-flight check below is _num_new_tokens' own: it need not run twice.
-        checked = self.spec is None
+        # Without speculation _ends_in_flight and _num_new_tokens run inline below (this loop is most
+        # of a decode step's host work at batch ~1000), and a request has no proposals to add.
+        plain = self.spec is None
+        chunked = self.config.enable_chunked_prefill
         fits_one = self.block_manager.fits_one_token
         ending = 0      # running requests that their tokens in flight end (overlapped steps)
         i = 0
         while i < len(running) and budget > 0:
             request = running[i]
+            i += 1
             if skip and request.request_id in skip:
-                i += 1
                 continue
-            if request.num_output_placeholders and self._ends_in_flight(request):
+            pending = request.num_output_placeholders
+            if plain:
+                total = len(request.all_token_ids) + pending
+                if pending and total >= request.length_limit:
+                    ending += 1
+                    continue
+                num_new = total - request.num_computed_tokens
+                if num_new > budget:
+                    num_new = budget if chunked else 0
+            elif pending and self._ends_in_flight(request):
                 ending += 1
-                i += 1
                 continue
-            num_new = self._num_new_tokens(request, request.num_computed_tokens, budget, checked)
+            else:
+                num_new = self._num_new_tokens(request, request.num_computed_tokens, budget)
             if num_new > 1 and plan is not None:    # a chunked prefill's next chunk: within the paced cap
                 num_new = min(num_new, prefill_left)
                 prefill_left -= num_new
             if num_new == 0:
-                i += 1
                 continue
-            if request.spec_token_ids or (request.num_output_placeholders and self.spec is not None):
+            if not plain and (request.spec_token_ids or pending):
                 drafts = self.spec.drafts_for(request, num_new, budget)
                 if drafts:
                     self._spec_tokens[request.request_id] = drafts
                     num_new += len(drafts)
-            if not (num_new == 1 and checked and fits_one(request)) and allocate(request, num_new) is None:
+            if not (num_new == 1 and plain and fits_one(request)) and allocate(request, num_new) is None:
                 preempted = True   # (a decode step almost never gets here)
                 if not self._preempt_until_fits(request, num_new):
                     break
             scheduled[request.request_id] = num_new
             budget -= num_new
-            i += 1
         if not preempted:
             # A request ending with its tokens in flight leaves its seat now: its successor is
             # admitted in this step, as it would be without the overlap.
@@ -253,11 +262,11 @@ class Scheduler:
             self._step_requests.popitem(last=False)
         return output
 
-    def _num_new_tokens(self, request: Request, num_computed: int, budget: int, checked: bool = False) -> int:
+    def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
         """Tokens to run this step: all that are left, cut to the budget only with chunked prefill (else 0).
-        `checked`: the caller found that its tokens in flight do not end it."""
+        (The running loop of `schedule` holds an inline copy for steps without speculation.)"""
         pending = request.num_output_placeholders
-        if pending and not checked and self._ends_by_length(request, len(request.all_token_ids) + pending):
+        if pending and self._ends_by_length(request, len(request.all_token_ids) + pending):
             return 0    # its tokens in flight end it (or may, when they verify proposals): nothing to compute
         left = len(request.all_token_ids) + pending - num_computed
         if left <= budget:
@@ -325,36 +334,44 @@ class Scheduler:
         request that reaches the end of its tokens (placeholders included) samples one, so it holds
         one more placeholder until it arrives (one pass over the requests for both)."""
         new_reqs: list[NewRequestData] = []
-        cached_reqs: list[CachedRequestData] = []
+        cached = CachedRequestData()
+        # The columns, appended to directly on the common path (a decode row: no cut, no resend).
+        cached_ids, cached_tokens, cached_blocks, cached_computed = (
+            cached.req_ids, cached.new_token_ids, cached.new_block_ids, cached.num_computed_tokens)
         bm, requests, all_sent = self.block_manager, self.requests, self._sent
         tables, any_replaced, trimmed = bm.tables, bm.has_replaced(), self._trimmed
         for rid, num in scheduled.items():
             request = requests[rid]
             table = tables[rid]
             sent = all_sent.get(rid)
-            replaced = bm.take_replaced(rid) if any_replaced else None
-            if sent is not None and replaced is not None and replaced < sent[1]:
-                # Copy-on-write swapped a block the workers hold: resend the request whole.
-                self._finished_ids.add(rid)
-                sent = None
+            if any_replaced:
+                replaced = bm.take_replaced(rid)
+                if sent is not None and replaced is not None and replaced < sent[1]:
+                    # Copy-on-write swapped a block the workers hold: resend the request whole.
+                    self._finished_ids.add(rid)
+                    sent = None
             tokens = request.all_token_ids
+            computed = request.num_computed_tokens
             if sent is None:
                 new_reqs.append(NewRequestData(rid, list(tokens), request.num_prompt_tokens,
-                                               request.sampling_params, list(table),
-                                               request.num_computed_tokens, request.lora_request))
+                                               request.sampling_params, list(table), computed,
+                                               request.lora_request))
+            elif trimmed and rid in trimmed:
+                start = min(trimmed.pop(rid), sent[1])
+                cached.append(rid, tokens[sent[0]:], table[start:] if start < len(table) else _NO_BLOCKS,
+                              computed, None if start == sent[1] else start)
             else:
-                start = trimmed.pop(rid, None) if trimmed else None
-                start = sent[1] if start is None else min(start, sent[1])
-                cached_reqs.append(CachedRequestData(rid, tokens[sent[0]:],
-                                                     table[start:] if start < len(table) else _NO_BLOCKS,
-                                                     request.num_computed_tokens,
-                                                     None if start == sent[1] else start))
+                cached_ids.append(rid)
+                cached_tokens.append(tokens[sent[0]:])
+                cached_blocks.append(table[sent[1]:] if sent[1] < len(table) else _NO_BLOCKS)
+                cached_computed.append(computed)
             all_sent[rid] = (len(tokens), len(table))
-            computed = request.num_computed_tokens = request.num_computed_tokens + num
+            computed += num
+            request.num_computed_tokens = computed
             if computed >= len(tokens) + request.num_output_placeholders:
                 request.num_output_placeholders += 1   # (past it by the proposals it verifies)
         finished, self._finished_ids = self._finished_ids, set()
-        output = SchedulerOutput(new_reqs, cached_reqs, scheduled, sum(scheduled.values()), finished,
+        output = SchedulerOutput(new_reqs, cached, scheduled, sum(scheduled.values()), finished,
                                  self.block_manager.take_pending_copies())
         if self._spec_tokens:
             output.scheduled_spec_decode_tokens, self._spec_tokens = self._spec_tokens, {}

@@ -48,7 +48,7 @@ class FakeWorker:
             assert new.req_id not in self.reqs, "new request data for a request the worker still holds"
             self.reqs[new.req_id] = dict(tokens=list(new.token_ids), blocks=list(new.block_ids),
                                          computed=new.num_computed_tokens, prompt=new.num_prompt_tokens)
-        for d in so.scheduled_cached_reqs:
+        for d in so.scheduled_cached_reqs.rows():
             st = self.reqs[d.req_id]
             st["tokens"] += d.new_token_ids
             st["blocks"] += d.new_block_ids

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedray.common.messages import NewRequestData, SchedulerOutput
+from pagedray.common.messages import CachedRequestData, NewRequestData, SchedulerOutput
 from pagedray.common.sampling_params import SamplingParams
 from pagedray.workers.model_runner import ModelRunner
 from pagedray.workers.sampler import DeviceSample
@@ -21,12 +21,12 @@ def _runner() -> ModelRunner:
     runner = ModelRunner(torch.nn.Identity(), BS, torch.device("cpu"))
     new = [NewRequestData(rid, list(range(10, 10 + n)), 3, SamplingParams(temperature=0.0), blocks, done)
            for rid, n, done, blocks in REQS]
-    runner.update_states(SchedulerOutput(new, [], {}, 0))
+    runner.update_states(SchedulerOutput(new, CachedRequestData(), {}, 0))
     return runner
 
 
 def _decode(ids) -> SchedulerOutput:
-    return SchedulerOutput([], [], {rid: 1 for rid in ids}, len(ids))
+    return SchedulerOutput([], CachedRequestData(), {rid: 1 for rid in ids}, len(ids))
 
 
 def _both(runner: ModelRunner, sched: SchedulerOutput):

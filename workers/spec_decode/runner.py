@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from pagedray.common.messages import CachedRequestData, ModelRunnerOutput, SchedulerOutput
+from pagedray.common.messages import ModelRunnerOutput, SchedulerOutput
 from pagedray.common.speculative import SpeculativeConfig, ngram_propose
 from pagedray.kernels import ops
 from pagedray.workers.spec_decode.inputs import build_spec_inputs
@@ -215,18 +215,18 @@ class SpecDecodeRunner:
         d = self._deferred
         return (d.rows(), d.chosen) if d is not None else None
 
-    def unseen(self, delta: CachedRequestData) -> list[int]:
-        """The delta's tokens not already appended here (those of the steps the driver read since)."""
-        unread = self._unread.get(delta.req_id)
+    def unseen(self, req_id: str, new_token_ids: list[int]) -> list[int]:
+        """A delta's tokens not already appended here (those of the steps the driver read since)."""
+        unread = self._unread.get(req_id)
         if not unread:
-            return delta.new_token_ids
-        n = _drop_read_steps(unread, len(delta.new_token_ids))
+            return new_token_ids
+        n = _drop_read_steps(unread, len(new_token_ids))
         if not unread:
-            del self._unread[delta.req_id]
+            del self._unread[req_id]
         elif n:
-            raise RuntimeError(f"request {delta.req_id!r}: the driver sent {len(delta.new_token_ids)} tokens, "
+            raise RuntimeError(f"request {req_id!r}: the driver sent {len(new_token_ids)} tokens, "
                                "not whole steps of those this worker emitted")
-        return delta.new_token_ids[len(delta.new_token_ids) - n:] if n else []
+        return new_token_ids[len(new_token_ids) - n:] if n else []
 
     def after_update(self, runner, sched: SchedulerOutput) -> None:
         """Place this step after the accepted tokens of the steps the driver has not read."""

@@ -37,7 +37,7 @@ class SpecWorker:
         for new in so.scheduled_new_reqs:
             self.reqs[new.req_id] = dict(tokens=list(new.token_ids), blocks=list(new.block_ids),
                                          computed=new.num_computed_tokens)
-        for d in so.scheduled_cached_reqs:
+        for d in so.scheduled_cached_reqs.rows():
             st = self.reqs[d.req_id]
             st["tokens"] += d.new_token_ids
             if d.block_start is not None:

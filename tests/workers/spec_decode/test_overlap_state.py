@@ -24,9 +24,11 @@ def _runner() -> ModelRunner:
 
 
 def _sched(new=(), cached=(), finished=(), drafts=None) -> SchedulerOutput:
-    scheduled = {r.req_id: 1 + len((drafts or {}).get(r.req_id, ())) for r in [*new, *cached]}
-    return SchedulerOutput(list(new), list(cached), scheduled, sum(scheduled.values()), set(finished),
-                           scheduled_spec_decode_tokens=dict(drafts or {}))
+    """cached: (req_id, new_token_ids, new_block_ids, num_computed_tokens) rows."""
+    rids = [r.req_id for r in new] + [row[0] for row in cached]
+    scheduled = {rid: 1 + len((drafts or {}).get(rid, ())) for rid in rids}
+    return SchedulerOutput(list(new), CachedRequestData.of(*cached), scheduled, sum(scheduled.values()),
+                           set(finished), scheduled_spec_decode_tokens=dict(drafts or {}))
 
 
 def _emit(runner: ModelRunner, tokens: list[int], num_drafts: int) -> None:
@@ -39,12 +41,12 @@ def test_unread_steps_place_the_next_one_and_deltas_do_not_repeat_tokens():
     runner.update_states(_sched(new=[NewRequestData("r", list(P), len(P), params, [1, 2], 0)]))
     _emit(runner, [20], 0)                                  # step 1: the prefill samples 20
     # Step 2, scheduled before step 1 was read: no new tokens from the driver, 2 placeholder proposals.
-    runner.update_states(_sched(cached=[CachedRequestData("r", [], [], len(P))], drafts={"r": [-1, -1]}))
+    runner.update_states(_sched(cached=[("r", [], [], len(P))], drafts={"r": [-1, -1]}))
     state = runner.requests["r"]
     assert state.token_ids == P + [20] and state.num_computed_tokens == len(P)
     _emit(runner, [30, 31], 2)                              # step 2: one proposal accepted, one rejected
     # Step 3: the driver read step 1 (sends 20) but not step 2, whose 2 proposals it counted as computed.
-    runner.update_states(_sched(cached=[CachedRequestData("r", [20], [3], len(P) + 1 + 2)], drafts={"r": [-1, -1]}))
+    runner.update_states(_sched(cached=[("r", [20], [3], len(P) + 1 + 2)], drafts={"r": [-1, -1]}))
     assert state.token_ids == P + [20, 30, 31] and state.sampling_row.output_token_ids == [20, 30, 31]
     assert state.num_computed_tokens == len(P) + 2          # after 20 and the accepted 30: 31 runs next
     _emit(runner, [40], 2)                                   # step 3: both rejected
@@ -55,7 +57,7 @@ def test_unread_steps_place_the_next_one_and_deltas_do_not_repeat_tokens():
     assert state.token_ids == P + [20, 30, 31, 40] and state.sampling_row.output_token_ids == [20, 30, 31, 40]
     assert state.num_computed_tokens == len(P) + 3          # 40 runs next
     # The driver reads step 3 and the next delta repeats 40: appended once.
-    runner.update_states(_sched(cached=[CachedRequestData("r", [40], [], len(P) + 3)]))
+    runner.update_states(_sched(cached=[("r", [40], [], len(P) + 3)]))
     assert state.token_ids == P + [20, 30, 31, 40] and state.num_computed_tokens == len(P) + 3
     assert not runner.spec._unread
     # A request dropped with a step unread forgets it (its id may come back as a new request).
