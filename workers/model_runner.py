@@ -15,6 +15,7 @@ later delta like any other.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from operator import attrgetter, getitem
@@ -56,8 +57,12 @@ def _set_all(objects: list, name: str, value) -> None:
 
 def _set_each(objects: list, name: str, values) -> None:
     """`obj.name = value` for each object and its value, looped in C."""
-    for _ in map(setattr, objects, repeat(name), values):
-        pass
+    _consume(map(setattr, objects, repeat(name), values))
+
+
+def _consume(calls) -> None:
+    """Run an iterator of calls for their effect, in C (a for loop would run bytecodes per item)."""
+    deque(calls, maxlen=0)
 
 
 @dataclass
@@ -187,8 +192,7 @@ class ModelRunner:
             return
         states = list(map(self.requests.__getitem__, cached.req_ids))
         tokens = cached.new_token_ids if spec is None else list(map(spec.unseen, cached.req_ids, cached.new_token_ids))
-        for _ in map(CachedRequestState.append_tokens, states, tokens):
-            pass
+        _consume(map(CachedRequestState.append_tokens, states, tokens))
         for rid, start in cached.block_starts.items():   # the driver cut the table (speculative decoding)
             state = self.requests[rid]
             self.block_table.table[state.table_row, start:len(state.block_ids)] = 0
