@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from common import SHAPES, append_results, markdown_table, matmul_tflops
+from kernel_bench import bench
 
 
 def projections(shape: str) -> dict[str, tuple[int, int]]:
@@ -26,36 +27,6 @@ def projections(shape: str) -> dict[str, tuple[int, int]]:
     d = h // cfg["num_attention_heads"]
     qkv = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * d
     return {"qkv_proj": (qkv, h), "o_proj": (h, h), "gate_up_proj": (2 * i, h), "down_proj": (h, i)}
-
-
-def timed(fn, graph: bool, reps: int = 20) -> float:
-    """Milliseconds per call of fn (median of 5 runs of `reps` calls), eager or replayed from one graph."""
-    fn()
-    torch.cuda.synchronize()
-    g = None
-    if graph:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(reps):
-                fn()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        if g is not None:
-            g.replay()
-        else:
-            for _ in range(reps):
-                fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / reps)
-    return sorted(times)[2]
 
 
 def kernel_name(fn, graph: bool) -> str:
@@ -85,7 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     peak = matmul_tflops()
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    flush_ms = {g: timed(lambda: flush.fill_(1), g) for g in (False, True)}
+    flush_ms = {g: bench(lambda: flush.fill_(1), reps=20, graph=g) for g in (False, True)}
     rows = []
     for m in args.rows:
         for name, (n, k) in projections(args.shape).items():
@@ -97,8 +68,8 @@ def main() -> None:
                 flush.fill_(1)
                 F.linear(x, w)
             for graph in (False, True):
-                ms_warm = timed(linear, graph)
-                ms_cold = timed(cold, graph) - flush_ms[graph]
+                ms_warm = bench(linear, reps=20, graph=graph)
+                ms_cold = bench(cold, reps=20, graph=graph) - flush_ms[graph]
                 rows.append([f"M{m} {name} {n}x{k}", "graph" if graph else "eager", f"{ms_warm * 1e3:.1f}",
                              f"{ms_cold * 1e3:.1f}", f"{2 * m * n * k / ms_cold / 1e9 / peak:.0%}",
                              kernel_name(linear, graph), kernel_name(cold, graph)])
@@ -106,7 +77,8 @@ def main() -> None:
     body = markdown_table(["product", "mode", "warm µs", "cold µs", "cold of matmul peak", "kernel (warm)",
                            "kernel (cold)"], rows)
     body += (f"\n\n- {torch.cuda.get_device_name()}, bf16, shape {args.shape}; matmul ceiling {peak:.0f} TFLOP/s "
-             f"in this run; flush write {flush_ms[False] * 1e3:.0f} µs eager, {flush_ms[True] * 1e3:.0f} µs replayed.")
+             f"in this run; flush write {flush_ms[False] * 1e3:.0f} µs eager, "
+             f"{flush_ms[True] * 1e3:.0f} µs replayed.")
     print(body)
     append_results("Decode projections under cuBLAS (benchmarks/decode_gemms.py)", body, args.results)
 
