@@ -18,15 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from common import SHAPES, append_results, markdown_table, matmul_tflops
+from decode_profile import linear_shapes
 from kernel_bench import bench
-
-
-def projections(shape: str) -> dict[str, tuple[int, int]]:
-    cfg = SHAPES[shape][1]
-    h, i = cfg["hidden_size"], cfg["intermediate_size"]
-    d = h // cfg["num_attention_heads"]
-    qkv = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * d
-    return {"qkv_proj": (qkv, h), "o_proj": (h, h), "gate_up_proj": (2 * i, h), "down_proj": (h, i)}
 
 
 def kernel_name(fn, graph: bool) -> str:
@@ -59,14 +52,16 @@ def main() -> None:
     flush_ms = {g: bench(lambda: flush.fill_(1), reps=20, graph=g) for g in (False, True)}
     rows = []
     for m in args.rows:
-        for name, (n, k) in projections(args.shape).items():
+        for name, k, n, _ in linear_shapes(args.shape):
+            if name == "lm_head":
+                continue   # the layers' four products only
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             linear = lambda: F.linear(x, w)   # noqa: E731  (what ops.linear runs at these rows)
 
             def cold():
                 flush.fill_(1)
-                F.linear(x, w)
+                linear()
             for graph in (False, True):
                 ms_warm = bench(linear, reps=20, graph=graph)
                 ms_cold = bench(cold, reps=20, graph=graph) - flush_ms[graph]

@@ -52,9 +52,6 @@ class CachedRequestData:
     # proposals): req_id -> the index from which its new_block_ids replace the table. Others: appended.
     block_starts: dict[str, int] = field(default_factory=dict)
 
-    def __len__(self) -> int:
-        return len(self.req_ids)
-
     def append(self, req_id: str, new_token_ids: list[int], new_block_ids: list[int], num_computed_tokens: int,
                block_start: int | None = None) -> None:
         self.req_ids.append(req_id)

@@ -42,8 +42,9 @@ typedef scalar_t cache_t;
 #endif
 // FP8_HALF2 1 (an FP8 cache only): the products run in half2 on the widened e4m3 pairs, summed in
 // float once per chunk (K) or once per tile (V). The float path spends 1.5 conversions and 8 FMAs a
-// cached value at 4 query heads and is bound by instruction issue, not by DRAM (77 % of the copy
-// bandwidth at batch 1024, H100); this one issues ~27 % fewer. The query is held in half2 times
+// cached value at 4 query heads; this one issues ~27 % fewer instructions, and took batch 1024,
+// context 384 from 350.9 to 335.0 µs (77 -> 81 % of the copy bandwidth, H100): instruction issue was
+// part of what kept the FP8 cache below the bandwidth, not all of it. The query is held in half2 times
 // QK_SHIFT (so that a small k_scale leaves it a normal number; the partial sums of 16 products stay
 // far below 65504 for any score a softmax can tell apart), the tile's probabilities in half2
 // (p <= 1; a tile's sum of p * raw e4m3 is at most TPG * 448). The float path stays the reference
