@@ -483,9 +483,16 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def profile_run(self, num_tokens: int, num_seqs: int, empty_caches: list[torch.Tensor]) -> None:
-        """A worst-case forward (the step's full token budget) without a KV cache."""
+    def profile_run(self, num_tokens: int, num_seqs: int, empty_caches: list[torch.Tensor], *,
+                    max_seq_len: int) -> None:
+        """A worst-case forward (the step's full token budget) without a KV cache.
+
+        No sequence runs past max_seq_len (the model's length): its positions index the rotary
+        table, which has no rows beyond it. A budget larger than num_seqs * max_seq_len is more
+        than any step can schedule, so the forward runs what one can.
+        """
         num_seqs = max(1, min(num_seqs, num_tokens))
+        num_tokens = min(num_tokens, num_seqs * max_seq_len)
         lens = [num_tokens // num_seqs] * num_seqs
         lens[-1] += num_tokens - sum(lens)
         qsl = [0]

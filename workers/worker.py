@@ -111,7 +111,8 @@ class Worker:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         self.runner.profile_run(self.max_num_batched_tokens, self.max_num_seqs,
-                                CacheEngine.empty_caches(spec, self.device))
+                                CacheEngine.empty_caches(spec, self.device),
+                                max_seq_len=self.model_config.max_model_len)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
@@ -156,7 +157,8 @@ class Worker:
         torch.cuda.synchronize(self.device)
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.runner.profile_run(largest, largest, CacheEngine.empty_caches(self.kv_spec, self.device))
+        self.runner.profile_run(largest, largest, CacheEngine.empty_caches(self.kv_spec, self.device),
+                                max_seq_len=self.model_config.max_model_len)
         torch.cuda.synchronize(self.device)
         reserve = torch.cuda.max_memory_allocated(self.device) - base + (64 << 20)
         # A draft model captures its own graphs, of no larger a model: at most as much again.

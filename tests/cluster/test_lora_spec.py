@@ -175,4 +175,5 @@ def test_lora_buffers_cover_the_largest_verification_graph(setup):
               max_num_batched_tokens=32, speculative_config=_spec("ngram", ""))
     worker = llm.llm_engine.executor.worker
     rows = 16 * (K + 1)
-    worker.runner.profile_run(rows, rows, CacheEngine.empty_caches(worker.kv_spec, worker.device))
+    worker.runner.profile_run(rows, rows, CacheEngine.empty_caches(worker.kv_spec, worker.device),
+                              max_seq_len=llm.llm_engine.model_config.max_model_len)
