@@ -70,11 +70,14 @@ def _prefill_launcher(key: torch.Tensor | None, value: torch.Tensor | None):
 _step_kv_answer: tuple[object, bool] = (None, False)   # (the options it was computed for, the answer)
 
 
-def prefill_reads_step_kv() -> bool:
-    """Whether prefill attention on the GPU reads the step's new K/V from the step's own tensors (the flash
-    kernel's NEW_KV variant), so the attention layer should pass the rotated key (not only the cache).
+def prefill_reads_step_kv(query: torch.Tensor) -> bool:
+    """Whether prefill attention over this query reads the step's new K/V from the step's own tensors (the
+    flash kernel's NEW_KV variant, on the GPU), so the attention layer should pass the rotated key (not only
+    the cache). A CPU query runs the reference, which reads the cache, wherever CUDA exists.
     Asked by every layer of every prefill step: answered once per installed options."""
     global _step_kv_answer
+    if not _cuda(query):
+        return False
     opts = options()
     if _step_kv_answer[0] is not opts:
         reads = opts.prefill_backend == "triton_flash" and cuda_available() and triton_prefill() is not None

@@ -83,7 +83,7 @@ class Attention(nn.Module):
         else:
             k_scale, v_scale = self.kv_scales
             # The prefill kernel may read this step's K/V from k/v (then k must be the rotated key).
-            step_kv = not attn_metadata.is_decode_only and ops.prefill_reads_step_kv()
+            step_kv = not attn_metadata.is_decode_only and ops.prefill_reads_step_kv(q)
             if rotary is not None and not step_kv:
                 q = ops.rotary_and_cache(positions, q, k, v, rotary.cos_sin_cache, rotary.is_neox_style,
                                          kv_cache[0], kv_cache[1], attn_metadata.slot_mapping, k_scale, v_scale)

@@ -112,7 +112,8 @@ def test_gpu_ops_takes_the_flash_kernel_when_selected(monkeypatch, new_kv):
     from pagedray.kernels import ops, prefill_flash
     variant = {"BLOCK_N": 128, "NEW_KV": new_kv}
     set_kernel_options(monkeypatch, prefill_backend="triton_flash", prefill_variant=variant)
-    assert ops.prefill_reads_step_kv() == bool(new_kv)
+    assert ops.prefill_reads_step_kv(torch.empty(1, 8, 128, dtype=BF16, device="cuda")) == bool(new_kv)
+    assert not ops.prefill_reads_step_kv(torch.empty(1, 8, 128, dtype=BF16))   # the CPU reference reads the cache
     calls = []
     real = prefill_flash.paged_prefill
     monkeypatch.setattr(prefill_flash, "paged_prefill", lambda q, *a, **k: calls.append(

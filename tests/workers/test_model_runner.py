@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from pagedray.models.layers.pipeline import PipelineStage
 from pagedray.workers.model_runner import ModelRunner
 
 
@@ -26,14 +27,14 @@ class Head:
 
 def test_cpu_runs_nothing():
     head = Head("cpu")
-    ModelRunner.warm_up_logits(SimpleNamespace(model=head, device=torch.device("cpu")), 5)
+    ModelRunner.warm_up_logits(SimpleNamespace(model=head, device=torch.device("cpu"), stage=PipelineStage()), 5)
     assert head.rows == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_runs_every_row_count():
     head = Head("cuda")
-    ModelRunner.warm_up_logits(SimpleNamespace(model=head, device=torch.device("cuda")), 5)
+    ModelRunner.warm_up_logits(SimpleNamespace(model=head, device=torch.device("cuda"), stage=PipelineStage()), 5)
     assert head.rows == [1, 2, 3, 4, 5]
 
 
