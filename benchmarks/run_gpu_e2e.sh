@@ -10,6 +10,8 @@
 # pacing: prefill pacing off vs on under Poisson load (not in the default list).
 # tputqwen-ab: the Qwen shape on a baseline tree ($BASE_TREE) and on this one (not in the default list).
 # flash, loraprof, spec: what is still unmeasured from 2026-12-05 (not in the default list).
+# gpusuite: every test file that runs on CUDA, in one process (~8 min on an H100; not in the default list):
+# engines built one after another in one process are what exposed profile_run's out-of-bounds read.
 # specoverlap: n-gram speculation with overlapped vs serial steps (oracle/random proposals; not in the default list).
 # specbackoff: speculation's per-request back-off, on vs off, overlapped and serial (not in the default list).
 # $OUT defaults to benchmarks/gpu-runs/<time>; each benchmark's record goes to $OUT/records (copy the files
@@ -32,7 +34,9 @@ step() {
 run() {
   case $1 in
     e2e) step e2e 60 python3 -m pytest tests/workers/test_gpu_end_to_end.py -q --tb=short -p no:cacheprovider ;;
-    kernels) step kernels 150 python3 -m pytest tests/kernels -q --tb=short -p no:cacheprovider ;;
+    kernels) step kernels 420 python3 -m pytest tests/kernels -q --tb=short -p no:cacheprovider ;;
+    gpusuite) step gpusuite 580 python3 -m pytest -q --tb=short -p no:cacheprovider tests/kernels \
+                $(grep -rlE "cuda.is_available|needs a CUDA" tests --include='test_*.py' | grep -v '^tests/kernels/' | sort) ;;
     overlap) step overlap 100 python3 benchmarks/throughput.py --shape llama3-8b --serial-too --results "$R" ;;
     latency) step latency 95 python3 benchmarks/latency.py --shape llama3-8b --hf-baseline --iters 2 --hf-output-len 16 \
                --batch-sizes 1,32,256 --hf-batch-sizes 1,32 --profile-replays 1,256 --results "$R" ;;
