@@ -493,8 +493,8 @@ class ModelRunner:
         """
         num_seqs = max(1, min(num_seqs, num_tokens))
         num_tokens = min(num_tokens, num_seqs * max_seq_len)
-        lens = [num_tokens // num_seqs] * num_seqs
-        lens[-1] += num_tokens - sum(lens)
+        share, extra = divmod(num_tokens, num_seqs)
+        lens = [share + 1] * extra + [share] * (num_seqs - extra)   # (none longer than max_seq_len)
         qsl = [0]
         for q in lens:
             qsl.append(qsl[-1] + q)

@@ -38,7 +38,7 @@ def test_cuda_runs_every_row_count():
     assert head.rows == [1, 2, 3, 4, 5]
 
 
-@pytest.mark.parametrize("budget, want_tokens", [(512, 2 * 64), (100, 100)])
+@pytest.mark.parametrize("budget, want_tokens", [(512, 4 * 64), (255, 255), (100, 100)])
 def test_profile_forward_positions_stay_below_the_model_length(tmp_path, budget, want_tokens):
     """A token budget above max_num_seqs * max_model_len: the profile forward's sequences stop at the
     model's length. (Past it, the positions read rows beyond the rotary table: on CUDA an out-of-bounds
@@ -48,11 +48,11 @@ def test_profile_forward_positions_stay_below_the_model_length(tmp_path, budget,
     from pagedray.cluster import LLM
     from pagedray.workers.cache_engine import CacheEngine
     path = make_tiny_llama(tmp_path / "m", max_position_embeddings=64)
-    llm = LLM(path, device="cpu", num_kv_blocks=16, max_num_seqs=2, max_num_batched_tokens=512)
+    llm = LLM(path, device="cpu", num_kv_blocks=16, max_num_seqs=4, max_num_batched_tokens=512)
     worker = llm.llm_engine.executor.worker
     seen: list[torch.Tensor] = []
     hook = worker.runner.model.register_forward_pre_hook(lambda _m, args: seen.append(args[1]))
-    worker.runner.profile_run(budget, 2, CacheEngine.empty_caches(worker.kv_spec, worker.device),
+    worker.runner.profile_run(budget, 4, CacheEngine.empty_caches(worker.kv_spec, worker.device),
                               max_seq_len=llm.llm_engine.model_config.max_model_len)
     hook.remove()
     assert llm.llm_engine.model_config.max_model_len == 64
