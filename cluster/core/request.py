@@ -69,20 +69,19 @@ class Request:
         self.stop_reason: int | None = None
         # Speculative decoding: proposals for the tokens after the last one, verified by the next step.
         self.spec_token_ids: list[int] = []
-        # prompt + outputs, kept as one list so slices for the workers are cheap.
-        self._all_token_ids = list(self.prompt_token_ids)
+        # Prompt followed by outputs, kept as one list so slices for the workers are cheap. Read it,
+        # append through append_output_token(s). (An attribute, not a property: read per request per step.)
+        self.all_token_ids: list[int] = list(self.prompt_token_ids)
         # The token count at which the request ends by length (set by the scheduler, which knows
         # max_model_len; the sampling params never change once a request is added).
         self.length_limit: int | None = None
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        """Prompt followed by outputs. Read-only view: append through append_output_token."""
-        return self._all_token_ids
+        # The token ids that stop it (eos unless ignore_eos, and stop_token_ids; set with length_limit):
+        # one set to look a new token up in, empty for most benchmark requests.
+        self.stop_ids: frozenset[int] = frozenset()
 
     @property
     def num_tokens(self) -> int:
-        return len(self._all_token_ids)
+        return len(self.all_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -96,14 +95,17 @@ class Request:
     def is_finished(self) -> bool:
         return self.status.is_finished
 
-    def append_output_token(self, token_id: int) -> None:
+    def append_output_token(self, token_id: int) -> int:
+        """Append a sampled token; the token count (prompt + outputs) after it."""
         self.output_token_ids.append(token_id)
-        self._all_token_ids.append(token_id)
+        tokens = self.all_token_ids
+        tokens.append(token_id)
+        return len(tokens)
 
     def append_output_tokens(self, token_ids: list[int]) -> None:
         """Several at once (a verification's accepted tokens, none of them a stop)."""
         self.output_token_ids += token_ids
-        self._all_token_ids += token_ids
+        self.all_token_ids += token_ids
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, prompt={self.num_prompt_tokens}, "

@@ -112,7 +112,7 @@ class Scheduler:
         if request.num_tokens > max_len:
             raise ValueError(f"request {rid!r} has {request.num_tokens} tokens, above max_model_len={max_len}")
         self._check_fits_cache(request)
-        self._set_length_limit(request)
+        self._set_stops(request)
         self.requests[rid] = request
         self.waiting.append(request)
 
@@ -143,7 +143,7 @@ class Scheduler:
             raise ValueError(f"fork_request: the child's first num_computed_tokens={k} tokens must be computed "
                              "tokens of the parent, and the child must have a token left to compute")
         self._check_fits_cache(child)
-        self._set_length_limit(child)
+        self._set_stops(child)
         self.block_manager.fork(parent_id, child.request_id, k)
         # Copy the block the child writes next now, so the parent (already on the workers) never has
         # to swap a block; if no block is free, allocate_slots copies it later.
@@ -398,9 +398,9 @@ class Scheduler:
             request.num_output_placeholders -= 1
             if spec is not None:
                 new_tokens, status = self._apply_spec(request, scheduler_output, runner_output, token)
-            else:
-                request.append_output_token(token)
-                new_tokens, status = [token], stop_status(request)
+            else:   # (_stop_status only where a stop is possible: at the length limit, or stop ids to match)
+                ends = request.append_output_token(token) >= request.length_limit
+                new_tokens, status = [token], stop_status(request) if ends or request.stop_ids else None
             if status is not None:
                 self._finish(request, status)
             results.append((request, new_tokens))
@@ -425,27 +425,29 @@ class Scheduler:
         """Token-level stops after a new token (stop strings are the engine's job). Length first, as vLLM."""
         if len(request.all_token_ids) >= request.length_limit:   # (_ends_by_length, inline)
             return RequestStatus.FINISHED_LENGTH
-        params = request.sampling_params
         outputs = request.output_token_ids
-        if params.min_tokens and len(outputs) < params.min_tokens:
-            return None
         last = outputs[-1]
-        if last == params.eos_token_id and not params.ignore_eos:   # (None never equals a token id)
-            return RequestStatus.FINISHED_STOPPED
-        if params.stop_token_ids and last in params.stop_token_ids:
+        if last not in request.stop_ids:
+            return None
+        params = request.sampling_params
+        if len(outputs) < params.min_tokens:
+            return None
+        if last != params.eos_token_id or params.ignore_eos:   # eos stops with no stop_reason (vLLM)
             request.stop_reason = last
-            return RequestStatus.FINISHED_STOPPED
-        return None
+        return RequestStatus.FINISHED_STOPPED
 
     def _ends_by_length(self, request: Request, num_tokens: int) -> bool:
         """Whether the request ends by length once it holds `num_tokens` tokens (prompt + outputs)."""
         return num_tokens >= request.length_limit
 
-    def _set_length_limit(self, request: Request) -> None:
-        """Keep on the request the token count at which it ends by length: max_model_len, or the
-        prompt plus max_tokens (asked per request per step; its params never change once added)."""
-        max_tokens = request.sampling_params.max_tokens
+    def _set_stops(self, request: Request) -> None:
+        """Keep on the request what its stop checks read each step (its params never change once added):
+        the token count at which it ends by length (max_model_len, or the prompt plus max_tokens) and the
+        token ids that stop it (eos unless ignore_eos, and stop_token_ids)."""
+        params = request.sampling_params
         limit = self.config.max_model_len
-        if max_tokens is not None:
-            limit = min(limit, request.num_prompt_tokens + max_tokens)
+        if params.max_tokens is not None:
+            limit = min(limit, request.num_prompt_tokens + params.max_tokens)
         request.length_limit = limit
+        eos = () if params.ignore_eos or params.eos_token_id is None else (params.eos_token_id,)
+        request.stop_ids = frozenset((*eos, *(params.stop_token_ids or ())))

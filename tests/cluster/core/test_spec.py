@@ -216,7 +216,7 @@ def test_a_verification_appends_the_tokens_the_per_token_stops_keep(case):
     tokens = [5, 6, 7, 8, 9]
     got_req, want_req = (Request(rid, [1, 2, 3], params) for rid in ("got", "want"))
     for req in (got_req, want_req):
-        sched._set_length_limit(req)
+        sched._set_stops(req)
     want, want_status = [], None
     for tok in tokens:
         want_req.append_output_token(tok)
