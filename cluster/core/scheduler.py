@@ -209,10 +209,10 @@ class Scheduler:
         chunked = self.config.enable_chunked_prefill
         fits_one = self.block_manager.fits_one_token
         ending = 0      # running requests that their tokens in flight end (overlapped steps)
-        i = 0
-        while i < len(running) and budget > 0:
-            request = running[i]
-            i += 1
+        # (A preemption pops from the end of `running`: the iterator then stops before the popped ones.)
+        for request in running:
+            if budget <= 0:
+                break
             if skip and request.request_id in skip:
                 continue
             pending = request.num_output_placeholders
@@ -361,9 +361,10 @@ class Scheduler:
                 cached.append(rid, tokens[sent[0]:], table[start:] if start < len(table) else _NO_BLOCKS,
                               computed, None if start == sent[1] else start)
             else:
+                sent_tokens, sent_blocks = sent
                 cached_ids.append(rid)
-                cached_tokens.append(tokens[sent[0]:])
-                cached_blocks.append(table[sent[1]:] if sent[1] < len(table) else _NO_BLOCKS)
+                cached_tokens.append(tokens[sent_tokens:])
+                cached_blocks.append(table[sent_blocks:] if sent_blocks < len(table) else _NO_BLOCKS)
                 cached_computed.append(computed)
             all_sent[rid] = (len(tokens), len(table))
             computed += num
