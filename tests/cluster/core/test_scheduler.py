@@ -235,6 +235,20 @@ def test_token_level_stops(params, script, want, status):
         assert req.stop_reason == want[-1]
 
 
+@pytest.mark.parametrize("params,script,want,stop_reason", [
+    (dict(eos_token_id=7), [1, 7, 2], [1, 7], None),                                  # eos: no stop_reason
+    (dict(eos_token_id=7, stop_token_ids=[7]), [1, 7, 2], [1, 7], None),              # eos first, as in vLLM
+    (dict(eos_token_id=7, stop_token_ids=[7], ignore_eos=True), [1, 7, 2], [1, 7], 7),
+    (dict(eos_token_id=7, stop_token_ids=[5]), [5, 7, 2], [5], 5),
+])
+def test_stop_reason_names_the_stop_token_not_eos(params, script, want, stop_reason):
+    sched, _ = make_scheduler()
+    worker = FakeWorker(64, sample_fn=scripted(script + [0] * 20))
+    req = add(sched, "r", [9, 9, 9], **params)
+    assert drive(sched, worker)["r"] == want
+    assert req.status.finish_reason == "stop" and req.stop_reason == stop_reason
+
+
 def test_max_model_len_stops_and_finish_requests():
     sched, worker = make_scheduler(max_model_len=10)
     req = add(sched, "r", list(range(8)), max_tokens=None)
