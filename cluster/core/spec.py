@@ -37,13 +37,10 @@ __all__ = ["SpecDecoding", "ngram_propose"]
 
 def _no_stop_among(request: Request, tokens: list[int]) -> bool:
     """Whether appending `tokens` certainly hits no token-level stop (the scheduler's `_stop_status`:
-    the length limit, eos, stop_token_ids); False sends them through the per-token check."""
-    params = request.sampling_params
+    the length limit, and the stop ids it set with it); False sends them through the per-token check."""
     if request.length_limit is None or len(request.all_token_ids) + len(tokens) >= request.length_limit:
         return False
-    if not params.ignore_eos and params.eos_token_id is not None and params.eos_token_id in tokens:
-        return False
-    return not params.stop_token_ids or set(params.stop_token_ids).isdisjoint(tokens)
+    return request.stop_ids.isdisjoint(tokens)
 
 
 class SpecDecoding:
