@@ -80,7 +80,7 @@ def prefill_reads_step_kv(query: torch.Tensor) -> bool:
         return False
     opts = options()
     if _step_kv_answer[0] is not opts:
-        reads = opts.prefill_backend == "triton_flash" and cuda_available() and triton_prefill() is not None
+        reads = opts.prefill_backend == "triton_flash" and triton_prefill() is not None   # (_cuda: CUDA is there)
         if reads:
             from pagedray.kernels import prefill_flash
             reads = bool(prefill_flash.variant(opts.prefill_variant, 1 << 30)["NEW_KV"])
