@@ -7,7 +7,6 @@ as a delta afterwards (a row of `CachedRequestData`); workers keep per-request s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
 
 from pagedray.common.lora import LoRARequest
 from pagedray.common.sampling_params import SamplingParams
@@ -26,15 +25,6 @@ class NewRequestData:
     # Tokens whose K/V are already in the cache (prefix-cache hits).
     num_computed_tokens: int
     lora_request: LoRARequest | None = None   # the adapter it runs with (None: the base model)
-
-
-class CachedRow(NamedTuple):
-    """One request of a CachedRequestData (for the few readers that go request by request)."""
-    req_id: str
-    new_token_ids: list[int]
-    new_block_ids: list[int]
-    num_computed_tokens: int
-    block_start: int | None
 
 
 @dataclass
@@ -60,20 +50,6 @@ class CachedRequestData:
         self.num_computed_tokens.append(num_computed_tokens)
         if block_start is not None:
             self.block_starts[req_id] = block_start
-
-    def rows(self) -> Iterator[CachedRow]:
-        starts = self.block_starts
-        for rid, tokens, blocks, computed in zip(self.req_ids, self.new_token_ids, self.new_block_ids,
-                                                 self.num_computed_tokens):
-            yield CachedRow(rid, tokens, blocks, computed, starts.get(rid))
-
-    @classmethod
-    def of(cls, *rows: tuple) -> CachedRequestData:
-        """From (req_id, new_token_ids, new_block_ids, num_computed_tokens[, block_start]) tuples."""
-        data = cls()
-        for row in rows:
-            data.append(*row)
-        return data
 
 
 @dataclass

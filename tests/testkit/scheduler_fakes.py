@@ -6,11 +6,37 @@ context READ BACK THROUGH THE BLOCK TABLE: a wrong block table, a prefix-cache h
 a missed copy-on-write or a bad delta changes the outputs or trips an assertion; `reference` is what
 a correct engine generates.
 """
-from pagedray.common.messages import ModelRunnerOutput, SchedulerOutput
+from typing import Iterator, NamedTuple
+
+from pagedray.common.messages import CachedRequestData, ModelRunnerOutput, SchedulerOutput
 from pagedray.common.sampling_params import SamplingParams
 
 VOCAB = 50
 BS = 4
+
+
+class CachedRow(NamedTuple):
+    """One request of a CachedRequestData, for fakes that apply the columns request by request."""
+    req_id: str
+    new_token_ids: list[int]
+    new_block_ids: list[int]
+    num_computed_tokens: int
+    block_start: int | None
+
+
+def cached_rows(data: CachedRequestData) -> Iterator[CachedRow]:
+    starts = data.block_starts
+    for rid, tokens, blocks, computed in zip(data.req_ids, data.new_token_ids, data.new_block_ids,
+                                             data.num_computed_tokens):
+        yield CachedRow(rid, tokens, blocks, computed, starts.get(rid))
+
+
+def cached_data(*rows: tuple) -> CachedRequestData:
+    """From (req_id, new_token_ids, new_block_ids, num_computed_tokens[, block_start]) tuples."""
+    data = CachedRequestData()
+    for row in rows:
+        data.append(*row)
+    return data
 
 
 def salt(req_id: str) -> int:
@@ -48,7 +74,7 @@ class FakeWorker:
             assert new.req_id not in self.reqs, "new request data for a request the worker still holds"
             self.reqs[new.req_id] = dict(tokens=list(new.token_ids), blocks=list(new.block_ids),
                                          computed=new.num_computed_tokens, prompt=new.num_prompt_tokens)
-        for d in so.scheduled_cached_reqs.rows():
+        for d in cached_rows(so.scheduled_cached_reqs):
             st = self.reqs[d.req_id]
             st["tokens"] += d.new_token_ids
             st["blocks"] += d.new_block_ids

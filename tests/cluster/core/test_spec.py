@@ -18,6 +18,8 @@ from pagedray.common.messages import ModelRunnerOutput, SchedulerOutput
 from pagedray.common.sampling_params import SamplingParams
 from pagedray.common.speculative import SpeculativeConfig
 
+from testkit.scheduler_fakes import cached_rows
+
 BS = 4
 
 
@@ -37,7 +39,7 @@ class SpecWorker:
         for new in so.scheduled_new_reqs:
             self.reqs[new.req_id] = dict(tokens=list(new.token_ids), blocks=list(new.block_ids),
                                          computed=new.num_computed_tokens)
-        for d in so.scheduled_cached_reqs.rows():
+        for d in cached_rows(so.scheduled_cached_reqs):
             st = self.reqs[d.req_id]
             st["tokens"] += d.new_token_ids
             if d.block_start is not None:

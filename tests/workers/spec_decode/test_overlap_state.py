@@ -6,8 +6,9 @@ forgets them."""
 from __future__ import annotations
 
 import torch
+from testkit.scheduler_fakes import cached_data
 
-from pagedray.common.messages import CachedRequestData, NewRequestData, SchedulerOutput
+from pagedray.common.messages import NewRequestData, SchedulerOutput
 from pagedray.common.sampling_params import SamplingParams
 from pagedray.common.speculative import SpeculativeConfig
 from pagedray.workers.model_runner import ModelRunner
@@ -27,7 +28,7 @@ def _sched(new=(), cached=(), finished=(), drafts=None) -> SchedulerOutput:
     """cached: (req_id, new_token_ids, new_block_ids, num_computed_tokens) rows."""
     rids = [r.req_id for r in new] + [row[0] for row in cached]
     scheduled = {rid: 1 + len((drafts or {}).get(rid, ())) for rid in rids}
-    return SchedulerOutput(list(new), CachedRequestData.of(*cached), scheduled, sum(scheduled.values()),
+    return SchedulerOutput(list(new), cached_data(*cached), scheduled, sum(scheduled.values()),
                            set(finished), scheduled_spec_decode_tokens=dict(drafts or {}))
 
 
